@@ -1,0 +1,41 @@
+# The README's two commands. Each sets itself up in .venv on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+TINY    := .models/tiny-llama
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+
+.PHONY: serve test install redis lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned to the CPU wheel on disk only where no torch is installed yet.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# redis-server for the Redis registry tests (Debian package), only if missing.
+redis:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server) \
+	  || echo "redis-server not installed: Redis tests will skip"
+
+$(TINY)/config.json: $(VENV)/.installed
+	$(BIN)/kvrelay make-tiny-model $(TINY)
+
+serve: $(VENV)/.installed $(TINY)/config.json
+	$(BIN)/kvrelay serve --model $(TINY) --prefill 1 --decode 1 --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.installed redis
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .models .pytest_cache

@@ -1,0 +1,1 @@
+"""Cluster launch, configuration, CLI, registry, metrics and autoscaling."""

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway and the Router actor with its routing policies."""

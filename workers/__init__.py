@@ -1,0 +1,1 @@
+"""The engine inside one worker: model, KV cache, scheduler, sampler, runner, worker actors."""

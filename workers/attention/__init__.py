@@ -1,0 +1,1 @@
+"""Attention behind one small interface; backends: plain torch (reference) and Triton."""

@@ -1,0 +1,52 @@
+"""The attention interface every backend implements.
+
+Invariants (all backends):
+- K/V caches are per layer, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+- `forward` first writes this step's new k/v into the cache at `slot_mapping`, then each
+  query token attends causally to keys 0..its position of its own sequence, read from the
+  cache through the sequence's block table. So chunked prefill, prefix-cached prompts,
+  decode and multi-token verification are all the same call.
+- GQA/MQA: query head h uses kv head h // (num_heads // num_kv_heads).
+- Output has the query's dtype; softmax is computed in float32.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Device tensors built once per step by the runner from a StepInput."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32, cu_seqlens of queries
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length incl. new tokens
+    block_tables: torch.Tensor  # [num_seqs, max_blocks_per_seq] int32, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, for backends that loop per sequence (the torch reference).
+    query_start_loc_host: tuple[int, ...]
+    seq_lens_host: tuple[int, ...]
+
+
+class AttentionBackend(ABC):
+    """One instance per model; `forward` is called once per layer per step."""
+
+    name: str
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """Write k/v into the cache at meta.slot_mapping, then attend (see module doc)."""

@@ -1,0 +1,54 @@
+"""Engine configuration: frozen dataclasses built once at the entry point and passed down.
+
+Per-role and per-rank copies are made with `dataclasses.replace`. Runtime facts (the number
+of KV blocks that fit in memory) live in their own objects, never patched into these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["colocated", "prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    """Bytes for the KV cache. None: `gpu_memory_utilization` of free GPU memory on CUDA,
+    or 256 MiB on CPU."""
+    gpu_memory_utilization: float = 0.85
+    num_blocks: int | None = None
+    """Fixes the pool size outright (tests force preemption with a tiny pool)."""
+    enable_prefix_caching: bool = False
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 128
+    """Most sequences running at once."""
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step (decode tokens + prefill chunk tokens)."""
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
+    """If > 0, most prompt tokens one sequence may prefill in one step (forces small chunks)."""
+    policy: Literal["fcfs", "priority"] = "fcfs"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = ""
+    """Path of a Hugging Face checkpoint folder; or a config.json when load_format='dummy'."""
+    load_format: Literal["auto", "dummy"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
+    """auto: the checkpoint's torch_dtype on CUDA, float32 on CPU."""
+    device: str = "auto"
+    """auto: cuda if available, else cpu."""
+    attention_backend: Literal["torch", "triton"] = "torch"
+    max_model_len: int | None = None
+    """None: the model's max_position_embeddings."""
+    seed: int = 0
+    role: Role = "colocated"
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
