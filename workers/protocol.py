@@ -1,0 +1,71 @@
+"""Messages that cross process boundaries between gateway, router and workers.
+
+Plain dataclasses of plain values, encoded with msgpack by `encode` / `decode` (one codec for
+all of them; tensors never travel here: KV moves on the data plane, workers/kv_transfer/).
+Direction of each message is in its docstring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+
+@dataclass
+class GenerateRequest:
+    """Gateway -> Router -> workers: one admitted, tokenized request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: dict[str, Any]
+    """SamplingParams fields (workers/sampling_params.py) as a dict."""
+    output_address: str
+    """ZMQ address of the gateway's PULL socket; workers PUSH OutputChunk there."""
+    priority: int = 0
+    arrival_time: float = 0.0
+    """time.time() at the gateway."""
+
+
+@dataclass
+class OutputChunk:
+    """Worker -> Gateway (ZMQ PUSH/PULL): new tokens of one request, or its end or error."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    text_delta: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    """'stop' | 'length' | 'abort' | 'error' | None."""
+    error: str | None = None
+    """Human-readable error when finish_reason == 'error'."""
+    error_type: str | None = None
+    """Class name of the typed error (workers/errors.py), for the HTTP status mapping."""
+    logprobs: list[dict[str, Any]] | None = None
+    """Per new token: {'token_id', 'logprob', 'top': [[token_id, logprob], ...]}."""
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase, sent on the final chunk: queue, prefill, transfer, decode,
+    plus transfer_bytes."""
+    worker_id: str = ""
+
+
+_TYPES = {cls.__name__: cls for cls in (GenerateRequest, OutputChunk)}
+
+
+def register(cls: type) -> type:
+    """Adds a dataclass to the codec; use as a decorator on other wire messages."""
+    _TYPES[cls.__name__] = cls
+    return cls
+
+
+def encode(msg: Any) -> bytes:
+    return msgpack.packb([type(msg).__name__, dataclasses.asdict(msg)], use_bin_type=True)
+
+
+def decode(data: bytes) -> Any:
+    name, fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return _TYPES[name](**fields)
