@@ -6,7 +6,7 @@ TINY    := .models/tiny-llama
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: serve test install redis lint clean
+.PHONY: serve test install lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -20,18 +20,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# redis-server for the Redis registry tests (Debian package), only if missing.
-redis:
-	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server) \
-	  || echo "redis-server not installed: Redis tests will skip"
-
 $(TINY)/config.json: $(VENV)/.installed
 	$(BIN)/kvrelay make-tiny-model $(TINY)
 
 serve: $(VENV)/.installed $(TINY)/config.json
 	$(BIN)/kvrelay serve --model $(TINY) --prefill 1 --decode 1 --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed redis
+test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
 
 lint: $(VENV)/.installed
