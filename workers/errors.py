@@ -1,0 +1,93 @@
+"""Typed errors of kvrelay, each carrying the numbers that explain it.
+
+Every error subclasses `KvrelayError`. The gateway maps each type to one HTTP status in one
+place (by class name, so these also travel as `OutputChunk.error_type`). Append-only: other
+parts add their errors at the end of this file.
+"""
+
+from __future__ import annotations
+
+
+class KvrelayError(Exception):
+    """Base of every error kvrelay raises on purpose."""
+
+
+class PromptTooLong(KvrelayError):
+    """The prompt (plus at least one generated token) does not fit in the context."""
+
+    def __init__(self, length: int, max: int):
+        self.length = length
+        self.max = max
+        super().__init__(f"prompt has {length} tokens; the limit is {max}")
+
+
+class InvalidParameter(KvrelayError):
+    """A sampling or request parameter is out of range; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"invalid parameter {field!r}: {message}")
+
+
+class EmptyPrompt(KvrelayError):
+    """A prompt with zero tokens."""
+
+    def __init__(self) -> None:
+        super().__init__("prompt is empty")
+
+
+class UnknownTokenIds(KvrelayError):
+    """Prompt token ids outside [0, vocab_size)."""
+
+    def __init__(self, ids: list[int], vocab_size: int):
+        self.ids = list(ids)
+        self.vocab_size = vocab_size
+        shown = self.ids[:8]
+        super().__init__(f"token ids {shown} are outside the vocabulary of size {vocab_size}")
+
+
+class NoCapacity(KvrelayError):
+    """Not enough free KV blocks (or sequence slots) for a request right now."""
+
+    def __init__(self, needed_blocks: int, free_blocks: int):
+        self.needed_blocks = needed_blocks
+        self.free_blocks = free_blocks
+        super().__init__(f"need {needed_blocks} KV blocks, {free_blocks} free")
+
+
+class DuplicateRequest(KvrelayError):
+    """A request id that is already live in this engine."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        super().__init__(f"request {request_id!r} is already in this engine")
+
+
+class UnknownRequest(KvrelayError):
+    """A request id this engine does not hold (for release/commit_remote)."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        super().__init__(f"request {request_id!r} is not in this engine")
+
+
+class QueueFull(KvrelayError):
+    """Admission control refused the request; retry after `retry_after` seconds."""
+
+    def __init__(self, retry_after: float, queued: int = 0, limit: int = 0):
+        self.retry_after = retry_after
+        self.queued = queued
+        self.limit = limit
+        super().__init__(
+            f"queue full ({queued}/{limit} waiting); retry after {retry_after:.1f} s"
+        )
+
+
+class NoReadyWorker(KvrelayError):
+    """No worker of the needed role is ready to take the request."""
+
+    def __init__(self, role: str, known: int = 0):
+        self.role = role
+        self.known = known
+        super().__init__(f"no ready {role} worker ({known} known, none ready)")
