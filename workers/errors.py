@@ -91,3 +91,54 @@ class NoReadyWorker(KvrelayError):
         self.role = role
         self.known = known
         super().__init__(f"no ready {role} worker ({known} known, none ready)")
+
+
+class UnsupportedArchitecture(KvrelayError):
+    """The checkpoint's `architectures[0]` is not one kvrelay implements."""
+
+    def __init__(self, name: str, supported: tuple[str, ...] = ()):
+        self.name = name
+        self.supported = tuple(supported)
+        super().__init__(
+            f"architecture {name!r} is not supported; supported: {', '.join(self.supported)}"
+        )
+
+
+class InvalidModelConfig(KvrelayError):
+    """A model config.json that is missing or has a field kvrelay cannot use."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"model config {field!r}: {message}")
+
+
+class CheckpointFileMissing(KvrelayError):
+    """A checkpoint file (weights or index) that should exist does not."""
+
+    def __init__(self, path: str, reason: str = "not found"):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"checkpoint file {path}: {reason}")
+
+
+class MissingTensor(KvrelayError):
+    """The checkpoint lacks a tensor the model needs; `name` is its Hugging Face name."""
+
+    def __init__(self, name: str, checkpoint: str):
+        self.name = name
+        self.checkpoint = checkpoint
+        super().__init__(f"tensor {name!r} is missing from checkpoint {checkpoint}")
+
+
+class TensorShapeMismatch(KvrelayError):
+    """A checkpoint tensor whose shape differs from what the model config implies."""
+
+    def __init__(self, name: str, expected: tuple[int, ...], actual: tuple[int, ...]):
+        self.name = name
+        self.expected = tuple(expected)
+        self.actual = tuple(actual)
+        super().__init__(
+            f"tensor {name!r} has shape {list(self.actual)}; the model expects "
+            f"{list(self.expected)}"
+        )
