@@ -142,3 +142,24 @@ class TensorShapeMismatch(KvrelayError):
             f"tensor {name!r} has shape {list(self.actual)}; the model expects "
             f"{list(self.expected)}"
         )
+
+
+class UnknownModel(KvrelayError):
+    """The request names a model this gateway does not serve."""
+
+    def __init__(self, model: str, served: list[str]):
+        self.model = model
+        self.served = list(served)
+        super().__init__(f"model {model!r} is not served here; served: {self.served}")
+
+
+class RequestTimeout(KvrelayError):
+    """A request did not finish within its deadline; it was aborted everywhere."""
+
+    def __init__(self, deadline_s: float, tokens_generated: int = 0):
+        self.deadline_s = deadline_s
+        self.tokens_generated = tokens_generated
+        super().__init__(
+            f"request did not finish within {deadline_s:.1f} s "
+            f"({tokens_generated} tokens generated)"
+        )
