@@ -163,3 +163,38 @@ class RequestTimeout(KvrelayError):
             f"request did not finish within {deadline_s:.1f} s "
             f"({tokens_generated} tokens generated)"
         )
+
+
+class HandshakeMismatch(KvrelayError):
+    """A KV-transfer pair whose two ends disagree on `field` (model, dtype, block size, KV layout
+    or kvrelay version); the pair refuses to transfer."""
+
+    def __init__(self, field: str, local: object, remote: object):
+        self.field = field
+        self.local = local
+        self.remote = remote
+        super().__init__(
+            f"KV transfer handshake mismatch on {field!r}: local {local!r}, remote {remote!r}"
+        )
+
+
+class TransferFailed(KvrelayError):
+    """A KV transfer ended without its data landing (peer error, abort, stale pair)."""
+
+    def __init__(self, request_id: str, reason: str):
+        self.request_id = request_id
+        self.reason = reason
+        super().__init__(f"KV transfer of {request_id!r} failed: {reason}")
+
+
+class TransferTimeout(KvrelayError):
+    """A KV transfer passed its deadline; it was marked FAILED and its pair torn down."""
+
+    def __init__(self, request_id: str, deadline_s: float, elapsed_s: float):
+        self.request_id = request_id
+        self.deadline_s = deadline_s
+        self.elapsed_s = elapsed_s
+        super().__init__(
+            f"KV transfer of {request_id!r} took over {deadline_s:.2f} s "
+            f"({elapsed_s:.2f} s elapsed)"
+        )
