@@ -1,0 +1,102 @@
+"""Routing policies: pure functions of the workers' loads (no Ray, no ZMQ, no clocks).
+
+A policy orders the candidate workers for one request, best first; the router tries them in
+that order (a decode worker may still refuse with NoCapacity, its free-block count being a few
+hundred milliseconds old). Loads are snapshots the router keeps from its health polls plus its
+own bookkeeping of what it has sent since.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """What the router knows of one ready worker when it routes a request."""
+
+    worker_id: str
+    outstanding_tokens: int = 0
+    """Prompt + max new tokens of the requests routed here and not yet finished."""
+    num_requests: int = 0
+    free_blocks: int = 0
+    """Free KV blocks at the last poll, minus blocks reserved by the router since."""
+    total_blocks: int = 0
+
+
+class RoutingPolicy(Protocol):
+    name: str
+
+    def order(self, candidates: Sequence[WorkerLoad], num_blocks_needed: int) -> list[str]:
+        """Worker ids of `candidates`, best first (every candidate appears once)."""
+        ...
+
+
+class RoundRobin:
+    """Cycles through the workers regardless of load: the fair, predictable baseline."""
+
+    name = "round_robin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def order(self, candidates: Sequence[WorkerLoad], num_blocks_needed: int) -> list[str]:
+        if not candidates:
+            return []
+        ids = sorted(w.worker_id for w in candidates)
+        start = self._next % len(ids)
+        self._next += 1
+        return ids[start:] + ids[:start]
+
+
+class LeastOutstandingTokens:
+    """Least tokens still to process first; ties go round-robin so equal workers share load."""
+
+    name = "least_tokens"
+
+    def __init__(self) -> None:
+        self._tie_break = RoundRobin()
+
+    def order(self, candidates: Sequence[WorkerLoad], num_blocks_needed: int) -> list[str]:
+        rotation = {wid: i for i, wid in enumerate(self._tie_break.order(candidates, 0))}
+        ranked = sorted(
+            candidates, key=lambda w: (w.outstanding_tokens, w.num_requests, rotation[w.worker_id])
+        )
+        return [w.worker_id for w in ranked]
+
+
+class KvCapacityAware:
+    """Decode pick: workers that can hold the request's blocks, most free blocks first.
+
+    Workers that look full are still listed (last): their count may be stale, and a refusal
+    costs one reserve call, while skipping them could refuse a request that fits.
+    """
+
+    name = "kv_capacity"
+
+    def __init__(self) -> None:
+        self._tie_break = LeastOutstandingTokens()
+
+    def order(self, candidates: Sequence[WorkerLoad], num_blocks_needed: int) -> list[str]:
+        rank = {wid: i for i, wid in enumerate(self._tie_break.order(candidates, 0))}
+        fits = [w for w in candidates if w.free_blocks >= num_blocks_needed]
+        full = [w for w in candidates if w.free_blocks < num_blocks_needed]
+        fits.sort(key=lambda w: (-w.free_blocks, rank[w.worker_id]))
+        full.sort(key=lambda w: (-w.free_blocks, rank[w.worker_id]))
+        return [w.worker_id for w in fits + full]
+
+
+POLICIES = {cls.name: cls for cls in (RoundRobin, LeastOutstandingTokens, KvCapacityAware)}
+
+
+def make_policy(name: str) -> RoutingPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown routing policy {name!r}; choose from {sorted(POLICIES)}")
+    return POLICIES[name]()
+
+
+def blocks_needed(num_prompt_tokens: int, block_size: int) -> int:
+    """Blocks a decode worker reserves: the prompt plus one slot for the first token."""
+    return (num_prompt_tokens + 1 + block_size - 1) // block_size
