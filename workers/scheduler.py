@@ -1,0 +1,211 @@
+"""Continuous-batching scheduler: which sequences run this step, and how many tokens each.
+
+Pure bookkeeping (no torch): it owns the waiting and running queues and a `BlockPool`, and
+builds the `StepInput` the runner executes. One step, in order:
+1. running decodes (one token each), then running partial prefills (next chunk);
+2. if nothing was preempted, waiting sequences are admitted while token budget, sequence
+   slots and blocks last (chunked: a long prompt is split across steps).
+When a running sequence needs a block and none is free, the lowest-ranked running sequence
+not yet scheduled this step is preempted by recompute (blocks freed, back to the front of
+the waiting queue, its prompt + output prefilled again later); with none left the sequence
+preempts itself. Rank: arrival order (fcfs) or (priority, arrival) (priority).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass
+
+from workers.block_pool import BlockPool
+from workers.config import SchedulerConfig
+from workers.sequence import Sequence, SequenceStatus
+from workers.step_input import StepInput
+
+
+@dataclass(frozen=True)
+class ScheduledBatch:
+    """What one step runs: the runner's input plus the sequences behind it."""
+
+    step: StepInput
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    sampled: list[Sequence]
+    """Sequences whose logits come back this step, in `step.logits_indices` order."""
+    preempted: list[Sequence]
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    """Owns the queues; the engine adds, aborts and finishes sequences through it."""
+
+    def __init__(self, config: SchedulerConfig, pool: BlockPool):
+        self.config = config
+        self.pool = pool
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def _rank(self, seq: Sequence) -> tuple[int, int]:
+        priority = seq.priority if self.config.policy == "priority" else 0
+        return (priority, seq.arrival_index)
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a new (or preempted) sequence in rank order."""
+        seq.status = SequenceStatus.WAITING
+        if self.config.policy == "fcfs":
+            self.waiting.append(seq)
+            return
+        keys = [self._rank(s) for s in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, self._rank(seq)), seq)
+
+    def join_running(self, seq: Sequence) -> None:
+        """Adds a sequence whose KV is already in its blocks (decode role, after commit)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes a sequence out of either queue (finish or abort); blocks are the caller's."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted: list[Sequence] = []
+        order = sorted(self.running, key=self._rank)
+        decodes = [s for s in order if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in order if s.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if seq in preempted or budget == 0:
+                continue
+            num_new = self._chunk(seq, budget)
+            if not self._make_room(seq, num_new, scheduled, preempted):
+                continue
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        if not preempted:
+            budget = self._admit(budget, scheduled)
+        self.running.sort(key=self._rank)
+        return self._build(scheduled, preempted)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        num_new = min(seq.num_uncomputed_tokens, budget)
+        threshold = self.config.long_prefill_token_threshold
+        if threshold > 0 and num_new > 1:
+            num_new = min(num_new, threshold)
+        return num_new
+
+    def _make_room(
+        self,
+        seq: Sequence,
+        num_new: int,
+        scheduled: list[tuple[Sequence, int]],
+        preempted: list[Sequence],
+    ) -> bool:
+        """Grows seq's table by preempting lower-ranked unscheduled sequences; False if seq
+        itself had to be preempted."""
+        target = seq.num_computed_tokens + num_new
+        while not self.pool.can_grow(seq.block_table, target):
+            busy = {id(s) for s, _ in scheduled}
+            candidates = [s for s in self.running if s is not seq and id(s) not in busy]
+            victim = max(candidates, key=self._rank, default=None)
+            if victim is None or self._rank(victim) < self._rank(seq):
+                victim = seq
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is seq:
+                return False
+        self.pool.grow(seq.block_table, target)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq.block_table)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        if self.config.policy == "fcfs":
+            self.waiting.appendleft(seq)
+        else:
+            self.add(seq)
+
+    def _admit(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> int:
+        """Moves waiting sequences to running, head first, while everything they need lasts."""
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = self._chunk(seq, budget)
+            if num_new < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
+                break
+            target = seq.num_computed_tokens + num_new
+            if not self.pool.can_grow(seq.block_table, target):
+                break
+            self.pool.grow(seq.block_table, target)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return budget
+
+    def _build(
+        self, scheduled: list[tuple[Sequence, int]], preempted: list[Sequence]
+    ) -> ScheduledBatch:
+        token_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        sampled: list[Sequence] = []
+        block_size = self.pool.block_size
+        for seq, num_new in scheduled:
+            start = seq.num_computed_tokens
+            stop = start + num_new
+            token_ids += seq.token_range(start, stop)
+            positions += range(start, stop)
+            slot_mapping += [
+                seq.block_table[p // block_size] * block_size + p % block_size
+                for p in range(start, stop)
+            ]
+            query_start_loc.append(len(token_ids))
+            seq_lens.append(stop)
+            if stop == seq.num_tokens:
+                logits_indices.append(len(token_ids) - 1)
+                sampled.append(seq)
+        step = StepInput(
+            seq_ids=[seq.seq_id for seq, _ in scheduled],
+            token_ids=token_ids,
+            positions=positions,
+            slot_mapping=slot_mapping,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=[list(seq.block_table) for seq, _ in scheduled],
+            logits_indices=logits_indices,
+        )
+        return ScheduledBatch(
+            step=step,
+            seqs=[seq for seq, _ in scheduled],
+            num_new_tokens=[n for _, n in scheduled],
+            sampled=sampled,
+            preempted=preempted,
+        )
+
+    def postprocess(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> None:
+        """Records the step: computed counts advance, each sampled sequence gets its token.
+
+        Finishing (stop checks need text) is the engine's job, through `remove`.
+        """
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += num_new
+        for seq, token_id in zip(batch.sampled, sampled_token_ids, strict=True):
+            seq.output_token_ids.append(token_id)
