@@ -1,0 +1,155 @@
+"""Prometheus metrics: one registry per process; the gateway's also shows the workers'.
+
+Each process builds its own `CollectorRegistry` (never prometheus_client's global one, so two
+gateways in one test process do not collide). `GatewayMetrics` is what the HTTP gateway
+counts into: requests by status, TTFT / TPOT / end-to-end latency, per-phase time from the
+workers' final chunks (queue, prefill, transfer, decode) and KV transfer bytes and seconds.
+Workers' own numbers (queue depth, KV usage, their counters) arrive as plain dicts at scrape
+time and are rendered as gauges labelled by worker, so the gateway is the one scrape target.
+
+The gateway does not import this module (dependencies point cluster -> router): the launcher
+builds a `GatewayMetrics` and hands it to `router.gateway.create_app`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Latency buckets from a 5 ms TTFT on a warm GPU up to multi-minute long generations.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                   60.0, 120.0, 300.0)
+# Per-token latency: ~5 ms is the memory-bound floor of an 8B decode step on an H100.
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+PHASES = ("queue", "prefill", "transfer", "decode")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def new_registry() -> CollectorRegistry:
+    """A fresh per-process registry (no default process/platform collectors)."""
+    return CollectorRegistry(auto_describe=True)
+
+
+class GatewayMetrics:
+    """Everything the gateway records; `render()` is the /metrics body, `snapshot()` the
+    /v1/metrics JSON. Called from the gateway's event loop only."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or new_registry()
+        r = self.registry
+        self.requests = Counter("kvrelay_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.ttft = Histogram("kvrelay_time_to_first_token_seconds", "Arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("kvrelay_time_per_output_token_seconds",
+                              "Mean gap between output tokens after the first",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("kvrelay_e2e_request_latency_seconds", "Arrival to last token",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.phase = Histogram("kvrelay_request_phase_seconds",
+                               "Per-request time in each phase (from the workers)", ["phase"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.transfer_bytes = Counter("kvrelay_kv_transfer_bytes", "KV bytes moved", registry=r)
+        self.transfer_seconds = Counter("kvrelay_kv_transfer_seconds",
+                                        "Seconds spent moving those bytes", registry=r)
+        self.prompt_tokens = Counter("kvrelay_prompt_tokens", "Prompt tokens", registry=r)
+        self.output_tokens = Counter("kvrelay_generation_tokens", "Generated tokens",
+                                     registry=r)
+        self.in_flight = Gauge("kvrelay_gateway_requests_in_flight",
+                               "Requests admitted and not yet finished", registry=r)
+        self._worker_gauges: dict[str, Gauge] = {}
+        self._counts: dict[str, int] = {}
+        # Plain totals beside the Prometheus objects, for the JSON snapshot.
+        self._sums = {"ttft": 0.0, "tpot": 0.0, "e2e": 0.0, "n_ttft": 0, "n_tpot": 0, "n_e2e": 0}
+        self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "kv_transfer_bytes": 0.0,
+                        "kv_transfer_seconds": 0.0}
+        self._in_flight = 0
+
+    def request_done(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+        self._counts[str(status)] = self._counts.get(str(status), 0) + 1
+
+    def set_in_flight(self, count: int) -> None:
+        self.in_flight.set(count)
+        self._in_flight = count
+
+    def tokens(self, prompt: int, output: int) -> None:
+        self.prompt_tokens.inc(prompt)
+        self.output_tokens.inc(output)
+        self._totals["prompt_tokens"] += prompt
+        self._totals["generation_tokens"] += output
+
+    def latency(self, ttft_s: float | None, e2e_s: float, num_output_tokens: int) -> None:
+        """One finished request: TTFT, end-to-end, and TPOT derived from both."""
+        self.e2e.observe(e2e_s)
+        self._add("e2e", e2e_s)
+        if ttft_s is None:
+            return
+        self.ttft.observe(ttft_s)
+        self._add("ttft", ttft_s)
+        if num_output_tokens > 1:
+            tpot = (e2e_s - ttft_s) / (num_output_tokens - 1)
+            self.tpot.observe(tpot)
+            self._add("tpot", tpot)
+
+    def phases(self, timings: dict[str, float]) -> None:
+        """A final chunk's `timings`: seconds per phase, plus transfer_bytes."""
+        for phase in PHASES:
+            if phase in timings:
+                self.phase.labels(phase=phase).observe(max(0.0, float(timings[phase])))
+        if "transfer_bytes" in timings:
+            moved = max(0.0, float(timings["transfer_bytes"]))
+            seconds = max(0.0, float(timings.get("transfer", 0.0)))
+            self.transfer_bytes.inc(moved)
+            self.transfer_seconds.inc(seconds)
+            self._totals["kv_transfer_bytes"] += moved
+            self._totals["kv_transfer_seconds"] += seconds
+
+    def render(self, worker_metrics: dict[str, dict[str, Any]]) -> bytes:
+        """The Prometheus text exposition, with the workers' numbers as of now."""
+        self._set_worker_gauges(worker_metrics)
+        return generate_latest(self.registry)
+
+    def snapshot(self, worker_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Plain JSON numbers for /v1/metrics."""
+        s = self._sums
+        return {
+            "requests_by_status": dict(self._counts),
+            "requests_in_flight": self._in_flight,
+            **self._totals,
+            "mean_ttft_s": s["ttft"] / s["n_ttft"] if s["n_ttft"] else None,
+            "mean_tpot_s": s["tpot"] / s["n_tpot"] if s["n_tpot"] else None,
+            "mean_e2e_s": s["e2e"] / s["n_e2e"] if s["n_e2e"] else None,
+            "workers": worker_metrics,
+        }
+
+    def _add(self, name: str, value: float) -> None:
+        self._sums[name] += value
+        self._sums["n_" + name] += 1
+
+    def _set_worker_gauges(self, worker_metrics: dict[str, dict[str, Any]]) -> None:
+        # Cleared each scrape so a worker that left stops being reported.
+        for gauge in self._worker_gauges.values():
+            gauge.clear()
+        for worker_id, values in worker_metrics.items():
+            for key, value in values.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                self._worker_gauge(key).labels(worker=str(worker_id)).set(value)
+
+    def _worker_gauge(self, key: str) -> Gauge:
+        name = "kvrelay_worker_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+        gauge = self._worker_gauges.get(name)
+        if gauge is None:
+            gauge = Gauge(name, f"Worker-reported {key}", ["worker"], registry=self.registry)
+            self._worker_gauges[name] = gauge
+        return gauge
