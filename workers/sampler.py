@@ -1,0 +1,138 @@
+"""Turns one step's logits into one token per sequence (torch, batched where it pays).
+
+Order of processing, per row: penalties (repetition on prompt + output, presence/frequency
+on output) -> banned tokens (EOS/stop ids before min_tokens) -> greedy argmax, or
+temperature -> top-k -> top-p -> min-p -> a draw from the row's own `torch.Generator`.
+A seeded request owns its generator, so its tokens do not depend on what else is in the
+batch. The draw is `argmax(p / E)` with E ~ Exp(1) (an exact sample of p, one RNG call per
+row). Logprobs are of the raw model distribution (as vLLM's default), top-n per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from workers.sampling_params import SamplingParams
+
+inf = float("inf")
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one sequence this step."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+    """None: the sampler's shared generator (reproducible only for the same batch mix)."""
+    banned_token_ids: tuple[int, ...] = ()
+    """Tokens that must not be drawn this step (EOS and stop ids before min_tokens)."""
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[dict[str, Any] | None]
+    """Per row: {'token_id', 'logprob', 'top': [[token_id, logprob], ...]} or None."""
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """In place, only on rows that ask for it (per row: the index sets differ in size)."""
+    vocab = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if not p.has_penalties:
+            continue
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(
+                sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
+                device=logits.device,
+                dtype=torch.long,
+            )
+            values = logits[i, seen]
+            logits[i, seen] = torch.where(
+                values > 0, values / p.repetition_penalty, values * p.repetition_penalty
+            )
+        if row.output_token_ids and (p.presence_penalty or p.frequency_penalty):
+            out = torch.tensor(row.output_token_ids, device=logits.device, dtype=torch.long)
+            counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+
+
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Masks filtered tokens to -inf. top_k [n] (0 = off), top_p [n], min_p [n]."""
+    vocab = logits.shape[-1]
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab).long()
+    kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
+    ranks = torch.arange(vocab, device=logits.device).expand_as(sorted_logits)
+    sorted_probs = torch.softmax(sorted_logits.masked_fill(sorted_logits < kth, -inf), dim=-1)
+    # A token is dropped by top-p when the tokens ranked above it already reach top_p.
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    drop = (mass_before > top_p.unsqueeze(-1)) & (ranks > 0)
+    drop |= sorted_probs < min_p.unsqueeze(-1) * sorted_probs[:, :1]
+    drop |= sorted_logits < kth
+    mask = torch.zeros_like(drop).scatter(-1, sorted_idx, drop)
+    return logits.masked_fill(mask, -inf)
+
+
+
+class Sampler:
+    """Stateless apart from the shared generator for unseeded requests."""
+
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        assert logits.shape[0] == len(rows), (logits.shape, len(rows))
+        logits = logits.float()
+        raw_logprobs = None
+        if any(row.params.logprobs is not None for row in rows):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = logits.clone()
+        apply_penalties(logits, rows)
+        for i, row in enumerate(rows):
+            if row.banned_token_ids:
+                logits[i, list(row.banned_token_ids)] = -inf
+        token_ids = self._choose(logits, rows)
+        logprobs = [
+            _logprobs_of(raw_logprobs[i], token_ids[i], row.params.logprobs)
+            if raw_logprobs is not None and row.params.logprobs is not None
+            else None
+            for i, row in enumerate(rows)
+        ]
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
+        chosen = logits.argmax(dim=-1)
+        sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+        if sampled:
+            idx = torch.tensor(sampled, device=logits.device)
+            params = [rows[i].params for i in sampled]
+            temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+            filtered = apply_top_k_top_p_min_p(
+                logits[idx] / temperature.unsqueeze(-1),
+                top_k=torch.tensor([p.top_k for p in params], device=logits.device),
+                top_p=torch.tensor([p.top_p for p in params], device=logits.device),
+                min_p=torch.tensor([p.min_p for p in params], device=logits.device),
+            )
+            probs = torch.softmax(filtered, dim=-1)
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(sampled):
+                noise[j].exponential_(generator=rows[i].generator or self.generator)
+            chosen[idx] = (probs / noise).argmax(dim=-1)
+        return chosen.tolist()
+
+
+def _logprobs_of(row_logprobs: torch.Tensor, token_id: int, top_n: int) -> dict[str, Any]:
+    top = []
+    if top_n > 0:
+        values, ids = row_logprobs.topk(top_n)
+        top = [[int(t), float(v)] for t, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    return {"token_id": token_id, "logprob": float(row_logprobs[token_id]), "top": top}
