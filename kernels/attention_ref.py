@@ -1,0 +1,47 @@
+"""Plain-torch reference of paged causal attention, shared by the prefill and decode kernels.
+
+Sequence i's queries are q[cu_q[i]:cu_q[i+1]]; its keys/values are the first seq_lens[i] slots
+of its block table. Query j of a sequence with q_len new tokens sits at position
+seq_len - q_len + j and attends to keys 0..that position. GQA: query head h reads kv head
+h // (num_heads // num_kv_heads). Math in float32; output in q's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """A sequence's first seq_len cache rows, in order: [seq_len, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    rows = cache[block_table[:num_blocks].long()].reshape(-1, *cache.shape[2:])
+    return rows[:seq_len]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks]
+    cu_q: list[int],
+    seq_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    out = torch.empty_like(q)
+    group = q.shape[1] // k_cache.shape[2]
+    for i, seq_len in enumerate(seq_lens):
+        q_i = q[cu_q[i]:cu_q[i + 1]].float().transpose(0, 1)  # [H, q_len, D]
+        q_len = q_i.shape[1]
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[i], seq_len).float()
+        v = gather_kv(v_cache, block_tables[i], seq_len).float()
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, seq_len, D]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        scores = (q_i @ k.transpose(1, 2)) * scale
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        out[cu_q[i]:cu_q[i + 1]] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
+    return out

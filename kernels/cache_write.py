@@ -1,0 +1,80 @@
+"""KV cache write: scatter this step's new K/V rows into their cache slots.
+
+Slot s of a cache `[num_blocks, block_size, num_kv_heads, head_dim]` is block s // block_size,
+offset s % block_size. Negative slots mean "padding, write nothing" (CUDA-graph batches pad with
+-1). Pure data movement: the Triton kernel and the torch reference agree exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _cache_write_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch,
+    block_size, num_kv_heads, head_dim,
+    BLOCK_HD: tl.constexpr,
+):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // block_size
+    offset = slot % block_size
+    # One program copies all heads of one token: rows of K/V may be strided (views of qkv).
+    idx = tl.arange(0, BLOCK_HD)
+    mask = idx < num_kv_heads * head_dim
+    head = idx // head_dim
+    dim = idx % head_dim
+    src_k = token.to(tl.int64) * stride_kt + head * stride_kh + dim
+    src_v = token.to(tl.int64) * stride_vt + head * stride_vh + dim
+    dst = block * stride_cb + offset * stride_cs + head * stride_ch + dim
+    tl.store(k_cache_ptr + dst, tl.load(k_ptr + src_k, mask=mask), mask=mask)
+    tl.store(v_cache_ptr + dst, tl.load(v_ptr + src_v, mask=mask), mask=mask)
+
+
+def _check(k, v, k_cache, v_cache, slot_mapping) -> None:
+    assert k.dim() == 3 and k.shape == v.shape, f"k {tuple(k.shape)} v {tuple(v.shape)}"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
+        f"k_cache {tuple(k_cache.shape)} v_cache {tuple(v_cache.shape)}")
+    assert k.shape[1:] == k_cache.shape[2:], (
+        f"k heads/dim {tuple(k.shape)} vs cache {tuple(k_cache.shape)}")
+    assert k.dtype == k_cache.dtype == v.dtype == v_cache.dtype, f"dtypes {k.dtype} {k_cache.dtype}"
+    assert slot_mapping.shape == (k.shape[0],), f"slot_mapping {tuple(slot_mapping.shape)}"
+    assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
+    assert k.stride(1) == v.stride(1) and k_cache.stride() == v_cache.stride()
+
+
+def write_kv_cache(
+    k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
+) -> None:
+    """Write k[i], v[i] into slot slot_mapping[i] of k_cache, v_cache, in place."""
+    _check(k, v, k_cache, v_cache, slot_mapping)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _cache_write_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.shape[1], num_kv_heads, head_dim,
+        BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_dim),
+    )
+
+
+def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Plain-torch reference of `write_kv_cache`."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]

@@ -1,0 +1,153 @@
+"""Flash-attention prefill over the paged KV cache (varlen, causal, GQA/MQA).
+
+Queries of all sequences are packed along the token axis (cu_seqlens); keys and values are read
+from the paged cache through each sequence's block table, so chunked prefill and prompts with a
+cached prefix see their earlier blocks. One program handles BLOCK_M queries of one head of one
+sequence. KV tiles left of the block's causal diagonal run without masks; the diagonal tiles run
+masked; tiles right of it are never visited. Query blocks are launched longest-first (the
+causal ones at the end of a sequence do the most work) to balance the tail.
+
+Sequences with fewer than `min_q_len` new tokens are skipped, so the decode kernel can take them
+in the same step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention_ref import paged_attention_ref
+from kernels.attention_tile import LOG2E, attend_range, dot_precision, head_dim_block
+
+
+@dataclass(frozen=True)
+class PrefillTiles:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Tuned on H100 (docs/perf.md "Kernels"); keyed by padded head dim.
+_GPU_TILES = {
+    64: PrefillTiles(128, 64, 4, 3),
+    128: PrefillTiles(128, 64, 8, 3),
+    256: PrefillTiles(64, 32, 8, 2),
+}
+_CPU_TILES = PrefillTiles(32, 16, 4, 1)  # interpreter: small tiles keep numpy work small
+
+
+def default_tiles(head_dim: int, device: torch.device) -> PrefillTiles:
+    if device.type != "cuda":
+        return _CPU_TILES
+    return _GPU_TILES.get(head_dim_block(head_dim), PrefillTiles(64, 32, 4, 2))
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, cu_q_ptr, seq_lens_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_cb, stride_cs, stride_ch,
+    num_heads, qk_scale, min_q_len, head_dim,
+    GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    m_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    seq = tl.program_id(1) // num_heads
+    head = tl.program_id(1) % num_heads
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    m_start = m_block * BLOCK_M
+    if (q_len >= min_q_len) & (m_start < q_len):
+        seq_len = tl.load(seq_lens_ptr + seq)
+        context = seq_len - q_len
+        offs_m = m_start + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = offs_m < q_len
+        tok = (q_start + offs_m).to(tl.int64)
+        io_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=io_mask, other=0.0)
+        q_pos = context + offs_m
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        bt = bt_ptr + seq.to(tl.int64) * stride_bt
+        # Keys up to the block's first query position are visible to all of its rows.
+        n_full = (context + m_start + 1) // BLOCK_N * BLOCK_N
+        n_diag_end = tl.minimum(seq_len, context + m_start + BLOCK_M)
+        acc, l_i, m_i = attend_range(
+            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt, head // GROUP,
+            0, n_full, seq_len, qk_scale, head_dim, stride_cb, stride_cs, stride_ch,
+            False, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
+        acc, l_i, m_i = attend_range(
+            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt, head // GROUP,
+            n_full, n_diag_end, seq_len, qk_scale, head_dim, stride_cb, stride_cs, stride_ch,
+            True, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+
+
+def check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out) -> None:
+    """Shape/stride/dtype checks shared by the prefill and decode launchers."""
+    assert q.dim() == 3 and q.stride(2) == 1, f"q {tuple(q.shape)} stride {q.stride()}"
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
+        f"k_cache {tuple(k_cache.shape)} v_cache {tuple(v_cache.shape)}")
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    assert k_cache.shape[3] == head_dim, f"head_dim q {head_dim} vs cache {k_cache.shape[3]}"
+    assert num_heads % k_cache.shape[2] == 0, (
+        f"num_heads {num_heads} not a multiple of num_kv_heads {k_cache.shape[2]}")
+    assert q.dtype == k_cache.dtype == v_cache.dtype == out.dtype, (
+        f"dtypes q {q.dtype} cache {k_cache.dtype} out {out.dtype}")
+    num_seqs = seq_lens.shape[0]
+    assert cu_q.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs, (
+        f"cu_q {tuple(cu_q.shape)} block_tables {tuple(block_tables.shape)} seqs {num_seqs}")
+    assert block_tables.stride(1) == 1 and cu_q.dtype == seq_lens.dtype == torch.int32
+    assert block_tables.dtype == torch.int32, f"block_tables {block_tables.dtype}"
+    assert out.shape == q.shape and out.stride(2) == 1, f"out {tuple(out.shape)}"
+    page = k_cache.shape[1]
+    assert page & (page - 1) == 0, f"block_size {page} must be a power of two"
+
+
+def flash_prefill(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    cu_q: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, cached + new tokens
+    max_q_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    min_q_len: int = 1,
+    tiles: PrefillTiles | None = None,
+) -> torch.Tensor:
+    """Causal attention of every sequence with >= min_q_len new tokens; writes those rows of
+    `out` (allocated if None) and leaves the others untouched."""
+    out = torch.empty_like(q) if out is None else out
+    check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out)
+    num_seqs, (num_heads, head_dim) = seq_lens.shape[0], q.shape[1:]
+    if num_seqs == 0 or max_q_len < max(min_q_len, 1):
+        return out
+    tiles = tiles or default_tiles(head_dim, q.device)
+    block_d = head_dim_block(head_dim)
+    grid = (triton.cdiv(max_q_len, tiles.block_m), num_seqs * num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, cu_q, seq_lens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        num_heads, scale * LOG2E, min_q_len, head_dim,
+        GROUP=num_heads // k_cache.shape[2], PAGE=k_cache.shape[1],
+        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
+        EVEN_D=block_d == head_dim, PRECISION=dot_precision(q.dtype),
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    return out
+
+
+flash_prefill_ref = paged_attention_ref
