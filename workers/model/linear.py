@@ -1,0 +1,111 @@
+"""Tensor-parallel linear layers and embeddings (the gpt-fast / Megatron split).
+
+Each layer holds only this TP rank's shard and knows how to cut its shard out of a full
+checkpoint tensor (`load`). With tp_size == 1 they are plain nn.Linear / nn.Embedding.
+- ColumnParallelLinear: output features split across ranks; no communication. Several
+  projections may be merged into one matmul (q/k/v, gate/up): `output_sizes` lists them.
+- RowParallelLinear: input features split; one all-reduce of the output.
+- VocabParallelEmbedding / ParallelLMHead: vocab rows split; the embedding all-reduces,
+  the head all-gathers logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.parallel import ParallelContext
+
+
+def _copy_shard(dst: torch.Tensor, full: torch.Tensor, dim: int, start: int) -> None:
+    """Copies full[start : start + dst.shape[dim]] along `dim` into dst (clipped at the end of
+    `full`, for vocab padding)."""
+    length = min(dst.shape[dim], max(full.shape[dim] - start, 0))
+    dst.narrow(dim, 0, length).copy_(full.narrow(dim, start, length))
+
+
+class ColumnParallelLinear(nn.Module):
+    def __init__(
+        self, in_features: int, output_sizes: list[int], bias: bool, parallel: ParallelContext
+    ):
+        super().__init__()
+        self.parallel = parallel
+        self.output_sizes = list(output_sizes)
+        self.local_sizes = [parallel.shard(size) for size in output_sizes]
+        self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(self.local_sizes))) if bias else None
+
+    def full_shape(self, param_name: str, shard: int) -> tuple[int, ...]:
+        """Shape of the checkpoint tensor that fills merged output `shard` of a parameter."""
+        rows = self.output_sizes[shard]
+        return (rows, self.weight.shape[1]) if param_name == "weight" else (rows,)
+
+    def load(self, param_name: str, shard: int, full: torch.Tensor) -> None:
+        local = self.local_sizes[shard]
+        offset = sum(self.local_sizes[:shard])
+        dst = getattr(self, param_name).data.narrow(0, offset, local)
+        _copy_shard(dst, full, 0, self.parallel.tp_rank * local)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowParallelLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, parallel: ParallelContext):
+        super().__init__()
+        self.parallel = parallel
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(out_features, parallel.shard(in_features)))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def full_shape(self, param_name: str, shard: int) -> tuple[int, ...]:
+        out = self.weight.shape[0]
+        return (out, self.in_features) if param_name == "weight" else (out,)
+
+    def load(self, param_name: str, shard: int, full: torch.Tensor) -> None:
+        if param_name == "bias":
+            self.bias.data.copy_(full)
+            return
+        local = self.weight.shape[1]
+        _copy_shard(self.weight.data, full, 1, self.parallel.tp_rank * local)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.parallel.tp_all_reduce(F.linear(x, self.weight))
+        # Bias once, after the sum, so TP ranks do not add it tp_size times.
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelContext):
+        super().__init__()
+        self.parallel = parallel
+        self.vocab_size = vocab_size
+        padded = -(-vocab_size // parallel.tp_size) * parallel.tp_size
+        self.local_vocab = padded // parallel.tp_size
+        self.vocab_start = parallel.tp_rank * self.local_vocab
+        self.weight = nn.Parameter(torch.zeros(self.local_vocab, hidden_size))
+
+    def full_shape(self, param_name: str, shard: int) -> tuple[int, ...]:
+        return (self.vocab_size, self.weight.shape[1])
+
+    def load(self, param_name: str, shard: int, full: torch.Tensor) -> None:
+        _copy_shard(self.weight.data, full, 0, self.vocab_start)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local_ids = input_ids - self.vocab_start
+        outside = (local_ids < 0) | (local_ids >= self.local_vocab)
+        out = F.embedding(local_ids.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.parallel.tp_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Vocab-parallel output projection; may share its weight with the embedding (tied)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full-vocab float32 logits on every TP rank."""
+        logits = self.parallel.tp_all_gather_last_dim(F.linear(hidden, self.weight))
+        return logits[..., : self.vocab_size].float()

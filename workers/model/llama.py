@@ -1,0 +1,207 @@
+"""The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over packed tokens and a paged KV
+cache.
+
+`forward(input_ids, positions, kv_caches, meta)` takes the step's tokens of all sequences
+packed on one axis (see workers/step_input.py) and returns hidden states; `compute_logits`
+turns selected hidden states into float32 logits. Tensor parallelism enters only through the
+`ParallelContext` given to the parallel layers (workers/model/linear.py). A pipeline stage
+builds only its `layer_range` and reads `kv_caches[i - layer_range[0]]` for layer i.
+
+Parameter loading: `checkpoint_map()` lists, per Hugging Face tensor name, the module,
+parameter and merged shard it fills, so weights.py needs no per-architecture code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.attention.backend import AttentionBackend, AttentionMetadata
+from workers.model.config import ModelConfig
+from workers.model.linear import (
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
+from workers.model.rms_norm import RMSNorm
+from workers.model.rotary import RotaryEmbedding
+from workers.parallel import SINGLE, ParallelContext
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class CheckpointSlot:
+    """Where one checkpoint tensor goes: `module.load(param_name, shard, tensor)`."""
+
+    module: nn.Module
+    param_name: str
+    shard: int
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        return self.module.full_shape(self.param_name, self.shard)
+
+    def load(self, tensor: torch.Tensor) -> None:
+        self.module.load(self.param_name, self.shard, tensor)
+
+
+@dataclass
+class IntermediateTensors:
+    """What a non-last pipeline stage hands the next one."""
+
+    hidden: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, parallel: ParallelContext):
+        super().__init__()
+        self.num_heads = parallel.shard(cfg.num_heads)
+        # MQA/GQA with fewer kv heads than TP ranks would replicate kv heads; not needed yet.
+        self.num_kv_heads = parallel.shard(cfg.num_kv_heads)
+        self.head_dim = cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.backend = backend
+        sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, sizes, cfg.qkv_bias, parallel)
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, cfg.o_bias, parallel)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(n, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext):
+        super().__init__()
+        inter = cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, parallel)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, parallel: ParallelContext):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, backend, parallel)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, parallel)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Serves every supported architecture; differences are flags in ModelConfig."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        parallel: ParallelContext = SINGLE,
+        layer_range: tuple[int, int] | None = None,
+    ):
+        super().__init__()
+        self.config = cfg
+        self.parallel = parallel
+        self.layer_range = layer_range or (0, cfg.num_layers)
+        start, end = self.layer_range
+        if not 0 <= start < end <= cfg.num_layers:
+            raise ValueError(f"layer_range {self.layer_range} outside 0..{cfg.num_layers}")
+        self.has_embedding = start == 0
+        self.has_head = end == cfg.num_layers
+        if self.has_embedding:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
+        self.layers = nn.ModuleDict(
+            {str(i): DecoderLayer(cfg, backend, parallel) for i in range(start, end)}
+        )
+        if self.has_head:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, parallel)
+            if cfg.tie_word_embeddings and self.has_embedding:
+                self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        intermediate: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        """Hidden states [num_tokens, hidden] after the final norm on the last stage; an
+        IntermediateTensors for the next stage otherwise."""
+        x = self.embed_tokens(input_ids) if self.has_embedding else intermediate.hidden
+        start = self.layer_range[0]
+        for index, layer in self.layers.items():
+            x = layer(x, positions, kv_caches[int(index) - start], meta)
+        return self.norm(x) if self.has_head else IntermediateTensors(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [rows, vocab_size], identical on every TP rank."""
+        return self.lm_head(hidden)
+
+    def checkpoint_map(self) -> dict[str, CheckpointSlot]:
+        """Hugging Face tensor name -> where it loads, for the tensors this rank needs."""
+        slots: dict[str, CheckpointSlot] = {}
+        if self.has_embedding:
+            slots["model.embed_tokens.weight"] = CheckpointSlot(self.embed_tokens, "weight", 0)
+        for index, layer in self.layers.items():
+            slots.update(_layer_slots(f"model.layers.{index}.", layer))
+        if self.has_head:
+            slots["model.norm.weight"] = CheckpointSlot(self.norm, "weight", 0)
+            if not self.config.tie_word_embeddings:
+                slots["lm_head.weight"] = CheckpointSlot(self.lm_head, "weight", 0)
+            elif not self.has_embedding:
+                # A last stage without the embedding loads the tied matrix into its head.
+                slots["model.embed_tokens.weight"] = CheckpointSlot(self.lm_head, "weight", 0)
+        return slots
+
+
+def _layer_slots(prefix: str, layer: DecoderLayer) -> dict[str, CheckpointSlot]:
+    attn, mlp = layer.self_attn, layer.mlp
+    slots = {
+        prefix + "input_layernorm.weight": CheckpointSlot(layer.input_layernorm, "weight", 0),
+        prefix + "post_attention_layernorm.weight": CheckpointSlot(
+            layer.post_attention_layernorm, "weight", 0
+        ),
+        prefix + "self_attn.o_proj.weight": CheckpointSlot(attn.o_proj, "weight", 0),
+        prefix + "mlp.gate_proj.weight": CheckpointSlot(mlp.gate_up_proj, "weight", 0),
+        prefix + "mlp.up_proj.weight": CheckpointSlot(mlp.gate_up_proj, "weight", 1),
+        prefix + "mlp.down_proj.weight": CheckpointSlot(mlp.down_proj, "weight", 0),
+    }
+    params = ["weight", "bias"] if attn.qkv_proj.bias is not None else ["weight"]
+    for param in params:
+        for shard, name in enumerate(("q_proj", "k_proj", "v_proj")):
+            slots[f"{prefix}self_attn.{name}.{param}"] = CheckpointSlot(attn.qkv_proj, param, shard)
+    if attn.o_proj.bias is not None:
+        slots[prefix + "self_attn.o_proj.bias"] = CheckpointSlot(attn.o_proj, "bias", 0)
+    if attn.q_norm is not None:
+        slots[prefix + "self_attn.q_norm.weight"] = CheckpointSlot(attn.q_norm, "weight", 0)
+        slots[prefix + "self_attn.k_norm.weight"] = CheckpointSlot(attn.k_norm, "weight", 0)
+    return slots

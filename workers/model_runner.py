@@ -1,0 +1,166 @@
+"""`ModelRunner`: one worker rank's model, its KV cache, and one forward pass per step.
+
+Built from an EngineConfig (and a ParallelContext for TP/PP ranks). It resolves device and
+dtype, loads the model (checkpoint or dummy weights), sizes and allocates the paged KV cache,
+and turns each StepInput into float32 logits. Called by the engine (workers/engine.py);
+KV transfer reads and writes `kv_caches` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from workers.attention.backend import AttentionMetadata
+from workers.attention.registry import get_attention_backend
+from workers.config import EngineConfig
+from workers.errors import InvalidParameter
+from workers.model.config import ModelConfig
+from workers.model.llama import IntermediateTensors, KVCache, LlamaForCausalLM
+from workers.parallel import SINGLE, ParallelContext, layer_range_for_stage
+from workers.step_input import StepInput
+from workers.weights import load_checkpoint, load_dummy
+
+CPU_KV_CACHE_BYTES = 256 * 2**20
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) -> torch.dtype:
+    """'auto' is the checkpoint's dtype on CUDA and float32 on CPU (no fast half matmuls)."""
+    if name == "auto":
+        name = model_config.torch_dtype if device.type == "cuda" else "float32"
+    if name not in _DTYPES:
+        raise InvalidParameter("dtype", f"{name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    # Parameters are created directly in the serving dtype: no float32 copy of a big model.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_attention_metadata(step: StepInput, device: torch.device) -> AttentionMetadata:
+    """Device tensors of one step (block tables padded with block 0)."""
+    width = max((len(table) for table in step.block_tables), default=0)
+    tables = [table + [0] * (width - len(table)) for table in step.block_tables]
+    starts = step.query_start_loc
+    query_lens = [starts[i + 1] - starts[i] for i in range(len(starts) - 1)]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(step.query_start_loc, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(step.seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device).reshape(
+            len(tables), width
+        ),
+        max_query_len=max(query_lens, default=0),
+        max_seq_len=max(step.seq_lens, default=0),
+        query_start_loc_host=tuple(step.query_start_loc),
+        seq_lens_host=tuple(step.seq_lens),
+    )
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
+        self.config = config
+        self.parallel = parallel or SINGLE
+        self.device = resolve_device(config.device)
+        self.model_config = ModelConfig.from_path(config.model)
+        self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.block_size = config.cache.block_size
+        self.layer_range = layer_range_for_stage(
+            self.model_config.num_layers, self.parallel.pp_rank, self.parallel.pp_size
+        )
+        self.model = self._load_model()
+        self.num_blocks = self._size_cache()
+        self.kv_caches: list[KVCache] = self._allocate_cache()
+
+    @property
+    def num_local_layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+    @property
+    def num_local_kv_heads(self) -> int:
+        return self.parallel.shard(self.model_config.num_kv_heads)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """Bytes of K and V of one block across this rank's layers."""
+        per_layer = self.block_size * self.num_local_kv_heads * self.model_config.head_dim
+        return 2 * self.num_local_layers * per_layer * self.dtype.itemsize
+
+    def _load_model(self) -> LlamaForCausalLM:
+        backend = get_attention_backend(self.config.attention_backend)
+        with torch.device(self.device), _default_dtype(self.dtype):
+            model = LlamaForCausalLM(self.model_config, backend, self.parallel, self.layer_range)
+        if self.config.load_format == "dummy":
+            load_dummy(model, seed=self.config.seed)
+        else:
+            load_checkpoint(model, self.config.model)
+        return model.eval()
+
+    def _size_cache(self) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        if cache.kv_cache_memory is not None:
+            budget = cache.kv_cache_memory
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = free - int(total * (1 - cache.gpu_memory_utilization))
+        else:
+            budget = CPU_KV_CACHE_BYTES
+        # More blocks than max_num_seqs full-length sequences could ever use is waste.
+        blocks_per_seq = -(-self.max_model_len // self.block_size)
+        useful = self.config.scheduler.max_num_seqs * blocks_per_seq
+        num_blocks = min(budget // self.kv_bytes_per_block, useful)
+        if num_blocks < 1:
+            raise InvalidParameter(
+                "kv_cache_memory",
+                f"{budget} bytes hold no KV block of {self.kv_bytes_per_block} bytes",
+            )
+        return num_blocks
+
+    def _allocate_cache(self) -> list[KVCache]:
+        shape = (
+            self.num_blocks,
+            self.block_size,
+            self.num_local_kv_heads,
+            self.model_config.head_dim,
+        )
+        return [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.num_local_layers)
+        ]
+
+    @torch.inference_mode()
+    def execute(
+        self, step: StepInput, intermediate: IntermediateTensors | None = None
+    ) -> torch.Tensor | IntermediateTensors:
+        """Float32 logits [len(step.logits_indices), vocab] on the last pipeline stage (the
+        hidden states for the next stage otherwise). Writes this step's KV into kv_caches."""
+        input_ids = torch.tensor(step.token_ids, dtype=torch.int64, device=self.device)
+        positions = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
+        meta = build_attention_metadata(step, self.device)
+        out = self.model(input_ids, positions, self.kv_caches, meta, intermediate)
+        if isinstance(out, IntermediateTensors):
+            return out
+        indices = torch.tensor(step.logits_indices, dtype=torch.int64, device=self.device)
+        return self.model.compute_logits(out[indices])

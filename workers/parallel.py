@@ -1,0 +1,74 @@
+"""`ParallelContext`: where this worker sits in tensor and pipeline parallelism.
+
+Passed explicitly to the model and runner, never read from a global. With tp_size == 1 every
+collective below returns its input unchanged, so CPU tests run the same code path as TP runs.
+Process groups are created by whoever launches the workers (torch.distributed, NCCL on GPU,
+gloo on CPU); this module only uses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    tp_group: Any = field(default=None, compare=False, repr=False)
+    """torch.distributed ProcessGroup of this rank's TP peers; None means the default group."""
+    pp_group: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.tp_rank < self.tp_size or not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(
+                f"bad parallel position tp {self.tp_rank}/{self.tp_size} "
+                f"pp {self.pp_rank}/{self.pp_size}"
+            )
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def shard(self, size: int) -> int:
+        """This TP rank's share of a dimension of `size` (which TP must divide)."""
+        if size % self.tp_size:
+            raise ValueError(f"dimension {size} is not divisible by tp_size {self.tp_size}")
+        return size // self.tp_size
+
+    def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over TP ranks (after row-parallel layers); in place."""
+        if self.tp_size == 1:
+            return x
+        dist.all_reduce(x, group=self.tp_group)
+        return x
+
+    def tp_all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate the TP ranks' shards along the last dim (vocab-parallel logits)."""
+        if self.tp_size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.tp_size)]
+        dist.all_gather(parts, x.contiguous(), group=self.tp_group)
+        return torch.cat(parts, dim=-1)
+
+
+SINGLE = ParallelContext()
+"""No parallelism: one rank, one stage."""
+
+
+def layer_range_for_stage(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+    """Contiguous [start, end) of the layers a pipeline stage owns; earlier stages get the
+    remainder so the last stage (which also runs the LM head) is never the largest."""
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return start, start + base + (1 if pp_rank < extra else 0)

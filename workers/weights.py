@@ -1,0 +1,91 @@
+"""Loading weights into a model from a Hugging Face checkpoint folder, or random ('dummy').
+
+The model says which tensors it needs (`checkpoint_map()`: HF name -> slot); this module finds
+them in one or many *.safetensors files (through model.safetensors.index.json when present),
+checks each full shape against the slot's and lets the slot cut out its TP shard. Tensors the
+model does not need (other pipeline stages' layers, rotary caches) are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from workers.errors import CheckpointFileMissing, MissingTensor, TensorShapeMismatch
+from workers.model.llama import CheckpointSlot, LlamaForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def checkpoint_files(folder: str | Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file that holds it."""
+    folder = Path(folder)
+    index = folder / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: folder / file for name, file in weight_map.items()}
+        for file in set(files.values()):
+            if not file.is_file():
+                raise CheckpointFileMissing(str(file), f"listed in {INDEX_FILE} but not found")
+        return files
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointFileMissing(str(folder), "no *.safetensors file in this folder")
+    files = {}
+    for file in shards:
+        with safe_open(str(file), framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), file))
+    return files
+
+
+def load_checkpoint(model: LlamaForCausalLM, folder: str | Path) -> None:
+    """Fills every parameter of `model` from the checkpoint at `folder`.
+
+    Raises MissingTensor or TensorShapeMismatch naming the HF tensor (and both shapes)."""
+    slots = model.checkpoint_map()
+    files = checkpoint_files(folder)
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for name in slots:
+        if name not in files:
+            raise MissingTensor(name, str(folder))
+        by_file[files[name]].append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in names:
+                _load_one(name, slots[name], f.get_tensor(name))
+
+
+def _load_one(name: str, slot: CheckpointSlot, tensor: torch.Tensor) -> None:
+    if tuple(tensor.shape) != slot.full_shape:
+        raise TensorShapeMismatch(name, slot.full_shape, tuple(tensor.shape))
+    slot.load(tensor)
+
+
+def random_tensors(
+    model: LlamaForCausalLM, seed: int, std: float, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Full-shape random float32 tensors for every checkpoint name of `model`.
+
+    Deterministic per (seed, name, device), independent of TP rank, so a TP run sees the same
+    weights as a single-rank run. Norm weights are 1 + noise (so a missed load shows)."""
+    for name, slot in model.checkpoint_map().items():
+        tensor_seed = seed * 1_000_003 + zlib.crc32(name.encode())
+        generator = torch.Generator(device=device).manual_seed(tensor_seed)
+        tensor = torch.randn(slot.full_shape, generator=generator, device=device) * std
+        if name.endswith("norm.weight"):
+            tensor += 1.0
+        yield name, tensor
+
+
+def load_dummy(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights for any config: real shapes without a checkpoint (benchmarks, tests)."""
+    device = next(model.parameters()).device
+    slots = model.checkpoint_map()
+    for name, tensor in random_tensors(model, seed, std, device):
+        _load_one(name, slots[name], tensor)
