@@ -1,0 +1,204 @@
+"""Paged decode attention (flash-decoding): 1..8 query tokens per sequence over its block table.
+
+One program handles one (sequence, kv head, KV split): the query rows are all query heads of
+that kv head's group times the sequence's query tokens, so each KV tile is loaded once for the
+whole group (GQA). With several query tokens (speculative verification) token j sits at position
+seq_len - q_len + j and sees keys up to there (causal among the new tokens).
+
+Long contexts at small batch cannot fill the GPU with one program per (sequence, kv head), so
+the context is split into `num_splits` ranges; each writes a normalized partial output and its
+log-sum-exp, and a reduce kernel combines them. With one split the kernel writes the output
+directly. Sequences with more than `max_q_len` new tokens are skipped (the prefill kernel takes
+them in the same step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention_ref import paged_attention_ref
+from kernels.attention_tile import LOG2E, attend_range, dot_precision, head_dim_block
+from kernels.flash_prefill import check_paged_inputs
+
+MAX_DECODE_QUERY = 8
+
+
+@dataclass(frozen=True)
+class DecodeTiles:
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+_GPU_TILES = DecodeTiles(64, 4, 3)
+_CPU_TILES = DecodeTiles(16, 4, 1)
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    bt_ptr, cu_q_ptr, seq_lens_ptr,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_cb, stride_cs, stride_ch,
+    qk_scale, head_dim, num_heads, num_splits, max_q_len,
+    GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if q_len <= max_q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        rows = tl.arange(0, BLOCK_M)
+        tok_in_seq = rows // GROUP
+        head = kvh * GROUP + rows % GROUP
+        offs_d = tl.arange(0, BLOCK_D)
+        row_ok = tok_in_seq < q_len
+        io_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
+        tok = (q_start + tok_in_seq).to(tl.int64)
+        q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=io_mask, other=0.0)
+        q_pos = seq_len - q_len + tok_in_seq
+        tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+        n_lo = split * tiles_per_split * BLOCK_N
+        n_hi = tl.minimum(seq_len, n_lo + tiles_per_split * BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        acc, l_i, m_i = attend_range(
+            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr,
+            bt_ptr + seq.to(tl.int64) * stride_bt, kvh,
+            n_lo, n_hi, seq_len, qk_scale, head_dim, stride_cb, stride_cs, stride_ch,
+            True, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
+        empty = l_i == 0.0
+        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        if SINGLE_SPLIT:
+            tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
+                     + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+        else:
+            part_row = (tok * num_heads + head) * num_splits + split
+            tl.store(part_out_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], acc,
+                     mask=row_ok[:, None])
+            lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+            tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _reduce_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, cu_q_ptr,
+    stride_ot, stride_oh, head_dim, num_heads, num_splits, max_q_len,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    j = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if (q_len <= max_q_len) & (j < q_len):
+        tok = (q_start + j).to(tl.int64)
+        splits = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        row = (tok * num_heads + head) * num_splits + splits
+        lse = tl.load(part_lse_ptr + row, mask=splits < num_splits, other=float("-inf"))
+        weight = tl.exp2(lse - tl.max(lse, 0))
+        weight = weight / tl.sum(weight, 0)
+        part = tl.load(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :],
+                       mask=(splits < num_splits)[:, None], other=0.0)
+        # An empty split has weight 0 but its stored partial is 0 too, never NaN.
+        out = tl.sum(part * weight[:, None], 0)
+        tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d, out.to(
+            out_ptr.dtype.element_ty), mask=offs_d < head_dim)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
+                      num_sms: int, block_n: int) -> int:
+    """Enough (sequence, kv head, split) programs for ~2 waves of the GPU, but each split keeps
+    at least 4 KV tiles so the reduce stays cheap."""
+    want = triton.cdiv(2 * num_sms, max(1, num_seqs * num_kv_heads))
+    most = max(1, triton.cdiv(max_seq_len, 4 * block_n))
+    return int(max(1, min(want, most, 64)))
+
+
+def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_splits,
+                   max_q_len, scale, tiles: DecodeTiles) -> None:
+    num_seqs, (num_heads, head_dim) = seq_lens.shape[0], q.shape[1:]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    block_d = head_dim_block(head_dim)
+    single = num_splits == 1
+    part_out = part_lse = out  # placeholders, unused when single
+    if not single:
+        part_out = torch.empty((q.shape[0], num_heads, num_splits, block_d),
+                               dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((q.shape[0], num_heads, num_splits),
+                               dtype=torch.float32, device=q.device)
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, cu_q, seq_lens,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        scale * LOG2E, head_dim, num_heads, num_splits, max_q_len,
+        GROUP=group, PAGE=k_cache.shape[1],
+        BLOCK_M=max(16, triton.next_power_of_2(group * max_q_len)),
+        BLOCK_N=tiles.block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
+        PRECISION=dot_precision(q.dtype), SINGLE_SPLIT=single,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+    if not single:
+        _reduce_kernel[(num_seqs, num_heads, max_q_len)](
+            out, part_out, part_lse, cu_q, out.stride(0), out.stride(1),
+            head_dim, num_heads, num_splits, max_q_len,
+            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+        )
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def paged_decode(
+    q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    cu_q: torch.Tensor,  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32
+    max_seq_len: int,
+    scale: float,
+    max_q_len: int = 1,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    tiles: DecodeTiles | None = None,
+) -> torch.Tensor:
+    """Attention of every sequence with <= max_q_len (<= 8) new tokens; writes their rows of
+    `out` (allocated if None), leaving other rows untouched. `num_splits` None: chosen from the
+    batch, the kv heads and the GPU's SM count."""
+    out = torch.empty_like(q) if out is None else out
+    check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out)
+    assert 1 <= max_q_len <= MAX_DECODE_QUERY, f"max_q_len {max_q_len} not in 1..8"
+    if seq_lens.shape[0] == 0:
+        return out
+    tiles = tiles or (_GPU_TILES if q.device.type == "cuda" else _CPU_TILES)
+    if num_splits is None:
+        num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_seq_len,
+                                       _num_sms(q.device), tiles.block_n)
+    _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_splits,
+                   max_q_len, scale, tiles)
+    return out
+
+
+paged_decode_ref = paged_attention_ref
