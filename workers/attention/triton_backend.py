@@ -1,0 +1,57 @@
+"""The Triton attention backend: cache write, then paged prefill and decode kernels.
+
+One step may mix decode sequences (1 token), verification runs (2..8 tokens) and prefill
+chunks. Sequences with at most 8 new tokens go to the split-KV decode kernel (one KV load per
+GQA group); longer ones to the flash prefill kernel. Both read the same cache and write
+disjoint rows of one output, so a mixed step is two launches and no gather/scatter.
+No host syncs: every decision uses the host-side fields of AttentionMetadata, so decode steps
+can be captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.cache_write import write_kv_cache
+from kernels.flash_prefill import flash_prefill
+from kernels.paged_decode import MAX_DECODE_QUERY, paged_decode
+from workers.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Triton kernels from kernels/; same results as the torch backend (fp32 to rounding)."""
+
+    name = "triton"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        write_kv_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache,
+                       meta.slot_mapping)
+        out = torch.empty_like(q)
+        cu_q = _int32(meta.query_start_loc)
+        seq_lens = _int32(meta.seq_lens)
+        block_tables = _int32(meta.block_tables)
+        if meta.max_query_len <= MAX_DECODE_QUERY:
+            return paged_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens,
+                                meta.max_seq_len, scale, max_q_len=meta.max_query_len, out=out)
+        starts = meta.query_start_loc_host
+        has_short = any(
+            starts[i + 1] - starts[i] <= MAX_DECODE_QUERY for i in range(len(starts) - 1))
+        if has_short:
+            paged_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, meta.max_seq_len,
+                         scale, max_q_len=MAX_DECODE_QUERY, out=out)
+        return flash_prefill(q, k_cache, v_cache, block_tables, cu_q, seq_lens,
+                             meta.max_query_len, scale, out=out,
+                             min_q_len=MAX_DECODE_QUERY + 1 if has_short else 1)
