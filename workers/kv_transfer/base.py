@@ -1,0 +1,134 @@
+"""The KV sender/receiver contract (push variant, as SGLang's and vLLM's disaggregation).
+
+The decode worker reserves blocks and calls `KVReceiver.expect(request_id, block_ids)`
+(RESERVED). The router hands the ids and the receiver's address to the prefill worker, whose
+`KVSender.send(...)` packs the prompt's blocks and pushes them (SENDING). The receiver writes
+them into the reserved blocks, marks DONE and calls `on_done(request_id, header.extra)` so the
+decode worker can `commit_remote`. Every transfer has a deadline and an `abort()`; each end
+tracks its own state. While `in_flight(request_id)` is true the worker must not free (or reuse)
+that request's blocks.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from workers.protocol import register
+
+if TYPE_CHECKING:
+    from workers.kv_transfer.transfer_table import TransferTable
+
+
+class TransferState(str, enum.Enum):
+    RESERVED = "reserved"
+    """Receiver: blocks reserved, waiting for data. Sender: queued, not yet on the wire."""
+    SENDING = "sending"
+    """Data is moving; blocks on both ends are referenced."""
+    DONE = "done"
+    FAILED = "failed"
+    """Peer error, stale pair or deadline passed; blocks may be freed."""
+    ABORTED = "aborted"
+    """`abort()` was called; blocks may be freed."""
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferState.DONE, TransferState.FAILED, TransferState.ABORTED)
+
+
+OnDone = Callable[[str, dict], None]
+"""(request_id, header.extra), called once when a transfer reaches DONE."""
+OnFailed = Callable[[str, "TransferState", str], None]
+"""(request_id, FAILED or ABORTED, reason), called once when a transfer ends without data."""
+
+
+@register
+@dataclass
+class TransferHeader:
+    """Sender -> receiver (control channel), ahead of the packed data of one transfer.
+
+    The data is the plan's layers x kv heads of `num_blocks` blocks, packed K-then-V per layer
+    (workers/kv_transfer/packing.py), `num_bytes` long.
+    """
+
+    request_id: str
+    src_layout: dict[str, Any]
+    """Sender's KVLayout.to_dict(); the receiver recomputes the plan from it."""
+    dest_block_ids: list[int]
+    """The receiver's reserved blocks; the first `num_blocks` are written."""
+    num_blocks: int
+    num_bytes: int
+    dtype: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Opaque to transfer; e.g. {'first_token_id': 42}. Handed to the receiver's on_done."""
+    num_tokens: int = 0
+    """Prompt tokens whose KV the blocks hold (the last block may be partly filled)."""
+    generation: int = 0
+    """The pair's communicator generation this transfer uses (stale ones are refused)."""
+
+
+class _TransferEnd(ABC):
+    """What sender and receiver share: a table of per-transfer state with deadlines."""
+
+    table: TransferTable
+
+    def state(self, request_id: str) -> TransferState | None:
+        """Current state, or None if this end never saw the request (or forgot it long ago)."""
+        record = self.table.get(request_id)
+        return record.state if record else None
+
+    def in_flight(self, request_id: str) -> bool:
+        """True while the request's blocks are referenced by a transfer (RESERVED or SENDING):
+        the worker must not free them."""
+        return self.table.in_flight(request_id)
+
+    def wait(self, request_id: str, timeout_s: float | None = None) -> TransferState | None:
+        """Blocks until the transfer is terminal (or timeout_s passes); returns its state."""
+        return self.table.wait(request_id, timeout_s)
+
+    def abort(self, request_id: str) -> None:
+        """Ends the transfer (ABORTED) if still in flight; idempotent. Data that lands later
+        for it is dropped. Blocks may be freed as soon as this returns."""
+        self.table.end(request_id, TransferState.ABORTED, "aborted")
+
+    @abstractmethod
+    def path(self, peer: str) -> str | None:
+        """'nccl', 'gloo', 'zmq' or 'inprocess' for a started pair; None before first contact."""
+
+    @abstractmethod
+    def bandwidth(self, peer: str) -> float | None:
+        """GB/s measured by the pair's start-up probe; None before first contact."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stops threads, closes sockets and communicators. Idempotent."""
+
+
+class KVSender(_TransferEnd):
+    """Prefill side: pushes one request's KV blocks into a receiver's reserved blocks."""
+
+    @abstractmethod
+    def send(self, request_id: str, dest: str, src_block_ids: list[int],
+             dest_block_ids: list[int], extra: dict | None = None,
+             num_tokens: int | None = None, timeout_s: float | None = None) -> None:
+        """Queues the transfer and returns at once (state RESERVED, then SENDING, then terminal).
+
+        `dest` is the receiver's `address`. `num_tokens` (default: all of src_block_ids) limits
+        the blocks sent to ceil(num_tokens / block_size). Raises `HandshakeMismatch` only through
+        the failure reason (the transfer ends FAILED); `wait()` to learn the outcome.
+        """
+
+
+class KVReceiver(_TransferEnd):
+    """Decode side: owns an address senders push to, writes into reserved blocks."""
+
+    address: str
+    """Where senders connect (from config, bound at construction)."""
+
+    @abstractmethod
+    def expect(self, request_id: str, block_ids: list[int],
+               timeout_s: float | None = None) -> None:
+        """Registers reserved blocks for a request (RESERVED) with a deadline for its data."""

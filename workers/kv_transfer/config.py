@@ -1,0 +1,28 @@
+"""Configuration of one worker's KV-transfer end (frozen; built once, passed down)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    transport: Literal["torch", "zmq"] = "torch"
+    """torch: NCCL between GPUs (gloo on CPU), one communicator per pair. zmq: raw frames over
+    TCP, for pairs without an NCCL link (e.g. two processes on one GPU)."""
+    host: str = "127.0.0.1"
+    """Receiver: the interface its control socket and per-pair TCPStores bind to."""
+    port: int = 0
+    """Receiver's control port; 0 picks a free one (read it from `receiver.address`)."""
+    timeout_s: float = 30.0
+    """Default deadline of one transfer, from `expect` / `send` to DONE."""
+    connect_timeout_s: float = 20.0
+    """Handshake plus communicator construction of a new pair."""
+    idle_evict_s: float = 300.0
+    """A pair unused this long is torn down (its communicator freed); rebuilt on next use."""
+    probe_bytes: int = 4 << 20
+    """Size of the bandwidth probe each new pair runs (0: no probe)."""
+    probe_rounds: int = 2
+    tick_s: float = 0.02
+    """Watchdog period: deadlines fire at most this late."""

@@ -1,0 +1,306 @@
+"""Decode side of KV transfer over the network: one ZMQ ROUTER address for every sender.
+
+A control thread owns the ROUTER: it answers handshakes, validates headers against the
+reservations made by `expect`, fires deadlines and evicts idle pairs. Each sender pair has one
+worker thread that posts the torch.distributed recv (or takes the ZMQ data frame) and unpacks
+into the reserved blocks; its replies go back through an inproc queue to the control thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import zmq
+
+from workers.errors import HandshakeMismatch
+from workers.kv_transfer.base import KVReceiver, OnDone, OnFailed, TransferHeader, TransferState
+from workers.kv_transfer.config import TransferConfig
+from workers.kv_transfer.layout import KVLayout, TransferPlan, check_compatible, plan_transfer
+from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
+from workers.kv_transfer.packing import KVCaches, unpack
+from workers.kv_transfer.pair_group import RECEIVER_RANK, PairGroup, host_store
+from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
+from workers.protocol import decode, encode
+
+log = logging.getLogger(__name__)
+
+
+class _Peer:
+    def __init__(self, identity: bytes, hello: Hello, generation: int):
+        self.identity = identity
+        self.sender_id = hello.sender_id
+        self.layout = KVLayout.from_dict(hello.layout)
+        self.transport = hello.transport
+        self.generation = generation
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-recv-{generation}")
+        self.group: PairGroup | None = None
+        self.path: str | None = None
+        self.gbps: float | None = None
+        self.pending = 0
+        self.last_used = time.monotonic()
+
+
+class Receiver(KVReceiver):
+    """Binds `config.host:config.port` (0: a free port) at construction; see KVReceiver."""
+
+    def __init__(self, layout: KVLayout, kv_caches: KVCaches, config: TransferConfig,
+                 on_done: OnDone | None = None, on_failed: OnFailed | None = None):
+        self.layout = layout
+        self.kv_caches = kv_caches
+        self.config = config
+        self.device = kv_caches[0][0].device
+        self.table = TransferTable(on_done, on_failed)
+        self.refusals: list[HandshakeMismatch] = []
+        """Handshakes this end refused (newest last), for logs and tests."""
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if config.port:
+            self._sock.bind(f"tcp://{config.host}:{config.port}")
+            port = config.port
+        else:
+            port = self._sock.bind_to_random_port(f"tcp://{config.host}")
+        self.address = f"tcp://{config.host}:{port}"
+        self._outbox_addr = f"inproc://kv-recv-outbox-{id(self)}"
+        self._outbox = self._ctx.socket(zmq.PULL)
+        self._outbox.bind(self._outbox_addr)
+        self._pushers: list[zmq.Socket] = []
+        self._local = threading.local()
+        self._peers: dict[bytes, _Peer] = {}
+        self._generations = itertools.count(1)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="kv-recv", daemon=True)
+        self._thread.start()
+
+    def expect(self, request_id: str, block_ids: list[int],
+               timeout_s: float | None = None) -> None:
+        cells = len(self.layout.layers) * len(self.layout.kv_heads)
+        self.table.add(request_id, timeout_s or self.config.timeout_s, block_ids=block_ids,
+                       cells_needed=cells)
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._outbox, zmq.POLLIN)
+        while not self._closed.is_set():
+            ready = dict(poller.poll(int(self.config.tick_s * 1000)))
+            if self._sock in ready:
+                frames = self._sock.recv_multipart(copy=False)
+                try:
+                    self._handle(frames[0].bytes, decode(frames[1].bytes), frames[2:])
+                except Exception:  # noqa: BLE001 - one bad message must not stop the loop
+                    log.exception("kv receiver: bad control message")
+            while self._outbox.poll(0):
+                identity, payload = self._outbox.recv_multipart()
+                if payload:
+                    self._sock.send_multipart([identity, payload])
+                else:
+                    self._forget(identity)
+            self.table.expire()
+            self._evict_idle()
+
+    def _handle(self, identity: bytes, msg, data: list) -> None:
+        if isinstance(msg, Hello):
+            self._hello(identity, msg)
+        elif isinstance(msg, TransferHeader):
+            self._header(identity, msg, data[0] if data else None)
+        elif isinstance(msg, PairReport) and identity in self._peers:
+            peer = self._peers[identity]
+            peer.path, peer.gbps = msg.path, msg.gbps
+            log.info("kv pair %s -> %s: path %s, %.2f GB/s", peer.sender_id[:8], self.address,
+                     msg.path, msg.gbps)
+
+    def _hello(self, identity: bytes, hello: Hello) -> None:
+        try:
+            check_compatible(self.layout, KVLayout.from_dict(hello.layout))
+        except HandshakeMismatch as err:
+            log.warning("kv receiver %s refused sender %s: %s", self.address, hello.sender_id,
+                        err)
+            self.refusals.append(err)
+            self._reply(identity, HelloReply(self.layout.to_dict(),
+                                             [err.field, err.local, err.remote]))
+            return
+        for old in [p for p in self._peers.values() if p.sender_id == hello.sender_id]:
+            self._drop(old)  # the sender restarted its side of the pair
+        peer = _Peer(identity, hello, next(self._generations))
+        self._peers[identity] = peer
+        store_port = 0
+        if hello.transport == "torch":
+            store = host_store(self.config.host, self.config.connect_timeout_s)
+            store_port = store.port
+            peer.executor.submit(self._build_group, peer, store)
+        else:
+            peer.path = "zmq"
+        self._reply(identity, HelloReply(self.layout.to_dict(), [], store_port, peer.generation))
+
+    def _build_group(self, peer: _Peer, store) -> None:
+        try:
+            peer.group = PairGroup(store, self.config.host, store.port, RECEIVER_RANK,
+                                   peer.generation, self.device, self.config.connect_timeout_s)
+            peer.path = peer.group.backend
+        except RuntimeError as err:
+            log.warning("kv pair with %s: communicator failed: %s", peer.sender_id, err)
+
+    def _header(self, identity: bytes, header: TransferHeader, frame) -> None:
+        peer = self._peers.get(identity)
+        rid = header.request_id
+        if peer is None or peer.generation != header.generation:
+            self._reply(identity, Reply(rid, "ack", False, "stale pair: shake hands again"))
+            return
+        peer.pending += 1
+        peer.last_used = time.monotonic()
+        if rid.startswith("__probe__/"):
+            peer.executor.submit(self._guarded, peer, rid, self._probe, peer, header, frame)
+            return
+        record = self.table.get(rid)
+        plan = plan_transfer(peer.layout, self.layout)
+        reason = self._refusal(record, header, plan)
+        if reason:
+            if record is not None:
+                self.table.end(rid, TransferState.FAILED, reason)
+            peer.pending -= 1
+            self._reply(identity, Reply(rid, "ack", False, reason))
+            return
+        self.table.start(rid)
+        peer.executor.submit(self._guarded, peer, rid, self._receive, peer, record, header,
+                             plan, frame)
+
+    def _refusal(self, record: TransferRecord | None, header: TransferHeader,
+                 plan: TransferPlan | None) -> str:
+        """Why this header cannot be accepted, or '' if it can."""
+        if record is None or record.state.terminal:
+            state = record.state.value if record else "unknown"
+            return f"no reservation for {header.request_id!r} (state {state})"
+        if plan is None:
+            return "sender and receiver share no layer/head"
+        n = header.num_blocks
+        if header.dest_block_ids[:n] != record.block_ids[:n] or n > len(record.block_ids):
+            return f"destination blocks {header.dest_block_ids[:n]} are not the reserved " \
+                   f"{record.block_ids[:n]}"
+        want = plan.num_bytes(self.layout, n)
+        if header.num_bytes != want:
+            return f"{header.num_bytes} bytes for {n} blocks; expected {want}"
+        return ""
+
+    def _receive(self, peer: _Peer, record: TransferRecord, header: TransferHeader,
+                 plan: TransferPlan, frame) -> None:
+        start = time.perf_counter()
+        buf = self._take_data(peer, header, frame, record.deadline)
+        seconds = time.perf_counter() - start
+        with record.busy:
+            if record.state.terminal:
+                self._reply(peer.identity, Reply(header.request_id, "ack", False,
+                                                 f"transfer {record.state.value}"))
+                return
+            unpack(buf, self.kv_caches, self.layout, plan, record.block_ids[:header.num_blocks])
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self.table.add_cells(header.request_id, plan.num_cells, header.num_bytes, seconds,
+                                 header.extra)
+        self._reply(peer.identity, Reply(header.request_id, "ack"))
+
+    def _probe(self, peer: _Peer, header: TransferHeader, frame) -> None:
+        self._take_data(peer, header, frame, time.monotonic() + self.config.connect_timeout_s)
+        self._reply(peer.identity, Reply(header.request_id, "ack"))
+
+    def _take_data(self, peer: _Peer, header: TransferHeader, frame, deadline: float):
+        """The transfer's bytes: the ZMQ frame (zero-copy), or one recv on the pair's group."""
+        if frame is not None:
+            with warnings.catch_warnings():  # read-only frame memory: we only read it
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.frombuffer(frame.buffer, dtype=torch.uint8)
+        if peer.group is None:
+            raise RuntimeError(f"pair with {peer.sender_id} has no communicator")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        buf = torch.empty(header.num_bytes, dtype=torch.uint8, device=self.device)
+        work = peer.group.post_recv(buf)
+        self._reply(peer.identity, Reply(header.request_id, "ready"))
+        peer.group.wait(work, deadline - time.monotonic())
+        return buf
+
+    def _guarded(self, peer: _Peer, request_id: str, job, *args) -> None:
+        """Runs a pair job; any failure fails that transfer and tears the pair down (the sender
+        shakes hands again on its next transfer)."""
+        try:
+            job(*args)
+        except Exception as err:  # noqa: BLE001 - wire errors end this transfer only
+            log.warning("kv transfer %s from %s failed: %r", request_id, peer.sender_id, err)
+            self.table.end(request_id, TransferState.FAILED, f"{type(err).__name__}: {err}")
+            self._reply(peer.identity, Reply(request_id, "ack", False, str(err)))
+            self._close_group(peer)
+            self._reply(peer.identity, None)  # ask the control thread to forget the pair
+        finally:
+            peer.pending -= 1
+            peer.last_used = time.monotonic()
+
+    def _reply(self, identity: bytes, msg) -> None:
+        """Queues a control reply; callable from any thread. msg None: drop that pair."""
+        if threading.current_thread() is self._thread:
+            if msg is None:
+                self._forget(identity)
+            else:
+                self._sock.send_multipart([identity, encode(msg)])
+            return
+        pusher = getattr(self._local, "pusher", None)
+        if pusher is None:
+            pusher = self._local.pusher = self._ctx.socket(zmq.PUSH)
+            pusher.setsockopt(zmq.LINGER, 0)
+            pusher.connect(self._outbox_addr)
+            self._pushers.append(pusher)
+        pusher.send_multipart([identity, encode(msg) if msg is not None else b""])
+
+    def _forget(self, identity: bytes) -> None:
+        peer = self._peers.pop(identity, None)
+        if peer is not None:
+            peer.executor.shutdown(wait=False)
+
+    def _drop(self, peer: _Peer) -> None:
+        self._peers.pop(peer.identity, None)
+        peer.executor.submit(self._close_group, peer)
+        peer.executor.shutdown(wait=False)
+
+    def _close_group(self, peer: _Peer) -> None:
+        if peer.group is not None:
+            peer.group.close()
+            peer.group = None
+
+    def _evict_idle(self) -> None:
+        now = time.monotonic()
+        for peer in list(self._peers.values()):
+            if peer.pending == 0 and now - peer.last_used > self.config.idle_evict_s:
+                log.info("kv pair with %s idle for %.0f s: evicted", peer.sender_id,
+                         now - peer.last_used)
+                self._drop(peer)
+
+    def peers(self) -> list[str]:
+        """Sender ids with a live pair (for eviction tests and metrics)."""
+        return [p.sender_id for p in list(self._peers.values())]
+
+    def _find(self, sender_id: str) -> _Peer | None:
+        return next((p for p in list(self._peers.values()) if p.sender_id == sender_id), None)
+
+    def path(self, peer: str) -> str | None:
+        found = self._find(peer)
+        return found.path if found else None
+
+    def bandwidth(self, peer: str) -> float | None:
+        found = self._find(peer)
+        return found.gbps if found else None
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._thread.join()
+        self.table.fail_all("receiver closed")
+        for peer in list(self._peers.values()):
+            self._drop(peer)
+        for sock in [*self._pushers, self._outbox, self._sock]:
+            sock.close(linger=0)

@@ -1,0 +1,288 @@
+"""Prefill side of KV transfer over the network: torch.distributed (NCCL/gloo) or ZMQ frames.
+
+One `_Pair` per receiver address: a ZMQ DEALER for control, a single worker thread (so one
+transfer at a time per pair, in order, which NCCL's untagged send/recv needs), and for the
+torch path a per-pair communicator. A pair starts on first use (handshake, communicator,
+bandwidth probe), is reused, torn down after any failure or when idle, and rebuilt next time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+import zmq
+
+from workers.errors import HandshakeMismatch, TransferFailed
+from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferHeader, TransferState
+from workers.kv_transfer.config import TransferConfig
+from workers.kv_transfer.layout import KVLayout, check_compatible, plan_transfer
+from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
+from workers.kv_transfer.packing import KVCaches, as_bytes, pack
+from workers.kv_transfer.pair_group import SENDER_RANK, PairGroup
+from workers.kv_transfer.probe import measure_gbps
+from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
+from workers.protocol import decode, encode
+
+log = logging.getLogger(__name__)
+
+
+class _Pair:
+    def __init__(self, dest: str):
+        self.dest = dest
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-send-{dest}")
+        self.sock: zmq.Socket | None = None
+        self.group: PairGroup | None = None
+        self.remote: KVLayout | None = None
+        self.generation = 0
+        self.path: str | None = None
+        self.gbps: float | None = None
+        self.pending = 0
+        self.last_used = time.monotonic()
+
+
+class Sender(KVSender):
+    """`send()` queues on the destination's pair thread and returns; see KVSender."""
+
+    def __init__(self, layout: KVLayout, kv_caches: KVCaches, config: TransferConfig,
+                 on_done: OnDone | None = None, on_failed: OnFailed | None = None,
+                 sender_id: str | None = None):
+        self.layout = layout
+        self.kv_caches = kv_caches
+        self.config = config
+        self.sender_id = sender_id or uuid.uuid4().hex
+        self.device = kv_caches[0][0].device
+        self.table = TransferTable(on_done, on_failed)
+        self._ctx = zmq.Context.instance()
+        self._pairs: dict[str, _Pair] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="kv-send-watchdog",
+                                          daemon=True)
+        self._watchdog.start()
+
+    def send(self, request_id: str, dest: str, src_block_ids: list[int],
+             dest_block_ids: list[int], extra: dict | None = None,
+             num_tokens: int | None = None, timeout_s: float | None = None) -> None:
+        if num_tokens is None:
+            num_tokens = len(src_block_ids) * self.layout.block_size
+        num_blocks = -(-num_tokens // self.layout.block_size)
+        if not 0 < num_blocks <= min(len(src_block_ids), len(dest_block_ids)):
+            raise ValueError(f"{num_tokens} tokens need {num_blocks} blocks; "
+                             f"{len(src_block_ids)} source, {len(dest_block_ids)} destination")
+        record = self.table.add(request_id, timeout_s or self.config.timeout_s, peer=dest,
+                                block_ids=src_block_ids[:num_blocks], extra=extra)
+        # The engine's last prefill step may still be running on its stream.
+        ready = _record_event(self.device)
+        header = TransferHeader(request_id, self.layout.to_dict(), list(dest_block_ids),
+                                num_blocks, 0, self.layout.dtype, dict(extra or {}), num_tokens)
+        pair = self._pair(dest)
+        pair.executor.submit(self._run, pair, record, header, ready)
+
+    def _pair(self, dest: str) -> _Pair:
+        with self._lock:
+            pair = self._pairs.get(dest)
+            if pair is None:
+                pair = self._pairs[dest] = _Pair(dest)
+            pair.pending += 1
+            pair.last_used = time.monotonic()
+            return pair
+
+    def _run(self, pair: _Pair, record: TransferRecord, header: TransferHeader, ready) -> None:
+        try:
+            self._run_once(pair, record, header, ready)
+        except (HandshakeMismatch, TransferFailed) as err:
+            self.table.finish(record.request_id, TransferState.FAILED, str(err))
+        except Exception as err:  # noqa: BLE001 - any wire error fails this transfer only
+            log.warning("kv transfer %s to %s failed: %r", record.request_id, pair.dest, err)
+            self._teardown(pair)
+            self.table.finish(record.request_id, TransferState.FAILED, f"{type(err).__name__}: "
+                              f"{err}")
+        finally:
+            with self._lock:
+                pair.pending -= 1
+                pair.last_used = time.monotonic()
+
+    def _run_once(self, pair, record: TransferRecord, header: TransferHeader, ready) -> None:
+        if self._ensure_started(pair) is None or self.table.start(record.request_id) is None:
+            return
+        plan = plan_transfer(self.layout, pair.remote)
+        if plan is None:
+            raise TransferFailed(record.request_id, "sender and receiver share no layer/head")
+        with record.busy:
+            if record.state.terminal:
+                return
+            buf = self._pack(plan, record.block_ids, ready)
+        header.num_bytes = buf.numel()
+        for attempt in range(2):
+            header.generation = pair.generation
+            start = time.perf_counter()
+            reply = self._push(pair, header, buf, record.deadline)
+            if reply.ok:
+                record.num_bytes, record.seconds = header.num_bytes, time.perf_counter() - start
+                self.table.finish(record.request_id, TransferState.DONE)
+                return
+            if not reply.reason.startswith("stale pair") or attempt == 1:
+                raise TransferFailed(record.request_id, reply.reason)
+            # The receiver evicted or restarted this pair: shake hands again and retry once.
+            self._teardown(pair)
+            self._ensure_started(pair)
+
+    def _pack(self, plan, block_ids: list[int], ready) -> torch.Tensor:
+        if ready is not None:
+            torch.cuda.set_device(self.device)
+            torch.cuda.current_stream(self.device).wait_event(ready)
+        buf = pack(self.kv_caches, self.layout, plan, block_ids)
+        if self.device.type == "cuda":
+            # Until the copy is done the source blocks are still being read.
+            torch.cuda.current_stream(self.device).synchronize()
+            if self.config.transport == "zmq":  # staged through host memory for the wire
+                buf = buf.to("cpu").pin_memory()
+        return as_bytes(buf)
+
+    def _push(self, pair: _Pair, header: TransferHeader, buf: torch.Tensor,
+              deadline: float) -> Reply:
+        """Sends header and data; returns the receiver's final reply (ack or refusal)."""
+        if pair.group is None:
+            pair.sock.send_multipart([encode(header), _frame(buf)], copy=False)
+            return self._await(pair, header.request_id, deadline)
+        pair.sock.send(encode(header))
+        ready = self._await(pair, header.request_id, deadline)
+        if not ready.ok:
+            return ready
+        pair.group.send(buf, deadline - time.monotonic())
+        return self._await(pair, header.request_id, deadline)
+
+    def _await(self, pair: _Pair, request_id: str, deadline: float) -> Reply:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not pair.sock.poll(int(remaining * 1000) + 1):
+                raise TimeoutError(f"no reply for {request_id} from {pair.dest}")
+            reply = decode(pair.sock.recv())
+            if isinstance(reply, Reply) and reply.request_id == request_id:
+                return reply
+
+    def _ensure_started(self, pair: _Pair) -> _Pair | None:
+        """Handshake, communicator and probe of a new (or torn-down) pair."""
+        if pair.sock is not None or self._closed.is_set():
+            return None if self._closed.is_set() else pair
+        deadline = time.monotonic() + self.config.connect_timeout_s
+        pair.sock = self._ctx.socket(zmq.DEALER)
+        pair.sock.setsockopt(zmq.LINGER, 0)
+        pair.sock.connect(pair.dest)
+        pair.sock.send(encode(Hello(self.sender_id, self.layout.to_dict(),
+                                    self.config.transport)))
+        reply = _expect(pair.sock, HelloReply, deadline, pair.dest)
+        if reply.mismatch:
+            field, theirs, mine = reply.mismatch
+            self._teardown(pair)
+            raise HandshakeMismatch(field, mine, theirs)
+        remote = KVLayout.from_dict(reply.layout)
+        try:
+            check_compatible(self.layout, remote)
+        except HandshakeMismatch:
+            self._teardown(pair)
+            raise
+        pair.remote, pair.generation = remote, reply.generation
+        if self.config.transport == "torch":
+            host = pair.dest.split("://", 1)[1].rsplit(":", 1)[0]
+            pair.group = PairGroup(None, host, reply.store_port, SENDER_RANK, reply.generation,
+                                   self.device, deadline - time.monotonic())
+        pair.path = pair.group.backend if pair.group else "zmq"
+        pair.gbps = self._probe(pair, deadline)
+        pair.sock.send(encode(PairReport(pair.path, pair.gbps or 0.0)))
+        log.info("kv pair %s -> %s: path %s, %.2f GB/s", self.sender_id[:8], pair.dest,
+                 pair.path, pair.gbps or 0.0)
+        return pair
+
+    def _probe(self, pair: _Pair, deadline: float) -> float | None:
+        size = self.config.probe_bytes
+        if size <= 0:
+            return None
+        buf = torch.zeros(size, dtype=torch.uint8, device=self.device)
+        if self.device.type == "cuda" and pair.group is None:
+            buf = buf.cpu().pin_memory()
+
+        def one_round(i: int) -> None:
+            header = TransferHeader(f"__probe__/{i}", {}, [], 0, size, "uint8",
+                                    generation=pair.generation)
+            reply = self._push(pair, header, buf, deadline)
+            if not reply.ok:
+                raise TransferFailed(header.request_id, reply.reason)
+
+        return measure_gbps(one_round, size, self.config.probe_rounds)
+
+    def _teardown(self, pair: _Pair) -> None:
+        """Drops the pair's socket and communicator; the next transfer starts it afresh.
+        Runs on the pair's own thread (its socket's only user)."""
+        if pair.group is not None:
+            pair.group.close()
+        if pair.sock is not None:
+            pair.sock.close(linger=0)
+        pair.group = pair.sock = pair.remote = None
+
+    def _watch(self) -> None:
+        while not self._closed.wait(self.config.tick_s):
+            self.table.expire()
+            now = time.monotonic()
+            with self._lock:
+                idle = [p for p in self._pairs.values()
+                        if p.pending == 0 and now - p.last_used > self.config.idle_evict_s]
+                for pair in idle:
+                    del self._pairs[pair.dest]
+            for pair in idle:
+                log.info("kv pair -> %s idle for %.0f s: evicted", pair.dest, now - pair.last_used)
+                pair.executor.submit(self._teardown, pair)
+                pair.executor.shutdown(wait=False)
+
+    def pairs(self) -> list[str]:
+        """Destinations with a live pair (for eviction tests and metrics)."""
+        with self._lock:
+            return [d for d, p in self._pairs.items() if p.sock is not None or p.pending]
+
+    def path(self, peer: str) -> str | None:
+        pair = self._pairs.get(peer)
+        return pair.path if pair else None
+
+    def bandwidth(self, peer: str) -> float | None:
+        pair = self._pairs.get(peer)
+        return pair.gbps if pair else None
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.table.fail_all("sender closed")
+        with self._lock:
+            pairs, self._pairs = list(self._pairs.values()), {}
+        for pair in pairs:
+            pair.executor.submit(self._teardown, pair)
+            pair.executor.shutdown(wait=True, cancel_futures=True)
+        self._watchdog.join()
+
+
+def _expect(sock: zmq.Socket, kind: type, deadline: float, peer: str):
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
+            raise TimeoutError(f"no {kind.__name__} from {peer}")
+        msg = decode(sock.recv())
+        if isinstance(msg, kind):
+            return msg
+
+
+def _frame(buf: torch.Tensor) -> memoryview:
+    """Zero-copy view of a contiguous CPU byte tensor for ZMQ (copy=False)."""
+    return memoryview(buf.numpy())
+
+
+def _record_event(device: torch.device):
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event

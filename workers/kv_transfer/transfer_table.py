@@ -1,0 +1,163 @@
+"""Per-transfer state with deadlines: the bookkeeping both ends of a KV transfer share.
+
+Pure and thread-safe: no sockets, no torch. Backends call `start`, `add_cells` and `finish`;
+a watchdog calls `expire`. Callbacks run outside the lock, exactly once per transfer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from workers.errors import DuplicateRequest
+from workers.kv_transfer.base import OnDone, OnFailed, TransferState
+
+
+@dataclass
+class TransferRecord:
+    request_id: str
+    state: TransferState
+    deadline: float
+    """time.monotonic() after which the transfer is FAILED."""
+    timeout_s: float
+    created: float
+    peer: str = ""
+    block_ids: list[int] = field(default_factory=list)
+    cells_needed: int = 0
+    """Receiver: (layer, kv head) cells its slice has; DONE once all have landed."""
+    cells_done: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+    """Wire time of the data (send/recv), for metrics and GB/s."""
+    extra: dict = field(default_factory=dict)
+    reason: str = ""
+    finished: threading.Event = field(default_factory=threading.Event)
+    busy: threading.RLock = field(default_factory=threading.RLock)
+    """Held while this end reads or writes the request's blocks (pack, unpack); `abort` and
+    the deadline take it, so once they return no copy touches the blocks again."""
+
+
+class TransferTable:
+    """Request id -> TransferRecord, keeping the last `keep_finished` terminal records so a
+    late `state()` or `wait()` still answers."""
+
+    def __init__(self, on_done: OnDone | None = None, on_failed: OnFailed | None = None,
+                 keep_finished: int = 4096):
+        self._on_done = on_done
+        self._on_failed = on_failed
+        self._keep_finished = keep_finished
+        self._records: OrderedDict[str, TransferRecord] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, request_id: str, timeout_s: float, *, peer: str = "",
+            block_ids: list[int] | None = None, cells_needed: int = 0,
+            extra: dict | None = None) -> TransferRecord:
+        """A new in-flight (RESERVED) transfer; a terminal one of the same id is replaced."""
+        now = time.monotonic()
+        record = TransferRecord(request_id, TransferState.RESERVED, now + timeout_s, timeout_s,
+                                now, peer, list(block_ids or []), cells_needed,
+                                extra=dict(extra or {}))
+        with self._lock:
+            old = self._records.get(request_id)
+            if old is not None and not old.state.terminal:
+                raise DuplicateRequest(request_id)
+            self._records.pop(request_id, None)
+            self._records[request_id] = record
+            self._trim()
+        return record
+
+    def get(self, request_id: str) -> TransferRecord | None:
+        with self._lock:
+            return self._records.get(request_id)
+
+    def in_flight(self, request_id: str) -> bool:
+        record = self.get(request_id)
+        return record is not None and not record.state.terminal
+
+    def live(self) -> list[TransferRecord]:
+        with self._lock:
+            return [r for r in self._records.values() if not r.state.terminal]
+
+    def start(self, request_id: str) -> TransferRecord | None:
+        """RESERVED -> SENDING; None (and no change) if the transfer is already terminal."""
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None or record.state.terminal:
+                return None
+            record.state = TransferState.SENDING
+            return record
+
+    def add_cells(self, request_id: str, cells: int, num_bytes: int, seconds: float,
+                  extra: dict) -> bool:
+        """Receiver: one part's data landed. Marks DONE once every cell has; True if it did."""
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None or record.state.terminal:
+                return False
+            record.cells_done += cells
+            record.num_bytes += num_bytes
+            record.seconds += seconds
+            record.extra.update(extra)
+            complete = record.cells_done >= record.cells_needed
+        if complete:
+            return self.finish(request_id, TransferState.DONE)
+        return False
+
+    def finish(self, request_id: str, state: TransferState, reason: str = "") -> bool:
+        """Moves an in-flight transfer to a terminal state and fires its callback once.
+        Returns False if it was already terminal (or unknown): the first outcome wins."""
+        assert state.terminal, state
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None or record.state.terminal:
+                return False
+            record.state = state
+            record.reason = reason
+        record.finished.set()
+        if state is TransferState.DONE:
+            if self._on_done is not None:
+                self._on_done(request_id, dict(record.extra))
+        elif self._on_failed is not None:
+            self._on_failed(request_id, state, reason)
+        return True
+
+    def expire(self, now: float | None = None) -> list[TransferRecord]:
+        """Marks every in-flight transfer past its deadline FAILED; returns them."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            late = [r for r in self._records.values()
+                    if not r.state.terminal and r.deadline <= now]
+        expired = []
+        for record in late:
+            elapsed = now - record.created
+            reason = f"timeout: over {record.timeout_s:.2f} s ({elapsed:.2f} s elapsed)"
+            with record.busy:
+                if self.finish(record.request_id, TransferState.FAILED, reason):
+                    expired.append(record)
+        return expired
+
+    def wait(self, request_id: str, timeout_s: float | None = None) -> TransferState | None:
+        record = self.get(request_id)
+        if record is None:
+            return None
+        record.finished.wait(timeout_s)
+        return record.state
+
+    def end(self, request_id: str, state: TransferState, reason: str) -> bool:
+        """`finish` once no copy is touching the request's blocks (abort, close)."""
+        record = self.get(request_id)
+        if record is None:
+            return False
+        with record.busy:
+            return self.finish(request_id, state, reason)
+
+    def fail_all(self, reason: str) -> None:
+        for record in self.live():
+            self.end(record.request_id, TransferState.FAILED, reason)
+
+    def _trim(self) -> None:
+        terminal = [k for k, r in self._records.items() if r.state.terminal]
+        for key in terminal[: max(0, len(terminal) - self._keep_finished)]:
+            del self._records[key]
