@@ -1,0 +1,180 @@
+"""The Llama-family model against Hugging Face transformers (float32, CPU), per variant:
+full prompts, chunked prefill through a shuffled paged cache, decode steps, batch mixes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from workers.attention.torch_backend import TorchAttentionBackend
+from workers.config import CacheConfig, EngineConfig
+from workers.errors import InvalidModelConfig, UnsupportedArchitecture
+from workers.model.config import ModelConfig
+from workers.model.llama import IntermediateTensors, LlamaForCausalLM
+from workers.model_runner import ModelRunner
+from workers.parallel import ParallelContext
+from workers.tiny_model import VARIANTS
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 24
+ATOL = 1e-4
+
+
+def make_runner(model_dir, **kwargs) -> ModelRunner:
+    cache = CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
+    return ModelRunner(EngineConfig(model=str(model_dir), device="cpu", cache=cache), **kwargs)
+
+
+def random_prompt(length: int, vocab: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, vocab) for _ in range(length)]
+
+
+def hf_logits(reference, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(torch.tensor([tokens])).logits[0].float()
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_full_prompt_logits_match_transformers(variant, make_model_dir, hf_reference, make_step):
+    folder = make_model_dir(variant)
+    runner = make_runner(folder)
+    prompt = random_prompt(13, runner.model_config.vocab_size)
+    table = list(range(4))
+    logits = runner.execute(make_step([(prompt, len(prompt), table)], BLOCK_SIZE, "all"))
+    assert logits.dtype == torch.float32
+    assert logits.shape == (len(prompt), runner.model_config.vocab_size)
+    torch.testing.assert_close(logits, hf_logits(hf_reference(folder), prompt), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_chunked_prefill_with_shuffled_blocks_matches_transformers(
+    variant, make_model_dir, hf_reference, make_step
+):
+    folder = make_model_dir(variant)
+    runner = make_runner(folder)
+    prompt = random_prompt(23, runner.model_config.vocab_size, seed=1)
+    table = random.Random(2).sample(range(NUM_BLOCKS), 6)
+    chunks = []
+    for end in range(5, len(prompt) + 5, 5):
+        tokens = prompt[: min(end, len(prompt))]
+        num_new = len(tokens) - len(prompt[: end - 5])
+        chunks.append(runner.execute(make_step([(tokens, num_new, table)], BLOCK_SIZE, "all")))
+    expected = hf_logits(hf_reference(folder), prompt)
+    torch.testing.assert_close(torch.cat(chunks), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_decode_steps_match_transformers(variant, make_model_dir, hf_reference, make_step):
+    folder = make_model_dir(variant)
+    runner, reference = make_runner(folder), hf_reference(folder)
+    tokens = random_prompt(9, runner.model_config.vocab_size, seed=3)
+    table = [7, 3, 11, 5]
+    logits = runner.execute(make_step([(tokens, len(tokens), table)], BLOCK_SIZE))
+    for _ in range(4):
+        torch.testing.assert_close(logits[0], hf_logits(reference, tokens)[-1], atol=ATOL, rtol=0)
+        tokens = tokens + [int(logits[0].argmax())]
+        logits = runner.execute(make_step([(tokens, 1, table)], BLOCK_SIZE))
+
+
+def test_mixed_batch_of_prefill_chunk_decode_and_verification(
+    tiny_model_dir, hf_reference, make_step
+):
+    """One step packing a decode token, a prefill chunk and a 3-token verification run."""
+    runner, reference = make_runner(tiny_model_dir), hf_reference(tiny_model_dir)
+    vocab = runner.model_config.vocab_size
+    a, b, c = (random_prompt(n, vocab, seed) for n, seed in ((10, 4), (14, 5), (7, 6)))
+    tables = [[0, 1, 2], [3, 4, 5, 6], [9, 8]]
+    runner.execute(make_step([(a[:9], 9, tables[0]), (c[:4], 4, tables[2])], BLOCK_SIZE))
+    step = make_step([(a, 1, tables[0]), (b, 14, tables[1]), (c, 3, tables[2])], BLOCK_SIZE, "all")
+    logits = runner.execute(step)
+    expected = torch.cat(
+        [hf_logits(reference, a)[-1:], hf_logits(reference, b), hf_logits(reference, c)[-3:]]
+    )
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+def test_two_pipeline_stages_chain_to_the_full_model(tiny_model_dir, hf_reference, make_step):
+    stages = [
+        make_runner(tiny_model_dir, parallel=ParallelContext(pp_rank=rank, pp_size=2))
+        for rank in range(2)
+    ]
+    assert [s.layer_range for s in stages] == [(0, 1), (1, 2)]
+    assert len(stages[0].kv_caches) == len(stages[1].kv_caches) == 1
+    prompt = random_prompt(11, stages[0].model_config.vocab_size, seed=7)
+    step = make_step([(prompt, len(prompt), [2, 0, 1])], BLOCK_SIZE, "all")
+    hidden = stages[0].execute(step)
+    assert isinstance(hidden, IntermediateTensors)
+    logits = stages[1].execute(step, hidden)
+    expected = hf_logits(hf_reference(tiny_model_dir), prompt)
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
+
+
+LLAMA3_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 128256,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 128000,
+    "eos_token_id": [128001, 128008, 128009],
+}
+
+
+def test_llama3_8b_config_builds_real_shapes_on_meta_device():
+    cfg = ModelConfig.from_dict(LLAMA3_8B)
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.eos_token_ids) == (128, 8, (128001, 128008, 128009))
+    assert cfg.rope_scaling.rope_type == "llama3" and cfg.rope_scaling.factor == 8.0
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, TorchAttentionBackend())
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
+    slots = model.checkpoint_map()
+    assert len(slots) == 2 + 1 + 32 * 9
+    assert slots["model.layers.31.self_attn.k_proj.weight"].full_shape == (1024, 4096)
+    assert slots["model.layers.0.mlp.up_proj.weight"].full_shape == (14336, 4096)
+    assert slots["lm_head.weight"].full_shape == (128256, 4096)
+
+
+def test_tensor_parallel_layers_hold_their_shard_on_meta_device():
+    cfg = ModelConfig.from_dict(LLAMA3_8B)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, TorchAttentionBackend(), ParallelContext(1, 4), (30, 32))
+    attn = model.layers["31"].self_attn
+    assert attn.qkv_proj.weight.shape == ((4096 + 2 * 1024) // 4, 4096)
+    assert attn.o_proj.weight.shape == (4096, 1024)
+    assert model.lm_head.weight.shape == (128256 // 4, 4096)
+    assert not model.has_embedding and "model.layers.29.input_layernorm.weight" not in (
+        model.checkpoint_map()
+    )
+
+
+def test_unsupported_architecture_names_it_and_the_supported_ones():
+    with pytest.raises(UnsupportedArchitecture) as error:
+        ModelConfig.from_dict({**LLAMA3_8B, "architectures": ["GPT2LMHeadModel"]})
+    assert error.value.name == "GPT2LMHeadModel"
+    assert "Qwen3ForCausalLM" in error.value.supported and "GPT2LMHeadModel" in str(error.value)
+
+
+def test_config_reads_transformers5_rope_parameters_and_rejects_unknown_rope():
+    raw = {k: v for k, v in LLAMA3_8B.items() if k not in ("rope_theta", "rope_scaling")}
+    raw["rope_parameters"] = {**LLAMA3_8B["rope_scaling"], "rope_theta": 500000.0}
+    cfg = ModelConfig.from_dict(raw)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.original_max_position_embeddings == 8192
+    with pytest.raises(InvalidModelConfig, match="yarn"):
+        ModelConfig.from_dict({**LLAMA3_8B, "rope_scaling": {"rope_type": "yarn", "factor": 4}})
