@@ -1,0 +1,50 @@
+"""The cluster's configuration: one frozen object built once by `kvrelay serve`.
+
+Worker engine configs are per-role copies of `engine` (`dataclasses.replace`), made by the
+worker classes themselves; the router gets `router`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from router.router_core import RouterConfig
+from workers.config import EngineConfig
+
+KvTransport = Literal["auto", "nccl", "gloo", "zmq", "inprocess"]
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    engine: EngineConfig
+    model_name: str
+    """The name clients put in `model` (OpenAI API)."""
+    num_prefill: int = 1
+    num_decode: int = 1
+    num_colocated: int = 0
+    """> 0 selects the classic colocated mode (num_prefill/num_decode are then ignored)."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    ray_address: str | None = None
+    """None: start a local Ray; else join this cluster ('auto' finds a running one)."""
+    kv_transport: KvTransport = "auto"
+    gpu_share: bool = False
+    """Two workers per GPU (num_gpus=0.5 each), e.g. 1P+1D on one GPU."""
+    max_queue: int = 1024
+    router: RouterConfig = field(default_factory=RouterConfig)
+    startup_timeout_s: float = 600.0
+    max_worker_restarts: int = 3
+    """Ray restarts a dead worker this many times; the router admits it again."""
+
+    @property
+    def colocated(self) -> bool:
+        return self.num_colocated > 0
+
+    def worker_roles(self) -> list[tuple[str, str]]:
+        """(worker_id, role) of every worker, in start order."""
+        if self.colocated:
+            return [(f"colocated-{i}", "colocated") for i in range(self.num_colocated)]
+        return [(f"prefill-{i}", "prefill") for i in range(self.num_prefill)] + [
+            (f"decode-{i}", "decode") for i in range(self.num_decode)
+        ]

@@ -1,0 +1,120 @@
+"""Placing a cluster on Ray: worker actors (GPU or CPU), then the named Router actor.
+
+Worker actors are `ray.remote(cls)` of the plain worker classes with placement options; Ray
+restarts a dead one (`max_restarts`) and the router admits it again when it answers a poll.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from cluster.config import ClusterConfig
+from router.router import NAMESPACE, ROUTER_NAME, Router
+from workers.colocated_worker import ColocatedWorker
+from workers.decode_worker import DecodeWorker
+from workers.prefill_worker import PrefillWorker
+from workers.worker_base import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+WORKER_CLASSES = {"colocated": ColocatedWorker, "prefill": PrefillWorker, "decode": DecodeWorker}
+# Calls in flight per worker actor: the router's poll must run while a reserve waits.
+_WORKER_CONCURRENCY = 16
+_ROUTER_CONCURRENCY = 1000
+
+
+@dataclass
+class Cluster:
+    """Handles of a running cluster, for serve and tests."""
+
+    config: ClusterConfig
+    router: Any
+    workers: dict[str, Any]
+    """worker_id -> actor handle."""
+    started_ray: bool
+
+    def shutdown(self) -> None:
+        """Kills this cluster's actors (and Ray, if this process started it)."""
+        for actor in [self.router, *self.workers.values()]:
+            ray.kill(actor, no_restart=True)
+        if self.started_ray:
+            ray.shutdown()
+
+
+def connect_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
+    """Joins `config.ray_address` or starts a local Ray; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=config.ray_address, namespace=NAMESPACE, num_cpus=num_cpus,
+             include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def worker_options(config: ClusterConfig, name: str) -> dict[str, Any]:
+    """Ray options of one worker actor: 1 GPU (or half of one with gpu_share) on CUDA."""
+    num_gpus = 0.0
+    if _use_cuda(config):
+        num_gpus = 0.5 if config.gpu_share else 1.0
+    return {
+        "name": name,
+        "namespace": NAMESPACE,
+        "num_gpus": num_gpus,
+        # Workers are busy in their own loop thread; CPU slots must not limit placement on a
+        # small CI box, so they reserve none.
+        "num_cpus": 0,
+        "max_restarts": config.max_worker_restarts,
+        "max_concurrency": _WORKER_CONCURRENCY,
+    }
+
+
+def _use_cuda(config: ClusterConfig) -> bool:
+    device = config.engine.device
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
+def worker_spec(config: ClusterConfig, worker_id: str) -> WorkerSpec:
+    return WorkerSpec(worker_id=worker_id, engine=config.engine,
+                      kv_transport=config.kv_transport, host=config.host)
+
+
+def start_workers(config: ClusterConfig) -> dict[str, Any]:
+    """Creates every worker actor and waits until each has loaded its engine."""
+    actors = {}
+    for worker_id, role in config.worker_roles():
+        cls = ray.remote(WORKER_CLASSES[role])
+        options = worker_options(config, f"kvrelay-{worker_id}")
+        actors[worker_id] = cls.options(**options).remote(worker_spec(config, worker_id))
+    infos = ray.get([a.ready.remote() for a in actors.values()],
+                    timeout=config.startup_timeout_s)
+    for info in infos:
+        log.info("worker %s ready: %d KV blocks of %d tokens", info["worker_id"],
+                 info["total_blocks"], info["block_size"])
+    return actors
+
+
+def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
+    """Starts the named Router actor and waits until it sees every worker ready."""
+    roles = dict(config.worker_roles())
+    members = [(wid, roles[wid], actor) for wid, actor in workers.items()]
+    router_cls = ray.remote(Router)
+    router = router_cls.options(
+        name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0,
+        max_concurrency=_ROUTER_CONCURRENCY,
+    ).remote(config.router, members)
+    health = ray.get(router.start.remote(config.startup_timeout_s),
+                     timeout=config.startup_timeout_s + 10)
+    log.info("router ready: %s", health)
+    return router
+
+
+def launch(config: ClusterConfig, num_cpus: int | None = None) -> Cluster:
+    """Starts (or joins) Ray, the workers and the router; returns their handles."""
+    started = connect_ray(config, num_cpus)
+    workers = start_workers(config)
+    router = start_router(config, workers)
+    return Cluster(config, router, workers, started)

@@ -1,0 +1,109 @@
+"""`kvrelay serve`: start (or join) Ray, place the workers and the Router, run the gateway.
+
+    kvrelay serve --model DIR --prefill 1 --decode 1 --port 8000
+    kvrelay serve --model DIR --colocated 2
+    kvrelay serve --dummy-config config.json --prefill 1 --decode 1 --gpu-share
+
+The gateway (FastAPI on uvicorn) runs in this process; Ray shuts down with it if this process
+started Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from cluster.config import ClusterConfig
+from router.router_core import RouterConfig
+from workers.config import CacheConfig, EngineConfig
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvrelay serve", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="Hugging Face checkpoint folder")
+    src.add_argument("--dummy-config", help="config.json: random weights of that shape")
+    p.add_argument("--served-model-name", default=None, help="name clients use (default: dir)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--colocated", type=int, default=0,
+                   help="K > 0: K colocated workers instead of prefill/decode pools")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto')")
+    p.add_argument("--kv-transport", default="auto", choices=["auto", "nccl", "gloo", "zmq"])
+    p.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes per worker")
+    p.add_argument("--num-blocks", type=int, default=None, help="fix the KV pool size")
+    p.add_argument("--max-queue", type=int, default=256, help="requests in flight, then 429")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--gpu-share", action="store_true", help="two workers per GPU")
+    p.add_argument("--prefill-policy", default="least_tokens")
+    p.add_argument("--decode-policy", default="kv_capacity")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> ClusterConfig:
+    """The one place command-line arguments become configuration."""
+    model = args.model or args.dummy_config
+    engine = EngineConfig(
+        model=model,
+        load_format="dummy" if args.dummy_config else "auto",
+        dtype=args.dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        max_model_len=args.max_model_len,
+        cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                          num_blocks=args.num_blocks),
+    )
+    router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,
+                          decode_policy=args.decode_policy, block_size=args.block_size)
+    name = args.served_model_name or Path(model).name.removesuffix(".json")
+    return ClusterConfig(
+        engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,
+        num_colocated=args.colocated, host=args.host, port=args.port,
+        ray_address=args.ray_address, kv_transport=args.kv_transport,
+        gpu_share=args.gpu_share, max_queue=args.max_queue, router=router,
+    )
+
+
+def describe(config: ClusterConfig) -> str:
+    """The banner: layout, URL and a curl line that works against this server."""
+    url = f"http://{config.host}:{config.port}"
+    layout = (f"{config.num_colocated} colocated" if config.colocated
+              else f"{config.num_prefill} prefill + {config.num_decode} decode")
+    body = json.dumps({"model": config.model_name, "prompt": "Hello", "max_tokens": 16,
+                       "temperature": 0})
+    return (f"kvrelay serving {config.model_name!r} ({layout}, kv transport "
+            f"{config.kv_transport}) at {url}\n"
+            f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")
+
+
+def main(argv: list[str]) -> int:
+    import uvicorn
+
+    from cluster.gateway_app import build_app
+    from cluster.launcher import launch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    config = build_config(args)
+    cluster = launch(config)
+    try:
+        app = build_app(config, cluster.router)
+        print(describe(config), flush=True)
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    finally:
+        cluster.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,87 @@
+"""The Router Ray actor (a thin async wrapper over RouterCore) and the gateway's Backend on it.
+
+One named actor per cluster (`ROUTER_NAME` in namespace `NAMESPACE`): the gateway calls
+`submit` / `abort` on it, workers never do (their outputs go straight to the gateway over ZMQ).
+`RayBackend` is what `router.gateway.create_app` talks to in a Ray deployment.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray import exceptions as ray_errors
+
+from router.router_core import RouterConfig, RouterCore
+from router.worker_handle import RayHandle
+from workers.protocol import GenerateRequest
+
+NAMESPACE = "kvrelay"
+ROUTER_NAME = "kvrelay-router"
+
+
+class Router:
+    """Ray actor body: owns a RouterCore whose worker handles are Ray actors."""
+
+    def __init__(self, config: RouterConfig, workers: list[tuple[str, str, Any]]):
+        self.core = RouterCore(config)
+        for worker_id, role, actor in workers:
+            self.core.add_worker(worker_id, role, RayHandle(actor))
+
+    async def start(self, timeout_s: float) -> dict:
+        """Waits until every worker answered a poll, then starts the health monitor."""
+        await self.core.wait_ready(timeout_s)
+        self.core.start()
+        return self.core.health()
+
+    async def add_worker(self, worker_id: str, role: str, actor: Any) -> None:
+        self.core.add_worker(worker_id, role, RayHandle(actor))
+
+    async def submit(self, request: GenerateRequest) -> None:
+        await self.core.submit(request)
+
+    async def abort(self, request_id: str) -> None:
+        await self.core.abort(request_id)
+
+    async def health(self) -> dict:
+        return self.core.health()
+
+    async def worker_metrics(self) -> list[dict]:
+        return self.core.worker_metrics()
+
+    async def stats(self) -> dict:
+        core = self.core
+        return {"in_flight": len(core.requests), "finished": core.num_finished,
+                "failed": core.num_failed, "retried": core.num_retried}
+
+
+class RayBackend:
+    """The gateway's Backend over the Router actor: typed errors come back as themselves."""
+
+    def __init__(self, router: ray.actor.ActorHandle, model_name: str):
+        self.router = router
+        self.model_name = model_name
+
+    async def submit(self, request: GenerateRequest) -> None:
+        await _unwrap(self.router.submit.remote(request))
+
+    async def abort(self, request_id: str) -> None:
+        await _unwrap(self.router.abort.remote(request_id))
+
+    def model_names(self) -> list[str]:
+        return [self.model_name]
+
+    async def health(self) -> dict:
+        return await _unwrap(self.router.health.remote())
+
+    async def worker_metrics(self) -> list[dict]:
+        return await _unwrap(self.router.worker_metrics.remote())
+
+
+async def _unwrap(ref: ray.ObjectRef) -> Any:
+    try:
+        return await ref
+    except ray_errors.RayTaskError as exc:
+        if isinstance(exc.cause, Exception):
+            raise exc.cause from None
+        raise

@@ -1,0 +1,373 @@
+"""The router's state machine: which worker holds which request, and what happens on failure.
+
+`RouterCore` is plain asyncio code over `WorkerHandle`s (a Ray actor or an in-process object,
+router/worker_handle.py), so it runs in tests without Ray. Per request it picks a decode worker
+that reserves blocks, then a prefill worker that computes and ships the KV (disaggregated), or
+one colocated worker. A monitor task polls every worker: the poll is the liveness ping and
+carries which requests ended. A worker that stops answering is dropped and its requests are
+retried (prefill not yet shipped) or ended with a clear error chunk; a worker that answers
+again (Ray restarted it: a new incarnation) is admitted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from router.policies import WorkerLoad, blocks_needed, make_policy
+from router.worker_handle import WorkerGone, WorkerHandle
+from workers.errors import KvrelayError, NoCapacity, NoReadyWorker, QueueFull
+from workers.output_sender import OutputSender
+from workers.protocol import GenerateRequest, OutputChunk
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class WorkerLost(KvrelayError):
+    """The worker serving a request died (or restarted) before the request finished."""
+
+    def __init__(self, worker_id: str, phase: str):
+        self.worker_id = worker_id
+        self.phase = phase
+        super().__init__(f"worker {worker_id} was lost while the request was {phase}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    max_queue: int = 1024
+    """Most requests in flight; more are refused with QueueFull."""
+    prefill_policy: str = "least_tokens"
+    decode_policy: str = "kv_capacity"
+    colocated_policy: str = "least_tokens"
+    block_size: int = 16
+    poll_interval_s: float = 0.2
+    poll_timeout_s: float = 2.0
+    """A worker whose poll takes longer is treated as lost."""
+    capacity_wait_s: float = 10.0
+    """How long submit waits for a decode worker with free blocks before NoCapacity."""
+    max_retries: int = 1
+    """Retries of a request whose prefill worker was lost before its KV shipped."""
+
+
+@dataclass
+class WorkerState:
+    handle: WorkerHandle
+    role: str
+    incarnation: str = ""
+    ready: bool = False
+    free_blocks: int = 0
+    total_blocks: int = 0
+    requests: set[str] = field(default_factory=set)
+
+
+@dataclass
+class InFlight:
+    request: GenerateRequest
+    tokens: int
+    """Prompt + max new tokens, for the least-tokens policy."""
+    blocks: int = 0
+    prefill: str | None = None
+    decode: str | None = None
+    colocated: str | None = None
+    dest: dict | None = None
+    """The decode worker's reservation (block ids, KV receiver address) for the prefill."""
+    phase: str = "queued"
+    """queued | prefilling | decoding | running (colocated)."""
+    retries: int = 0
+
+
+class RouterCore:
+    """Routes requests over registered workers; see the module docstring."""
+
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.workers: dict[str, WorkerState] = {}
+        self.requests: dict[str, InFlight] = {}
+        self.sender = OutputSender()
+        self._policies = {
+            "prefill": make_policy(config.prefill_policy),
+            "decode": make_policy(config.decode_policy),
+            "colocated": make_policy(config.colocated_policy),
+        }
+        self._monitor: asyncio.Task | None = None
+        self.num_finished = 0
+        self.num_failed = 0
+        self.num_retried = 0
+
+    # ---- membership ---------------------------------------------------------------------
+
+    def add_worker(self, worker_id: str, role: str, handle: WorkerHandle) -> None:
+        """Registers a worker; it takes requests once a poll has answered."""
+        self.workers[worker_id] = WorkerState(handle, role)
+
+    def start(self) -> None:
+        if self._monitor is None:
+            self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())
+
+    async def stop(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            self._monitor = None
+        self.sender.close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Polls until every registered worker answered once (or raises NoReadyWorker)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            await self.poll_all()
+            waiting = [w for w in self.workers.values() if not w.ready]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise NoReadyWorker(waiting[0].role, len(self.workers))
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    # ---- requests -----------------------------------------------------------------------
+
+    async def submit(self, request: GenerateRequest) -> None:
+        """Places `request` on workers; raises QueueFull, NoReadyWorker, NoCapacity or the
+        decode worker's typed refusal (e.g. PromptTooLong)."""
+        if len(self.requests) >= self.config.max_queue:
+            raise QueueFull(1.0, len(self.requests), self.config.max_queue)
+        params = SamplingParams.from_dict(request.sampling)
+        num_prompt = len(request.prompt_token_ids)
+        entry = InFlight(
+            request,
+            tokens=num_prompt + params.max_tokens,
+            blocks=blocks_needed(num_prompt, self.config.block_size),
+        )
+        self.requests[request.request_id] = entry
+        try:
+            await self._place(entry)
+        except BaseException:
+            self._forget(request.request_id)
+            raise
+
+    async def abort(self, request_id: str) -> None:
+        """Ends a request wherever it is; its blocks free on every worker it touched."""
+        entry = self._forget(request_id)
+        if entry is None:
+            return
+        await self._release_everywhere(entry, keep=None)
+        self._send_final(entry, "abort")
+
+    async def _place(self, entry: InFlight) -> None:
+        if self._ready("colocated"):
+            worker_id = await self._first_that_takes("colocated", entry, "submit")
+            entry.colocated, entry.phase = worker_id, "running"
+            return
+        dest_worker = await self._reserve_decode(entry)
+        entry.decode = dest_worker
+        try:
+            entry.prefill = await self._first_that_takes("prefill", entry, "prefill", entry.dest)
+        except BaseException:
+            await self._call_quietly(entry.decode, "abort", entry.request.request_id)
+            raise
+        entry.phase = "prefilling"
+
+    async def _reserve_decode(self, entry: InFlight) -> str:
+        """Asks decode workers (policy order) to reserve blocks, waiting a while if all are
+        full; records the destination the prefill worker writes to."""
+        deadline = time.monotonic() + self.config.capacity_wait_s
+        while True:
+            refusal: NoCapacity | None = None
+            for worker_id in self._order("decode", entry):
+                try:
+                    dest = await self._call(worker_id, "reserve", entry.request)
+                except NoCapacity as exc:
+                    refusal = exc
+                    continue
+                except WorkerGone:
+                    continue
+                entry.dest = dest
+                self._attach(worker_id, entry)
+                return worker_id
+            if refusal is None:
+                raise NoReadyWorker("decode", self._count("decode"))
+            if time.monotonic() > deadline:
+                raise refusal
+            await asyncio.sleep(self.config.poll_interval_s / 4)
+
+    async def _first_that_takes(self, role: str, entry: InFlight, method: str, *args) -> str:
+        for worker_id in self._order(role, entry):
+            try:
+                await self._call(worker_id, method, entry.request, *args)
+            except WorkerGone:
+                continue
+            self._attach(worker_id, entry)
+            return worker_id
+        raise NoReadyWorker(role, self._count(role))
+
+    def _order(self, role: str, entry: InFlight) -> list[str]:
+        loads = [self._load(wid, w) for wid, w in self.workers.items()
+                 if w.role == role and w.ready]
+        return self._policies[role].order(loads, entry.blocks)
+
+    def _load(self, worker_id: str, worker: WorkerState) -> WorkerLoad:
+        entries = [self.requests[r] for r in worker.requests if r in self.requests]
+        return WorkerLoad(
+            worker_id,
+            outstanding_tokens=sum(e.tokens for e in entries),
+            num_requests=len(entries),
+            free_blocks=worker.free_blocks,
+            total_blocks=worker.total_blocks,
+        )
+
+    def _attach(self, worker_id: str, entry: InFlight) -> None:
+        worker = self.workers[worker_id]
+        worker.requests.add(entry.request.request_id)
+        if worker.role == "decode":
+            # Until the next poll, count the reservation so the next pick sees it.
+            worker.free_blocks -= entry.blocks
+
+    def _forget(self, request_id: str) -> InFlight | None:
+        entry = self.requests.pop(request_id, None)
+        for worker in self.workers.values():
+            worker.requests.discard(request_id)
+        return entry
+
+    def _ready(self, role: str) -> bool:
+        return any(w.ready for w in self.workers.values() if w.role == role)
+
+    def _count(self, role: str) -> int:
+        return sum(1 for w in self.workers.values() if w.role == role)
+
+    # ---- talking to workers -------------------------------------------------------------
+
+    async def _call(self, worker_id: str, method: str, *args):
+        """Calls a worker; a dead one is marked not ready and raises WorkerGone."""
+        worker = self.workers[worker_id]
+        try:
+            return await worker.handle.call(method, *args)
+        except WorkerGone:
+            await self._lose(worker_id, "call failed")
+            raise
+
+    async def _call_quietly(self, worker_id: str | None, method: str, *args) -> None:
+        if worker_id is None or worker_id not in self.workers:
+            return
+        try:
+            await self._call(worker_id, method, *args)
+        except WorkerGone:
+            pass
+
+    async def _release_everywhere(self, entry: InFlight, keep: str | None) -> None:
+        rid = entry.request.request_id
+        for worker_id in (entry.prefill, entry.decode, entry.colocated):
+            if worker_id is not None and worker_id != keep:
+                await self._call_quietly(worker_id, "abort", rid)
+
+    def _send_final(self, entry: InFlight, reason: str, error: KvrelayError | None = None):
+        self.sender.send(
+            entry.request.output_address,
+            OutputChunk(
+                request_id=entry.request.request_id,
+                finished=True,
+                finish_reason=reason,
+                error=str(error) if error else None,
+                error_type=type(error).__name__ if error else None,
+                num_prompt_tokens=len(entry.request.prompt_token_ids),
+                worker_id="router",
+            ),
+        )
+
+    # ---- monitoring ---------------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            try:
+                await self.poll_all()
+            except Exception:  # the monitor must outlive any one bad poll
+                log.exception("router poll failed")
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self._poll(wid) for wid in list(self.workers)))
+
+    async def _poll(self, worker_id: str) -> None:
+        worker = self.workers[worker_id]
+        try:
+            news = await asyncio.wait_for(
+                worker.handle.call("poll"), timeout=self.config.poll_timeout_s
+            )
+        except (WorkerGone, asyncio.TimeoutError):
+            await self._lose(worker_id, "poll failed")
+            return
+        if worker.incarnation and news["incarnation"] != worker.incarnation:
+            await self._lose(worker_id, "restarted")
+        if not worker.ready:
+            log.info("worker %s (%s) admitted", worker_id, worker.role)
+        worker.incarnation, worker.ready = news["incarnation"], True
+        worker.free_blocks, worker.total_blocks = news["free_blocks"], news["total_blocks"]
+        for request_id, event in news["events"]:
+            await self._on_event(worker_id, request_id, event)
+
+    async def _on_event(self, worker_id: str, request_id: str, event: str) -> None:
+        """Worker news: 'shipped' (prefill KV landed), 'finished' or 'failed' (chunk sent)."""
+        entry = self.requests.get(request_id)
+        if entry is None:
+            return
+        if event == "shipped":
+            entry.phase = "decoding"
+            self.workers[worker_id].requests.discard(request_id)
+            return
+        if event == "first_token":
+            entry.retries = self.config.max_retries  # a retry would repeat token 1
+            return
+        # Ended on this worker (its final chunk is out): free what others still hold.
+        self._forget(request_id)
+        await self._release_everywhere(entry, keep=worker_id)
+        if event == "finished":
+            self.num_finished += 1
+        else:
+            self.num_failed += 1
+
+    async def _lose(self, worker_id: str, why: str) -> None:
+        """Drops a worker's requests: retry those not yet past prefill, fail the others."""
+        worker = self.workers[worker_id]
+        if worker.ready:
+            log.warning("worker %s (%s) lost: %s", worker_id, worker.role, why)
+        worker.ready = False
+        for request_id in list(worker.requests):
+            entry = self.requests.get(request_id)
+            worker.requests.discard(request_id)
+            if entry is not None:
+                await self._recover(entry, worker_id)
+
+    async def _recover(self, entry: InFlight, lost: str) -> None:
+        retry = (lost == entry.prefill and entry.phase == "prefilling"
+                 and entry.retries < self.config.max_retries)
+        rid = entry.request.request_id
+        self._forget(rid)
+        await self._release_everywhere(entry, keep=lost)
+        if retry:
+            entry = InFlight(entry.request, entry.tokens, entry.blocks, retries=entry.retries + 1)
+            self.requests[rid] = entry
+            self.num_retried += 1
+            try:
+                await self._place(entry)
+                return
+            except KvrelayError:
+                self._forget(rid)
+        self.num_failed += 1
+        self._send_final(entry, "error", WorkerLost(lost, entry.phase))
+
+    # ---- introspection ------------------------------------------------------------------
+
+    def health(self) -> dict:
+        roles: dict[str, dict[str, int]] = {}
+        for worker in self.workers.values():
+            counts = roles.setdefault(worker.role, {"ready": 0, "known": 0})
+            counts["known"] += 1
+            counts["ready"] += int(worker.ready)
+        return {"workers": roles, "in_flight": len(self.requests)}
+
+    def worker_metrics(self) -> list[dict]:
+        return [
+            {"worker_id": wid, "role": w.role, "ready": w.ready,
+             **self._load(wid, w).__dict__}
+            for wid, w in self.workers.items()
+        ]

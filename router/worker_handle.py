@@ -1,0 +1,60 @@
+"""How the router calls a worker: the same `await handle.call(method, *args)` for a Ray actor
+and for a plain in-process object, so RouterCore runs in tests without Ray.
+
+A worker that is dead, restarting or unreachable raises `WorkerGone`; a typed error the worker
+raised on purpose (NoCapacity, PromptTooLong, ...) reaches the caller as itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import ray
+from ray import exceptions as ray_errors
+
+
+class WorkerGone(Exception):
+    """The worker did not answer: dead, restarting, or its process is gone."""
+
+    def __init__(self, method: str, reason: str):
+        self.method = method
+        self.reason = reason
+        super().__init__(f"worker did not answer {method}(): {reason}")
+
+
+class WorkerHandle(Protocol):
+    async def call(self, method: str, *args: Any) -> Any:
+        """Runs `method(*args)` on the worker and returns its result."""
+        ...
+
+
+class LocalHandle:
+    """An in-process worker object; each call runs in a thread, as a Ray actor call would."""
+
+    def __init__(self, worker: Any):
+        self.worker = worker
+
+    async def call(self, method: str, *args: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.worker, method), *args)
+
+
+_GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError)
+
+
+class RayHandle:
+    """A worker Ray actor (created by cluster/launcher.py)."""
+
+    def __init__(self, actor: ray.actor.ActorHandle):
+        self.actor = actor
+
+    async def call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.actor, method).remote(*args)
+        except _GONE as exc:
+            raise WorkerGone(method, type(exc).__name__) from exc
+        except ray_errors.RayTaskError as exc:
+            # The worker raised on purpose: hand back its own typed error.
+            if isinstance(exc.cause, Exception):
+                raise exc.cause from None
+            raise

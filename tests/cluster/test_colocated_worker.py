@@ -1,0 +1,83 @@
+"""ColocatedWorker in-process: greedy output over a real ZMQ socket equals transformers', and
+aborts free every block; RouterCore places requests on it through in-process handles."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from router.router_core import RouterConfig, RouterCore
+from router.worker_handle import LocalHandle
+from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
+from workers.colocated_worker import ColocatedWorker
+from workers.config import CacheConfig, EngineConfig
+from workers.protocol import GenerateRequest
+from workers.worker_base import WorkerSpec
+
+
+@pytest.fixture(scope="module")
+def worker(tiny_model_dir):
+    spec = WorkerSpec("colocated-0", EngineConfig(model=str(tiny_model_dir), seed=0,
+                                                  cache=CacheConfig(block_size=8, num_blocks=64)))
+    worker = ColocatedWorker(spec)
+    yield worker
+    worker.shutdown()
+
+
+@pytest.fixture()
+def collector():
+    collector = ChunkCollector()
+    yield collector
+    collector.close()
+
+
+def request(rid: str, prompt: list[int], address: str, max_tokens: int = 6) -> GenerateRequest:
+    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
+
+
+def test_greedy_stream_matches_transformers(worker, collector, tiny_model_dir, hf_reference):
+    vocab = worker.ready()["vocab_size"]
+    batch = prompts(4, vocab, seed=1)
+    for i, prompt in enumerate(batch):
+        worker.submit(request(f"r{i}", prompt, collector.address))
+    ids = [f"r{i}" for i in range(len(batch))]
+    collector.wait_finished(ids)
+    model = hf_reference(tiny_model_dir)
+    for rid, prompt in zip(ids, batch, strict=True):
+        assert collector.tokens(rid) == hf_greedy(model, prompt, 6), rid
+        final = collector.final(rid)
+        assert final.finish_reason == "length" and final.num_output_tokens == 6
+    assert worker.free_blocks() == worker.ready()["total_blocks"]
+
+
+def test_bad_prompt_ends_with_typed_error_chunk(worker, collector):
+    worker.submit(request("bad", [10**9], collector.address))
+    collector.wait_finished(["bad"])
+    final = collector.final("bad")
+    assert final.finish_reason == "error" and final.error_type == "UnknownTokenIds"
+
+
+def test_router_core_places_and_aborts_on_local_workers(worker, collector):
+    async def scenario() -> None:
+        core = RouterCore(RouterConfig(block_size=8, poll_interval_s=0.05))
+        core.add_worker("colocated-0", "colocated", LocalHandle(worker))
+        await core.wait_ready(5)
+        core.start()
+        await core.submit(request("long", [5] * 10, collector.address, max_tokens=200))
+        collector.wait_tokens("long", 2)
+        await core.abort("long")
+        collector.wait_finished(["long"], timeout_s=5)
+        assert collector.final("long").finish_reason == "abort"
+        await core.submit(request("short", [5] * 10, collector.address, max_tokens=3))
+        collector.wait_finished(["short"])
+        deadline = time.monotonic() + 5
+        while core.requests and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not core.requests  # the poll reported 'short' finished
+        await core.stop()
+
+    asyncio.run(scenario())
+    assert worker.free_blocks() == worker.ready()["total_blocks"]

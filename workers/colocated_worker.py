@@ -1,0 +1,19 @@
+"""The classic (baseline) worker: prefill and decode of a request on one engine."""
+
+from __future__ import annotations
+
+from workers.protocol import GenerateRequest
+from workers.worker_base import EngineWorker, WorkerSpec
+
+
+class ColocatedWorker(EngineWorker):
+    """Runs whole requests; the router's only worker kind in `--colocated K` mode."""
+
+    role = "colocated"
+
+    def __init__(self, spec: WorkerSpec):
+        super().__init__(spec)
+
+    def submit(self, request: GenerateRequest) -> None:
+        """Queues `request`; its tokens stream to `request.output_address`."""
+        self.call_soon(lambda: self.add_to_engine(request))

@@ -1,0 +1,85 @@
+"""Decode worker: reserves blocks for a request, receives its prompt's KV, decodes the rest.
+
+Flow per request (docs/contracts.md): the router calls `reserve(request)` before any prefill
+starts (NoCapacity: the router tries another decode worker); the answer tells the prefill
+worker where to write. When the KV has landed, the receiver's callback commits the sequence to
+the running batch with the first token (already streamed by the prefill worker); tokens 2..
+stream from here. Abort at any phase frees the reservation or the running sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from workers.errors import TransferFailed
+from workers.kv_endpoint import make_receiver
+from workers.kv_transfer.base import TransferState
+from workers.protocol import GenerateRequest
+from workers.sampling_params import SamplingParams
+from workers.worker_base import EngineWorker, LiveRequest, WorkerSpec
+
+
+class DecodeWorker(EngineWorker):
+    role = "decode"
+
+    def __init__(self, spec: WorkerSpec):
+        super().__init__(spec)
+        self.kv = make_receiver(
+            self.engine, spec.kv_transport, spec.host,
+            on_done=lambda rid, extra: self.call_soon(lambda: self._landed(rid, extra)),
+            on_failed=lambda rid, state, why: self.call_soon(lambda: self._not_landed(
+                rid, state, why)),
+        )
+
+    def reserve(self, request: GenerateRequest) -> dict[str, Any]:
+        """Reserves blocks for the prompt plus token 1; raises NoCapacity (or the engine's
+        typed refusal). Returns where the prefill worker writes: block ids and address."""
+
+        def reserve_now() -> dict[str, Any]:
+            params = SamplingParams.from_dict(request.sampling)
+            block_ids = self.engine.reserve_remote(
+                request.request_id, request.prompt_token_ids, params
+            )
+            self.live[request.request_id] = LiveRequest(request)
+            self.kv.expect(request.request_id, block_ids)
+            return {"worker_id": self.worker_id, "block_ids": list(block_ids),
+                    "kv_address": self.kv.address}
+
+        return self.call(reserve_now)
+
+    def _landed(self, rid: str, extra: dict) -> None:
+        live = self.live.get(rid)
+        if live is None:
+            return  # aborted while the data was in flight
+        now = time.time()
+        live.timings.update(extra.get("timings", {}))
+        # Transfer: from the prefill worker's token 1 to the data landing here (wall clocks of
+        # one host, or NTP-synced hosts), plus the wire time and bytes of the data itself.
+        sent_at = live.timings.pop("prefill_done_at", now)
+        live.timings["transfer"] = max(0.0, now - sent_at)
+        record = self.kv.table.get(rid)
+        if record is not None:
+            live.timings["transfer_wire"] = record.seconds
+            live.timings["transfer_bytes"] = float(record.num_bytes)
+        # Token 1 was streamed by the prefill worker; decode timing starts from it.
+        live.first_token_at = now
+        live.num_output_tokens = 1
+        self.engine.commit_remote(rid, extra["first_token_id"])
+
+    def _not_landed(self, rid: str, state: TransferState, reason: str) -> None:
+        if state is TransferState.FAILED and rid in self.live:
+            self.engine.abort(rid)
+            self.finish_with_error(rid, TransferFailed(rid, reason))
+
+    def final_timings(self, live: LiveRequest, now: float) -> dict[str, float]:
+        timings = dict(live.timings)
+        timings["decode"] = now - (live.first_token_at or now)
+        return timings
+
+    def abort_transfers(self, request_id: str) -> None:
+        self.kv.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.kv.close()
+        super().shutdown()

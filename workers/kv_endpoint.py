@@ -1,0 +1,56 @@
+"""Builds a worker's end of KV transfer (sender on prefill, receiver on decode) from its engine.
+
+The layout handed to the handshake comes from the engine's runner (the caches it allocated),
+so two workers whose configs disagree (block size, dtype, model) refuse each other by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from workers.kv_transfer.base import OnDone, OnFailed
+from workers.kv_transfer.config import TransferConfig
+from workers.kv_transfer.layout import KVLayout
+
+# `--kv-transport` names -> the transfer layer's transports: NCCL and gloo are both the
+# torch.distributed path (the device of the caches picks which); zmq is raw TCP frames.
+_TRANSPORTS = {"auto": "torch", "nccl": "torch", "gloo": "torch", "torch": "torch", "zmq": "zmq"}
+
+
+def transfer_config(kv_transport: str, host: str) -> TransferConfig:
+    if kv_transport not in _TRANSPORTS:
+        raise ValueError(f"unknown kv transport {kv_transport!r}; choose from {list(_TRANSPORTS)}")
+    return TransferConfig(transport=_TRANSPORTS[kv_transport], host=host)
+
+
+def kv_layout(engine) -> KVLayout:
+    """The layout of `engine`'s KV caches (this rank's layers and kv heads)."""
+    runner = engine.runner
+    model = runner.model_config
+    k_cache = runner.kv_caches[0][0]
+    start, end = runner.layer_range
+    return KVLayout(
+        model=Path(runner.config.model).name,
+        dtype=str(k_cache.dtype).removeprefix("torch."),
+        block_size=runner.block_size,
+        num_layers=model.num_layers,
+        num_kv_heads=model.num_kv_heads,
+        head_dim=model.head_dim,
+        layer_start=start,
+        layer_end=end,
+    )
+
+
+def make_sender(engine, kv_transport: str, host: str, sender_id: str,
+                on_done: OnDone, on_failed: OnFailed):
+    from workers.kv_transfer.sender import Sender
+
+    return Sender(kv_layout(engine), engine.runner.kv_caches, transfer_config(kv_transport, host),
+                  on_done=on_done, on_failed=on_failed, sender_id=sender_id)
+
+
+def make_receiver(engine, kv_transport: str, host: str, on_done: OnDone, on_failed: OnFailed):
+    from workers.kv_transfer.receiver import Receiver
+
+    return Receiver(kv_layout(engine), engine.runner.kv_caches,
+                    transfer_config(kv_transport, host), on_done=on_done, on_failed=on_failed)

@@ -1,0 +1,269 @@
+"""A worker: one LLMEngine driven by its own loop thread, streaming outputs over ZMQ.
+
+The engine is not thread-safe, so every engine call runs in the loop thread: public methods
+(called from Ray's actor threads or from a test) post closures to a queue and, where they need
+an answer, wait on a Future. Outputs leave as `OutputChunk`s PUSHed to the request's gateway
+address, never as Ray calls per token. The router learns about finished requests and worker
+health from `poll()`, which doubles as its liveness ping.
+
+Subclasses (`ColocatedWorker`, `PrefillWorker`, `DecodeWorker`) add their role's entry points
+and react to outputs in `on_output`. They run in-process without Ray; `ray.remote(cls)` makes
+the actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.config import EngineConfig
+from workers.engine import LLMEngine
+from workers.errors import KvrelayError
+from workers.output_sender import OutputSender
+from workers.protocol import GenerateRequest, OutputChunk
+from workers.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# How long the idle loop waits on its inbox before checking `_running` again. Commands and
+# KV-transfer callbacks post to the inbox, so they wake it at once.
+_IDLE_WAIT_S = 0.05
+# A command that takes longer than this in the loop thread is a bug (e.g. a deadlock).
+_CALL_TIMEOUT_S = 60.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs, built once by the launcher (per-role copies via replace)."""
+
+    worker_id: str
+    engine: EngineConfig
+    kv_transport: str = "auto"
+    """auto | nccl | gloo | zmq | inproc: how KV moves between prefill and decode workers."""
+    host: str = "127.0.0.1"
+    """Address this worker binds its KV receiver on (reachable by prefill workers)."""
+
+
+@dataclass
+class LiveRequest:
+    """A request this worker currently owns the output stream of."""
+
+    request: GenerateRequest
+    submitted: float = field(default_factory=time.time)
+    first_token_at: float | None = None
+    num_output_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class EngineWorker:
+    """Base of all workers: engine, loop thread, live requests, outputs, events for the router."""
+
+    role = "colocated"
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.worker_id = spec.worker_id
+        # A fresh id per construction lets the router tell a restarted actor from the old one.
+        self.incarnation = uuid.uuid4().hex
+        # The role comes from the worker class, so a spec can never mismatch its worker.
+        self.engine = LLMEngine(dataclasses.replace(spec.engine, role=self.role))
+        self.sender = OutputSender()
+        self.live: dict[str, LiveRequest] = {}
+        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._events: list[tuple[str, str]] = []
+        self._events_lock = threading.Lock()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.worker_id}")
+        self._thread.daemon = True
+        self._thread.start()
+
+    # ---- called from outside the loop thread -------------------------------------------
+
+    def ready(self) -> dict[str, Any]:
+        """Identity and model facts once the engine is loaded (the launcher waits on it)."""
+        config = self.engine.model_config
+        return {
+            "worker_id": self.worker_id,
+            "incarnation": self.incarnation,
+            "role": self.role,
+            "vocab_size": getattr(config, "vocab_size", 0),
+            "total_blocks": self.engine.num_total_blocks,
+            "block_size": self.spec.engine.cache.block_size,
+        }
+
+    def abort(self, request_id: str) -> None:
+        """Ends `request_id` here silently (the router sends the client's final chunk)."""
+        self.call_soon(lambda: self._abort_now(request_id))
+
+    def poll(self) -> dict[str, Any]:
+        """Health ping and news for the router: load, free blocks, requests ended since last."""
+        with self._events_lock:
+            events, self._events = self._events, []
+        return {
+            "worker_id": self.worker_id,
+            "incarnation": self.incarnation,
+            "role": self.role,
+            "alive": self._thread.is_alive(),
+            "free_blocks": self.engine.num_free_blocks,
+            "total_blocks": self.engine.num_total_blocks,
+            "num_live": len(self.live),
+            "events": events,
+        }
+
+    def free_blocks(self) -> int:
+        return self.call(lambda: self.engine.num_free_blocks)
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._thread.join(timeout=5)
+        self.sender.close()
+
+    def call(self, fn: Callable[[], Any], timeout: float = _CALL_TIMEOUT_S) -> Any:
+        """Runs `fn` in the loop thread and returns its result (or raises its error)."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller, not swallowed
+                future.set_exception(exc)
+
+        self._inbox.put(run)
+        return future.result(timeout=timeout)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        self._inbox.put(fn)
+
+    # ---- loop thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while self._running:
+            self._drain_inbox(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed step must not kill the worker silently
+                log.error("engine step failed on %s:\n%s", self.worker_id, traceback.format_exc())
+                self._fail_all(exc)
+                continue
+            for output in outputs:
+                if output.request_id in self.live:
+                    self.on_output(output)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            fn = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn()
+            try:
+                fn = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def add_to_engine(self, request: GenerateRequest) -> bool:
+        """Admits `request` to the engine; a typed refusal ends it with an error chunk."""
+        try:
+            params = SamplingParams.from_dict(request.sampling)
+            self.live[request.request_id] = LiveRequest(request)
+            self.engine.add_request(
+                request.request_id, request.prompt_token_ids, params, request.priority
+            )
+        except KvrelayError as exc:
+            self.finish_with_error(request.request_id, exc, request)
+            return False
+        return True
+
+    def on_output(self, output: Any) -> None:
+        """Streams one RequestOutput; subclasses intercept their role's special outputs."""
+        self.stream(output)
+
+    def stream(self, output: Any, finished: bool | None = None) -> None:
+        """Sends the new tokens of `output`; ends the request if it finished."""
+        live = self.live[output.request_id]
+        now = time.time()
+        if output.new_token_ids and live.first_token_at is None:
+            live.first_token_at = now
+        live.num_output_tokens += len(output.new_token_ids)
+        done = output.finished if finished is None else finished
+        chunk = OutputChunk(
+            request_id=output.request_id,
+            new_token_ids=list(output.new_token_ids),
+            text_delta=output.text_delta or "",
+            finished=done,
+            finish_reason=output.finish_reason if done else None,
+            logprobs=output.logprobs,
+            num_prompt_tokens=output.num_prompt_tokens,
+            num_output_tokens=live.num_output_tokens,
+            worker_id=self.worker_id,
+        )
+        if done:
+            chunk.timings = self.final_timings(live, now)
+            self.end(output.request_id, "finished")
+        self.sender.send(live.request.output_address, chunk)
+
+    def final_timings(self, live: LiveRequest, now: float) -> dict[str, float]:
+        first = live.first_token_at or now
+        timings = dict(live.timings)
+        timings.setdefault("queue", max(0.0, live.submitted - live.request.arrival_time))
+        timings.setdefault("prefill", first - live.submitted)
+        timings["decode"] = now - first
+        return timings
+
+    def finish_with_error(
+        self, request_id: str, exc: BaseException, request: GenerateRequest | None = None
+    ) -> None:
+        """Ends a request with one error chunk naming the typed error."""
+        live = self.live.get(request_id)
+        request = request or (live.request if live else None)
+        if request is None:
+            return
+        self.end(request_id, "failed")
+        self.sender.send(
+            request.output_address,
+            OutputChunk(
+                request_id=request_id,
+                finished=True,
+                finish_reason="error",
+                error=str(exc),
+                error_type=type(exc).__name__,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                worker_id=self.worker_id,
+            ),
+        )
+
+    def end(self, request_id: str, event: str) -> None:
+        """Forgets a request here and tells the router (via poll) how it ended."""
+        self.live.pop(request_id, None)
+        self.note(request_id, event)
+
+    def note(self, request_id: str, event: str) -> None:
+        """Queues news about a request for the router's next poll."""
+        with self._events_lock:
+            self._events.append((request_id, event))
+
+    def _abort_now(self, request_id: str) -> None:
+        self.abort_transfers(request_id)
+        self.engine.abort(request_id)
+        self.live.pop(request_id, None)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id in list(self.live):
+            self.engine.abort(request_id)
+            self.finish_with_error(request_id, exc)
+
+    # ---- KV transfer hook (prefill/decode workers override) -----------------------------
+
+    def abort_transfers(self, request_id: str) -> None:
+        """Stops any transfer of `request_id` before its blocks are freed."""
