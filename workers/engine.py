@@ -1,0 +1,289 @@
+"""`LLMEngine`: one worker's engine — scheduler, model runner, sampler, stop checks.
+
+`step()` is three calls (nano-vllm): `scheduler.schedule()` -> `runner.execute(step)` ->
+sample + `scheduler.postprocess`, then each sampled sequence is checked for a stop and
+reported as a `RequestOutput`. The public surface is the "Engine API" of docs/contracts.md,
+which the cluster's worker actors call; everything here runs in-process without Ray.
+
+Disaggregation (EngineConfig.role): a prefill-role engine ends a request after its first
+token with finish_reason 'prefill_done' and holds its blocks until `release`; a
+decode-role engine `reserve_remote`s blocks before the prefill starts and `commit_remote`s
+the sequence once the prompt's KV has landed in them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+
+import torch
+
+from workers.block_pool import BlockPool, blocks_for
+from workers.config import EngineConfig
+from workers.errors import (
+    DuplicateRequest,
+    EmptyPrompt,
+    InvalidParameter,
+    NoCapacity,
+    PromptTooLong,
+    UnknownRequest,
+    UnknownTokenIds,
+)
+from workers.model_runner import ModelRunner
+from workers.outputs import RequestMetrics, RequestOutput
+from workers.parallel import ParallelContext
+from workers.request_text import RequestText, load_tokenizer
+from workers.sampler import Sampler, SamplingRow
+from workers.sampling_params import SamplingParams
+from workers.scheduler import ScheduledBatch, Scheduler
+from workers.sequence import Sequence, SequenceStatus, SequenceTimes
+from workers.stop_checker import StopChecker
+
+
+class LLMEngine:
+    """Owns one ModelRunner and the request state around it. Not thread-safe: one caller
+    (the worker's loop thread) drives add_request/step/abort."""
+
+    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
+        self.config = config
+        self.runner = ModelRunner(config, parallel)
+        self.model_config = self.runner.model_config
+        self.tokenizer = load_tokenizer(config)
+        self.pool = BlockPool(self.runner.num_blocks, self.runner.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.pool)
+        self.sampler = Sampler(self.runner.device, seed=config.seed)
+        # A sequence can never outgrow the whole pool, so that is a context limit too.
+        pool_tokens = self.pool.num_blocks * self.pool.block_size
+        self.max_model_len = min(self.runner.max_model_len, pool_tokens)
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
+        self.stop_checker = StopChecker(tuple(eos), self.max_model_len)
+        self._seqs: dict[str, Sequence] = {}
+        self._texts: dict[str, RequestText] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._arrivals = itertools.count()
+        self._generate_ids = itertools.count()
+
+    # ---- pool facts (leak tests, KV-aware routing) ---------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.runner.kv_caches
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> None:
+        """Queues a request. Raises a typed error (nothing is queued) for bad input."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, priority)
+        self._admit(seq)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Ends a request in any phase (waiting, running, reserved, held) and frees its
+        blocks. Unknown or already finished ids are ignored."""
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return
+        self.scheduler.remove(seq)
+        self._finish(seq, "abort", free_blocks=True)
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled batch; returns an output per sequence that sampled a token."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.times.first_scheduled is None:
+                seq.times.first_scheduled = now
+        token_ids, logprobs = self._sample(batch)
+        self.scheduler.postprocess(batch, token_ids)
+        return [
+            self._after_token(seq, logprob)
+            for seq, logprob in zip(batch.sampled, logprobs, strict=True)
+        ]
+
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[list[int]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Runs prompts (text or token ids) to completion; final outputs in prompt order."""
+        params = params or SamplingParams()
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
+        ids = []
+        for prompt, prompt_params in zip(prompts, per_prompt, strict=True):
+            request_id = f"generate-{next(self._generate_ids)}"
+            token_ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
+            self.add_request(request_id, token_ids, prompt_params)
+            ids.append(request_id)
+        finals: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            finals.update({o.request_id: o for o in self.step() if o.finished})
+        return [finals[request_id] for request_id in ids]
+
+    # ---- disaggregation hooks -------------------------------------------------------------
+
+    def held_block_ids(self, request_id: str) -> list[int]:
+        """Prefill role: the blocks holding a prefill_done request's prompt KV, in order."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.HELD:
+            raise UnknownRequest(request_id)
+        return list(seq.block_table)
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: frees a held request's blocks once its KV transfer is done or
+        failed. Idempotent, like abort."""
+        self.abort(request_id)
+
+    def reserve_remote(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> list[int]:
+        """Decode role: allocates blocks for the prompt plus the first token's slot and
+        returns their ids (the prefill worker writes the prompt's KV there). Raises
+        NoCapacity when the pool is short, or the typed input errors of add_request."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, priority=0)
+        needed = blocks_for(seq.num_prompt_tokens + 1, self.pool.block_size)
+        if not self.pool.can_allocate(needed):
+            raise NoCapacity(needed_blocks=needed, free_blocks=self.pool.num_free)
+        self._admit(seq)
+        self.pool.grow(seq.block_table, seq.num_prompt_tokens + 1)
+        seq.status = SequenceStatus.RESERVED
+        return list(seq.block_table)
+
+    def commit_remote(self, request_id: str, first_token_id: int) -> None:
+        """Decode role: the prompt's KV is in the reserved blocks; the sequence joins the
+        running batch and its next step decodes from `first_token_id`."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.RESERVED:
+            raise UnknownRequest(request_id)
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise UnknownTokenIds([first_token_id], self.model_config.vocab_size)
+        now = time.monotonic()
+        seq.times.first_scheduled = seq.times.first_token = now
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.output_token_ids.append(first_token_id)
+        text = self._texts.get(request_id)
+        if text is not None:
+            text.add(first_token_id)
+            text.mark_sent()  # the prefill worker already streamed token 1's text
+        self.scheduler.join_running(seq)
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _new_sequence(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int
+    ) -> Sequence:
+        """Validates a request (raising typed errors, changing nothing) into a Sequence."""
+        if request_id in self._seqs:
+            raise DuplicateRequest(request_id)
+        if not prompt_token_ids:
+            raise EmptyPrompt()
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise UnknownTokenIds(bad, vocab)
+        if len(prompt_token_ids) > self.max_model_len:
+            raise PromptTooLong(length=len(prompt_token_ids), max=self.max_model_len)
+        if params.stop and self.tokenizer is None:
+            raise InvalidParameter("stop", "stop strings need a tokenizer; this model has none")
+        return Sequence(
+            seq_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            arrival_index=next(self._arrivals),
+            times=SequenceTimes(arrival=time.monotonic()),
+            priority=priority,
+        )
+
+    def _admit(self, seq: Sequence) -> None:
+        self._seqs[seq.seq_id] = seq
+        if self.tokenizer is not None:
+            self._texts[seq.seq_id] = RequestText(self.tokenizer, seq)
+        if seq.params.seed is not None:
+            generator = torch.Generator(device=self.runner.device)
+            self._generators[seq.seq_id] = generator.manual_seed(seq.params.seed)
+
+    def _sample(self, batch: ScheduledBatch) -> tuple[list[int], list[dict | None]]:
+        logits = self.runner.execute(batch.step)
+        if not batch.sampled:
+            return [], []
+        rows = [
+            SamplingRow(
+                params=seq.params,
+                prompt_token_ids=seq.prompt_token_ids,
+                output_token_ids=seq.output_token_ids,
+                generator=self._generators.get(seq.seq_id),
+                banned_token_ids=self.stop_checker.banned_token_ids(seq),
+            )
+            for seq in batch.sampled
+        ]
+        out = self.sampler(logits, rows)
+        return out.token_ids, out.logprobs
+
+    def _after_token(self, seq: Sequence, logprob: dict | None) -> RequestOutput:
+        """Stop checks, text, and the role's finish rule for a sequence's newest token."""
+        if seq.times.first_token is None:
+            seq.times.first_token = time.monotonic()
+        text = self._texts.get(seq.seq_id)
+        previous_len = len(text.text) if text else 0
+        if text is not None:
+            text.add(seq.output_token_ids[-1])
+        decision = self.stop_checker.check(seq, text.text if text else "", previous_len)
+        reason = decision.finish_reason
+        if reason is None and self.config.role == "prefill":
+            reason = "prefill_done"
+        if text is not None:
+            text.cut(len(decision.text))
+        delta = text.take_delta(finished=reason is not None) if text else ""
+        sent_text = text.sent_text if text else ""
+        if reason is not None:
+            self.scheduler.remove(seq)
+            self._finish(seq, reason, free_blocks=reason != "prefill_done")
+        return RequestOutput(
+            request_id=seq.seq_id,
+            new_token_ids=[seq.output_token_ids[-1]],
+            token_ids=list(seq.output_token_ids),
+            text_delta=delta,
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            text=sent_text,
+            logprobs=[logprob] if logprob is not None else None,
+            metrics=RequestMetrics.from_times(seq.times, time.monotonic(), seq.num_preemptions),
+        )
+
+    def _finish(self, seq: Sequence, reason: str, free_blocks: bool) -> None:
+        seq.finish_reason = reason
+        seq.times.finished = time.monotonic()
+        self._texts.pop(seq.seq_id, None)
+        self._generators.pop(seq.seq_id, None)
+        if free_blocks:
+            self.pool.release(seq.block_table)
+            seq.status = SequenceStatus.FINISHED
+            self._seqs.pop(seq.seq_id, None)
+        else:
+            seq.status = SequenceStatus.HELD
+
+    def _encode(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidParameter("prompt", "text prompts need a tokenizer; this model has none")
+        return self.tokenizer.encode(prompt)
+

@@ -1,0 +1,55 @@
+"""What the engine reports about a request after each step (docs/contracts.md, Engine API)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.sequence import SequenceTimes
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Seconds spent per phase of one request (monotonic clock), plus how often it was
+    preempted. queue: arrival -> first scheduled; prefill: first scheduled -> first token;
+    decode: first token -> finish (0 until finished)."""
+
+    queue: float = 0.0
+    prefill: float = 0.0
+    decode: float = 0.0
+    num_preemptions: int = 0
+
+    @classmethod
+    def from_times(cls, times: SequenceTimes, now: float, num_preemptions: int) -> RequestMetrics:
+        scheduled = times.first_scheduled if times.first_scheduled is not None else now
+        first_token = times.first_token if times.first_token is not None else now
+        finished = times.finished if times.finished is not None else first_token
+        return cls(
+            queue=scheduled - times.arrival,
+            prefill=max(first_token - scheduled, 0.0),
+            decode=max(finished - first_token, 0.0),
+            num_preemptions=num_preemptions,
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        return {"queue": self.queue, "prefill": self.prefill, "decode": self.decode}
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    """Tokens sampled this step (usually one; none for an abort or error output)."""
+    token_ids: list[int]
+    """Every token generated so far."""
+    text_delta: str
+    """New text since the previous output; the deltas concatenate to `text`."""
+    finished: bool
+    finish_reason: str | None
+    """'stop' | 'length' | 'abort' | 'error' | 'prefill_done' | None."""
+    num_prompt_tokens: int
+    text: str = ""
+    """The text streamed so far (the final text once finished)."""
+    logprobs: list[dict[str, Any]] | None = None
+    """Per new token: {'token_id', 'logprob', 'top': [[token_id, logprob], ...]}."""
+    metrics: RequestMetrics = field(default_factory=RequestMetrics)
