@@ -20,6 +20,8 @@ class ClusterConfig:
     engine: EngineConfig
     model_name: str
     """The name clients put in `model` (OpenAI API)."""
+    name: str = "kvrelay"
+    """Prefix of this cluster's actor names (several clusters can share one Ray)."""
     num_prefill: int = 1
     num_decode: int = 1
     num_colocated: int = 0

@@ -14,7 +14,7 @@ import ray
 import torch
 
 from cluster.config import ClusterConfig
-from router.router import NAMESPACE, ROUTER_NAME, Router
+from router.router import NAMESPACE, ROUTER_SUFFIX, Router
 from workers.colocated_worker import ColocatedWorker
 from workers.decode_worker import DecodeWorker
 from workers.prefill_worker import PrefillWorker
@@ -36,7 +36,14 @@ class Cluster:
     router: Any
     workers: dict[str, Any]
     """worker_id -> actor handle."""
+    infos: dict[str, dict]
+    """worker_id -> its `ready()` answer (block counts, vocab, max_model_len)."""
     started_ray: bool
+
+    @property
+    def max_model_len(self) -> int:
+        """The longest request every worker can hold."""
+        return min(info["max_model_len"] for info in self.infos.values())
 
     def shutdown(self) -> None:
         """Kills this cluster's actors (and Ray, if this process started it)."""
@@ -82,19 +89,19 @@ def worker_spec(config: ClusterConfig, worker_id: str) -> WorkerSpec:
                       kv_transport=config.kv_transport, host=config.host)
 
 
-def start_workers(config: ClusterConfig) -> dict[str, Any]:
+def start_workers(config: ClusterConfig) -> tuple[dict[str, Any], dict[str, dict]]:
     """Creates every worker actor and waits until each has loaded its engine."""
     actors = {}
     for worker_id, role in config.worker_roles():
         cls = ray.remote(WORKER_CLASSES[role])
-        options = worker_options(config, f"kvrelay-{worker_id}")
+        options = worker_options(config, f"{config.name}-{worker_id}")
         actors[worker_id] = cls.options(**options).remote(worker_spec(config, worker_id))
     infos = ray.get([a.ready.remote() for a in actors.values()],
                     timeout=config.startup_timeout_s)
     for info in infos:
         log.info("worker %s ready: %d KV blocks of %d tokens", info["worker_id"],
                  info["total_blocks"], info["block_size"])
-    return actors
+    return actors, {info["worker_id"]: info for info in infos}
 
 
 def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
@@ -103,7 +110,7 @@ def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
     members = [(wid, roles[wid], actor) for wid, actor in workers.items()]
     router_cls = ray.remote(Router)
     router = router_cls.options(
-        name=ROUTER_NAME, namespace=NAMESPACE, num_cpus=0,
+        name=f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
         max_concurrency=_ROUTER_CONCURRENCY,
     ).remote(config.router, members)
     health = ray.get(router.start.remote(config.startup_timeout_s),
@@ -115,6 +122,6 @@ def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
 def launch(config: ClusterConfig, num_cpus: int | None = None) -> Cluster:
     """Starts (or joins) Ray, the workers and the router; returns their handles."""
     started = connect_ray(config, num_cpus)
-    workers = start_workers(config)
+    workers, infos = start_workers(config)
     router = start_router(config, workers)
-    return Cluster(config, router, workers, started)
+    return Cluster(config, router, workers, infos, started)

@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
     config = build_config(args)
     cluster = launch(config)
     try:
-        app = build_app(config, cluster.router)
+        app = build_app(config, cluster.router, cluster.max_model_len)
         print(describe(config), flush=True)
         uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     finally:

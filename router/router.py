@@ -1,6 +1,6 @@
 """The Router Ray actor (a thin async wrapper over RouterCore) and the gateway's Backend on it.
 
-One named actor per cluster (`ROUTER_NAME` in namespace `NAMESPACE`): the gateway calls
+One named actor per cluster (`<cluster name>-router` in namespace `NAMESPACE`): the gateway calls
 `submit` / `abort` on it, workers never do (their outputs go straight to the gateway over ZMQ).
 `RayBackend` is what `router.gateway.create_app` talks to in a Ray deployment.
 """
@@ -17,7 +17,7 @@ from router.worker_handle import RayHandle
 from workers.protocol import GenerateRequest
 
 NAMESPACE = "kvrelay"
-ROUTER_NAME = "kvrelay-router"
+ROUTER_SUFFIX = "router"
 
 
 class Router:

@@ -95,7 +95,8 @@ class EngineWorker:
             "worker_id": self.worker_id,
             "incarnation": self.incarnation,
             "role": self.role,
-            "vocab_size": getattr(config, "vocab_size", 0),
+            "vocab_size": config.vocab_size,
+            "max_model_len": self.engine.max_model_len,
             "total_blocks": self.engine.num_total_blocks,
             "block_size": self.spec.engine.cache.block_size,
         }

@@ -1,0 +1,101 @@
+"""PrefillWorker + DecodeWorker in-process (no Ray) under a RouterCore: greedy output equals
+transformers' over the gloo and ZMQ KV paths, blocks return on both workers, and a pair whose
+block sizes differ is refused at the handshake with an error naming the field."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from router.router_core import RouterConfig, RouterCore
+from router.worker_handle import LocalHandle
+from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
+from workers.config import CacheConfig, EngineConfig
+from workers.decode_worker import DecodeWorker
+from workers.prefill_worker import PrefillWorker
+from workers.protocol import GenerateRequest
+from workers.worker_base import WorkerSpec
+
+
+def make_spec(model_dir, worker_id: str, transport: str, block_size: int = 8) -> WorkerSpec:
+    engine = EngineConfig(model=str(model_dir), cache=CacheConfig(block_size=block_size,
+                                                                  num_blocks=64))
+    return WorkerSpec(worker_id, engine, kv_transport=transport)
+
+
+def request(rid: str, prompt: list[int], address: str, max_tokens: int) -> GenerateRequest:
+    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
+
+
+async def run_requests(prefill, decode, collector, reqs, block_size=8) -> RouterCore:
+    core = RouterCore(RouterConfig(block_size=block_size, poll_interval_s=0.05))
+    core.add_worker("prefill-0", "prefill", LocalHandle(prefill))
+    core.add_worker("decode-0", "decode", LocalHandle(decode))
+    await core.wait_ready(10)
+    core.start()
+    await asyncio.gather(*(core.submit(r) for r in reqs))
+    ids = [r.request_id for r in reqs]
+    await asyncio.to_thread(collector.wait_finished, ids, 120)
+    deadline = time.monotonic() + 5
+    while core.requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await core.stop()
+    return core
+
+
+@pytest.fixture()
+def collector():
+    collector = ChunkCollector()
+    yield collector
+    collector.close()
+
+
+@pytest.mark.parametrize("transport", ["gloo", "zmq"])
+def test_disaggregated_greedy_matches_transformers(transport, tiny_model_dir, hf_reference,
+                                                   collector):
+    prefill = PrefillWorker(make_spec(tiny_model_dir, "prefill-0", transport))
+    decode = DecodeWorker(make_spec(tiny_model_dir, "decode-0", transport))
+    try:
+        vocab = prefill.ready()["vocab_size"]
+        batch = prompts(5, vocab, seed=2)
+        lengths = [1, 2, 5, 7, 9]  # max_tokens 1: the request ends on the prefill worker
+        reqs = [request(f"{transport}-{i}", p, collector.address, n)
+                for i, (p, n) in enumerate(zip(batch, lengths, strict=True))]
+        core = asyncio.run(run_requests(prefill, decode, collector, reqs))
+        model = hf_reference(tiny_model_dir)
+        for req, prompt, n in zip(reqs, batch, lengths, strict=True):
+            assert collector.tokens(req.request_id) == hf_greedy(model, prompt, n)
+            final = collector.final(req.request_id)
+            assert final.finish_reason == "length" and final.num_output_tokens == n
+        timed = collector.final(reqs[-1].request_id).timings
+        assert timed["transfer_bytes"] > 0 and timed["transfer"] >= 0
+        assert not core.requests
+        assert prefill.free_blocks() == prefill.ready()["total_blocks"]
+        assert decode.free_blocks() == decode.ready()["total_blocks"]
+        path = next(iter(prefill.transfer_paths().values()))
+        assert path["path"] == transport and path["gbps"] > 0
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+
+
+def test_block_size_mismatch_is_refused_naming_the_field(tiny_model_dir, collector):
+    prefill = PrefillWorker(make_spec(tiny_model_dir, "prefill-0", "zmq", block_size=16))
+    decode = DecodeWorker(make_spec(tiny_model_dir, "decode-0", "zmq", block_size=8))
+    try:
+        reqs = [request("mismatch", [5, 6, 7, 8], collector.address, 4)]
+        asyncio.run(run_requests(prefill, decode, collector, reqs, block_size=8))
+        final = collector.final("mismatch")
+        assert final.finish_reason == "error"
+        assert "block_size" in final.error and "16" in final.error and "8" in final.error
+        assert prefill.free_blocks() == prefill.ready()["total_blocks"]
+        deadline = time.monotonic() + 5
+        while decode.free_blocks() != decode.ready()["total_blocks"]:
+            assert time.monotonic() < deadline, "decode reservation not freed"
+            time.sleep(0.05)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
