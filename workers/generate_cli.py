@@ -1,0 +1,74 @@
+"""`kvrelay generate`: offline generation on one in-process engine; prints the completion.
+
+    kvrelay generate --model DIR --prompt TEXT --max-tokens N --temperature T [--seed S]
+
+Only the completion text goes to stdout (so it pipes); errors go to stderr with exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from workers.config import CacheConfig, EngineConfig
+from workers.errors import KvrelayError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvrelay generate", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    parser.add_argument("--num-blocks", type=int, default=None, help="fix the KV pool size")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    # Imported here so `--help` stays fast (torch loads with the engine).
+    from workers.engine import LLMEngine
+    from workers.sampling_params import SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=tuple(args.stop),
+        )
+        config = EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            attention_backend=args.attention_backend,
+            seed=args.seed or 0,
+            cache=CacheConfig(num_blocks=args.num_blocks),
+        )
+        engine = LLMEngine(config)
+        prompt = args.prompt
+        if args.chat:
+            text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+            prompt = engine.tokenizer.encode(text, add_special_tokens=False)
+        (output,) = engine.generate([prompt], params)
+    except KvrelayError as error:
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    sys.stdout.write(output.text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
