@@ -3,18 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from kv_peer_process import random_caches
 
 from workers.kv_transfer import KVLayout
-
-
-def random_caches(layout: KVLayout, num_blocks: int, seed: int, device: str = "cpu"):
-    """One (K, V) per owned layer, `[num_blocks, block_size, owned kv heads, head_dim]`."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (num_blocks, layout.block_size, len(layout.kv_heads), layout.head_dim)
-    dtype = getattr(torch, layout.dtype)
-    return [tuple(torch.randn(shape, generator=gen).to(dtype).to(device) for _ in range(2))
-            for _ in layout.layers]
 
 
 @pytest.fixture

@@ -1,0 +1,45 @@
+"""A KV Receiver in its own process, driven over a multiprocessing pipe (test helper).
+
+Lets tests put the two ends of a pair in two real processes, and pause the receiver's
+process (SIGSTOP) to make a transfer hang for real.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.kv_transfer import KVLayout, Receiver, TransferConfig
+
+
+def random_caches(layout: KVLayout, num_blocks: int, seed: int, device: str = "cpu"):
+    """One (K, V) per owned layer, `[num_blocks, block_size, owned kv heads, head_dim]`."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, layout.block_size, len(layout.kv_heads), layout.head_dim)
+    dtype = getattr(torch, layout.dtype)
+    return [tuple(torch.randn(shape, generator=gen).to(dtype).to(device) for _ in range(2))
+            for _ in layout.layers]
+
+
+def serve_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks: int,
+                   seed: int) -> None:
+    """Child main: answers ('expect', rid, ids, timeout), ('wait', rid, timeout),
+    ('blocks', ids) and ('close',) until closed."""
+    layout = KVLayout.from_dict(layout_fields)
+    caches = random_caches(layout, num_blocks, seed)
+    receiver = Receiver(layout, caches, config)
+    conn.send(receiver.address)
+    while True:
+        command, *args = conn.recv()
+        if command == "expect":
+            receiver.expect(*args)
+            conn.send(None)
+        elif command == "wait":
+            state = receiver.wait(*args)
+            record = receiver.table.get(args[0])
+            conn.send((state.value if state else None, record.reason if record else ""))
+        elif command == "blocks":
+            conn.send([(k[args[0]].clone(), v[args[0]].clone()) for k, v in caches])
+        elif command == "close":
+            receiver.close()
+            conn.send(None)
+            return

@@ -1,0 +1,93 @@
+"""The two ends of a pair in two real processes (gloo and ZMQ over loopback), including a
+receiver whose process is paused mid-transfer (SIGSTOP): the sender fails within its deadline,
+the receiver's side ends by its own (a recv on the torn-down group fails), and the pair
+recovers for the next transfer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from kv_peer_process import random_caches, serve_receiver
+
+from workers.kv_transfer import Sender, TransferConfig, TransferState
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGSTOP")
+
+
+class PeerProcess:
+    def __init__(self, layout, config, num_blocks, seed):
+        ctx = mp.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=serve_receiver, daemon=True,
+                                   args=(child_conn, layout.to_dict(), config, num_blocks, seed))
+        self.process.start()
+        self.address = self.conn.recv()
+
+    def call(self, *command):
+        self.conn.send(command)
+        return self.conn.recv()
+
+    def close(self):
+        os.kill(self.process.pid, signal.SIGCONT)
+        if self.process.is_alive():
+            self.call("close")
+        self.process.join(10)
+
+
+@pytest.fixture(params=["torch", "zmq"])
+def peer(request, layout):
+    config = TransferConfig(transport=request.param, probe_bytes=1 << 16, timeout_s=10)
+    process = PeerProcess(layout, config, num_blocks=8, seed=2)
+    yield process, config
+    process.close()
+
+
+def _assert_landed(peer, src, src_ids, dst_ids):
+    for (sk, sv), (dk, dv) in zip(src, peer.call("blocks", dst_ids), strict=True):
+        assert torch.equal(dk.view(torch.int16), sk[src_ids].view(torch.int16))
+        assert torch.equal(dv.view(torch.int16), sv[src_ids].view(torch.int16))
+
+
+def test_paused_receiver_fails_within_deadline_and_pair_recovers(peer, layout):
+    process, config = peer
+    src = random_caches(layout, 8, seed=1)
+    sender = Sender(layout, src, config)
+    try:
+        process.call("expect", "r0", [5, 2, 7], 10)
+        sender.send("r0", process.address, [1, 6], [5, 2, 7], num_tokens=7)
+        assert sender.wait("r0", 20) is TransferState.DONE
+        assert process.call("wait", "r0", 5)[0] == "done"
+        _assert_landed(process, src, [1, 6], [5, 2])
+
+        process.call("expect", "r1", [0, 1], 3.0)
+        os.kill(process.process.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        sender.send("r1", process.address, [3, 4], [0, 1], timeout_s=0.5)
+        sender.send("r2", process.address, [3], [6], timeout_s=5)  # queued behind r1
+        sender.abort("r2")
+        assert sender.state("r2") is TransferState.ABORTED and not sender.in_flight("r2")
+        assert sender.wait("r1", 5) is TransferState.FAILED
+        assert time.monotonic() - start < 0.5 + 0.5
+        assert "timeout" in sender.table.get("r1").reason.lower()
+        os.kill(process.process.pid, signal.SIGCONT)
+
+        # The receiver's half of r1 cannot hang: it ends by its own 3 s deadline.
+        state, reason = process.call("wait", "r1", 6)
+        if config.transport == "torch":  # its recv waited on a group the sender tore down
+            assert state == "failed", reason
+        else:  # the frame had reached the paused process's socket whole: it lands intact
+            assert state == "done", reason
+            _assert_landed(process, src, [3, 4], [0, 1])
+        process.call("expect", "r3", [3, 4], 10)
+        sender.send("r3", process.address, [0, 7], [3, 4])
+        assert sender.wait("r3", 20) is TransferState.DONE, sender.table.get("r3").reason
+        _assert_landed(process, src, [0, 7], [3, 4])
+    finally:
+        sender.close()
