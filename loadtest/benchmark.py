@@ -27,8 +27,12 @@ class Outputs:
     plots: list[Path]
 
 
-def run_meta(config: RunConfig, workload: Workload, slos: tuple[SLO, ...]) -> dict[str, Any]:
-    """How the run was made, as plain data for the JSON document and the markdown title."""
+def run_meta(config: RunConfig, workload: Workload, slos: tuple[SLO, ...],
+             source: str | None = None) -> dict[str, Any]:
+    """How the run was made, as plain data for the JSON document and the markdown title.
+
+    `source`: the prompts or trace file the workload came from.
+    """
     arrival = dataclasses.asdict(config.arrival)
     arrival["rate"] = str(arrival["rate"]) if arrival["rate"] == float("inf") else arrival["rate"]
     wl = workload.config
@@ -42,7 +46,7 @@ def run_meta(config: RunConfig, workload: Workload, slos: tuple[SLO, ...]) -> di
         "arrival": arrival,
         "workload": {"kind": wl.kind, "input_len": _length(wl.input_len),
                      "output_len": _length(wl.output_len),
-                     "shared_prefix_len": wl.shared_prefix_len, "prompts_file": wl.prompts_file},
+                     "shared_prefix_len": wl.shared_prefix_len, "source": source},
         "num_requests": config.num_requests,
         "duration_s": config.duration_s,
         "global_timeout_s": config.global_timeout_s,
@@ -57,13 +61,13 @@ def _length(rng) -> str:
 
 def benchmark(config: RunConfig, workload: Workload, slos: tuple[SLO, ...], out_dir: Path,
               trace_times: list[float] | None = None, progress: bool = True,
-              label: str = "requests") -> tuple[RunDocument, Outputs]:
+              label: str = "requests", source: str | None = None) -> tuple[RunDocument, Outputs]:
     """Run once and write its files into out_dir; returns the document and the file paths."""
     total = min(n for n in (config.num_requests, workload.size, 10**12) if n is not None)
     with progress_bar(None if total == 10**12 else total, label, progress) as on_done:
         result = run(config, workload, trace_times, on_done)
     summary = summarize(result.records, result.duration_s, slos)
-    meta = {**run_meta(config, workload, slos), "started_at": result.started_at}
+    meta = {**run_meta(config, workload, slos, source), "started_at": result.started_at}
     doc = RunDocument(meta, summary, result.records)
     table = markdown_run(meta, summary)
     markdown = out_dir / "summary.md"

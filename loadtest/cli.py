@@ -129,7 +129,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config, slos = build_run_config(args), tuple(parse_slo(s) for s in args.slo)
     workload, trace_times = _workload(args)
     doc, outputs = benchmark(config, workload, slos, _out_dir(args), trace_times,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress,
+                             source=args.trace_file or args.prompts_file)
     print(outputs.markdown.read_text())
     print(f"wrote {outputs.json}, {outputs.markdown}, " + ", ".join(map(str, outputs.plots)))
     return 0
@@ -151,7 +152,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     config, slos = build_run_config(args), tuple(parse_slo(s) for s in args.slo)
     workload, _ = _workload(args)
     result = run_sweep(config, workload, axis, loads, slos, args.target_attainment,
-                       _out_dir(args), progress=not args.no_progress)
+                       _out_dir(args), progress=not args.no_progress, source=args.prompts_file)
     print(markdown_sweep(result))
     return 0
 

@@ -40,7 +40,9 @@ def plot_latency_cdfs(records: Sequence[RequestRecord], path: Path) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (title, values) in zip(axes.flat, series.items(), strict=True):
         _cdf(ax, values, f"{title} CDF")
-    fig.tight_layout()
+    # Fixed margins: tight_layout would draw the figure twice, and plotting is most of a
+    # short run's wall time on a busy CPU.
+    fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.95, wspace=0.25, hspace=0.35)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -58,7 +60,7 @@ def _percentile_lines(xs: list[float], summaries: list[Summary], metric: str, xl
     ax.set_title(f"{metric.upper()} vs {xlabel}")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.95, bottom=0.12, top=0.92)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
@@ -78,7 +80,7 @@ def _goodput(xs: list[float], summaries: list[Summary], xlabel: str, path: Path)
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="best")
     ax.set_title(f"goodput vs {xlabel}")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.88, bottom=0.12, top=0.92)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -65,7 +65,10 @@ def _describe(meta: dict[str, Any]) -> str:
         load += f" burstiness={arrival.get('burstiness')}"
     if arrival.get("concurrency"):
         load += f" concurrency={arrival.get('concurrency')}"
-    work = f"{workload.get('kind')} in={workload.get('input_len')} out={workload.get('output_len')}"
+    kind, out = workload.get("kind"), workload.get("output_len")
+    work = f"{kind} in={workload.get('input_len')} out={out}"
+    if kind in ("file", "trace"):
+        work = f"{kind} {workload.get('source')} (out={out} where the file has none)"
     if workload.get("shared_prefix_len"):
         work += f" prefix={workload['shared_prefix_len']}"
     return f"load: {load}; workload: {work}"
