@@ -3,6 +3,7 @@ full prompts, chunked prefill through a shuffled paged cache, decode steps, batc
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -22,9 +23,19 @@ NUM_BLOCKS = 24
 ATOL = 1e-4
 
 
-def make_runner(model_dir, **kwargs) -> ModelRunner:
+TRITON_RUNS = os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+def make_runner(model_dir, backend: str = "torch", device: str = "cpu", **kwargs) -> ModelRunner:
     cache = CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS)
-    return ModelRunner(EngineConfig(model=str(model_dir), device="cpu", cache=cache), **kwargs)
+    config = EngineConfig(
+        model=str(model_dir),
+        device=device,
+        dtype="float32",
+        attention_backend=backend,
+        cache=cache,
+    )
+    return ModelRunner(config, **kwargs)
 
 
 def random_prompt(length: int, vocab: int, seed: int = 0) -> list[int]:
@@ -77,6 +88,25 @@ def test_greedy_decode_steps_match_transformers(variant, make_model_dir, hf_refe
         torch.testing.assert_close(logits[0], hf_logits(reference, tokens)[-1], atol=ATOL, rtol=0)
         tokens = tokens + [int(logits[0].argmax())]
         logits = runner.execute(make_step([(tokens, 1, table)], BLOCK_SIZE))
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("variant", ["llama", "qwen3"])
+def test_triton_backend_matches_transformers_chunked_and_decode(
+    variant, make_model_dir, hf_reference, make_step
+):
+    folder = make_model_dir(variant)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runner = make_runner(folder, backend="triton", device=device)
+    prompt = random_prompt(14, runner.model_config.vocab_size, seed=8)
+    table = [6, 2, 9, 0]
+    first = runner.execute(make_step([(prompt[:9], 9, table)], BLOCK_SIZE, "all"))
+    rest = runner.execute(make_step([(prompt, 5, table)], BLOCK_SIZE, "all"))
+    decode = runner.execute(make_step([(prompt + [42], 1, table)], BLOCK_SIZE))
+    logits = torch.cat([first, rest, decode]).cpu()
+    reference = hf_reference(folder)
+    expected = torch.cat([hf_logits(reference, prompt), hf_logits(reference, prompt + [42])[-1:]])
+    torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 
 
 def test_mixed_batch_of_prefill_chunk_decode_and_verification(
