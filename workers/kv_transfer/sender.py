@@ -43,6 +43,17 @@ class _Pair:
         self.gbps: float | None = None
         self.pending = 0
         self.last_used = time.monotonic()
+        self.staging: torch.Tensor | None = None
+        """ZMQ path on CUDA: pinned host bytes the packed KV is staged through. Reused: the
+        pair's next transfer starts only after the receiver acked this one."""
+
+    def stage(self, buf: torch.Tensor) -> torch.Tensor:
+        """Copies a CUDA byte buffer into this pair's pinned staging memory (grown as needed)."""
+        if self.staging is None or self.staging.numel() < buf.numel():
+            self.staging = torch.empty(buf.numel(), dtype=torch.uint8, pin_memory=True)
+        staged = self.staging[: buf.numel()]
+        staged.copy_(buf)
+        return staged
 
 
 class Sender(KVSender):
@@ -116,7 +127,7 @@ class Sender(KVSender):
         with record.busy:
             if record.state.terminal:
                 return
-            buf = self._pack(plan, record.block_ids, ready)
+            buf = self._pack(pair, plan, record.block_ids, ready)
         header.num_bytes = buf.numel()
         for attempt in range(2):
             header.generation = pair.generation
@@ -132,17 +143,17 @@ class Sender(KVSender):
             self._teardown(pair)
             self._ensure_started(pair)
 
-    def _pack(self, plan, block_ids: list[int], ready) -> torch.Tensor:
+    def _pack(self, pair: _Pair, plan, block_ids: list[int], ready) -> torch.Tensor:
         if ready is not None:
             torch.cuda.set_device(self.device)
             torch.cuda.current_stream(self.device).wait_event(ready)
-        buf = pack(self.kv_caches, self.layout, plan, block_ids)
+        buf = as_bytes(pack(self.kv_caches, self.layout, plan, block_ids))
         if self.device.type == "cuda":
             # Until the copy is done the source blocks are still being read.
             torch.cuda.current_stream(self.device).synchronize()
-            if self.config.transport == "zmq":  # staged through host memory for the wire
-                buf = buf.to("cpu").pin_memory()
-        return as_bytes(buf)
+            if self.config.transport == "zmq":
+                buf = pair.stage(buf)
+        return buf
 
     def _push(self, pair: _Pair, header: TransferHeader, buf: torch.Tensor,
               deadline: float) -> Reply:
@@ -205,7 +216,7 @@ class Sender(KVSender):
             return None
         buf = torch.zeros(size, dtype=torch.uint8, device=self.device)
         if self.device.type == "cuda" and pair.group is None:
-            buf = buf.cpu().pin_memory()
+            buf = pair.stage(buf)
 
         def one_round(i: int) -> None:
             header = TransferHeader(f"__probe__/{i}", {}, [], 0, size, "uint8",
@@ -224,6 +235,7 @@ class Sender(KVSender):
         if pair.sock is not None:
             pair.sock.close(linger=0)
         pair.group = pair.sock = pair.remote = None
+        pair.staging = None  # a dropped message may still reference it
 
     def _watch(self) -> None:
         while not self._closed.wait(self.config.tick_s):
