@@ -33,7 +33,7 @@ def attend_range(
     for n_start in range(n_lo, n_hi, BLOCK_N):
         offs_n = n_start + tl.arange(0, BLOCK_N)
         if MASKED:
-            block = tl.load(bt_ptr + offs_n // PAGE, mask=offs_n < n_hi, other=0)
+            block = tl.load(bt_ptr + offs_n // PAGE, mask=offs_n < seq_len, other=0)
         else:
             block = tl.load(bt_ptr + offs_n // PAGE)
         row_off = block.to(tl.int64) * stride_cb + (offs_n % PAGE) * stride_cs + kv_head_off

@@ -1,0 +1,65 @@
+"""Random paged-attention inputs for kernel tests: ragged sequences in shuffled blocks.
+
+Block 0, every block no sequence owns, and every slot past a sequence's end hold NaN, so a
+kernel that reads a wrong block or an unmasked slot produces NaN and fails the comparison.
+Block tables are padded with 0 (the runner's convention), i.e. with a NaN block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PagedCase:
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # int32
+    cu_q: torch.Tensor  # int32
+    seq_lens: torch.Tensor  # int32
+    cu_q_host: list[int]
+    seq_lens_host: list[int]
+    scale: float
+
+    @property
+    def max_q_len(self) -> int:
+        return max(b - a for a, b in zip(self.cu_q_host, self.cu_q_host[1:], strict=False))
+
+
+def make_case(
+    q_lens: list[int], seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype, device: str, seed: int, spare_blocks: int = 3,
+) -> PagedCase:
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-s // block_size) for s in seq_lens]
+    num_blocks = 1 + sum(blocks_per_seq) + spare_blocks
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    owned = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    table = torch.zeros((len(seq_lens), max(blocks_per_seq) + 1), dtype=torch.int32)
+    for i, (seq_len, count) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
+        ids, owned = owned[:count], owned[count:]
+        table[i, :count] = torch.tensor(ids, dtype=torch.int32)
+        for pos in range(seq_len):
+            block, slot = ids[pos // block_size], pos % block_size
+            k_cache[block, slot] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+            v_cache[block, slot] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+    cu_q = [0]
+    for q_len in q_lens:
+        cu_q.append(cu_q[-1] + q_len)
+    q = torch.randn(cu_q[-1], num_heads, head_dim, generator=gen).to(dtype)
+    return PagedCase(
+        q=q.to(device), k_cache=k_cache.to(device), v_cache=v_cache.to(device),
+        block_tables=table.to(device),
+        cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        cu_q_host=cu_q, seq_lens_host=list(seq_lens), scale=head_dim ** -0.5,
+    )
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, float("nan"))
