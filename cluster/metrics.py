@@ -4,8 +4,9 @@ Each process builds its own `CollectorRegistry` (never prometheus_client's globa
 gateways in one test process do not collide). `GatewayMetrics` is what the HTTP gateway
 counts into: requests by status, TTFT / TPOT / end-to-end latency, per-phase time from the
 workers' final chunks (queue, prefill, transfer, decode) and KV transfer bytes and seconds.
-Workers' own numbers (queue depth, KV usage, their counters) arrive as plain dicts at scrape
-time and are rendered as gauges labelled by worker, so the gateway is the one scrape target.
+Workers' own numbers (queue depth, KV usage, their counters) arrive at scrape time as a list
+of plain dicts, one per worker with its `worker_id`; every numeric entry is rendered as a
+gauge `kvrelay_worker_<key>{worker=...}`, so the gateway is the one scrape target.
 
 The gateway does not import this module (dependencies point cluster -> router): the launcher
 builds a `GatewayMetrics` and hands it to `router.gateway.create_app`.
@@ -114,12 +115,12 @@ class GatewayMetrics:
             self._totals["kv_transfer_bytes"] += moved
             self._totals["kv_transfer_seconds"] += seconds
 
-    def render(self, worker_metrics: dict[str, dict[str, Any]]) -> bytes:
+    def render(self, worker_metrics: list[dict[str, Any]]) -> bytes:
         """The Prometheus text exposition, with the workers' numbers as of now."""
         self._set_worker_gauges(worker_metrics)
         return generate_latest(self.registry)
 
-    def snapshot(self, worker_metrics: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def snapshot(self, worker_metrics: list[dict[str, Any]]) -> dict[str, Any]:
         """Plain JSON numbers for /v1/metrics."""
         s = self._sums
         return {
@@ -136,11 +137,15 @@ class GatewayMetrics:
         self._sums[name] += value
         self._sums["n_" + name] += 1
 
-    def _set_worker_gauges(self, worker_metrics: dict[str, dict[str, Any]]) -> None:
+    def _set_worker_gauges(self, worker_metrics: list[dict[str, Any]]) -> None:
         # Cleared each scrape so a worker that left stops being reported.
         for gauge in self._worker_gauges.values():
             gauge.clear()
-        for worker_id, values in worker_metrics.items():
+        for values in worker_metrics:
+            worker_id = values.get("worker_id", "?")
+            total = values.get("total_blocks")
+            if total and "free_blocks" in values and "kv_usage" not in values:
+                values = {**values, "kv_usage": 1.0 - values["free_blocks"] / total}
             for key, value in values.items():
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue

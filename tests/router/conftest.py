@@ -1,0 +1,150 @@
+"""A real gateway over a real single-process cluster, served by uvicorn on a free port.
+
+`CoreBackend` is the gateway's Backend over a `RouterCore` (the Router actor's plain class)
+whose one worker is an in-process `ColocatedWorker`: a real LLMEngine on the tiny checkpoint,
+stepping in its own thread and PUSHing real OutputChunks over ZMQ to the gateway's socket.
+Only Ray is left out; everything the gateway sees is what it sees in production.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import uvicorn
+
+from cluster.metrics import GatewayMetrics
+from router.gateway import GatewayConfig, create_app
+from router.router_core import RouterConfig, RouterCore
+from router.worker_handle import LocalHandle
+from workers.colocated_worker import ColocatedWorker
+from workers.config import CacheConfig, EngineConfig
+from workers.protocol import GenerateRequest
+from workers.tokenizer import Tokenizer
+from workers.worker_base import WorkerSpec
+
+BLOCK_SIZE = 8
+NUM_BLOCKS = 64
+MAX_MODEL_LEN = 256
+
+
+class CoreBackend:
+    """Backend over a RouterCore in the server's own event loop. Its workers are polled on
+    first use and before each metrics read, instead of by the core's monitor task, so no task
+    outlives the server's loop."""
+
+    def __init__(self, core: RouterCore):
+        self.core = core
+        self._started = False
+
+    async def _ensure_started(self) -> None:
+        if not self._started:
+            self._started = True
+            if self.core.workers:
+                await self.core.wait_ready(30)
+
+    async def submit(self, request: GenerateRequest) -> None:
+        await self._ensure_started()
+        await self.core.submit(request)
+
+    async def abort(self, request_id: str) -> None:
+        await self._ensure_started()
+        await self.core.abort(request_id)
+
+    async def health(self) -> dict[str, Any]:
+        await self._ensure_started()
+        return self.core.health()
+
+    async def worker_metrics(self) -> list[dict[str, Any]]:
+        await self._ensure_started()
+        await self.core.poll_all()
+        return self.core.worker_metrics()
+
+
+def engine_config(model_dir) -> EngineConfig:
+    return EngineConfig(model=str(model_dir), seed=0, max_model_len=MAX_MODEL_LEN,
+                        cache=CacheConfig(block_size=BLOCK_SIZE, num_blocks=NUM_BLOCKS))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve(app) -> Iterator[str]:
+    """Runs `app` on uvicorn in a thread; yields its base URL; stops it (and its lifespan)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def stop_core(core: RouterCore) -> None:
+    asyncio.run(core.stop())  # closes the core's output sockets
+
+
+@dataclass
+class Served:
+    url: str
+    worker: ColocatedWorker
+    tokenizer: Tokenizer
+    metrics: GatewayMetrics
+    core: RouterCore
+
+    def free_blocks(self) -> int:
+        return self.worker.free_blocks()
+
+    def wait_all_blocks_free(self, timeout_s: float = 5.0) -> int:
+        """Free blocks once they are all back (or whatever they are at the timeout)."""
+        deadline = time.monotonic() + timeout_s
+        while self.free_blocks() != NUM_BLOCKS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.free_blocks()
+
+
+@pytest.fixture(scope="session")
+def colocated_worker(tiny_model_dir) -> Iterator[ColocatedWorker]:
+    worker = ColocatedWorker(WorkerSpec("gw-colocated-0", engine_config(tiny_model_dir)))
+    yield worker
+    worker.shutdown()
+
+
+@contextmanager
+def served_gateway(worker: ColocatedWorker, model_dir, **config: Any) -> Iterator[Served]:
+    """A gateway (its own RouterCore) over `worker`; `config` sets GatewayConfig fields."""
+    core = RouterCore(RouterConfig(block_size=BLOCK_SIZE, poll_interval_s=0.05))
+    core.add_worker(worker.worker_id, "colocated", LocalHandle(worker))
+    tokenizer = Tokenizer(model_dir)
+    metrics = GatewayMetrics()
+    app = create_app(CoreBackend(core), tokenizer, "tiny", MAX_MODEL_LEN,
+                     config=GatewayConfig(**config), metrics=metrics)
+    try:
+        with serve(app) as url:
+            yield Served(url, worker, tokenizer, metrics, core)
+    finally:
+        stop_core(core)
+
+
+@pytest.fixture(scope="session")
+def gateway(colocated_worker, tiny_model_dir) -> Iterator[Served]:
+    with served_gateway(colocated_worker, tiny_model_dir) as served:
+        yield served
