@@ -1,0 +1,239 @@
+"""Offline engine throughput, with transformers `generate` as the baseline beside it.
+
+    python -m workers.bench --model DIR | --dummy-config config.json
+        [--dtype D] [--attention-backend torch|triton] [--num-prompts N]
+        [--input-len I] [--output-len O] [--hf-baseline]
+
+N random prompts of exactly I tokens each produce exactly O tokens (greedy, EOS banned on
+both sides, so the work is identical). With --hf-baseline, transformers runs first (batched
+`generate`, same weights: the checkpoint, or our dummy init copied in) and is freed before
+the engine sizes its KV cache. Prints one table: device, model, dtype, workload, date,
+output tok/s, prompts/s, total tok/s, ratio to the baseline, and how many greedy outputs
+match the baseline token for token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    name: str
+    seconds: float
+    outputs: list[list[int]]
+
+    def row(self, num_prompts: int, input_len: int, output_len: int) -> dict[str, float]:
+        out_tokens = num_prompts * output_len
+        return {
+            "output tok/s": out_tokens / self.seconds,
+            "prompts/s": num_prompts / self.seconds,
+            "total tok/s": (out_tokens + num_prompts * input_len) / self.seconds,
+        }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvrelay bench-engine", description=__doc__.split("\n")[0]
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint folder")
+    source.add_argument("--dummy-config", help="config.json; weights are random (dummy)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--num-blocks", type=int, default=None, help="fix the KV pool size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hf-baseline", action="store_true", help="also time transformers")
+    return parser
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model or args.dummy_config,
+        load_format="dummy" if args.dummy_config else "auto",
+        dtype=args.dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        seed=args.seed,
+        cache=CacheConfig(num_blocks=args.num_blocks),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=max(args.max_num_batched_tokens, args.input_len),
+        ),
+    )
+
+
+def make_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Skip the lowest ids: tiny vocabularies keep their special tokens there.
+    return [
+        [rng.randrange(min(4, vocab_size - 1), vocab_size) for _ in range(length)]
+        for _ in range(num)
+    ]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_engine(config: EngineConfig, prompts: list[list[int]], output_len: int) -> BenchResult:
+    from workers.engine import LLMEngine
+    from workers.sampling_params import SamplingParams
+
+    engine = LLMEngine(config)
+    params = SamplingParams(max_tokens=output_len, min_tokens=output_len, temperature=0)
+    engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    device = engine.runner.device
+    _sync(device)
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    result = BenchResult("kvrelay", seconds, [o.token_ids for o in outputs])
+    del engine
+    return result
+
+
+def hf_model(config: EngineConfig, device: torch.device, dtype: torch.dtype):
+    """transformers' model on the same weights as the engine (checkpoint or dummy init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if config.load_format != "dummy":
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=dtype)
+        return model.to(device).eval()
+    from workers.attention.torch_backend import TorchAttentionBackend
+    from workers.model.config import ModelConfig
+    from workers.model.llama import LlamaForCausalLM
+    from workers.weights import random_tensors
+
+    hf_config = AutoConfig.from_pretrained(str(Path(config.model)))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    with torch.device("meta"):
+        ours = LlamaForCausalLM(ModelConfig.from_path(config.model), TorchAttentionBackend())
+    params = dict(model.named_parameters())  # tied weights appear once
+    with torch.no_grad():
+        for name, tensor in random_tensors(ours, config.seed, std=0.02, device=device):
+            params.pop(name).copy_(tensor)  # same seed and std as workers.weights.load_dummy
+    if params:
+        raise RuntimeError(f"dummy init left transformers parameters untouched: {sorted(params)}")
+    return model.eval()
+
+
+def hf_generate(model, ids: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Batched greedy generation of exactly `num_new` tokens (no padding: equal lengths)."""
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=num_new,
+            min_new_tokens=num_new,
+            pad_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+
+def run_hf(config: EngineConfig, prompts: list[list[int]], output_len: int) -> BenchResult:
+    from workers.model.config import ModelConfig
+    from workers.model_runner import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, ModelConfig.from_path(config.model), device)
+    model = hf_model(config, device, dtype)
+    input_ids = torch.tensor(prompts, device=device)
+
+    hf_generate(model, input_ids[:1, :8], 2)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    out = hf_generate(model, input_ids, output_len)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    result = BenchResult("transformers", seconds, out[:, input_ids.shape[1] :].tolist())
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def format_table(
+    args: argparse.Namespace,
+    config: EngineConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    results: list[BenchResult],
+) -> str:
+    """One table: what ran where, then a row per system with the ratio to the baseline."""
+    n, i, o = args.num_prompts, args.input_len, args.output_len
+    header = [
+        f"device:    {device_name(device)}",
+        f"model:     {config.model} ({'dummy weights' if args.dummy_config else 'checkpoint'})",
+        f"dtype:     {str(dtype).removeprefix('torch.')}   attention: {config.attention_backend}",
+        f"workload:  {n} prompts x {i} input tokens -> {o} output tokens (greedy)",
+        f"date:      {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "",
+        f"{'system':<14}{'seconds':>10}{'output tok/s':>15}{'prompts/s':>12}"
+        f"{'total tok/s':>14}{'vs HF':>8}{'greedy match':>15}",
+    ]
+    baseline = next((r for r in results if r.name == "transformers"), None)
+    for result in results:
+        row = result.row(n, i, o)
+        ratio = f"{baseline.seconds / result.seconds:.2f}x" if baseline else "-"
+        match = "-"
+        if baseline is not None:
+            same = sum(a == b for a, b in zip(result.outputs, baseline.outputs, strict=True))
+            match = f"{same}/{n}"
+        header.append(
+            f"{result.name:<14}{result.seconds:>10.3f}{row['output tok/s']:>15.1f}"
+            f"{row['prompts/s']:>12.2f}{row['total tok/s']:>14.1f}{ratio:>8}{match:>15}"
+        )
+    return "\n".join(header)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config = engine_config(args)
+    from workers.model.config import ModelConfig
+    from workers.model_runner import resolve_device, resolve_dtype
+
+    model_config = ModelConfig.from_path(config.model)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, model_config, device)
+    prompts = make_prompts(args.num_prompts, args.input_len, model_config.vocab_size, args.seed)
+    results = []
+    if args.hf_baseline:
+        results.append(run_hf(config, prompts, args.output_len))
+    results.insert(0, run_engine(config, prompts, args.output_len))
+    print(format_table(args, config, device, dtype, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
