@@ -28,15 +28,17 @@ class Outputs:
 
 
 def run_meta(config: RunConfig, workload: Workload, slos: tuple[SLO, ...],
-             source: str | None = None) -> dict[str, Any]:
+             source: str | None = None, label: str | None = None) -> dict[str, Any]:
     """How the run was made, as plain data for the JSON document and the markdown title.
 
-    `source`: the prompts or trace file the workload came from.
+    `source`: the prompts or trace file the workload came from; `label`: the user's note of
+    what was measured (hardware, topology), which HTTP alone cannot know.
     """
     arrival = dataclasses.asdict(config.arrival)
     arrival["rate"] = str(arrival["rate"]) if arrival["rate"] == float("inf") else arrival["rate"]
     wl = workload.config
     return {
+        "label": label,
         "url": config.endpoint.url,
         "request_url": config.endpoint.request_url,
         "model": config.endpoint.model,
@@ -61,13 +63,14 @@ def _length(rng) -> str:
 
 def benchmark(config: RunConfig, workload: Workload, slos: tuple[SLO, ...], out_dir: Path,
               trace_times: list[float] | None = None, progress: bool = True,
-              label: str = "requests", source: str | None = None) -> tuple[RunDocument, Outputs]:
+              progress_label: str = "requests", source: str | None = None,
+              label: str | None = None) -> tuple[RunDocument, Outputs]:
     """Run once and write its files into out_dir; returns the document and the file paths."""
-    total = min(n for n in (config.num_requests, workload.size, 10**12) if n is not None)
-    with progress_bar(None if total == 10**12 else total, label, progress) as on_done:
+    total = min((n for n in (config.num_requests, workload.size) if n is not None), default=None)
+    with progress_bar(total, progress_label, progress) as on_done:
         result = run(config, workload, trace_times, on_done)
     summary = summarize(result.records, result.duration_s, slos)
-    meta = {**run_meta(config, workload, slos, source), "started_at": result.started_at}
+    meta = {**run_meta(config, workload, slos, source, label), "started_at": result.started_at}
     doc = RunDocument(meta, summary, result.records)
     table = markdown_run(meta, summary)
     markdown = out_dir / "summary.md"

@@ -62,6 +62,9 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     p.add_argument("--output-dir", default=None, help="default loadtest-out/<UTC time>")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--label", default=None,
+                   help="what was measured (hardware, topology), e.g. 'H100 1P1D'; shown in "
+                        "tables and used by compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,7 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     workload, trace_times = _workload(args)
     doc, outputs = benchmark(config, workload, slos, _out_dir(args), trace_times,
                              progress=not args.no_progress,
-                             source=args.trace_file or args.prompts_file)
+                             source=args.trace_file or args.prompts_file, label=args.label)
     print(outputs.markdown.read_text())
     print(f"wrote {outputs.json}, {outputs.markdown}, " + ", ".join(map(str, outputs.plots)))
     return 0
@@ -152,16 +155,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     config, slos = build_run_config(args), tuple(parse_slo(s) for s in args.slo)
     workload, _ = _workload(args)
     result = run_sweep(config, workload, axis, loads, slos, args.target_attainment,
-                       _out_dir(args), progress=not args.no_progress, source=args.prompts_file)
+                       _out_dir(args), progress=not args.no_progress, source=args.prompts_file,
+                       label=args.label)
     print(markdown_sweep(result))
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    labels = args.labels.split(",", 1) if args.labels else [args.a, args.b]
+    a, b = load_run(args.a), load_run(args.b)
+    labels = args.labels.split(",", 1) if args.labels else [
+        doc.meta.get("label") or path for doc, path in ((a, args.a), (b, args.b))]
     if len(labels) != 2:
         raise BadFlag("--labels", args.labels, "expected two labels, A,B")
-    table = markdown_compare(load_run(args.a), load_run(args.b), labels[0], labels[1])
+    table = markdown_compare(a, b, labels[0], labels[1])
     print(table)
     if args.output:
         Path(args.output).write_text(table)

@@ -16,10 +16,10 @@ from loadtest.metrics import Summary  # noqa: E402
 from loadtest.record import RequestRecord  # noqa: E402
 
 
-def _cdf(ax, values: Sequence[float], title: str) -> None:
+def _cdf(ax, values: Sequence[float], title: str, unit: str = "requests") -> None:
     ax.set_title(title)
     ax.set_xlabel("ms")
-    ax.set_ylabel("fraction of requests")
+    ax.set_ylabel(f"fraction of {unit}")
     ax.grid(alpha=0.3)
     if not values:
         ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes)
@@ -39,7 +39,7 @@ def plot_latency_cdfs(records: Sequence[RequestRecord], path: Path) -> Path:
     }
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     for ax, (title, values) in zip(axes.flat, series.items(), strict=True):
-        _cdf(ax, values, f"{title} CDF")
+        _cdf(ax, values, f"{title} CDF", "token gaps" if title == "ITL" else "requests")
     # Fixed margins: tight_layout would draw the figure twice, and plotting is most of a
     # short run's wall time on a busy CPU.
     fig.subplots_adjust(left=0.08, right=0.97, bottom=0.08, top=0.95, wspace=0.25, hspace=0.35)

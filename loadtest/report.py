@@ -78,8 +78,9 @@ def markdown_run(meta: dict[str, Any], summary: Summary) -> str:
     """The run's one table set: what was run, latency percentiles, throughput and goodput."""
     s = summary
     errors = ", ".join(f"{k}={v}" for k, v in sorted(s.errors.items())) or "none"
+    label = f"{meta['label']}: " if meta.get("label") else ""
     lines = [
-        f"## loadtest: {meta.get('model')} at {meta.get('url')} "
+        f"## loadtest: {label}{meta.get('model')} at {meta.get('url')} "
         f"({meta.get('endpoint')}), {meta.get('started_at')}",
         "",
         _describe(meta),

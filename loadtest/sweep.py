@@ -83,14 +83,15 @@ def _point_config(base: RunConfig, axis: str, load: float) -> RunConfig:
 
 def run_sweep(base: RunConfig, workload: Workload, axis: str, loads: list[float],
               slos: tuple[SLO, ...], target: float, out_dir: Path,
-              progress: bool = True, source: str | None = None) -> SweepResult:
+              progress: bool = True, source: str | None = None,
+              label: str | None = None) -> SweepResult:
     """One benchmark per load into out_dir/<axis>_<load>/, then sweep.json, sweep.md, plots."""
     points = []
     for load in loads:
         config = _point_config(base, axis, load)
         point_dir = out_dir / f"{axis}_{load:g}"
         doc, outputs = benchmark(config, workload, slos, point_dir, progress=progress,
-                                 label=f"{axis} {load:g}", source=source)
+                                 progress_label=f"{axis} {load:g}", source=source, label=label)
         points.append(SweepPoint(load, doc.summary, str(outputs.json)))
     result = SweepResult(axis, target, points, best_load(points, target))
     (out_dir / "sweep.json").write_text(json.dumps(result.to_dict(), indent=1))

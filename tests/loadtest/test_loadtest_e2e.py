@@ -37,7 +37,8 @@ def test_run_of_12_requests_records_every_request_and_writes_reports(openai_serv
     rc = main(["run", "--url", openai_server.url, "--model", "tiny", "--prompts-file",
                str(prompts_file), "--num-requests", "12", "--rate", "40", "--concurrency", "4",
                "--output-len", "6", "--ignore-eos", "--timeout", "0.6", "--seed", "3",
-               "--slo", "ttft=400ms", "--slo", "tpot=100ms", "--output-dir", str(out)])
+               "--slo", "ttft=400ms", "--slo", "tpot=100ms", "--output-dir", str(out),
+               "--label", "mini server"])
     assert rc == 0
     doc = load_run(out / "run.json")
     assert [r.index for r in doc.records] == list(range(12))
@@ -75,6 +76,7 @@ def test_run_of_12_requests_records_every_request_and_writes_reports(openai_serv
     assert markdown in capsys.readouterr().out
     assert "| TTFT (ms) |" in markdown and "| 8/12 |" in markdown and "66.7%" in markdown
     assert "http_503=1" in markdown and "ttft<=400ms" in markdown
+    assert markdown.startswith("## loadtest: mini server: tiny at http://127.0.0.1:")
     assert is_png(out / "latency_cdf.png")
 
 
@@ -159,3 +161,22 @@ def test_bad_flags_exit_2_with_the_flag_named(tmp_path, capsys):
     assert rc == 2 and "--slo='ttft=fast'" in capsys.readouterr().err
     rc = main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
     assert rc == 2 and "a.json" in capsys.readouterr().err
+
+
+def test_trace_replay_keeps_send_times_lengths_and_a_shared_prefix(openai_server, tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("timestamp,input_length,output_length\n"
+                     "1000,40,2\n1300,50,3\n1600,60,4\n")
+    sent_before = len(openai_server.received)
+    out = tmp_path / "trace-run"
+    rc = main(["run", "--url", openai_server.url, "--model", "tiny", "--trace-file", str(trace),
+               "--trace-time-unit", "ms", "--shared-prefix-len", "30", "--no-progress",
+               "--output-dir", str(out)])
+    assert rc == 0
+    records = load_run(out / "run.json").records
+    assert [(r.prompt_tokens, r.prompt_tokens_source) for r in records] == \
+        [(40, "usage"), (50, "usage"), (60, "usage")]
+    assert [r.output_tokens for r in records] == [2, 3, 4]
+    assert [r.start_time for r in records] == pytest.approx([0.0, 0.3, 0.6], abs=0.1)
+    prompts = [b["prompt"].split() for b in openai_server.received[sent_before:]]
+    assert len({tuple(p[:30]) for p in prompts}) == 1 and len({tuple(p) for p in prompts}) == 3
