@@ -41,13 +41,15 @@ def make_case(
     v_cache = torch.full(shape, float("nan"), dtype=dtype)
     owned = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     table = torch.zeros((len(seq_lens), max(blocks_per_seq) + 1), dtype=torch.int32)
+    flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     for i, (seq_len, count) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
         ids, owned = owned[:count], owned[count:]
         table[i, :count] = torch.tensor(ids, dtype=torch.int32)
-        for pos in range(seq_len):
-            block, slot = ids[pos // block_size], pos % block_size
-            k_cache[block, slot] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
-            v_cache[block, slot] = torch.randn(num_kv_heads, head_dim, generator=gen).to(dtype)
+        pos = torch.arange(seq_len)
+        slots = table[i, pos // block_size].long() * block_size + pos % block_size
+        flat_k[slots] = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
+        flat_v[slots] = torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype)
     cu_q = [0]
     for q_len in q_lens:
         cu_q.append(cu_q[-1] + q_len)

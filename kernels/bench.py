@@ -1,0 +1,152 @@
+"""`python -m kernels.bench`: prefill TFLOP/s vs torch SDPA and decode GB/s vs copy bandwidth.
+
+Shapes follow the Llama-3-8B attention layer: 32 query / 8 kv heads, head dim 128, bf16, KV
+block size 16, block tables shuffled. Prefill runs ~16k tokens per launch (batch = 16k / seq).
+Prints one table with device, date and versions; `--sweep` also times the tile candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from kernels.flash_prefill import PrefillTiles, default_tiles, flash_prefill
+from kernels.paged_decode import DecodeTiles, paged_decode
+
+HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+PREFILL_TILES = [PrefillTiles(128, 64, 8, 3), PrefillTiles(128, 128, 8, 3),
+                 PrefillTiles(128, 64, 4, 3), PrefillTiles(64, 64, 4, 3),
+                 PrefillTiles(128, 32, 4, 4), PrefillTiles(128, 64, 8, 4),
+                 PrefillTiles(128, 128, 8, 2)]
+DECODE_TILES = [DecodeTiles(64, 4, 3), DecodeTiles(32, 4, 4), DecodeTiles(128, 4, 2),
+                DecodeTiles(64, 8, 3), DecodeTiles(64, 4, 4), DecodeTiles(16, 4, 4)]
+
+
+def _paged(num_seqs: int, seq_len: int, device: str):
+    """Caches with each sequence's blocks at shuffled places, and the block tables."""
+    blocks_per_seq = triton.cdiv(seq_len, PAGE)
+    num_blocks = num_seqs * blocks_per_seq
+    shape = (num_blocks, PAGE, KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, dtype=DTYPE, device=device)
+    v_cache = torch.randn(shape, dtype=DTYPE, device=device)
+    tables = torch.randperm(num_blocks, device=device).to(torch.int32)
+    return k_cache, v_cache, tables.view(num_seqs, blocks_per_seq)
+
+
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a 2 GiB device-to-device copy, counting read + write bytes."""
+    src = torch.empty(2**30, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def _sdpa_ms(q, k, v, backend) -> float:
+    def run():
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                enable_gqa=True)
+    if backend is None:
+        return do_bench(run)
+    with sdpa_kernel(backend):
+        return do_bench(run)
+
+
+def bench_prefill(seq: int, device: str, tiles: PrefillTiles | None) -> dict[str, float]:
+    batch = 16384 // seq
+    q = torch.randn(batch * seq, HEADS, HEAD_DIM, dtype=DTYPE, device=device)
+    k_cache, v_cache, tables = _paged(batch, seq, device)
+    cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seq
+    seq_lens = torch.full((batch,), seq, dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    scale = HEAD_DIM ** -0.5
+    ms = do_bench(lambda: flash_prefill(q, k_cache, v_cache, tables, cu_q, seq_lens, seq, scale,
+                                        out=out, tiles=tiles))
+    flops = 4 * batch * HEADS * seq * seq * HEAD_DIM / 2  # causal: half the square
+    qs = q.view(batch, seq, HEADS, HEAD_DIM).transpose(1, 2)
+    ks = torch.randn(batch, KV_HEADS, seq, HEAD_DIM, dtype=DTYPE, device=device)
+    vs = torch.randn_like(ks)
+    result = {"ours": flops / ms / 1e9}
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_default", None)):
+        try:
+            result[name] = flops / _sdpa_ms(qs, ks, vs, backend) / 1e9
+        except RuntimeError as err:  # a backend that cannot take these inputs
+            print(f"# {name} at seq {seq}: {str(err).splitlines()[0]}", file=sys.stderr)
+            result[name] = float("nan")
+    return result
+
+
+def bench_decode(batch: int, context: int, device: str, tiles: DecodeTiles | None) -> float:
+    """GB/s of K/V bytes read per decode step."""
+    q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device=device)
+    k_cache, v_cache, tables = _paged(batch, context, device)
+    cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device)
+    seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    out = torch.empty_like(q)
+    ms = do_bench(lambda: paged_decode(q, k_cache, v_cache, tables, cu_q, seq_lens, context,
+                                       HEAD_DIM ** -0.5, out=out, tiles=tiles))
+    kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k_cache.element_size()
+    return kv_bytes / ms / 1e6
+
+
+def sweep(device: str) -> None:
+    for tiles in PREFILL_TILES:
+        try:
+            print(f"# sweep prefill 4k {tiles}: {bench_prefill(4096, device, tiles)['ours']:.0f}"
+                  " TFLOP/s")
+        except Exception as err:  # noqa: BLE001 - a tile shape that does not fit shared memory
+            print(f"# sweep prefill {tiles}: failed {type(err).__name__}")
+    for tiles in DECODE_TILES:
+        speeds = [bench_decode(b, c, device, tiles) for b, c in ((1, 16384), (64, 4096))]
+        print(f"# sweep decode {tiles}: 1x16k {speeds[0]:.0f} GB/s, 64x4k {speeds[1]:.0f} GB/s")
+
+
+def _fits(batch: int, context: int) -> bool:
+    kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2
+    return kv_bytes < 0.4 * torch.cuda.get_device_properties(0).total_memory
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench")
+    parser.add_argument("--sweep", action="store_true", help="also time tile candidates")
+    args = parser.parse_args(argv)
+    device = "cuda"
+    props = torch.cuda.get_device_properties(0)
+    print(f"# device: {props.name} ({props.multi_processor_count} SMs)  date: "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  torch "
+          f"{torch.__version__}  triton {triton.__version__}")
+    if args.sweep:
+        sweep(device)
+    tiles = default_tiles(HEAD_DIM, torch.device(device))
+    print(f"# prefill: causal, {HEADS} q / {KV_HEADS} kv heads, d={HEAD_DIM}, bf16, 16k tokens"
+          f" per launch, paged (block {PAGE}); tiles {tiles}")
+    print("| seq | batch | ours TFLOP/s | SDPA flash | SDPA default | ours/flash | ours/default |")
+    print("|---|---|---|---|---|---|---|")
+    for seq in (1024, 4096, 16384):
+        r = bench_prefill(seq, device, None)
+        print(f"| {seq} | {16384 // seq} | {r['ours']:.0f} | {r['sdpa_flash']:.0f} | "
+              f"{r['sdpa_default']:.0f} | {r['ours'] / r['sdpa_flash']:.2f} | "
+              f"{r['ours'] / r['sdpa_default']:.2f} |")
+    copy = copy_bandwidth(device)
+    print(f"# decode: 1 token/seq, K+V bytes read / time; copy bandwidth {copy:.0f} GB/s")
+    print("| batch | context | GB/s | % of copy |")
+    print("|---|---|---|---|")
+    for batch in (1, 16, 64, 256):
+        for context in (1024, 4096, 16384):
+            if not _fits(batch, context):
+                print(f"| {batch} | {context} | skipped (memory) | |")
+                continue
+            gbs = bench_decode(batch, context, device, None)
+            print(f"| {batch} | {context} | {gbs:.0f} | {100 * gbs / copy:.0f}% |")
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
