@@ -269,3 +269,31 @@ def _message_dict(message: ChatMessage) -> dict[str, Any]:
         data["content"] = "".join(parts)
     data.setdefault("content", "")
     return data
+
+
+def logprobs_formatter(
+    req: Request, token_text: Callable[[int], str]
+) -> Callable[[list[dict[str, Any]], int], dict[str, Any]] | None:
+    """The endpoint's logprobs format as `f(entries, text_offset)`; None if not asked for."""
+    if isinstance(req, ChatCompletionRequest):
+        return (lambda entries, _offset: chat_logprobs(entries, token_text)) if req.logprobs \
+            else None
+    if req.logprobs is None:
+        return None
+    return lambda entries, offset: completion_logprobs(entries, token_text, offset)
+
+
+def response_body(
+    req: Request, request_id: str, created: int, model: str, text: str,
+    logprobs: dict[str, Any] | None, finish_reason: str | None, usage_: dict[str, int],
+    latency_s: float,
+) -> dict[str, Any]:
+    """The non-streaming body of a finished request, in its endpoint's format."""
+    if isinstance(req, SimpleGenerateRequest):
+        tokens = usage_["completion_tokens"]
+        return {"id": request_id, "text": text, "tokens_generated": tokens,
+                "prompt_tokens": usage_["prompt_tokens"], "finish_reason": finish_reason,
+                "latency_ms": latency_s * 1000.0,
+                "tokens_per_second": tokens / latency_s if latency_s > 0 else 0.0}
+    build = chat_response if isinstance(req, ChatCompletionRequest) else completion_response
+    return build(request_id, created, model, text, logprobs, finish_reason, usage_)

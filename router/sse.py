@@ -9,6 +9,7 @@ chunk carries `"usage": null` and one last chunk with empty `choices` carries th
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
@@ -66,3 +67,52 @@ def _chunk(
 ) -> dict[str, Any]:
     return {"id": request_id, "object": obj, "created": created, "model": model,
             "choices": choices}
+
+
+class StreamFormatter:
+    """Builds one request's stream chunks: the same id, `created` and model on each, the
+    right chunk object for the endpoint, logprobs in that endpoint's format, and
+    `"usage": null` on every chunk when the client asked for a final usage chunk.
+
+    `logprobs` is the per-token formatter of the endpoint (None: the client did not ask);
+    it takes the workers' entries and the text offset of the first of them.
+    """
+
+    def __init__(self, chat: bool, request_id: str, created: int, model: str,
+                 include_usage: bool,
+                 logprobs: Callable[[list[dict[str, Any]], int], dict[str, Any]] | None):
+        self.chat = chat
+        self.request_id = request_id
+        self.created = created
+        self.model = model
+        self.include_usage = include_usage
+        self.logprobs = logprobs
+        self.streamed = 0
+        """Characters of text sent so far (the offset of the next logprobs entry)."""
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Chunks before the first token: chat announces the assistant role."""
+        return [self._chunk({"role": "assistant", "content": ""})] if self.chat else []
+
+    def delta(self, text: str, entries: list[dict[str, Any]],
+              finish_reason: str | None) -> dict[str, Any] | None:
+        """The chunk for new text (and its tokens' logprobs); None when there is nothing."""
+        if not text and not entries and finish_reason is None:
+            return None
+        logprobs = self.logprobs(entries, self.streamed) if self.logprobs else None
+        self.streamed += len(text)
+        content = ({"content": text} if text else {}) if self.chat else text
+        return self._chunk(content, logprobs, finish_reason)
+
+    def usage(self, usage: dict[str, int]) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return usage_chunk(self.request_id, obj, self.created, self.model, usage)
+
+    def _chunk(self, content: Any, logprobs: dict[str, Any] | None = None,
+               finish_reason: str | None = None) -> dict[str, Any]:
+        build = chat_chunk if self.chat else completion_chunk
+        payload = build(self.request_id, self.created, self.model, content, logprobs,
+                        finish_reason)
+        if self.include_usage:
+            payload["usage"] = None  # OpenAI: null on every chunk but the last
+        return payload
