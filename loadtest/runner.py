@@ -95,6 +95,9 @@ class _Run:
             await asyncio.sleep(max(0.0, offset - self.elapsed()))
             if slots:
                 await slots.acquire()
+                if duration is not None and self.elapsed() >= duration:
+                    slots.release()  # waited for a slot past the end: send nothing late
+                    break
             self.tasks.append(asyncio.create_task(self._release_after(index, slots)))
         await asyncio.gather(*self.tasks)
 
