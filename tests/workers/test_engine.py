@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import random
 
 import pytest
@@ -65,11 +66,20 @@ def make_engine(tiny_model_dir):
     """Builds engines on the tiny model; afterwards asserts none of them leaked a block."""
     engines: list[LLMEngine] = []
 
-    def make(model_dir=None, num_blocks=256, block_size=4, role="colocated", **sched):
+    def make(
+        model_dir=None,
+        num_blocks=256,
+        block_size=4,
+        role="colocated",
+        device="cpu",
+        attention_backend="torch",
+        **sched,
+    ):
         config = EngineConfig(
             model=str(model_dir or tiny_model_dir),
             dtype="float32",
-            device="cpu",
+            device=device,
+            attention_backend=attention_backend,
             role=role,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
             scheduler=SchedulerConfig(**sched),
@@ -136,6 +146,25 @@ def test_greedy_matches_transformers_per_architecture(make_engine, make_model_di
     engine = make_engine(model_dir=model_dir)
     outs = engine.generate(prompts, SamplingParams(max_tokens=6, min_tokens=6, temperature=0))
     assert [o.token_ids for o in outs] == hf_greedy(model_dir, prompts, 6)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="triton on CPU needs TRITON_INTERPRET=1"
+)
+def test_greedy_matches_transformers_on_triton_backend_in_interpreter(make_engine, tiny_model_dir):
+    prompts = random_prompts(3, seed=13, lengths=(3, 20))
+    engine = make_engine(attention_backend="triton", long_prefill_token_threshold=7)
+    outs = engine.generate(prompts, SamplingParams(max_tokens=4, min_tokens=4, temperature=0))
+    assert [o.token_ids for o in outs] == hf_greedy(tiny_model_dir, prompts, 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_greedy_matches_transformers_on_cuda(make_engine, tiny_model_dir, backend):
+    prompts = random_prompts(8, seed=14)
+    engine = make_engine(device="cuda", attention_backend=backend, max_num_batched_tokens=64)
+    assert run_staggered(engine, prompts, GREEDY) == hf_greedy(tiny_model_dir, prompts)
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch_mix(make_engine):
