@@ -42,6 +42,19 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
     return _DTYPES[name]
 
 
+def resolve_max_model_len(requested: int | None, model_config: ModelConfig) -> int:
+    """The context limit: max_position_embeddings, or the sliding window if smaller (full
+    attention equals windowed attention only within the window)."""
+    limit = model_config.max_position_embeddings
+    if model_config.sliding_window is not None:
+        limit = min(limit, model_config.sliding_window)
+    if requested is not None and requested > limit:
+        raise InvalidParameter(
+            "max_model_len", f"{requested} exceeds the model's limit of {limit} tokens"
+        )
+    return requested or limit
+
+
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     # Parameters are created directly in the serving dtype: no float32 copy of a big model.
@@ -80,7 +93,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_path(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config)
         self.block_size = config.cache.block_size
         self.layer_range = layer_range_for_stage(
             self.model_config.num_layers, self.parallel.pp_rank, self.parallel.pp_size

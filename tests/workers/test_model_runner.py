@@ -4,6 +4,7 @@ parallelism over real torch.distributed (gloo) matching the single-rank logits."
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
@@ -15,7 +16,8 @@ from workers.attention.registry import get_attention_backend
 from workers.attention.torch_backend import TorchAttentionBackend
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.errors import InvalidParameter
-from workers.model_runner import CPU_KV_CACHE_BYTES, ModelRunner
+from workers.model.config import ModelConfig
+from workers.model_runner import CPU_KV_CACHE_BYTES, ModelRunner, resolve_max_model_len
 from workers.parallel import ParallelContext, layer_range_for_stage
 
 # Tiny model: 2 layers, 2 kv heads, head_dim 16; float32.
@@ -69,6 +71,19 @@ def test_logits_follow_logits_indices_order(tiny_model_dir, make_step):
     everything = runner.execute(step)
     reordered = runner.execute(dataclasses.replace(step, logits_indices=[5, 0, 3]))
     torch.testing.assert_close(reordered, everything[[5, 0, 3]])
+
+
+def test_max_model_len_is_capped_by_positions_and_sliding_window(tiny_model_dir):
+    base = json.loads((tiny_model_dir / "config.json").read_text())
+    plain = ModelConfig.from_dict(base)
+    assert resolve_max_model_len(None, plain) == 2048
+    assert resolve_max_model_len(100, plain) == 100
+    with pytest.raises(InvalidParameter, match="4096 exceeds .* 2048"):
+        resolve_max_model_len(4096, plain)
+    mistral = {**base, "architectures": ["MistralForCausalLM"], "sliding_window": 512}
+    assert resolve_max_model_len(None, ModelConfig.from_dict(mistral)) == 512
+    qwen_off = {**base, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 512}
+    assert ModelConfig.from_dict(qwen_off).sliding_window is None
 
 
 def test_backend_registry_resolves_names_and_rejects_unknown():

@@ -55,6 +55,9 @@ class ModelConfig:
     qk_norm: bool
     """Per-head RMSNorm of q and k before RoPE (Qwen3)."""
     torch_dtype: str
+    sliding_window: int | None
+    """Attention window when the checkpoint enables one (Mistral v0.1, some Qwen2). kvrelay
+    attends fully, which is exact only up to this length, so the runner caps max_model_len."""
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
 
@@ -104,9 +107,18 @@ class ModelConfig:
             o_bias=attention_bias and not is_qwen2,
             qk_norm=arch == "Qwen3ForCausalLM",
             torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+            sliding_window=_sliding_window(raw, arch),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
         )
+
+
+def _sliding_window(raw: dict[str, Any], arch: str) -> int | None:
+    # Qwen configs carry a sliding_window value even when use_sliding_window is false.
+    if arch.startswith("Qwen") and not raw.get("use_sliding_window", False):
+        return None
+    window = raw.get("sliding_window")
+    return int(window) if window else None
 
 
 def _as_id_tuple(value: Any) -> tuple[int, ...]:

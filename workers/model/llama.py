@@ -28,10 +28,12 @@ from workers.model.linear import (
     VocabParallelEmbedding,
 )
 from workers.model.rms_norm import RMSNorm
-from workers.model.rotary import RotaryEmbedding
+from workers.model.rotary import RotaryEmbedding, apply_rotary
 from workers.parallel import SINGLE, ParallelContext
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor]
+"""cos, sin [num_tokens, head_dim] of this step's positions."""
 
 
 @dataclass(frozen=True)
@@ -71,10 +73,9 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, cfg.o_bias, parallel)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+        self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
         n = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -84,7 +85,7 @@ class Attention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+        q, k = apply_rotary(q, k, *rope)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(n, q_size))
 
@@ -110,9 +111,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, parallel)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache, meta: AttentionMetadata
+        self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, kv_cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,6 +136,7 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"layer_range {self.layer_range} outside 0..{cfg.num_layers}")
         self.has_embedding = start == 0
         self.has_head = end == cfg.num_layers
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         if self.has_embedding:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
         self.layers = nn.ModuleDict(
@@ -157,9 +159,10 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [num_tokens, hidden] after the final norm on the last stage; an
         IntermediateTensors for the next stage otherwise."""
         x = self.embed_tokens(input_ids) if self.has_embedding else intermediate.hidden
+        rope = self.rotary(positions, x.dtype)
         start = self.layer_range[0]
         for index, layer in self.layers.items():
-            x = layer(x, positions, kv_caches[int(index) - start], meta)
+            x = layer(x, rope, kv_caches[int(index) - start], meta)
         return self.norm(x) if self.has_head else IntermediateTensors(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

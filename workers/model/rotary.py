@@ -42,18 +42,26 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, Hq, D], k [N, Hk, D] rotated by cos/sin [N, D] (from RotaryEmbedding)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
 class RotaryEmbedding(nn.Module):
+    """Computes cos/sin once per step; every layer applies them with `apply_rotary`."""
+
     def __init__(self, head_dim: int, theta: float, scaling: RopeScaling | None):
         super().__init__()
         # A buffer (not a parameter): follows .to(device), never loaded from a checkpoint.
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, positions: torch.Tensor, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [N, Hq, D], k [N, Hk, D], positions [N] -> rotated (q, k)."""
+        """cos, sin [N, head_dim] in `dtype` for positions [N] (float32 math, as HF)."""
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos = emb.cos().to(q.dtype)[:, None, :]
-        sin = emb.sin().to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return emb.cos().to(dtype), emb.sin().to(dtype)
