@@ -121,3 +121,17 @@ def test_runner_dummy_load_from_a_bare_config_json(tiny_model_dir, tmp_path, mak
     runner = ModelRunner(config)
     logits = runner.execute(make_step([([1, 2, 3, 4, 5], 5, [3, 1])], 4))
     assert logits.shape == (1, runner.model_config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_make_tiny_model_cli_writes_a_loadable_variant(tmp_path, capsys):
+    from cluster.cli import main
+
+    folder = tmp_path / "cli-qwen3"
+    assert main(["make-tiny-model", str(folder), "--variant", "qwen3", "--layers", "3"]) == 0
+    assert str(folder) in capsys.readouterr().out
+    config = ModelConfig.from_path(folder)
+    assert (config.architecture, config.num_layers, config.head_dim) == ("Qwen3ForCausalLM", 3, 32)
+    load_checkpoint(new_model(folder), folder)
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
+        p.name for p in folder.iterdir()
+    }
