@@ -201,10 +201,12 @@ def test_unsupported_architecture_names_it_and_the_supported_ones():
     assert "Qwen3ForCausalLM" in error.value.supported and "GPT2LMHeadModel" in str(error.value)
 
 
-def test_config_reads_transformers5_rope_parameters_and_rejects_unknown_rope():
+def test_config_reads_transformers5_rope_parameters_and_rejects_unsupported_features():
     raw = {k: v for k, v in LLAMA3_8B.items() if k not in ("rope_theta", "rope_scaling")}
     raw["rope_parameters"] = {**LLAMA3_8B["rope_scaling"], "rope_theta": 500000.0}
     cfg = ModelConfig.from_dict(raw)
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.original_max_position_embeddings == 8192
+    with pytest.raises(InvalidModelConfig, match="gelu"):
+        ModelConfig.from_dict({**LLAMA3_8B, "hidden_act": "gelu"})
     with pytest.raises(InvalidModelConfig, match="yarn"):
         ModelConfig.from_dict({**LLAMA3_8B, "rope_scaling": {"rope_type": "yarn", "factor": 4}})

@@ -84,6 +84,7 @@ class ModelConfig:
         arch = architectures[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedArchitecture(arch, SUPPORTED_ARCHITECTURES)
+        _check_supported_features(raw)
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
         is_qwen2 = arch == "Qwen2ForCausalLM"
@@ -111,6 +112,15 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=_as_id_tuple(raw.get("eos_token_id")),
         )
+
+
+def _check_supported_features(raw: dict[str, Any]) -> None:
+    # Silently ignoring these would load fine and generate garbage; refuse instead.
+    activation = raw.get("hidden_act", "silu")
+    if activation != "silu":
+        raise InvalidModelConfig("hidden_act", f"{activation!r} is not supported (only 'silu')")
+    if raw.get("mlp_bias"):
+        raise InvalidModelConfig("mlp_bias", "biases in the MLP are not supported")
 
 
 def _sliding_window(raw: dict[str, Any], arch: str) -> int | None:
