@@ -93,3 +93,26 @@ def test_tiny_model_files_are_deterministic(tmp_path):
     for name in ("tokenizer.json", "model.safetensors", "config.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
     assert (first / "model.safetensors").read_bytes() != (other / "model.safetensors").read_bytes()
+
+
+def test_streamed_text_continues_the_prompt_with_a_metaspace_tokenizer(tmp_path):
+    """SentencePiece-style decoders drop the first token's leading space; streaming with the
+    prompt as context must keep it, so prompt text + deltas == decode(prompt + generated)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from workers.tiny_model import CORPUS
+
+    raw = HFTokenizer(models.BPE(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"], show_progress=False)
+    raw.train_from_iterator(CORPUS.splitlines(), trainer)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = Tokenizer(tmp_path)
+    prompt = tokenizer.encode("Once upon a time")
+    generated = tokenizer.encode(" there was a little robot", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    streamed = "".join([detok.add([token]) for token in generated] + [detok.flush()])
+    assert tokenizer.decode(prompt) + streamed == tokenizer.decode(prompt + generated)
+    assert streamed.startswith(" there")
