@@ -1,0 +1,280 @@
+"""python -m cluster.bench_kv: KV-transfer bandwidth against raw send/recv, for one request.
+
+(a) Two processes on two GPUs (or two CPU processes with `--device cpu`, gloo): raw
+    torch.distributed send/recv of one request's KV bytes beside our transfer of the same
+    request (pack + header + send + recv + unpack + ack), GB/s and the ratio.
+(b) One device: pack and unpack throughput against a plain copy of the same bytes, and the
+    ZMQ path between two processes on that one device.
+Sizes: one request's KV at each `--tokens` prompt length with Llama-3-8B's KV shape (32
+layers, 8 kv heads, head_dim 128, bf16, block 16) unless overridden. GB/s = payload bytes / s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import queue
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.multiprocessing as mp
+
+from workers.kv_transfer import KVLayout, Receiver, Sender, TransferConfig, TransferState
+from workers.kv_transfer.layout import plan_transfer
+from workers.kv_transfer.packing import pack, unpack
+from workers.kv_transfer.pair_group import RECEIVER_RANK, SENDER_RANK, PairGroup, host_store
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str
+    tokens: tuple[int, ...]
+    iters: int
+    warmup: int
+    layout: KVLayout
+    host: str = "127.0.0.1"
+    probe_bytes: int = 4 << 20
+
+    def num_bytes(self, tokens: int) -> int:
+        plan = plan_transfer(self.layout, self.layout)
+        return plan.num_bytes(self.layout, self.num_blocks(tokens))
+
+    def num_blocks(self, tokens: int) -> int:
+        return -(-tokens // self.layout.block_size)
+
+
+def _parse(argv: list[str] | None) -> BenchConfig:
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench_kv", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tokens", default=None, help="prompt lengths, comma-separated "
+                        "(default 1024,4096,16384 on cuda; 64,256,1024 on cpu)")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args(argv)
+    tokens = args.tokens or ("1024,4096,16384" if args.device == "cuda" else "64,256,1024")
+    layout = KVLayout("llama-3-8b-kv-shape", args.dtype, args.block_size, args.layers,
+                      args.kv_heads, args.head_dim)
+    return BenchConfig(args.device, tuple(int(t) for t in tokens.split(",")), args.iters,
+                       args.warmup, layout, probe_bytes=(64 << 20) if args.device == "cuda"
+                       else (4 << 20))
+
+
+def _caches(cfg: BenchConfig, device: torch.device, seed: int):
+    num_blocks = cfg.num_blocks(max(cfg.tokens)) + 1
+    shape = (num_blocks, cfg.layout.block_size, cfg.layout.num_kv_heads, cfg.layout.head_dim)
+    torch.manual_seed(seed)
+    dtype = getattr(torch, cfg.layout.dtype)
+    return [tuple(torch.randn(shape, device=device).to(dtype) for _ in range(2))
+            for _ in range(cfg.layout.num_layers)]
+
+
+def _block_ids(cfg: BenchConfig, tokens: int, seed: int) -> list[int]:
+    return random.Random(seed).sample(range(cfg.num_blocks(max(cfg.tokens)) + 1),
+                                      cfg.num_blocks(tokens))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _receiver_main(cfg: BenchConfig, transport: str, device: str, raw: bool, conn,
+                   out) -> None:
+    """Rank 0: raw recvs (timed here), then a Receiver with reservations for every transfer."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    results = {}
+    if raw:
+        store = host_store(cfg.host, 60)
+        conn.send(store.port)
+        group = PairGroup(store, cfg.host, store.port, RECEIVER_RANK, 0, device, 120)
+        for tokens in cfg.tokens:
+            buf = torch.empty(cfg.num_bytes(tokens), dtype=torch.uint8, device=device)
+            for _ in range(cfg.warmup):
+                group.wait(group.post_recv(buf), 120)
+            start = time.perf_counter()
+            for _ in range(cfg.iters):
+                group.wait(group.post_recv(buf), 120)
+            results[tokens] = buf.numel() * cfg.iters / (time.perf_counter() - start) / 1e9
+        group.close()
+    config = TransferConfig(transport, cfg.host, timeout_s=600, probe_bytes=cfg.probe_bytes)
+    receiver = Receiver(cfg.layout, _caches(cfg, device, seed=1), config)
+    conn.send(receiver.address)
+    for tokens in cfg.tokens:
+        for i in range(cfg.warmup + cfg.iters):
+            receiver.expect(f"{tokens}-{i}", _block_ids(cfg, tokens, seed=2), 600)
+        conn.send("expected")
+        conn.recv()
+    out.put(("raw", results))
+    conn.recv()  # the sender's report is out: nothing is in flight any more
+    receiver.close()
+
+
+def _sender_main(cfg: BenchConfig, transport: str, device: str, raw: bool, conn,
+                 out) -> None:
+    """Rank 1: raw sends, then our transfers, each timed from send() to the receiver's ack."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if raw:
+        group = PairGroup(None, cfg.host, conn.recv(), SENDER_RANK, 0, device, 120)
+        for tokens in cfg.tokens:
+            buf = torch.randint(0, 255, (cfg.num_bytes(tokens),), dtype=torch.uint8,
+                                device=device)
+            for _ in range(cfg.warmup + cfg.iters):
+                group.send(buf, 120)
+        group.close()
+    config = TransferConfig(transport, cfg.host, timeout_s=600, probe_bytes=cfg.probe_bytes)
+    sender = Sender(cfg.layout, _caches(cfg, device, seed=3), config)
+    address = conn.recv()
+    ours = {}
+    for tokens in cfg.tokens:
+        conn.recv()
+        src, dst = _block_ids(cfg, tokens, seed=4), _block_ids(cfg, tokens, seed=2)
+        seconds = []
+        for i in range(cfg.warmup + cfg.iters):
+            start = time.perf_counter()
+            sender.send(f"{tokens}-{i}", address, src, dst, num_tokens=tokens)
+            state = sender.wait(f"{tokens}-{i}", 600)
+            if state is not TransferState.DONE:
+                raise RuntimeError(f"transfer {tokens}-{i}: {sender.table.get(f'{tokens}-{i}')}")
+            seconds.append(time.perf_counter() - start)
+        ours[tokens] = cfg.num_bytes(tokens) / statistics.median(seconds[cfg.warmup:]) / 1e9
+        conn.send("done")
+    out.put(("ours", {"ours": ours, "path": sender.path(address),
+                      "probe_gbps": sender.bandwidth(address)}))
+    sender.close()
+    conn.send("closed")
+
+
+def run_pair(cfg: BenchConfig, transport: str, devices: tuple[str, str], raw: bool) -> dict:
+    """Runs receiver and sender in two spawned processes (talking over a pipe); returns
+    {'raw': {tokens: GB/s}, 'ours': {tokens: GB/s}, 'path': ..., 'probe_gbps': ...}."""
+    ctx = mp.get_context("spawn")
+    recv_end, send_end = ctx.Pipe()
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_receiver_main,
+                         args=(cfg, transport, devices[0], raw, recv_end, out)),
+             ctx.Process(target=_sender_main,
+                         args=(cfg, transport, devices[1], raw, send_end, out))]
+    for proc in procs:
+        proc.start()
+    report = {}
+    while len(report) < 2 + ("ours" in report):
+        try:
+            kind, value = out.get(timeout=1.0)
+        except queue.Empty:
+            dead = [p for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"bench process exited with {dead[0].exitcode}") from None
+            continue
+        report.update({"raw": value} if kind == "raw" else value)
+    for proc in procs:
+        proc.join(120)
+        if proc.exitcode != 0:
+            raise RuntimeError(f"bench process {proc.name} exited with {proc.exitcode}")
+    return report
+
+
+def _timed(fn, device: torch.device, iters: int, warmup: int) -> float:
+    """Median seconds of fn() over iters runs after warmup, synchronized on CUDA."""
+    seconds = []
+    for i in range(warmup + iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        if i >= warmup:
+            seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def bench_local(cfg: BenchConfig, device: torch.device) -> dict[int, dict[str, float]]:
+    """pack / unpack / plain-copy GB/s of each request size on one device."""
+    caches = _caches(cfg, device, seed=5)
+    return {tokens: _bench_size(cfg, caches, tokens, device) for tokens in cfg.tokens}
+
+
+def _bench_size(cfg: BenchConfig, caches, tokens: int, device: torch.device) -> dict:
+    plan = plan_transfer(cfg.layout, cfg.layout)
+    src, dst = _block_ids(cfg, tokens, seed=4), _block_ids(cfg, tokens, seed=2)
+    buf = pack(caches, cfg.layout, plan, src)
+    copy = torch.empty_like(buf)
+    size = buf.numel() * buf.element_size()
+    times = {
+        "pack": _timed(lambda: pack(caches, cfg.layout, plan, src, out=buf), device,
+                       cfg.iters, cfg.warmup),
+        "unpack": _timed(lambda: unpack(buf, caches, cfg.layout, plan, dst), device,
+                         cfg.iters, cfg.warmup),
+        "copy": _timed(lambda: copy.copy_(buf), device, cfg.iters, cfg.warmup),
+    }
+    return {name: size / t / 1e9 for name, t in times.items()}
+
+
+def _device_name(cfg: BenchConfig) -> str:
+    if cfg.device == "cuda":
+        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
+    return f"CPU {platform.processor() or platform.machine()}"
+
+
+def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) -> str:
+    lay = cfg.layout
+    lines = [
+        f"kvrelay bench_kv  {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        f"  device: {_device_name(cfg)}  torch {torch.__version__}",
+        f"model KV: {lay.num_layers} layers x {lay.num_kv_heads} kv heads x d={lay.head_dim}, "
+        f"{lay.dtype}, block {lay.block_size}; one request per size; median of {cfg.iters} "
+        f"after {cfg.warmup} warm-up; GB/s = payload bytes / s",
+    ]
+    if pair:
+        lines.append(f"(a) two processes, two devices, path {pair['path']} (start-up probe "
+                     f"{pair['probe_gbps'] or 0:.2f} GB/s)")
+    lines.append(f"(b) one device: pack/unpack vs copy; ZMQ path between two processes "
+                 f"(probe {zmq['probe_gbps'] or 0:.2f} GB/s)")
+    header = (f"{'tokens':>7} {'MiB':>8} | {'raw p2p':>8} {'ours':>8} {'ratio':>6} | "
+              f"{'pack':>8} {'unpack':>8} {'copy':>8} {'pk/cp':>6} | {'zmq':>8}")
+    lines += [header, "-" * len(header)]
+    for tokens in cfg.tokens:
+        raw = pair["raw"][tokens] if pair else float("nan")
+        ours = pair["ours"][tokens] if pair else float("nan")
+        row = local[tokens]
+        lines.append(
+            f"{tokens:>7} {cfg.num_bytes(tokens) / 2**20:>8.1f} | {raw:>8.2f} {ours:>8.2f} "
+            f"{ours / raw:>6.2f} | {row['pack']:>8.2f} {row['unpack']:>8.2f} "
+            f"{row['copy']:>8.2f} {row['pack'] / row['copy']:>6.2f} | {zmq['ours'][tokens]:>8.2f}")
+    return "\n".join(lines)
+
+
+def collect(cfg: BenchConfig) -> tuple[dict | None, dict, dict]:
+    """(two-device raw vs ours, or None with one GPU; ZMQ on one device; pack/unpack/copy)."""
+    two = cfg.device == "cpu" or torch.cuda.device_count() >= 2
+    first, second = ("cuda:0", "cuda:1") if cfg.device == "cuda" else ("cpu", "cpu")
+    pair = run_pair(cfg, "torch", (first, second), raw=True) if two else None
+    if pair is None:
+        print("only one GPU: skipping (a), the two-device NCCL comparison")
+    zmq = run_pair(cfg, "zmq", (first, first), raw=False)
+    return pair, zmq, bench_local(cfg, torch.device(first))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = _parse(argv)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device; run with --device cpu")
+        return 2
+    print(format_table(cfg, *collect(cfg)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,31 @@
+"""cluster/bench_kv.py runs end to end on CPU (gloo and ZMQ between two real processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster import bench_kv
+
+
+@pytest.mark.slow
+def test_bench_kv_cpu_variant_measures_every_size_and_prints_the_table():
+    cfg = bench_kv._parse(["--device", "cpu", "--tokens", "16,48", "--layers", "2",
+                           "--iters", "1", "--warmup", "1"])
+    pair, zmq, local = bench_kv.collect(cfg)
+    assert pair["path"] == "gloo" and zmq["path"] == "zmq"
+    assert pair["probe_gbps"] > 0 and zmq["probe_gbps"] > 0
+    for tokens in (16, 48):
+        assert pair["raw"][tokens] > 0 and pair["ours"][tokens] > 0 and zmq["ours"][tokens] > 0
+        assert all(local[tokens][k] > 0 for k in ("pack", "unpack", "copy"))
+    table = bench_kv.format_table(cfg, pair, zmq, local)
+    rows = [line.split() for line in table.splitlines() if line.lstrip().startswith(("16 ",
+                                                                                     "48 "))]
+    # tokens x 2 layers x (K, V) x 8 kv heads x 128 x 2 bytes, in MiB
+    assert [(row[0], float(row[1])) for row in rows] == \
+        [(str(t), round(t * 2 * 2 * 8 * 128 * 2 / 2**20, 1)) for t in (16, 48)]
+
+
+def test_request_bytes_match_llama3_8b_kv_per_token():
+    cfg = bench_kv._parse(["--tokens", "1024,4096,16384"])
+    # 32 layers x (K, V) x 8 kv heads x 128 x 2 bytes = 128 KiB per token.
+    assert [cfg.num_bytes(t) for t in cfg.tokens] == [t * 128 * 1024 for t in cfg.tokens]
