@@ -62,6 +62,9 @@ class GatewayConfig:
     """Where the PULL socket binds; workers on other hosts need this host's reachable IP."""
     output_port: int = 0
     """0: a free port."""
+    output_advertise_host: str | None = None
+    """Host workers connect to; None: `output_host`, or this machine's address when
+    `output_host` is a wildcard (0.0.0.0)."""
     max_in_flight: int = 1024
     """Requests admitted at once before 429 (0: no limit)."""
     request_timeout_s: float = 600.0

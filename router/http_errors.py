@@ -31,6 +31,12 @@ STATUS_BY_ERROR: dict[str, int] = {
     # Every decode worker was full: the cluster is overloaded, not the request wrong.
     errors.NoCapacity.__name__: 503,
     errors.RequestTimeout.__name__: 504,
+    # The worker serving a request died mid-way (router/router_core.py): retry elsewhere.
+    "WorkerLost": 503,
+    # Ray's names for an actor (the Router) that is dead or restarting; no ray import here.
+    "RayActorError": 503,
+    "ActorDiedError": 503,
+    "ActorUnavailableError": 503,
 }
 
 _TYPE_BY_STATUS = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import zmq
 import zmq.asyncio
@@ -22,15 +23,20 @@ log = logging.getLogger(__name__)
 class OutputReceiver:
     """Binds a PULL socket on `host` (`port` 0: a free port) and routes chunks by request id.
 
+    `address` is what workers connect to: `advertise_host` if given; for a wildcard `host`
+    (0.0.0.0), this machine's address, since workers cannot connect to a wildcard.
+
     Lifecycle: `await start()` inside the serving event loop, `await stop()` at shutdown.
     Callers `register(request_id)` BEFORE submitting the request (so no chunk can arrive for
     an unknown id) and `unregister` once they are done with it. Chunks for ids not registered
     (late chunks of aborted requests) are dropped and counted in `dropped`.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 advertise_host: str | None = None):
         self._host = host
         self._port = port
+        self._advertise = advertise_host or _advertised(host)
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task | None = None
@@ -48,7 +54,7 @@ class OutputReceiver:
         else:
             self._sock.bind(f"tcp://{self._host}:{self._port}")
             port = self._port
-        self.address = f"tcp://{self._host}:{port}"
+        self.address = f"tcp://{self._advertise}:{port}"
         self._task = asyncio.create_task(self._pump(), name="output-receiver")
 
     async def stop(self) -> None:
@@ -97,3 +103,9 @@ class OutputReceiver:
                 self.dropped += 1
                 continue
             queue.put_nowait(chunk)
+
+
+def _advertised(host: str) -> str:
+    if host in ("0.0.0.0", "*", "::", ""):
+        return socket.gethostbyname(socket.gethostname())
+    return host

@@ -107,7 +107,8 @@ class RequestFlow:
         self.max_model_len = max_model_len
         self.config = config
         self.metrics = metrics
-        self.receiver = OutputReceiver(config.output_host, config.output_port)
+        self.receiver = OutputReceiver(config.output_host, config.output_port,
+                                       config.output_advertise_host)
         self.admission = Admission(config.max_in_flight)
         self._aborts: set[asyncio.Task] = set()
 
@@ -117,6 +118,9 @@ class RequestFlow:
             await self._start(call)
         except KvrelayError as exc:
             return self.error(endpoint, http_errors.from_exception(exc, _param_for(exc, body)))
+        except Exception as exc:  # the backend itself failed (e.g. the Router actor died)
+            log.exception("submitting a %s request failed", endpoint)
+            return self.error(endpoint, http_errors.from_exception(exc))
         try:
             chunk = await self._receive(call, request, whole=not body.stream)
         except RequestTimeout as exc:
@@ -136,6 +140,8 @@ class RequestFlow:
         return JSONResponse(self._body(call))
 
     def error(self, endpoint: str, mapped: http_errors.HttpError, count: bool = True) -> Response:
+        if mapped.status >= 500:
+            log.error("%s -> %d: %s", endpoint, mapped.status, mapped.body["error"]["message"])
         if self.metrics is not None and count:
             self.metrics.request_done(endpoint, mapped.status)
         return mapped.response()
@@ -271,7 +277,12 @@ class RequestFlow:
 
     def _abort_soon(self, request_id: str) -> None:
         # A task, not an await: this runs in `finally` blocks of cancelled handlers.
-        task = asyncio.get_running_loop().create_task(self._abort(request_id))
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a stream finalized after its loop stopped: the server is gone
+            log.warning("no event loop left to abort %s", request_id)
+            return
+        task = loop.create_task(self._abort(request_id))
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 

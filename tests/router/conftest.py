@@ -9,6 +9,7 @@ Only Ray is left out; everything the gateway sees is what it sees in production.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+import zmq
 
 from cluster.metrics import GatewayMetrics
 from router.gateway import GatewayConfig, create_app
@@ -26,7 +28,7 @@ from router.router_core import RouterConfig, RouterCore
 from router.worker_handle import LocalHandle
 from workers.colocated_worker import ColocatedWorker
 from workers.config import CacheConfig, EngineConfig
-from workers.protocol import GenerateRequest
+from workers.protocol import GenerateRequest, OutputChunk, encode
 from workers.tokenizer import Tokenizer
 from workers.worker_base import WorkerSpec
 
@@ -66,6 +68,42 @@ class CoreBackend:
         await self._ensure_started()
         await self.core.poll_all()
         return self.core.worker_metrics()
+
+
+class ScriptedBackend:
+    """A worker on demand for failure cases the real engine will not produce on cue: on
+    submit it PUSHes `script` (chunks re-addressed to the request) over a real ZMQ socket to
+    the gateway, then falls silent, like a worker that stalled or died mid-request."""
+
+    def __init__(self, script: list[OutputChunk]):
+        self.script = script
+        self.submitted: list[str] = []
+        self.aborted: list[str] = []
+        self._context = zmq.Context()
+        self._sockets: dict[str, zmq.Socket] = {}
+
+    async def submit(self, request: GenerateRequest) -> None:
+        self.submitted.append(request.request_id)
+        sock = self._sockets.get(request.output_address)
+        if sock is None:
+            sock = self._sockets[request.output_address] = self._context.socket(zmq.PUSH)
+            sock.connect(request.output_address)
+        for chunk in self.script:
+            sock.send(encode(dataclasses.replace(chunk, request_id=request.request_id)))
+
+    async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
+
+    async def health(self) -> dict[str, Any]:
+        return {"workers": {"colocated": {"ready": 1, "known": 1}}}
+
+    async def worker_metrics(self) -> list[dict[str, Any]]:
+        return []
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._context.term()
 
 
 def engine_config(model_dir) -> EngineConfig:

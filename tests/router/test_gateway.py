@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -18,12 +19,14 @@ from tests.router.conftest import (
     MAX_MODEL_LEN,
     NUM_BLOCKS,
     CoreBackend,
+    ScriptedBackend,
     engine_config,
     serve,
     served_gateway,
     stop_core,
 )
 from workers.engine import LLMEngine
+from workers.protocol import OutputChunk
 from workers.sampling_params import SamplingParams
 from workers.tokenizer import Tokenizer
 
@@ -204,8 +207,12 @@ def test_deadline_ends_request_with_504_and_frees_blocks(gateway):
     assert gateway.wait_all_blocks_free() == NUM_BLOCKS
 
 
+def closed_by_client(served) -> int:
+    return served.metrics.snapshot([])["requests_by_status"].get("499", 0)
+
+
 def test_disconnect_mid_stream_aborts_and_frees_blocks(gateway):
-    before = set(gateway.core.requests)
+    before, closed = set(gateway.core.requests), closed_by_client(gateway)
     body = {**GREEDY, "prompt": "hi", "max_tokens": 240, "stream": True}
     with httpx.Client(timeout=30) as client:
         with client.stream("POST", gateway.url + "/v1/completions", json=body) as response:
@@ -221,10 +228,11 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(gateway):
     while set(gateway.core.requests) - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not set(gateway.core.requests) - before
+    assert closed_by_client(gateway) == closed + 1
 
 
 def test_disconnect_while_waiting_for_unary_response_aborts(gateway):
-    before = set(gateway.core.requests)
+    before, closed = set(gateway.core.requests), closed_by_client(gateway)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(gateway.url + "/v1/completions",
                    json={**GREEDY, "prompt": "hi", "max_tokens": 240},
@@ -234,6 +242,7 @@ def test_disconnect_while_waiting_for_unary_response_aborts(gateway):
     while set(gateway.core.requests) - before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not set(gateway.core.requests) - before
+    assert closed_by_client(gateway) == closed + 1
 
 
 def test_over_the_in_flight_limit_is_429_with_retry_after(colocated_worker, tiny_model_dir):
@@ -288,3 +297,48 @@ def test_models_health_and_metrics(gateway):
     assert snapshot["requests_by_status"].get("500", 0) == 0
     assert snapshot["mean_ttft_s"] > 0 and snapshot["generation_tokens"] >= 4
     assert snapshot["workers"][0]["worker_id"] == "gw-colocated-0"
+
+
+@contextmanager
+def scripted(tiny_model_dir, script: list[OutputChunk]):
+    backend = ScriptedBackend(script)
+    app = create_app(backend, Tokenizer(tiny_model_dir), "tiny", MAX_MODEL_LEN)
+    try:
+        with serve(app) as url:
+            yield url, backend
+    finally:
+        backend.close()
+
+
+def test_worker_stalling_mid_stream_ends_with_timeout_event_and_abort(tiny_model_dir):
+    with scripted(tiny_model_dir, [OutputChunk("", [5], text_delta="Hel")]) as (url, backend):
+        response = httpx.post(url + "/v1/chat/completions", timeout=30, json={
+            "messages": [{"role": "user", "content": "hi"}], "stream": True, "timeout": 0.5})
+        payloads = sse_payloads(response.text)
+        assert response.status_code == 200 and payloads[-1] == "[DONE]"
+        assert payloads[1]["choices"][0]["delta"] == {"content": "Hel"}
+        assert payloads[-2]["error"]["code"] == "request_timeout"
+        unary = httpx.post(url + "/v1/completions", json={"prompt": "hi", "timeout": 0.3})
+        assert unary.status_code == 504
+        deadline = time.monotonic() + 5
+        while len(backend.aborted) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert backend.aborted == backend.submitted  # both aborted, nothing left running
+
+
+@pytest.mark.parametrize(("error_type", "status"), [("RuntimeError", 500), ("WorkerLost", 503),
+                                                    ("PromptTooLong", 400)])
+def test_worker_error_chunks_map_to_their_status(tiny_model_dir, error_type, status):
+    failure = OutputChunk("", finished=True, finish_reason="error", error="it broke",
+                          error_type=error_type)
+    with scripted(tiny_model_dir, [failure]) as (url, backend):
+        unary = httpx.post(url + "/v1/completions", json={"prompt": "hi"})
+        assert unary.status_code == status
+        assert "it broke" in unary.json()["error"]["message"]
+    late = [OutputChunk("", [5], text_delta="He"), failure]
+    with scripted(tiny_model_dir, late) as (url, backend):
+        stream = httpx.post(url + "/v1/completions", json={"prompt": "hi", "stream": True})
+        payloads = sse_payloads(stream.text)
+        assert payloads[0]["choices"][0]["text"] == "He" and payloads[-1] == "[DONE]"
+        assert payloads[-2]["error"]["message"].endswith("it broke")
+        assert backend.aborted == []  # the worker ended it; nothing to abort

@@ -119,3 +119,19 @@ def test_many_concurrent_requests_each_get_exactly_their_final_chunk():
             await receiver.stop()
 
     assert asyncio.run(scenario()) == [f"r{i}" for i in range(n_requests)]
+
+
+def test_wildcard_bind_advertises_an_address_workers_can_connect_to():
+    async def scenario() -> tuple[str, list[int]]:
+        receiver = OutputReceiver(host="0.0.0.0")
+        await receiver.start()
+        try:
+            queue = receiver.register("w")
+            _push_from_thread(receiver.address, [encode(OutputChunk("w", [9]))])
+            chunk = await asyncio.wait_for(queue.get(), timeout=5)
+            return receiver.address, chunk.new_token_ids
+        finally:
+            await receiver.stop()
+
+    address, tokens = asyncio.run(scenario())
+    assert "0.0.0.0" not in address and tokens == [9]
