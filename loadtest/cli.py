@@ -145,7 +145,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if not 0 < args.target_attainment <= 1:
         raise BadFlag("--target-attainment", args.target_attainment, "must be in (0, 1]")
     axis = "rate" if args.rates else "concurrency"
-    loads = parse_loads(args.rates or args.concurrencies, f"--{axis}s".replace("ys", "ies"))
+    flag = "--rates" if axis == "rate" else "--concurrencies"
+    loads = parse_loads(args.rates or args.concurrencies, flag)
     if axis == "rate" and args.rate is None:
         args.rate = loads[0]  # the base config must be valid; each point sets its own rate
     if axis == "rate" and _arrival_kind(args) == "closed":
