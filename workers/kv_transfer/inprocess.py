@@ -71,8 +71,9 @@ class InProcessReceiver(KVReceiver):
             start = time.perf_counter()
             buf = pack(sender.kv_caches, sender.layout, plan, src_block_ids)
             unpack(buf, self.kv_caches, self.layout, plan, record.block_ids[:n])
-            self.table.add_cells(request_id, plan.num_cells, buf.numel() * buf.element_size(),
-                                 time.perf_counter() - start, extra)
+            self.table.add_part(request_id, plan, plan.num_cells,
+                                buf.numel() * buf.element_size(), time.perf_counter() - start,
+                                extra)
         return ""
 
     def path(self, peer: str) -> str | None:

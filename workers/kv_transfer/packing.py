@@ -66,6 +66,49 @@ def unpack(buf: torch.Tensor, kv_caches: KVCaches, layout: KVLayout, plan: Trans
             _heads_view(cache, heads).index_copy_(0, ids, buf[layer, kv])
 
 
+class CopyStream:
+    """The side stream one pair's KV copies run on (CUDA), so they overlap the engine's compute
+    instead of queueing behind it; on CPU every method is a no-op. Use as a context manager
+    on the pair's thread: it also binds that thread to the caches' device (NCCL needs it)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._context = None
+
+    def __enter__(self) -> CopyStream:
+        if self._stream is not None:
+            torch.cuda.set_device(self.device)
+            self._context = torch.cuda.stream(self._stream)
+            self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc)
+            self._context = None
+
+    def wait_event(self, event) -> None:
+        """Orders later copies after `event` (recorded on the engine's stream), if any."""
+        if self._stream is not None and event is not None:
+            self._stream.wait_event(event)
+
+    def synchronize(self) -> None:
+        """Returns once every copy queued so far is done: blocks may then be reused."""
+        if self._stream is not None:
+            self._stream.synchronize()
+
+
+def record_event(device: torch.device):
+    """An event on the caller's current CUDA stream (None on CPU): KV written before it is
+    what a transfer queued now must read."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
 def as_bytes(buf: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view (wire format: NCCL, gloo and ZMQ all move bytes, whatever the dtype)."""
     return buf.reshape(-1).view(torch.uint8)

@@ -68,8 +68,8 @@ class PairGroup:
         """Raises (RuntimeError) if `work` is not done within timeout_s."""
         work.wait(datetime.timedelta(seconds=max(timeout_s, 0.001)))
         if self.device.type == "cuda":
-            # NCCL's wait only orders the current stream after the op; data is ready when
-            # the stream is.
+            # NCCL's wait only orders the current stream (the pair's CopyStream) after the op;
+            # the data is ready when that stream is.
             torch.cuda.current_stream(self.device).synchronize()
 
     def close(self) -> None:

@@ -23,7 +23,7 @@ from workers.kv_transfer.base import KVReceiver, OnDone, OnFailed, TransferHeade
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, TransferPlan, check_compatible, plan_transfer
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
-from workers.kv_transfer.packing import KVCaches, unpack
+from workers.kv_transfer.packing import CopyStream, KVCaches, unpack
 from workers.kv_transfer.pair_group import RECEIVER_RANK, PairGroup, host_store
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
 from workers.protocol import decode, encode
@@ -40,6 +40,7 @@ class _Peer:
         self.generation = generation
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-recv-{generation}")
         self.group: PairGroup | None = None
+        self.stream: CopyStream | None = None
         self.path: str | None = None
         self.gbps: float | None = None
         self.pending = 0
@@ -140,6 +141,8 @@ class Receiver(KVReceiver):
         self._reply(identity, HelloReply(self.layout.to_dict(), [], store_port, peer.generation))
 
     def _build_group(self, peer: _Peer, store) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         try:
             peer.group = PairGroup(store, self.config.host, store.port, RECEIVER_RANK,
                                    peer.generation, self.device, self.config.connect_timeout_s)
@@ -199,9 +202,8 @@ class Receiver(KVReceiver):
                                                  f"transfer {record.state.value}"))
                 return
             unpack(buf, self.kv_caches, self.layout, plan, record.block_ids[:header.num_blocks])
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
-            self.table.add_cells(header.request_id, plan.num_cells, header.num_bytes, seconds,
+            peer.stream.synchronize()  # the KV is in the blocks before anyone hears DONE
+            self.table.add_part(header.request_id, plan, plan.num_cells, header.num_bytes, seconds,
                                  header.extra)
         self._reply(peer.identity, Reply(header.request_id, "ack"))
 
@@ -217,8 +219,6 @@ class Receiver(KVReceiver):
                 return torch.frombuffer(frame.buffer, dtype=torch.uint8)
         if peer.group is None:
             raise RuntimeError(f"pair with {peer.sender_id} has no communicator")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         buf = torch.empty(header.num_bytes, dtype=torch.uint8, device=self.device)
         work = peer.group.post_recv(buf)
         self._reply(peer.identity, Reply(header.request_id, "ready"))
@@ -228,8 +228,11 @@ class Receiver(KVReceiver):
     def _guarded(self, peer: _Peer, request_id: str, job, *args) -> None:
         """Runs a pair job; any failure fails that transfer and tears the pair down (the sender
         shakes hands again on its next transfer)."""
+        if peer.stream is None:
+            peer.stream = CopyStream(self.device)
         try:
-            job(*args)
+            with peer.stream:
+                job(*args)
         except Exception as err:  # noqa: BLE001 - wire errors end this transfer only
             log.warning("kv transfer %s from %s failed: %r", request_id, peer.sender_id, err)
             self.table.end(request_id, TransferState.FAILED, f"{type(err).__name__}: {err}")

@@ -22,7 +22,7 @@ from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferHeader,
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, check_compatible, plan_transfer
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
-from workers.kv_transfer.packing import KVCaches, as_bytes, pack
+from workers.kv_transfer.packing import CopyStream, KVCaches, as_bytes, pack, record_event
 from workers.kv_transfer.pair_group import SENDER_RANK, PairGroup
 from workers.kv_transfer.probe import measure_gbps
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
@@ -43,6 +43,7 @@ class _Pair:
         self.gbps: float | None = None
         self.pending = 0
         self.last_used = time.monotonic()
+        self.stream: CopyStream | None = None
         self.staging: torch.Tensor | None = None
         """ZMQ path on CUDA: pinned host bytes the packed KV is staged through. Reused: the
         pair's next transfer starts only after the receiver acked this one."""
@@ -88,7 +89,7 @@ class Sender(KVSender):
         record = self.table.add(request_id, timeout_s or self.config.timeout_s, peer=dest,
                                 block_ids=src_block_ids[:num_blocks], extra=extra)
         # The engine's last prefill step may still be running on its stream.
-        ready = _record_event(self.device)
+        ready = record_event(self.device)
         header = TransferHeader(request_id, self.layout.to_dict(), list(dest_block_ids),
                                 num_blocks, 0, self.layout.dtype, dict(extra or {}), num_tokens)
         pair = self._pair(dest)
@@ -104,8 +105,11 @@ class Sender(KVSender):
             return pair
 
     def _run(self, pair: _Pair, record: TransferRecord, header: TransferHeader, ready) -> None:
+        if pair.stream is None:
+            pair.stream = CopyStream(self.device)
         try:
-            self._run_once(pair, record, header, ready)
+            with pair.stream:
+                self._run_once(pair, record, header, ready)
         except (HandshakeMismatch, TransferFailed) as err:
             self.table.finish(record.request_id, TransferState.FAILED, str(err))
         except Exception as err:  # noqa: BLE001 - any wire error fails this transfer only
@@ -144,15 +148,12 @@ class Sender(KVSender):
             self._ensure_started(pair)
 
     def _pack(self, pair: _Pair, plan, block_ids: list[int], ready) -> torch.Tensor:
-        if ready is not None:
-            torch.cuda.set_device(self.device)
-            torch.cuda.current_stream(self.device).wait_event(ready)
+        pair.stream.wait_event(ready)
         buf = as_bytes(pack(self.kv_caches, self.layout, plan, block_ids))
-        if self.device.type == "cuda":
-            # Until the copy is done the source blocks are still being read.
-            torch.cuda.current_stream(self.device).synchronize()
-            if self.config.transport == "zmq":
-                buf = pair.stage(buf)
+        # Until the copy is done the source blocks are still being read.
+        pair.stream.synchronize()
+        if self.device.type == "cuda" and self.config.transport == "zmq":
+            buf = pair.stage(buf)
         return buf
 
     def _push(self, pair: _Pair, header: TransferHeader, buf: torch.Tensor,
@@ -290,11 +291,3 @@ def _expect(sock: zmq.Socket, kind: type, deadline: float, peer: str):
 def _frame(buf: torch.Tensor) -> memoryview:
     """Zero-copy view of a contiguous CPU byte tensor for ZMQ (copy=False)."""
     return memoryview(buf.numpy())
-
-
-def _record_event(device: torch.device):
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event

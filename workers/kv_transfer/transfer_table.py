@@ -1,6 +1,6 @@
 """Per-transfer state with deadlines: the bookkeeping both ends of a KV transfer share.
 
-Pure and thread-safe: no sockets, no torch. Backends call `start`, `add_cells` and `finish`;
+Pure and thread-safe: no sockets, no torch. Backends call `start`, `add_part` and `finish`;
 a watchdog calls `expire`. Callbacks run outside the lock, exactly once per transfer.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from workers.errors import DuplicateRequest
@@ -28,6 +29,8 @@ class TransferRecord:
     cells_needed: int = 0
     """Receiver: (layer, kv head) cells its slice has; DONE once all have landed."""
     cells_done: int = 0
+    parts: set = field(default_factory=set)
+    """Receiver: the plans that have landed; a part sent twice (a retry) counts once."""
     num_bytes: int = 0
     seconds: float = 0.0
     """Wire time of the data (send/recv), for metrics and GB/s."""
@@ -89,14 +92,17 @@ class TransferTable:
             record.state = TransferState.SENDING
             return record
 
-    def add_cells(self, request_id: str, cells: int, num_bytes: int, seconds: float,
-                  extra: dict) -> bool:
-        """Receiver: one part's data landed. Marks DONE once every cell has; True if it did."""
+    def add_part(self, request_id: str, part: Hashable, cells: int, num_bytes: int,
+                 seconds: float, extra: dict) -> bool:
+        """Receiver: one part's data (`cells` (layer, kv head) cells, identified by `part`, e.g.
+        its TransferPlan) landed. Marks DONE once every cell has; True if it did."""
         with self._lock:
             record = self._records.get(request_id)
             if record is None or record.state.terminal:
                 return False
-            record.cells_done += cells
+            if part not in record.parts:
+                record.parts.add(part)
+                record.cells_done += cells
             record.num_bytes += num_bytes
             record.seconds += seconds
             record.extra.update(extra)

@@ -23,12 +23,13 @@ def test_parts_complete_the_transfer_once_all_cells_landed():
     table.add("r", 10, cells_needed=8)
     assert table.in_flight("r") and table.get("r").state is TransferState.RESERVED
     table.start("r")
-    assert not table.add_cells("r", 4, 100, 0.1, {"first_token_id": 7})
+    assert not table.add_part("r", "heads 0-2", 4, 100, 0.1, {"first_token_id": 7})
+    assert not table.add_part("r", "heads 0-2", 4, 100, 0.1, {})  # a retried part counts once
     assert table.get("r").state is TransferState.SENDING and table.in_flight("r")
-    assert table.add_cells("r", 4, 100, 0.1, {})
+    assert table.add_part("r", "heads 2-4", 4, 100, 0.1, {})
     assert not table.in_flight("r") and table.wait("r", 0) is TransferState.DONE
     assert events == [("done", "r", {"first_token_id": 7})]
-    assert table.get("r").num_bytes == 200
+    assert table.get("r").num_bytes == 300
 
 
 def test_deadline_fails_in_flight_transfers_and_first_outcome_wins():
