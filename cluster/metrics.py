@@ -109,7 +109,9 @@ class GatewayMetrics:
                 self.phase.labels(phase=phase).observe(max(0.0, float(timings[phase])))
         if "transfer_bytes" in timings:
             moved = max(0.0, float(timings["transfer_bytes"]))
-            seconds = max(0.0, float(timings.get("transfer", 0.0)))
+            # The wire time of those same bytes (bandwidth = bytes / seconds); the transfer
+            # phase also counts waiting for the decode worker to pick the KV up.
+            seconds = max(0.0, float(timings.get("transfer_wire", timings.get("transfer", 0.0))))
             self.transfer_bytes.inc(moved)
             self.transfer_seconds.inc(seconds)
             self._totals["kv_transfer_bytes"] += moved
@@ -143,9 +145,7 @@ class GatewayMetrics:
             gauge.clear()
         for values in worker_metrics:
             worker_id = values.get("worker_id", "?")
-            total = values.get("total_blocks")
-            if total and "free_blocks" in values and "kv_usage" not in values:
-                values = {**values, "kv_usage": 1.0 - values["free_blocks"] / total}
+            values = {**_derived(values), **values}
             for key, value in values.items():
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
@@ -158,3 +158,15 @@ class GatewayMetrics:
             gauge = Gauge(name, f"Worker-reported {key}", ["worker"], registry=self.registry)
             self._worker_gauges[name] = gauge
         return gauge
+
+
+def _derived(values: dict[str, Any]) -> dict[str, float]:
+    """KV usage and queue depth from what the router reports (free/total blocks, requests
+    routed to the worker and not finished); a worker's own numbers win over these."""
+    derived: dict[str, float] = {}
+    total = values.get("total_blocks")
+    if total and "free_blocks" in values:
+        derived["kv_usage"] = 1.0 - values["free_blocks"] / total
+    if "num_requests" in values:
+        derived["queue_depth"] = values["num_requests"]
+    return derived

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from cluster.metrics import GatewayMetrics
 from router.gateway import create_app
 from router.router_core import RouterConfig, RouterCore
 from tests.router.conftest import (
@@ -287,6 +288,7 @@ def test_models_health_and_metrics(gateway):
     assert 'kvrelay_requests_total{endpoint="/v1/completions",status="400"}' in text
     assert 'kvrelay_worker_free_blocks{worker="gw-colocated-0"}' in text
     assert 'kvrelay_worker_kv_usage{worker="gw-colocated-0"}' in text
+    assert 'kvrelay_worker_queue_depth{worker="gw-colocated-0"}' in text
     for phase in ("queue", "prefill", "decode"):
         assert f'kvrelay_request_phase_seconds_count{{phase="{phase}"}}' in text
     ttft_count = next(line for line in text.splitlines()
@@ -342,3 +344,29 @@ def test_worker_error_chunks_map_to_their_status(tiny_model_dir, error_type, sta
         assert payloads[0]["choices"][0]["text"] == "He" and payloads[-1] == "[DONE]"
         assert payloads[-2]["error"]["message"].endswith("it broke")
         assert backend.aborted == []  # the worker ended it; nothing to abort
+
+
+def test_phase_split_and_kv_transfer_metrics_come_from_the_final_chunk(tiny_model_dir):
+    timings = {"queue": 0.01, "prefill": 0.1, "transfer": 0.2, "transfer_wire": 0.05,
+               "transfer_bytes": 2**20, "decode": 0.3}
+    script = [OutputChunk("", [5], text_delta="a"),
+              OutputChunk("", [6], text_delta="b", finished=True, finish_reason="length",
+                          timings=timings)]
+    backend = ScriptedBackend(script)
+    metrics = GatewayMetrics()
+    app = create_app(backend, Tokenizer(tiny_model_dir), "tiny", MAX_MODEL_LEN, metrics=metrics)
+    try:
+        with serve(app) as url:
+            response = httpx.post(url + "/v1/completions", json={"prompt": "hi"})
+            assert response.json()["choices"][0]["text"] == "ab"
+            text = httpx.get(url + "/metrics").text
+            snapshot = httpx.get(url + "/v1/metrics").json()
+    finally:
+        backend.close()
+    assert "kvrelay_kv_transfer_bytes_total 1.048576e+06" in text
+    assert "kvrelay_kv_transfer_seconds_total 0.05" in text
+    for phase, seconds in (("queue", 0.01), ("prefill", 0.1), ("transfer", 0.2),
+                           ("decode", 0.3)):
+        assert f'kvrelay_request_phase_seconds_sum{{phase="{phase}"}} {seconds}' in text
+    assert snapshot["kv_transfer_bytes"] == 2**20 and snapshot["generation_tokens"] == 2
+    assert snapshot["requests_by_status"] == {"200": 1}
