@@ -142,33 +142,8 @@ def test_two_pipeline_stages_chain_to_the_full_model(tiny_model_dir, hf_referenc
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 
 
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "bos_token_id": 128000,
-    "eos_token_id": [128001, 128008, 128009],
-}
-
-
-def test_llama3_8b_config_builds_real_shapes_on_meta_device():
-    cfg = ModelConfig.from_dict(LLAMA3_8B)
+def test_llama3_8b_config_builds_real_shapes_on_meta_device(llama3_8b_config):
+    cfg = ModelConfig.from_dict(llama3_8b_config)
     assert (cfg.head_dim, cfg.num_kv_heads, cfg.eos_token_ids) == (128, 8, (128001, 128008, 128009))
     assert cfg.rope_scaling.rope_type == "llama3" and cfg.rope_scaling.factor == 8.0
     with torch.device("meta"):
@@ -181,8 +156,8 @@ def test_llama3_8b_config_builds_real_shapes_on_meta_device():
     assert slots["lm_head.weight"].full_shape == (128256, 4096)
 
 
-def test_tensor_parallel_layers_hold_their_shard_on_meta_device():
-    cfg = ModelConfig.from_dict(LLAMA3_8B)
+def test_tensor_parallel_layers_hold_their_shard_on_meta_device(llama3_8b_config):
+    cfg = ModelConfig.from_dict(llama3_8b_config)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg, TorchAttentionBackend(), ParallelContext(1, 4), (30, 32))
     attn = model.layers["31"].self_attn
@@ -194,19 +169,23 @@ def test_tensor_parallel_layers_hold_their_shard_on_meta_device():
     )
 
 
-def test_unsupported_architecture_names_it_and_the_supported_ones():
+def test_unsupported_architecture_names_it_and_the_supported_ones(llama3_8b_config):
     with pytest.raises(UnsupportedArchitecture) as error:
-        ModelConfig.from_dict({**LLAMA3_8B, "architectures": ["GPT2LMHeadModel"]})
+        ModelConfig.from_dict({**llama3_8b_config, "architectures": ["GPT2LMHeadModel"]})
     assert error.value.name == "GPT2LMHeadModel"
     assert "Qwen3ForCausalLM" in error.value.supported and "GPT2LMHeadModel" in str(error.value)
 
 
-def test_config_reads_transformers5_rope_parameters_and_rejects_unsupported_features():
-    raw = {k: v for k, v in LLAMA3_8B.items() if k not in ("rope_theta", "rope_scaling")}
-    raw["rope_parameters"] = {**LLAMA3_8B["rope_scaling"], "rope_theta": 500000.0}
+def test_config_reads_transformers5_rope_and_rejects_unsupported_features(
+    llama3_8b_config,
+):
+    raw = {k: v for k, v in llama3_8b_config.items() if k not in ("rope_theta", "rope_scaling")}
+    raw["rope_parameters"] = {**llama3_8b_config["rope_scaling"], "rope_theta": 500000.0}
     cfg = ModelConfig.from_dict(raw)
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling.original_max_position_embeddings == 8192
     with pytest.raises(InvalidModelConfig, match="gelu"):
-        ModelConfig.from_dict({**LLAMA3_8B, "hidden_act": "gelu"})
+        ModelConfig.from_dict({**llama3_8b_config, "hidden_act": "gelu"})
     with pytest.raises(InvalidModelConfig, match="yarn"):
-        ModelConfig.from_dict({**LLAMA3_8B, "rope_scaling": {"rope_type": "yarn", "factor": 4}})
+        ModelConfig.from_dict(
+            {**llama3_8b_config, "rope_scaling": {"rope_type": "yarn", "factor": 4}}
+        )

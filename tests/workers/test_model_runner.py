@@ -128,3 +128,22 @@ def test_tensor_parallel_2_over_gloo_matches_single_rank(
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert result["kv_shape"] == (8, 4, 1, 16)
         torch.testing.assert_close(result["logits"], single, atol=1e-5, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_llama3_8b_shapes_run_with_dummy_weights_on_gpu(tmp_path, make_step, llama3_8b_config):
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({**llama3_8b_config, "num_hidden_layers": 2}))
+    config = EngineConfig(
+        model=str(config_file),
+        load_format="dummy",
+        device="cuda",
+        cache=CacheConfig(block_size=16, num_blocks=64),
+    )
+    runner = ModelRunner(config)
+    assert runner.dtype == torch.bfloat16
+    assert runner.kv_caches[0][0].shape == (64, 16, 8, 128)
+    tokens = list(range(1000, 1040))
+    logits = runner.execute(make_step([(tokens, 40, [5, 9, 1])], 16, "all"))
+    assert logits.shape == (40, 128256) and torch.isfinite(logits).all()
