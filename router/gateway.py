@@ -127,7 +127,11 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        state = await backend.health()
+        try:
+            state = await backend.health()
+        except Exception as exc:  # the Router itself is unreachable: not ready, say why
+            return JSONResponse({"status": "unavailable", "error": f"{type(exc).__name__}: "
+                                 f"{exc}"}, status_code=503)
         ready = is_ready(state)
         return JSONResponse({"status": "ok" if ready else "unavailable", **state},
                             status_code=200 if ready else 503)

@@ -76,6 +76,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class SimpleGenerateRequest(_SamplingFields):
@@ -101,9 +103,13 @@ def check_unsupported(req: Request) -> None:
             raise InvalidParameter("suffix", "is not supported")
         if req.best_of not in (None, 1):
             raise InvalidParameter("best_of", f"only best_of=1 is supported, got {req.best_of}")
-    if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None:
-        if not req.logprobs:
+    if isinstance(req, ChatCompletionRequest):
+        if req.top_logprobs is not None and not req.logprobs:
             raise InvalidParameter("top_logprobs", "needs logprobs=true")
+        if req.tools:
+            raise InvalidParameter("tools", "tool calling is not supported")
+        if req.response_format and req.response_format.get("type") != "text":
+            raise InvalidParameter("response_format", "only {'type': 'text'} is supported")
 
 
 def single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:

@@ -77,6 +77,8 @@ def test_sampling_fields_round_trip_through_sampling_params():
         (completion(best_of=2), "best_of"),
         (completion(logit_bias={"5": 1.0}), "logit_bias"),
         (chat(top_logprobs=2), "top_logprobs"),
+        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
+        (chat(response_format={"type": "json_object"}), "response_format"),
     ],
 )
 def test_unsupported_options_are_refused_by_name(request_, field):
