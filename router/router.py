@@ -52,7 +52,8 @@ class Router:
     async def stats(self) -> dict:
         core = self.core
         return {"in_flight": len(core.requests), "finished": core.num_finished,
-                "failed": core.num_failed, "retried": core.num_retried}
+                "failed": core.num_failed,
+                "aborted_in_phase": dict(core.aborted_in_phase)}
 
 
 class RayBackend:

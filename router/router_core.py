@@ -4,9 +4,11 @@
 router/worker_handle.py), so it runs in tests without Ray. Per request it picks a decode worker
 that reserves blocks, then a prefill worker that computes and ships the KV (disaggregated), or
 one colocated worker. A monitor task polls every worker: the poll is the liveness ping and
-carries which requests ended. A worker that stops answering is dropped and its requests are
-retried (prefill not yet shipped) or ended with a clear error chunk; a worker that answers
-again (Ray restarted it: a new incarnation) is admitted again.
+carries which requests ended. A worker that stops answering is dropped; its requests go on
+where they can (a prefill worker died after its KV landed on the decode worker) and otherwise
+end with a clear error chunk. They are not retried: the prefill worker may already have
+streamed token 1, and a retry would stream it twice. A worker that answers again (Ray
+restarted it: a new incarnation) is admitted again.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from router.policies import WorkerLoad, blocks_needed, make_policy
@@ -48,8 +51,6 @@ class RouterConfig:
     """A worker whose poll takes longer is treated as lost."""
     capacity_wait_s: float = 10.0
     """How long submit waits for a decode worker with free blocks before NoCapacity."""
-    max_retries: int = 1
-    """Retries of a request whose prefill worker was lost before its KV shipped."""
 
 
 @dataclass
@@ -76,7 +77,6 @@ class InFlight:
     """The decode worker's reservation (block ids, KV receiver address) for the prefill."""
     phase: str = "queued"
     """queued | prefilling | decoding | running (colocated)."""
-    retries: int = 0
 
 
 class RouterCore:
@@ -95,7 +95,7 @@ class RouterCore:
         self._monitor: asyncio.Task | None = None
         self.num_finished = 0
         self.num_failed = 0
-        self.num_retried = 0
+        self.aborted_in_phase: Counter[str] = Counter()
 
     # ---- membership ---------------------------------------------------------------------
 
@@ -151,22 +151,34 @@ class RouterCore:
         entry = self._forget(request_id)
         if entry is None:
             return
+        self.aborted_in_phase[entry.phase] += 1
         await self._release_everywhere(entry, keep=None)
         self._send_final(entry, "abort")
 
     async def _place(self, entry: InFlight) -> None:
         if self._ready("colocated"):
-            worker_id = await self._first_that_takes("colocated", entry, "submit")
-            entry.colocated, entry.phase = worker_id, "running"
+            entry.colocated = await self._first_that_takes("colocated", entry, "submit")
+            entry.phase = "running"
+            await self._undo_if_aborted(entry)
             return
-        dest_worker = await self._reserve_decode(entry)
-        entry.decode = dest_worker
+        entry.decode = await self._reserve_decode(entry)
+        if await self._undo_if_aborted(entry):
+            return
+        entry.phase = "prefilling"
         try:
             entry.prefill = await self._first_that_takes("prefill", entry, "prefill", entry.dest)
         except BaseException:
             await self._call_quietly(entry.decode, "abort", entry.request.request_id)
             raise
-        entry.phase = "prefilling"
+        await self._undo_if_aborted(entry)
+
+    async def _undo_if_aborted(self, entry: InFlight) -> bool:
+        """An abort that arrived while placement awaited a worker found nothing to free
+        there yet: free what placement has taken since."""
+        if self.requests.get(entry.request.request_id) is entry:
+            return False
+        await self._release_everywhere(entry, keep=None)
+        return True
 
     async def _reserve_decode(self, entry: InFlight) -> str:
         """Asks decode workers (policy order) to reserve blocks, waiting a while if all are
@@ -314,8 +326,7 @@ class RouterCore:
             entry.phase = "decoding"
             self.workers[worker_id].requests.discard(request_id)
             return
-        if event == "first_token":
-            entry.retries = self.config.max_retries  # a retry would repeat token 1
+        if event not in ("finished", "failed"):
             return
         # Ended on this worker (its final chunk is out): free what others still hold.
         self._forget(request_id)
@@ -326,34 +337,38 @@ class RouterCore:
             self.num_failed += 1
 
     async def _lose(self, worker_id: str, why: str) -> None:
-        """Drops a worker's requests: retry those not yet past prefill, fail the others."""
+        """Drops a worker: its requests continue elsewhere if they can, else end clearly."""
         worker = self.workers[worker_id]
         if worker.ready:
             log.warning("worker %s (%s) lost: %s", worker_id, worker.role, why)
         worker.ready = False
-        for request_id in list(worker.requests):
-            entry = self.requests.get(request_id)
-            worker.requests.discard(request_id)
-            if entry is not None:
-                await self._recover(entry, worker_id)
+        lost = [self.requests[r] for r in worker.requests if r in self.requests]
+        worker.requests.clear()
+        survivors = await self._landed_on_decode(worker_id, lost)
+        for entry in lost:
+            if entry.request.request_id in survivors:
+                entry.phase = "decoding"  # the decode worker holds all it needs
+                continue
+            self._forget(entry.request.request_id)
+            await self._release_everywhere(entry, keep=worker_id)
+            self.num_failed += 1
+            self._send_final(entry, "error", WorkerLost(worker_id, entry.phase))
 
-    async def _recover(self, entry: InFlight, lost: str) -> None:
-        retry = (lost == entry.prefill and entry.phase == "prefilling"
-                 and entry.retries < self.config.max_retries)
-        rid = entry.request.request_id
-        self._forget(rid)
-        await self._release_everywhere(entry, keep=lost)
-        if retry:
-            entry = InFlight(entry.request, entry.tokens, entry.blocks, retries=entry.retries + 1)
-            self.requests[rid] = entry
-            self.num_retried += 1
-            try:
-                await self._place(entry)
-                return
-            except KvrelayError:
-                self._forget(rid)
-        self.num_failed += 1
-        self._send_final(entry, "error", WorkerLost(lost, entry.phase))
+    async def _landed_on_decode(self, lost: str, entries: list[InFlight]) -> set[str]:
+        """Requests of a lost prefill worker whose KV already landed on their decode worker
+        (the 'shipped' news may have died with the prefill worker)."""
+        by_decode: dict[str, list[str]] = {}
+        for entry in entries:
+            if entry.prefill == lost and entry.decode is not None:
+                by_decode.setdefault(entry.decode, []).append(entry.request.request_id)
+        survivors: set[str] = set()
+        for decode, ids in by_decode.items():
+            if self.workers[decode].ready:
+                try:
+                    survivors.update(await self._call(decode, "landed", ids))
+                except WorkerGone:
+                    pass
+        return survivors
 
     # ---- introspection ------------------------------------------------------------------
 

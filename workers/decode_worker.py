@@ -9,15 +9,17 @@ stream from here. Abort at any phase frees the reservation or the running sequen
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
-from workers.errors import TransferFailed
 from workers.kv_endpoint import make_receiver
 from workers.kv_transfer.base import TransferState
 from workers.protocol import GenerateRequest
 from workers.sampling_params import SamplingParams
 from workers.worker_base import EngineWorker, LiveRequest, WorkerSpec
+
+log = logging.getLogger(__name__)
 
 
 class DecodeWorker(EngineWorker):
@@ -48,6 +50,13 @@ class DecodeWorker(EngineWorker):
 
         return self.call(reserve_now)
 
+    def landed(self, request_ids: list[str]) -> list[str]:
+        """Those of `request_ids` whose KV has fully arrived here (they need no prefill
+        worker any more), for the router when a prefill worker dies."""
+        # Finished ones count too: their final chunk is out (or on its way) from here.
+        return self.call(lambda: [rid for rid in request_ids
+                                  if self.kv.state(rid) is TransferState.DONE])
+
     def _landed(self, rid: str, extra: dict) -> None:
         live = self.live.get(rid)
         if live is None:
@@ -68,9 +77,13 @@ class DecodeWorker(EngineWorker):
         self.engine.commit_remote(rid, extra["first_token_id"])
 
     def _not_landed(self, rid: str, state: TransferState, reason: str) -> None:
-        if state is TransferState.FAILED and rid in self.live:
+        # Frees the reservation but stays silent: the prefill worker's end of the same transfer
+        # fails too and tells the client, or the router does if that worker died. One of them,
+        # never both, so the client gets exactly one final chunk.
+        if rid in self.live:
+            log.info("kv transfer of %s did not land (%s): %s", rid, state.value, reason)
             self.engine.abort(rid)
-            self.finish_with_error(rid, TransferFailed(rid, reason))
+            self.live.pop(rid, None)
 
     def final_timings(self, live: LiveRequest, now: float) -> dict[str, float]:
         timings = dict(live.timings)

@@ -50,7 +50,6 @@ class PrefillWorker(EngineWorker):
             self.stream(output)
             return
         self.stream(output, finished=False)
-        self.note(rid, "first_token")
         live, dest = self.live[rid], self.dests[rid]
         now = time.time()
         timings = self.final_timings(live, now)

@@ -102,8 +102,9 @@ class EngineWorker:
         }
 
     def abort(self, request_id: str) -> None:
-        """Ends `request_id` here silently (the router sends the client's final chunk)."""
-        self.call_soon(lambda: self._abort_now(request_id))
+        """Ends `request_id` here silently (the router sends the client's final chunk).
+        Returns once its blocks are free and no chunk of it will leave this worker again."""
+        self.call(lambda: self._abort_now(request_id))
 
     def poll(self) -> dict[str, Any]:
         """Health ping and news for the router: load, free blocks, requests ended since last."""

@@ -63,7 +63,9 @@ class ChunkCollector:
 
     def final(self, rid: str) -> OutputChunk:
         finals = [c for c in self.chunks[rid] if c.finished]
-        assert len(finals) == 1, f"{rid}: {len(finals)} finished chunks"
+        summary = [(c.new_token_ids, c.finish_reason, c.error_type, c.worker_id)
+                   for c in self.chunks[rid]]
+        assert len(finals) == 1, f"{rid}: {len(finals)} finished chunks: {summary}"
         return finals[0]
 
     def close(self) -> None:

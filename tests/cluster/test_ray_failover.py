@@ -1,0 +1,142 @@
+"""A real Ray cluster (2 prefill + 1 decode actors, the Router actor) with outputs on a real
+ZMQ socket: aborts at every phase free every block within 5 s; a decode worker killed
+mid-stream ends its request with a clear error; a prefill worker killed with requests on it
+has each of them either completed exactly (its KV had landed) or cleanly failed; and Ray's
+restarted workers are admitted again."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+from cluster.config import ClusterConfig
+from cluster.launcher import launch
+from router.router_core import RouterConfig
+from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
+from workers.config import CacheConfig, EngineConfig
+from workers.errors import NoReadyWorker
+from workers.protocol import GenerateRequest
+
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay")
+    engine = EngineConfig(model=str(tiny_model_dir),
+                          cache=CacheConfig(block_size=BLOCK, num_blocks=96))
+    config = ClusterConfig(engine=engine, model_name="tiny", name="failover", num_prefill=2,
+                           num_decode=1, kv_transport="gloo", max_worker_restarts=2,
+                           router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1,
+                                               poll_timeout_s=1.0))
+    cluster = launch(config)
+    yield cluster
+    cluster.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture()
+def collector():
+    collector = ChunkCollector()
+    yield collector
+    collector.close()
+
+
+def request(rid, prompt, address, max_tokens):
+    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
+
+
+def all_blocks_free(cluster) -> bool:
+    infos = cluster.infos
+    free = ray.get([cluster.workers[w].free_blocks.remote() for w in cluster.workers])
+    return free == [infos[w]["total_blocks"] for w in cluster.workers]
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, f"{what} not within {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def wait_all_ready(cluster, timeout_s: float = 120) -> None:
+    def ready() -> bool:
+        health = ray.get(cluster.router.health.remote())["workers"]
+        return all(c["ready"] == c["known"] for c in health.values())
+
+    wait_until(ready, timeout_s, "every worker admitted")
+
+
+def test_aborts_at_every_phase_free_all_blocks(cluster, collector):
+    vocab = cluster.infos["prefill-0"]["vocab_size"]
+    batch = prompts(12, vocab, seed=5, low=20, high=60)
+    ids = []
+    for i, prompt in enumerate(batch):
+        rid = f"abort-{i}"
+        ray.get(cluster.router.submit.remote(request(rid, prompt, collector.address, 300)))
+        ids.append(rid)
+        # Staggered aborts catch requests reserving, prefilling/transferring and decoding.
+        time.sleep((0.0, 0.01, 0.03, 0.1, 0.25, 0.4)[i % 6])
+        ray.get(cluster.router.abort.remote(rid))
+    collector.wait_finished(ids, timeout_s=5)
+    for rid in ids:
+        assert collector.final(rid).finish_reason == "abort"
+        assert collector.chunks[rid][-1].finished, f"{rid}: a chunk after its final one"
+    took = wait_until(lambda: all_blocks_free(cluster), 5, "blocks free after aborts")
+    stats = ray.get(cluster.router.stats.remote())
+    assert stats["in_flight"] == 0
+    assert sum(stats["aborted_in_phase"].values()) == len(ids), stats
+    assert {"prefilling", "decoding"} <= set(stats["aborted_in_phase"]), stats
+    print(f"blocks free {took:.2f} s after the last abort; phases {stats['aborted_in_phase']}")
+
+
+def test_killed_decode_worker_mid_stream_fails_clearly_then_is_readmitted(
+    cluster, collector, tiny_model_dir, hf_reference
+):
+    router = cluster.router
+    ray.get(router.submit.remote(request("doomed", [7] * 12, collector.address, 400)))
+    collector.wait_tokens("doomed", 3)
+    killed_at = time.monotonic()
+    ray.kill(cluster.workers["decode-0"], no_restart=False)
+    collector.wait_finished(["doomed"], timeout_s=5)
+    final = collector.final("doomed")
+    assert final.finish_reason == "error" and final.error_type == "WorkerLost"
+    assert "decode-0" in final.error
+    print(f"client told {time.monotonic() - killed_at:.2f} s after the kill")
+    with pytest.raises(NoReadyWorker):
+        ray.get(router.submit.remote(request("no-decode", [5] * 4, collector.address, 2)))
+    wait_all_ready(cluster)
+    prompt = [9, 8, 7, 6, 5]
+    ray.get(router.submit.remote(request("after", prompt, collector.address, 5)))
+    collector.wait_finished(["after"])
+    assert collector.tokens("after") == hf_greedy(hf_reference(tiny_model_dir), prompt, 5)
+    wait_until(lambda: all_blocks_free(cluster), 5, "blocks free after restart")
+
+
+def test_killed_prefill_worker_requests_complete_or_fail_within_5s(
+    cluster, collector, tiny_model_dir, hf_reference
+):
+    wait_all_ready(cluster)
+    vocab = cluster.infos["prefill-0"]["vocab_size"]
+    batch = prompts(8, vocab, seed=9, low=30, high=60)
+    ids = [f"p-{i}" for i in range(len(batch))]
+    for rid, prompt in zip(ids, batch, strict=True):
+        ray.get(cluster.router.submit.remote(request(rid, prompt, collector.address, 4)))
+    ray.kill(cluster.workers["prefill-0"], no_restart=False)
+    collector.wait_finished(ids, timeout_s=5)
+    model = hf_reference(tiny_model_dir)
+    completed = 0
+    for rid, prompt in zip(ids, batch, strict=True):
+        final = collector.final(rid)
+        if final.finish_reason == "error":
+            assert final.error_type == "WorkerLost" and "prefill-0" in final.error
+        else:
+            assert collector.tokens(rid) == hf_greedy(model, prompt, 4)
+            completed += 1
+    print(f"{completed}/{len(ids)} completed, stats {ray.get(cluster.router.stats.remote())}")
+    wait_all_ready(cluster)
+    wait_until(lambda: all_blocks_free(cluster), 5, "blocks free after prefill restart")
