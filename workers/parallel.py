@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from workers.errors import InvalidParameter
+
 
 @dataclass(frozen=True)
 class ParallelContext:
@@ -43,7 +45,9 @@ class ParallelContext:
     def shard(self, size: int) -> int:
         """This TP rank's share of a dimension of `size` (which TP must divide)."""
         if size % self.tp_size:
-            raise ValueError(f"dimension {size} is not divisible by tp_size {self.tp_size}")
+            raise InvalidParameter(
+                "tp_size", f"dimension {size} is not divisible by tp_size {self.tp_size}"
+            )
         return size // self.tp_size
 
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:

@@ -147,3 +147,11 @@ def test_llama3_8b_shapes_run_with_dummy_weights_on_gpu(tmp_path, make_step, lla
     tokens = list(range(1000, 1040))
     logits = runner.execute(make_step([(tokens, 40, [5, 9, 1])], 16, "all"))
     assert logits.shape == (40, 128256) and torch.isfinite(logits).all()
+
+
+def test_tp_size_that_does_not_divide_kv_heads_is_a_typed_error(make_model_dir):
+    with pytest.raises(InvalidParameter, match="not divisible by tp_size 2"):
+        ModelRunner(
+            EngineConfig(model=str(make_model_dir("mqa")), device="cpu"),
+            ParallelContext(tp_rank=0, tp_size=2),
+        )

@@ -116,3 +116,17 @@ def test_streamed_text_continues_the_prompt_with_a_metaspace_tokenizer(tmp_path)
     streamed = "".join([detok.add([token]) for token in generated] + [detok.flush()])
     assert tokenizer.decode(prompt) + streamed == tokenizer.decode(prompt + generated)
     assert streamed.startswith(" there")
+
+
+def test_transformers5_layout_chat_template_file_and_added_token_dicts(tiny_model_dir, tmp_path):
+    for name in ("tokenizer.json", "generation_config.json"):
+        (tmp_path / name).write_bytes((tiny_model_dir / name).read_bytes())
+    config = {
+        "bos_token": {"content": "<s>", "special": True},
+        "eos_token": {"content": "<|im_end|>", "special": True},
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}")
+    tokenizer = Tokenizer(tmp_path)
+    assert tokenizer.bos_token_id == 0 and IM_END in tokenizer.eos_token_ids
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "<s>hi"
