@@ -21,12 +21,11 @@ from kernels.paged_decode import DecodeTiles, paged_decode
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
-PREFILL_TILES = [PrefillTiles(128, 64, 8, 3), PrefillTiles(128, 128, 8, 3),
-                 PrefillTiles(128, 64, 4, 3), PrefillTiles(64, 64, 4, 3),
-                 PrefillTiles(128, 32, 4, 4), PrefillTiles(128, 64, 8, 4),
-                 PrefillTiles(128, 128, 8, 2)]
-DECODE_TILES = [DecodeTiles(64, 4, 3), DecodeTiles(32, 4, 4), DecodeTiles(128, 4, 2),
-                DecodeTiles(64, 8, 3), DecodeTiles(64, 4, 4), DecodeTiles(16, 4, 4)]
+PREFILL_TILES = [PrefillTiles(128, 64, 4, 3), PrefillTiles(128, 64, 4, 4),
+                 PrefillTiles(128, 128, 8, 3), PrefillTiles(128, 32, 4, 4),
+                 PrefillTiles(64, 64, 4, 4), PrefillTiles(128, 64, 4, 2)]
+DECODE_TILES = [DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 3), DecodeTiles(64, 2, 3)]
+SPLIT_SHAPES = [(1, 4096), (1, 16384), (16, 1024), (16, 4096), (64, 1024)]
 
 
 def _paged(num_seqs: int, seq_len: int, device: str):
@@ -82,7 +81,8 @@ def bench_prefill(seq: int, device: str, tiles: PrefillTiles | None) -> dict[str
     return result
 
 
-def bench_decode(batch: int, context: int, device: str, tiles: DecodeTiles | None) -> float:
+def bench_decode(batch: int, context: int, device: str, tiles: DecodeTiles | None,
+                 num_splits: int | None = None) -> float:
     """GB/s of K/V bytes read per decode step."""
     q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device=device)
     k_cache, v_cache, tables = _paged(batch, context, device)
@@ -90,7 +90,8 @@ def bench_decode(batch: int, context: int, device: str, tiles: DecodeTiles | Non
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     out = torch.empty_like(q)
     ms = do_bench(lambda: paged_decode(q, k_cache, v_cache, tables, cu_q, seq_lens, context,
-                                       HEAD_DIM ** -0.5, out=out, tiles=tiles))
+                                       HEAD_DIM ** -0.5, out=out, tiles=tiles,
+                                       num_splits=num_splits))
     kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k_cache.element_size()
     return kv_bytes / ms / 1e6
 
@@ -98,13 +99,18 @@ def bench_decode(batch: int, context: int, device: str, tiles: DecodeTiles | Non
 def sweep(device: str) -> None:
     for tiles in PREFILL_TILES:
         try:
-            print(f"# sweep prefill 4k {tiles}: {bench_prefill(4096, device, tiles)['ours']:.0f}"
-                  " TFLOP/s")
+            speeds = [bench_prefill(seq, device, tiles)["ours"] for seq in (1024, 4096, 16384)]
+            print(f"# sweep prefill {tiles}: 1k/4k/16k " + " / ".join(f"{x:.0f}" for x in speeds))
         except Exception as err:  # noqa: BLE001 - a tile shape that does not fit shared memory
             print(f"# sweep prefill {tiles}: failed {type(err).__name__}")
     for tiles in DECODE_TILES:
-        speeds = [bench_decode(b, c, device, tiles) for b, c in ((1, 16384), (64, 4096))]
-        print(f"# sweep decode {tiles}: 1x16k {speeds[0]:.0f} GB/s, 64x4k {speeds[1]:.0f} GB/s")
+        speeds = [bench_decode(b, c, device, tiles) for b, c in SPLIT_SHAPES]
+        print(f"# sweep decode {tiles} at {SPLIT_SHAPES}: " + " ".join(f"{x:.0f}" for x in speeds))
+    for batch, context in SPLIT_SHAPES:
+        speeds = {n: bench_decode(batch, context, device, None, n) for n in (1, 2, 4, 8, 16, 32,
+                                                                              64, 128)}
+        print(f"# sweep decode splits {batch}x{context}: "
+              + " ".join(f"{n}:{x:.0f}" for n, x in speeds.items()))
 
 
 def _fits(batch: int, context: int) -> bool:

@@ -34,7 +34,7 @@ class PrefillTiles:
 # Tuned on H100 (docs/perf.md "Kernels"); keyed by padded head dim.
 _GPU_TILES = {
     64: PrefillTiles(128, 64, 4, 3),
-    128: PrefillTiles(128, 64, 8, 3),
+    128: PrefillTiles(128, 64, 4, 3),
     256: PrefillTiles(64, 32, 8, 2),
 }
 _CPU_TILES = PrefillTiles(32, 16, 4, 1)  # interpreter: small tiles keep numpy work small
