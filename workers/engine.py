@@ -286,4 +286,3 @@ class LLMEngine:
         if self.tokenizer is None:
             raise InvalidParameter("prompt", "text prompts need a tokenizer; this model has none")
         return self.tokenizer.encode(prompt)
-

@@ -31,9 +31,6 @@ class RequestMetrics:
             num_preemptions=num_preemptions,
         )
 
-    def as_dict(self) -> dict[str, float]:
-        return {"queue": self.queue, "prefill": self.prefill, "decode": self.decode}
-
 
 @dataclass(frozen=True)
 class RequestOutput:

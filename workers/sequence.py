@@ -67,11 +67,6 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return self.num_tokens - self.num_computed_tokens
 
-    @property
-    def is_decode(self) -> bool:
-        """True when only the last sampled token lacks KV (one query token this step)."""
-        return self.num_uncomputed_tokens == 1 and self.output_token_ids != []
-
     def token_range(self, start: int, stop: int) -> list[int]:
         """Tokens at positions [start, stop) of prompt + output."""
         n = len(self.prompt_token_ids)
@@ -79,6 +74,3 @@ class Sequence:
             return self.prompt_token_ids[start:stop]
         head = self.prompt_token_ids[start:n] if start < n else []
         return head + self.output_token_ids[max(start - n, 0) : stop - n]
-
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
