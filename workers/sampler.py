@@ -82,7 +82,6 @@ def apply_top_k_top_p_min_p(
     return logits.masked_fill(mask, -inf)
 
 
-
 class Sampler:
     """Stateless apart from the shared generator for unseeded requests."""
 
