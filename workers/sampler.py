@@ -96,9 +96,10 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = logits.clone()
         apply_penalties(logits, rows)
-        for i, row in enumerate(rows):
-            if row.banned_token_ids:
-                logits[i, list(row.banned_token_ids)] = -inf
+        banned = [(i, t) for i, row in enumerate(rows) for t in row.banned_token_ids]
+        if banned:  # one indexed write for the whole batch, not one launch per row
+            row_idx, token_idx = zip(*banned, strict=True)
+            logits[list(row_idx), list(token_idx)] = -inf
         token_ids = self._choose(logits, rows)
         logprobs = [
             _logprobs_of(raw_logprobs[i], token_ids[i], row.params.logprobs)

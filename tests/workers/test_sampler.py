@@ -64,11 +64,12 @@ def test_presence_and_frequency_penalties_use_output_counts_only():
     assert logits.tolist() == [[0.0, -1.0, -0.75, 0.0]]
 
 
-def test_banned_tokens_are_never_drawn():
-    logits = torch.tensor([[10.0, 0.0, 0.0]])
-    r = row(temperature=0)
-    r.banned_token_ids = (0,)
-    assert Sampler()(logits, [r]).token_ids[0] != 0
+def test_banned_tokens_are_never_drawn_per_row():
+    logits = torch.tensor([[10.0, 9.0, 0.0], [10.0, 9.0, 0.0], [10.0, 9.0, 0.0]])
+    rows = [row(temperature=0), row(temperature=0), row(temperature=0)]
+    rows[0].banned_token_ids = (0,)
+    rows[2].banned_token_ids = (0, 1)
+    assert Sampler()(logits, rows).token_ids == [1, 0, 2]
 
 
 def test_seeded_draws_do_not_depend_on_the_batch_mix():
