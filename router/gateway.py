@@ -106,6 +106,12 @@ def create_app(
     async def on_validation_error(request: Request, exc: RequestValidationError):
         return gateway.error(request.url.path, http_errors.from_validation(exc))
 
+    _add_generation_routes(app, gateway)
+    _add_status_routes(app, backend, names, max_model_len, metrics)
+    return app
+
+
+def _add_generation_routes(app: FastAPI, gateway: RequestFlow) -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await gateway.handle("/v1/completions", body, request)
@@ -118,6 +124,9 @@ def create_app(
     async def generate(body: SimpleGenerateRequest, request: Request) -> Response:
         return await gateway.handle("/v1/generate", body, request)
 
+
+def _add_status_routes(app: FastAPI, backend: Backend, names: tuple[str, ...],
+                       max_model_len: int, metrics: MetricsSink | None) -> None:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
@@ -148,8 +157,6 @@ def create_app(
         if metrics is None:
             return JSONResponse({"error": "metrics are not enabled"}, status_code=404)
         return JSONResponse(metrics.snapshot(await backend.worker_metrics()))
-
-    return app
 
 
 def is_ready(health: dict[str, Any]) -> bool:
