@@ -123,9 +123,11 @@ class Sampler:
                 min_p=torch.tensor([p.min_p for p in params], device=logits.device),
             )
             probs = torch.softmax(filtered, dim=-1)
-            noise = torch.empty_like(probs)
+            # One draw for the unseeded rows; seeded rows redraw from their own generator.
+            noise = torch.empty_like(probs).exponential_(generator=self.generator)
             for j, i in enumerate(sampled):
-                noise[j].exponential_(generator=rows[i].generator or self.generator)
+                if rows[i].generator is not None:
+                    noise[j].exponential_(generator=rows[i].generator)
             chosen[idx] = (probs / noise).argmax(dim=-1)
         return chosen.tolist()
 
