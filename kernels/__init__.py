@@ -1,1 +1,11 @@
-"""Triton kernels, each beside its plain-torch reference. Imports only torch and triton."""
+"""Triton kernels, each beside its plain-torch reference. Imports only torch and triton.
+
+- flash_prefill: varlen causal flash attention reading K/V through block tables
+- paged_decode: split-KV decode attention for 1..8 query tokens per sequence (+ reduce)
+- attention_tile: the online-softmax KV tile loop both attention kernels share
+- attention_ref: the torch reference of paged causal attention
+- cache_write: scatter new K/V into cache slots (slot_mapping)
+- kv_pack: gather / scatter a sequence's blocks to / from one contiguous transfer buffer
+- rmsnorm, rotary, activation: fused residual+RMSNorm, in-place RoPE, SiLU-and-multiply
+- bench: `python -m kernels.bench` on a GPU
+"""
