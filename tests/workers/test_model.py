@@ -189,3 +189,23 @@ def test_config_reads_transformers5_rope_and_rejects_unsupported_features(
         ModelConfig.from_dict(
             {**llama3_8b_config, "rope_scaling": {"rope_type": "yarn", "factor": 4}}
         )
+
+
+def test_torch_backend_batched_decode_equals_per_sequence_attention():
+    """The batched decode path (padded, masked) against causal_attention per sequence."""
+    from workers.attention.torch_backend import (
+        batched_decode_attention,
+        causal_attention,
+        gather_kv,
+    )
+
+    gen = torch.Generator().manual_seed(0)
+    k_cache, v_cache = torch.randn(2, 12, 4, 2, 8, generator=gen)
+    seq_lens = torch.tensor([1, 9, 4], dtype=torch.int32)
+    tables = torch.tensor([[5, 0, 0], [2, 7, 11], [3, 1, 0]], dtype=torch.int32)
+    q = torch.randn(3, 6, 8, generator=gen)
+    batched = batched_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.3)
+    for i, length in enumerate(seq_lens.tolist()):
+        keys, values = (gather_kv(c, tables[i], length) for c in (k_cache, v_cache))
+        expected = causal_attention(q[i : i + 1], keys, values, 0.3)[0]
+        torch.testing.assert_close(batched[i], expected)

@@ -1,8 +1,9 @@
 """The reference attention backend in plain torch: slow, obviously correct, runs anywhere.
 
-Loops over sequences; for each, gathers its keys/values from the paged cache through its
-block table and applies a causal mask in which the query tokens are the last q_len of the
-seq_len context. Prefill, chunked prefill, decode and multi-token verification are one path.
+Per sequence, gathers its keys/values from the paged cache through its block table and
+applies a causal mask in which the query tokens are the last q_len of the seq_len context.
+Prefill, chunked prefill, decode and multi-token verification are one path; sequences with
+one query token (decode) are batched into one op, the others loop.
 """
 
 from __future__ import annotations
@@ -37,17 +38,41 @@ def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """q [q_len, H, d] are the last q_len positions of k/v [seq_len, kvh, d]; fp32 softmax."""
-    q_len, num_heads, _ = q.shape
+    q_len, num_heads, head_dim = q.shape
     seq_len, num_kv_heads, _ = k.shape
-    group = num_heads // num_kv_heads
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    # Query heads grouped under their kv head: GQA without copying K/V per query head.
+    grouped = q.float().view(q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("qkgd,lkd->kgql", grouped, k.float()) * scale
     query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
     key_pos = torch.arange(seq_len, device=q.device)[None, :]
     scores.masked_fill_(key_pos > query_pos, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    out = torch.einsum("kgql,lkd->qkgd", torch.softmax(scores, dim=-1), v.float())
+    return out.reshape(q_len, num_heads, head_dim).to(q.dtype)
+
+
+def batched_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence (q [S, H, d], the last position of each): all sequences
+    in one batched op over their block tables, padded to the longest and masked."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_len = int(seq_lens.max())
+    blocks = block_tables[:, : -(-max_len // block_size)].long()
+    keys = k_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len].float()
+    values = v_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len].float()
+    grouped = q.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("skgd,slkd->skgl", grouped, keys) * scale
+    key_pos = torch.arange(max_len, device=q.device)
+    padding = key_pos[None, :] >= seq_lens[:, None].long()
+    scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    out = torch.einsum("skgl,slkd->skgd", torch.softmax(scores, dim=-1), values)
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -64,10 +89,23 @@ class TorchAttentionBackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = torch.empty_like(q)
         starts = meta.query_start_loc_host
-        for i, seq_len in enumerate(meta.seq_lens_host):
-            table = meta.block_tables[i]
+        num_seqs = len(meta.seq_lens_host)
+        single = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
+        if len(single) == num_seqs:
+            # Pure decode (the common step): one batched op instead of a Python loop.
+            return batched_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale
+            )
+        out = torch.empty_like(q)
+        if single:
+            seqs = torch.tensor(single, device=q.device)
+            tokens = torch.tensor([starts[i] for i in single], device=q.device)
+            out[tokens] = batched_decode_attention(
+                q[tokens], k_cache, v_cache, meta.block_tables[seqs], meta.seq_lens[seqs], scale
+            )
+        for i in sorted(set(range(num_seqs)) - set(single)):
+            table, seq_len = meta.block_tables[i], meta.seq_lens_host[i]
             keys = gather_kv(k_cache, table, seq_len)
             values = gather_kv(v_cache, table, seq_len)
             out[starts[i] : starts[i + 1]] = causal_attention(
