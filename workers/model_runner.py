@@ -87,6 +87,14 @@ def build_attention_metadata(step: StepInput, device: torch.device) -> Attention
 
 
 class ModelRunner:
+    """Public state, fixed after construction:
+    - `model_config` (ModelConfig), `device`, `dtype`, `max_model_len`;
+    - `layer_range`: the [start, end) layers this pipeline stage owns;
+    - `kv_caches`: one (K, V) per owned layer, each
+      [num_blocks, block_size, num_local_kv_heads, head_dim]; block ids index axis 0;
+    - `num_blocks`, `block_size`, `kv_bytes_per_block`.
+    `execute(step)` is the only method that changes anything (the cache slots it writes)."""
+
     def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
         self.config = config
         self.parallel = parallel or SINGLE
