@@ -25,6 +25,7 @@ from workers.errors import (
     DuplicateRequest,
     EmptyPrompt,
     InvalidParameter,
+    KvrelayError,
     NoCapacity,
     PromptTooLong,
     UnknownRequest,
@@ -128,12 +129,17 @@ class LLMEngine:
         """Runs prompts (text or token ids) to completion; final outputs in prompt order."""
         params = params or SamplingParams()
         per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else params
-        ids = []
-        for prompt, prompt_params in zip(prompts, per_prompt, strict=True):
-            request_id = f"generate-{next(self._generate_ids)}"
-            token_ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
-            self.add_request(request_id, token_ids, prompt_params)
-            ids.append(request_id)
+        ids: list[str] = []
+        try:
+            for prompt, prompt_params in zip(prompts, per_prompt, strict=True):
+                request_id = f"generate-{next(self._generate_ids)}"
+                token_ids = self._encode(prompt) if isinstance(prompt, str) else list(prompt)
+                self.add_request(request_id, token_ids, prompt_params)
+                ids.append(request_id)
+        except KvrelayError:
+            for request_id in ids:  # all or nothing: no half-submitted batch stays queued
+                self.abort(request_id)
+            raise
         finals: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             finals.update({o.request_id: o for o in self.step() if o.finished})

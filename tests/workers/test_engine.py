@@ -226,6 +226,9 @@ def test_bad_input_raises_typed_errors_while_serving_others(make_engine, tiny_mo
     with pytest.raises(UnknownTokenIds) as unknown:
         engine.add_request("oov", [5, 512, -1], GREEDY)
     assert unknown.value.ids == [512, -1] and unknown.value.vocab_size == 512
+    with pytest.raises(EmptyPrompt):  # generate is all or nothing
+        engine.generate([[5, 6], []], GREEDY)
+    assert [s.seq_id for s in engine.scheduler.running + list(engine.scheduler.waiting)] == ["good"]
     with pytest.raises(InvalidParameter) as bad:
         SamplingParams(temperature=-1)
     assert bad.value.field == "temperature"
