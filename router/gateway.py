@@ -12,6 +12,7 @@ in-process worker in tests) and its metrics only through `MetricsSink`
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,11 +21,14 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router import http_errors
 from router.openai_protocol import ChatCompletionRequest, CompletionRequest, SimpleGenerateRequest
 from router.request_flow import RequestFlow
 from workers.protocol import GenerateRequest
+
+log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
@@ -86,7 +90,8 @@ def create_app(
     metrics: MetricsSink | None = None,
 ) -> FastAPI:
     """The gateway app. `tokenizer` is a workers.tokenizer.Tokenizer (encode, decode,
-    apply_chat_template, bos_token). Without `metrics`, /metrics answers 404."""
+    apply_chat_template, bos_token). Without `metrics`, /metrics answers 404 and /v1/metrics
+    has only the gateway's and the workers' own numbers."""
     config = config or GatewayConfig()
     names = (model_name, *config.served_model_names)
     gateway = RequestFlow(backend, tokenizer, names, max_model_len, config, metrics)
@@ -106,8 +111,12 @@ def create_app(
     async def on_validation_error(request: Request, exc: RequestValidationError):
         return gateway.error(request.url.path, http_errors.from_validation(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        return http_errors.from_http_status(exc.status_code, exc.detail).response()
+
     _add_generation_routes(app, gateway)
-    _add_status_routes(app, backend, names, max_model_len, metrics)
+    _add_status_routes(app, gateway, max_model_len)
     return app
 
 
@@ -125,8 +134,17 @@ def _add_generation_routes(app: FastAPI, gateway: RequestFlow) -> None:
         return await gateway.handle("/v1/generate", body, request)
 
 
-def _add_status_routes(app: FastAPI, backend: Backend, names: tuple[str, ...],
-                       max_model_len: int, metrics: MetricsSink | None) -> None:
+def _add_status_routes(app: FastAPI, gateway: RequestFlow, max_model_len: int) -> None:
+    backend, names, metrics = gateway.backend, gateway.names, gateway.metrics
+
+    async def workers_or_none() -> list[dict[str, Any]]:
+        # The gateway's own numbers stay scrapable while the Router is down.
+        try:
+            return await backend.worker_metrics()
+        except Exception:
+            log.exception("worker metrics unavailable")
+            return []
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
@@ -149,14 +167,14 @@ def _add_status_routes(app: FastAPI, backend: Backend, names: tuple[str, ...],
     async def prometheus() -> Response:
         if metrics is None:
             return JSONResponse({"error": "metrics are not enabled"}, status_code=404)
-        body = metrics.render(await backend.worker_metrics())
+        body = metrics.render(await workers_or_none())
         return Response(body, media_type=PROMETHEUS_CONTENT_TYPE)
 
     @app.get("/v1/metrics")
     async def json_metrics() -> JSONResponse:
-        if metrics is None:
-            return JSONResponse({"error": "metrics are not enabled"}, status_code=404)
-        return JSONResponse(metrics.snapshot(await backend.worker_metrics()))
+        workers = await workers_or_none()
+        snapshot = metrics.snapshot(workers) if metrics is not None else {"workers": workers}
+        return JSONResponse({**snapshot, "gateway": gateway.stats()})
 
 
 def is_ready(health: dict[str, Any]) -> bool:

@@ -42,6 +42,7 @@ STATUS_BY_ERROR: dict[str, int] = {
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     409: "conflict_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
@@ -105,6 +106,11 @@ def from_validation(exc: RequestValidationError) -> HttpError:
     param = ".".join(loc) or None
     message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
     return _build(400, message, param, errors.InvalidParameter.__name__)
+
+
+def from_http_status(status: int, detail: str) -> HttpError:
+    """Starlette's own errors (unknown path 404, wrong method 405) in the OpenAI shape."""
+    return _build(status, str(detail), None, "HTTPError")
 
 
 def _build(

@@ -139,6 +139,14 @@ class RequestFlow:
         self._end(call, 200)
         return JSONResponse(self._body(call))
 
+    def stats(self) -> dict[str, float]:
+        """The gateway's own counters, for /v1/metrics."""
+        admission = self.admission
+        return {"in_flight": admission.in_flight, "max_in_flight": admission.max_in_flight,
+                "refused": admission.refused, "retry_after_s": admission.retry_after(),
+                "chunks_received": self.receiver.received,
+                "chunks_dropped": self.receiver.dropped}
+
     def error(self, endpoint: str, mapped: http_errors.HttpError, count: bool = True) -> Response:
         if mapped.status >= 500:
             log.error("%s -> %d: %s", endpoint, mapped.status, mapped.body["error"]["message"])

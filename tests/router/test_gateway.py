@@ -193,11 +193,15 @@ def test_bad_requests_get_openai_errors_naming_the_field(gateway, path, body, st
         assert str(MAX_MODEL_LEN - 1) in error["message"] or str(MAX_MODEL_LEN) in error["message"]
 
 
-def test_malformed_json_is_400_not_422(gateway):
+def test_malformed_json_is_400_not_422_and_unknown_paths_are_openai_errors(gateway):
     response = httpx.post(gateway.url + "/v1/completions", content=b"{not json",
                           headers={"content-type": "application/json"})
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "invalid_request_error"
+    missing = httpx.post(gateway.url + "/v1/embeddings", json={})
+    assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    wrong_method = httpx.get(gateway.url + "/v1/completions")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"]
 
 
 def test_deadline_ends_request_with_504_and_frees_blocks(gateway):
@@ -299,6 +303,7 @@ def test_models_health_and_metrics(gateway):
     assert snapshot["requests_by_status"].get("500", 0) == 0
     assert snapshot["mean_ttft_s"] > 0 and snapshot["generation_tokens"] >= 4
     assert snapshot["workers"][0]["worker_id"] == "gw-colocated-0"
+    assert snapshot["gateway"]["in_flight"] == 0 and snapshot["gateway"]["chunks_received"] > 0
 
 
 @contextmanager
