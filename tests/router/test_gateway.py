@@ -69,6 +69,22 @@ def test_greedy_completion_equals_offline_engine_generate(gateway, offline):
     assert again.json()["choices"][0]["text"] == expected.text
 
 
+def test_concurrent_requests_each_get_their_own_greedy_text(gateway, offline):
+    prompts = [f"Prompt number {i} says" + " hello" * i for i in range(8)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    expected = [out.text for out in offline.generate(prompts, params)]
+
+    def ask(i: int) -> str:
+        body = {**GREEDY, "prompt": prompts[i], "max_tokens": 8, "stream": i % 2 == 1}
+        response = post(gateway, "/v1/completions", body)
+        if i % 2 == 0:
+            return response.json()["choices"][0]["text"]
+        return "".join(p["choices"][0]["text"] for p in sse_payloads(response.text)[:-1])
+
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(ask, range(8))) == expected
+
+
 def test_stream_is_openai_chunks_ending_done_with_usage(gateway):
     body = {**GREEDY, "prompt": PROMPT, "max_tokens": 10}
     unary = post(gateway, "/v1/completions", body).json()
