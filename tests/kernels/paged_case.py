@@ -65,3 +65,12 @@ def make_case(
 
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
+
+
+def replace_nan_with_garbage(case: PagedCase, seed: int) -> None:
+    """Unowned slots get large finite random values instead of NaN (for references that
+    multiply padded keys by zero probabilities); any read of them still changes outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    for cache in (case.k_cache, case.v_cache):
+        garbage = (torch.randn(cache.shape, generator=gen) * 100).to(cache.dtype)
+        torch.where(cache.isnan(), garbage.to(cache.device), cache, out=cache)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged_case import make_case
+from paged_case import make_case, replace_nan_with_garbage
 from tolerances import assert_close
 
 from workers.attention.backend import AttentionMetadata
@@ -23,9 +23,15 @@ STEPS = {  # (q_lens, seq_lens)
 
 def _step(q_lens, seq_lens, device: str, seed: int):
     """Caches holding each sequence's context; the new tokens' k/v are cut out of the cache
-    (their slots set to NaN) and handed to forward, which must write them back."""
+    (their slots set to NaN) and handed to forward, which must write them back.
+
+    Slots no sequence owns hold large finite garbage rather than NaN here: the torch
+    reference multiplies padded keys by zero probabilities (NaN-safety of our kernels is
+    tested in test_flash_prefill / test_paged_decode), and garbage that is read changes the
+    output."""
     c = make_case(q_lens, seq_lens, num_heads=8, num_kv_heads=2, head_dim=32, block_size=8,
                   dtype=torch.float32, device=device, seed=seed)
+    replace_nan_with_garbage(c, seed)
     slots = []
     for i, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens, strict=True)):
         for pos in range(seq_len - q_len, seq_len):
