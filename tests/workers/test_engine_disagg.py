@@ -1,0 +1,66 @@
+"""Disaggregation hooks of LLMEngine: a prefill-role and a decode-role engine in one process,
+the KV copied block by block with plain torch, give exactly the colocated greedy output.
+
+This is the contract the cluster's prefill/decode workers rely on (docs/contracts.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.engine import LLMEngine
+from workers.errors import NoCapacity, UnknownRequest
+from workers.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=8, min_tokens=8, temperature=0)
+
+
+def copy_kv_blocks(src: LLMEngine, src_ids: list[int], dst: LLMEngine, dst_ids: list[int]):
+    """The KV transfer, reduced to plain torch: block i of src lands in block i of dst."""
+    for (k_src, v_src), (k_dst, v_dst) in zip(src.kv_caches, dst.kv_caches, strict=True):
+        for s, d in zip(src_ids, dst_ids, strict=False):
+            k_dst[d].copy_(k_src[s])
+            v_dst[d].copy_(v_src[s])
+
+
+def test_disaggregated_prefill_then_decode_equals_colocated_greedy(make_engine, random_prompts):
+    prompts = random_prompts(5, seed=12)
+    colocated = [o.token_ids for o in make_engine().generate(prompts, GREEDY)]
+    prefill = make_engine(role="prefill", num_blocks=64, long_prefill_token_threshold=7)
+    decode = make_engine(role="decode", num_blocks=96)
+    decoy = decode.reserve_remote("decoy", [5] * 9, GREEDY)  # so block ids differ per side
+    dest = {f"r{i}": decode.reserve_remote(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)}
+    decode.abort("decoy")  # an abort before commit frees the reservation
+    assert decode.num_free_blocks == 96 - sum(map(len, dest.values()))
+    assert len(decoy) == 3 and all(
+        len(dest[f"r{i}"]) == len(p) // 4 + 1 for i, p in enumerate(prompts)
+    )
+    for i, prompt in enumerate(prompts):
+        prefill.add_request(f"r{i}", prompt, GREEDY)
+    while prefill.has_unfinished():
+        for out in prefill.step():
+            assert out.finished and out.finish_reason == "prefill_done"
+            held = prefill.held_block_ids(out.request_id)
+            copy_kv_blocks(prefill, held, decode, dest[out.request_id])
+            prefill.release(out.request_id)
+            decode.commit_remote(out.request_id, out.token_ids[0])
+    assert prefill.num_free_blocks == prefill.num_total_blocks
+    finals = {}
+    while decode.has_unfinished():
+        finals.update({o.request_id: o.token_ids for o in decode.step() if o.finished})
+    assert [finals[f"r{i}"] for i in range(len(prompts))] == colocated
+
+
+def test_disaggregation_edges_no_capacity_and_first_token_finish(make_engine):
+    decode = make_engine(role="decode", num_blocks=4, block_size=4)
+    with pytest.raises(NoCapacity) as err:
+        decode.reserve_remote("big", [5] * 16, GREEDY)  # 16 + 1 slots need 5 blocks
+    assert (err.value.needed_blocks, err.value.free_blocks) == (5, 4)
+    with pytest.raises(UnknownRequest):
+        decode.commit_remote("never-reserved", 7)
+    prefill = make_engine(role="prefill")
+    (out,) = prefill.generate([[5, 6, 7]], SamplingParams(max_tokens=1, temperature=0))
+    assert out.finish_reason == "length"  # nothing left to decode: no blocks are held
+    with pytest.raises(UnknownRequest):
+        prefill.held_block_ids(out.request_id)
+    prefill.release(out.request_id)  # idempotent
