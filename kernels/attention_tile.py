@@ -63,6 +63,29 @@ def attend_range(
     return acc, l_i, m_i
 
 
+@triton.jit
+def attend_causal(
+    acc, l_i, m_i, q, q_pos, first_q_pos,
+    k_cache_ptr, v_cache_ptr, bt_ptr, kvh,
+    n_lo, n_hi, seq_len, qk_scale, head_dim,
+    stride_cb, stride_cs, stride_ch,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Fold keys [n_lo, n_hi) causally: whole tiles at or before `first_q_pos` (the smallest
+    query position of the rows) are visible to every row and run without masks; the tiles
+    that cross the diagonal or the sequence end run masked. n_lo must be tile-aligned."""
+    n_split = tl.minimum(tl.maximum((first_q_pos + 1) // BLOCK_N * BLOCK_N, n_lo), n_hi)
+    acc, l_i, m_i = attend_range(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, kvh,
+        n_lo, n_split, seq_len, qk_scale, head_dim, stride_cb, stride_cs, stride_ch,
+        False, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
+    return attend_range(
+        acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, kvh,
+        n_split, n_hi, seq_len, qk_scale, head_dim, stride_cb, stride_cs, stride_ch,
+        True, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 inputs use exact IEEE products (no tf32) so fp32 runs match the reference."""
     return "ieee" if dtype == torch.float32 else "tf32"

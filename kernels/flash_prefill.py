@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels.attention_ref import paged_attention_ref
-from kernels.attention_tile import LOG2E, attend_range, dot_precision, head_dim_block
+from kernels.attention_tile import LOG2E, attend_causal, dot_precision, head_dim_block
 
 
 @dataclass(frozen=True)
@@ -76,17 +76,11 @@ def _prefill_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
         bt = bt_ptr + seq.to(tl.int64) * stride_bt
-        # Keys up to the block's first query position are visible to all of its rows.
-        n_full = (context + m_start + 1) // BLOCK_N * BLOCK_N
         n_diag_end = tl.minimum(seq_len, context + m_start + BLOCK_M)
-        acc, l_i, m_i = attend_range(
-            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt, head // GROUP,
-            0, n_full, seq_len, qk_scale, head_dim, stride_cb, stride_cs, stride_ch,
-            False, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
-        acc, l_i, m_i = attend_range(
-            acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt, head // GROUP,
-            n_full, n_diag_end, seq_len, qk_scale, head_dim, stride_cb, stride_cs, stride_ch,
-            True, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
+        acc, l_i, m_i = attend_causal(
+            acc, l_i, m_i, q, q_pos, context + m_start, k_cache_ptr, v_cache_ptr, bt,
+            head // GROUP, 0, n_diag_end, seq_len, qk_scale, head_dim,
+            stride_cb, stride_cs, stride_ch, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=io_mask)
