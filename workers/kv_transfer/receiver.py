@@ -71,8 +71,12 @@ class Receiver(KVReceiver):
         self._outbox_addr = f"inproc://kv-recv-outbox-{id(self)}"
         self._outbox = self._ctx.socket(zmq.PULL)
         self._outbox.bind(self._outbox_addr)
-        self._pushers: list[zmq.Socket] = []
-        self._local = threading.local()
+        # One PUSH end for every pair thread: a lock makes each send whole, which is all
+        # a ZMQ socket asks of threads that share it.
+        self._pusher = self._ctx.socket(zmq.PUSH)
+        self._pusher.setsockopt(zmq.LINGER, 0)
+        self._pusher.connect(self._outbox_addr)
+        self._pusher_lock = threading.Lock()
         self._peers: dict[bytes, _Peer] = {}
         self._generations = itertools.count(1)
         self._closed = threading.Event()
@@ -251,13 +255,9 @@ class Receiver(KVReceiver):
             else:
                 self._sock.send_multipart([identity, encode(msg)])
             return
-        pusher = getattr(self._local, "pusher", None)
-        if pusher is None:
-            pusher = self._local.pusher = self._ctx.socket(zmq.PUSH)
-            pusher.setsockopt(zmq.LINGER, 0)
-            pusher.connect(self._outbox_addr)
-            self._pushers.append(pusher)
-        pusher.send_multipart([identity, encode(msg) if msg is not None else b""])
+        with self._pusher_lock:
+            if not self._pusher.closed:
+                self._pusher.send_multipart([identity, encode(msg) if msg is not None else b""])
 
     def _forget(self, identity: bytes) -> None:
         peer = self._peers.pop(identity, None)
@@ -305,5 +305,7 @@ class Receiver(KVReceiver):
         self.table.fail_all("receiver closed")
         for peer in list(self._peers.values()):
             self._drop(peer)
-        for sock in [*self._pushers, self._outbox, self._sock]:
-            sock.close(linger=0)
+        with self._pusher_lock:
+            self._pusher.close(linger=0)
+        self._outbox.close(linger=0)
+        self._sock.close(linger=0)
