@@ -1,6 +1,7 @@
 """Placing a cluster on Ray: worker actors (GPU or CPU), then the named Router actor.
 
-Worker actors are `ray.remote(cls)` of the plain worker classes with placement options; Ray
+Worker actors are `ray.remote(WorkerActor)` around the plain worker classes, with placement
+options; Ray
 restarts a dead one (`max_restarts`) and the router admits it again when it answers a poll.
 """
 
@@ -15,14 +16,11 @@ import torch
 
 from cluster.config import ClusterConfig
 from router.router import NAMESPACE, ROUTER_SUFFIX, Router
-from workers.colocated_worker import ColocatedWorker
-from workers.decode_worker import DecodeWorker
-from workers.prefill_worker import PrefillWorker
+from workers.worker_actor import WorkerActor
 from workers.worker_base import WorkerSpec
 
 log = logging.getLogger(__name__)
 
-WORKER_CLASSES = {"colocated": ColocatedWorker, "prefill": PrefillWorker, "decode": DecodeWorker}
 # Calls in flight per worker actor: the router's poll must run while a reserve waits.
 _WORKER_CONCURRENCY = 16
 _ROUTER_CONCURRENCY = 1000
@@ -44,6 +42,10 @@ class Cluster:
     def max_model_len(self) -> int:
         """The longest request every worker can hold."""
         return min(info["max_model_len"] for info in self.infos.values())
+
+    def call(self, worker_id: str, method: str, *args: Any) -> Any:
+        """Calls a worker's method and waits (tests, tools; the router calls asynchronously)."""
+        return ray.get(self.workers[worker_id].execute.remote(method, *args))
 
     def shutdown(self) -> None:
         """Kills this cluster's actors (and Ray, if this process started it)."""
@@ -92,11 +94,12 @@ def worker_spec(config: ClusterConfig, worker_id: str) -> WorkerSpec:
 def start_workers(config: ClusterConfig) -> tuple[dict[str, Any], dict[str, dict]]:
     """Creates every worker actor and waits until each has loaded its engine."""
     actors = {}
+    actor_cls = ray.remote(WorkerActor)
     for worker_id, role in config.worker_roles():
-        cls = ray.remote(WORKER_CLASSES[role])
         options = worker_options(config, f"{config.name}-{worker_id}")
-        actors[worker_id] = cls.options(**options).remote(worker_spec(config, worker_id))
-    infos = ray.get([a.ready.remote() for a in actors.values()],
+        spec = worker_spec(config, worker_id)
+        actors[worker_id] = actor_cls.options(**options).remote(role, spec)
+    infos = ray.get([a.execute.remote("ready") for a in actors.values()],
                     timeout=config.startup_timeout_s)
     for info in infos:
         log.info("worker %s ready: %d KV blocks of %d tokens", info["worker_id"],

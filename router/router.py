@@ -13,8 +13,10 @@ import ray
 from ray import exceptions as ray_errors
 
 from router.router_core import RouterConfig, RouterCore
-from router.worker_handle import RayHandle
+from router.worker_handle import RayHandle, raise_typed
+from workers.errors import KvrelayError
 from workers.protocol import GenerateRequest
+from workers.remote_errors import RemoteError, to_wire
 
 NAMESPACE = "kvrelay"
 ROUTER_SUFFIX = "router"
@@ -38,7 +40,10 @@ class Router:
         self.core.add_worker(worker_id, role, RayHandle(actor))
 
     async def submit(self, request: GenerateRequest) -> None:
-        await self.core.submit(request)
+        try:
+            await self.core.submit(request)
+        except KvrelayError as exc:
+            raise RemoteError(to_wire(exc)) from None
 
     async def abort(self, request_id: str) -> None:
         await self.core.abort(request_id)
@@ -83,6 +88,4 @@ async def _unwrap(ref: ray.ObjectRef) -> Any:
     try:
         return await ref
     except ray_errors.RayTaskError as exc:
-        if isinstance(exc.cause, Exception):
-            raise exc.cause from None
-        raise
+        raise_typed(exc)

@@ -162,7 +162,7 @@ class RouterCore:
             await self._undo_if_aborted(entry)
             return
         entry.decode = await self._reserve_decode(entry)
-        if await self._undo_if_aborted(entry):
+        if entry.decode is None or await self._undo_if_aborted(entry):
             return
         entry.phase = "prefilling"
         try:
@@ -180,11 +180,12 @@ class RouterCore:
         await self._release_everywhere(entry, keep=None)
         return True
 
-    async def _reserve_decode(self, entry: InFlight) -> str:
+    async def _reserve_decode(self, entry: InFlight) -> str | None:
         """Asks decode workers (policy order) to reserve blocks, waiting a while if all are
-        full; records the destination the prefill worker writes to."""
+        full; records the destination the prefill worker writes to. None: aborted while
+        waiting."""
         deadline = time.monotonic() + self.config.capacity_wait_s
-        while True:
+        while self.requests.get(entry.request.request_id) is entry:
             refusal: NoCapacity | None = None
             for worker_id in self._order("decode", entry):
                 try:
@@ -202,6 +203,7 @@ class RouterCore:
             if time.monotonic() > deadline:
                 raise refusal
             await asyncio.sleep(self.config.poll_interval_s / 4)
+        return None
 
     async def _first_that_takes(self, role: str, entry: InFlight, method: str, *args) -> str:
         for worker_id in self._order(role, entry):

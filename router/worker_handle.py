@@ -13,6 +13,8 @@ from typing import Any, Protocol
 import ray
 from ray import exceptions as ray_errors
 
+from workers.remote_errors import RemoteError, from_wire
+
 
 class WorkerGone(Exception):
     """The worker did not answer: dead, restarting, or its process is gone."""
@@ -43,18 +45,22 @@ _GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError)
 
 
 class RayHandle:
-    """A worker Ray actor (created by cluster/launcher.py)."""
+    """A worker Ray actor (workers/worker_actor.py, placed by cluster/launcher.py)."""
 
     def __init__(self, actor: ray.actor.ActorHandle):
         self.actor = actor
 
     async def call(self, method: str, *args: Any) -> Any:
         try:
-            return await getattr(self.actor, method).remote(*args)
+            return await self.actor.execute.remote(method, *args)
         except _GONE as exc:
             raise WorkerGone(method, type(exc).__name__) from exc
         except ray_errors.RayTaskError as exc:
-            # The worker raised on purpose: hand back its own typed error.
-            if isinstance(exc.cause, Exception):
-                raise exc.cause from None
-            raise
+            raise_typed(exc)
+
+
+def raise_typed(exc: ray_errors.RayTaskError):
+    """Re-raises a remote typed error as itself; anything else as Ray raised it."""
+    if isinstance(exc.cause, RemoteError):
+        raise from_wire(exc.cause.wire) from None
+    raise exc

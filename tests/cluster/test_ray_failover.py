@@ -14,6 +14,7 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.launcher import launch
 from router.router_core import RouterConfig
+from router.worker_handle import raise_typed
 from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
 from workers.config import CacheConfig, EngineConfig
 from workers.errors import NoReadyWorker
@@ -44,6 +45,14 @@ def collector():
     collector.close()
 
 
+def submit(cluster, req: GenerateRequest) -> None:
+    """router.submit, with a refusal raised as its typed error (as the gateway sees it)."""
+    try:
+        ray.get(cluster.router.submit.remote(req))
+    except ray.exceptions.RayTaskError as exc:
+        raise_typed(exc)
+
+
 def request(rid, prompt, address, max_tokens):
     sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
     return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
@@ -51,7 +60,7 @@ def request(rid, prompt, address, max_tokens):
 
 def all_blocks_free(cluster) -> bool:
     infos = cluster.infos
-    free = ray.get([cluster.workers[w].free_blocks.remote() for w in cluster.workers])
+    free = [cluster.call(w, "free_blocks") for w in cluster.workers]
     return free == [infos[w]["total_blocks"] for w in cluster.workers]
 
 
@@ -108,7 +117,7 @@ def test_killed_decode_worker_mid_stream_fails_clearly_then_is_readmitted(
     assert "decode-0" in final.error
     print(f"client told {time.monotonic() - killed_at:.2f} s after the kill")
     with pytest.raises(NoReadyWorker):
-        ray.get(router.submit.remote(request("no-decode", [5] * 4, collector.address, 2)))
+        submit(cluster, request("no-decode", [5] * 4, collector.address, 2))
     wait_all_ready(cluster)
     prompt = [9, 8, 7, 6, 5]
     ray.get(router.submit.remote(request("after", prompt, collector.address, 5)))

@@ -29,19 +29,28 @@ def served(config: ClusterConfig) -> Iterator[tuple[str, Cluster]]:
     """Launches `config` on the running Ray and serves its gateway; yields (base URL, cluster)."""
     assert ray.is_initialized(), "start Ray in a module fixture first"
     cluster = launch(config)
+    try:
+        app = build_app(config, cluster.router, cluster.max_model_len)
+        with serving(app) as url:
+            yield url, cluster
+    finally:
+        cluster.shutdown()
+
+
+@contextmanager
+def serving(app) -> Iterator[str]:
+    """Runs an ASGI app on uvicorn on a free port in a thread; yields its base URL."""
     port = free_port()
-    app = build_app(config, cluster.router, cluster.max_model_len)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(url)
-        yield url, cluster
+        yield url
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-        cluster.shutdown()
 
 
 def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:

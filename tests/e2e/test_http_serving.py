@@ -1,0 +1,261 @@
+"""End to end over real HTTP: Ray worker actors, the Router actor, the gateway on uvicorn.
+
+Every layout (1P+1D and 2P+1D over gloo, 1P+1D over ZMQ, colocated) answers 16 concurrent
+requests of mixed lengths, streaming and not, with greedy text identical to transformers'.
+Clients that disconnect (or time out) at any phase leave no KV block behind, and real bad
+requests get their OpenAI-style status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+
+import httpx
+import pytest
+import ray
+
+from cluster.config import ClusterConfig
+from cluster.gateway_app import build_app
+from router.router_core import RouterConfig
+from tests.cluster.helpers import hf_greedy, prompts
+from tests.e2e.served_cluster import served, serving
+from workers.config import CacheConfig, EngineConfig
+from workers.tokenizer import Tokenizer
+
+BLOCK = 8
+NUM_REQUESTS = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_config(tiny_model_dir) -> ClusterConfig:
+    engine = EngineConfig(model=str(tiny_model_dir),
+                          cache=CacheConfig(block_size=BLOCK, num_blocks=96))
+    return ClusterConfig(engine=engine, model_name="tiny", kv_transport="gloo",
+                         router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1,
+                                             capacity_wait_s=30.0))
+
+
+@pytest.fixture(scope="module")
+def workload(tiny_model_dir, hf_reference):
+    """16 (prompt, max_tokens, stream, expected text) with their transformers reference."""
+    tokenizer = Tokenizer(tiny_model_dir)
+    model = hf_reference(tiny_model_dir)
+    batch = prompts(NUM_REQUESTS, 500, seed=11, low=2, high=48)
+    cases = []
+    for i, prompt in enumerate(batch):
+        max_tokens = 1 + (i * 5) % 14
+        expected = tokenizer.decode(hf_greedy(model, prompt, max_tokens))
+        cases.append((prompt, max_tokens, i % 2 == 0, expected))
+    return cases
+
+
+async def complete(client: httpx.AsyncClient, prompt, max_tokens: int, stream: bool,
+                   **extra) -> tuple[str, int, str | None]:
+    """(text, completion tokens, finish_reason) of one /v1/completions call."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream, **extra}
+    if not stream:
+        response = await client.post("/v1/completions", json=body)
+        assert response.status_code == 200, response.text
+        data = response.json()
+        choice = data["choices"][0]
+        return choice["text"], data["usage"]["completion_tokens"], choice["finish_reason"]
+    body["stream_options"] = {"include_usage": True}
+    text, tokens, reason = "", 0, None
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            assert "error" not in event, event
+            for choice in event.get("choices", []):
+                text += choice["text"]
+                reason = choice["finish_reason"] or reason
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return text, tokens, reason
+
+
+def run_workload(url: str, workload) -> None:
+    async def main() -> list:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(complete(client, p, n, s)
+                                          for p, n, s, _ in workload))
+
+    results = asyncio.run(main())
+    for (prompt, max_tokens, stream, expected), (text, tokens, reason) in zip(
+            workload, results, strict=True):
+        assert text == expected, f"prompt {prompt} stream={stream}"
+        assert tokens == max_tokens and reason == "length"
+
+
+def wait_blocks_free(cluster, timeout_s: float = 5.0) -> float:
+    start = time.monotonic()
+    totals = [cluster.infos[w]["total_blocks"] for w in cluster.workers]
+    while True:
+        free = [cluster.call(w, "free_blocks") for w in cluster.workers]
+        if free == totals:
+            return time.monotonic() - start
+        assert time.monotonic() - start < timeout_s, f"free {free} of {totals}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def one_p_one_d(base_config):
+    with served(dataclasses.replace(base_config, name="p1d1")) as (url, cluster):
+        yield url, cluster
+
+
+def test_1p1d_gloo_concurrent_greedy_matches_transformers(one_p_one_d, workload):
+    url, cluster = one_p_one_d
+    run_workload(url, workload)
+    wait_blocks_free(cluster)
+    paths = cluster.call("prefill-0", "transfer_paths")
+    assert [p["path"] for p in paths.values()] == ["gloo"]
+
+
+def test_2p1d_concurrent_greedy_matches_transformers(base_config, workload):
+    config = dataclasses.replace(base_config, name="p2d1", num_prefill=2)
+    with served(config) as (url, cluster):
+        run_workload(url, workload)
+        wait_blocks_free(cluster)
+        metrics = ray.get(cluster.router.worker_metrics.remote())
+        assert {m["worker_id"] for m in metrics} == {"prefill-0", "prefill-1", "decode-0"}
+
+
+def test_1p1d_zmq_concurrent_greedy_matches_transformers(base_config, workload):
+    with served(dataclasses.replace(base_config, name="zmq", kv_transport="zmq")) as (url, c):
+        run_workload(url, workload)
+        wait_blocks_free(c)
+        paths = c.call("prefill-0", "transfer_paths")
+        assert [p["path"] for p in paths.values()] == ["zmq"]
+
+
+def test_colocated_concurrent_greedy_matches_transformers(base_config, workload):
+    with served(dataclasses.replace(base_config, name="colo", num_colocated=1)) as (url, c):
+        run_workload(url, workload)
+        wait_blocks_free(c)
+
+
+async def disconnect_after(url: str, prompt, events: int, seconds: float) -> None:
+    """Streams a long request and hangs up after `events` SSE events or `seconds`."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 400, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        try:
+            async with asyncio.timeout(seconds):
+                async with client.stream("POST", "/v1/completions", json=body) as response:
+                    seen = 0
+                    async for line in response.aiter_lines():
+                        seen += line.startswith("data: ")
+                        if seen >= events:
+                            return
+        except TimeoutError:
+            return
+
+
+def test_client_disconnect_at_every_phase_frees_blocks_within_5s(one_p_one_d):
+    url, cluster = one_p_one_d
+    before = ray.get(cluster.router.stats.remote())["aborted_in_phase"]
+    batch = prompts(10, 500, seed=13, low=20, high=60)
+    plans = [(0, 0.02), (0, 0.05), (1, 10), (2, 10), (5, 10), (20, 10), (40, 10)]
+
+    async def main() -> None:
+        await asyncio.gather(*(disconnect_after(url, p, events, secs)
+                               for p, (events, secs) in zip(batch, plans * 2, strict=False)))
+
+    asyncio.run(main())
+    took = wait_blocks_free(cluster)
+    stats = ray.get(cluster.router.stats.remote())
+    assert stats["in_flight"] == 0
+    phases = {k for k, v in stats["aborted_in_phase"].items() if v > before.get(k, 0)}
+    assert {"prefilling", "decoding"} <= phases, stats
+    print(f"blocks free {took:.2f} s after the last disconnect; aborted in {phases}")
+
+
+def test_request_timeout_while_queued_for_kv_capacity_is_504_and_frees(one_p_one_d):
+    """A decode worker full of one long request: the next one waits in the router's queue,
+    times out there (504), and is aborted in phase 'queued'."""
+    url, cluster = one_p_one_d
+
+    async def main() -> int:
+        hog = {"model": "tiny", "prompt": [5] * 600, "max_tokens": 160, "temperature": 0,
+               "ignore_eos": True, "stream": True}
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async with client.stream("POST", "/v1/completions", json=hog) as stream:
+                lines = stream.aiter_lines()
+                while not (await anext(lines)).startswith("data: "):
+                    pass  # the hog holds its blocks once its first token is out
+                waiter = await client.post("/v1/completions", json={
+                    "model": "tiny", "prompt": [6] * 250, "max_tokens": 5, "timeout": 0.3})
+                async for _ in lines:
+                    pass
+            return waiter.status_code
+
+    assert asyncio.run(main()) == 504
+    wait_blocks_free(cluster)
+    assert ray.get(cluster.router.stats.remote())["aborted_in_phase"].get("queued", 0) >= 1
+
+
+def test_http_errors_from_real_requests(one_p_one_d, base_config):
+    url, cluster = one_p_one_d
+    good = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}
+    cases = [
+        ({**good, "temperature": -1}, 400, "temperature"),
+        ({**good, "model": "nope"}, 404, "nope"),
+        ({**good, "prompt": [5] * 5000}, 400, "prompt"),
+        ({**good, "prompt": [99999]}, 400, "99999"),
+        ({**good, "max_tokens": 0}, 400, "max_tokens"),
+    ]
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for body, status, named in cases:
+            response = client.post("/v1/completions", json=body)
+            assert response.status_code == status, (body, response.text)
+            assert named in response.json()["error"]["message"]
+        assert client.post("/v1/completions", content=b"{not json").status_code == 400
+
+
+def test_admission_limit_is_429_with_retry_after(one_p_one_d, base_config):
+    """A second gateway on the same Router admitting one request at a time."""
+    _, cluster = one_p_one_d
+    config = dataclasses.replace(base_config, max_queue=1)
+    app = build_app(config, cluster.router, cluster.max_model_len)
+
+    async def burst(url: str) -> list[httpx.Response]:
+        body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 30, "ignore_eos": True}
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=body)
+                                          for _ in range(4)))
+
+    with serving(app) as url:
+        responses = asyncio.run(burst(url))
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses[0] == 200 and statuses[-1] == 429, statuses
+    assert all(r.headers.get("retry-after") for r in responses if r.status_code == 429)
+    wait_blocks_free(cluster)
+
+
+def test_no_ready_decode_worker_is_503_then_health_503(one_p_one_d):
+    """Last in this module: it kills the decode worker for good."""
+    url, cluster = one_p_one_d
+    ray.kill(cluster.workers["decode-0"], no_restart=True)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        deadline = time.monotonic() + 10
+        while client.get("/health").status_code != 503:
+            assert time.monotonic() < deadline, "router never noticed the dead decode worker"
+            time.sleep(0.1)
+        response = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6],
+                                                        "max_tokens": 2})
+        assert response.status_code == 503 and "decode" in response.json()["error"]["message"]
+        assert response.headers.get("retry-after")
