@@ -8,8 +8,8 @@ Seams left for later (not implemented now):
 - Prefix caching: full blocks will be named by `chain_hash(parent_hash, token_ids)`;
   `share` bumps a block's reference count so several sequences can point at it, and a freed
   cached block would stay out of the free list until evicted (LRU).
-- Speculative decoding: `grow` to num_tokens + k slots before verification, then `shrink`
-  back to the accepted length; both are exact inverses on the free count.
+- Speculative decoding: `append_slots` to num_tokens + k before verification, then
+  `rollback_slots` to the accepted length; the pair leaves the free count as it was.
 """
 
 from __future__ import annotations
@@ -90,18 +90,18 @@ class BlockPool:
         """Blocks a table must add to cover `num_tokens` slots (0 if it already does)."""
         return max(blocks_for(num_tokens, self.block_size) - len(block_table), 0)
 
-    def can_grow(self, block_table: list[int], num_tokens: int) -> bool:
+    def can_append_slots(self, block_table: list[int], num_tokens: int) -> bool:
         return self.can_allocate(self.extra_blocks(block_table, num_tokens))
 
-    def grow(self, block_table: list[int], num_tokens: int) -> None:
+    def append_slots(self, block_table: list[int], num_tokens: int) -> None:
         """Appends blocks to `block_table` in place until it covers `num_tokens` slots.
 
-        Appending k speculative slots is `grow(table, num_tokens + k)`. All or nothing:
+        Appending k speculative slots is `append_slots(table, num_tokens + k)`. All or nothing:
         raises NoCapacity and leaves the table unchanged if the pool is short.
         """
         block_table.extend(self.allocate(self.extra_blocks(block_table, num_tokens)))
 
-    def shrink(self, block_table: list[int], num_tokens: int) -> None:
+    def rollback_slots(self, block_table: list[int], num_tokens: int) -> None:
         """Frees trailing blocks not needed for `num_tokens` slots (speculative rollback)."""
         keep = blocks_for(num_tokens, self.block_size)
         if keep < len(block_table):

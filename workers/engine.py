@@ -170,7 +170,7 @@ class LLMEngine:
         if not self.pool.can_allocate(needed):
             raise NoCapacity(needed_blocks=needed, free_blocks=self.pool.num_free)
         self._admit(seq)
-        self.pool.grow(seq.block_table, seq.num_prompt_tokens + 1)
+        self.pool.append_slots(seq.block_table, seq.num_prompt_tokens + 1)
         seq.status = SequenceStatus.RESERVED
         return list(seq.block_table)
 

@@ -114,7 +114,7 @@ class Scheduler:
         """Grows seq's table by preempting lower-ranked unscheduled sequences; False if seq
         itself had to be preempted."""
         target = seq.num_computed_tokens + num_new
-        while not self.pool.can_grow(seq.block_table, target):
+        while not self.pool.can_append_slots(seq.block_table, target):
             busy = {id(s) for s, _ in scheduled}
             candidates = [s for s in self.running if s is not seq and id(s) not in busy]
             victim = max(candidates, key=self._rank, default=None)
@@ -124,7 +124,7 @@ class Scheduler:
             preempted.append(victim)
             if victim is seq:
                 return False
-        self.pool.grow(seq.block_table, target)
+        self.pool.append_slots(seq.block_table, target)
         return True
 
     def _preempt(self, seq: Sequence) -> None:
@@ -147,9 +147,9 @@ class Scheduler:
             if num_new < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
                 break
             target = seq.num_computed_tokens + num_new
-            if not self.pool.can_grow(seq.block_table, target):
+            if not self.pool.can_append_slots(seq.block_table, target):
                 break
-            self.pool.grow(seq.block_table, target)
+            self.pool.append_slots(seq.block_table, target)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

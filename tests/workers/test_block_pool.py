@@ -1,4 +1,4 @@
-"""BlockPool: free list, reference counts, grow/shrink (speculative rollback), no leaks."""
+"""BlockPool: free list, reference counts, append and roll back slots, no leaks."""
 
 from __future__ import annotations
 
@@ -48,26 +48,26 @@ def test_shared_block_returns_only_after_last_owner_frees():
     assert pool.num_free == 3
 
 
-def test_grow_covers_tokens_and_is_all_or_nothing():
+def test_append_slots_covers_tokens_and_is_all_or_nothing():
     pool = BlockPool(num_blocks=4, block_size=4)
     table: list[int] = []
-    pool.grow(table, 5)
+    pool.append_slots(table, 5)
     assert len(table) == 2
-    pool.grow(table, 8)  # still fits in 2 blocks
+    pool.append_slots(table, 8)  # still fits in 2 blocks
     assert len(table) == 2
     with pytest.raises(NoCapacity):
-        pool.grow(table, 17)  # needs 5 blocks, pool has 4
+        pool.append_slots(table, 17)  # needs 5 blocks, pool has 4
     assert len(table) == 2 and pool.num_free == 2
 
 
 def test_append_k_speculative_slots_then_roll_back():
     pool = BlockPool(num_blocks=10, block_size=4)
     table: list[int] = []
-    pool.grow(table, 7)
+    pool.append_slots(table, 7)
     before = (list(table), pool.num_free)
-    pool.grow(table, 7 + 6)  # 6 speculative slots cross into 2 new blocks
+    pool.append_slots(table, 7 + 6)  # 6 speculative slots cross into 2 new blocks
     assert len(table) == 4
-    pool.shrink(table, 7 + 1)  # one accepted token: back to 2 blocks
+    pool.rollback_slots(table, 7 + 1)  # one accepted token: back to 2 blocks
     assert (table, pool.num_free) == before
     pool.release(table)
     assert table == [] and pool.num_free == 10
