@@ -9,7 +9,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "serve": ("cluster.serve", "start a cluster (prefill/decode pools or colocated) and the gateway"),
+    "serve": ("cluster.serve", "start a cluster (prefill/decode or colocated) and the gateway"),
     "generate": ("workers.generate_cli", "offline generation on one engine, prints the text"),
     "make-tiny-model": ("workers.tiny_model", "write a small random Llama checkpoint + tokenizer"),
     "bench-engine": ("workers.bench", "offline engine throughput table"),
