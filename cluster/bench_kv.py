@@ -171,7 +171,8 @@ def run_pair(cfg: BenchConfig, transport: str, devices: tuple[str, str], raw: bo
     for proc in procs:
         proc.start()
     report = {}
-    while len(report) < 2 + ("ours" in report):
+    kinds = set()
+    while len(kinds) < 2:  # one report from each end, in either order
         try:
             kind, value = out.get(timeout=1.0)
         except queue.Empty:
@@ -179,6 +180,7 @@ def run_pair(cfg: BenchConfig, transport: str, devices: tuple[str, str], raw: bo
             if dead:
                 raise RuntimeError(f"bench process exited with {dead[0].exitcode}") from None
             continue
+        kinds.add(kind)
         report.update({"raw": value} if kind == "raw" else value)
     for proc in procs:
         proc.join(120)
