@@ -57,12 +57,16 @@ class PairGroup:
 
     def send(self, buf: torch.Tensor, timeout_s: float) -> None:
         """One send of a contiguous buffer; raises (RuntimeError) if not done within timeout_s."""
-        work = self._group.send([buf], self.peer, 0)
-        self.wait(work, timeout_s)
+        self.wait(self.post_send(buf), timeout_s)
 
-    def post_recv(self, buf: torch.Tensor):
+    def post_send(self, buf: torch.Tensor, tag: int = 0):
+        """Posts one send (ordered after work queued on the current stream); finish it with
+        `wait`. Sends and recvs match in posting order (tags keep gloo's matching exact)."""
+        return self._group.send([buf], self.peer, tag)
+
+    def post_recv(self, buf: torch.Tensor, tag: int = 0):
         """Posts one recv into a contiguous buffer; finish it with `wait(work, timeout_s)`."""
-        return self._group.recv([buf], self.peer, 0)
+        return self._group.recv([buf], self.peer, tag)
 
     def wait(self, work, timeout_s: float) -> None:
         """Raises (RuntimeError) if `work` is not done within timeout_s."""

@@ -23,7 +23,7 @@ from workers.kv_transfer.base import KVReceiver, OnDone, OnFailed, TransferHeade
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, TransferPlan, check_compatible, plan_transfer
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
-from workers.kv_transfer.packing import CopyStream, KVCaches, unpack
+from workers.kv_transfer.packing import CopyStream, KVCaches, chunk_views, unpack
 from workers.kv_transfer.pair_group import RECEIVER_RANK, PairGroup, host_store
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
 from workers.protocol import decode, encode
@@ -193,41 +193,53 @@ class Receiver(KVReceiver):
         want = plan.num_bytes(self.layout, n)
         if header.num_bytes != want:
             return f"{header.num_bytes} bytes for {n} blocks; expected {want}"
+        if header.chunks and (sum(header.chunks) != plan.num_layers or min(header.chunks) < 1):
+            return f"chunks {header.chunks} do not split {plan.num_layers} layers"
         return ""
 
     def _receive(self, peer: _Peer, record: TransferRecord, header: TransferHeader,
                  plan: TransferPlan, frame) -> None:
+        """Unpacks each chunk as it lands (the next one is on the wire meanwhile); an abort or
+        deadline between chunks stops the writes but still drains the pair's data."""
         start = time.perf_counter()
-        buf = self._take_data(peer, header, frame, record.deadline)
-        seconds = time.perf_counter() - start
+        views = chunk_views(plan, self.layout, header.num_blocks, header.chunks)
+        blocks = record.block_ids[:header.num_blocks]
+        if frame is not None:
+            buf, works = _frame_bytes(frame), [None] * len(views)
+        else:
+            buf, works = self._post_recvs(peer, header, [(lo, hi) for _, lo, hi in views])
+        landed = True
+        for (sub, lo, hi), work in zip(views, works, strict=True):
+            if work is not None:
+                peer.group.wait(work, record.deadline - time.monotonic())
+            with record.busy:
+                landed = landed and not record.state.terminal
+                if landed:
+                    unpack(buf[lo:hi], self.kv_caches, self.layout, sub, blocks)
+                    peer.stream.synchronize()  # the KV is in the blocks before DONE
         with record.busy:
-            if record.state.terminal:
-                self._reply(peer.identity, Reply(header.request_id, "ack", False,
-                                                 f"transfer {record.state.value}"))
+            if landed and not record.state.terminal:
+                self.table.add_part(header.request_id, plan, plan.num_cells, header.num_bytes,
+                                    time.perf_counter() - start, header.extra)
+                self._reply(peer.identity, Reply(header.request_id, "ack"))
                 return
-            unpack(buf, self.kv_caches, self.layout, plan, record.block_ids[:header.num_blocks])
-            peer.stream.synchronize()  # the KV is in the blocks before anyone hears DONE
-            self.table.add_part(header.request_id, plan, plan.num_cells, header.num_bytes, seconds,
-                                 header.extra)
-        self._reply(peer.identity, Reply(header.request_id, "ack"))
+        self._reply(peer.identity, Reply(header.request_id, "ack", False,
+                                         f"transfer {record.state.value}"))
 
     def _probe(self, peer: _Peer, header: TransferHeader, frame) -> None:
-        self._take_data(peer, header, frame, time.monotonic() + self.config.connect_timeout_s)
+        if frame is None:
+            _, works = self._post_recvs(peer, header, [(0, header.num_bytes)])
+            peer.group.wait(works[0], self.config.connect_timeout_s)
         self._reply(peer.identity, Reply(header.request_id, "ack"))
 
-    def _take_data(self, peer: _Peer, header: TransferHeader, frame, deadline: float):
-        """The transfer's bytes: the ZMQ frame (zero-copy), or one recv on the pair's group."""
-        if frame is not None:
-            with warnings.catch_warnings():  # read-only frame memory: we only read it
-                warnings.simplefilter("ignore", UserWarning)
-                return torch.frombuffer(frame.buffer, dtype=torch.uint8)
+    def _post_recvs(self, peer: _Peer, header: TransferHeader, ranges: list[tuple[int, int]]):
+        """Posts one recv per byte range of a new buffer, then tells the sender to send."""
         if peer.group is None:
             raise RuntimeError(f"pair with {peer.sender_id} has no communicator")
         buf = torch.empty(header.num_bytes, dtype=torch.uint8, device=self.device)
-        work = peer.group.post_recv(buf)
+        works = [peer.group.post_recv(buf[lo:hi], tag) for tag, (lo, hi) in enumerate(ranges)]
         self._reply(peer.identity, Reply(header.request_id, "ready"))
-        peer.group.wait(work, deadline - time.monotonic())
-        return buf
+        return buf, works
 
     def _guarded(self, peer: _Peer, request_id: str, job, *args) -> None:
         """Runs a pair job; any failure fails that transfer and tears the pair down (the sender
@@ -309,3 +321,10 @@ class Receiver(KVReceiver):
             self._pusher.close(linger=0)
         self._outbox.close(linger=0)
         self._sock.close(linger=0)
+
+
+def _frame_bytes(frame) -> torch.Tensor:
+    """A ZMQ frame's bytes as a uint8 tensor, zero-copy (read-only memory: only read)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(frame.buffer, dtype=torch.uint8)

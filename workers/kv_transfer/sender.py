@@ -22,7 +22,15 @@ from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferHeader,
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, check_compatible, plan_transfer
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
-from workers.kv_transfer.packing import CopyStream, KVCaches, as_bytes, pack, record_event
+from workers.kv_transfer.packing import (
+    CopyStream,
+    KVCaches,
+    as_bytes,
+    chunk_views,
+    pack,
+    record_event,
+    split_layers,
+)
 from workers.kv_transfer.pair_group import SENDER_RANK, PairGroup
 from workers.kv_transfer.probe import measure_gbps
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
@@ -133,10 +141,15 @@ class Sender(KVSender):
                 return
             buf = self._pack(pair, plan, record.block_ids, ready)
         header.num_bytes = buf.numel()
+        if pair.group is not None:
+            header.chunks = split_layers(plan, self.layout, header.num_blocks,
+                                         self.config.chunk_bytes)
+        ranges = [(lo, hi) for _, lo, hi in chunk_views(plan, self.layout, header.num_blocks,
+                                                         header.chunks)]
         for attempt in range(2):
             header.generation = pair.generation
             start = time.perf_counter()
-            reply = self._push(pair, header, buf, record.deadline)
+            reply = self._push(pair, header, buf, ranges, record.deadline)
             if reply.ok:
                 record.num_bytes, record.seconds = header.num_bytes, time.perf_counter() - start
                 self.table.finish(record.request_id, TransferState.DONE)
@@ -157,8 +170,9 @@ class Sender(KVSender):
         return buf
 
     def _push(self, pair: _Pair, header: TransferHeader, buf: torch.Tensor,
-              deadline: float) -> Reply:
-        """Sends header and data; returns the receiver's final reply (ack or refusal)."""
+              ranges: list[tuple[int, int]], deadline: float) -> Reply:
+        """Sends header and data (torch path: one send per byte range, all posted at once);
+        returns the receiver's final reply (ack or refusal)."""
         if pair.group is None:
             pair.sock.send_multipart([encode(header), _frame(buf)], copy=False)
             return self._await(pair, header.request_id, deadline)
@@ -166,7 +180,9 @@ class Sender(KVSender):
         ready = self._await(pair, header.request_id, deadline)
         if not ready.ok:
             return ready
-        pair.group.send(buf, deadline - time.monotonic())
+        works = [pair.group.post_send(buf[lo:hi], tag) for tag, (lo, hi) in enumerate(ranges)]
+        for work in works:
+            pair.group.wait(work, deadline - time.monotonic())
         return self._await(pair, header.request_id, deadline)
 
     def _await(self, pair: _Pair, request_id: str, deadline: float) -> Reply:
@@ -222,7 +238,7 @@ class Sender(KVSender):
         def one_round(i: int) -> None:
             header = TransferHeader(f"__probe__/{i}", {}, [], 0, size, "uint8",
                                     generation=pair.generation)
-            reply = self._push(pair, header, buf, deadline)
+            reply = self._push(pair, header, buf, [(0, size)], deadline)
             if not reply.ok:
                 raise TransferFailed(header.request_id, reply.reason)
 
