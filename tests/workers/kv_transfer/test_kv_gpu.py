@@ -1,0 +1,85 @@
+"""KV transfer on CUDA: Triton pack/unpack equal the torch path bit for bit, the ZMQ path
+between two ends on one GPU (pinned staging, side streams), NCCL between two GPUs; and a
+transfer queued right after the engine writes the blocks reads the new values (stream order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.kv_transfer import (
+    KVLayout,
+    Receiver,
+    Sender,
+    TransferConfig,
+    TransferState,
+    plan_transfer,
+    slice_for_rank,
+)
+from workers.kv_transfer.packing import pack, unpack
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+LAYOUT = KVLayout("gpu-test", "bfloat16", 16, num_layers=4, num_kv_heads=8, head_dim=128)
+
+
+def _caches(layout: KVLayout, device: str, seed: int, num_blocks: int = 64):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (num_blocks, layout.block_size, len(layout.kv_heads), layout.head_dim)
+    return [tuple(torch.randn(shape, generator=gen, device=device).to(torch.bfloat16)
+                  for _ in range(2)) for _ in layout.layers]
+
+
+@pytest.mark.parametrize("rank", [None, 0, 1])
+def test_cuda_pack_and_unpack_equal_the_cpu_path(rank):
+    sender = LAYOUT if rank is None else slice_for_rank(LAYOUT, rank, 2)
+    plan = plan_transfer(sender, LAYOUT)
+    gpu_src = _caches(sender, "cuda", seed=1)
+    cpu_src = [(k.cpu(), v.cpu()) for k, v in gpu_src]
+    ids = [7, 3, 50, 12, 0]
+    gpu_buf = pack(gpu_src, sender, plan, ids)
+    assert torch.equal(gpu_buf.cpu().view(torch.int16),
+                       pack(cpu_src, sender, plan, ids).view(torch.int16))
+    gpu_dst = _caches(LAYOUT, "cuda", seed=2)
+    cpu_dst = [(k.cpu(), v.cpu()) for k, v in gpu_dst]
+    unpack(gpu_buf, gpu_dst, LAYOUT, plan, [9, 8, 1, 40, 33])
+    unpack(gpu_buf.cpu(), cpu_dst, LAYOUT, plan, [9, 8, 1, 40, 33])
+    torch.cuda.synchronize()
+    for (gk, gv), (ck, cv) in zip(gpu_dst, cpu_dst, strict=True):
+        assert torch.equal(gk.cpu(), ck) and torch.equal(gv.cpu(), cv)
+
+
+def _transfer_after_write(sender_device: str, receiver_device: str, transport: str):
+    config = TransferConfig(transport=transport, probe_bytes=8 << 20, chunk_bytes=1 << 20)
+    src, dst = _caches(LAYOUT, sender_device, 3), _caches(LAYOUT, receiver_device, 4)
+    receiver, sender = Receiver(LAYOUT, dst, config), Sender(LAYOUT, src, config)
+    try:
+        receiver.expect("r", [5, 6, 7])
+        # The engine's last write, queued on its stream just before the send.
+        with torch.cuda.device(src[0][0].device):
+            for k, v in src:
+                k[[20, 21]] = 1.5
+                v[[20, 21]] = -2.5
+        sender.send("r", receiver.address, [20, 21, 22], [5, 6, 7], {"first_token_id": 1})
+        assert sender.wait("r", 60) is TransferState.DONE, sender.table.get("r").reason
+        assert receiver.wait("r", 10) is TransferState.DONE
+        for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
+            assert torch.equal(dk[[5, 6, 7]].cpu(), sk[[20, 21, 22]].cpu())
+            assert torch.equal(dv[[5, 6, 7]].cpu(), sv[[20, 21, 22]].cpu())
+        return sender.path(receiver.address), sender.bandwidth(receiver.address)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_zmq_path_between_two_ends_on_one_gpu():
+    path, gbps = _transfer_after_write("cuda:0", "cuda:0", "zmq")
+    assert path == "zmq" and gbps > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_nccl_path_between_two_gpus():
+    path, gbps = _transfer_after_write("cuda:1", "cuda:0", "torch")
+    assert path == "nccl" and gbps > 0
