@@ -43,8 +43,18 @@ class _Peer:
         self.stream: CopyStream | None = None
         self.path: str | None = None
         self.gbps: float | None = None
-        self.pending = 0
+        self._pending = 0
+        self._lock = threading.Lock()  # pending is counted by the control and pair threads
         self.last_used = time.monotonic()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def count(self, delta: int) -> None:
+        with self._lock:
+            self._pending += delta
+            self.last_used = time.monotonic()
 
 
 class Receiver(KVReceiver):
@@ -160,8 +170,7 @@ class Receiver(KVReceiver):
         if peer is None or peer.generation != header.generation:
             self._reply(identity, Reply(rid, "ack", False, "stale pair: shake hands again"))
             return
-        peer.pending += 1
-        peer.last_used = time.monotonic()
+        peer.count(+1)
         if rid.startswith("__probe__/"):
             peer.executor.submit(self._guarded, peer, rid, self._probe, peer, header, frame)
             return
@@ -171,7 +180,7 @@ class Receiver(KVReceiver):
         if reason:
             if record is not None:
                 self.table.end(rid, TransferState.FAILED, reason)
-            peer.pending -= 1
+            peer.count(-1)
             self._reply(identity, Reply(rid, "ack", False, reason))
             return
         self.table.start(rid)
@@ -256,8 +265,7 @@ class Receiver(KVReceiver):
             self._close_group(peer)
             self._reply(peer.identity, None)  # ask the control thread to forget the pair
         finally:
-            peer.pending -= 1
-            peer.last_used = time.monotonic()
+            peer.count(-1)
 
     def _reply(self, identity: bytes, msg) -> None:
         """Queues a control reply; callable from any thread. msg None: drop that pair."""
