@@ -13,7 +13,6 @@ import logging
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import zmq
@@ -25,36 +24,11 @@ from workers.kv_transfer.layout import KVLayout, TransferPlan, check_compatible,
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
 from workers.kv_transfer.packing import CopyStream, KVCaches, chunk_views, unpack
 from workers.kv_transfer.pair_group import RECEIVER_RANK, PairGroup, host_store
+from workers.kv_transfer.pair_state import ReceiverPair
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
 from workers.protocol import decode, encode
 
 log = logging.getLogger(__name__)
-
-
-class _Peer:
-    def __init__(self, identity: bytes, hello: Hello, generation: int):
-        self.identity = identity
-        self.sender_id = hello.sender_id
-        self.layout = KVLayout.from_dict(hello.layout)
-        self.transport = hello.transport
-        self.generation = generation
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-recv-{generation}")
-        self.group: PairGroup | None = None
-        self.stream: CopyStream | None = None
-        self.path: str | None = None
-        self.gbps: float | None = None
-        self._pending = 0
-        self._lock = threading.Lock()  # pending is counted by the control and pair threads
-        self.last_used = time.monotonic()
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def count(self, delta: int) -> None:
-        with self._lock:
-            self._pending += delta
-            self.last_used = time.monotonic()
 
 
 class Receiver(KVReceiver):
@@ -87,7 +61,7 @@ class Receiver(KVReceiver):
         self._pusher.setsockopt(zmq.LINGER, 0)
         self._pusher.connect(self._outbox_addr)
         self._pusher_lock = threading.Lock()
-        self._peers: dict[bytes, _Peer] = {}
+        self._peers: dict[bytes, ReceiverPair] = {}
         self._generations = itertools.count(1)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kv-recv", daemon=True)
@@ -143,7 +117,7 @@ class Receiver(KVReceiver):
             return
         for old in [p for p in self._peers.values() if p.sender_id == hello.sender_id]:
             self._drop(old)  # the sender restarted its side of the pair
-        peer = _Peer(identity, hello, next(self._generations))
+        peer = ReceiverPair(identity, hello, next(self._generations))
         self._peers[identity] = peer
         store_port = 0
         if hello.transport == "torch":
@@ -154,7 +128,7 @@ class Receiver(KVReceiver):
             peer.path = "zmq"
         self._reply(identity, HelloReply(self.layout.to_dict(), [], store_port, peer.generation))
 
-    def _build_group(self, peer: _Peer, store) -> None:
+    def _build_group(self, peer: ReceiverPair, store) -> None:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         try:
@@ -206,7 +180,7 @@ class Receiver(KVReceiver):
             return f"chunks {header.chunks} do not split {plan.num_layers} layers"
         return ""
 
-    def _receive(self, peer: _Peer, record: TransferRecord, header: TransferHeader,
+    def _receive(self, peer: ReceiverPair, record: TransferRecord, header: TransferHeader,
                  plan: TransferPlan, frame) -> None:
         """Unpacks each chunk as it lands (the next one is on the wire meanwhile); an abort or
         deadline between chunks stops the writes but still drains the pair's data."""
@@ -235,13 +209,14 @@ class Receiver(KVReceiver):
         self._reply(peer.identity, Reply(header.request_id, "ack", False,
                                          f"transfer {record.state.value}"))
 
-    def _probe(self, peer: _Peer, header: TransferHeader, frame) -> None:
+    def _probe(self, peer: ReceiverPair, header: TransferHeader, frame) -> None:
         if frame is None:
             _, works = self._post_recvs(peer, header, [(0, header.num_bytes)])
             peer.group.wait(works[0], self.config.connect_timeout_s)
         self._reply(peer.identity, Reply(header.request_id, "ack"))
 
-    def _post_recvs(self, peer: _Peer, header: TransferHeader, ranges: list[tuple[int, int]]):
+    def _post_recvs(self, peer: ReceiverPair, header: TransferHeader,
+                    ranges: list[tuple[int, int]]):
         """Posts one recv per byte range of a new buffer, then tells the sender to send."""
         if peer.group is None:
             raise RuntimeError(f"pair with {peer.sender_id} has no communicator")
@@ -250,7 +225,7 @@ class Receiver(KVReceiver):
         self._reply(peer.identity, Reply(header.request_id, "ready"))
         return buf, works
 
-    def _guarded(self, peer: _Peer, request_id: str, job, *args) -> None:
+    def _guarded(self, peer: ReceiverPair, request_id: str, job, *args) -> None:
         """Runs a pair job; any failure fails that transfer and tears the pair down (the sender
         shakes hands again on its next transfer)."""
         if peer.stream is None:
@@ -284,12 +259,12 @@ class Receiver(KVReceiver):
         if peer is not None:
             peer.executor.shutdown(wait=False)
 
-    def _drop(self, peer: _Peer) -> None:
+    def _drop(self, peer: ReceiverPair) -> None:
         self._peers.pop(peer.identity, None)
         peer.executor.submit(self._close_group, peer)
         peer.executor.shutdown(wait=False)
 
-    def _close_group(self, peer: _Peer) -> None:
+    def _close_group(self, peer: ReceiverPair) -> None:
         if peer.group is not None:
             peer.group.close()
             peer.group = None
@@ -306,7 +281,7 @@ class Receiver(KVReceiver):
         """Sender ids with a live pair (for eviction tests and metrics)."""
         return [p.sender_id for p in list(self._peers.values())]
 
-    def _find(self, sender_id: str) -> _Peer | None:
+    def _find(self, sender_id: str) -> ReceiverPair | None:
         return next((p for p in list(self._peers.values()) if p.sender_id == sender_id), None)
 
     def path(self, peer: str) -> str | None:

@@ -1,6 +1,6 @@
 """Prefill side of KV transfer over the network: torch.distributed (NCCL/gloo) or ZMQ frames.
 
-One `_Pair` per receiver address: a ZMQ DEALER for control, a single worker thread (so one
+One `SenderPair` per receiver address: a ZMQ DEALER for control, a single worker thread (so one
 transfer at a time per pair, in order, which NCCL's untagged send/recv needs), and for the
 torch path a per-pair communicator. A pair starts on first use (handshake, communicator,
 bandwidth probe), is reused, torn down after any failure or when idle, and rebuilt next time.
@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import zmq
@@ -32,37 +31,12 @@ from workers.kv_transfer.packing import (
     split_layers,
 )
 from workers.kv_transfer.pair_group import SENDER_RANK, PairGroup
+from workers.kv_transfer.pair_state import SenderPair
 from workers.kv_transfer.probe import measure_gbps
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
 from workers.protocol import decode, encode
 
 log = logging.getLogger(__name__)
-
-
-class _Pair:
-    def __init__(self, dest: str):
-        self.dest = dest
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-send-{dest}")
-        self.sock: zmq.Socket | None = None
-        self.group: PairGroup | None = None
-        self.remote: KVLayout | None = None
-        self.generation = 0
-        self.path: str | None = None
-        self.gbps: float | None = None
-        self.pending = 0
-        self.last_used = time.monotonic()
-        self.stream: CopyStream | None = None
-        self.staging: torch.Tensor | None = None
-        """ZMQ path on CUDA: pinned host bytes the packed KV is staged through. Reused: the
-        pair's next transfer starts only after the receiver acked this one."""
-
-    def stage(self, buf: torch.Tensor) -> torch.Tensor:
-        """Copies a CUDA byte buffer into this pair's pinned staging memory (grown as needed)."""
-        if self.staging is None or self.staging.numel() < buf.numel():
-            self.staging = torch.empty(buf.numel(), dtype=torch.uint8, pin_memory=True)
-        staged = self.staging[: buf.numel()]
-        staged.copy_(buf)
-        return staged
 
 
 class Sender(KVSender):
@@ -78,7 +52,7 @@ class Sender(KVSender):
         self.device = kv_caches[0][0].device
         self.table = TransferTable(on_done, on_failed)
         self._ctx = zmq.Context.instance()
-        self._pairs: dict[str, _Pair] = {}
+        self._pairs: dict[str, SenderPair] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="kv-send-watchdog",
@@ -103,16 +77,16 @@ class Sender(KVSender):
         pair = self._pair(dest)
         pair.executor.submit(self._run, pair, record, header, ready)
 
-    def _pair(self, dest: str) -> _Pair:
+    def _pair(self, dest: str) -> SenderPair:
         with self._lock:
             pair = self._pairs.get(dest)
             if pair is None:
-                pair = self._pairs[dest] = _Pair(dest)
+                pair = self._pairs[dest] = SenderPair(dest)
             pair.pending += 1
             pair.last_used = time.monotonic()
             return pair
 
-    def _run(self, pair: _Pair, record: TransferRecord, header: TransferHeader, ready) -> None:
+    def _run(self, pair: SenderPair, record: TransferRecord, header: TransferHeader, ready) -> None:
         if pair.stream is None:
             pair.stream = CopyStream(self.device)
         try:
@@ -160,7 +134,7 @@ class Sender(KVSender):
             self._teardown(pair)
             self._ensure_started(pair)
 
-    def _pack(self, pair: _Pair, plan, block_ids: list[int], ready) -> torch.Tensor:
+    def _pack(self, pair: SenderPair, plan, block_ids: list[int], ready) -> torch.Tensor:
         pair.stream.wait_event(ready)
         buf = as_bytes(pack(self.kv_caches, self.layout, plan, block_ids))
         # Until the copy is done the source blocks are still being read.
@@ -169,7 +143,7 @@ class Sender(KVSender):
             buf = pair.stage(buf)
         return buf
 
-    def _push(self, pair: _Pair, header: TransferHeader, buf: torch.Tensor,
+    def _push(self, pair: SenderPair, header: TransferHeader, buf: torch.Tensor,
               ranges: list[tuple[int, int]], deadline: float) -> Reply:
         """Sends header and data (torch path: one send per byte range, all posted at once);
         returns the receiver's final reply (ack or refusal)."""
@@ -185,7 +159,7 @@ class Sender(KVSender):
             pair.group.wait(work, deadline - time.monotonic())
         return self._await(pair, header.request_id, deadline)
 
-    def _await(self, pair: _Pair, request_id: str, deadline: float) -> Reply:
+    def _await(self, pair: SenderPair, request_id: str, deadline: float) -> Reply:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not pair.sock.poll(int(remaining * 1000) + 1):
@@ -194,7 +168,7 @@ class Sender(KVSender):
             if isinstance(reply, Reply) and reply.request_id == request_id:
                 return reply
 
-    def _ensure_started(self, pair: _Pair) -> _Pair | None:
+    def _ensure_started(self, pair: SenderPair) -> SenderPair | None:
         """Handshake, communicator and probe of a new (or torn-down) pair."""
         if pair.sock is not None or self._closed.is_set():
             return None if self._closed.is_set() else pair
@@ -227,7 +201,7 @@ class Sender(KVSender):
                  pair.path, pair.gbps or 0.0)
         return pair
 
-    def _probe(self, pair: _Pair, deadline: float) -> float | None:
+    def _probe(self, pair: SenderPair, deadline: float) -> float | None:
         size = self.config.probe_bytes
         if size <= 0:
             return None
@@ -244,7 +218,7 @@ class Sender(KVSender):
 
         return measure_gbps(one_round, size, self.config.probe_rounds)
 
-    def _teardown(self, pair: _Pair) -> None:
+    def _teardown(self, pair: SenderPair) -> None:
         """Drops the pair's socket and communicator; the next transfer starts it afresh.
         Runs on the pair's own thread (its socket's only user)."""
         if pair.group is not None:
