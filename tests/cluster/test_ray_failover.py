@@ -59,8 +59,12 @@ def request(rid, prompt, address, max_tokens):
 
 
 def all_blocks_free(cluster) -> bool:
+    """Every worker answers with all its blocks free (a restarting one: not yet)."""
     infos = cluster.infos
-    free = [cluster.call(w, "free_blocks") for w in cluster.workers]
+    try:
+        free = [cluster.call(w, "free_blocks") for w in cluster.workers]
+    except ray.exceptions.RayActorError:
+        return False
     return free == [infos[w]["total_blocks"] for w in cluster.workers]
 
 
