@@ -160,13 +160,7 @@ class Sender(KVSender):
         return self._await(pair, header.request_id, deadline)
 
     def _await(self, pair: SenderPair, request_id: str, deadline: float) -> Reply:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not pair.sock.poll(int(remaining * 1000) + 1):
-                raise TimeoutError(f"no reply for {request_id} from {pair.dest}")
-            reply = decode(pair.sock.recv())
-            if isinstance(reply, Reply) and reply.request_id == request_id:
-                return reply
+        return _expect(pair.sock, Reply, deadline, pair.dest, self._closed, request_id)
 
     def _ensure_started(self, pair: SenderPair) -> SenderPair | None:
         """Handshake, communicator and probe of a new (or torn-down) pair."""
@@ -178,7 +172,7 @@ class Sender(KVSender):
         pair.sock.connect(pair.dest)
         pair.sock.send(encode(Hello(self.sender_id, self.layout.to_dict(),
                                     self.config.transport)))
-        reply = _expect(pair.sock, HelloReply, deadline, pair.dest)
+        reply = _expect(pair.sock, HelloReply, deadline, pair.dest, self._closed)
         if reply.mismatch:
             field, theirs, mine = reply.mismatch
             self._teardown(pair)
@@ -268,13 +262,20 @@ class Sender(KVSender):
         self._watchdog.join()
 
 
-def _expect(sock: zmq.Socket, kind: type, deadline: float, peer: str):
+def _expect(sock: zmq.Socket, kind: type, deadline: float, peer: str,
+            closed: threading.Event | None = None, request_id: str | None = None):
+    """The next `kind` message (for `request_id`, if given) before the deadline; polls in
+    short slices so that closing the sender ends the wait at once."""
     while True:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
-            raise TimeoutError(f"no {kind.__name__} from {peer}")
+        if remaining <= 0:
+            raise TimeoutError(f"no {kind.__name__} for {request_id or 'handshake'} from {peer}")
+        if closed is not None and closed.is_set():
+            raise TransferFailed(request_id or "", "sender closed")
+        if not sock.poll(int(min(remaining, 0.1) * 1000) + 1):
+            continue
         msg = decode(sock.recv())
-        if isinstance(msg, kind):
+        if isinstance(msg, kind) and (request_id is None or msg.request_id == request_id):
             return msg
 
 

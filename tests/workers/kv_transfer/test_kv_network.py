@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+import zmq
 
 from workers.kv_transfer import (
     KVLayout,
@@ -169,3 +170,21 @@ def test_idle_pairs_are_evicted_and_rebuilt_on_next_use(ends, layout, make_cache
             time.sleep(0.05)
         assert sender.pairs() == [] and receiver.peers() == []
         assert torch.equal(dst[0][0][i], src[0][0][3 - i])
+
+
+def test_close_ends_a_transfer_waiting_on_a_silent_receiver_at_once(layout, make_caches):
+    silent = zmq.Context.instance().socket(zmq.ROUTER)  # accepts bytes, never answers
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    sender = Sender(layout, make_caches(layout, 4, seed=12), _config("zmq"))
+    try:
+        sender.send("r", f"tcp://127.0.0.1:{port}", [0], [1], timeout_s=30)
+        assert sender.wait("r", 0.3) is TransferState.RESERVED  # handshake unanswered
+        assert sender.in_flight("r")
+        start = time.monotonic()
+        sender.close()
+        assert time.monotonic() - start < 2.0
+        assert sender.state("r") is TransferState.FAILED
+        assert "closed" in sender.table.get("r").reason
+    finally:
+        sender.close()
+        silent.close(linger=0)
