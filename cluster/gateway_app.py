@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 
 from cluster.config import ClusterConfig
@@ -11,12 +12,17 @@ from cluster.metrics import GatewayMetrics
 from router.gateway import GatewayConfig, create_app
 from router.router import RayBackend
 from workers.request_text import load_tokenizer
+from workers.worker_actor import WILDCARD_HOSTS
 
 
 def build_app(config: ClusterConfig, router: Any, max_model_len: int) -> FastAPI:
-    """`create_app` wired to the Router; the PULL socket binds on the serve host so workers
-    on other nodes can reach it."""
-    gateway = GatewayConfig(output_host=config.host, max_in_flight=config.max_queue)
+    """`create_app` wired to the Router; the PULL socket binds on the serve host (this node's
+    IP when that is a wildcard) so workers on other nodes can reach it."""
+    output_host = config.host
+    if output_host in WILDCARD_HOSTS:
+        # Workers on other nodes push tokens here: advertise this node's IP, not a wildcard.
+        output_host = ray.util.get_node_ip_address()
+    gateway = GatewayConfig(output_host=output_host, max_in_flight=config.max_queue)
     return create_app(
         RayBackend(router, config.model_name),
         load_tokenizer(config.engine),

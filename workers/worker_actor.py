@@ -7,7 +7,11 @@ method (the same object tests run in-process), and typed errors travel as `Remot
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any
+
+import ray
 
 from workers.colocated_worker import ColocatedWorker
 from workers.decode_worker import DecodeWorker
@@ -21,10 +25,19 @@ WORKER_CLASSES: dict[str, type[EngineWorker]] = {
 }
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
 class WorkerActor:
     """`ray.remote(WorkerActor).options(...).remote(role, spec)`; see the module docstring."""
 
     def __init__(self, role: str, spec: WorkerSpec):
+        # INFO so each KV pair's path and bandwidth reach the driver's log.
+        logging.basicConfig(level=logging.INFO, format="%(name)s %(message)s")
+        if spec.host in WILDCARD_HOSTS:
+            # Peers on other nodes connect to the address this worker advertises, so bind
+            # its KV receiver on this node's own IP rather than a wildcard.
+            spec = dataclasses.replace(spec, host=ray.util.get_node_ip_address())
         self.worker = WORKER_CLASSES[role](spec)
 
     def execute(self, method: str, *args: Any) -> Any:
