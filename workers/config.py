@@ -49,6 +49,8 @@ class EngineConfig:
     max_model_len: int | None = None
     """None: the model's max_position_embeddings."""
     seed: int = 0
+    enforce_eager: bool = False
+    """Never capture CUDA graphs (the escape hatch); graphs are used only on CUDA anyway."""
     role: Role = "colocated"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
