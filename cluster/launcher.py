@@ -16,6 +16,8 @@ import torch
 
 from cluster.config import ClusterConfig
 from router.router import NAMESPACE, ROUTER_SUFFIX, Router
+from workers.errors import HandshakeMismatch
+from workers.kv_transfer.layout import KVLayout, check_compatible
 from workers.worker_actor import WorkerActor
 from workers.worker_base import WorkerSpec
 
@@ -107,6 +109,17 @@ def start_workers(config: ClusterConfig) -> tuple[dict[str, Any], dict[str, dict
     return actors, {info["worker_id"]: info for info in infos}
 
 
+def check_pairs(infos: dict[str, dict]) -> None:
+    """Every prefill worker must be able to feed every decode worker: raises HandshakeMismatch
+    naming the first field on which a pair differs, before any request is taken (the pair's
+    own handshake checks again whenever it (re)connects)."""
+    layouts = {role: [(wid, KVLayout.from_dict(info["kv_layout"])) for wid, info in infos.items()
+                      if info["role"] == role] for role in ("prefill", "decode")}
+    for _, prefill in layouts["prefill"]:
+        for _, decode in layouts["decode"]:
+            check_compatible(prefill, decode)
+
+
 def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
     """Starts the named Router actor and waits until it sees every worker ready."""
     roles = dict(config.worker_roles())
@@ -126,5 +139,11 @@ def launch(config: ClusterConfig, num_cpus: int | None = None) -> Cluster:
     """Starts (or joins) Ray, the workers and the router; returns their handles."""
     started = connect_ray(config, num_cpus)
     workers, infos = start_workers(config)
+    try:
+        check_pairs(infos)
+    except HandshakeMismatch:
+        for actor in workers.values():
+            ray.kill(actor, no_restart=True)
+        raise
     router = start_router(config, workers)
     return Cluster(config, router, workers, infos, started)

@@ -28,6 +28,7 @@ from typing import Any
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.errors import KvrelayError
+from workers.kv_endpoint import kv_layout
 from workers.output_sender import OutputSender
 from workers.protocol import GenerateRequest, OutputChunk
 from workers.sampling_params import SamplingParams
@@ -99,6 +100,7 @@ class EngineWorker:
             "max_model_len": self.engine.max_model_len,
             "total_blocks": self.engine.num_total_blocks,
             "block_size": self.spec.engine.cache.block_size,
+            "kv_layout": kv_layout(self.engine).to_dict(),
         }
 
     def abort(self, request_id: str) -> None:

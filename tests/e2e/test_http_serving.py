@@ -123,6 +123,8 @@ def test_1p1d_gloo_concurrent_greedy_matches_transformers(one_p_one_d, workload)
     wait_blocks_free(cluster)
     paths = cluster.call("prefill-0", "transfer_paths")
     assert [p["path"] for p in paths.values()] == ["gloo"]
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'kvrelay_worker_free_blocks{worker="decode-0"} 96.0' in metrics
 
 
 def test_2p1d_concurrent_greedy_matches_transformers(base_config, workload):

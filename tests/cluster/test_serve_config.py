@@ -1,0 +1,71 @@
+"""`kvrelay serve` arguments become one frozen ClusterConfig; the start-up pair check names
+the differing field; typed errors survive the trip through Ray's pickling."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import pytest
+
+from cluster.launcher import check_pairs, worker_options
+from cluster.serve import build_config, describe, parse_args
+from workers.errors import HandshakeMismatch, NoCapacity, QueueFull
+from workers.kv_transfer.layout import KVLayout
+from workers.remote_errors import RemoteError, from_wire, to_wire
+
+
+def test_serve_arguments_build_one_frozen_config():
+    args = parse_args(["--model", "/m/tiny-llama", "--prefill", "2", "--decode", "3",
+                       "--block-size", "32", "--kv-transport", "zmq", "--max-queue", "7",
+                       "--port", "9000", "--attention-backend", "triton"])
+    config = build_config(args)
+    assert config.model_name == "tiny-llama" and not config.colocated
+    assert config.engine.cache.block_size == config.router.block_size == 32
+    assert config.engine.attention_backend == "triton" and config.engine.load_format == "auto"
+    assert config.kv_transport == "zmq" and config.max_queue == config.router.max_queue == 7
+    roles = [role for _, role in config.worker_roles()]
+    assert roles == ["prefill", "prefill", "decode", "decode", "decode"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.port = 1  # type: ignore[misc]
+    banner = describe(config)
+    assert "http://127.0.0.1:9000" in banner and "curl" in banner and "tiny-llama" in banner
+
+
+def test_dummy_config_and_colocated_mode():
+    config = build_config(parse_args(["--dummy-config", "/c/llama3-8b.json", "--colocated", "2",
+                                      "--gpu-share"]))
+    assert config.engine.load_format == "dummy" and config.model_name == "llama3-8b"
+    assert [r for _, r in config.worker_roles()] == ["colocated", "colocated"]
+    options = worker_options(config, "w")
+    assert options["max_restarts"] == config.max_worker_restarts
+    assert options["num_gpus"] in (0.0, 0.5)  # half a GPU each where CUDA exists
+
+
+def test_serve_requires_a_model_source():
+    with pytest.raises(SystemExit):
+        parse_args(["--prefill", "1"])
+
+
+def layout(**changes) -> dict:
+    base = KVLayout(model="m", dtype="float32", block_size=16, num_layers=2, num_kv_heads=2,
+                    head_dim=8)
+    return dataclasses.replace(base, **changes).to_dict()
+
+
+def test_pair_check_names_the_differing_field():
+    infos = {"prefill-0": {"role": "prefill", "kv_layout": layout()},
+             "decode-0": {"role": "decode", "kv_layout": layout()}}
+    check_pairs(infos)
+    infos["decode-1"] = {"role": "decode", "kv_layout": layout(block_size=8)}
+    with pytest.raises(HandshakeMismatch) as caught:
+        check_pairs(infos)
+    assert caught.value.field == "block_size" and "16" in str(caught.value)
+
+
+def test_typed_errors_round_trip_through_pickle_with_their_numbers():
+    for error in (NoCapacity(needed_blocks=5, free_blocks=2), QueueFull(2.5, 9, 8)):
+        carried = pickle.loads(pickle.dumps(RemoteError(to_wire(error))))
+        back = from_wire(carried.wire)
+        assert type(back) is type(error) and str(back) == str(error)
+        assert vars(back) == vars(error)
