@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from workers.protocol import register
 
 if TYPE_CHECKING:
+    from workers.errors import KvrelayError
     from workers.kv_transfer.transfer_table import TransferTable
 
 
@@ -86,6 +87,12 @@ class _TransferEnd(ABC):
         """True while the request's blocks are referenced by a transfer (RESERVED or SENDING):
         the worker must not free them."""
         return self.table.in_flight(request_id)
+
+    def error(self, request_id: str) -> KvrelayError | None:
+        """Why a FAILED transfer failed, typed (TransferTimeout, HandshakeMismatch,
+        TransferFailed), for the worker's error chunk; None otherwise."""
+        record = self.table.get(request_id)
+        return record.error if record else None
 
     def wait(self, request_id: str, timeout_s: float | None = None) -> TransferState | None:
         """Blocks until the transfer is terminal (or timeout_s passes); returns its state."""

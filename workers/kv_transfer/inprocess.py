@@ -109,7 +109,7 @@ class InProcessSender(KVSender):
         try:
             check_compatible(self.layout, receiver.layout)
         except HandshakeMismatch as err:
-            self.table.finish(request_id, TransferState.FAILED, str(err))
+            self.table.finish(request_id, TransferState.FAILED, str(err), err)
             return
         reason = receiver.deliver(request_id, self, src_block_ids[:num_blocks],
                                   list(dest_block_ids), dict(extra or {}))

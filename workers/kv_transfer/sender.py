@@ -16,7 +16,7 @@ import uuid
 import torch
 import zmq
 
-from workers.errors import HandshakeMismatch, TransferFailed
+from workers.errors import HandshakeMismatch, TransferFailed, TransferTimeout
 from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferHeader, TransferState
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, check_compatible, plan_transfer
@@ -93,12 +93,15 @@ class Sender(KVSender):
             with pair.stream:
                 self._run_once(pair, record, header, ready)
         except (HandshakeMismatch, TransferFailed) as err:
-            self.table.finish(record.request_id, TransferState.FAILED, str(err))
+            self.table.finish(record.request_id, TransferState.FAILED, str(err), err)
         except Exception as err:  # noqa: BLE001 - any wire error fails this transfer only
             log.warning("kv transfer %s to %s failed: %r", record.request_id, pair.dest, err)
             self._teardown(pair)
-            self.table.finish(record.request_id, TransferState.FAILED, f"{type(err).__name__}: "
-                              f"{err}")
+            reason = f"{type(err).__name__}: {err}"
+            late = isinstance(err, TimeoutError) or time.monotonic() >= record.deadline
+            typed = TransferTimeout(record.request_id, record.timeout_s,
+                                    time.monotonic() - record.created) if late else None
+            self.table.finish(record.request_id, TransferState.FAILED, reason, typed)
         finally:
             with self._lock:
                 pair.pending -= 1

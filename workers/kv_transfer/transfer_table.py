@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
-from workers.errors import DuplicateRequest
+from workers.errors import DuplicateRequest, KvrelayError, TransferFailed, TransferTimeout
 from workers.kv_transfer.base import OnDone, OnFailed, TransferState
 
 
@@ -36,6 +36,8 @@ class TransferRecord:
     """Wire time of the data (send/recv), for metrics and GB/s."""
     extra: dict = field(default_factory=dict)
     reason: str = ""
+    error: KvrelayError | None = None
+    """FAILED: the typed error (TransferTimeout, HandshakeMismatch, TransferFailed)."""
     finished: threading.Event = field(default_factory=threading.Event)
     busy: threading.RLock = field(default_factory=threading.RLock)
     """Held while this end reads or writes the request's blocks (pack, unpack); `abort` and
@@ -111,16 +113,21 @@ class TransferTable:
             return self.finish(request_id, TransferState.DONE)
         return False
 
-    def finish(self, request_id: str, state: TransferState, reason: str = "") -> bool:
+    def finish(self, request_id: str, state: TransferState, reason: str = "",
+               error: KvrelayError | None = None) -> bool:
         """Moves an in-flight transfer to a terminal state and fires its callback once.
-        Returns False if it was already terminal (or unknown): the first outcome wins."""
+        Returns False if it was already terminal (or unknown): the first outcome wins.
+        FAILED without `error` records TransferFailed(request_id, reason)."""
         assert state.terminal, state
+        if state is TransferState.FAILED and error is None:
+            error = TransferFailed(request_id, reason)
         with self._lock:
             record = self._records.get(request_id)
             if record is None or record.state.terminal:
                 return False
             record.state = state
-            record.reason = reason
+            record.reason = reason or str(error or "")
+            record.error = error
         record.finished.set()
         if state is TransferState.DONE:
             if self._on_done is not None:
@@ -138,9 +145,10 @@ class TransferTable:
         expired = []
         for record in late:
             elapsed = now - record.created
-            reason = f"timeout: over {record.timeout_s:.2f} s ({elapsed:.2f} s elapsed)"
+            error = TransferTimeout(record.request_id, record.timeout_s, elapsed)
+            reason = f"timeout: {error}"
             with record.busy:
-                if self.finish(record.request_id, TransferState.FAILED, reason):
+                if self.finish(record.request_id, TransferState.FAILED, reason, error):
                     expired.append(record)
         return expired
 

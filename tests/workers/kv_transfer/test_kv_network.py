@@ -13,6 +13,7 @@ import pytest
 import torch
 import zmq
 
+from workers.errors import HandshakeMismatch, TransferFailed, TransferTimeout
 from workers.kv_transfer import (
     KVLayout,
     Receiver,
@@ -122,6 +123,8 @@ def test_block_size_mismatch_is_refused_naming_the_field(ends, layout, make_cach
     assert sender.wait("r", 20) is TransferState.FAILED
     reason = sender.table.get("r").reason
     assert "block_size" in reason and "8" in reason and "4" in reason
+    assert isinstance(sender.error("r"), HandshakeMismatch)
+    assert sender.error("r").field == "block_size"
     assert receiver.refusals[-1].field == "block_size"
     assert (receiver.refusals[-1].local, receiver.refusals[-1].remote) == (4, 8)
     assert receiver.in_flight("r")  # the decode side frees it by abort or by its deadline
@@ -136,6 +139,8 @@ def test_reservation_without_data_fails_at_its_deadline(ends, layout, make_cache
     assert 0.3 <= time.monotonic() - start < 0.3 + 0.5
     assert not receiver.in_flight("r")
     assert ends.failed[0][:2] == ("r", TransferState.FAILED) and "timeout" in ends.failed[0][2]
+    assert isinstance(receiver.error("r"), TransferTimeout)
+    assert receiver.error("r").deadline_s == 0.3
 
 
 @pytest.mark.parametrize("ends", [_config(t) for t in TRANSPORTS], indirect=True, ids=TRANSPORTS)
@@ -151,6 +156,7 @@ def test_aborted_reservation_takes_no_data(ends, layout, make_caches):
     sender.send("r", receiver.address, [0, 1], [2, 3])
     assert sender.wait("r", 20) is TransferState.FAILED
     assert "no reservation" in sender.table.get("r").reason
+    assert isinstance(sender.error("r"), TransferFailed) and receiver.error("r") is None
     assert all(torch.equal(d, b) for (dk, dv), (bk, bv) in zip(dst, before, strict=True)
                for d, b in ((dk, bk), (dv, bv)))
     assert ends.failed == [("r", TransferState.ABORTED, "aborted")]

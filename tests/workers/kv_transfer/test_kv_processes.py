@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from kv_peer_process import random_caches, serve_receiver
 
+from workers.errors import TransferTimeout
 from workers.kv_transfer import Sender, TransferConfig, TransferState
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGSTOP")
@@ -76,6 +77,7 @@ def test_paused_receiver_fails_within_deadline_and_pair_recovers(peer, layout):
         assert sender.wait("r1", 5) is TransferState.FAILED
         assert time.monotonic() - start < 0.5 + 0.5
         assert "timeout" in sender.table.get("r1").reason.lower()
+        assert isinstance(sender.error("r1"), TransferTimeout)
         os.kill(process.process.pid, signal.SIGCONT)
 
         # The receiver's half of r1 cannot hang: it ends by its own 3 s deadline.
