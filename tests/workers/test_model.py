@@ -209,3 +209,33 @@ def test_torch_backend_batched_decode_equals_per_sequence_attention():
         keys, values = (gather_kv(c, tables[i], length) for c in (k_cache, v_cache))
         expected = causal_attention(q[i : i + 1], keys, values, 0.3)[0]
         torch.testing.assert_close(batched[i], expected)
+
+
+def test_torch_backend_batched_decode_ignores_nan_in_unowned_cache_slots():
+    """Slots past each sequence's length (and blocks it does not own) hold NaN/Inf: the
+    batched decode path must equal the per-sequence path and stay finite."""
+    from workers.attention.torch_backend import (
+        batched_decode_attention,
+        causal_attention,
+        gather_kv,
+    )
+
+    gen = torch.Generator().manual_seed(1)
+    block_size = 4
+    k_cache, v_cache = torch.full((2, 12, block_size, 2, 8), float("nan"))
+    seq_lens = torch.tensor([1, 9, 6], dtype=torch.int32)
+    tables = torch.tensor([[5, 0, 0], [2, 7, 11], [3, 1, 0]], dtype=torch.int32)
+    for table, length in zip(tables.tolist(), seq_lens.tolist(), strict=True):
+        for pos in range(length):
+            block, offset = table[pos // block_size], pos % block_size
+            for cache in (k_cache, v_cache):
+                cache[block, offset] = torch.randn(2, 8, generator=gen)
+    k_cache[0, 0, 0, 0], v_cache[4, 1, 1, 3] = float("inf"), float("-inf")
+    q = torch.randn(3, 6, 8, generator=gen)
+    for max_len in (None, 12):
+        batched = batched_decode_attention(q, k_cache, v_cache, tables, seq_lens, 0.3, max_len)
+        assert torch.isfinite(batched).all()
+        for i, length in enumerate(seq_lens.tolist()):
+            keys, values = (gather_kv(c, tables[i], length) for c in (k_cache, v_cache))
+            expected = causal_attention(q[i : i + 1], keys, values, 0.3)[0]
+            torch.testing.assert_close(batched[i], expected)

@@ -57,12 +57,18 @@ def batched_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    max_len: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (q [S, H, d], the last position of each): all sequences
-    in one batched op over their block tables, padded to the longest and masked."""
+    in one batched op over their block tables, padded to `max_len` (an upper bound of
+    seq_lens known on the host; None reads it from the device) and masked.
+
+    Slots past a sequence's length are never read into the result, even if they hold NaN or
+    Inf (unowned blocks, freed blocks, another sequence's garbage): their scores are masked
+    and their values zeroed, because a probability of 0 times NaN is still NaN."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    max_len = int(seq_lens.max())
+    max_len = int(seq_lens.max()) if max_len is None else max_len
     blocks = block_tables[:, : -(-max_len // block_size)].long()
     keys = k_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len].float()
     values = v_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len].float()
@@ -71,6 +77,7 @@ def batched_decode_attention(
     key_pos = torch.arange(max_len, device=q.device)
     padding = key_pos[None, :] >= seq_lens[:, None].long()
     scores.masked_fill_(padding[:, None, None, :], float("-inf"))
+    values = values.masked_fill(padding[:, :, None, None], 0.0)
     out = torch.einsum("skgl,slkd->skgd", torch.softmax(scores, dim=-1), values)
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
@@ -93,16 +100,19 @@ class TorchAttentionBackend(AttentionBackend):
         num_seqs = len(meta.seq_lens_host)
         single = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
         if len(single) == num_seqs:
-            # Pure decode (the common step): one batched op instead of a Python loop.
+            # Pure decode (the common step): one batched op instead of a Python loop. The
+            # host-side bound avoids a device sync, so CUDA graphs can capture this path.
             return batched_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len
             )
         out = torch.empty_like(q)
         if single:
             seqs = torch.tensor(single, device=q.device)
             tokens = torch.tensor([starts[i] for i in single], device=q.device)
+            longest = max(meta.seq_lens_host[i] for i in single)
             out[tokens] = batched_decode_attention(
-                q[tokens], k_cache, v_cache, meta.block_tables[seqs], meta.seq_lens[seqs], scale
+                q[tokens], k_cache, v_cache, meta.block_tables[seqs], meta.seq_lens[seqs], scale,
+                longest,
             )
         for i in sorted(set(range(num_seqs)) - set(single)):
             table, seq_len = meta.block_tables[i], meta.seq_lens_host[i]
