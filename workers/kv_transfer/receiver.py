@@ -150,7 +150,7 @@ class Receiver(KVReceiver):
             return
         record = self.table.get(rid)
         plan = plan_transfer(peer.layout, self.layout)
-        reason = self._refusal(record, header, plan)
+        reason = self._refusal(record, header, plan) or self._layout_changed(peer, header)
         if reason:
             if record is not None:
                 self.table.end(rid, TransferState.FAILED, reason)
@@ -178,6 +178,12 @@ class Receiver(KVReceiver):
             return f"{header.num_bytes} bytes for {n} blocks; expected {want}"
         if header.chunks and (sum(header.chunks) != plan.num_layers or min(header.chunks) < 1):
             return f"chunks {header.chunks} do not split {plan.num_layers} layers"
+        return ""
+
+    def _layout_changed(self, peer: ReceiverPair, header: TransferHeader) -> str:
+        """The header's layout and dtype must be the ones this pair shook hands on."""
+        if header.src_layout != peer.layout.to_dict() or header.dtype != self.layout.dtype:
+            return f"header layout {header.src_layout} ({header.dtype}) is not the handshake's"
         return ""
 
     def _receive(self, peer: ReceiverPair, record: TransferRecord, header: TransferHeader,
