@@ -47,6 +47,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gpu-share", action="store_true", help="two workers per GPU")
     p.add_argument("--prefill-policy", default="least_tokens")
     p.add_argument("--decode-policy", default="kv_capacity")
+    p.add_argument("--local-prefill-max-tokens", type=int, default=0,
+                   help="prompts this short skip remote prefill (conditional disaggregation)")
     return p.parse_args(argv)
 
 
@@ -64,7 +66,8 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
                           num_blocks=args.num_blocks),
     )
     router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,
-                          decode_policy=args.decode_policy, block_size=args.block_size)
+                          decode_policy=args.decode_policy, block_size=args.block_size,
+                          local_prefill_max_tokens=args.local_prefill_max_tokens)
     name = args.served_model_name or Path(model).name.removesuffix(".json")
     return ClusterConfig(
         engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,

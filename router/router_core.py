@@ -51,6 +51,9 @@ class RouterConfig:
     """A worker whose poll takes longer is treated as lost."""
     capacity_wait_s: float = 10.0
     """How long submit waits for a decode worker with free blocks before NoCapacity."""
+    local_prefill_max_tokens: int = 0
+    """Conditional disaggregation: a prompt of at most this many tokens is prefilled by the
+    decode worker itself (a short prefill costs less than a transfer); 0: always remote."""
 
 
 @dataclass
@@ -158,6 +161,11 @@ class RouterCore:
     async def _place(self, entry: InFlight) -> None:
         if self._ready("colocated"):
             entry.colocated = await self._first_that_takes("colocated", entry, "submit")
+            entry.phase = "running"
+            await self._undo_if_aborted(entry)
+            return
+        if len(entry.request.prompt_token_ids) <= self.config.local_prefill_max_tokens:
+            entry.decode = await self._first_that_takes("decode", entry, "submit")
             entry.phase = "running"
             await self._undo_if_aborted(entry)
             return

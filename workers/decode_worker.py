@@ -50,6 +50,10 @@ class DecodeWorker(EngineWorker):
 
         return self.call(reserve_now)
 
+    def submit(self, request: GenerateRequest) -> None:
+        """Conditional disaggregation: runs a short request whole here (prefill included)."""
+        self.call_soon(lambda: self.add_to_engine(request))
+
     def landed(self, request_ids: list[str]) -> list[str]:
         """Those of `request_ids` whose KV has fully arrived here (they need no prefill
         worker any more), for the router when a prefill worker dies."""
@@ -86,6 +90,8 @@ class DecodeWorker(EngineWorker):
             self.live.pop(rid, None)
 
     def final_timings(self, live: LiveRequest, now: float) -> dict[str, float]:
+        if "transfer" not in live.timings:  # prefilled here (conditional disaggregation)
+            return super().final_timings(live, now)
         timings = dict(live.timings)
         timings["decode"] = now - (live.first_token_at or now)
         return timings

@@ -30,8 +30,10 @@ def request(rid: str, prompt: list[int], address: str, max_tokens: int) -> Gener
     return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
 
 
-async def run_requests(prefill, decode, collector, reqs, block_size=8) -> RouterCore:
-    core = RouterCore(RouterConfig(block_size=block_size, poll_interval_s=0.05))
+async def run_requests(prefill, decode, collector, reqs, block_size=8,
+                       local_prefill_max_tokens=0) -> RouterCore:
+    core = RouterCore(RouterConfig(block_size=block_size, poll_interval_s=0.05,
+                                   local_prefill_max_tokens=local_prefill_max_tokens))
     core.add_worker("prefill-0", "prefill", LocalHandle(prefill))
     core.add_worker("decode-0", "decode", LocalHandle(decode))
     await core.wait_ready(10)
@@ -96,6 +98,28 @@ def test_block_size_mismatch_is_refused_naming_the_field(tiny_model_dir, collect
         while decode.free_blocks() != decode.ready()["total_blocks"]:
             assert time.monotonic() < deadline, "decode reservation not freed"
             time.sleep(0.05)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+
+
+def test_conditional_disaggregation_prefills_short_prompts_on_the_decode_worker(
+    tiny_model_dir, hf_reference, collector
+):
+    prefill = PrefillWorker(make_spec(tiny_model_dir, "prefill-0", "zmq"))
+    decode = DecodeWorker(make_spec(tiny_model_dir, "decode-0", "zmq"))
+    try:
+        batch = [[11, 12, 13], [21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32]]
+        reqs = [request(f"cond-{i}", p, collector.address, 4) for i, p in enumerate(batch)]
+        asyncio.run(run_requests(prefill, decode, collector, reqs, local_prefill_max_tokens=8))
+        model = hf_reference(tiny_model_dir)
+        for req, prompt in zip(reqs, batch, strict=True):
+            assert collector.tokens(req.request_id) == hf_greedy(model, prompt, 4)
+        short, long = (collector.chunks[r.request_id] for r in reqs)
+        assert {c.worker_id for c in short} == {"decode-0"}  # never left the decode worker
+        assert short[-1].timings.get("transfer_bytes") is None
+        assert long[0].worker_id == "prefill-0" and long[-1].timings["transfer_bytes"] > 0
+        assert decode.free_blocks() == decode.ready()["total_blocks"]
     finally:
         prefill.shutdown()
         decode.shutdown()

@@ -153,3 +153,11 @@ def test_killed_prefill_worker_requests_complete_or_fail_within_5s(
     print(f"{completed}/{len(ids)} completed, stats {ray.get(cluster.router.stats.remote())}")
     wait_all_ready(cluster)
     wait_until(lambda: all_blocks_free(cluster), 5, "blocks free after prefill restart")
+    # The restarted prefill worker takes requests again (least-tokens rotates between the two).
+    after = [f"again-{i}" for i in range(4)]
+    for rid, prompt in zip(after, batch, strict=False):
+        submit(cluster, request(rid, prompt, collector.address, 3))
+    collector.wait_finished(after)
+    assert {collector.chunks[rid][0].worker_id for rid in after} == {"prefill-0", "prefill-1"}
+    for rid, prompt in zip(after, batch, strict=False):
+        assert collector.tokens(rid) == hf_greedy(model, prompt, 3)
