@@ -29,7 +29,7 @@ import zmq
 
 from cluster.config import ClusterConfig
 from cluster.launcher import launch
-from router.router_core import RouterConfig
+from router.router_state import RouterConfig
 from workers.config import CacheConfig, EngineConfig
 from workers.protocol import GenerateRequest, decode
 

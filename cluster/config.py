@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from router.router_core import RouterConfig
+from router.router_state import RouterConfig
 from workers.config import EngineConfig
 
 KvTransport = Literal["auto", "nccl", "gloo", "zmq", "inprocess"]

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from cluster.config import ClusterConfig
-from router.router_core import RouterConfig
+from router.router_state import RouterConfig
 from workers.config import CacheConfig, EngineConfig
 
 

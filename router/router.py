@@ -12,7 +12,8 @@ from typing import Any
 import ray
 from ray import exceptions as ray_errors
 
-from router.router_core import RouterConfig, RouterCore
+from router.router_core import RouterCore
+from router.router_state import RouterConfig
 from router.worker_handle import RayHandle, raise_typed
 from workers.errors import KvrelayError
 from workers.protocol import GenerateRequest

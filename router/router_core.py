@@ -17,9 +17,9 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 
 from router.policies import WorkerLoad, blocks_needed, make_policy
+from router.router_state import InFlight, RouterConfig, WorkerLost, WorkerState
 from router.worker_handle import WorkerGone, WorkerHandle
 from workers.errors import KvrelayError, NoCapacity, NoReadyWorker, QueueFull
 from workers.output_sender import OutputSender
@@ -27,59 +27,6 @@ from workers.protocol import GenerateRequest, OutputChunk
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-class WorkerLost(KvrelayError):
-    """The worker serving a request died (or restarted) before the request finished."""
-
-    def __init__(self, worker_id: str, phase: str):
-        self.worker_id = worker_id
-        self.phase = phase
-        super().__init__(f"worker {worker_id} was lost while the request was {phase}")
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    max_queue: int = 1024
-    """Most requests in flight; more are refused with QueueFull."""
-    prefill_policy: str = "least_tokens"
-    decode_policy: str = "kv_capacity"
-    colocated_policy: str = "least_tokens"
-    block_size: int = 16
-    poll_interval_s: float = 0.2
-    poll_timeout_s: float = 2.0
-    """A worker whose poll takes longer is treated as lost."""
-    capacity_wait_s: float = 10.0
-    """How long submit waits for a decode worker with free blocks before NoCapacity."""
-    local_prefill_max_tokens: int = 0
-    """Conditional disaggregation: a prompt of at most this many tokens is prefilled by the
-    decode worker itself (a short prefill costs less than a transfer); 0: always remote."""
-
-
-@dataclass
-class WorkerState:
-    handle: WorkerHandle
-    role: str
-    incarnation: str = ""
-    ready: bool = False
-    free_blocks: int = 0
-    total_blocks: int = 0
-    requests: set[str] = field(default_factory=set)
-
-
-@dataclass
-class InFlight:
-    request: GenerateRequest
-    tokens: int
-    """Prompt + max new tokens, for the least-tokens policy."""
-    blocks: int = 0
-    prefill: str | None = None
-    decode: str | None = None
-    colocated: str | None = None
-    dest: dict | None = None
-    """The decode worker's reservation (block ids, KV receiver address) for the prefill."""
-    phase: str = "queued"
-    """queued | prefilling | decoding | running (colocated)."""
 
 
 class RouterCore:

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from router.router_core import RouterConfig, RouterCore
+from router.router_core import RouterCore
+from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
 from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
 from workers.colocated_worker import ColocatedWorker

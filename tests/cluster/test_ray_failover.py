@@ -13,7 +13,7 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.launcher import launch
-from router.router_core import RouterConfig
+from router.router_state import RouterConfig
 from router.worker_handle import raise_typed
 from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
 from workers.config import CacheConfig, EngineConfig

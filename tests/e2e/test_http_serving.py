@@ -19,7 +19,7 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.gateway_app import build_app
-from router.router_core import RouterConfig
+from router.router_state import RouterConfig
 from tests.cluster.helpers import hf_greedy, prompts
 from tests.e2e.served_cluster import served, serving
 from workers.config import CacheConfig, EngineConfig
