@@ -90,7 +90,15 @@ def _use_cuda(config: ClusterConfig) -> bool:
 
 def worker_spec(config: ClusterConfig, worker_id: str) -> WorkerSpec:
     return WorkerSpec(worker_id=worker_id, engine=config.engine,
-                      kv_transport=config.kv_transport, host=config.host)
+                      kv_transport=kv_transport(config), host=config.host)
+
+
+def kv_transport(config: ClusterConfig) -> str:
+    """`auto` picks ZMQ when workers share GPUs (NCCL refuses two ranks on one device), else
+    torch.distributed (NCCL between GPUs, gloo on CPU)."""
+    if config.kv_transport == "auto" and config.gpu_share and _use_cuda(config):
+        return "zmq"
+    return config.kv_transport
 
 
 def start_workers(config: ClusterConfig) -> tuple[dict[str, Any], dict[str, dict]]:

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 
-from cluster.launcher import check_pairs, worker_options
+from cluster.launcher import check_pairs, kv_transport, worker_options
 from cluster.serve import build_config, describe, parse_args
 from workers.errors import HandshakeMismatch, NoCapacity, QueueFull
 from workers.kv_transfer.layout import KVLayout
@@ -69,3 +69,12 @@ def test_typed_errors_round_trip_through_pickle_with_their_numbers():
         back = from_wire(carried.wire)
         assert type(back) is type(error) and str(back) == str(error)
         assert vars(back) == vars(error)
+
+
+def test_auto_transport_is_zmq_when_workers_share_a_gpu():
+    config = build_config(parse_args(["--model", "/m/x", "--device", "cuda", "--gpu-share"]))
+    assert kv_transport(config) == "zmq"
+    assert worker_options(config, "w")["num_gpus"] == 0.5
+    alone = dataclasses.replace(config, gpu_share=False)
+    assert kv_transport(alone) == "auto" and worker_options(alone, "w")["num_gpus"] == 1.0
+    assert kv_transport(dataclasses.replace(config, kv_transport="gloo")) == "gloo"
