@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workers.attention.backend import AttentionBackend, AttentionMetadata
@@ -27,13 +26,12 @@ from workers.model.linear import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
+from workers.model.ops import Rope, TorchOps, model_ops
 from workers.model.rms_norm import RMSNorm
-from workers.model.rotary import RotaryEmbedding, apply_rotary
+from workers.model.rotary import RotaryEmbedding
 from workers.parallel import SINGLE, ParallelContext
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-Rope = tuple[torch.Tensor, torch.Tensor]
-"""cos, sin [num_tokens, head_dim] of this step's positions."""
 
 
 @dataclass(frozen=True)
@@ -60,8 +58,15 @@ class IntermediateTensors:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, parallel: ParallelContext):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        parallel: ParallelContext,
+        ops: TorchOps,
+    ):
         super().__init__()
+        self.ops = ops
         self.num_heads = parallel.shard(cfg.num_heads)
         # MQA/GQA with fewer kv heads than TP ranks would replicate kv heads; not needed yet.
         self.num_kv_heads = parallel.shard(cfg.num_kv_heads)
@@ -85,36 +90,58 @@ class Attention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        q, k = self.ops.apply_rope(q, k, rope)
         out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.reshape(n, q_size))
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, parallel: ParallelContext):
+    def __init__(self, cfg: ModelConfig, parallel: ParallelContext, ops: TorchOps):
         super().__init__()
+        self.ops = ops
         inter = cfg.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, parallel)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, parallel: ParallelContext):
+    """Pre-norm block. The residual stream travels beside the hidden states, so each
+    residual add is fused into the RMSNorm after it (layer i's last add is done by layer
+    i + 1's input norm, or the final norm)."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        parallel: ParallelContext,
+        ops: TorchOps,
+    ):
         super().__init__()
+        self.ops = ops
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, backend, parallel)
+        self.self_attn = Attention(cfg, backend, parallel, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg, parallel)
+        self.mlp = MLP(cfg, parallel, ops)
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: Rope,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual before it): their sum is this layer's output."""
+        if residual is None:
+            residual, h = x, self.ops.rms_norm(self.input_layernorm, x)
+        else:
+            h, residual = self.ops.rms_norm(self.input_layernorm, x, residual)
+        h = self.self_attn(h, rope, kv_cache, meta)
+        h, residual = self.ops.rms_norm(self.post_attention_layernorm, h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -126,7 +153,11 @@ class LlamaForCausalLM(nn.Module):
         backend: AttentionBackend,
         parallel: ParallelContext = SINGLE,
         layer_range: tuple[int, int] | None = None,
+        fused_ops: bool = False,
+        max_positions: int | None = None,
     ):
+        """`fused_ops`: Triton kernels for norm/rope/activation (CUDA only, see ops.py);
+        `max_positions`: rows of their cos/sin cache (default max_position_embeddings)."""
         super().__init__()
         self.config = cfg
         self.parallel = parallel
@@ -137,10 +168,13 @@ class LlamaForCausalLM(nn.Module):
         self.has_embedding = start == 0
         self.has_head = end == cfg.num_layers
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.ops = model_ops(
+            fused_ops, self.rotary, max_positions or cfg.max_position_embeddings
+        )
         if self.has_embedding:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, parallel)
         self.layers = nn.ModuleDict(
-            {str(i): DecoderLayer(cfg, backend, parallel) for i in range(start, end)}
+            {str(i): DecoderLayer(cfg, backend, parallel, self.ops) for i in range(start, end)}
         )
         if self.has_head:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -159,11 +193,14 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [num_tokens, hidden] after the final norm on the last stage; an
         IntermediateTensors for the next stage otherwise."""
         x = self.embed_tokens(input_ids) if self.has_embedding else intermediate.hidden
-        rope = self.rotary(positions, x.dtype)
+        rope = self.ops.rope(positions, x.dtype)
         start = self.layer_range[0]
+        residual = None
         for index, layer in self.layers.items():
-            x = layer(x, rope, kv_caches[int(index) - start], meta)
-        return self.norm(x) if self.has_head else IntermediateTensors(x)
+            x, residual = layer(x, residual, rope, kv_caches[int(index) - start], meta)
+        if not self.has_head:
+            return IntermediateTensors(x + residual)
+        return self.ops.rms_norm(self.norm, x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [rows, vocab_size], identical on every TP rank."""

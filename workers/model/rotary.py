@@ -1,6 +1,6 @@
 """Rotary position embedding (the "rotate half" layout of HF Llama), with Llama-3 and
-linear frequency scaling. cos/sin are computed per step from the packed positions, so memory
-does not grow with max_position_embeddings."""
+linear frequency scaling. The torch path computes cos/sin per step from the packed positions;
+the fused path (workers/model/ops.py) reads a cache of max_model_len rows built once."""
 
 from __future__ import annotations
 
@@ -65,3 +65,10 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def cos_sin_cache(self, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos, sin [max_positions, head_dim // 2] (one half: both halves of the
+        rotate-half layout share them), for the in-place kernel (kernels/rotary.py)."""
+        positions = torch.arange(max_positions, device=self.inv_freq.device).float()
+        freqs = positions[:, None] * self.inv_freq.float()[None, :]
+        return freqs.cos().contiguous(), freqs.sin().contiguous()

@@ -1,0 +1,90 @@
+"""The model's non-matmul ops behind one switch: plain torch, or the fused Triton kernels.
+
+`model_ops(fused, rotary, max_positions)` is called once, when the model is built; layers
+call `ops.rms_norm`, `ops.apply_rope` and `ops.silu_and_mul` and never branch on the choice.
+- `TorchOps` (the reference, any device): Hugging Face Llama's roundings, cos/sin computed
+  per step from the positions.
+- `FusedOps` (CUDA with the triton attention backend): residual add fused into RMSNorm
+  (kernels/rmsnorm.py), RoPE in place from a cos/sin cache built here once, Llama-3 scaling
+  included (kernels/rotary.py), SiLU-and-multiply in one pass (kernels/activation.py).
+Both keep the residual stream as a separate tensor: `rms_norm(norm, x, residual)` returns
+(norm(x + residual), x + residual), so the fused kernel reads each row once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workers.model.rms_norm import RMSNorm
+from workers.model.rotary import RotaryEmbedding, apply_rotary
+
+Rope = Any
+"""What `ops.rope(positions)` returns and each layer hands to `ops.apply_rope`: (cos, sin)
+for TorchOps, the positions themselves for FusedOps."""
+
+
+class TorchOps:
+    """Plain torch; the same roundings as transformers (exact in float32 on any device)."""
+
+    fused = False
+
+    def __init__(self, rotary: RotaryEmbedding):
+        self.rotary = rotary
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        return self.rotary(positions, dtype)
+
+    def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: Rope):
+        """q [N, Hq, D], k [N, Hk, D] rotated (new tensors here; in place when fused)."""
+        return apply_rotary(q, k, *rope)
+
+    def rms_norm(
+        self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with `residual`: (norm(x + residual), x + residual)."""
+        if residual is None:
+            return norm(x)
+        summed = x + residual
+        return norm(summed), summed
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[N, 2I] (gate then up) -> silu(gate) * up [N, I]."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class FusedOps(TorchOps):
+    """Triton kernels from kernels/; CUDA only. Holds the float32 cos/sin cache
+    [max_positions, head_dim // 2] on the rotary module's device."""
+
+    fused = True
+
+    def __init__(self, rotary: RotaryEmbedding, max_positions: int):
+        super().__init__(rotary)
+        from kernels.activation import silu_and_mul
+        from kernels.rmsnorm import rms_norm
+        from kernels.rotary import apply_rotary as rotary_in_place
+
+        self._rms_norm, self._silu_and_mul, self._rotary = rms_norm, silu_and_mul, rotary_in_place
+        self.cos, self.sin = rotary.cos_sin_cache(max_positions)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        return positions
+
+    def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: Rope):
+        self._rotary(q, k, rope, self.cos, self.sin)
+        return q, k
+
+    def rms_norm(self, norm, x, residual=None):
+        return self._rms_norm(x, norm.weight, norm.eps, residual)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self._silu_and_mul(gate_up)
+
+
+def model_ops(fused: bool, rotary: RotaryEmbedding, max_positions: int) -> TorchOps:
+    """The one place the choice is made (see module doc)."""
+    return FusedOps(rotary, max_positions) if fused else TorchOps(rotary)
