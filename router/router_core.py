@@ -265,6 +265,9 @@ class RouterCore:
         except (WorkerGone, asyncio.TimeoutError):
             await self._lose(worker_id, "poll failed")
             return
+        if not news["alive"]:
+            await self._lose(worker_id, "its engine loop stopped")
+            return
         if worker.incarnation and news["incarnation"] != worker.incarnation:
             await self._lose(worker_id, "restarted")
         if not worker.ready:

@@ -145,7 +145,15 @@ class EngineWorker:
         return future.result(timeout=timeout)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
-        self._inbox.put(fn)
+        """Runs `fn` in the loop thread later; an error is logged, never kills the loop."""
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception:
+                log.exception("command failed on %s", self.worker_id)
+
+        self._inbox.put(run)
 
     # ---- loop thread ------------------------------------------------------------------
 
@@ -162,7 +170,16 @@ class EngineWorker:
                 continue
             for output in outputs:
                 if output.request_id in self.live:
-                    self.on_output(output)
+                    self._handle(output)
+
+    def _handle(self, output: Any) -> None:
+        try:
+            self.on_output(output)
+        except Exception as exc:  # one request's failure must not stop the others
+            log.exception("output of %s failed on %s", output.request_id, self.worker_id)
+            self.abort_transfers(output.request_id)
+            self.engine.abort(output.request_id)
+            self.finish_with_error(output.request_id, exc)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
