@@ -342,7 +342,7 @@ class RouterCore:
 
     def worker_metrics(self) -> list[dict]:
         return [
-            {"worker_id": wid, "role": w.role, "ready": w.ready,
+            {"worker_id": wid, "role": w.role, "ready": w.ready, "incarnation": w.incarnation,
              **self._load(wid, w).__dict__}
             for wid, w in self.workers.items()
         ]

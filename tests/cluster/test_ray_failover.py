@@ -84,6 +84,17 @@ def wait_all_ready(cluster, timeout_s: float = 120) -> None:
     wait_until(ready, timeout_s, "every worker admitted")
 
 
+def wait_readmitted(cluster, worker_id: str, timeout_s: float = 120) -> None:
+    """Until the router serves the restarted worker's new incarnation."""
+    old = cluster.infos[worker_id]["incarnation"]
+
+    def admitted() -> bool:
+        view = {m["worker_id"]: m for m in ray.get(cluster.router.worker_metrics.remote())}
+        return view[worker_id]["ready"] and view[worker_id]["incarnation"] != old
+
+    wait_until(admitted, timeout_s, f"{worker_id} re-admitted")
+
+
 def test_aborts_at_every_phase_free_all_blocks(cluster, collector):
     vocab = cluster.infos["prefill-0"]["vocab_size"]
     batch = prompts(12, vocab, seed=5, low=20, high=60)
@@ -122,7 +133,7 @@ def test_killed_decode_worker_mid_stream_fails_clearly_then_is_readmitted(
     print(f"client told {time.monotonic() - killed_at:.2f} s after the kill")
     with pytest.raises(NoReadyWorker):
         submit(cluster, request("no-decode", [5] * 4, collector.address, 2))
-    wait_all_ready(cluster)
+    wait_readmitted(cluster, "decode-0")
     prompt = [9, 8, 7, 6, 5]
     ray.get(router.submit.remote(request("after", prompt, collector.address, 5)))
     collector.wait_finished(["after"])
@@ -151,7 +162,7 @@ def test_killed_prefill_worker_requests_complete_or_fail_within_5s(
             assert collector.tokens(rid) == hf_greedy(model, prompt, 4)
             completed += 1
     print(f"{completed}/{len(ids)} completed, stats {ray.get(cluster.router.stats.remote())}")
-    wait_all_ready(cluster)
+    wait_readmitted(cluster, "prefill-0")
     wait_until(lambda: all_blocks_free(cluster), 5, "blocks free after prefill restart")
     # The restarted prefill worker takes requests again (least-tokens rotates between the two).
     after = [f"again-{i}" for i in range(4)]
