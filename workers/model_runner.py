@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 from workers.attention.backend import AttentionMetadata
 from workers.attention.registry import get_attention_backend
 from workers.config import EngineConfig
+from workers.cuda_graph import CudaGraphRunner
 from workers.errors import InvalidParameter
 from workers.model.config import ModelConfig
 from workers.model.llama import IntermediateTensors, KVCache, LlamaForCausalLM
@@ -66,24 +68,47 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def build_attention_metadata(step: StepInput, device: torch.device) -> AttentionMetadata:
-    """Device tensors of one step (block tables padded with block 0)."""
+@dataclass(frozen=True)
+class StepTensors:
+    """One step's device tensors (eager path)."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    logits_indices: torch.Tensor  # [num_logits] int64
+    meta: AttentionMetadata
+
+
+def build_step_tensors(step: StepInput, device: torch.device) -> StepTensors:
+    """All of a step's integers packed into one tensor and moved with ONE host->device copy
+    (pinned, non-blocking on CUDA): per-field copies each cost a launch and, from pageable
+    memory, a host wait. Block tables are padded with block 0."""
     width = max((len(table) for table in step.block_tables), default=0)
-    tables = [table + [0] * (width - len(table)) for table in step.block_tables]
-    starts = step.query_start_loc
-    query_lens = [starts[i + 1] - starts[i] for i in range(len(starts) - 1)]
-    return AttentionMetadata(
-        slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(step.query_start_loc, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(step.seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device).reshape(
-            len(tables), width
-        ),
+    packed = [
+        *step.token_ids, *step.positions, *step.slot_mapping, *step.logits_indices,
+        *step.query_start_loc, *step.seq_lens,
+    ]
+    for table in step.block_tables:
+        packed += table
+        packed += [0] * (width - len(table))
+    host = torch.tensor(packed, dtype=torch.int64)
+    if device.type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    n, s = step.num_tokens, step.num_seqs
+    sizes = [n, n, n, len(step.logits_indices), s + 1, s, s * width]
+    ids, positions, slots, logits, starts, seq_lens, tables = host.split(sizes)
+    starts_host = step.query_start_loc
+    query_lens = [starts_host[i + 1] - starts_host[i] for i in range(s)]
+    meta = AttentionMetadata(
+        slot_mapping=slots,
+        query_start_loc=starts.to(torch.int32),
+        seq_lens=seq_lens.to(torch.int32),
+        block_tables=tables.to(torch.int32).view(s, width),
         max_query_len=max(query_lens, default=0),
         max_seq_len=max(step.seq_lens, default=0),
         query_start_loc_host=tuple(step.query_start_loc),
         seq_lens_host=tuple(step.seq_lens),
     )
+    return StepTensors(ids, positions, logits, meta)
 
 
 class ModelRunner:
@@ -92,8 +117,14 @@ class ModelRunner:
     - `layer_range`: the [start, end) layers this pipeline stage owns;
     - `kv_caches`: one (K, V) per owned layer, each
       [num_blocks, block_size, num_local_kv_heads, head_dim]; block ids index axis 0;
-    - `num_blocks`, `block_size`, `kv_bytes_per_block`.
-    `execute(step)` is the only method that changes anything (the cache slots it writes)."""
+    - `num_blocks`, `block_size`, `kv_bytes_per_block`;
+    - `graph_runner`: the CudaGraphRunner replaying decode-only steps (None on CPU, with
+      `enforce_eager`, or on a pipeline stage that is not the whole model).
+    `execute(step)` is the only method that changes anything (the cache slots it writes).
+
+    Each layer's cache tensor has one block more than `num_blocks`: the scratch block where
+    CUDA-graph padding rows write. `kv_caches` are views without it, so the block pool, KV
+    transfer and everything else see exactly `num_blocks` blocks."""
 
     def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
         self.config = config
@@ -108,7 +139,11 @@ class ModelRunner:
         )
         self.model = self._load_model()
         self.num_blocks = self._size_cache()
-        self.kv_caches: list[KVCache] = self._allocate_cache()
+        self._full_caches = self._allocate_cache()
+        self.kv_caches: list[KVCache] = [
+            (k[: self.num_blocks], v[: self.num_blocks]) for k, v in self._full_caches
+        ]
+        self.graph_runner = self._build_graph_runner()
 
     @property
     def num_local_layers(self) -> int:
@@ -126,8 +161,13 @@ class ModelRunner:
 
     def _load_model(self) -> LlamaForCausalLM:
         backend = get_attention_backend(self.config.attention_backend)
+        # The one switch for fused norm/rope/activation kernels (workers/model/ops.py).
+        fused = self.config.attention_backend == "triton" and self.device.type == "cuda"
         with torch.device(self.device), _default_dtype(self.dtype):
-            model = LlamaForCausalLM(self.model_config, backend, self.parallel, self.layer_range)
+            model = LlamaForCausalLM(
+                self.model_config, backend, self.parallel, self.layer_range,
+                fused_ops=fused, max_positions=self.max_model_len,
+            )
         if self.config.load_format == "dummy":
             load_dummy(model, seed=self.config.seed)
         else:
@@ -158,7 +198,7 @@ class ModelRunner:
 
     def _allocate_cache(self) -> list[KVCache]:
         shape = (
-            self.num_blocks,
+            self.num_blocks + 1,  # + the scratch block (see class doc)
             self.block_size,
             self.num_local_kv_heads,
             self.model_config.head_dim,
@@ -171,17 +211,31 @@ class ModelRunner:
             for _ in range(self.num_local_layers)
         ]
 
+    def _build_graph_runner(self) -> CudaGraphRunner | None:
+        whole_model = self.num_local_layers == self.model_config.num_layers
+        if self.device.type != "cuda" or self.config.enforce_eager or not whole_model:
+            return None
+        return CudaGraphRunner(
+            self.model,
+            self._full_caches,
+            max_num_seqs=self.config.scheduler.max_num_seqs,
+            max_model_len=self.max_model_len,
+            scratch_block=self.num_blocks,
+        )
+
     @torch.inference_mode()
     def execute(
         self, step: StepInput, intermediate: IntermediateTensors | None = None
     ) -> torch.Tensor | IntermediateTensors:
         """Float32 logits [len(step.logits_indices), vocab] on the last pipeline stage (the
-        hidden states for the next stage otherwise). Writes this step's KV into kv_caches."""
-        input_ids = torch.tensor(step.token_ids, dtype=torch.int64, device=self.device)
-        positions = torch.tensor(step.positions, dtype=torch.int64, device=self.device)
-        meta = build_attention_metadata(step, self.device)
-        out = self.model(input_ids, positions, self.kv_caches, meta, intermediate)
+        hidden states for the next stage otherwise). Writes this step's KV into kv_caches.
+        Decode-only steps replay a CUDA graph when there is a graph runner."""
+        if self.graph_runner is not None and self.graph_runner.can_run(step):
+            return self.model.compute_logits(self.graph_runner.run(step))
+        tensors = build_step_tensors(step, self.device)
+        out = self.model(
+            tensors.input_ids, tensors.positions, self._full_caches, tensors.meta, intermediate
+        )
         if isinstance(out, IntermediateTensors):
             return out
-        indices = torch.tensor(step.logits_indices, dtype=torch.int64, device=self.device)
-        return self.model.compute_logits(out[indices])
+        return self.model.compute_logits(out.index_select(0, tensors.logits_indices))
