@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import time
 
 import httpx
@@ -20,13 +19,11 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.gateway_app import build_app
 from router.router_state import RouterConfig
-from tests.cluster.helpers import hf_greedy, prompts
-from tests.e2e.served_cluster import served, serving
+from tests.cluster.helpers import prompts
+from tests.e2e.served_cluster import run_workload, served, serving, wait_blocks_free
 from workers.config import CacheConfig, EngineConfig
-from workers.tokenizer import Tokenizer
 
 BLOCK = 8
-NUM_REQUESTS = 16
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,72 +40,6 @@ def base_config(tiny_model_dir) -> ClusterConfig:
     return ClusterConfig(engine=engine, model_name="tiny", kv_transport="gloo",
                          router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1,
                                              capacity_wait_s=30.0))
-
-
-@pytest.fixture(scope="module")
-def workload(tiny_model_dir, hf_reference):
-    """16 (prompt, max_tokens, stream, expected text) with their transformers reference."""
-    tokenizer = Tokenizer(tiny_model_dir)
-    model = hf_reference(tiny_model_dir)
-    batch = prompts(NUM_REQUESTS, 500, seed=11, low=2, high=48)
-    cases = []
-    for i, prompt in enumerate(batch):
-        max_tokens = 1 + (i * 5) % 14
-        expected = tokenizer.decode(hf_greedy(model, prompt, max_tokens))
-        cases.append((prompt, max_tokens, i % 2 == 0, expected))
-    return cases
-
-
-async def complete(client: httpx.AsyncClient, prompt, max_tokens: int, stream: bool,
-                   **extra) -> tuple[str, int, str | None]:
-    """(text, completion tokens, finish_reason) of one /v1/completions call."""
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": stream, **extra}
-    if not stream:
-        response = await client.post("/v1/completions", json=body)
-        assert response.status_code == 200, response.text
-        data = response.json()
-        choice = data["choices"][0]
-        return choice["text"], data["usage"]["completion_tokens"], choice["finish_reason"]
-    body["stream_options"] = {"include_usage": True}
-    text, tokens, reason = "", 0, None
-    async with client.stream("POST", "/v1/completions", json=body) as response:
-        assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: "):])
-            assert "error" not in event, event
-            for choice in event.get("choices", []):
-                text += choice["text"]
-                reason = choice["finish_reason"] or reason
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-    return text, tokens, reason
-
-
-def run_workload(url: str, workload) -> None:
-    async def main() -> list:
-        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-            return await asyncio.gather(*(complete(client, p, n, s)
-                                          for p, n, s, _ in workload))
-
-    results = asyncio.run(main())
-    for (prompt, max_tokens, stream, expected), (text, tokens, reason) in zip(
-            workload, results, strict=True):
-        assert text == expected, f"prompt {prompt} stream={stream}"
-        assert tokens == max_tokens and reason == "length"
-
-
-def wait_blocks_free(cluster, timeout_s: float = 5.0) -> float:
-    start = time.monotonic()
-    totals = [cluster.infos[w]["total_blocks"] for w in cluster.workers]
-    while True:
-        free = [cluster.call(w, "free_blocks") for w in cluster.workers]
-        if free == totals:
-            return time.monotonic() - start
-        assert time.monotonic() - start < timeout_s, f"free {free} of {totals}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
