@@ -9,7 +9,14 @@ both sides, so the work is identical). With --hf-baseline, transformers runs fir
 `generate`, same weights: the checkpoint, or our dummy init copied in) and is freed before
 the engine sizes its KV cache. Prints one table: device, model, dtype, workload, date,
 output tok/s, prompts/s, total tok/s, ratio to the baseline, and how many greedy outputs
-match the baseline token for token.
+match the baseline token for token. Above the throughput rows, decode-only figures per system:
+TPOT (ms per step) at batch 1 from (time of O tokens - time of 1 token) / (O - 1), and the
+bandwidth that step achieves (weights read + the batch's KV, over TPOT) against a device copy
+measured in the same call (DESIGN.md: batch-1 decode is memory-bound).
+
+Llama-3-8B shapes with random weights: `--dummy-config tests/data/llama3_8b_config.json
+--dtype bfloat16 --max-model-len 8192`. The engine uses CUDA graphs for decode on CUDA
+unless `--enforce-eager`.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import gc
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +41,13 @@ class BenchResult:
     name: str
     seconds: float
     outputs: list[list[int]]
+    tpot: float | None = None
+    """Seconds per decode step at batch 1."""
+    step_bytes: int | None = None
+    """Bytes one batch-1 decode step must read: weights (less the embedding, of which it
+    reads one row) + the sequence's K/V at the mid-decode context."""
+    graphs: bool = False
+    """Whether decode steps replayed CUDA graphs."""
 
     def row(self, num_prompts: int, input_len: int, output_len: int) -> dict[str, float]:
         out_tokens = num_prompts * output_len
@@ -62,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--num-blocks", type=int, default=None, help="fix the KV pool size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--hf-baseline", action="store_true", help="also time transformers")
     return parser
 
@@ -74,7 +92,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         device=args.device,
         attention_backend=args.attention_backend,
         seed=args.seed,
-        cache=CacheConfig(num_blocks=args.num_blocks),
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        cache=CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=max(args.max_num_batched_tokens, args.input_len),
@@ -96,21 +116,61 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def batch1_tpot(
+    generate_one: Callable[[int], object], output_len: int, device: torch.device
+) -> float | None:
+    """Seconds per decode step of one sequence: (O tokens - 1 token) / (O - 1), best of a
+    few runs each, so prefill and fixed costs cancel."""
+    if output_len < 2:
+        return None
+    one = min(_timed(lambda: generate_one(1), device) for _ in range(3))
+    full = min(_timed(lambda: generate_one(output_len), device) for _ in range(2))
+    return max(full - one, 0.0) / (output_len - 1)
+
+
+def decode_step_bytes(model: torch.nn.Module, context: int) -> int:
+    """Bytes a batch-1 decode step reads: every weight except the input embedding (one row
+    of it; unless tied to the head) plus K and V of `context` tokens in every layer."""
+    cfg = model.config
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    if not cfg.tie_word_embeddings:
+        embedding = model.embed_tokens.weight
+        weights -= embedding.numel() * embedding.element_size()
+    itemsize = next(model.parameters()).element_size()
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize * context
+    return weights + kv
+
+
 def run_engine(config: EngineConfig, prompts: list[list[int]], output_len: int) -> BenchResult:
     from workers.engine import LLMEngine
     from workers.sampling_params import SamplingParams
 
     engine = LLMEngine(config)
-    params = SamplingParams(max_tokens=output_len, min_tokens=output_len, temperature=0)
+
+    def greedy(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, min_tokens=n, temperature=0)
+
     engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0))  # warm-up
     device = engine.runner.device
     _sync(device)
     start = time.perf_counter()
-    outputs = engine.generate(prompts, params)
+    outputs = engine.generate(prompts, greedy(output_len))
     _sync(device)
     seconds = time.perf_counter() - start
-    result = BenchResult("kvrelay", seconds, [o.token_ids for o in outputs])
-    del engine
+    tpot = batch1_tpot(lambda n: engine.generate([prompts[0]], greedy(n)), output_len, device)
+    context = len(prompts[0]) + output_len // 2
+    result = BenchResult(
+        "kvrelay", seconds, [o.token_ids for o in outputs], tpot,
+        decode_step_bytes(engine.runner.model, context), engine.runner.graph_runner is not None,
+    )
     return result
 
 
@@ -154,6 +214,10 @@ def hf_generate(model, ids: torch.Tensor, num_new: int) -> torch.Tensor:
         )
 
 
+def _hf_tpot(model, input_ids: torch.Tensor, output_len: int, device: torch.device):
+    return batch1_tpot(lambda n: hf_generate(model, input_ids, n), output_len, device)
+
+
 def run_hf(config: EngineConfig, prompts: list[list[int]], output_len: int) -> BenchResult:
     from workers.model.config import ModelConfig
     from workers.model_runner import resolve_device, resolve_dtype
@@ -169,12 +233,49 @@ def run_hf(config: EngineConfig, prompts: list[list[int]], output_len: int) -> B
     out = hf_generate(model, input_ids, output_len)
     _sync(device)
     seconds = time.perf_counter() - start
-    result = BenchResult("transformers", seconds, out[:, input_ids.shape[1] :].tolist())
+    tpot = _hf_tpot(model, input_ids[:1], output_len, device)
+    result = BenchResult("transformers", seconds, out[:, input_ids.shape[1] :].tolist(), tpot)
     del model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 2**30) -> float | None:
+    """Bytes/s of a device-to-device copy (read + write), best of 5; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(6):  # the first is a warm-up
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def decode_lines(results: list[BenchResult], copy_bps: float | None, context: int) -> list[str]:
+    """The decode-only block: TPOT at batch 1 and the bandwidth it achieves."""
+    step_bytes = next((r.step_bytes for r in results if r.step_bytes), None)
+    copy = f"{copy_bps / 1e9:.0f} GB/s" if copy_bps else "not measured"
+    lines = [
+        f"decode only, batch 1, context ~{context} tokens; device copy bandwidth: {copy}",
+        f"{'system':<14}{'TPOT ms':>10}{'GB/step':>10}{'GB/s':>10}{'% of copy':>11}",
+    ]
+    for result in results:
+        if result.tpot is None or not step_bytes:
+            continue
+        achieved = step_bytes / result.tpot if result.tpot > 0 else float("inf")
+        share = f"{100 * achieved / copy_bps:.0f}%" if copy_bps else "-"
+        lines.append(
+            f"{result.name:<14}{1e3 * result.tpot:>10.2f}{step_bytes / 1e9:>10.2f}"
+            f"{achieved / 1e9:>10.0f}{share:>11}"
+        )
+    return lines + [""]
 
 
 def device_name(device: torch.device) -> str:
@@ -189,16 +290,21 @@ def format_table(
     device: torch.device,
     dtype: torch.dtype,
     results: list[BenchResult],
+    copy_bps: float | None = None,
 ) -> str:
-    """One table: what ran where, then a row per system with the ratio to the baseline."""
+    """One table: what ran where, decode-only figures, then a row per system with the ratio
+    to the baseline."""
     n, i, o = args.num_prompts, args.input_len, args.output_len
+    graphs = "CUDA graphs (decode)" if any(r.graphs for r in results) else "eager"
     header = [
         f"device:    {device_name(device)}",
         f"model:     {config.model} ({'dummy weights' if args.dummy_config else 'checkpoint'})",
-        f"dtype:     {str(dtype).removeprefix('torch.')}   attention: {config.attention_backend}",
+        f"dtype:     {str(dtype).removeprefix('torch.')}   attention: {config.attention_backend}"
+        f"   engine: {graphs}   max_model_len: {config.max_model_len or 'model'}",
         f"workload:  {n} prompts x {i} input tokens -> {o} output tokens (greedy)",
         f"date:      {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         "",
+        *decode_lines(results, copy_bps, i + o // 2),
         f"{'system':<14}{'seconds':>10}{'output tok/s':>15}{'prompts/s':>12}"
         f"{'total tok/s':>14}{'vs HF':>8}{'greedy match':>15}",
     ]
@@ -227,11 +333,12 @@ def main(argv: list[str]) -> int:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, model_config, device)
     prompts = make_prompts(args.num_prompts, args.input_len, model_config.vocab_size, args.seed)
+    copy_bps = copy_bandwidth(device)
     results = []
     if args.hf_baseline:
         results.append(run_hf(config, prompts, args.output_len))
     results.insert(0, run_engine(config, prompts, args.output_len))
-    print(format_table(args, config, device, dtype, results))
+    print(format_table(args, config, device, dtype, results, copy_bps))
     return 0
 
 

@@ -16,6 +16,7 @@ import torch
 
 from workers.attention.backend import AttentionMetadata
 from workers.attention.registry import get_attention_backend
+from workers.attention.torch_backend import padded_decode_bytes
 from workers.config import EngineConfig
 from workers.cuda_graph import CudaGraphRunner
 from workers.errors import InvalidParameter
@@ -26,6 +27,8 @@ from workers.step_input import StepInput
 from workers.weights import load_checkpoint, load_dummy
 
 CPU_KV_CACHE_BYTES = 256 * 2**20
+TORCH_GRAPH_GATHER_LIMIT = 2**30
+"""Largest padded K/V gather (bytes) for which the torch backend's decode is graphed."""
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -119,7 +122,8 @@ class ModelRunner:
       [num_blocks, block_size, num_local_kv_heads, head_dim]; block ids index axis 0;
     - `num_blocks`, `block_size`, `kv_bytes_per_block`;
     - `graph_runner`: the CudaGraphRunner replaying decode-only steps (None on CPU, with
-      `enforce_eager`, or on a pipeline stage that is not the whole model).
+      `enforce_eager`, on a pipeline stage that is not the whole model, or for the torch
+      backend where its padded decode gather exceeds TORCH_GRAPH_GATHER_LIMIT).
     `execute(step)` is the only method that changes anything (the cache slots it writes).
 
     Each layer's cache tensor has one block more than `num_blocks`: the scratch block where
@@ -215,6 +219,15 @@ class ModelRunner:
         whole_model = self.num_local_layers == self.model_config.num_layers
         if self.device.type != "cuda" or self.config.enforce_eager or not whole_model:
             return None
+        if self.config.attention_backend == "torch":
+            # The torch reference pads every graphed decode to max_model_len; where that
+            # gather would not fit comfortably, it stays eager (it is the slow reference).
+            gather = padded_decode_bytes(
+                self.config.scheduler.max_num_seqs, self.max_model_len,
+                self.num_local_kv_heads, self.model_config.head_dim,
+            )
+            if gather > TORCH_GRAPH_GATHER_LIMIT:
+                return None
         return CudaGraphRunner(
             self.model,
             self._full_caches,

@@ -82,6 +82,12 @@ def batched_decode_attention(
     return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
+def padded_decode_bytes(num_seqs: int, max_len: int, num_kv_heads: int, head_dim: int) -> int:
+    """Float32 K+V that `batched_decode_attention` gathers for num_seqs rows padded to
+    max_len: under CUDA graphs every step pays for the padded width (max_model_len)."""
+    return 2 * num_seqs * max_len * num_kv_heads * head_dim * 4
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
