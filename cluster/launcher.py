@@ -135,7 +135,7 @@ def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
     router_cls = ray.remote(Router)
     router = router_cls.options(
         name=f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
-        max_concurrency=_ROUTER_CONCURRENCY,
+        max_concurrency=_ROUTER_CONCURRENCY, max_restarts=-1,
     ).remote(config.router, members)
     health = ray.get(router.start.remote(config.startup_timeout_s),
                      timeout=config.startup_timeout_s + 10)

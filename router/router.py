@@ -37,19 +37,30 @@ class Router:
         self.core.start()
         return self.core.health()
 
+    async def _running(self) -> None:
+        """After Ray restarted this actor (same constructor arguments, fresh state), nobody
+        calls `start`: the first call polls the workers and starts the monitor itself.
+        Requests in flight at the crash finish on their workers but cannot be aborted."""
+        if not self.core.started:
+            self.core.start()
+            await self.core.poll_all()
+
     async def add_worker(self, worker_id: str, role: str, actor: Any) -> None:
         self.core.add_worker(worker_id, role, RayHandle(actor))
 
     async def submit(self, request: GenerateRequest) -> None:
+        await self._running()
         try:
             await self.core.submit(request)
         except KvrelayError as exc:
             raise RemoteError(to_wire(exc)) from None
 
     async def abort(self, request_id: str) -> None:
+        await self._running()
         await self.core.abort(request_id)
 
     async def health(self) -> dict:
+        await self._running()
         return self.core.health()
 
     async def worker_metrics(self) -> list[dict]:

@@ -53,6 +53,10 @@ class RouterCore:
         """Registers a worker; it takes requests once a poll has answered."""
         self.workers[worker_id] = WorkerState(handle, role)
 
+    @property
+    def started(self) -> bool:
+        return self._monitor is not None
+
     def start(self) -> None:
         if self._monitor is None:
             self._monitor = asyncio.get_running_loop().create_task(self._monitor_loop())

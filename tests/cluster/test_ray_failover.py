@@ -1,8 +1,8 @@
 """A real Ray cluster (2 prefill + 1 decode actors, the Router actor) with outputs on a real
 ZMQ socket: aborts at every phase free every block within 5 s; a decode worker killed
 mid-stream ends its request with a clear error; a prefill worker killed with requests on it
-has each of them either completed exactly (its KV had landed) or cleanly failed; and Ray's
-restarted workers are admitted again."""
+has each of them either completed exactly (its KV had landed) or cleanly failed; Ray's
+restarted workers are admitted again, and a restarted Router serves again."""
 
 from __future__ import annotations
 
@@ -172,3 +172,20 @@ def test_killed_prefill_worker_requests_complete_or_fail_within_5s(
     assert {collector.chunks[rid][0].worker_id for rid in after} == {"prefill-0", "prefill-1"}
     for rid, prompt in zip(after, batch, strict=False):
         assert collector.tokens(rid) == hf_greedy(model, prompt, 3)
+
+
+def test_restarted_router_serves_again(cluster, collector, tiny_model_dir, hf_reference):
+    ray.kill(cluster.router, no_restart=False)
+    prompt = [4, 5, 6, 7]
+
+    def serves() -> bool:
+        try:
+            submit(cluster, request("via-new-router", prompt, collector.address, 3))
+        except (ray.exceptions.RayActorError, NoReadyWorker):
+            return False
+        return True
+
+    took = wait_until(serves, 60, "the restarted router taking a request")
+    collector.wait_finished(["via-new-router"])
+    assert collector.tokens("via-new-router") == hf_greedy(hf_reference(tiny_model_dir), prompt, 3)
+    print(f"router back after {took:.1f} s")
