@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from workers.protocol import GenerateRequest
-from workers.worker_base import EngineWorker, WorkerSpec
+from workers.worker_base import EngineWorker
 
 
 class ColocatedWorker(EngineWorker):
     """Runs whole requests; the router's only worker kind in `--colocated K` mode."""
 
     role = "colocated"
-
-    def __init__(self, spec: WorkerSpec):
-        super().__init__(spec)
 
     def submit(self, request: GenerateRequest) -> None:
         """Queues `request`; its tokens stream to `request.output_address`."""
