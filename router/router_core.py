@@ -110,16 +110,14 @@ class RouterCore:
         self._send_final(entry, "abort")
 
     async def _place(self, entry: InFlight) -> None:
-        if self._ready("colocated"):
-            entry.colocated = await self._first_that_takes("colocated", entry, "submit")
-            entry.phase = "running"
-            await self._undo_if_aborted(entry)
+        if self._count("colocated"):
+            await self._place_whole(entry, "colocated")
             return
         if len(entry.request.prompt_token_ids) <= self.config.local_prefill_max_tokens:
-            entry.decode = await self._first_that_takes("decode", entry, "submit")
-            entry.phase = "running"
-            await self._undo_if_aborted(entry)
+            await self._place_whole(entry, "decode")
             return
+        if not self._ready("prefill"):  # before a decode worker reserves anything
+            raise NoReadyWorker("prefill", self._count("prefill"))
         entry.decode = await self._reserve_decode(entry)
         if entry.decode is None or await self._undo_if_aborted(entry):
             return
@@ -129,6 +127,13 @@ class RouterCore:
         except BaseException:
             await self._call_quietly(entry.decode, "abort", entry.request.request_id)
             raise
+        await self._undo_if_aborted(entry)
+
+    async def _place_whole(self, entry: InFlight, role: str) -> None:
+        """One worker runs the whole request: colocated, or a decode worker prefilling a
+        short prompt itself (conditional disaggregation)."""
+        setattr(entry, role, await self._first_that_takes(role, entry, "submit"))
+        entry.phase = "running"
         await self._undo_if_aborted(entry)
 
     async def _undo_if_aborted(self, entry: InFlight) -> bool:
