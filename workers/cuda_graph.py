@@ -20,6 +20,8 @@ The caller keeps at most one step in flight (the engine samples on the host ever
 
 from __future__ import annotations
 
+import gc
+
 import torch
 
 from workers.attention.backend import AttentionMetadata
@@ -145,13 +147,23 @@ class CudaGraphRunner:
         self._fill_padding(0, rows)
         self._upload(rows)
         pool = None
-        # Largest first: the smaller graphs then fit in the memory pool the first one made.
-        for bucket in reversed(self.buckets):
-            self._forward(bucket)  # warm-up: Triton compiles, cuBLAS picks its kernels
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden = self._forward(bucket)
-            pool = graph.pool() if pool is None else pool
-            self._graphs[bucket] = (graph, hidden)
+        # A garbage collection during capture may destroy an older runner's graphs, which
+        # CUDA forbids while a stream captures (it invalidates this capture): collect now,
+        # and keep the collector off until the last graph is captured.
+        gc.collect()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            # Largest first: smaller graphs then fit in the memory pool the first one made.
+            for bucket in reversed(self.buckets):
+                self._forward(bucket)  # warm-up: Triton compiles, cuBLAS picks its kernels
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = self._forward(bucket)
+                pool = graph.pool() if pool is None else pool
+                self._graphs[bucket] = (graph, hidden)
+        finally:
+            if was_enabled:
+                gc.enable()
         torch.cuda.synchronize(self.device)
