@@ -138,9 +138,11 @@ def report(args, traces: list[Trace], paths: dict, device: str, model: str) -> s
             raise RuntimeError(f"request failed: {t.error}")
         ttft = t.token_times[0] - t.sent
         tpot = (t.token_times[-1] - t.token_times[0]) / max(1, len(t.token_times) - 1)
+        # Token 2 is the first the decode worker makes: it waits for the transfer.
+        second = t.token_times[min(1, len(t.token_times) - 1)] - t.sent
         transfer = t.timings.get("transfer", 0.0)
         rows.append((ttft, tpot, transfer, t.timings.get("transfer_bytes", 0.0),
-                     t.timings.get("transfer_wire", 0.0)))
+                     t.timings.get("transfer_wire", 0.0), second))
     lines = [
         f"kvrelay 1P+1D on one GPU | {device} | {model} dummy {args.dtype} | "
         f"prompt {args.prompt_len} tok, {args.max_tokens} out, concurrency {args.concurrency} | "
@@ -148,15 +150,19 @@ def report(args, traces: list[Trace], paths: dict, device: str, model: str) -> s
         "kv pair: " + ", ".join(f"{p['path']} probe {p['gbps'] or 0:.2f} GB/s"
                                 for p in paths.values()),
         f"{'req':>4} {'TTFT ms':>9} {'TPOT ms':>9} {'xfer ms':>9} {'xfer MiB':>9} "
-        f"{'wire GB/s':>9} {'xfer/TTFT':>9}",
+        f"{'wire GB/s':>9} {'xfer/TTFT':>9} {'tok2 ms':>9}",
     ]
-    for i, (ttft, tpot, transfer, nbytes, wire) in enumerate(rows):
+    for i, (ttft, tpot, transfer, nbytes, wire, second) in enumerate(rows):
         gbps = nbytes / wire / 1e9 if wire else 0.0
         lines.append(f"{i:>4} {ttft * 1e3:>9.1f} {tpot * 1e3:>9.2f} {transfer * 1e3:>9.1f} "
-                     f"{nbytes / 2**20:>9.1f} {gbps:>9.2f} {transfer / ttft:>9.1%}")
+                     f"{nbytes / 2**20:>9.1f} {gbps:>9.2f} {transfer / ttft:>9.1%} "
+                     f"{second * 1e3:>9.1f}")
     med = [statistics.median(col) for col in zip(*rows, strict=True)]
     lines.append(f"{'med':>4} {med[0] * 1e3:>9.1f} {med[1] * 1e3:>9.2f} {med[2] * 1e3:>9.1f} "
-                 f"{med[3] / 2**20:>9.1f} {'':>9} {med[2] / med[0]:>9.1%}")
+                 f"{med[3] / 2**20:>9.1f} {'':>9} {med[2] / med[0]:>9.1%} "
+                 f"{med[5] * 1e3:>9.1f}")
+    lines.append("xfer: prefill worker's token 1 to KV landed on the decode worker; wire: the "
+                 "data's own send time; tok2: arrival to token 2 (after the transfer)")
     return "\n".join(lines)
 
 
