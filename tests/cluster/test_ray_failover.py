@@ -25,7 +25,7 @@ BLOCK = 8
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay")
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
     engine = EngineConfig(model=str(tiny_model_dir),
                           cache=CacheConfig(block_size=BLOCK, num_blocks=96))
     config = ClusterConfig(engine=engine, model_name="tiny", name="failover", num_prefill=2,

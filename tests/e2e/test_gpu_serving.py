@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.gpu,
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(include_dashboard=False, namespace="kvrelay")
+    ray.init(include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
     yield
     ray.shutdown()
 

@@ -28,7 +28,7 @@ BLOCK = 8
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay")
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
     yield
     ray.shutdown()
 
