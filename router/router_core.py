@@ -287,9 +287,13 @@ class RouterCore:
             await self._on_event(worker_id, request_id, event)
 
     async def _on_event(self, worker_id: str, request_id: str, event: str) -> None:
-        """Worker news: 'shipped' (prefill KV landed), 'finished' or 'failed' (chunk sent)."""
+        """Worker news: 'sending' (token 1 out, KV on its way), 'shipped' (the KV landed),
+        'finished' or 'failed' (the final chunk is sent)."""
         entry = self.requests.get(request_id)
         if entry is None:
+            return
+        if event == "sending" and entry.phase == "prefilling":
+            entry.phase = "transferring"
             return
         if event == "shipped":
             entry.phase = "decoding"

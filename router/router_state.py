@@ -61,4 +61,4 @@ class InFlight:
     dest: dict | None = None
     """The decode worker's reservation (block ids, KV receiver address) for the prefill."""
     phase: str = "queued"
-    """queued | prefilling | decoding | running (colocated)."""
+    """queued | prefilling | transferring | decoding | running (one worker does it all)."""

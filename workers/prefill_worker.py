@@ -64,6 +64,7 @@ class PrefillWorker(EngineWorker):
         }
         self.kv.send(rid, dest["kv_address"], self.engine.held_block_ids(rid),
                      dest["block_ids"], extra=extra, num_tokens=output.num_prompt_tokens)
+        self.note(rid, "sending")
 
     def _first_text(self, rid: str, output) -> str:
         """Token 1's text exactly as the decode worker counts it sent at commit: the

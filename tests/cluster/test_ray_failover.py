@@ -114,7 +114,9 @@ def test_aborts_at_every_phase_free_all_blocks(cluster, collector):
     stats = ray.get(cluster.router.stats.remote())
     assert stats["in_flight"] == 0
     assert sum(stats["aborted_in_phase"].values()) == len(ids), stats
-    assert {"prefilling", "decoding"} <= set(stats["aborted_in_phase"]), stats
+    # Before the KV landed (prefilling, or transferring once token 1 is out) and after.
+    phases = set(stats["aborted_in_phase"])
+    assert "decoding" in phases and {"prefilling", "transferring"} & phases, stats
     print(f"blocks free {took:.2f} s after the last abort; phases {stats['aborted_in_phase']}")
 
 
