@@ -258,7 +258,12 @@ class LLMEngine:
             reason = "prefill_done"
         if text is not None:
             text.cut(len(decision.text))
-        delta = text.take_delta(finished=reason is not None) if text else ""
+        if text is None:
+            delta = ""
+        elif reason == "prefill_done":
+            delta = text.take_handoff()
+        else:
+            delta = text.take_delta(finished=reason is not None)
         sent_text = text.sent_text if text else ""
         if reason is not None:
             self.scheduler.remove(seq)

@@ -9,15 +9,12 @@ timings ride in the transfer header), and releases the blocks once the transfer 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from workers.errors import TransferFailed, UnknownRequest
 from workers.kv_endpoint import make_sender
 from workers.kv_transfer.base import TransferState
 from workers.protocol import GenerateRequest
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import IncrementalDetokenizer
 from workers.worker_base import EngineWorker, WorkerSpec
 
 
@@ -52,8 +49,7 @@ class PrefillWorker(EngineWorker):
             self.dests.pop(rid, None)
             self.stream(output)
             return
-        self.stream(dataclasses.replace(output, text_delta=self._first_text(rid, output)),
-                    finished=False)
+        self.stream(output, finished=False)
         live, dest = self.live[rid], self.dests[rid]
         now = time.time()
         timings = self.final_timings(live, now)
@@ -65,19 +61,6 @@ class PrefillWorker(EngineWorker):
         self.kv.send(rid, dest["kv_address"], self.engine.held_block_ids(rid),
                      dest["block_ids"], extra=extra, num_tokens=output.num_prompt_tokens)
         self.note(rid, "sending")
-
-    def _first_text(self, rid: str, output) -> str:
-        """Token 1's text exactly as the decode worker counts it sent at commit: the
-        non-final decode (a partial UTF-8 character stays held back for the decode worker
-        to finish). The engine's prefill_done delta is flushed as if final, which would
-        stream U+FFFD for a partial character."""
-        tokenizer = self.engine.tokenizer
-        if tokenizer is None:
-            return ""
-        request = self.live[rid].request
-        skip = SamplingParams.from_dict(request.sampling).skip_special_tokens
-        detokenizer = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, skip)
-        return detokenizer.add(output.new_token_ids)
 
     def _shipped(self, rid: str) -> None:
         self._release(rid)

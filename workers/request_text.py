@@ -52,6 +52,15 @@ class RequestText:
         """Counts all current text as streamed (another worker already sent it)."""
         self.sent = len(self.text)
 
+    def take_handoff(self) -> str:
+        """All text decoded so far, neither flushed nor held back for stop strings: a prefill
+        worker streams exactly this before handing the request over, and the decode worker
+        counts exactly this as sent (`mark_sent`). A partial UTF-8 character stays in the
+        detokenizer for the decode worker to finish."""
+        delta = self.text[self.sent :]
+        self.sent = len(self.text)
+        return delta
+
     def take_delta(self, finished: bool) -> str:
         """Text that may be streamed now; everything that is left once finished."""
         if finished and not self._was_cut:

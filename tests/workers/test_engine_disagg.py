@@ -25,7 +25,8 @@ def copy_kv_blocks(src: LLMEngine, src_ids: list[int], dst: LLMEngine, dst_ids: 
 
 def test_disaggregated_prefill_then_decode_equals_colocated_greedy(make_engine, random_prompts):
     prompts = random_prompts(5, seed=12)
-    colocated = [o.token_ids for o in make_engine().generate(prompts, GREEDY)]
+    colocated_outs = make_engine().generate(prompts, GREEDY)
+    colocated = [o.token_ids for o in colocated_outs]
     prefill = make_engine(role="prefill", num_blocks=64, long_prefill_token_threshold=7)
     decode = make_engine(role="decode", num_blocks=96)
     decoy = decode.reserve_remote("decoy", [5] * 9, GREEDY)  # so block ids differ per side
@@ -35,11 +36,13 @@ def test_disaggregated_prefill_then_decode_equals_colocated_greedy(make_engine, 
     assert len(decoy) == 3 and all(
         len(dest[f"r{i}"]) == len(p) // 4 + 1 for i, p in enumerate(prompts)
     )
+    texts: dict[str, str] = {}
     for i, prompt in enumerate(prompts):
         prefill.add_request(f"r{i}", prompt, GREEDY)
     while prefill.has_unfinished():
         for out in prefill.step():
             assert out.finished and out.finish_reason == "prefill_done"
+            texts[out.request_id] = out.text_delta
             held = prefill.held_block_ids(out.request_id)
             copy_kv_blocks(prefill, held, decode, dest[out.request_id])
             prefill.release(out.request_id)
@@ -47,8 +50,14 @@ def test_disaggregated_prefill_then_decode_equals_colocated_greedy(make_engine, 
     assert prefill.num_free_blocks == prefill.num_total_blocks
     finals = {}
     while decode.has_unfinished():
-        finals.update({o.request_id: o.token_ids for o in decode.step() if o.finished})
+        for out in decode.step():
+            texts[out.request_id] += out.text_delta
+            if out.finished:
+                finals[out.request_id] = out.token_ids
     assert [finals[f"r{i}"] for i in range(len(prompts))] == colocated
+    # Token 1's text streamed by the prefill side plus the decode side's deltas is exactly
+    # the colocated text: nothing flushed early at the handoff, nothing streamed twice.
+    assert [texts[f"r{i}"] for i in range(len(prompts))] == [o.text for o in colocated_outs]
 
 
 def test_disaggregation_edges_no_capacity_and_first_token_finish(make_engine):
