@@ -278,6 +278,22 @@ def decode_lines(results: list[BenchResult], copy_bps: float | None, context: in
     return lines + [""]
 
 
+def agreement_line(results: list[BenchResult], baseline: BenchResult, output_len: int) -> str:
+    """Mean common prefix with the baseline's greedy tokens: in bf16 the two roundings pick
+    different tokens at near-ties, after which the sequences part; float32 matches exactly."""
+    parts = []
+    for result in results:
+        if result is baseline:
+            continue
+        prefixes = []
+        for ours, theirs in zip(result.outputs, baseline.outputs, strict=True):
+            pairs = zip(ours, theirs, strict=False)
+            differ = next((k for k, (a, b) in enumerate(pairs) if a != b), None)
+            prefixes.append(min(len(ours), len(theirs)) if differ is None else differ)
+        parts.append(f"{result.name} {sum(prefixes) / len(prefixes):.1f}")
+    return f"greedy agreement, mean common prefix of {output_len} tokens: " + ", ".join(parts)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -309,6 +325,8 @@ def format_table(
         f"{'total tok/s':>14}{'vs HF':>8}{'greedy match':>15}",
     ]
     baseline = next((r for r in results if r.name == "transformers"), None)
+    if baseline is not None:
+        header[-1:-1] = [agreement_line(results, baseline, o), ""]
     for result in results:
         row = result.row(n, i, o)
         ratio = f"{baseline.seconds / result.seconds:.2f}x" if baseline else "-"

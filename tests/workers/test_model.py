@@ -114,19 +114,21 @@ def test_triton_backend_matches_transformers_chunked_and_decode(
 def test_fused_ops_match_transformers_prefill_and_decode(
     variant, make_model_dir, hf_reference, make_step
 ):
-    """The Triton norm/rope/activation path (the runner picks it on CUDA with the triton
-    backend; built here directly so CPU CI runs it in the interpreter)."""
+    """The Triton norm/rope/activation path: the runner picks it on CUDA with the triton
+    backend; on CPU it is built here directly, so CI runs it in the interpreter."""
     folder = make_model_dir(variant)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     runner = make_runner(folder, backend="triton", device=device)
-    with torch.device(device):
-        fused = LlamaForCausalLM(
-            runner.model_config, runner.model.layers["0"].self_attn.backend,
-            fused_ops=True, max_positions=runner.max_model_len,
-        )
-    fused.load_state_dict(runner.model.state_dict())
-    assert fused.ops.fused and not runner.model.ops.fused
-    runner.model = fused.eval()
+    assert runner.model.ops.fused == (device == "cuda")
+    if device == "cpu":
+        with torch.device(device):
+            fused = LlamaForCausalLM(
+                runner.model_config, runner.model.layers["0"].self_attn.backend,
+                fused_ops=True, max_positions=runner.max_model_len,
+            )
+        fused.load_state_dict(runner.model.state_dict())
+        runner.model = fused.eval()
+    assert runner.model.ops.fused
     prompt = random_prompt(11, runner.model_config.vocab_size, seed=9)
     table = [3, 8, 1, 5]
     first = runner.execute(make_step([(prompt, len(prompt), table)], BLOCK_SIZE, "all"))
