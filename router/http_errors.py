@@ -31,6 +31,11 @@ STATUS_BY_ERROR: dict[str, int] = {
     # Every decode worker was full: the cluster is overloaded, not the request wrong.
     errors.NoCapacity.__name__: 503,
     errors.RequestTimeout.__name__: 504,
+    # The KV handoff between a prefill and a decode worker failed: an infrastructure fault
+    # (the request was fine), so the client may retry.
+    errors.TransferFailed.__name__: 503,
+    errors.TransferTimeout.__name__: 503,
+    errors.HandshakeMismatch.__name__: 503,
     # The worker serving a request died mid-way (router/router_core.py): retry elsewhere.
     "WorkerLost": 503,
     # Ray's names for an actor (the Router) that is dead or restarting; no ray import here.

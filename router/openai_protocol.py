@@ -248,6 +248,13 @@ def chat_response(
 def prompt_token_ids(req: Request, tokenizer: Any) -> list[int]:
     """The request's prompt as token ids: chat messages through the chat template, strings
     through the tokenizer, id lists as given. Raises EmptyPrompt, InvalidParameter."""
+    needs_text = isinstance(req, ChatCompletionRequest) or isinstance(
+        single_prompt(req.prompt), str)
+    if tokenizer is None and needs_text:
+        # A --dummy-config model has no tokenizer: only token-id prompts can be served.
+        field = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+        raise InvalidParameter(field, "this model has no tokenizer; send the prompt as a "
+                                      "list of token ids to /v1/completions")
     if isinstance(req, ChatCompletionRequest):
         text = tokenizer.apply_chat_template([_message_dict(m) for m in req.messages],
                                              add_generation_prompt=True)

@@ -118,6 +118,12 @@ def test_prompt_shapes(tiny_model_dir):
     assert image.value.field == "messages"
     with pytest.raises(ValidationError):
         ChatCompletionRequest(messages=[{"role": "robot", "content": "x"}])
+    # A --dummy-config model has no tokenizer: token ids still work, text is a 400 by name.
+    assert prompt_token_ids(completion(prompt=[5, 6]), None) == [5, 6]
+    for request_, field in ((completion(prompt="hi"), "prompt"), (chat(), "messages")):
+        with pytest.raises(InvalidParameter) as no_tokenizer:
+            prompt_token_ids(request_, None)
+        assert no_tokenizer.value.field == field
 
 
 def test_logprob_formats():
@@ -157,6 +163,9 @@ def test_stream_formatter_chat_and_usage():
         (errors.NoReadyWorker("decode"), 503),
         (errors.NoCapacity(9, 2), 503),
         (errors.RequestTimeout(1.0, 3), 504),
+        (errors.TransferFailed("r1", "peer gone"), 503),
+        (errors.TransferTimeout("r1", 5.0, 5.2), 503),
+        (errors.HandshakeMismatch("block_size", 16, 8), 503),
         (RuntimeError("boom"), 500),
     ],
 )
