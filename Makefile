@@ -27,7 +27,7 @@ serve: $(VENV)/.installed $(TINY)/config.json
 	$(BIN)/kvrelay serve --model $(TINY) --prefill 1 --decode 1 --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
