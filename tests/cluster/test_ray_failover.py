@@ -179,15 +179,21 @@ def test_killed_prefill_worker_requests_complete_or_fail_within_5s(
 def test_restarted_router_serves_again(cluster, collector, tiny_model_dir, hf_reference):
     ray.kill(cluster.router, no_restart=False)
     prompt = [4, 5, 6, 7]
+    attempts = iter(range(1000))
+    served: list[str] = []
 
     def serves() -> bool:
+        # A fresh id per attempt: a refused attempt may still have reached a worker while the
+        # new router incarnation was admitting them, and must not collide with the next one.
+        request_id = f"via-new-router-{next(attempts)}"
         try:
-            submit(cluster, request("via-new-router", prompt, collector.address, 3))
+            submit(cluster, request(request_id, prompt, collector.address, 3))
         except (ray.exceptions.RayActorError, NoReadyWorker):
             return False
+        served.append(request_id)
         return True
 
     took = wait_until(serves, 60, "the restarted router taking a request")
-    collector.wait_finished(["via-new-router"])
-    assert collector.tokens("via-new-router") == hf_greedy(hf_reference(tiny_model_dir), prompt, 3)
+    collector.wait_finished(served)
+    assert collector.tokens(served[0]) == hf_greedy(hf_reference(tiny_model_dir), prompt, 3)
     print(f"router back after {took:.1f} s")
