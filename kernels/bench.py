@@ -16,6 +16,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
+from kernels.bandwidth import copy_bandwidth
 from kernels.flash_prefill import PrefillTiles, default_tiles, flash_prefill
 from kernels.paged_decode import DecodeTiles, paged_decode
 
@@ -37,14 +38,6 @@ def _paged(num_seqs: int, seq_len: int, device: str):
     v_cache = torch.randn(shape, dtype=DTYPE, device=device)
     tables = torch.randperm(num_blocks, device=device).to(torch.int32)
     return k_cache, v_cache, tables.view(num_seqs, blocks_per_seq)
-
-
-def copy_bandwidth(device: str) -> float:
-    """GB/s of a 2 GiB device-to-device copy, counting read + write bytes."""
-    src = torch.empty(2**30, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=100)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
 def _sdpa_ms(q, k, v, backend) -> float:
@@ -139,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {seq} | {16384 // seq} | {r['ours']:.0f} | {r['sdpa_flash']:.0f} | "
               f"{r['sdpa_default']:.0f} | {r['ours'] / r['sdpa_flash']:.2f} | "
               f"{r['ours'] / r['sdpa_default']:.2f} |")
-    copy = copy_bandwidth(device)
+    copy = copy_bandwidth(device) / 1e9  # GB/s
     print(f"# decode: 1 token/seq, K+V bytes read / time; copy bandwidth {copy:.0f} GB/s")
     print("| batch | context | GB/s | % of copy |")
     print("|---|---|---|---|")
