@@ -97,11 +97,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory", type=int, default=8 << 30, help="bytes per worker")
     p.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl", "gloo", "auto"])
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--attention-backend", default="triton", choices=["triton", "torch"])
     return p.parse_args(argv)
 
 
 def cluster_config(args: argparse.Namespace, config_path: str) -> ClusterConfig:
     engine = EngineConfig(model=config_path, load_format="dummy", dtype=args.dtype,
+                          attention_backend=args.attention_backend,
                           max_model_len=args.prompt_len + args.max_tokens + 16,
                           cache=CacheConfig(kv_cache_memory=args.kv_cache_memory))
     return ClusterConfig(engine=engine, model_name=Path(config_path).stem, name="bench",
