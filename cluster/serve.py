@@ -19,13 +19,15 @@ from pathlib import Path
 from cluster.config import ClusterConfig
 from router.router_state import RouterConfig
 from workers.config import CacheConfig, EngineConfig
+from workers.model.presets import resolve_config_path
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvrelay serve", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="Hugging Face checkpoint folder")
-    src.add_argument("--dummy-config", help="config.json: random weights of that shape")
+    src.add_argument("--dummy-config", type=resolve_config_path,
+                     help="config.json or a preset name (llama3-8b): random weights")
     p.add_argument("--served-model-name", default=None, help="name clients use (default: dir)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers")
     p.add_argument("--decode", type=int, default=1, help="decode workers")

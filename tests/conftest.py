@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from workers.model.presets import load_preset
 from workers.tiny_model import make_variant
 
 
@@ -93,32 +94,7 @@ def make_step() -> Callable:
     return build_step
 
 
-LLAMA3_8B_CONFIG = {
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 128256,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "rope_scaling": {
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192,
-        "rope_type": "llama3",
-    },
-    "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16",
-    "bos_token_id": 128000,
-    "eos_token_id": [128001, 128008, 128009],
-}
-
-
 @pytest.fixture
 def llama3_8b_config() -> dict:
     """Meta-Llama-3.1-8B's config.json (no weights): for shape tests on 'meta' or dummy."""
-    return dict(LLAMA3_8B_CONFIG)
+    return load_preset("llama3-8b")

@@ -1,6 +1,6 @@
 """Offline engine throughput, with transformers `generate` as the baseline beside it.
 
-    python -m workers.bench --model DIR | --dummy-config config.json
+    python -m workers.bench --model DIR | --dummy-config config.json|llama3-8b
         [--dtype D] [--attention-backend torch|triton] [--num-prompts N]
         [--input-len I] [--output-len O] [--hf-baseline]
 
@@ -14,7 +14,7 @@ TPOT (ms per step) at batch 1 from (time of O tokens - time of 1 token) / (O - 1
 bandwidth that step achieves (weights read + the batch's KV, over TPOT) against a device copy
 measured in the same call (DESIGN.md: batch-1 decode is memory-bound).
 
-Llama-3-8B shapes with random weights: `--dummy-config tests/data/llama3_8b_config.json
+Llama-3-8B shapes with random weights: `--dummy-config llama3-8b
 --dtype bfloat16 --max-model-len 8192`. The engine uses CUDA graphs for decode on CUDA
 unless `--enforce-eager`.
 """
@@ -34,6 +34,7 @@ import torch
 from kernels.bandwidth import copy_bandwidth
 from workers.bench_report import BenchResult, format_table
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.model.presets import resolve_config_path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint folder")
-    source.add_argument("--dummy-config", help="config.json; weights are random (dummy)")
+    source.add_argument("--dummy-config", type=resolve_config_path,
+                        help="config.json or a preset name (llama3-8b): random weights")
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
     )
