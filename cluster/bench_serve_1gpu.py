@@ -3,8 +3,9 @@
     python -m cluster.bench_serve_1gpu                   # Llama-3-8B config, dummy bf16
     python -m cluster.bench_serve_1gpu --prompt-len 4096 --num-requests 8 --concurrency 1
 
-A prefill worker and a decode worker share the GPU (num_gpus=0.5 each); KV moves over the ZMQ
-path (two processes on one GPU have no NCCL link). Requests go straight to the Router actor and
+A prefill worker and a decode worker share the GPU (num_gpus=0.5 each); KV moves over CUDA IPC
+by default (`auto`: two processes on one GPU have no NCCL link; `--kv-transport zmq` for the
+host-staged path). Requests go straight to the Router actor and
 tokens come back on a ZMQ PULL socket, as the gateway gets them, so HTTP and tokenization are
 out of the numbers. Prints one table: per request TTFT, TPOT, transfer seconds and bytes and
 the transfer's share of TTFT, plus the pair's start-up probe bandwidth.
@@ -95,7 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-requests", type=int, default=8)
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--kv-cache-memory", type=int, default=8 << 30, help="bytes per worker")
-    p.add_argument("--kv-transport", default="zmq", choices=["zmq", "nccl", "gloo", "auto"])
+    p.add_argument("--kv-transport", default="auto",
+                   choices=["auto", "cuda_ipc", "zmq", "nccl", "gloo"],
+                   help="auto: cuda_ipc on a GPU (both workers share it)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--attention-backend", default="triton", choices=["triton", "torch"])
     return p.parse_args(argv)

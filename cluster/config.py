@@ -12,7 +12,7 @@ from typing import Literal
 from router.router_state import RouterConfig
 from workers.config import EngineConfig
 
-KvTransport = Literal["auto", "nccl", "gloo", "zmq", "inprocess"]
+KvTransport = Literal["auto", "nccl", "gloo", "zmq", "cuda_ipc", "inprocess"]
 
 
 @dataclass(frozen=True)

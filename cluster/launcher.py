@@ -94,10 +94,11 @@ def worker_spec(config: ClusterConfig, worker_id: str) -> WorkerSpec:
 
 
 def kv_transport(config: ClusterConfig) -> str:
-    """`auto` picks ZMQ when workers share GPUs (NCCL refuses two ranks on one device), else
+    """`auto` picks CUDA IPC when workers share GPUs (NCCL refuses two ranks on one device; a
+    pair that turns out to be on another host or GPU falls back to ZMQ by itself), else
     torch.distributed (NCCL between GPUs, gloo on CPU)."""
     if config.kv_transport == "auto" and config.gpu_share and _use_cuda(config):
-        return "zmq"
+        return "cuda_ipc"
     return config.kv_transport
 
 

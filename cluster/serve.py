@@ -36,7 +36,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto')")
-    p.add_argument("--kv-transport", default="auto", choices=["auto", "nccl", "gloo", "zmq"])
+    p.add_argument("--kv-transport", default="auto",
+                   choices=["auto", "nccl", "gloo", "zmq", "cuda_ipc"])
     p.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes per worker")

@@ -13,8 +13,10 @@ from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout
 
 # `--kv-transport` names -> the transfer layer's transports: NCCL and gloo are both the
-# torch.distributed path (the device of the caches picks which); zmq is raw TCP frames.
-_TRANSPORTS = {"auto": "torch", "nccl": "torch", "gloo": "torch", "torch": "torch", "zmq": "zmq"}
+# torch.distributed path (the device of the caches picks which); zmq is raw TCP frames;
+# cuda_ipc is device-to-device copies between two processes on one GPU (zmq where it cannot).
+_TRANSPORTS = {"auto": "torch", "nccl": "torch", "gloo": "torch", "torch": "torch", "zmq": "zmq",
+               "cuda_ipc": "cuda_ipc"}
 
 
 def transfer_config(kv_transport: str, host: str) -> TransferConfig:

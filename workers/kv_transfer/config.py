@@ -8,9 +8,11 @@ from typing import Literal
 
 @dataclass(frozen=True)
 class TransferConfig:
-    transport: Literal["torch", "zmq"] = "torch"
+    transport: Literal["torch", "zmq", "cuda_ipc"] = "torch"
     """torch: NCCL between GPUs (gloo on CPU), one communicator per pair. zmq: raw frames over
-    TCP, for pairs without an NCCL link (e.g. two processes on one GPU)."""
+    TCP, for pairs without an NCCL link. cuda_ipc: two processes on one GPU; the sender copies
+    straight into the receiver's caches through CUDA IPC handles. A cuda_ipc sender whose
+    receiver is on another host or GPU (or off CUDA) falls back to zmq for that pair."""
     host: str = "127.0.0.1"
     """Receiver: the interface its control socket and per-pair TCPStores bind to."""
     port: int = 0

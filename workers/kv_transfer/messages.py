@@ -20,7 +20,10 @@ class Hello:
     layout: dict[str, Any]
     """Sender's KVLayout.to_dict()."""
     transport: str
-    """'torch' (NCCL/gloo) or 'zmq'."""
+    """'torch' (NCCL/gloo), 'zmq' or 'cuda_ipc'."""
+    ipc: dict[str, Any] = field(default_factory=dict)
+    """cuda_ipc: where the sender's caches are ({'device', 'host_id', 'gpu_uuid'}); the
+    receiver refuses naming the field unless they are on its host and GPU."""
 
 
 @register
@@ -34,13 +37,17 @@ class HelloReply:
     store_port: int = 0
     """torch transport: the receiver's TCPStore for this pair's communicator."""
     generation: int = 0
+    ipc: dict[str, Any] = field(default_factory=dict)
+    """cuda_ipc: the receiver's place plus CUDA IPC handles of its caches ('caches': per layer
+    [K, V]) and of its probe buffer ('probe'), field by field (workers/kv_transfer/cuda_ipc.py)."""
 
 
 @register
 @dataclass
 class Reply:
-    """Receiver -> sender about one transfer: kind 'ready' (torch path: recv posted, send now)
-    or 'ack' (data landed, or refused with a reason)."""
+    """Receiver -> sender about one transfer: kind 'ready' (torch path: recv posted, send now;
+    cuda_ipc: reservation held, copy now) or 'ack' (data landed, or refused with a reason).
+    cuda_ipc also uses it sender -> receiver: kind 'written' (the copy finished, or failed)."""
 
     request_id: str
     kind: str

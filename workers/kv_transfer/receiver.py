@@ -20,6 +20,8 @@ import zmq
 from workers.errors import HandshakeMismatch
 from workers.kv_transfer.base import KVReceiver, OnDone, OnFailed, TransferHeader, TransferState
 from workers.kv_transfer.config import TransferConfig
+from workers.kv_transfer.cuda_ipc import PATH as IPC_PATH
+from workers.kv_transfer.cuda_ipc import IpcExport
 from workers.kv_transfer.layout import KVLayout, TransferPlan, check_compatible, plan_transfer
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
 from workers.kv_transfer.packing import CopyStream, KVCaches, chunk_views, unpack
@@ -62,6 +64,7 @@ class Receiver(KVReceiver):
         self._pusher.connect(self._outbox_addr)
         self._pusher_lock = threading.Lock()
         self._peers: dict[bytes, ReceiverPair] = {}
+        self._ipc = IpcExport(kv_caches, self.device, config.probe_bytes)
         self._generations = itertools.count(1)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kv-recv", daemon=True)
@@ -99,6 +102,8 @@ class Receiver(KVReceiver):
             self._hello(identity, msg)
         elif isinstance(msg, TransferHeader):
             self._header(identity, msg, data[0] if data else None)
+        elif isinstance(msg, Reply) and msg.kind == "written":
+            self._ipc.deliver(identity, msg)
         elif isinstance(msg, PairReport) and identity in self._peers:
             peer = self._peers[identity]
             peer.path, peer.gbps = msg.path, msg.gbps
@@ -106,8 +111,11 @@ class Receiver(KVReceiver):
                      msg.path, msg.gbps)
 
     def _hello(self, identity: bytes, hello: Hello) -> None:
+        ipc = {}
         try:
             check_compatible(self.layout, KVLayout.from_dict(hello.layout))
+            if hello.transport == IPC_PATH:
+                ipc = self._ipc.accept(hello.ipc)  # refuses another host/GPU by name
         except HandshakeMismatch as err:
             log.warning("kv receiver %s refused sender %s: %s", self.address, hello.sender_id,
                         err)
@@ -125,8 +133,9 @@ class Receiver(KVReceiver):
             store_port = store.port
             peer.executor.submit(self._build_group, peer, store)
         else:
-            peer.path = "zmq"
-        self._reply(identity, HelloReply(self.layout.to_dict(), [], store_port, peer.generation))
+            peer.path = IPC_PATH if ipc else "zmq"
+        self._reply(identity, HelloReply(self.layout.to_dict(), [], store_port, peer.generation,
+                                         ipc))
 
     def _build_group(self, peer: ReceiverPair, store) -> None:
         if self.device.type == "cuda":
@@ -158,8 +167,8 @@ class Receiver(KVReceiver):
             self._reply(identity, Reply(rid, "ack", False, reason))
             return
         self.table.start(rid)
-        peer.executor.submit(self._guarded, peer, rid, self._receive, peer, record, header,
-                             plan, frame)
+        job = self._receive_ipc if peer.path == IPC_PATH else self._receive
+        peer.executor.submit(self._guarded, peer, rid, job, peer, record, header, plan, frame)
 
     def _refusal(self, record: TransferRecord | None, header: TransferHeader,
                  plan: TransferPlan | None) -> str:
@@ -215,6 +224,33 @@ class Receiver(KVReceiver):
         self._reply(peer.identity, Reply(header.request_id, "ack", False,
                                          f"transfer {record.state.value}"))
 
+    def _receive_ipc(self, peer: ReceiverPair, record: TransferRecord, header: TransferHeader,
+                     plan: TransferPlan, frame) -> None:
+        """cuda_ipc: the sender copies into the blocks itself. This end holds the reservation's
+        lock from 'ready' until the sender's 'written' (or the deadline), so an abort waits for
+        the copy instead of freeing blocks that are being written."""
+        rid, start = header.request_id, time.perf_counter()
+        with record.busy:
+            if record.state.terminal:
+                self._reply(peer.identity, Reply(rid, "ack", False,
+                                                 f"transfer {record.state.value}"))
+                return
+            self._reply(peer.identity, Reply(rid, "ready"))
+            written = self._ipc.await_written(peer.identity, rid, record.deadline)
+            if written is not None and written.ok and not record.state.terminal:
+                self.table.add_part(rid, plan, plan.num_cells, header.num_bytes,
+                                    time.perf_counter() - start, header.extra)
+                self._reply(peer.identity, Reply(rid, "ack"))
+                return
+            if written is None:
+                reason = "no 'written' from the sender before the deadline"
+            else:
+                reason = f"sender's copy failed: {written.reason}" if not written.ok else \
+                    f"transfer {record.state.value}"
+            # The deadline's own FAILED (TransferTimeout) wins if it already fired.
+            self.table.finish(rid, TransferState.FAILED, reason)
+        self._reply(peer.identity, Reply(rid, "ack", False, reason))
+
     def _probe(self, peer: ReceiverPair, header: TransferHeader, frame) -> None:
         if frame is None:
             _, works = self._post_recvs(peer, header, [(0, header.num_bytes)])
@@ -262,6 +298,7 @@ class Receiver(KVReceiver):
 
     def _forget(self, identity: bytes) -> None:
         peer = self._peers.pop(identity, None)
+        self._ipc.forget(identity)
         if peer is not None:
             peer.executor.shutdown(wait=False)
 

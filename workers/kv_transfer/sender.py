@@ -19,6 +19,8 @@ import zmq
 from workers.errors import HandshakeMismatch, TransferFailed, TransferTimeout
 from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferHeader, TransferState
 from workers.kv_transfer.config import TransferConfig
+from workers.kv_transfer.cuda_ipc import FALLBACK_FIELDS, IpcPeer, place
+from workers.kv_transfer.cuda_ipc import PATH as IPC_PATH
 from workers.kv_transfer.layout import KVLayout, check_compatible, plan_transfer
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
 from workers.kv_transfer.packing import (
@@ -53,6 +55,10 @@ class Sender(KVSender):
         self.table = TransferTable(on_done, on_failed)
         self._ctx = zmq.Context.instance()
         self._pairs: dict[str, SenderPair] = {}
+        self._ipc: dict[str, IpcPeer] = {}
+        """cuda_ipc: the receiver's caches opened per destination (dropped on teardown)."""
+        self._fallback: set[str] = set()
+        """cuda_ipc: destinations that refused it (another host/GPU): zmq for them."""
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="kv-send-watchdog",
@@ -113,11 +119,12 @@ class Sender(KVSender):
         plan = plan_transfer(self.layout, pair.remote)
         if plan is None:
             raise TransferFailed(record.request_id, "sender and receiver share no layer/head")
+        ipc = self._ipc.get(pair.dest)
         with record.busy:
             if record.state.terminal:
                 return
-            buf = self._pack(pair, plan, record.block_ids, ready)
-        header.num_bytes = buf.numel()
+            buf = None if ipc else self._pack(pair, plan, record.block_ids, ready)
+        header.num_bytes = plan.num_bytes(self.layout, header.num_blocks) if ipc else buf.numel()
         if pair.group is not None:
             header.chunks = split_layers(plan, self.layout, header.num_blocks,
                                          self.config.chunk_bytes)
@@ -126,7 +133,10 @@ class Sender(KVSender):
         for attempt in range(2):
             header.generation = pair.generation
             start = time.perf_counter()
-            reply = self._push(pair, header, buf, ranges, record.deadline)
+            if ipc is not None:
+                reply = self._push_ipc(pair, ipc, plan, record, header, ready)
+            else:
+                reply = self._push(pair, header, buf, ranges, record.deadline)
             if reply.ok:
                 record.num_bytes, record.seconds = header.num_bytes, time.perf_counter() - start
                 self.table.finish(record.request_id, TransferState.DONE)
@@ -136,13 +146,14 @@ class Sender(KVSender):
             # The receiver evicted or restarted this pair: shake hands again and retry once.
             self._teardown(pair)
             self._ensure_started(pair)
+            ipc = self._ipc.get(pair.dest)
 
     def _pack(self, pair: SenderPair, plan, block_ids: list[int], ready) -> torch.Tensor:
         pair.stream.wait_event(ready)
         buf = as_bytes(pack(self.kv_caches, self.layout, plan, block_ids))
         # Until the copy is done the source blocks are still being read.
         pair.stream.synchronize()
-        if self.device.type == "cuda" and self.config.transport == "zmq":
+        if self.device.type == "cuda" and pair.group is None:
             buf = pair.stage(buf)
         return buf
 
@@ -162,6 +173,29 @@ class Sender(KVSender):
             pair.group.wait(work, deadline - time.monotonic())
         return self._await(pair, header.request_id, deadline)
 
+    def _push_ipc(self, pair: SenderPair, ipc: IpcPeer, plan, record: TransferRecord,
+                  header: TransferHeader, ready) -> Reply:
+        """cuda_ipc: header; the receiver's 'ready' (it now holds the reservation); the copy
+        straight into its blocks; 'written'; returns its final ack (or refusal)."""
+        pair.sock.send(encode(header))
+        reply = self._await(pair, header.request_id, record.deadline)
+        if not reply.ok or reply.kind != "ready":
+            return reply
+        ok, reason = True, ""
+        with record.busy:
+            if record.state.terminal:
+                ok, reason = False, f"transfer {record.state.value}"
+            else:
+                try:
+                    pair.stream.wait_event(ready)
+                    ipc.copy(self.kv_caches, self.layout, plan, record.block_ids,
+                             header.dest_block_ids[:header.num_blocks])
+                    pair.stream.synchronize()  # in place before the receiver marks DONE
+                except RuntimeError as err:
+                    ok, reason = False, f"{type(err).__name__}: {err}"
+        pair.sock.send(encode(Reply(header.request_id, "written", ok, reason)))
+        return self._await(pair, header.request_id, record.deadline)
+
     def _await(self, pair: SenderPair, request_id: str, deadline: float) -> Reply:
         return _expect(pair.sock, Reply, deadline, pair.dest, self._closed, request_id)
 
@@ -173,12 +207,15 @@ class Sender(KVSender):
         pair.sock = self._ctx.socket(zmq.DEALER)
         pair.sock.setsockopt(zmq.LINGER, 0)
         pair.sock.connect(pair.dest)
-        pair.sock.send(encode(Hello(self.sender_id, self.layout.to_dict(),
-                                    self.config.transport)))
+        transport = "zmq" if pair.dest in self._fallback else self.config.transport
+        here = place(self.device) if transport == IPC_PATH else {}
+        pair.sock.send(encode(Hello(self.sender_id, self.layout.to_dict(), transport, here)))
         reply = _expect(pair.sock, HelloReply, deadline, pair.dest, self._closed)
         if reply.mismatch:
             field, theirs, mine = reply.mismatch
             self._teardown(pair)
+            if transport == IPC_PATH and field in FALLBACK_FIELDS:
+                return self._fall_back(pair, HandshakeMismatch(field, mine, theirs))
             raise HandshakeMismatch(field, mine, theirs)
         remote = KVLayout.from_dict(reply.layout)
         try:
@@ -187,16 +224,33 @@ class Sender(KVSender):
             self._teardown(pair)
             raise
         pair.remote, pair.generation = remote, reply.generation
+        if transport == IPC_PATH:
+            try:
+                self._ipc[pair.dest] = IpcPeer(reply.ipc, self.device, remote)
+            except (RuntimeError, ValueError, KeyError, HandshakeMismatch) as err:
+                self._teardown(pair)
+                return self._fall_back(pair, err)
         if self.config.transport == "torch":
             host = pair.dest.split("://", 1)[1].rsplit(":", 1)[0]
             pair.group = PairGroup(None, host, reply.store_port, SENDER_RANK, reply.generation,
                                    self.device, deadline - time.monotonic())
         pair.path = pair.group.backend if pair.group else "zmq"
-        pair.gbps = self._probe(pair, deadline)
+        if pair.dest in self._ipc:
+            pair.path = IPC_PATH
+            pair.gbps = self._ipc[pair.dest].probe(self.config.probe_rounds)
+        else:
+            pair.gbps = self._probe(pair, deadline)
         pair.sock.send(encode(PairReport(pair.path, pair.gbps or 0.0)))
         log.info("kv pair %s -> %s: path %s, %.2f GB/s", self.sender_id[:8], pair.dest,
                  pair.path, pair.gbps or 0.0)
         return pair
+
+    def _fall_back(self, pair: SenderPair, why: Exception) -> SenderPair | None:
+        """cuda_ipc refused or failed for this destination: use zmq for it from now on."""
+        log.warning("kv pair %s -> %s: cuda_ipc unavailable (%s); falling back to zmq",
+                    self.sender_id[:8], pair.dest, why)
+        self._fallback.add(pair.dest)
+        return self._ensure_started(pair)
 
     def _probe(self, pair: SenderPair, deadline: float) -> float | None:
         size = self.config.probe_bytes
@@ -223,6 +277,7 @@ class Sender(KVSender):
         if pair.sock is not None:
             pair.sock.close(linger=0)
         pair.group = pair.sock = pair.remote = None
+        self._ipc.pop(pair.dest, None)
         pair.staging = None  # a dropped message may still reference it
 
     def _watch(self) -> None:
