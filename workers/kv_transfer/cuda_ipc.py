@@ -123,7 +123,8 @@ class IpcExport:
         check_place(self.place, sender_place)
         if self._export is None:
             try:
-                self._export = self._build()
+                with torch.cuda.device(self.device):  # the control thread's device may differ
+                    self._export = self._build()
             except (RuntimeError, ValueError) as err:  # refused by name so the sender falls back
                 raise HandshakeMismatch("cuda_ipc_export", repr(err), "") from err
         return self._export
