@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from workers.kv_transfer import KVLayout, Receiver, Sender, TransferConfig, TransferState
 from workers.kv_transfer.layout import plan_transfer
-from workers.kv_transfer.packing import pack, unpack
+from workers.kv_transfer.packing import copy_path, pack, unpack
 from workers.kv_transfer.pair_group import RECEIVER_RANK, SENDER_RANK, PairGroup, host_store
 
 
@@ -203,8 +203,10 @@ def _timed(fn, device: torch.device, iters: int, warmup: int) -> float:
 
 
 def bench_local(cfg: BenchConfig, device: torch.device) -> dict[int, dict[str, float]]:
-    """pack / unpack / plain-copy GB/s of each request size on one device."""
+    """pack / unpack / plain-copy GB/s of each request size on one device; prints the path
+    pack and unpack take there."""
     caches = _caches(cfg, device, seed=5)
+    print(f"pack/unpack path on {device}: {copy_path(caches)}")
     return {tokens: _bench_size(cfg, caches, tokens, device) for tokens in cfg.tokens}
 
 

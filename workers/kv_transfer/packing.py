@@ -1,8 +1,9 @@
 """Gather a sequence's KV blocks into one contiguous buffer, and scatter it back. Bit-exact.
 
 The buffer is `[plan layers, 2 (K, V), num_blocks, block_size, plan kv heads, head_dim]`, the
-layout of kernels/kv_pack.py, so one transfer is one large message. On CUDA the Triton kernels
-do the copy; elsewhere torch `index_select` / `index_copy_` (one place decides).
+layout of kernels/kv_pack.py, so one transfer is one large message. On CUDA one Triton launch
+moves every layer's K and V (kernels/kv_pack.py); elsewhere torch `index_select` /
+`index_copy_` per layer (one place decides: `copy_path`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def pack(kv_caches: KVCaches, layout: KVLayout, plan: TransferPlan,
     caches = _planned_caches(kv_caches, layout, plan)
     heads = plan.local_heads(layout)
     device = caches[0][0].device
-    ids = torch.as_tensor(list(block_ids), dtype=torch.int64, device=device)
+    ids = _device_ids(block_ids, device)
     shape = packed_shape(layout, plan, len(block_ids))
     if out is None:
         out = torch.empty(shape, dtype=caches[0][0].dtype, device=device)
@@ -56,7 +57,7 @@ def unpack(buf: torch.Tensor, kv_caches: KVCaches, layout: KVLayout, plan: Trans
     buf = buf.reshape(-1).view(cache0.dtype).view(shape)
     if buf.device != cache0.device:
         buf = buf.to(cache0.device, non_blocking=True)
-    ids = torch.as_tensor(list(block_ids), dtype=torch.int64, device=cache0.device)
+    ids = _device_ids(block_ids, cache0.device)
     if _use_kernels(cache0):
         from kernels.kv_pack import unpack_kv_blocks
 
@@ -157,5 +158,21 @@ def _heads_view(cache: torch.Tensor, heads: slice) -> torch.Tensor:
     return cache if heads == slice(0, cache.shape[2]) else cache[:, :, heads]
 
 
+def copy_path(kv_caches: KVCaches) -> str:
+    """Which code path `pack` / `unpack` take for these caches, in words (benchmarks print
+    it, so a slow run says why)."""
+    cache = kv_caches[0][0]
+    if _use_kernels(cache):
+        return "triton kv_pack: one launch for all layers and K/V"
+    return f"torch index_select/index_copy_ per layer and K/V ({cache.device.type})"
+
+
 def _use_kernels(cache: torch.Tensor) -> bool:
     return cache.is_cuda and cache.is_contiguous()
+
+
+def _device_ids(block_ids: Sequence[int], device: torch.device) -> torch.Tensor:
+    # On CUDA, copy from pinned memory without blocking: a pageable copy would wait for
+    # every copy already queued on this stream (a host sync per transfer).
+    ids = torch.tensor(list(block_ids), dtype=torch.int64, pin_memory=device.type == "cuda")
+    return ids.to(device, non_blocking=True)
