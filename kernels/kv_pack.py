@@ -32,9 +32,10 @@ _TILE_BYTES = 16384
 _NUM_WARPS = 4
 # Pointer tables of recently used cache sets, keyed by each cache's (data pointer, shape): a
 # table's content is a function of its key, so a reused address never makes it stale, and a
-# cache of another shape at a known address is a new key, checked again.
+# cache of another shape at a known address is a new key, checked again. A receiver meets one
+# layer range per chunk size, so keep a few dozen.
 _TABLES: OrderedDict[tuple, tuple[torch.Tensor, int]] = OrderedDict()
-_MAX_TABLES = 16
+_MAX_TABLES = 64
 
 
 @triton.jit
@@ -91,7 +92,12 @@ def _pointer_table(caches: Sequence[KVCache]) -> tuple[torch.Tensor, int]:
         if len(_TABLES) > _MAX_TABLES:
             _TABLES.popitem(last=False)
     _TABLES.move_to_end(key)
-    return _TABLES[key]
+    table, align = _TABLES[key]
+    if table.is_cuda:
+        # This launch may run on another stream than the table was made on: once evicted,
+        # its memory must not be reused before this launch is done reading it.
+        table.record_stream(torch.cuda.current_stream(table.device))
+    return table, align
 
 
 def _check(caches: Sequence[KVCache], block_ids: torch.Tensor, heads: tuple[int, int], buf):

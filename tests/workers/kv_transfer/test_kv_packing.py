@@ -11,6 +11,7 @@ from workers.kv_transfer import plan_transfer, slice_for_rank
 from workers.kv_transfer.packing import (
     as_bytes,
     chunk_views,
+    copy_path,
     pack,
     packed_shape,
     split_layers,
@@ -94,3 +95,13 @@ def test_chunks_are_whole_layers_of_about_chunk_bytes_and_unpack_alone(layout, m
                                                                           sv[[5, 0, 3]])
     with pytest.raises(ValueError, match="cover 4 of 5"):
         chunk_views(plan, layout, 3, [2, 2])
+
+
+def test_cpu_caches_take_the_torch_path_and_block_ids_may_be_any_int_sequence(layout,
+                                                                               make_caches):
+    src = make_caches(layout, 6, seed=9)
+    assert copy_path(src).startswith("torch index_select")
+    plan = plan_transfer(layout, layout)
+    from_list = pack(src, layout, plan, [4, 1])
+    assert torch.equal(pack(src, layout, plan, (4, 1)), from_list)
+    assert torch.equal(pack(src, layout, plan, range(4, 0, -3)), from_list)
