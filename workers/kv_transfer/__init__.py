@@ -1,6 +1,7 @@
 """KV transfer between prefill and decode workers (push variant; see base.py for the contract).
 
-Backends: `Sender` / `Receiver` (torch.distributed NCCL/gloo or ZMQ frames, per
+Backends: `Sender` / `Receiver` (torch.distributed NCCL/gloo, ZMQ frames, or CUDA IPC
+device-to-device copies between two processes on one GPU (cuda_ipc.py), per
 `TransferConfig.transport`) and `InProcessSender` / `InProcessReceiver` for engine tests.
 """
 

@@ -105,7 +105,8 @@ class _TransferEnd(ABC):
 
     @abstractmethod
     def path(self, peer: str) -> str | None:
-        """'nccl', 'gloo', 'zmq' or 'inprocess' for a started pair; None before first contact."""
+        """'nccl', 'gloo', 'zmq', 'cuda_ipc' or 'inprocess' for a started pair; None before
+        first contact."""
 
     @abstractmethod
     def bandwidth(self, peer: str) -> float | None:
