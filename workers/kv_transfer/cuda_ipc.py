@@ -2,7 +2,7 @@
 share it), as vLLM/NIXL and SGLang do.
 
 The receiver exports CUDA IPC handles of its KV cache tensors (and of a small probe buffer)
-once, in its HelloReply; the sender opens them once per pair and, per transfer, copies its
+in its HelloReply, once per pair; the sender opens them once per pair and, per transfer, copies its
 blocks device-to-device straight into the reserved destination blocks (one gather + one scatter
 per layer per K/V, no packing, no host hop). The ZMQ control socket still carries the header,
 a 'ready' from the receiver (which then holds the reservation's lock so an abort cannot free
@@ -105,8 +105,8 @@ def open_tensor(fields: dict[str, Any], device: torch.device) -> torch.Tensor:
 
 
 class IpcExport:
-    """Receiver side: the exported handles (built once, on first cuda_ipc hello) and one inbox
-    per sender identity for its 'written' messages."""
+    """Receiver side: exports handles of its caches to each cuda_ipc sender that shakes hands,
+    and keeps one inbox per sender identity for its 'written' messages."""
 
     def __init__(self, kv_caches, device: torch.device, probe_bytes: int):
         self.kv_caches = kv_caches
@@ -114,27 +114,29 @@ class IpcExport:
         self.probe_bytes = probe_bytes
         self.place = place(device) if device.type == "cuda" else {
             "device": device.type, "host_id": host_id(), "gpu_uuid": ""}
-        self._export: dict[str, Any] | None = None
         self._probe: torch.Tensor | None = None  # kept alive: the sender writes into it
         self._inboxes: dict[bytes, queue.Queue] = {}
 
     def accept(self, sender_place: dict[str, Any]) -> dict[str, Any]:
-        """The HelloReply.ipc of a sender at `sender_place`; raises HandshakeMismatch."""
+        """The HelloReply.ipc of a sender at `sender_place`; raises HandshakeMismatch.
+
+        Exported afresh for every handshake, as torch does for every put of a tensor on a
+        queue: each export carries its own ref counter, which its one importer releases."""
         check_place(self.place, sender_place)
-        if self._export is None:
-            try:
-                with torch.cuda.device(self.device):  # the control thread's device may differ
-                    self._export = self._build()
-            except (RuntimeError, ValueError) as err:  # refused by name so the sender falls back
-                raise HandshakeMismatch("cuda_ipc_export", repr(err), "") from err
-        return self._export
+        try:
+            return self._build()
+        except (RuntimeError, ValueError) as err:  # refused by name so the sender falls back
+            raise HandshakeMismatch("cuda_ipc_export", repr(err), "") from err
 
     def _build(self) -> dict[str, Any]:
-        caches = [[export_tensor(k), export_tensor(v)] for k, v in self.kv_caches]
-        probe = None
-        if self.probe_bytes > 0:
-            self._probe = torch.empty(self.probe_bytes, dtype=torch.uint8, device=self.device)
-            probe = export_tensor(self._probe)
+        with torch.cuda.device(self.device):  # the control thread's device may differ
+            caches = [[export_tensor(k), export_tensor(v)] for k, v in self.kv_caches]
+            probe = None
+            if self.probe_bytes > 0:
+                if self._probe is None:
+                    self._probe = torch.empty(self.probe_bytes, dtype=torch.uint8,
+                                              device=self.device)
+                probe = export_tensor(self._probe)
         return {**self.place, "caches": caches, "probe": probe}
 
     def deliver(self, identity: bytes, msg: Reply) -> None:

@@ -191,7 +191,7 @@ class Sender(KVSender):
                     ipc.copy(self.kv_caches, self.layout, plan, record.block_ids,
                              header.dest_block_ids[:header.num_blocks])
                     pair.stream.synchronize()  # in place before the receiver marks DONE
-                except RuntimeError as err:
+                except Exception as err:  # noqa: BLE001 - any copy error: FAILED on both ends
                     ok, reason = False, f"{type(err).__name__}: {err}"
         pair.sock.send(encode(Reply(header.request_id, "written", ok, reason)))
         return self._await(pair, header.request_id, record.deadline)

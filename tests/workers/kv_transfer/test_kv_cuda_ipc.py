@@ -28,7 +28,10 @@ from workers.kv_transfer import (
     plan_transfer,
     slice_for_rank,
 )
+from workers.kv_transfer import sender as sender_module
 from workers.kv_transfer.cuda_ipc import (
+    IpcExport,
+    IpcPeer,
     check_place,
     copy_blocks,
     decode_handle,
@@ -123,6 +126,64 @@ def test_cuda_ipc_sender_falls_back_to_zmq_off_cuda(layout, make_caches):
     finally:
         sender.close()
         receiver.close()
+
+
+class _SharedMemoryPeer(IpcPeer):
+    """The sender's view of the receiver's caches, shared in-process instead of through CUDA
+    IPC handles (which need a GPU and two processes: the GPU test below opens real ones), so
+    the cuda_ipc handshake, ready/written/ack protocol and failure paths run on CPU."""
+
+    target: list = []
+
+    def __init__(self, info, device, layout):
+        self.device, self.layout, self.caches, self.probe_buf = device, layout, self.target, None
+
+
+@pytest.fixture
+def cpu_ipc(monkeypatch, layout, make_caches):
+    """(sender, receiver, src, dst) on the cuda_ipc path with in-process memory."""
+    monkeypatch.setattr(sender_module, "place", lambda device: dict(HERE))
+    monkeypatch.setattr(sender_module, "IpcPeer", _SharedMemoryPeer)
+    monkeypatch.setattr(IpcExport, "_build", lambda self: {**HERE, "caches": [], "probe": None})
+    config = TransferConfig("cuda_ipc", probe_bytes=1 << 12, timeout_s=10)
+    src, dst = make_caches(layout, 8, seed=1), make_caches(layout, 8, seed=2)
+    monkeypatch.setattr(_SharedMemoryPeer, "target", dst)
+    receiver = Receiver(layout, dst, config)
+    receiver._ipc.place = dict(HERE)
+    sender = Sender(layout, src, config)
+    yield sender, receiver, src, dst
+    sender.close()
+    receiver.close()
+
+
+def test_cuda_ipc_protocol_lands_blocks_and_fails_loudly(cpu_ipc):
+    sender, receiver, src, dst = cpu_ipc
+    before = [(k.clone(), v.clone()) for k, v in dst]
+    receiver.expect("r", [6, 1, 4])
+    sender.send("r", receiver.address, [3, 0], [6, 1, 4], {"first_token_id": 5}, num_tokens=7)
+    assert sender.wait("r", 10) is TransferState.DONE, sender.table.get("r").reason
+    assert receiver.wait("r", 5) is TransferState.DONE
+    assert receiver.table.get("r").extra == {"first_token_id": 5}
+    assert sender.path(receiver.address) == "cuda_ipc"
+    for (sk, _), (dk, _), (bk, _) in zip(src, dst, before, strict=True):
+        assert torch.equal(_bits(dk[[6, 1]]), _bits(sk[[3, 0]]))
+        assert torch.equal(_bits(dk[[4, 7]]), _bits(bk[[4, 7]]))
+    # Aborted before the data came: the sender is refused and copies nothing.
+    receiver.expect("ab", [2, 5])
+    receiver.abort("ab")
+    sender.send("ab", receiver.address, [1, 2], [2, 5])
+    assert sender.wait("ab", 10) is TransferState.FAILED
+    assert "no reservation" in sender.table.get("ab").reason
+    for (dk, dv), (bk, bv) in zip(dst, before, strict=True):
+        assert torch.equal(_bits(dk[[2, 5]]), _bits(bk[[2, 5]]))
+        assert torch.equal(_bits(dv[[2, 5]]), _bits(bv[[2, 5]]))
+    # The sender's copy fails (a bad source block): FAILED on both ends with the reason.
+    receiver.expect("bad", [3])
+    sender.send("bad", receiver.address, [99], [3])
+    assert sender.wait("bad", 10) is TransferState.FAILED
+    assert receiver.wait("bad", 10) is TransferState.FAILED
+    assert "copy failed" in receiver.table.get("bad").reason
+    assert "IndexError" in sender.table.get("bad").reason
 
 
 def test_copy_blocks_whole_and_per_tp_slice(layout, make_caches):
