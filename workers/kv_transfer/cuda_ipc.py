@@ -53,7 +53,11 @@ def place(device: torch.device) -> dict[str, str]:
     """Where a pair end's caches live: {'device', 'host_id', 'gpu_uuid'} ('' uuid off CUDA)."""
     uuid = ""
     if device.type == "cuda":
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        props = torch.cuda.get_device_properties(device)
+        uuid = str(getattr(props, "uuid", "") or "")
+        if not uuid:  # an older torch: the PCI address names the GPU on this host as well
+            uuid = "pci:" + ":".join(str(getattr(props, f"pci_{part}_id", "?"))
+                                     for part in ("domain", "bus", "device"))
     return {"device": device.type, "host_id": host_id(), "gpu_uuid": uuid}
 
 

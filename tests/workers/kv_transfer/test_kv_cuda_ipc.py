@@ -228,12 +228,12 @@ def test_auto_picks_cuda_ipc_when_workers_share_a_gpu():
 # ---- two processes, one GPU -------------------------------------------------------------
 
 
-def _serve_gpu_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks: int,
-                        seed: int) -> None:
-    """Child main: a Receiver over CUDA caches; answers ('expect', rid, ids, timeout),
+def _serve_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks: int,
+                    seed: int, device: str) -> None:
+    """Child main: a Receiver over caches on `device`; answers ('expect', rid, ids, timeout),
     ('abort', rid), ('wait', rid, timeout), ('blocks', ids) and ('close',)."""
     layout = KVLayout.from_dict(layout_fields)
-    caches = random_caches(layout, num_blocks, seed, device="cuda")
+    caches = random_caches(layout, num_blocks, seed, device=device)
     receiver = Receiver(layout, caches, config)
     conn.send(receiver.address)
     while True:
@@ -254,14 +254,16 @@ def _serve_gpu_receiver(conn, layout_fields: dict, config: TransferConfig, num_b
             return
 
 
-class GpuPeer:
+class PeerProcess:
     """The receiver's process; every call times out instead of hanging."""
 
-    def __init__(self, layout: KVLayout, config: TransferConfig, num_blocks: int, seed: int):
+    def __init__(self, layout: KVLayout, config: TransferConfig, num_blocks: int, seed: int,
+                 device: str = "cuda"):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve_gpu_receiver, daemon=True,
-                                   args=(child, layout.to_dict(), config, num_blocks, seed))
+        self.process = ctx.Process(target=_serve_receiver, daemon=True,
+                                   args=(child, layout.to_dict(), config, num_blocks, seed,
+                                         device))
         self.process.start()
         assert self.conn.poll(60), "receiver process did not start"
         self.address = self.conn.recv()
@@ -288,12 +290,29 @@ def _assert_landed(landed, src, src_ids):
         assert torch.equal(_bits(dv), _bits(sv[src_ids]))
 
 
+def test_two_processes_off_cuda_fall_back_to_zmq(layout):
+    config = TransferConfig("cuda_ipc", probe_bytes=1 << 12, timeout_s=10)
+    peer = PeerProcess(layout, config, num_blocks=8, seed=2, device="cpu")
+    src = random_caches(layout, 8, seed=1)
+    sender = Sender(layout, src, config)
+    try:
+        peer.call("expect", "r", [4, 7], 10)
+        sender.send("r", peer.address, [6, 1], [4, 7])
+        assert sender.wait("r", 10) is TransferState.DONE, sender.table.get("r").reason
+        assert peer.call("wait", "r", 5)[0] == "done"
+        assert sender.path(peer.address) == "zmq"
+        _assert_landed(peer.call("blocks", [4, 7]), src, [6, 1])
+    finally:
+        sender.close()
+        peer.close()
+
+
 @pytest.mark.gpu
 @GPU
 def test_two_processes_one_gpu_bit_exact_abort_and_deadline():
     layout = KVLayout("ipc-test", "bfloat16", 16, num_layers=4, num_kv_heads=8, head_dim=64)
     config = TransferConfig("cuda_ipc", probe_bytes=4 << 20, timeout_s=20)
-    peer = GpuPeer(layout, config, num_blocks=64, seed=2)
+    peer = PeerProcess(layout, config, num_blocks=64, seed=2)
     original = random_caches(layout, 64, seed=2)  # the receiver's caches, as it made them
     senders = []
     try:
