@@ -146,6 +146,8 @@ class Sender(KVSender):
             # The receiver evicted or restarted this pair: shake hands again and retry once.
             self._teardown(pair)
             self._ensure_started(pair)
+            if (self._ipc.get(pair.dest) is None) != (ipc is None):
+                raise TransferFailed(record.request_id, "pair changed path (cuda_ipc/zmq)")
             ipc = self._ipc.get(pair.dest)
 
     def _pack(self, pair: SenderPair, plan, block_ids: list[int], ready) -> torch.Tensor:
