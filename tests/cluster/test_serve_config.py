@@ -71,9 +71,9 @@ def test_typed_errors_round_trip_through_pickle_with_their_numbers():
         assert vars(back) == vars(error)
 
 
-def test_auto_transport_is_zmq_when_workers_share_a_gpu():
+def test_auto_transport_is_cuda_ipc_when_workers_share_a_gpu():
     config = build_config(parse_args(["--model", "/m/x", "--device", "cuda", "--gpu-share"]))
-    assert kv_transport(config) == "zmq"
+    assert kv_transport(config) == "cuda_ipc"
     assert worker_options(config, "w")["num_gpus"] == 0.5
     alone = dataclasses.replace(config, gpu_share=False)
     assert kv_transport(alone) == "auto" and worker_options(alone, "w")["num_gpus"] == 1.0
