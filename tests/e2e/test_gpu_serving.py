@@ -1,4 +1,4 @@
-"""On CUDA: 1P+1D sharing one GPU over ZMQ, and 1P+1D on two GPUs over NCCL, over real HTTP;
+"""On CUDA: 1P+1D sharing one GPU over CUDA IPC and over ZMQ, and 1P+1D on two GPUs over NCCL, over real HTTP;
 greedy float32 output equals transformers'. Skipped without CUDA."""
 
 from __future__ import annotations
@@ -32,13 +32,17 @@ def gpu_config(tiny_model_dir) -> ClusterConfig:
     return ClusterConfig(engine=engine, model_name="tiny", router=RouterConfig(block_size=16))
 
 
-def test_1p1d_sharing_one_gpu_over_zmq_matches_transformers(gpu_config, workload):
-    config = dataclasses.replace(gpu_config, name="gpushare", gpu_share=True)
+@pytest.mark.parametrize(("transport", "path"), [("auto", "cuda_ipc"), ("zmq", "zmq")])
+def test_1p1d_sharing_one_gpu_matches_transformers(gpu_config, workload, transport, path):
+    """Two processes on one GPU: `auto` picks CUDA IPC (NCCL cannot pair them); ZMQ is the
+    fallback path. Both land the KV exactly."""
+    config = dataclasses.replace(gpu_config, name=f"gpushare-{path}", gpu_share=True,
+                                 kv_transport=transport)
     with served(config) as (url, cluster):
         run_workload(url, workload)
         wait_blocks_free(cluster)
         paths = cluster.call("prefill-0", "transfer_paths")
-        assert [p["path"] for p in paths.values()] == ["zmq"]
+        assert [p["path"] for p in paths.values()] == [path]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
