@@ -1,5 +1,5 @@
-"""On CUDA: 1P+1D sharing one GPU over CUDA IPC and over ZMQ, and 1P+1D on two GPUs over NCCL, over real HTTP;
-greedy float32 output equals transformers'. Skipped without CUDA."""
+"""On CUDA, over real HTTP: 1P+1D sharing one GPU over CUDA IPC and over ZMQ, and 1P+1D on
+two GPUs over NCCL; greedy float32 output equals transformers'. Skipped without CUDA."""
 
 from __future__ import annotations
 
