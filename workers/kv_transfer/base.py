@@ -132,6 +132,19 @@ class KVSender(_TransferEnd):
         """
 
 
+def blocks_to_send(block_size: int, num_tokens: int | None, src_block_ids: list[int],
+                   dest_block_ids: list[int]) -> int:
+    """How many leading blocks a `send` moves: ceil(num_tokens / block_size), all of the source
+    when num_tokens is None. Raises ValueError when either side has too few blocks."""
+    if num_tokens is None:
+        num_tokens = len(src_block_ids) * block_size
+    num_blocks = -(-num_tokens // block_size)
+    if not 0 < num_blocks <= min(len(src_block_ids), len(dest_block_ids)):
+        raise ValueError(f"{num_tokens} tokens need {num_blocks} blocks; "
+                         f"{len(src_block_ids)} source, {len(dest_block_ids)} destination")
+    return num_blocks
+
+
 class KVReceiver(_TransferEnd):
     """Decode side: owns an address senders push to, writes into reserved blocks."""
 

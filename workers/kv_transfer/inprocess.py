@@ -11,7 +11,14 @@ import threading
 import time
 
 from workers.errors import HandshakeMismatch
-from workers.kv_transfer.base import KVReceiver, KVSender, OnDone, OnFailed, TransferState
+from workers.kv_transfer.base import (
+    KVReceiver,
+    KVSender,
+    OnDone,
+    OnFailed,
+    TransferState,
+    blocks_to_send,
+)
 from workers.kv_transfer.layout import KVLayout, check_compatible, plan_transfer
 from workers.kv_transfer.packing import KVCaches, pack, unpack
 from workers.kv_transfer.transfer_table import TransferTable
@@ -97,9 +104,8 @@ class InProcessSender(KVSender):
     def send(self, request_id: str, dest: str, src_block_ids: list[int],
              dest_block_ids: list[int], extra: dict | None = None,
              num_tokens: int | None = None, timeout_s: float | None = None) -> None:
-        if num_tokens is None:
-            num_tokens = len(src_block_ids) * self.layout.block_size
-        num_blocks = -(-num_tokens // self.layout.block_size)
+        num_blocks = blocks_to_send(self.layout.block_size, num_tokens, src_block_ids,
+                                    dest_block_ids)
         self.table.add(request_id, timeout_s or self.timeout_s, peer=dest)
         self.table.start(request_id)
         receiver = self.hub.get(dest)

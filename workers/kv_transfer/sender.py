@@ -17,7 +17,14 @@ import torch
 import zmq
 
 from workers.errors import HandshakeMismatch, TransferFailed, TransferTimeout
-from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferHeader, TransferState
+from workers.kv_transfer.base import (
+    KVSender,
+    OnDone,
+    OnFailed,
+    TransferHeader,
+    TransferState,
+    blocks_to_send,
+)
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.cuda_ipc import FALLBACK_FIELDS, IpcPeer, place
 from workers.kv_transfer.cuda_ipc import PATH as IPC_PATH
@@ -68,12 +75,8 @@ class Sender(KVSender):
     def send(self, request_id: str, dest: str, src_block_ids: list[int],
              dest_block_ids: list[int], extra: dict | None = None,
              num_tokens: int | None = None, timeout_s: float | None = None) -> None:
-        if num_tokens is None:
-            num_tokens = len(src_block_ids) * self.layout.block_size
-        num_blocks = -(-num_tokens // self.layout.block_size)
-        if not 0 < num_blocks <= min(len(src_block_ids), len(dest_block_ids)):
-            raise ValueError(f"{num_tokens} tokens need {num_blocks} blocks; "
-                             f"{len(src_block_ids)} source, {len(dest_block_ids)} destination")
+        num_blocks = blocks_to_send(self.layout.block_size, num_tokens, src_block_ids,
+                                    dest_block_ids)
         record = self.table.add(request_id, timeout_s or self.config.timeout_s, peer=dest,
                                 block_ids=src_block_ids[:num_blocks], extra=extra)
         # The engine's last prefill step may still be running on its stream.
