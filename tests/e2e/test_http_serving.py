@@ -18,6 +18,8 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.gateway_app import build_app
+from loadtest.cli import main as loadtest_main
+from loadtest.report import load_run
 from router.router_state import RouterConfig
 from tests.cluster.helpers import prompts
 from tests.e2e.served_cluster import run_workload, served, serving, wait_blocks_free
@@ -54,8 +56,36 @@ def test_1p1d_gloo_concurrent_greedy_matches_transformers(one_p_one_d, workload)
     wait_blocks_free(cluster)
     paths = cluster.call("prefill-0", "transfer_paths")
     assert [p["path"] for p in paths.values()] == ["gloo"]
-    metrics = httpx.get(f"{url}/metrics").text
-    assert 'kvrelay_worker_free_blocks{worker="decode-0"} 96.0' in metrics
+    # /metrics shows the router's view, refreshed by its next poll of the workers.
+    deadline = time.monotonic() + 5
+    while True:
+        metrics = httpx.get(f"{url}/metrics").text
+        if 'kvrelay_worker_free_blocks{worker="decode-0"} 96.0' in metrics:
+            break
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.1)
+
+
+def test_loadtest_run_against_the_disaggregated_gateway(one_p_one_d, tmp_path):
+    """Our load tester against our own 1P+1D gateway: every request completes with exactly the
+    asked output length (ignore_eos), counts come from the server's usage, reports written."""
+    url, cluster = one_p_one_d
+    out = tmp_path / "loadtest"
+    rc = loadtest_main(["run", "--url", url, "--model", "tiny", "--num-requests", "8",
+                        "--rate", "20", "--concurrency", "4", "--input-len", "10",
+                        "--output-len", "5", "--ignore-eos", "--seed", "1", "--no-progress",
+                        "--slo", "ttft=20s", "--output-dir", str(out)])
+    assert rc == 0
+    doc = load_run(out / "run.json")
+    assert [r.index for r in doc.records] == list(range(8))
+    for record in doc.records:
+        assert record.error is None, record
+        assert (record.output_tokens, record.output_tokens_source) == (5, "usage")
+        assert record.prompt_tokens_source == "usage" and record.prompt_tokens >= 10
+        assert len(record.itl) <= 4 and record.ttft < record.e2e
+    assert (doc.summary.num_ok, doc.summary.num_good) == (8, 8)
+    assert (out / "summary.md").is_file() and (out / "latency_cdf.png").is_file()
+    wait_blocks_free(cluster)
 
 
 def test_2p1d_concurrent_greedy_matches_transformers(base_config, workload):
