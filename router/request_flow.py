@@ -2,10 +2,10 @@
 
 Validate and tokenize (router/openai_protocol.py), admit (router/admission.py), register the
 id on the one ZMQ PULL socket (router/output_receiver.py), `backend.submit`, then turn the
-worker's OutputChunks into one JSON body or an SSE stream (router/sse.py). `_end` runs exactly
-once per admitted request, whatever happened (done, error, deadline, client gone): it frees
-the admission slot and the receiver's queue, aborts the request on the backend unless it
-finished there, and records its metrics.
+worker's OutputChunks (gathered in a `Call`, router/gateway_call.py) into one JSON body or
+an SSE stream (router/sse.py). `_end` runs exactly once per admitted request, whatever
+happened (done, error, deadline, client gone): it frees the admission slot and the receiver's
+queue, aborts the request on the backend unless it finished there, and records its metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -24,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router import http_errors, sse
 from router.admission import Admission
+from router.gateway_call import Call
 from router.openai_protocol import (
     ChatCompletionRequest,
     SimpleGenerateRequest,
@@ -32,7 +32,6 @@ from router.openai_protocol import (
     prompt_token_ids,
     response_body,
     sampling_fields,
-    usage,
 )
 from router.output_receiver import OutputReceiver
 from workers.errors import (
@@ -53,47 +52,6 @@ log = logging.getLogger(__name__)
 
 _ID_PREFIX = {"/v1/completions": "cmpl-", "/v1/chat/completions": "chatcmpl-",
               "/v1/generate": "gen-"}
-
-
-@dataclass
-class Call:
-    """One request in flight at the gateway and what its chunks said so far."""
-
-    endpoint: str
-    body: Any
-    request_id: str
-    prompt_ids: list[int]
-    sampling: dict[str, Any]
-    timeout_s: float
-    created: int = field(default_factory=lambda: int(time.time()))
-    arrival: float = field(default_factory=time.time)
-    queue: asyncio.Queue | None = None
-    text: str = ""
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-    num_output: int = 0
-    first_token_at: float | None = None
-    final: OutputChunk | None = None
-    ended: bool = False
-
-    @property
-    def deadline(self) -> float:
-        return self.arrival + self.timeout_s
-
-    @property
-    def failed(self) -> bool:
-        return self.final is not None and self.final.finish_reason in ("error", "abort")
-
-    def absorb(self, chunk: OutputChunk) -> None:
-        if chunk.new_token_ids and self.first_token_at is None:
-            self.first_token_at = time.time()
-        self.text += chunk.text_delta
-        self.num_output += len(chunk.new_token_ids)
-        self.logprobs.extend(chunk.logprobs or [])
-        if chunk.finished:
-            self.final = chunk
-
-    def usage(self) -> dict[str, int]:
-        return usage(len(self.prompt_ids), self.num_output)
 
 
 class RequestFlow:
