@@ -14,9 +14,7 @@ the transfer's share of TTFT, plus the pair's start-up probe bandwidth.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import tempfile
 import threading
 import time
 import uuid
@@ -32,18 +30,8 @@ from cluster.config import ClusterConfig
 from cluster.launcher import launch
 from router.router_state import RouterConfig
 from workers.config import CacheConfig, EngineConfig
+from workers.model.presets import resolve_config_path
 from workers.protocol import GenerateRequest, decode
-
-# Meta-Llama-3.1-8B's config.json (shapes only; weights are random with load_format=dummy).
-LLAMA3_8B = {
-    "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096,
-    "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
-}
 
 
 @dataclass
@@ -90,7 +78,8 @@ class Collector:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", help="config.json (default: Llama-3.1-8B's)")
+    p.add_argument("--config", type=resolve_config_path, default=resolve_config_path("llama3-8b"),
+                   help="config.json or a preset name (default: llama3-8b)")
     p.add_argument("--prompt-len", type=int, default=4096)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--num-requests", type=int, default=8)
@@ -173,24 +162,20 @@ def report(args, traces: list[Trace], paths: dict, device: str, model: str) -> s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = args.config
-        if config_path is None:
-            config_path = str(Path(tmp) / "llama3-8b.json")
-            Path(config_path).write_text(json.dumps(LLAMA3_8B))
-        config = cluster_config(args, config_path)
-        cluster = launch(config)
-        collector = Collector()
-        try:
-            vocab = cluster.infos["prefill-0"]["vocab_size"]
-            run_requests(cluster, collector, args, vocab, 1)  # warm-up: pair start, kernels
-            traces = run_requests(cluster, collector, args, vocab, args.num_requests)
-            paths = cluster.call("prefill-0", "transfer_paths")
-            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-            print(report(args, traces, paths, device, Path(config_path).stem), flush=True)
-        finally:
-            collector.close()
-            cluster.shutdown()
+    config_path = args.config
+    config = cluster_config(args, config_path)
+    cluster = launch(config)
+    collector = Collector()
+    try:
+        vocab = cluster.infos["prefill-0"]["vocab_size"]
+        run_requests(cluster, collector, args, vocab, 1)  # warm-up: pair start, kernels
+        traces = run_requests(cluster, collector, args, vocab, args.num_requests)
+        paths = cluster.call("prefill-0", "transfer_paths")
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        print(report(args, traces, paths, device, Path(config_path).stem), flush=True)
+    finally:
+        collector.close()
+        cluster.shutdown()
     return 0
 
 
