@@ -15,14 +15,19 @@ pytestmark = [
                        reason="the interpreter does not compile for the GPU"),
 ]
 
-from paged_case import make_case, poisoned_like, replace_nan_with_garbage  # noqa: E402
+from paged_case import (  # noqa: E402
+    decode_ref,
+    make_case,
+    prefill_ref,
+    replace_nan_with_garbage,
+    run_decode,
+    run_prefill,
+)
 from tolerances import assert_close  # noqa: E402
 
 from kernels.activation import silu_and_mul, silu_and_mul_ref  # noqa: E402
 from kernels.cache_write import write_kv_cache, write_kv_cache_ref  # noqa: E402
-from kernels.flash_prefill import flash_prefill, flash_prefill_ref  # noqa: E402
 from kernels.kv_pack import pack_kv_blocks, pack_kv_blocks_ref, unpack_kv_blocks  # noqa: E402
-from kernels.paged_decode import paged_decode, paged_decode_ref  # noqa: E402
 from kernels.rmsnorm import rms_norm, rms_norm_ref  # noqa: E402
 from kernels.rotary import apply_rotary, apply_rotary_ref  # noqa: E402
 
@@ -35,11 +40,8 @@ def test_prefill_real_shapes(head_dim: int, dtype: torch.dtype) -> None:
     """Chunks after cached prefixes and fresh prompts, GQA 4, block size 16."""
     c = make_case([1000, 517, 2048, 9], [1000, 1800, 3000, 9], num_heads=32, num_kv_heads=8,
                   head_dim=head_dim, block_size=16, dtype=dtype, device="cuda", seed=head_dim)
-    out = poisoned_like(c.q)
-    flash_prefill(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
-                  c.max_q_len, c.scale, out=out)
-    ref = flash_prefill_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
-                            c.seq_lens_host, c.scale)
+    out = run_prefill(c)
+    ref = prefill_ref(c)
     assert_close(out, ref)
 
 
@@ -50,13 +52,9 @@ def test_decode_real_shapes(q_len: int, dtype: torch.dtype) -> None:
     seq_lens = [max(s, q_len) for s in seq_lens]
     c = make_case([q_len] * len(seq_lens), seq_lens, num_heads=32, num_kv_heads=8,
                   head_dim=128, block_size=16, dtype=dtype, device="cuda", seed=q_len)
-    ref = paged_decode_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
-                           c.seq_lens_host, c.scale)
+    ref = decode_ref(c)
     for num_splits in (None, 1, 7):
-        out = poisoned_like(c.q)
-        paged_decode(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
-                     max(seq_lens), c.scale, max_q_len=q_len, out=out, num_splits=num_splits)
-        assert_close(out, ref)
+        assert_close(run_decode(c, q_len, num_splits), ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.flash_prefill import flash_prefill, flash_prefill_ref
+from kernels.paged_decode import paged_decode, paged_decode_ref
+
 
 @dataclass(frozen=True)
 class PagedCase:
@@ -65,6 +68,33 @@ def make_case(
 
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
+
+
+def run_prefill(c: PagedCase, **kernel_args) -> torch.Tensor:
+    """`flash_prefill` of the case into a NaN-poisoned output (rows it skips stay NaN)."""
+    out = poisoned_like(c.q)
+    flash_prefill(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
+                  c.max_q_len, c.scale, out=out, **kernel_args)
+    return out
+
+
+def prefill_ref(c: PagedCase) -> torch.Tensor:
+    return flash_prefill_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
+                             c.seq_lens_host, c.scale)
+
+
+def run_decode(c: PagedCase, max_q_len: int, num_splits: int | None) -> torch.Tensor:
+    """`paged_decode` of the case into a NaN-poisoned output."""
+    out = poisoned_like(c.q)
+    paged_decode(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
+                 max(c.seq_lens_host), c.scale, max_q_len=max_q_len, out=out,
+                 num_splits=num_splits)
+    return out
+
+
+def decode_ref(c: PagedCase) -> torch.Tensor:
+    return paged_decode_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
+                            c.seq_lens_host, c.scale)
 
 
 def replace_nan_with_garbage(case: PagedCase, seed: int) -> None:

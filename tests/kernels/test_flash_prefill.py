@@ -7,10 +7,10 @@ import zlib
 
 import pytest
 import torch
-from paged_case import make_case, poisoned_like
+from paged_case import make_case, prefill_ref, run_prefill
 from tolerances import assert_close
 
-from kernels.flash_prefill import PrefillTiles, flash_prefill, flash_prefill_ref
+from kernels.flash_prefill import PrefillTiles, flash_prefill
 
 # (q_lens, seq_lens): full prompts, chunks after a cached prefix, lengths off the block size.
 CASES = {
@@ -26,11 +26,8 @@ def test_prefill_matches_reference(case: str, num_kv_heads: int, device: str) ->
     c = make_case(q_lens, seq_lens, num_heads=8, num_kv_heads=num_kv_heads, head_dim=32,
                   block_size=8, dtype=torch.float32, device=device,
                   seed=zlib.crc32(f"{case}/{num_kv_heads}".encode()))
-    out = poisoned_like(c.q)
-    flash_prefill(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
-                  c.max_q_len, c.scale, out=out)
-    ref = flash_prefill_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
-                            c.seq_lens_host, c.scale)
+    out = run_prefill(c)
+    ref = prefill_ref(c)
     assert_close(out, ref)
 
 
@@ -39,11 +36,8 @@ def test_prefill_head_dims_and_tile_shapes(head_dim: int, device: str) -> None:
     """A non-power-of-two head dim (masked feature axis) and tiles wider than a page."""
     c = make_case([19, 7], [26, 7], num_heads=4, num_kv_heads=2, head_dim=head_dim,
                   block_size=4, dtype=torch.float32, device=device, seed=head_dim)
-    out = poisoned_like(c.q)
-    flash_prefill(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
-                  c.max_q_len, c.scale, out=out, tiles=PrefillTiles(16, 16, 4, 1))
-    ref = flash_prefill_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
-                            c.seq_lens_host, c.scale)
+    out = run_prefill(c, tiles=PrefillTiles(16, 16, 4, 1))
+    ref = prefill_ref(c)
     assert_close(out, ref)
 
 
@@ -51,11 +45,8 @@ def test_prefill_skips_sequences_shorter_than_min_q_len(device: str) -> None:
     """min_q_len leaves decode rows to the decode kernel: they stay exactly as they were."""
     c = make_case([2, 12], [30, 12], num_heads=4, num_kv_heads=4, head_dim=16,
                   block_size=8, dtype=torch.float32, device=device, seed=7)
-    out = poisoned_like(c.q)
-    flash_prefill(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
-                  c.max_q_len, c.scale, out=out, min_q_len=9)
-    ref = flash_prefill_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
-                            c.seq_lens_host, c.scale)
+    out = run_prefill(c, min_q_len=9)
+    ref = prefill_ref(c)
     assert out[:2].isnan().all()
     assert_close(out[2:], ref[2:])
 
