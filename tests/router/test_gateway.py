@@ -232,6 +232,17 @@ def closed_by_client(served) -> int:
     return served.metrics.snapshot([])["requests_by_status"].get("499", 0)
 
 
+def assert_aborted_everywhere(gateway, before: set[str], closed: int) -> None:
+    """After a client left: its blocks are free, the abort reached the router (which only
+    forgets a request here when aborted) within 5 s, and it counts as closed by the client."""
+    assert gateway.wait_all_blocks_free() == NUM_BLOCKS
+    deadline = time.monotonic() + 5
+    while set(gateway.core.requests) - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not set(gateway.core.requests) - before
+    assert closed_by_client(gateway) == closed + 1
+
+
 def test_disconnect_mid_stream_aborts_and_frees_blocks(gateway):
     before, closed = set(gateway.core.requests), closed_by_client(gateway)
     body = {**GREEDY, "prompt": "hi", "max_tokens": 240, "stream": True}
@@ -243,13 +254,7 @@ def test_disconnect_mid_stream_aborts_and_frees_blocks(gateway):
                 if events == 3:
                     break
             assert gateway.free_blocks() < NUM_BLOCKS  # the request holds blocks now
-    assert gateway.wait_all_blocks_free() == NUM_BLOCKS
-    # The abort reached the router (which only forgets a request here when aborted).
-    deadline = time.monotonic() + 5
-    while set(gateway.core.requests) - before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not set(gateway.core.requests) - before
-    assert closed_by_client(gateway) == closed + 1
+    assert_aborted_everywhere(gateway, before, closed)
 
 
 def test_disconnect_while_waiting_for_unary_response_aborts(gateway):
@@ -258,12 +263,7 @@ def test_disconnect_while_waiting_for_unary_response_aborts(gateway):
         httpx.post(gateway.url + "/v1/completions",
                    json={**GREEDY, "prompt": "hi", "max_tokens": 240},
                    timeout=httpx.Timeout(30, read=0.3))
-    assert gateway.wait_all_blocks_free() == NUM_BLOCKS
-    deadline = time.monotonic() + 5
-    while set(gateway.core.requests) - before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not set(gateway.core.requests) - before
-    assert closed_by_client(gateway) == closed + 1
+    assert_aborted_everywhere(gateway, before, closed)
 
 
 def test_over_the_in_flight_limit_is_429_with_retry_after(colocated_worker, tiny_model_dir):
