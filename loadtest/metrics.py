@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from loadtest.record import RequestRecord
-from loadtest.slo import SLO, meets_slos
+from loadtest.slo import SLO, holds, meets_slos
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -67,6 +67,8 @@ class Summary:
     """num_good per second of duration_s."""
     attainment: float = 0.0
     """num_good / num_requests, in [0, 1]."""
+    slos_held: bool = True
+    """Every percentile SLO (`tpot_p90<=20ms`) holds over the run (loadtest/slo.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,4 +108,5 @@ def summarize(
         num_good=num_good,
         goodput=num_good * per_s,
         attainment=num_good / len(records) if records else 0.0,
+        slos_held=all(holds(records, slo) for slo in slos),
     )

@@ -71,6 +71,8 @@ def _describe(meta: dict[str, Any]) -> str:
         work = f"{kind} {workload.get('source')} (out={out} where the file has none)"
     if workload.get("shared_prefix_len"):
         work += f" prefix={workload['shared_prefix_len']}"
+    if workload.get("prompt_format") == "token_ids" and kind != "file":
+        work += f" token ids < {workload.get('vocab_size')}"
     return f"load: {load}; workload: {work}"
 
 
@@ -97,7 +99,8 @@ def markdown_run(meta: dict[str, Any], summary: Summary) -> str:
         f"| {fmt(s.total_token_throughput, digits=1)} | {fmt(s.goodput)} "
         f"| {fmt(s.attainment, 100, 1)}% |",
         "",
-        f"SLOs: {', '.join(s.slos) or 'none (goodput = successful requests)'}; "
+        f"SLOs: {', '.join(s.slos) or 'none (goodput = successful requests)'}"
+        f"{'' if s.slos_held else ' (a percentile SLO is missed)'}; "
         f"errors: {errors}; mean tokens in/out: {fmt(s.prompt_tokens.mean, digits=1)}/"
         f"{fmt(s.output_tokens.mean, digits=1)}",
     ]

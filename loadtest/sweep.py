@@ -1,8 +1,10 @@
 """A series of runs at rising load (request rates, or closed-loop concurrencies), and the
 highest load that still keeps a target SLO attainment.
 
-"Keeps" is read conservatively: walking up from the lowest load, the answer is the last point
-before the first one that misses the target, so one lucky point past a miss does not count.
+A point keeps the target when its SLO attainment reaches it and every percentile SLO
+(`tpot_p90=20ms`) holds. "Keeps" is read conservatively: walking up from the lowest load, the
+answer is the last point before the first one that misses, so one lucky point past a miss does
+not count.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ def parse_loads(text: str, flag: str) -> list[float]:
 def best_load(points: list[SweepPoint], target: float) -> float | None:
     best = None
     for point in points:
-        if point.summary.attainment < target:
+        if point.summary.attainment < target or not point.summary.slos_held:
             break
         best = point.load
     return best

@@ -112,10 +112,30 @@ def test_parse_slo_units_and_rejections():
     assert parse_slo("tpot=50") == SLO("tpot", 0.05)  # bare numbers are milliseconds
     assert parse_slo("e2e=2s") == SLO("e2e", 2.0)
     assert parse_slo("TTFT:800us").limit_s == pytest.approx(8e-4)
-    for bad in ("ttft", "latency=5ms", "ttft=-1ms", "ttft=0", "ttft=5h"):
+    assert parse_slo("tpot_p90=20ms") == SLO("tpot", 0.02, 90.0)
+    assert parse_slo("ttft_p99.9<=1s") == SLO("ttft", 1.0, 99.9)
+    assert str(parse_slo("tpot_p90=20ms")) == "tpot_p90<=20ms"
+    assert parse_slo(str(SLO("e2e", 2.0, 50.0))) == SLO("e2e", 2.0, 50.0)  # str round-trips
+    for bad in ("ttft", "latency=5ms", "ttft=-1ms", "ttft=0", "ttft=5h", "tpot_p0=20ms",
+                "tpot_p101=20ms", "tpot_p=20ms", "tpot=1.2.3ms"):
         with pytest.raises(BadFlag) as info:
             parse_slo(bad)
         assert info.value.flag == "--slo" and info.value.value == bad
+
+
+def test_a_percentile_slo_holds_when_that_share_of_requests_sent_meets_it():
+    # Nine requests decode at 10 ms per token, one at 30 ms: p90 TPOT is within 20 ms, p95 not.
+    records = [timeline(i, 0.1, [0.01] * 4) for i in range(9)] + [timeline(9, 0.1, [0.03] * 4)]
+    p90, p95 = parse_slo("tpot_p90=20ms"), parse_slo("tpot_p95=20ms")
+    held = summarize(records, 2.0, (p90,))
+    assert held.slos_held and held.num_good == 9 and held.goodput == pytest.approx(4.5)
+    assert not summarize(records, 2.0, (p95,)).slos_held
+    # A failed request is a miss: with a second slow one, only 8 of 10 meet 20 ms.
+    failed = records[:8] + [timeline(8, 0.1, [], 0, error="timeout"), records[9]]
+    assert not summarize(failed, 2.0, (p90,)).slos_held
+    assert summarize(failed, 2.0, (parse_slo("tpot_p80=20ms"),)).slos_held
+    assert summarize(records, 2.0, (parse_slo("tpot=20ms"),)).slos_held  # per request only
+    assert "a percentile SLO is missed" in markdown_run({}, summarize(records, 2.0, (p95,)))
 
 
 def test_record_and_summary_survive_a_json_round_trip(tmp_path):
@@ -137,6 +157,8 @@ def test_best_load_is_the_last_point_before_the_first_miss():
     assert best_load(points, 0.9) == 2  # 8 passes by luck after 4 missed: not counted
     assert best_load(points, 0.5) == 8
     assert best_load([point(1, 0.2)], 0.9) is None
+    missed_percentile = dataclasses.replace(points[1].summary, slos_held=False)
+    assert best_load([points[0], SweepPoint(2, missed_percentile, ""), *points[2:]], 0.5) == 1
     assert parse_loads("4, 1,2,inf", "--rates") == [1, 2, 4, math.inf]
     with pytest.raises(BadFlag):
         parse_loads("1,x", "--rates")
