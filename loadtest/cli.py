@@ -19,8 +19,15 @@ from loadtest.report import load_run
 from loadtest.runner import RunConfig
 from loadtest.slo import parse_slo
 from loadtest.sweep import markdown_sweep, parse_loads, run_sweep
+from loadtest.synthetic_ids import DEFAULT_VOCAB_SIZE
 from loadtest.trace import load_trace
-from loadtest.workload import WORKLOAD_KINDS, LengthRange, Workload, WorkloadConfig
+from loadtest.workload import (
+    PROMPT_FORMATS,
+    WORKLOAD_KINDS,
+    LengthRange,
+    Workload,
+    WorkloadConfig,
+)
 
 
 def _add_load_flags(p: argparse.ArgumentParser) -> None:
@@ -41,10 +48,17 @@ def _add_load_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workload", choices=WORKLOAD_KINDS, default=None,
                    help="default: trace/file when those files are given, uniform for LO:HI "
                         "lengths, else fixed")
-    p.add_argument("--input-len", default="128", help="prompt tokens: N or LO:HI (approximate)")
+    p.add_argument("--input-len", default="128",
+                   help="prompt tokens: N or LO:HI (approximate for text, exact for token_ids)")
     p.add_argument("--output-len", default="64", help="max_tokens: N or LO:HI")
     p.add_argument("--shared-prefix-len", type=int, default=0,
                    help="tokens of one prefix shared by every synthetic prompt")
+    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="text",
+                   help="synthetic prompts as English words, or as token ids (completions "
+                        "only; exact lengths; for servers without a tokenizer)")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                   help="token_ids: ids drawn from [min(100, V/2), V) (default 1000: inside "
+                        "any real vocabulary)")
     p.add_argument("--prompts-file", default=None, help='JSONL: {"prompt": ...} or messages')
     p.add_argument("--trace-file", default=None,
                    help="JSONL or CSV rows: timestamp, input_length, output_length")
@@ -105,7 +119,7 @@ def _workload(args: argparse.Namespace) -> tuple[Workload, list[float]]:
     kind = args.workload or ("trace" if trace else "file" if args.prompts_file
                              else "uniform" if ranged else "fixed")
     config = WorkloadConfig(kind, input_len, output_len, args.shared_prefix_len,
-                            args.prompts_file, args.seed)
+                            args.prompts_file, args.seed, args.prompt_format, args.vocab_size)
     return Workload(config, trace), [e.timestamp for e in trace or []]
 
 

@@ -2,7 +2,8 @@
 
 The request asks for `stream_options.include_usage`, so servers that support it report the
 true prompt/completion token counts in a final chunk; without it, the output count is the
-number of text-carrying chunks and the prompt count the workload's estimate.
+number of text-carrying chunks and the prompt count the workload's estimate. A token-id
+prompt's length is known exactly and is used as it is.
 """
 
 from __future__ import annotations
@@ -143,11 +144,15 @@ def _freeze(spec: RequestSpec, line: _Timeline, ended_at: float,
             run_start: float) -> RequestRecord:
     times = line.token_times
     usage_in, usage_out = line.usage.get("prompt_tokens"), line.usage.get("completion_tokens")
+    prompt_tokens, prompt_source = (
+        (spec.prompt_tokens, "exact") if spec.prompt_tokens_exact
+        else (int(usage_in), "usage") if usage_in is not None
+        else (spec.prompt_tokens, "estimate"))
     return RequestRecord(
         index=spec.index,
         start_time=line.sent_at - run_start,
-        prompt_tokens=int(usage_in) if usage_in is not None else spec.prompt_tokens_estimate,
-        prompt_tokens_source="usage" if usage_in is not None else "estimate",
+        prompt_tokens=prompt_tokens,
+        prompt_tokens_source=prompt_source,
         output_tokens=int(usage_out) if usage_out is not None else len(times),
         output_tokens_source="usage" if usage_out is not None else "chunks",
         max_tokens=spec.max_tokens,

@@ -15,7 +15,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-TokenSource = Literal["usage", "estimate", "chunks"]
+TokenSource = Literal["usage", "estimate", "exact", "chunks"]
+"""Where a token count came from: the server's usage, our estimate of a text prompt, the
+exact length of a token-id prompt, or counted output chunks."""
 
 ERROR_KINDS = (
     "connect_error",  # no HTTP response at all

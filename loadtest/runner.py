@@ -131,6 +131,9 @@ class _Run:
 async def run_async(config: RunConfig, workload: Workload, trace_times: list[float] | None = None,
                     on_done: OnDone | None = None) -> RunResult:
     """Run the load; `on_done` is called after every finished request (progress bars)."""
+    if config.endpoint.endpoint == "chat" and workload.config.prompt_format == "token_ids":
+        raise BadFlag("--prompt-format", "token_ids",
+                      "only /v1/completions takes token-id prompts (--endpoint completions)")
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     width = config.arrival.concurrency or 1000
     limits = httpx.Limits(max_connections=width, max_keepalive_connections=width)

@@ -2,8 +2,9 @@
 
 FastAPI + uvicorn on a free loopback port, in a thread. It streams real SSE chunks with real
 delays and reports usage when asked (`stream_options.include_usage`). Its "tokenizer" is
-whitespace words, so tests know the true prompt_tokens. Directive words in a prompt pick a
-behaviour, so a test knows which request should fail and how:
+whitespace words (a token-id prompt is its ids), so tests know the true prompt_tokens.
+Directive words in a prompt pick a behaviour, so a test knows which request should fail and
+how:
   FAIL503      -> HTTP 503 with an OpenAI-style error body
   BREAK        -> two tokens, then the connection drops mid-stream
   STREAMERROR  -> two tokens, then an error object inside the stream
@@ -53,7 +54,8 @@ def _chunk(body: dict, index: int, text: str, finish: str | None, role: bool = F
 def _prompt_text(body: dict) -> str:
     if "messages" in body:
         return " ".join(m["content"] for m in body["messages"])
-    return body["prompt"]
+    prompt = body["prompt"]
+    return prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
 
 
 async def _stream(body: dict, behaviour: Behaviour, index: int):

@@ -15,7 +15,7 @@ from loadtest.workload import LengthRange, Workload, WorkloadConfig
 def test_fixed_workload_has_exact_lengths_and_is_reproducible():
     config = WorkloadConfig("fixed", LengthRange(40, 40), LengthRange(7, 7), seed=5)
     specs = [Workload(config).spec(i) for i in range(5)]
-    assert all(len(s.prompt.split()) == 40 == s.prompt_tokens_estimate for s in specs)
+    assert all(len(s.prompt.split()) == 40 == s.prompt_tokens for s in specs)
     assert all(s.max_tokens == 7 for s in specs)
     assert all(word in WORDS for s in specs for word in s.prompt.split())
     assert len({s.prompt for s in specs}) == 5  # distinct prompts: no accidental cache hits
@@ -54,7 +54,7 @@ def test_prompt_file_is_cycled_with_its_own_max_tokens(tmp_path):
     assert [s.prompt for s in specs[:2]] == [lines[0]["prompt"], lines[1]["messages"]]
     assert specs[2].prompt == specs[0].prompt and specs[3].prompt == specs[1].prompt
     assert [s.max_tokens for s in specs] == [9, 3, 9, 3]
-    assert [s.prompt_tokens_estimate for s in specs[:2]] == [3, 2]
+    assert [s.prompt_tokens for s in specs[:2]] == [3, 2]
     assert workload.size is None
 
 
