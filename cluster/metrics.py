@@ -3,7 +3,11 @@
 Each process builds its own `CollectorRegistry` (never prometheus_client's global one, so two
 gateways in one test process do not collide). `GatewayMetrics` is what the HTTP gateway
 counts into: requests by status, TTFT / TPOT / end-to-end latency, per-phase time from the
-workers' final chunks (queue, prefill, transfer, decode) and KV transfer bytes and seconds.
+workers' final chunks (queue, prefill, kv_ready_delay, decode) and KV transfer bytes and
+seconds. The KV ready delay of a disaggregated request runs from the end of its prefill (token
+1 sampled on the prefill worker) to its KV having landed on the decode worker: what a user
+waits beyond prefill. It starts after token 1, so it is no part of TTFT, and it has its own
+histogram (`kvrelay_kv_ready_delay_seconds`, finer buckets) beside the phase one.
 Workers' own numbers (queue depth, KV usage, their counters) arrive at scrape time as a list
 of plain dicts, one per worker with its `worker_id`; every numeric entry is rendered as a
 gauge `kvrelay_worker_<key>{worker=...}`, so the gateway is the one scrape target.
@@ -31,7 +35,10 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    60.0, 120.0, 300.0)
 # Per-token latency: ~5 ms is the memory-bound floor of an 8B decode step on an H100.
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
-PHASES = ("queue", "prefill", "transfer", "decode")
+# KV ready delay: from ~1 ms (a few MiB over NVLink) to seconds (a stalled or slow link).
+KV_READY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0)
+PHASES = ("queue", "prefill", "kv_ready_delay", "decode")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -59,6 +66,9 @@ class GatewayMetrics:
         self.phase = Histogram("kvrelay_request_phase_seconds",
                                "Per-request time in each phase (from the workers)", ["phase"],
                                buckets=LATENCY_BUCKETS, registry=r)
+        self.kv_ready_delay = Histogram("kvrelay_kv_ready_delay_seconds",
+                                        "End of prefill to the KV landed on the decode worker",
+                                        buckets=KV_READY_BUCKETS, registry=r)
         self.transfer_bytes = Counter("kvrelay_kv_transfer_bytes", "KV bytes moved", registry=r)
         self.transfer_seconds = Counter("kvrelay_kv_transfer_seconds",
                                         "Seconds spent moving those bytes", registry=r)
@@ -71,8 +81,10 @@ class GatewayMetrics:
         self._counts: dict[str, int] = {}
         # Plain totals beside the Prometheus objects, for the JSON snapshot.
         self._sums = {"ttft": 0.0, "tpot": 0.0, "e2e": 0.0, "n_ttft": 0, "n_tpot": 0, "n_e2e": 0}
+        # kv_ready_delay sum and count let a client take means over any interval (deltas).
         self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "kv_transfer_bytes": 0.0,
-                        "kv_transfer_seconds": 0.0}
+                        "kv_transfer_seconds": 0.0, "kv_ready_delay_seconds": 0.0,
+                        "kv_ready_delay_count": 0}
         self._in_flight = 0
 
     def request_done(self, endpoint: str, status: int) -> None:
@@ -103,15 +115,25 @@ class GatewayMetrics:
             self._add("tpot", tpot)
 
     def phases(self, timings: dict[str, float]) -> None:
-        """A final chunk's `timings`: seconds per phase, plus transfer_bytes."""
+        """A final chunk's `timings`: seconds per phase; for a disaggregated request also the
+        KV's bytes (`transfer_bytes`) and the wire seconds of those bytes (`transfer_wire`,
+        first byte posted to last landed), so bytes / seconds is the link's bandwidth."""
+        timings = dict(timings)
+        if "kv_ready_delay" not in timings and "transfer" in timings:
+            # Workers before issue 11 send the same interval as "transfer"; remove this
+            # fallback once the decode worker's kv_ready_delay has landed everywhere.
+            timings["kv_ready_delay"] = timings["transfer"]
         for phase in PHASES:
             if phase in timings:
                 self.phase.labels(phase=phase).observe(max(0.0, float(timings[phase])))
+        if "kv_ready_delay" in timings:
+            delay = max(0.0, float(timings["kv_ready_delay"]))
+            self.kv_ready_delay.observe(delay)
+            self._totals["kv_ready_delay_seconds"] += delay
+            self._totals["kv_ready_delay_count"] += 1
         if "transfer_bytes" in timings:
             moved = max(0.0, float(timings["transfer_bytes"]))
-            # The wire time of those same bytes (bandwidth = bytes / seconds); the transfer
-            # phase also counts waiting for the decode worker to pick the KV up.
-            seconds = max(0.0, float(timings.get("transfer_wire", timings.get("transfer", 0.0))))
+            seconds = max(0.0, float(timings.get("transfer_wire", 0.0)))
             self.transfer_bytes.inc(moved)
             self.transfer_seconds.inc(seconds)
             self._totals["kv_transfer_bytes"] += moved
@@ -132,6 +154,8 @@ class GatewayMetrics:
             "mean_ttft_s": s["ttft"] / s["n_ttft"] if s["n_ttft"] else None,
             "mean_tpot_s": s["tpot"] / s["n_tpot"] if s["n_tpot"] else None,
             "mean_e2e_s": s["e2e"] / s["n_e2e"] if s["n_e2e"] else None,
+            "mean_kv_ready_delay_s": _mean(self._totals["kv_ready_delay_seconds"],
+                                           self._totals["kv_ready_delay_count"]),
             "workers": worker_metrics,
         }
 
@@ -158,6 +182,10 @@ class GatewayMetrics:
             gauge = Gauge(name, f"Worker-reported {key}", ["worker"], registry=self.registry)
             self._worker_gauges[name] = gauge
         return gauge
+
+
+def _mean(total: float, count: int) -> float | None:
+    return total / count if count else None
 
 
 def _derived(values: dict[str, Any]) -> dict[str, float]:
