@@ -1,28 +1,34 @@
 """python -m cluster.bench_disagg: disaggregated (1 prefill + 1 decode) against colocated (2).
 
-For each mode it starts `kvrelay serve` (Ray, two GPUs), then
-- sends `--requests` requests one at a time at each `--tokens` prompt length: TTFT and TPOT
-  (client side, loadtest's definitions), the KV bytes and wire seconds of their transfers
-  (the gateway's kv_transfer counters), GB/s beside raw send/recv of the same bytes between
-  two processes (measured last, once the servers let go of the GPUs), and the transfer
-  phase's share of TTFT;
-- runs an open-loop load (`--load-requests` at `--rate` req/s, prompts `--load-input-len`)
-  and reports goodput: requests per second that meet a strict TPOT SLO.
-Runs on CPU too (`--device cpu`, a tiny model), which is how it is tested.
+For each mode it starts `kvrelay serve` (Ray, two GPUs), sends one warm-up request, then
+- per prompt length (`--tokens`): `--requests` sequential requests; medians of TTFT and TPOT
+  (client side, loadtest's definitions); the KV bytes and wire seconds of their transfers and
+  the mean KV ready delay (end of prefill, token 1 sampled, to the KV landed on the decode
+  worker), from the gateway's counters; wire GB/s beside raw send/recv of the same bytes
+  between two processes (measured last, once the servers let go of the GPUs). The KV ready
+  delay comes after token 1, so "ready/TTFT" is a ratio, not a share of TTFT: it can pass 1.
+- goodput sweep: open-loop Poisson load at each of `--rates` (`--load-requests` each, prompts
+  drawn from `--load-input-len`, the same requests and send times in both modes): throughput,
+  goodput (requests/s meeting `--tpot-slo`, default tpot_p90=20ms), whether the run holds the
+  SLO's percentile, TTFT and TPOT p50/p90, and goodput disaggregated / colocated.
+Prompts are token ids below the model's vocabulary size: exact lengths, and the only prompts a
+`--dummy-config` model (random weights, no tokenizer) can serve. Each point's run.json and
+plots go to `--output-dir`. Runs on CPU too (`--device cpu`, a tiny model): how it is tested.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
-import re
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import torch
@@ -30,15 +36,18 @@ import torch
 from cluster import bench_kv
 from loadtest.arrival import ArrivalConfig
 from loadtest.client import EndpointConfig
-from loadtest.metrics import Summary, summarize
+from loadtest.report import fmt
 from loadtest.runner import RunConfig, run
 from loadtest.slo import SLO, parse_slo
+from loadtest.sweep import SweepResult, parse_loads, run_sweep
 from loadtest.workload import LengthRange, Workload, WorkloadConfig
 from workers.kv_transfer import KVLayout, plan_transfer
 from workers.model.config import ModelConfig
+from workers.model.presets import resolve_config_path
 
 MODEL_NAME = "bench"
-MODES = {"disagg 1P+1D": ["--prefill", "1", "--decode", "1"], "colocated x2": ["--colocated", "2"]}
+DISAGG, COLOCATED = "disagg 1P+1D", "colocated x2"
+MODES = {DISAGG: ["--prefill", "1", "--decode", "1"], COLOCATED: ["--colocated", "2"]}
 
 
 @dataclass(frozen=True)
@@ -48,16 +57,31 @@ class DisaggBenchConfig:
     model_path: str
     device: str
     dtype: str
+    attention_backend: str
     tokens: tuple[int, ...]
     output_len: int
     requests: int
+    rates: tuple[float, ...]
     load_requests: int
-    load_input_len: str
-    rate: float
+    load_input_len: LengthRange
     tpot_slo: SLO
+    output_dir: Path
     port: int
     startup_timeout_s: float
     extra_serve_args: tuple[str, ...]
+
+    @property
+    def max_model_len(self) -> int:
+        """Room for the longest prompt and its output (a short context keeps CUDA graphs'
+        block tables small)."""
+        longest = max((*self.tokens, self.load_input_len.high if self.rates else 1))
+        return longest + self.output_len + 16
+
+
+def _list(text: str, cast, flag: str) -> tuple:
+    if not text.strip():
+        return ()
+    return tuple(cast(x) for x in parse_loads(text, flag))
 
 
 def _parse(argv: list[str] | None) -> DisaggBenchConfig:
@@ -65,31 +89,42 @@ def _parse(argv: list[str] | None) -> DisaggBenchConfig:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint folder")
-    src.add_argument("--dummy-config", help="config.json: random weights of that shape")
+    src.add_argument("--dummy-config", type=resolve_config_path,
+                     help="config.json or a preset name (llama3-8b): random weights")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--tokens", default="1024,4096,16384", help="prompt lengths")
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--attention-backend", choices=["triton", "torch"], default=None,
+                   help="default: triton on cuda, torch on cpu")
+    p.add_argument("--tokens", default="1024,4096,16384",
+                   help="prompt lengths of the latency table ('' skips it)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens (ignore_eos)")
     p.add_argument("--requests", type=int, default=4, help="sequential requests per length")
-    p.add_argument("--load-requests", type=int, default=64)
-    p.add_argument("--load-input-len", default="1024:4096", help="N or LO:HI tokens")
-    p.add_argument("--rate", type=float, default=4.0, help="load: requests per second")
-    p.add_argument("--tpot-slo", default="tpot=25ms")
+    p.add_argument("--rates", default="1,2,4,8",
+                   help="goodput sweep: request rates, req/s ('' skips it)")
+    p.add_argument("--load-requests", type=int, default=32, help="requests per rate")
+    p.add_argument("--load-input-len", default="1024:8192", help="N or LO:HI prompt tokens")
+    p.add_argument("--tpot-slo", default="tpot_p90=20ms",
+                   help="the SLO of goodput (loadtest --slo syntax)")
+    p.add_argument("--output-dir", default=None,
+                   help="sweep runs (default bench-disagg-out/<UTC time>)")
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--startup-timeout", type=float, default=900.0)
     p.add_argument("serve_args", nargs="*", help="more `kvrelay serve` flags (after --)")
     a = p.parse_args(argv)
     model_args = ("--model", a.model) if a.model else ("--dummy-config", a.dummy_config)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     return DisaggBenchConfig(
         model_args, a.model or a.dummy_config, a.device, a.dtype,
-        tuple(int(t) for t in a.tokens.split(",")), a.output_len, a.requests,
-        a.load_requests, a.load_input_len, a.rate, parse_slo(a.tpot_slo), a.port,
-        a.startup_timeout, tuple(a.serve_args))
+        a.attention_backend or ("triton" if a.device == "cuda" else "torch"),
+        _list(a.tokens, int, "--tokens"), a.output_len, a.requests,
+        _list(a.rates, float, "--rates"), a.load_requests,
+        LengthRange.parse(a.load_input_len, "--load-input-len"), parse_slo(a.tpot_slo),
+        Path(a.output_dir or f"bench-disagg-out/{stamp}"), a.port, a.startup_timeout,
+        tuple(a.serve_args))
 
 
-def model_layout(cfg: DisaggBenchConfig) -> KVLayout:
+def model_layout(cfg: DisaggBenchConfig, model: ModelConfig) -> KVLayout:
     """The served model's KV shape, for raw send/recv of the same bytes."""
-    model = ModelConfig.from_path(cfg.model_path)
     dtype = cfg.dtype
     if dtype == "auto":
         dtype = model.torch_dtype if cfg.device == "cuda" else "float32"
@@ -118,7 +153,9 @@ class Server:
         self.url = f"http://127.0.0.1:{cfg.port}"
         command = [sys.executable, "-m", "cluster.cli", "serve", *cfg.model_args,
                    "--served-model-name", MODEL_NAME, "--port", str(cfg.port),
-                   "--device", cfg.device, "--dtype", cfg.dtype, *mode_args,
+                   "--device", cfg.device, "--dtype", cfg.dtype,
+                   "--attention-backend", cfg.attention_backend,
+                   "--max-model-len", str(cfg.max_model_len), *mode_args,
                    *cfg.extra_serve_args]
         self.process = subprocess.Popen(command, start_new_session=True)
         self._wait_ready(cfg.startup_timeout_s)
@@ -153,97 +190,180 @@ class Server:
         self.stop()
 
 
+@dataclass(frozen=True)
+class ModeResult:
+    lengths: dict[int, dict[str, float]]
+    """Per prompt length: medians of ttft/tpot (s); means of bytes, wire_s, kv_ready (s)."""
+    sweep: SweepResult | None
+
+
 def scrape(url: str) -> dict[str, float]:
-    """Cumulative KV transfer bytes and wire seconds, and the summed transfer phase."""
+    """The gateway's cumulative KV counters (/v1/metrics, cluster/metrics.py)."""
     totals = httpx.get(url + "/v1/metrics", timeout=10.0).json()
-    text = httpx.get(url + "/metrics", timeout=10.0).text
-    phase = re.search(r'^kvrelay_request_phase_seconds_sum\{phase="transfer"\} (\S+)$', text,
-                      re.MULTILINE)
-    return {"bytes": float(totals.get("kv_transfer_bytes", 0.0)),
-            "wire_s": float(totals.get("kv_transfer_seconds", 0.0)),
-            "phase_s": float(phase.group(1)) if phase else 0.0}
+    keys = ("kv_transfer_bytes", "kv_transfer_seconds", "kv_ready_delay_seconds",
+            "kv_ready_delay_count")
+    return {key: float(totals.get(key, 0.0)) for key in keys}
 
 
 def _endpoint(url: str) -> EndpointConfig:
     return EndpointConfig(url, MODEL_NAME, ignore_eos=True, timeout_s=600.0)
 
 
-def measure_length(cfg: DisaggBenchConfig, url: str, tokens: int) -> dict[str, float]:
-    """Sequential requests of one prompt length: medians of TTFT/TPOT, mean transfer."""
-    before = scrape(url)
-    workload = Workload(WorkloadConfig("fixed", LengthRange(tokens, tokens),
-                                       LengthRange(cfg.output_len, cfg.output_len)))
-    result = run(RunConfig(_endpoint(url), ArrivalConfig("closed", concurrency=1),
-                           num_requests=cfg.requests), workload)
-    after = scrape(url)
-    ok = [r for r in result.records if r.ok]
-    if not ok:
-        errors = {r.error for r in result.records}
-        raise RuntimeError(f"no request of {tokens} tokens succeeded: {errors}")
-    n = len(result.records)
-    ttft = statistics.median(r.ttft for r in ok)
-    delta = {k: (after[k] - before[k]) / n for k in after}
-    return {"prompt_tokens": statistics.median(r.prompt_tokens for r in ok), "ttft": ttft,
-            "tpot": statistics.median(r.tpot for r in ok if r.tpot is not None)
-            if any(r.tpot is not None for r in ok) else float("nan"),
-            "bytes": delta["bytes"], "wire_s": delta["wire_s"],
-            "share": delta["phase_s"] / ttft if ttft else float("nan"),
-            "ok": len(ok), "n": n}
-
-
-def measure_goodput(cfg: DisaggBenchConfig, url: str) -> Summary:
-    lengths = LengthRange.parse(cfg.load_input_len, "--load-input-len")
+def _workload(cfg: DisaggBenchConfig, vocab_size: int, lengths: LengthRange,
+              output_len: int) -> Workload:
     kind = "fixed" if lengths.low == lengths.high else "uniform"
-    workload = Workload(WorkloadConfig(kind, lengths,
-                                       LengthRange(cfg.output_len, cfg.output_len)))
-    result = run(RunConfig(_endpoint(url), ArrivalConfig("poisson", rate=cfg.rate),
-                           num_requests=cfg.load_requests), workload)
-    return summarize(result.records, result.duration_s, (cfg.tpot_slo,))
+    return Workload(WorkloadConfig(kind, lengths, LengthRange(output_len, output_len),
+                                   prompt_format="token_ids", vocab_size=vocab_size))
+
+
+def _run_sequential(url: str, workload: Workload, n: int) -> list:
+    result = run(RunConfig(_endpoint(url), ArrivalConfig("closed", concurrency=1),
+                           num_requests=n), workload)
+    if not any(r.ok for r in result.records):
+        errors = {f"{r.error}: {r.error_detail[:200]}" for r in result.records}
+        raise RuntimeError(f"no request succeeded: {errors}")
+    return result.records
+
+
+def measure_length(cfg: DisaggBenchConfig, url: str, vocab_size: int,
+                   tokens: int) -> dict[str, float]:
+    """Sequential requests of one prompt length: medians of TTFT/TPOT, means of the KV
+    counters (bytes and wire seconds per request, KV ready delay per transferred request)."""
+    before = scrape(url)
+    workload = _workload(cfg, vocab_size, LengthRange(tokens, tokens), cfg.output_len)
+    records = _run_sequential(url, workload, cfg.requests)
+    delta = {k: v - before[k] for k, v in scrape(url).items()}
+    ok = [r for r in records if r.ok]
+    tpots = [r.tpot for r in ok if r.tpot is not None]
+    ttft = statistics.median(r.ttft for r in ok)
+    count = delta["kv_ready_delay_count"]
+    kv_ready = delta["kv_ready_delay_seconds"] / count if count else math.nan
+    return {"prompt_tokens": statistics.median(r.prompt_tokens for r in ok), "ttft": ttft,
+            "tpot": statistics.median(tpots) if tpots else math.nan,
+            "bytes": delta["kv_transfer_bytes"] / len(records),
+            "wire_s": delta["kv_transfer_seconds"] / len(records),
+            "kv_ready": kv_ready, "ok": len(ok), "n": len(records)}
+
+
+def measure_goodput(cfg: DisaggBenchConfig, url: str, vocab_size: int,
+                    mode: str) -> SweepResult:
+    """Open-loop Poisson load at each rate; the same seed, so the same requests and send times
+    in every mode."""
+    workload = _workload(cfg, vocab_size, cfg.load_input_len, cfg.output_len)
+    timeout = cfg.load_requests / min(cfg.rates) + 600.0
+    base = RunConfig(_endpoint(url), ArrivalConfig("poisson", rate=cfg.rates[0]),
+                     num_requests=cfg.load_requests, global_timeout_s=timeout)
+    target = (cfg.tpot_slo.percentile or 90.0) / 100
+    out_dir = cfg.output_dir / mode.replace(" ", "_").replace("+", "")
+    return run_sweep(base, workload, "rate", list(cfg.rates), (cfg.tpot_slo,), target, out_dir,
+                     progress=False, label=mode)
+
+
+def collect(cfg: DisaggBenchConfig) -> tuple[KVLayout, dict[int, float], dict[str, ModeResult]]:
+    model = ModelConfig.from_path(cfg.model_path)
+    layout = model_layout(cfg, model)
+    results = {}
+    for mode, mode_args in MODES.items():
+        _note(f"{mode}: starting kvrelay serve {' '.join(mode_args)}")
+        with Server(cfg, mode_args) as server:
+            warm_up = min((*cfg.tokens, cfg.load_input_len.low))
+            _run_sequential(server.url, _workload(cfg, model.vocab_size,
+                                                  LengthRange(warm_up, warm_up), 8), 1)
+            _note(f"{mode}: {cfg.requests} requests at each of {cfg.tokens} tokens")
+            lengths = {t: measure_length(cfg, server.url, model.vocab_size, t)
+                       for t in cfg.tokens}
+            _note(f"{mode}: goodput at {cfg.rates} req/s" if cfg.rates else "")
+            sweep = measure_goodput(cfg, server.url, model.vocab_size, mode) \
+                if cfg.rates else None
+            results[mode] = ModeResult(lengths, sweep)
+    # After the servers let go of the GPUs; the disaggregated run's bytes per request.
+    _note("raw send/recv of the same bytes")
+    moved = {t: row["bytes"] for t, row in results[DISAGG].lengths.items()}
+    return layout, raw_baseline(cfg, layout, moved), results
+
+
+def _note(text: str) -> None:
+    if text:
+        print(f"bench_disagg: {text}", file=sys.stderr, flush=True)
+
+
+def _cell(value: float, width: int, spec: str = ".2f", scale: float = 1.0) -> str:
+    text = "-" if value is None or not math.isfinite(value) else f"{value * scale:{spec}}"
+    return f"{text:>{width}}"
+
+
+def format_lengths(raw: dict[int, float], results: dict[str, ModeResult]) -> list[str]:
+    header = (f"{'mode':<13} {'prompt':>7} {'TTFT ms':>9} {'TPOT ms':>8} {'KV MiB':>8} "
+              f"{'wire GB/s':>9} {'raw GB/s':>9} {'wire/raw':>8} {'KV ready ms':>11} "
+              f"{'ready/TTFT':>10}")
+    lines = [header, "-" * len(header)]
+    for mode, result in results.items():
+        for tokens, row in result.lengths.items():
+            moved = row["bytes"] > 0
+            gbps = row["bytes"] / row["wire_s"] / 1e9 if moved and row["wire_s"] > 0 else math.nan
+            base = raw.get(tokens, math.nan) if moved else math.nan
+            lines.append(
+                f"{mode:<13} {row['prompt_tokens']:>7.0f} {_cell(row['ttft'], 9, '.1f', 1e3)} "
+                f"{_cell(row['tpot'], 8, '.2f', 1e3)} "
+                f"{_cell(row['bytes'] if moved else math.nan, 8, '.2f', 2**-20)} "
+                f"{_cell(gbps, 9)} {_cell(base, 9)} {_cell(gbps / base, 8)} "
+                f"{_cell(row['kv_ready'], 11, '.2f', 1e3)} "
+                f"{_cell(row['kv_ready'] / row['ttft'], 10, '.3f')}")
+    return lines
+
+
+def format_goodput(cfg: DisaggBenchConfig, results: dict[str, ModeResult]) -> list[str]:
+    header = (f"{'rate':>5} {'mode':<13} {'ok/sent':>8} {'req/s':>6} {'goodput':>7} "
+              f"{'held':>4} {'TTFT p50':>8} {'TTFT p90':>8} {'TPOT p50':>8} {'TPOT p90':>8} "
+              f"{'goodput D/C':>11}")
+    lines = [header, "-" * len(header)]
+    sweeps = {mode: r.sweep for mode, r in results.items() if r.sweep is not None}
+    colocated = sweeps.get(COLOCATED)
+    for i, rate in enumerate(cfg.rates):
+        for mode, sweep in sweeps.items():
+            s = sweep.points[i].summary
+            ratio = ""
+            if mode == DISAGG and colocated is not None:
+                base = colocated.points[i].summary.goodput
+                ratio = f"{s.goodput / base:.2f}" if base else ("inf" if s.goodput else "-")
+            lines.append(
+                f"{rate:>5g} {mode:<13} {f'{s.num_ok}/{s.num_requests}':>8} "
+                f"{s.request_throughput:>6.2f} {s.goodput:>7.2f} "
+                f"{'yes' if s.slos_held else 'no':>4} {fmt(s.ttft.p50, 1e3, 1):>8} "
+                f"{fmt(s.ttft.p90, 1e3, 1):>8} {fmt(s.tpot.p50, 1e3):>8} "
+                f"{fmt(s.tpot.p90, 1e3):>8} {ratio:>11}")
+    best = {mode: sweep.best_load for mode, sweep in sweeps.items()}
+    lines.append(f"highest rate holding {cfg.tpot_slo} (req/s): " + ", ".join(
+        f"{mode} {'none' if load is None else f'{load:g}'}" for mode, load in best.items()))
+    return lines
 
 
 def format_table(cfg: DisaggBenchConfig, layout: KVLayout, raw: dict[int, float],
-                 results: dict[str, tuple[dict[int, dict], Summary]]) -> str:
-    device = torch.cuda.get_device_name(0) if cfg.device == "cuda" else "CPU"
+                 results: dict[str, ModeResult]) -> str:
+    device = f"2x {torch.cuda.get_device_name(0)}" if cfg.device == "cuda" else "CPU"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    link = "NCCL" if cfg.device == "cuda" else "gloo"
     lines = [f"kvrelay bench_disagg  {now} UTC  device: {device}  model: {cfg.model_path} "
-             f"({layout.num_layers} "
-             f"layers, {layout.num_kv_heads} kv heads, d={layout.head_dim}, {layout.dtype})",
-             f"output {cfg.output_len} tokens (ignore_eos); {cfg.requests} sequential requests "
-             f"per length; medians. raw = {'NCCL' if cfg.device == 'cuda' else 'gloo'} "
-             f"send/recv of the same bytes between two processes"]
-    header = (f"{'mode':<13} {'prompt':>7} {'TTFT ms':>9} {'TPOT ms':>8} {'KV MiB':>8} "
-              f"{'xfer ms':>8} {'GB/s':>7} {'raw GB/s':>9} {'ratio':>6} {'xfer/TTFT':>9}")
-    lines += [header, "-" * len(header)]
-    for mode, (rows, _) in results.items():
-        for tokens, row in rows.items():
-            gbps = row["bytes"] / row["wire_s"] / 1e9 if row["wire_s"] > 0 else float("nan")
-            base = raw.get(tokens, float("nan"))
-            lines.append(
-                f"{mode:<13} {row['prompt_tokens']:>7.0f} {row['ttft'] * 1e3:>9.1f} "
-                f"{row['tpot'] * 1e3:>8.2f} {row['bytes'] / 2**20:>8.1f} "
-                f"{row['wire_s'] * 1e3:>8.2f} {gbps:>7.2f} {base:>9.2f} {gbps / base:>6.2f} "
-                f"{row['share'] * 100:>8.1f}%")
-    lines.append(f"load: {cfg.load_requests} requests, Poisson {cfg.rate:g} req/s, prompts "
-                 f"{cfg.load_input_len} tokens; SLO {cfg.tpot_slo}")
-    for mode, (_, summary) in results.items():
-        lines.append(f"{mode:<13} goodput {summary.goodput:.2f} req/s  attainment "
-                     f"{summary.attainment * 100:.0f}%  ok {summary.num_ok}/"
-                     f"{summary.num_requests}  TPOT p50 {summary.tpot.p50 * 1e3:.2f} ms  "
-                     f"p99 {summary.tpot.p99 * 1e3:.2f} ms  TTFT p50 "
-                     f"{summary.ttft.p50 * 1e3:.1f} ms")
+             f"({layout.num_layers} layers, {layout.num_kv_heads} kv heads, "
+             f"d={layout.head_dim}, {layout.dtype}, {cfg.attention_backend} attention)",
+             f"prompts: random token ids (exact lengths); output {cfg.output_len} tokens "
+             f"(ignore_eos)"]
+    if cfg.tokens:
+        lines += ["", f"latency: {cfg.requests} sequential requests per length; medians of "
+                      f"TTFT/TPOT, means of the KV counters; raw = {link} send/recv of the same "
+                      f"bytes between two processes; KV ready = end of prefill to KV landed "
+                      f"(after token 1: ready/TTFT is a ratio, not a share)",
+                  *format_lengths(raw, results)]
+    if cfg.rates:
+        slo = cfg.tpot_slo
+        held = f"at least {slo.percentile:g}%" if slo.percentile is not None else "all"
+        lines += ["", f"goodput: Poisson, {cfg.load_requests} requests per rate, prompts "
+                      f"{cfg.load_input_len.low}:{cfg.load_input_len.high} tokens (uniform), "
+                      f"same requests in both modes; goodput = requests/s with {slo.metric} <= "
+                      f"{slo.limit_s * 1e3:g} ms; held = {held} of requests sent met it; "
+                      f"latencies in ms; runs in {cfg.output_dir}",
+                  *format_goodput(cfg, results)]
     return "\n".join(lines)
-
-
-def collect(cfg: DisaggBenchConfig) -> tuple[KVLayout, dict, dict]:
-    layout = model_layout(cfg)
-    results = {}
-    for mode, mode_args in MODES.items():
-        with Server(cfg, mode_args) as server:
-            rows = {t: measure_length(cfg, server.url, t) for t in cfg.tokens}
-            results[mode] = (rows, measure_goodput(cfg, server.url))
-    # After the servers let go of the GPUs; the disaggregated run's bytes per request.
-    moved = {t: row["bytes"] for t, row in results[next(iter(MODES))][0].items()}
-    return layout, raw_baseline(cfg, layout, moved), results
 
 
 def main(argv: list[str] | None = None) -> int:
