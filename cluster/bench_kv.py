@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing as mp
 
-from workers.kv_transfer import KVLayout, Receiver, Sender, TransferConfig, TransferState
+from workers.kv_transfer import KVLayout, Receiver, TransferConfig, TransferState, make_sender
 from workers.kv_transfer.layout import plan_transfer
 from workers.kv_transfer.packing import copy_path, pack, unpack
 from workers.kv_transfer.pair_group import RECEIVER_RANK, SENDER_RANK, PairGroup, host_store
@@ -38,6 +38,7 @@ class BenchConfig:
     layout: KVLayout
     host: str = "127.0.0.1"
     probe_bytes: int = 4 << 20
+    scattered: bool = False
 
     def num_bytes(self, tokens: int) -> int:
         plan = plan_transfer(self.layout, self.layout)
@@ -60,13 +61,15 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--scattered", action="store_true",
+                        help="random block ids (every block its own run: the packed path)")
     args = parser.parse_args(argv)
     tokens = args.tokens or ("1024,4096,16384" if args.device == "cuda" else "64,256,1024")
     layout = KVLayout("llama-3-8b-kv-shape", args.dtype, args.block_size, args.layers,
                       args.kv_heads, args.head_dim)
     return BenchConfig(args.device, tuple(int(t) for t in tokens.split(",")), args.iters,
                        args.warmup, layout, probe_bytes=(64 << 20) if args.device == "cuda"
-                       else (4 << 20))
+                       else (4 << 20), scattered=args.scattered)
 
 
 def _caches(cfg: BenchConfig, device: torch.device, seed: int):
@@ -79,8 +82,14 @@ def _caches(cfg: BenchConfig, device: torch.device, seed: int):
 
 
 def _block_ids(cfg: BenchConfig, tokens: int, seed: int) -> list[int]:
-    return random.Random(seed).sample(range(cfg.num_blocks(max(cfg.tokens)) + 1),
-                                      cfg.num_blocks(tokens))
+    """A request's blocks: one contiguous range at a random offset (what a pool hands out
+    when it is not fragmented), or random scattered ids with `--scattered` (worst case)."""
+    rng, total, count = random.Random(seed), cfg.num_blocks(max(cfg.tokens)) + 1, \
+        cfg.num_blocks(tokens)
+    if cfg.scattered:
+        return rng.sample(range(total), count)
+    first = rng.randrange(total - count + 1)
+    return list(range(first, first + count))
 
 
 def _sync(device: torch.device) -> None:
@@ -136,7 +145,7 @@ def _sender_main(cfg: BenchConfig, transport: str, device: str, raw: bool, conn,
                 group.send(buf, 120)
         group.close()
     config = TransferConfig(transport, cfg.host, timeout_s=600, probe_bytes=cfg.probe_bytes)
-    sender = Sender(cfg.layout, _caches(cfg, device, seed=3), config)
+    sender = make_sender(cfg.layout, _caches(cfg, device, seed=3), config)
     address = conn.recv()
     ours = {}
     for tokens in cfg.tokens:

@@ -182,12 +182,30 @@ class RouterCore(Placement):
             return
         if worker.incarnation and news["incarnation"] != worker.incarnation:
             await self._lose(worker_id, "restarted")
-        if not worker.ready:
+        admitted = not worker.ready
+        if admitted:
             log.info("worker %s (%s) admitted", worker_id, worker.role)
         worker.incarnation, worker.ready = news["incarnation"], True
+        worker.kv_address = news.get("kv_address")
+        if admitted:
+            await self._introduce(worker_id)
         worker.free_blocks, worker.total_blocks = news["free_blocks"], news["total_blocks"]
         for request_id, event in news["events"]:
             await self._on_event(worker_id, request_id, event)
+
+    async def _introduce(self, worker_id: str) -> None:
+        """Sets up KV pairs at admission, off every request's path: a new decode worker with
+        each prefill worker, a new prefill worker with each decode worker."""
+        worker = self.workers[worker_id]
+        ready = [(wid, w) for wid, w in self.workers.items() if w.ready]
+        if worker.role == "decode" and worker.kv_address:
+            for wid, other in ready:
+                if other.role == "prefill":
+                    await self._call_quietly(wid, "connect", [worker.kv_address])
+        elif worker.role == "prefill":
+            addresses = [w.kv_address for _, w in ready if w.role == "decode" and w.kv_address]
+            if addresses:
+                await self._call_quietly(worker_id, "connect", addresses)
 
     async def _on_event(self, worker_id: str, request_id: str, event: str) -> None:
         """Worker news: 'sending' (token 1 out, KV on its way), 'shipped' (the KV landed),

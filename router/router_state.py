@@ -47,6 +47,8 @@ class WorkerState:
     free_blocks: int = 0
     total_blocks: int = 0
     requests: set[str] = field(default_factory=set)
+    kv_address: str | None = None
+    """Decode workers: their KV receiver, which prefill workers pair with on admission."""
 
 
 @dataclass

@@ -67,10 +67,11 @@ class DecodeWorker(EngineWorker):
             return  # aborted while the data was in flight
         now = time.time()
         live.timings.update(extra.get("timings", {}))
-        # Transfer: from the prefill worker's token 1 to the data landing here (wall clocks of
-        # one host, or NTP-synced hosts), plus the wire time and bytes of the data itself.
+        # KV ready delay: from the end of prefill (token 1 sampled on the prefill worker) to
+        # the KV having landed here, what a user waits beyond prefill (wall clocks of one host,
+        # or NTP-synced hosts); beside it the bytes and the wire time of the data itself.
         sent_at = live.timings.pop("prefill_done_at", now)
-        live.timings["transfer"] = max(0.0, now - sent_at)
+        live.timings["kv_ready_delay"] = max(0.0, now - sent_at)
         record = self.kv.table.get(rid)
         if record is not None:
             live.timings["transfer_wire"] = record.seconds
@@ -86,15 +87,31 @@ class DecodeWorker(EngineWorker):
         # never both, so the client gets exactly one final chunk.
         if rid in self.live:
             log.info("kv transfer of %s did not land (%s): %s", rid, state.value, reason)
-            self.engine.abort(rid)
             self.live.pop(rid, None)
+            self._free_when_quiet(rid)
+
+    def _free_when_quiet(self, rid: str) -> None:
+        """Frees a reservation once no posted receive can write into its blocks."""
+        self.kv.when_quiet(rid, lambda: self.on_loop(lambda: self.engine.abort(rid)))
+
+    def _abort_now(self, request_id: str) -> None:
+        self.kv.abort(request_id)
+        self.live.pop(request_id, None)
+        if self.kv.state(request_id) is TransferState.DONE or self.kv.state(request_id) is None:
+            self.engine.abort(request_id)  # decoding (or never reserved): nothing in flight
+        else:
+            self._free_when_quiet(request_id)
 
     def final_timings(self, live: LiveRequest, now: float) -> dict[str, float]:
-        if "transfer" not in live.timings:  # prefilled here (conditional disaggregation)
+        if "kv_ready_delay" not in live.timings:  # prefilled here (conditional disaggregation)
             return super().final_timings(live, now)
         timings = dict(live.timings)
         timings["decode"] = now - (live.first_token_at or now)
         return timings
+
+    def kv_address(self) -> str | None:
+        kv = getattr(self, "kv", None)  # polled before construction has finished
+        return kv.address if kv is not None else None
 
     def abort_transfers(self, request_id: str) -> None:
         self.kv.abort(request_id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
+from typing import Protocol
 
 import torch
 
@@ -31,6 +32,7 @@ from workers.errors import (
     UnknownRequest,
     UnknownTokenIds,
 )
+from workers.kv_transfer.stream_plan import PrefillSpan
 from workers.model_runner import ModelRunner
 from workers.outputs import RequestMetrics, RequestOutput
 from workers.parallel import ParallelContext
@@ -40,6 +42,14 @@ from workers.sampling_params import SamplingParams
 from workers.scheduler import ScheduledBatch, Scheduler
 from workers.sequence import Sequence, SequenceStatus, SequenceTimes
 from workers.stop_checker import StopChecker
+
+
+class KVStreamHook(Protocol):
+    """What a streaming KV transport needs from the prefill engine's steps."""
+
+    def before_step(self, spans: list[PrefillSpan]) -> None: ...
+    def layer_done(self, local_layer: int) -> None: ...
+    def fence(self) -> None: ...
 
 
 class LLMEngine:
@@ -64,6 +74,9 @@ class LLMEngine:
         self._generators: dict[str, torch.Generator] = {}
         self._arrivals = itertools.count()
         self._generate_ids = itertools.count()
+        self.kv_stream: KVStreamHook | None = None
+        """Prefill role with a streaming KV transport: told each step's prompt spans before
+        the forward pass and each layer's end during it (workers/kv_transfer/torch_sender.py)."""
 
     # ---- pool facts (leak tests, KV-aware routing) ---------------------------------------
 
@@ -96,14 +109,15 @@ class LLMEngine:
         self._admit(seq)
         self.scheduler.add(seq)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str, hold_blocks: bool = False) -> None:
         """Ends a request in any phase (waiting, running, reserved, held) and frees its
-        blocks. Unknown or already finished ids are ignored."""
+        blocks; with `hold_blocks` it stops running but keeps them (HELD) until `release`,
+        for blocks a KV transfer still touches. Unknown or finished ids are ignored."""
         seq = self._seqs.get(request_id)
-        if seq is None:
+        if seq is None or (hold_blocks and seq.status is SequenceStatus.HELD):
             return
         self.scheduler.remove(seq)
-        self._finish(seq, "abort", free_blocks=True)
+        self._finish(seq, "abort", free_blocks=not hold_blocks)
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled batch; returns an output per sequence that sampled a token."""
@@ -227,8 +241,26 @@ class LLMEngine:
             generator = torch.Generator(device=self.runner.device)
             self._generators[seq.seq_id] = generator.manual_seed(seq.params.seed)
 
+    def _prefill_spans(self, batch: ScheduledBatch) -> list[PrefillSpan]:
+        """The prompt tokens each sequence computes this step, with its block table."""
+        spans = []
+        starts = batch.step.query_start_loc
+        for i, (seq, count) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            start = batch.step.positions[starts[i]]
+            end = min(start + count, seq.num_prompt_tokens)
+            if start < end:
+                spans.append(PrefillSpan(seq.seq_id, start, end, list(seq.block_table)))
+        return spans
+
     def _sample(self, batch: ScheduledBatch) -> tuple[list[int], list[dict | None]]:
-        logits = self.runner.execute(batch.step)
+        stream = self.kv_stream
+        if stream is not None:
+            if batch.preempted:
+                stream.fence()  # freed blocks may be rewritten: after the sends reading them
+            stream.before_step(self._prefill_spans(batch))
+        logits = self.runner.execute(
+            batch.step, layer_done=stream.layer_done if stream is not None else None
+        )
         if not batch.sampled:
             return [], []
         rows = [

@@ -45,10 +45,10 @@ def kv_layout(engine) -> KVLayout:
 
 def make_sender(engine, kv_transport: str, host: str, sender_id: str,
                 on_done: OnDone, on_failed: OnFailed):
-    from workers.kv_transfer.sender import Sender
+    from workers.kv_transfer import make_sender as make
 
-    return Sender(kv_layout(engine), engine.runner.kv_caches, transfer_config(kv_transport, host),
-                  on_done=on_done, on_failed=on_failed, sender_id=sender_id)
+    return make(kv_layout(engine), engine.runner.kv_caches, transfer_config(kv_transport, host),
+                on_done=on_done, on_failed=on_failed, sender_id=sender_id)
 
 
 def make_receiver(engine, kv_transport: str, host: str, on_done: OnDone, on_failed: OnFailed):

@@ -9,7 +9,7 @@ KV transfer reads and writes `kv_caches` directly.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -238,16 +238,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, step: StepInput, intermediate: IntermediateTensors | None = None
+        self, step: StepInput, intermediate: IntermediateTensors | None = None,
+        layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         """Float32 logits [len(step.logits_indices), vocab] on the last pipeline stage (the
-        hidden states for the next stage otherwise). Writes this step's KV into kv_caches.
-        Decode-only steps replay a CUDA graph when there is a graph runner."""
-        if self.graph_runner is not None and self.graph_runner.can_run(step):
+        hidden states for the next stage otherwise). Writes this step's KV into kv_caches,
+        calling `layer_done(local_layer)` after each layer's (eager steps only). Decode-only
+        steps replay a CUDA graph when there is a graph runner (and no `layer_done`)."""
+        if layer_done is None and self.graph_runner is not None and \
+                self.graph_runner.can_run(step):
             return self.model.compute_logits(self.graph_runner.run(step))
         tensors = build_step_tensors(step, self.device)
         out = self.model(
-            tensors.input_ids, tensors.positions, self._full_caches, tensors.meta, intermediate
+            tensors.input_ids, tensors.positions, self._full_caches, tensors.meta, intermediate,
+            layer_done,
         )
         if isinstance(out, IntermediateTensors):
             return out

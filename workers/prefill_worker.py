@@ -1,10 +1,13 @@
 """Prefill worker: computes a prompt's KV and first token, ships the KV to a decode worker.
 
 Flow per request (docs/contracts.md): the router has reserved blocks on a decode worker and
-calls `prefill(request, dest)`. The engine (role 'prefill') finishes the request after its first
-token with finish_reason 'prefill_done' and holds its blocks. This worker streams token 1 to
-the gateway, sends the prompt's blocks into `dest`'s reserved blocks (token 1 and the phase
-timings ride in the transfer header), and releases the blocks once the transfer is terminal.
+calls `prefill(request, dest)`. The transfer is opened before the prefill runs: a streaming
+transport (torch: NCCL/gloo) moves each layer's blocks into `dest`'s reserved blocks while the
+prefill computes the later layers. The engine (role 'prefill') finishes the request after its
+first token with finish_reason 'prefill_done' and holds its blocks. This worker streams token 1
+to the gateway, finishes the transfer (token 1 and the phase timings ride in its last
+message), and releases the blocks once the transfer is terminal and no send touches them.
+Pairs with decode workers are set up when the router introduces them (`connect`).
 """
 
 from __future__ import annotations
@@ -30,14 +33,26 @@ class PrefillWorker(EngineWorker):
             on_failed=lambda rid, state, why: self.call_soon(lambda: self._not_shipped(
                 rid, state, why)),
         )
+        self.engine.kv_stream = self.kv.stream_hook()
+
+    def connect(self, kv_addresses: list[str]) -> None:
+        """Sets up KV pairs with these decode workers now (they started or joined), so no
+        request waits for a handshake or a communicator."""
+        for address in kv_addresses:
+            self.kv.connect(address)
 
     def prefill(self, request: GenerateRequest, dest: dict) -> None:
         """Queues the prefill of `request`; `dest` is the decode worker's `reserve` answer."""
 
         def admit() -> None:
-            self.dests[request.request_id] = dest
+            rid = request.request_id
+            self.dests[rid] = dest
+            self.kv.open(rid, dest["kv_address"], dest["block_ids"],
+                         len(request.prompt_token_ids))
             if not self.add_to_engine(request):
-                self.dests.pop(request.request_id, None)
+                self.dests.pop(rid, None)
+                self.kv.abort(rid)
+                self.kv.forget(rid)
 
         self.call_soon(admit)
 
@@ -47,6 +62,8 @@ class PrefillWorker(EngineWorker):
             # Ended at token 1 (stop, length, error): the stream ends here; the router frees
             # the decode worker's reservation when it sees this request finished.
             self.dests.pop(rid, None)
+            self.kv.abort(rid)
+            self.kv.forget(rid)
             self.stream(output)
             return
         self.stream(output, finished=False)
@@ -58,8 +75,8 @@ class PrefillWorker(EngineWorker):
             "first_token_id": output.new_token_ids[-1],
             "timings": timings | {"prefill_done_at": now},
         }
-        self.kv.send(rid, dest["kv_address"], self.engine.held_block_ids(rid),
-                     dest["block_ids"], extra=extra, num_tokens=output.num_prompt_tokens)
+        self.kv.finish(rid, self.engine.held_block_ids(rid), extra=extra,
+                       num_tokens=output.num_prompt_tokens)
         self.note(rid, "sending")
 
     def _shipped(self, rid: str) -> None:
@@ -75,15 +92,27 @@ class PrefillWorker(EngineWorker):
             self.finish_with_error(rid, TransferFailed(rid, reason))
 
     def _release(self, rid: str) -> None:
-        try:
-            self.engine.release(rid)
-        except UnknownRequest:
-            pass  # already freed by an abort, which ended the transfer too
+        """Frees the request's blocks once no posted send reads them any more."""
+
+        def release_now() -> None:
+            try:
+                self.engine.release(rid)
+            except UnknownRequest:
+                pass  # already freed
+
+        self.kv.when_quiet(rid, lambda: self.on_loop(release_now))
 
     def abort_transfers(self, request_id: str) -> None:
-        # Once abort returns no copy reads the blocks, so the engine may free them.
         self.kv.abort(request_id)
+        self.kv.forget(request_id)
         self.dests.pop(request_id, None)
+
+    def _abort_now(self, request_id: str) -> None:
+        # The engine stops the request at once but holds its blocks until no send reads them.
+        self.abort_transfers(request_id)
+        self.engine.abort(request_id, hold_blocks=True)
+        self.live.pop(request_id, None)
+        self._release(request_id)
 
     def transfer_paths(self) -> dict[str, dict]:
         """Per decode address: the path (nccl, gloo, zmq) and the probe's GB/s."""

@@ -121,6 +121,7 @@ class EngineWorker:
             "total_blocks": self.engine.num_total_blocks,
             "num_live": len(self.live),
             "events": events,
+            "kv_address": self.kv_address(),
         }
 
     def free_blocks(self) -> int:
@@ -143,6 +144,13 @@ class EngineWorker:
 
         self._inbox.put(run)
         return future.result(timeout=timeout)
+
+    def on_loop(self, fn: Callable[[], None]) -> None:
+        """Runs `fn` now if this is the loop thread, else soon in it (`call_soon`)."""
+        if threading.current_thread() is self._thread:
+            fn()
+        else:
+            self.call_soon(fn)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Runs `fn` in the loop thread later; an error is logged, never kills the loop."""
@@ -177,9 +185,9 @@ class EngineWorker:
             self.on_output(output)
         except Exception as exc:  # one request's failure must not stop the others
             log.exception("output of %s failed on %s", output.request_id, self.worker_id)
-            self.abort_transfers(output.request_id)
-            self.engine.abort(output.request_id)
-            self.finish_with_error(output.request_id, exc)
+            request = self.live[output.request_id].request
+            self._abort_now(output.request_id)
+            self.finish_with_error(output.request_id, exc, request)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -288,3 +296,7 @@ class EngineWorker:
 
     def abort_transfers(self, request_id: str) -> None:
         """Stops any transfer of `request_id` before its blocks are freed."""
+
+    def kv_address(self) -> str | None:
+        """Where prefill workers push KV to this worker (decode workers), else None."""
+        return None

@@ -368,7 +368,7 @@ def test_worker_error_chunks_map_to_their_status(tiny_model_dir, error_type, sta
 
 
 def test_phase_split_and_kv_transfer_metrics_come_from_the_final_chunk(tiny_model_dir):
-    timings = {"queue": 0.01, "prefill": 0.1, "transfer": 0.2, "transfer_wire": 0.05,
+    timings = {"queue": 0.01, "prefill": 0.1, "kv_ready_delay": 0.2, "transfer_wire": 0.05,
                "transfer_bytes": 2**20, "decode": 0.3}
     script = [OutputChunk("", [5], text_delta="a"),
               OutputChunk("", [6], text_delta="b", finished=True, finish_reason="length",
@@ -386,7 +386,7 @@ def test_phase_split_and_kv_transfer_metrics_come_from_the_final_chunk(tiny_mode
         backend.close()
     assert "kvrelay_kv_transfer_bytes_total 1.048576e+06" in text
     assert "kvrelay_kv_transfer_seconds_total 0.05" in text
-    for phase, seconds in (("queue", 0.01), ("prefill", 0.1), ("transfer", 0.2),
+    for phase, seconds in (("queue", 0.01), ("prefill", 0.1), ("kv_ready_delay", 0.2),
                            ("decode", 0.3)):
         assert f'kvrelay_request_phase_seconds_sum{{phase="{phase}"}} {seconds}' in text
     assert snapshot["kv_transfer_bytes"] == 2**20 and snapshot["generation_tokens"] == 2

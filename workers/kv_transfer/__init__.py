@@ -1,8 +1,9 @@
 """KV transfer between prefill and decode workers (push variant; see base.py for the contract).
 
-Backends: `Sender` / `Receiver` (torch.distributed NCCL/gloo, ZMQ frames, or CUDA IPC
-device-to-device copies between two processes on one GPU (cuda_ipc.py), per
-`TransferConfig.transport`) and `InProcessSender` / `InProcessReceiver` for engine tests.
+Backends, per `TransferConfig.transport` (`make_sender` picks the sender): `TorchSender`
+(torch.distributed NCCL/gloo, streamed layer by layer during prefill) or `Sender` (ZMQ frames,
+or CUDA IPC device-to-device copies between two processes on one GPU, cuda_ipc.py), both into
+one `Receiver`; and `InProcessSender` / `InProcessReceiver` for engine tests.
 """
 
 from workers.kv_transfer.base import KVReceiver, KVSender, TransferHeader, TransferState
@@ -17,9 +18,19 @@ from workers.kv_transfer.layout import (
 )
 from workers.kv_transfer.receiver import Receiver
 from workers.kv_transfer.sender import Sender
+from workers.kv_transfer.torch_sender import TorchSender
+
+
+def make_sender(layout: KVLayout, kv_caches, config: TransferConfig, **kwargs) -> KVSender:
+    """The sender for `config.transport`: torch streams (TorchSender); zmq and cuda_ipc move
+    a prefilled request whole (Sender). kwargs: on_done, on_failed, sender_id."""
+    cls = TorchSender if config.transport == "torch" else Sender
+    return cls(layout, kv_caches, config, **kwargs)
+
 
 __all__ = [
     "InProcessHub", "InProcessReceiver", "InProcessSender", "KVLayout", "KVReceiver",
-    "KVSender", "Receiver", "Sender", "TransferConfig", "TransferHeader", "TransferPlan",
-    "TransferState", "check_compatible", "plan_transfer", "slice_for_rank",
+    "KVSender", "Receiver", "Sender", "TorchSender", "TransferConfig", "TransferHeader",
+    "TransferPlan",
+    "TransferState", "check_compatible", "make_sender", "plan_transfer", "slice_for_rank",
 ]

@@ -100,8 +100,15 @@ class _TransferEnd(ABC):
 
     def abort(self, request_id: str) -> None:
         """Ends the transfer (ABORTED) if still in flight; idempotent. Data that lands later
-        for it is dropped. Blocks may be freed as soon as this returns."""
+        for it is dropped. The blocks may be freed once `when_quiet` says so."""
         self.table.end(request_id, TransferState.ABORTED, "aborted")
+
+    def when_quiet(self, request_id: str, fn: Callable[[], None]) -> None:
+        """Runs `fn()` once the transfer is terminal and nothing touches its blocks any more:
+        at once if so (most transports: right after `abort`), or later from a transfer
+        thread (the torch stream's posted sends/receives cannot be recalled; they end when
+        the data has moved or the pair is torn down). Free the blocks in `fn`."""
+        self.table.when_quiet(request_id, fn)
 
     @abstractmethod
     def path(self, peer: str) -> str | None:
@@ -117,8 +124,50 @@ class _TransferEnd(ABC):
         """Stops threads, closes sockets and communicators. Idempotent."""
 
 
+@dataclass
+class OpenTransfer:
+    """A transfer opened before its prefill ran: where its KV goes."""
+
+    dest: str
+    dest_block_ids: list[int]
+    num_tokens: int | None
+    timeout_s: float | None
+
+
 class KVSender(_TransferEnd):
-    """Prefill side: pushes one request's KV blocks into a receiver's reserved blocks."""
+    """Prefill side: pushes one request's KV blocks into a receiver's reserved blocks.
+
+    Two ways in. `send` moves a prefilled request whole. A worker instead `open`s the
+    transfer when the prefill is queued, hands `stream_hook()` to its engine (streaming
+    transports move each layer's blocks while the prefill runs; others return None and
+    move everything at `finish`), and calls `finish` once token 1 is sampled.
+    """
+
+    def connect(self, dest: str) -> None:
+        """Sets up the pair with receiver `dest` now, in the background (worker start or
+        join), so no request waits for a handshake. Idempotent."""
+
+    def open(self, request_id: str, dest: str, dest_block_ids: list[int],
+             num_tokens: int | None = None, timeout_s: float | None = None) -> None:
+        """Registers a transfer whose prefill is about to run."""
+        opened = self.__dict__.setdefault("_opened", {})
+        opened[request_id] = OpenTransfer(dest, list(dest_block_ids), num_tokens, timeout_s)
+
+    def stream_hook(self):
+        """The engine's `kv_stream` (before_step / layer_done), or None: no streaming."""
+        return None
+
+    def finish(self, request_id: str, src_block_ids: list[int], extra: dict | None = None,
+               num_tokens: int | None = None) -> None:
+        """Token 1 is sampled: completes an `open`ed transfer (here: sends it whole)."""
+        opened = self.__dict__.get("_opened", {}).pop(request_id)
+        self.send(request_id, opened.dest, src_block_ids, opened.dest_block_ids, extra,
+                  num_tokens if num_tokens is not None else opened.num_tokens,
+                  opened.timeout_s)
+
+    def forget(self, request_id: str) -> None:
+        """Drops an `open`ed transfer that will never finish (aborted before token 1)."""
+        self.__dict__.get("_opened", {}).pop(request_id, None)
 
     @abstractmethod
     def send(self, request_id: str, dest: str, src_block_ids: list[int],

@@ -24,6 +24,10 @@ class Hello:
     ipc: dict[str, Any] = field(default_factory=dict)
     """cuda_ipc: where the sender's caches are ({'device', 'host_id', 'gpu_uuid'}); the
     receiver refuses naming the field unless they are on its host and GPU."""
+    probe_bytes: int = 0
+    probe_rounds: int = 0
+    """torch transport: the start-up probe both ranks run right after the warm-up (the
+    receiver pre-posts `probe_rounds + 1` receives of `probe_bytes`)."""
 
 
 @register
@@ -45,8 +49,8 @@ class HelloReply:
 @register
 @dataclass
 class Reply:
-    """Receiver -> sender about one transfer: kind 'ready' (torch path: recv posted, send now;
-    cuda_ipc: reservation held, copy now) or 'ack' (data landed, or refused with a reason).
+    """Receiver -> sender about one transfer: kind 'ready' (cuda_ipc: reservation held, copy
+    now) or 'ack' (data landed, or refused with a reason).
     cuda_ipc also uses it sender -> receiver: kind 'written' (the copy finished, or failed)."""
 
     request_id: str
@@ -63,3 +67,35 @@ class PairReport:
 
     path: str
     gbps: float
+
+
+@register
+@dataclass
+class StreamPart:
+    """Sender -> receiver (torch transport), before the sends of one prefill step: which
+    blocks of which requests this pair's sends carry, so the receiver pre-posts its receives
+    in the same order. Per layer of the pair's plan, in layer order, the sends are each
+    entry's runs (workers/kv_transfer/stream_plan.py), K then V per run; or one packed
+    buffer of all entries' blocks (`packed`)."""
+
+    generation: int
+    entries: list[Any]
+    """[request_id, [[dest_first_block, num_blocks], ...]] per request in this step."""
+    packed: bool = False
+    """One packed buffer per layer instead of the runs' views: the sender chose it (the plan
+    is a head slice of either end, or the blocks are too scattered for one message per run)."""
+
+
+@register
+@dataclass
+class StreamEnd:
+    """Sender -> receiver (torch transport): the request's last StreamPart has been sent
+    (`parts` of them from this sender, covering `cells` (layer, kv head) cells). The receiver
+    marks DONE once those parts have landed and every cell of its slice is covered, then
+    acks each sender."""
+
+    request_id: str
+    generation: int
+    parts: int
+    cells: int
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -2,15 +2,23 @@
 
 No world group: each pair gets its own TCPStore (hosted by the receiver, rank 0) and a
 ProcessGroupGloo (CPU tensors) or ProcessGroupNCCL (CUDA tensors) built directly on it, as
-vLLM's StatelessProcessGroup does. So pairs come and go with workers, are created on first
-contact, and are torn down when idle or after a failure (a per-pair NCCL communicator costs
-tens of MB of GPU memory).
+vLLM's StatelessProcessGroup does. So pairs come and go with workers, are created when a
+worker starts or joins, and are torn down when idle or after a failure (a per-pair NCCL
+communicator costs tens of MB of GPU memory).
+
+Construction is eager and symmetric: both ranks construct together and exchange one warm-up
+message before the constructor returns. ProcessGroupNCCL otherwise creates its point-to-point
+communicator lazily inside the first send/recv, which blocks until both ranks are inside it;
+a rank that first waits for a control message from the other then deadlocks (it did, on two
+GPUs). After construction no send or recv ever waits for a connection.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
+from collections.abc import Sequence
 
 import torch
 from torch.distributed import PrefixStore, TCPStore
@@ -19,6 +27,20 @@ log = logging.getLogger(__name__)
 
 RECEIVER_RANK = 0
 SENDER_RANK = 1
+OP_TIMEOUT_S = 3600.0
+"""The communicator's own timeout of one operation. Pre-posted receives wait as long as the
+prompt's prefill takes, so liveness is the transfer deadlines' job (they abort an NCCL pair),
+not NCCL's. gloo cannot be aborted: its pairs get a timeout near the transfer deadline, the
+latest a stuck gloo operation ends."""
+
+# A timed-out NCCL op must abort its communicator, never kill the worker process (torch's
+# default, 3, tears the process down): both ends survive a dead peer and rebuild the pair.
+os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+
+
+def op_timeout(config, device: torch.device) -> float:
+    """The per-operation timeout a pair on `device` gets (see OP_TIMEOUT_S)."""
+    return OP_TIMEOUT_S if device.type == "cuda" else 2 * config.timeout_s + 5
 
 
 def host_store(host: str, timeout_s: float) -> TCPStore:
@@ -29,10 +51,12 @@ def host_store(host: str, timeout_s: float) -> TCPStore:
 
 class PairGroup:
     """Both ranks construct one with the same (host, port, generation); construction blocks
-    until the other rank has joined (or `timeout_s` passes, raising)."""
+    until the other rank has joined and the warm-up message has crossed (or `timeout_s`
+    passes, raising)."""
 
     def __init__(self, store: TCPStore | None, host: str, port: int, rank: int,
-                 generation: int, device: torch.device, timeout_s: float):
+                 generation: int, device: torch.device, timeout_s: float,
+                 op_timeout_s: float = OP_TIMEOUT_S):
         timeout = datetime.timedelta(seconds=timeout_s)
         if store is None:
             store = TCPStore(host, port, 2, False, timeout=timeout)
@@ -42,18 +66,28 @@ class PairGroup:
         self.generation = generation
         self.device = device
         prefix = PrefixStore(f"kvrelay/pair/{generation}", store)
+        op_timeout = datetime.timedelta(seconds=op_timeout_s)
         if device.type == "cuda":
             from torch.distributed import ProcessGroupNCCL
 
             options = ProcessGroupNCCL.Options()
-            options._timeout = timeout
+            options._timeout = op_timeout
             self.backend = "nccl"
             self._group = ProcessGroupNCCL(prefix, rank, 2, options)
         else:
             from torch.distributed import ProcessGroupGloo
 
             self.backend = "gloo"
-            self._group = ProcessGroupGloo(prefix, rank, 2, timeout)
+            self._group = ProcessGroupGloo(prefix, rank, 2, op_timeout)
+        self._warm_up(timeout_s)
+
+    def _warm_up(self, timeout_s: float) -> None:
+        """One message each way: builds the P2P connection on both ranks now."""
+        buf = torch.zeros(1, dtype=torch.uint8, device=self.device)
+        first, second = (self.post_recv, self.post_send) if self.rank == RECEIVER_RANK else \
+            (self.post_send, self.post_recv)
+        self.wait(first(buf), timeout_s)
+        self.wait(second(buf), timeout_s)
 
     def send(self, buf: torch.Tensor, timeout_s: float) -> None:
         """One send of a contiguous buffer; raises (RuntimeError) if not done within timeout_s."""
@@ -68,6 +102,17 @@ class PairGroup:
         """Posts one recv into a contiguous buffer; finish it with `wait(work, timeout_s)`."""
         return self._group.recv([buf], self.peer, tag)
 
+    def post_many(self, bufs: Sequence[torch.Tensor], send: bool, first_tag: int = 0) -> list:
+        """Posts one send (or recv) per buffer, as ONE grouped NCCL call where the backend
+        coalesces (a layer's block runs cost one kernel launch); returns the works to check."""
+        post = self.post_send if send else self.post_recv
+        if self.backend != "nccl" or len(bufs) == 1:
+            return [post(buf, first_tag + i) for i, buf in enumerate(bufs)]
+        self._group._start_coalescing(self.device)
+        for i, buf in enumerate(bufs):
+            post(buf, first_tag + i)
+        return [self._group._end_coalescing(self.device)]
+
     def wait(self, work, timeout_s: float) -> None:
         """Raises (RuntimeError) if `work` is not done within timeout_s."""
         work.wait(datetime.timedelta(seconds=max(timeout_s, 0.001)))
@@ -77,7 +122,8 @@ class PairGroup:
             torch.cuda.current_stream(self.device).synchronize()
 
     def close(self) -> None:
-        """Aborts pending operations and frees the communicator. Idempotent."""
+        """Aborts pending operations (they end with an error) and frees the communicator.
+        Idempotent."""
         group, self._group = self._group, None
         if group is None:
             return

@@ -20,7 +20,7 @@ from workers.kv_transfer.cuda_ipc import PATH as IPC_PATH
 from workers.kv_transfer.cuda_ipc import IpcExport
 from workers.kv_transfer.layout import KVLayout, TransferPlan, plan_transfer
 from workers.kv_transfer.messages import Reply
-from workers.kv_transfer.packing import CopyStream, KVCaches, chunk_views, unpack
+from workers.kv_transfer.packing import CopyStream, KVCaches, unpack
 from workers.kv_transfer.pair_state import ReceiverPair
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
 
@@ -88,26 +88,13 @@ class ReceiveSteps:
 
     def _receive(self, peer: ReceiverPair, record: TransferRecord, header: TransferHeader,
                  plan: TransferPlan, frame) -> None:
-        """Unpacks each chunk as it lands (the next one is on the wire meanwhile); an abort or
-        deadline between chunks stops the writes but still drains the pair's data."""
+        """Unpacks the ZMQ data frame into the reserved blocks, unless aborted meanwhile."""
         start = time.perf_counter()
-        views = chunk_views(plan, self.layout, header.num_blocks, header.chunks)
         blocks = record.block_ids[:header.num_blocks]
-        if frame is not None:
-            buf, works = _frame_bytes(frame), [None] * len(views)
-        else:
-            buf, works = self._post_recvs(peer, header, [(lo, hi) for _, lo, hi in views])
-        landed = True
-        for (sub, lo, hi), work in zip(views, works, strict=True):
-            if work is not None:
-                peer.group.wait(work, record.deadline - time.monotonic())
-            with record.busy:
-                landed = landed and not record.state.terminal
-                if landed:
-                    unpack(buf[lo:hi], self.kv_caches, self.layout, sub, blocks)
-                    peer.stream.synchronize()  # the KV is in the blocks before DONE
         with record.busy:
-            if landed and not record.state.terminal:
+            if not record.state.terminal:
+                unpack(_frame_bytes(frame), self.kv_caches, self.layout, plan, blocks)
+                peer.stream.synchronize()  # the KV is in the blocks before DONE
                 self.table.add_part(header.request_id, plan, plan.num_cells, header.num_bytes,
                                     time.perf_counter() - start, header.extra)
                 self._reply(peer.identity, Reply(header.request_id, "ack"))
@@ -143,20 +130,7 @@ class ReceiveSteps:
         self._reply(peer.identity, Reply(rid, "ack", False, reason))
 
     def _probe(self, peer: ReceiverPair, header: TransferHeader, frame) -> None:
-        if frame is None:
-            _, works = self._post_recvs(peer, header, [(0, header.num_bytes)])
-            peer.group.wait(works[0], self.config.connect_timeout_s)
         self._reply(peer.identity, Reply(header.request_id, "ack"))
-
-    def _post_recvs(self, peer: ReceiverPair, header: TransferHeader,
-                    ranges: list[tuple[int, int]]):
-        """Posts one recv per byte range of a new buffer, then tells the sender to send."""
-        if peer.group is None:
-            raise RuntimeError(f"pair with {peer.sender_id} has no communicator")
-        buf = torch.empty(header.num_bytes, dtype=torch.uint8, device=self.device)
-        works = [peer.group.post_recv(buf[lo:hi], tag) for tag, (lo, hi) in enumerate(ranges)]
-        self._reply(peer.identity, Reply(header.request_id, "ready"))
-        return buf, works
 
     def _guarded(self, peer: ReceiverPair, request_id: str, job, *args) -> None:
         """Runs a pair job; any failure fails that transfer and tears the pair down (the sender

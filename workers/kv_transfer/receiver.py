@@ -24,11 +24,19 @@ from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.cuda_ipc import PATH as IPC_PATH
 from workers.kv_transfer.cuda_ipc import IpcExport
 from workers.kv_transfer.layout import KVLayout, check_compatible
-from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply
+from workers.kv_transfer.messages import (
+    Hello,
+    HelloReply,
+    PairReport,
+    Reply,
+    StreamEnd,
+    StreamPart,
+)
 from workers.kv_transfer.packing import KVCaches
-from workers.kv_transfer.pair_group import RECEIVER_RANK, PairGroup, host_store
+from workers.kv_transfer.pair_group import host_store
 from workers.kv_transfer.pair_state import ReceiverPair
 from workers.kv_transfer.receive_steps import ReceiveSteps
+from workers.kv_transfer.torch_receiver import TorchReceiving
 from workers.kv_transfer.transfer_table import TransferTable
 from workers.protocol import decode, encode
 
@@ -68,6 +76,7 @@ class Receiver(ReceiveSteps, KVReceiver):
         self._peers: dict[bytes, ReceiverPair] = {}
         self._ipc = IpcExport(kv_caches, self.device, config.probe_bytes)
         self._generations = itertools.count(1)
+        self._torch = TorchReceiving(layout, kv_caches, config, self.table, self._reply)
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kv-recv", daemon=True)
         self._thread.start()
@@ -82,8 +91,12 @@ class Receiver(ReceiveSteps, KVReceiver):
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._outbox, zmq.POLLIN)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         while not self._closed.is_set():
-            ready = dict(poller.poll(int(self.config.tick_s * 1000)))
+            # Posted receives are checked every millisecond: that is the KV-ready latency.
+            wait_ms = 1 if self._torch.pending() else int(self.config.tick_s * 1000)
+            ready = dict(poller.poll(wait_ms))
             if self._sock in ready:
                 frames = self._sock.recv_multipart(copy=False)
                 try:
@@ -97,11 +110,22 @@ class Receiver(ReceiveSteps, KVReceiver):
                 else:
                     self._forget(identity)
             self.table.expire()
+            self._torch.poll(self._peers, self._drop)
             self._evict_idle()
 
     def _handle(self, identity: bytes, msg, data: list) -> None:
         if isinstance(msg, Hello):
             self._hello(identity, msg)
+        elif isinstance(msg, StreamPart) and identity in self._peers:
+            self._peers[identity].count(0)
+            self._torch.part(self._peers[identity], msg)
+        elif isinstance(msg, StreamEnd) and identity in self._peers:
+            self._torch.end(self._peers[identity], msg)
+        elif isinstance(msg, StreamPart | StreamEnd):
+            rids = [e[0] for e in msg.entries] if isinstance(msg, StreamPart) else \
+                [msg.request_id]
+            for rid in rids:
+                self._reply(identity, Reply(rid, "ack", False, "stale pair: shake hands again"))
         elif isinstance(msg, TransferHeader):
             self._header(identity, msg, data[0] if data else None)
         elif isinstance(msg, Reply) and msg.kind == "written":
@@ -133,21 +157,11 @@ class Receiver(ReceiveSteps, KVReceiver):
         if hello.transport == "torch":
             store = host_store(self.config.host, self.config.connect_timeout_s)
             store_port = store.port
-            peer.executor.submit(self._build_group, peer, store)
+            peer.executor.submit(self._torch.build, peer, store, hello)
         else:
             peer.path = IPC_PATH if ipc else "zmq"
         self._reply(identity, HelloReply(self.layout.to_dict(), [], store_port, peer.generation,
                                          ipc))
-
-    def _build_group(self, peer: ReceiverPair, store) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        try:
-            peer.group = PairGroup(store, self.config.host, store.port, RECEIVER_RANK,
-                                   peer.generation, self.device, self.config.connect_timeout_s)
-            peer.path = peer.group.backend
-        except RuntimeError as err:
-            log.warning("kv pair with %s: communicator failed: %s", peer.sender_id, err)
 
     def _reply(self, identity: bytes, msg) -> None:
         """Queues a control reply; callable from any thread. msg None: drop that pair."""
@@ -176,11 +190,13 @@ class Receiver(ReceiveSteps, KVReceiver):
         if peer.group is not None:
             peer.group.close()
             peer.group = None
+        self._torch.forget(peer)
 
     def _evict_idle(self) -> None:
         now = time.monotonic()
         for peer in list(self._peers.values()):
-            if peer.pending == 0 and now - peer.last_used > self.config.idle_evict_s:
+            if peer.pending == 0 and now - peer.last_used > self.config.idle_evict_s \
+                    and not self._torch.pending():
                 log.info("kv pair with %s idle for %.0f s: evicted", peer.sender_id,
                          now - peer.last_used)
                 self._drop(peer)
@@ -208,6 +224,8 @@ class Receiver(ReceiveSteps, KVReceiver):
         self.table.fail_all("receiver closed")
         for peer in list(self._peers.values()):
             self._drop(peer)
+            peer.executor.shutdown(wait=True)
+        self._torch.close()
         with self._pusher_lock:
             self._pusher.close(linger=0)
         self._outbox.close(linger=0)

@@ -27,7 +27,6 @@ from workers.kv_transfer.packing import (
     as_bytes,
     chunk_views,
     pack,
-    split_layers,
 )
 from workers.kv_transfer.pair_state import SenderPair
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
@@ -81,9 +80,6 @@ class SendSteps:
                 return
             buf = None if ipc else self._pack(pair, plan, record.block_ids, ready)
         header.num_bytes = plan.num_bytes(self.layout, header.num_blocks) if ipc else buf.numel()
-        if pair.group is not None:
-            header.chunks = split_layers(plan, self.layout, header.num_blocks,
-                                         self.config.chunk_bytes)
         ranges = [(lo, hi) for _, lo, hi in chunk_views(plan, self.layout, header.num_blocks,
                                                          header.chunks)]
         for attempt in range(2):
@@ -111,24 +107,14 @@ class SendSteps:
         buf = as_bytes(pack(self.kv_caches, self.layout, plan, block_ids))
         # Until the copy is done the source blocks are still being read.
         pair.stream.synchronize()
-        if self.device.type == "cuda" and pair.group is None:
+        if self.device.type == "cuda":
             buf = pair.stage(buf)
         return buf
 
     def _push(self, pair: SenderPair, header: TransferHeader, buf: torch.Tensor,
               ranges: list[tuple[int, int]], deadline: float) -> Reply:
-        """Sends header and data (torch path: one send per byte range, all posted at once);
-        returns the receiver's final reply (ack or refusal)."""
-        if pair.group is None:
-            pair.sock.send_multipart([encode(header), _frame(buf)], copy=False)
-            return self._await(pair, header.request_id, deadline)
-        pair.sock.send(encode(header))
-        ready = self._await(pair, header.request_id, deadline)
-        if not ready.ok:
-            return ready
-        works = [pair.group.post_send(buf[lo:hi], tag) for tag, (lo, hi) in enumerate(ranges)]
-        for work in works:
-            pair.group.wait(work, deadline - time.monotonic())
+        """Sends header and data as one ZMQ message; returns the receiver's final reply."""
+        pair.sock.send_multipart([encode(header), _frame(buf)], copy=False)
         return self._await(pair, header.request_id, deadline)
 
     def _push_ipc(self, pair: SenderPair, ipc: IpcPeer, plan, record: TransferRecord,

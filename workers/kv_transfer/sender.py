@@ -1,9 +1,10 @@
-"""Prefill side of KV transfer over the network: torch.distributed (NCCL/gloo) or ZMQ frames.
+"""Prefill side of KV transfer that moves a prefilled request whole: ZMQ frames, or CUDA IPC
+copies between two processes on one GPU (the torch transport streams instead:
+workers/kv_transfer/torch_sender.py).
 
-One `SenderPair` per receiver address: a ZMQ DEALER for control, a single worker thread (so one
-transfer at a time per pair, in order, which NCCL's untagged send/recv needs), and for the
-torch path a per-pair communicator. A pair starts on first use (handshake, communicator,
-bandwidth probe), is reused, torn down after any failure or when idle, and rebuilt next time.
+One `SenderPair` per receiver address: a ZMQ DEALER for control and a single worker thread (one
+transfer at a time per pair, in order). A pair starts on first use (handshake, bandwidth
+probe), is reused, torn down after any failure or when idle, and rebuilt next time.
 This file sets pairs up and tears them down; each transfer's steps are in send_steps.py.
 """
 
@@ -25,7 +26,6 @@ from workers.kv_transfer.cuda_ipc import PATH as IPC_PATH
 from workers.kv_transfer.layout import KVLayout, check_compatible
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport
 from workers.kv_transfer.packing import KVCaches, record_event
-from workers.kv_transfer.pair_group import SENDER_RANK, PairGroup
 from workers.kv_transfer.pair_state import SenderPair
 from workers.kv_transfer.probe import measure_gbps
 from workers.kv_transfer.send_steps import SendSteps, _expect
@@ -113,11 +113,7 @@ class Sender(SendSteps, KVSender):
             except (RuntimeError, ValueError, KeyError, HandshakeMismatch) as err:
                 self._teardown(pair)
                 return self._fall_back(pair, err)
-        if self.config.transport == "torch":
-            host = pair.dest.split("://", 1)[1].rsplit(":", 1)[0]
-            pair.group = PairGroup(None, host, reply.store_port, SENDER_RANK, reply.generation,
-                                   self.device, deadline - time.monotonic())
-        pair.path = pair.group.backend if pair.group else "zmq"
+        pair.path = "zmq"
         if pair.dest in self._ipc:
             pair.path = IPC_PATH
             pair.gbps = self._ipc[pair.dest].probe(self.config.probe_rounds)
@@ -140,7 +136,7 @@ class Sender(SendSteps, KVSender):
         if size <= 0:
             return None
         buf = torch.zeros(size, dtype=torch.uint8, device=self.device)
-        if self.device.type == "cuda" and pair.group is None:
+        if self.device.type == "cuda":
             buf = pair.stage(buf)
 
         def one_round(i: int) -> None:
@@ -155,11 +151,9 @@ class Sender(SendSteps, KVSender):
     def _teardown(self, pair: SenderPair) -> None:
         """Drops the pair's socket and communicator; the next transfer starts it afresh.
         Runs on the pair's own thread (its socket's only user)."""
-        if pair.group is not None:
-            pair.group.close()
         if pair.sock is not None:
             pair.sock.close(linger=0)
-        pair.group = pair.sock = pair.remote = None
+        pair.sock = pair.remote = None
         self._ipc.pop(pair.dest, None)
         pair.staging = None  # a dropped message may still reference it
 

@@ -41,7 +41,19 @@ class TransferRecord:
     finished: threading.Event = field(default_factory=threading.Event)
     busy: threading.RLock = field(default_factory=threading.RLock)
     """Held while this end reads or writes the request's blocks (pack, unpack); `abort` and
-    the deadline take it, so once they return no copy touches the blocks again."""
+    the deadline take it, so once they return no host-side copy touches the blocks again."""
+    pins: int = 0
+    """Posted sends/receives (torch stream) that still read or write the request's blocks.
+    They cannot be recalled, so the blocks stay held until they end: see `when_quiet`."""
+    on_quiet: list = field(default_factory=list)
+    parts_expected: dict = field(default_factory=dict)
+    """Receiver, torch stream: sender -> parts its StreamEnd announced."""
+    parts_landed: dict = field(default_factory=dict)
+    """Receiver, torch stream: sender -> parts of it that landed."""
+    acked: set = field(default_factory=set)
+    """Receiver, torch stream: senders told their parts landed."""
+    first_posted: float = 0.0
+    """perf_counter() of the first data posted for this transfer (wire time starts)."""
 
 
 class TransferTable:
@@ -129,12 +141,92 @@ class TransferTable:
             record.reason = reason or str(error or "")
             record.error = error
         record.finished.set()
+        self._fire_quiet(record)
         if state is TransferState.DONE:
             if self._on_done is not None:
                 self._on_done(request_id, dict(record.extra))
         elif self._on_failed is not None:
             self._on_failed(request_id, state, reason)
         return True
+
+    def pin(self, request_id: str, count: int = 1) -> bool:
+        """Counts `count` posted operations on the request's blocks; False (nothing counted)
+        if the transfer is unknown or terminal."""
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None or record.state.terminal:
+                return False
+            record.pins += count
+            if not record.first_posted:
+                record.first_posted = time.perf_counter()
+            return True
+
+    def unpin(self, request_id: str, count: int = 1) -> None:
+        """`count` posted operations ended (done, failed or their communicator aborted)."""
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None:
+                return
+            record.pins = max(0, record.pins - count)
+        self._fire_quiet(record)
+
+    def when_quiet(self, request_id: str, fn) -> None:
+        """Runs `fn()` once the transfer is terminal (or unknown) and no posted operation
+        touches its blocks: at once, in this thread, if that is already so; else later, in
+        the thread that ends the last operation. The worker frees the blocks in `fn`."""
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is not None and (record.pins or not record.state.terminal):
+                record.on_quiet.append(fn)
+                return
+        fn()
+
+    def _fire_quiet(self, record: TransferRecord) -> None:
+        with self._lock:
+            if record.pins or not record.state.terminal:
+                return
+            callbacks, record.on_quiet = record.on_quiet, []
+        for fn in callbacks:
+            fn()
+
+    def land_part(self, request_id: str, sender, seconds_end: float) -> bool:
+        """Receiver, torch stream: one StreamPart of the request from `sender` landed."""
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None or record.state.terminal:
+                return False
+            record.parts_landed[sender] = record.parts_landed.get(sender, 0) + 1
+            record.seconds = seconds_end - record.first_posted if record.first_posted else 0.0
+            return True
+
+    def stream_ended(self, request_id: str, sender, parts: int, cells: int,
+                     extra: dict) -> bool:
+        """Receiver, torch stream: a sender's StreamEnd; False if the transfer is gone."""
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None or record.state.terminal:
+                return False
+            record.parts_expected[sender] = parts
+            record.cells_done += cells
+            record.extra.update(extra)
+            return True
+
+    def settle(self, request_id: str) -> list:
+        """Receiver, torch stream: the senders whose announced parts have all landed and
+        who were not told yet (ack them); marks DONE once they cover the slice."""
+        with self._lock:
+            record = self._records.get(request_id)
+            if record is None or record.state.terminal:
+                return []
+            landed = [sender for sender, parts in record.parts_expected.items()
+                      if record.parts_landed.get(sender, 0) >= parts]
+            fresh = [sender for sender in landed if sender not in record.acked]
+            record.acked.update(fresh)
+            done = len(landed) == len(record.parts_expected) and \
+                record.cells_done >= record.cells_needed
+        if done:
+            self.finish(request_id, TransferState.DONE)
+        return fresh
 
     def expire(self, now: float | None = None) -> list[TransferRecord]:
         """Marks every in-flight transfer past its deadline FAILED; returns them."""

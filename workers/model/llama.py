@@ -13,6 +13,7 @@ parameter and merged shard it fills, so weights.py needs no per-architecture cod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -189,15 +190,20 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
         intermediate: IntermediateTensors | None = None,
+        layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         """Hidden states [num_tokens, hidden] after the final norm on the last stage; an
-        IntermediateTensors for the next stage otherwise."""
+        IntermediateTensors for the next stage otherwise. `layer_done(i)` is called as soon
+        as local layer i's kernels are queued (its KV written in stream order): KV transfer
+        posts that layer's sends there, so they overlap the remaining layers."""
         x = self.embed_tokens(input_ids) if self.has_embedding else intermediate.hidden
         rope = self.ops.rope(positions, x.dtype)
         start = self.layer_range[0]
         residual = None
         for index, layer in self.layers.items():
             x, residual = layer(x, residual, rope, kv_caches[int(index) - start], meta)
+            if layer_done is not None:
+                layer_done(int(index) - start)
         if not self.has_head:
             return IntermediateTensors(x + residual)
         return self.ops.rms_norm(self.norm, x, residual)[0]

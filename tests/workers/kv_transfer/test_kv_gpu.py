@@ -11,9 +11,9 @@ import torch
 from workers.kv_transfer import (
     KVLayout,
     Receiver,
-    Sender,
     TransferConfig,
     TransferState,
+    make_sender,
     plan_transfer,
     slice_for_rank,
 )
@@ -54,7 +54,7 @@ def test_cuda_pack_and_unpack_equal_the_cpu_path(rank):
 def _transfer_after_write(sender_device: str, receiver_device: str, transport: str):
     config = TransferConfig(transport=transport, probe_bytes=8 << 20, chunk_bytes=1 << 20)
     src, dst = _caches(LAYOUT, sender_device, 3), _caches(LAYOUT, receiver_device, 4)
-    receiver, sender = Receiver(LAYOUT, dst, config), Sender(LAYOUT, src, config)
+    receiver, sender = Receiver(LAYOUT, dst, config), make_sender(LAYOUT, src, config)
     try:
         receiver.expect("r", [5, 6, 7])
         # The engine's last write, queued on its stream just before the send.

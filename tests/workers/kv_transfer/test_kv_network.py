@@ -17,9 +17,9 @@ from workers.errors import HandshakeMismatch, TransferFailed, TransferTimeout
 from workers.kv_transfer import (
     KVLayout,
     Receiver,
-    Sender,
     TransferConfig,
     TransferState,
+    make_sender,
     slice_for_rank,
 )
 
@@ -44,7 +44,7 @@ class Ends:
         return receiver
 
     def sender(self, layout: KVLayout, caches) -> Sender:
-        sender = Sender(layout, caches, self.config)
+        sender = make_sender(layout, caches, self.config)
         self.closing.append(sender)
         return sender
 
@@ -181,7 +181,7 @@ def test_idle_pairs_are_evicted_and_rebuilt_on_next_use(ends, layout, make_cache
 def test_close_ends_a_transfer_waiting_on_a_silent_receiver_at_once(layout, make_caches):
     silent = zmq.Context.instance().socket(zmq.ROUTER)  # accepts bytes, never answers
     port = silent.bind_to_random_port("tcp://127.0.0.1")
-    sender = Sender(layout, make_caches(layout, 4, seed=12), _config("zmq"))
+    sender = make_sender(layout, make_caches(layout, 4, seed=12), _config("zmq"))
     try:
         sender.send("r", f"tcp://127.0.0.1:{port}", [0], [1], timeout_s=30)
         assert sender.wait("r", 0.3) is TransferState.RESERVED  # handshake unanswered

@@ -1,0 +1,236 @@
+"""Decode side of the torch transport: receives pre-posted into the reserved blocks.
+
+Used by `Receiver` (workers/kv_transfer/receiver.py), whose control thread calls `part`,
+`end` and `poll`; the pair's own thread builds the communicator (`build`). For each StreamPart
+the receives of every layer of the step are posted at once, in the sender's order, straight
+into the reserved blocks (a discard buffer for a request that is no longer reserved, so the
+sender's sends still match). A request is DONE once its senders' StreamEnds arrived and every
+part they announced has landed; each sender then gets its ack.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from workers.kv_transfer.base import TransferState
+from workers.kv_transfer.config import TransferConfig
+from workers.kv_transfer.layout import KVLayout, TransferPlan, plan_transfer
+from workers.kv_transfer.messages import Hello, Reply, StreamEnd, StreamPart
+from workers.kv_transfer.packing import CopyStream, KVCaches, unpack
+from workers.kv_transfer.pair_group import RECEIVER_RANK, PairGroup, op_timeout
+from workers.kv_transfer.pair_state import ReceiverPair
+from workers.kv_transfer.posted import Posted, PostedOps
+from workers.kv_transfer.stream_plan import run_views, staged_bytes
+from workers.kv_transfer.transfer_table import TransferTable
+
+log = logging.getLogger(__name__)
+
+Reply_ = Callable[[bytes, object], None]
+
+
+class TorchReceiving:
+    """The torch transport's receiving half for every pair of one Receiver."""
+
+    def __init__(self, layout: KVLayout, kv_caches: KVCaches, config: TransferConfig,
+                 table: TransferTable, reply: Reply_):
+        self.layout = layout
+        self.kv_caches = kv_caches
+        self.config = config
+        self.table = table
+        self._reply = reply
+        self.device = kv_caches[0][0].device
+        self._posted = PostedOps(table)
+        self._stream: CopyStream | None = None
+
+    def build(self, peer: ReceiverPair, store, hello: Hello) -> None:
+        """Pair thread: the communicator (warm-up included), then the probe's receives."""
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        try:
+            group = PairGroup(store, self.config.host, store.port, RECEIVER_RANK,
+                              peer.generation, self.device, self.config.connect_timeout_s,
+                              op_timeout(self.config, self.device))
+            peer.group = group
+            peer.path = group.backend
+            if hello.probe_bytes > 0:
+                buf = torch.empty(hello.probe_bytes, dtype=torch.uint8, device=self.device)
+                works = [group.post_recv(buf) for _ in range(hello.probe_rounds + 1)]
+                for work in works:
+                    group.wait(work, self.config.connect_timeout_s)
+        except RuntimeError as err:
+            log.warning("kv pair with %s: communicator failed: %s", peer.sender_id, err)
+
+    def pending(self) -> bool:
+        return self._posted.pending()
+
+    def part(self, peer: ReceiverPair, msg: StreamPart) -> None:
+        """Pre-posts every layer's receives of one StreamPart, in the sender's order."""
+        if peer.group is None or msg.generation != peer.generation:
+            for rid, _ in msg.entries:
+                self._reply(peer.identity, Reply(rid, "ack", False,
+                                                 "stale pair: shake hands again"))
+            return
+        plan = plan_transfer(peer.layout, self.layout)
+        entries = [(rid, [tuple(run) for run in runs], self._accepts(rid, runs))
+                   for rid, runs in msg.entries]
+        for rid, _, ok in entries:
+            if ok:
+                self.table.start(rid)
+        if self._stream is None:
+            self._stream = CopyStream(self.device)
+        with self._stream:
+            for layer in range(plan.layer_start, plan.layer_end):
+                self._post_layer(peer, plan, msg.packed, layer, entries)
+
+    def _accepts(self, rid: str, runs: list) -> bool:
+        record = self.table.get(rid)
+        if record is None or record.state.terminal:
+            return False
+        reserved = set(record.block_ids)
+        return all(b in reserved for first, n in runs for b in range(first, first + n))
+
+    def _post_layer(self, peer: ReceiverPair, plan: TransferPlan, packed: bool, layer: int,
+                    entries: list) -> None:
+        local = layer - self.layout.layer_start
+        k_cache, v_cache = self.kv_caches[local]
+        accepted = [rid for rid, _, ok in entries if ok and self.table.pin(rid)]
+        then = None
+        if not packed:
+            bufs = []
+            for rid, runs, _ in entries:
+                views = run_views(k_cache, v_cache, runs)
+                bufs += views if rid in accepted else [torch.empty_like(v) for v in views]
+        else:
+            blocks = [(rid, first + i) for rid, runs, _ in entries for first, n in runs
+                      for i in range(n)]
+            staging = torch.empty(staged_bytes(self.layout, plan, len(blocks)),
+                                  dtype=torch.uint8, device=self.device)
+            bufs = [staging]
+            one = TransferPlan(layer, layer + 1, plan.kv_head_start, plan.kv_head_end)
+        try:
+            works = peer.group.post_many(bufs, send=False)
+        except Exception as err:  # noqa: BLE001 - a broken communicator fails its transfers
+            for rid in accepted:
+                self.table.unpin(rid)
+                self.table.end(rid, TransferState.FAILED, f"{type(err).__name__}: {err}")
+            return
+        if packed and self.device.type == "cuda":
+            # Scatter right behind the receive, in stream order: the blocks stay pinned until
+            # the scatter is done, so no host round trip sits on the KV-ready path.
+            for work in works:
+                work.wait()
+            unpack_rows(staging, self.kv_caches, self.layout, one, blocks, set(accepted))
+            works = [EventWork(self.device)]
+        elif packed:
+            then = self._unpacker(staging, one, blocks, set(accepted))
+        last = layer == plan.layer_end - 1
+        landed = self._landed(peer, accepted, sum(b.numel() * b.element_size() for b in bufs),
+                              [rid for rid, _, _ in entries], last, then)
+        self._posted.add(Posted(peer.sender_id, works, accepted, peer.group.backend == "gloo",
+                                then=landed))
+
+    def _unpacker(self, staging: torch.Tensor, one: TransferPlan, blocks: list, accepted: set):
+        """gloo: after a packed layer landed, scatter it into the blocks of live requests."""
+
+        def unpack_live(ok: bool) -> None:
+            live = set()
+            for rid in accepted:
+                record = self.table.get(rid)
+                if ok and record is not None and not record.state.terminal:
+                    live.add(rid)
+            unpack_rows(staging, self.kv_caches, self.layout, one, blocks, live)
+
+        return unpack_live
+
+    def _landed(self, peer: ReceiverPair, accepted: list[str], num_bytes: int,
+                rids: list[str], last: bool, then):
+        """What runs when one layer's receives end: bytes counted; on the plan's last layer
+        each accepted request's part has landed (maybe completing it); a failure fails all."""
+        per_request = num_bytes // max(1, len(rids))
+
+        def landed(ok: bool) -> None:
+            if then is not None:
+                then(ok)
+            for rid in accepted:
+                record = self.table.get(rid)
+                if record is None:
+                    continue
+                if not ok:
+                    self.table.end(rid, TransferState.FAILED, "receive failed (pair broken)")
+                    continue
+                record.num_bytes += per_request
+                if last and self.table.land_part(rid, peer.identity, time.perf_counter()):
+                    self._settle(rid)
+
+        return landed
+
+    def end(self, peer: ReceiverPair, msg: StreamEnd) -> None:
+        if msg.generation != peer.generation or not self.table.stream_ended(
+                msg.request_id, peer.identity, msg.parts, msg.cells, msg.extra):
+            record = self.table.get(msg.request_id)
+            state = record.state.value if record else "unknown"
+            self._reply(peer.identity, Reply(msg.request_id, "ack", False,
+                                             f"no reservation for {msg.request_id!r} "
+                                             f"(state {state})"))
+            return
+        self._settle(msg.request_id)
+
+    def _settle(self, rid: str) -> None:
+        for identity in self.table.settle(rid):
+            self._reply(identity, Reply(rid, "ack"))
+
+    def poll(self, peers: dict[bytes, ReceiverPair], drop: Callable[[ReceiverPair], None]):
+        """Ends finished receives; a pair whose receives failed or are stuck past every
+        deadline they serve is dropped (its communicator aborted, which ends the rest)."""
+        for sender_id in self._posted.poll(self._stuck):
+            # Unpinned only once the communicator is aborted (`forget`, after the drop).
+            for peer in [p for p in peers.values() if p.sender_id == sender_id]:
+                drop(peer)
+
+    def _stuck(self, posted: Posted) -> bool:
+        now = time.monotonic()
+        records = [self.table.get(rid) for rid in posted.request_ids]
+        late = [r is None or (r.state.terminal and r.deadline < now) for r in records]
+        return all(late) and (bool(records) or self._discard_late(posted, now))
+
+    def _discard_late(self, posted: Posted, now: float) -> bool:
+        started = posted.extra.setdefault("posted_at", now)
+        return now - started > self.config.timeout_s
+
+    def close(self) -> None:
+        self._posted.drop_all()
+
+    def forget(self, peer: ReceiverPair) -> None:
+        """The pair's communicator was aborted: its posted receives are over."""
+        self._posted.drop(peer.sender_id)
+
+
+def unpack_rows(staging: torch.Tensor, kv_caches: KVCaches, layout: KVLayout,
+                one: TransferPlan, blocks: list[tuple[str, int]], keep: set[str]) -> None:
+    """Scatters one packed layer into the blocks of the requests in `keep` (the others'
+    rows are dropped: their reservations are gone)."""
+    rows = [i for i, (owner, _) in enumerate(blocks) if owner in keep]
+    if not rows:
+        return
+    view = staging.view(2, len(blocks), -1)
+    if len(rows) < len(blocks):
+        view = view[:, rows]
+    unpack(view.contiguous(), kv_caches, layout, one, [blocks[i][1] for i in rows])
+
+
+class EventWork:
+    """A CUDA event recorded now on the current stream, polled like a torch.distributed work."""
+
+    def __init__(self, device: torch.device):
+        self._event = torch.cuda.Event()
+        self._event.record(torch.cuda.current_stream(device))
+
+    def is_completed(self) -> bool:
+        return self._event.query()
+
+    def wait(self, timeout=None) -> None:
+        self._event.wait()
