@@ -67,7 +67,7 @@ class PrefillWorker(EngineWorker):
             self.stream(output)
             return
         self.stream(output, finished=False)
-        live, dest = self.live[rid], self.dests[rid]
+        live = self.live[rid]
         now = time.time()
         timings = self.final_timings(live, now)
         timings.pop("decode")

@@ -16,6 +16,7 @@ import zmq
 from workers.errors import HandshakeMismatch, TransferFailed, TransferTimeout
 from workers.kv_transfer import (
     KVLayout,
+    KVSender,
     Receiver,
     TransferConfig,
     TransferState,
@@ -43,7 +44,7 @@ class Ends:
         self.closing.append(receiver)
         return receiver
 
-    def sender(self, layout: KVLayout, caches) -> Sender:
+    def sender(self, layout: KVLayout, caches) -> KVSender:
         sender = make_sender(layout, caches, self.config)
         self.closing.append(sender)
         return sender
