@@ -108,10 +108,10 @@ class PairGroup:
         post = self.post_send if send else self.post_recv
         if self.backend != "nccl" or len(bufs) == 1:
             return [post(buf, first_tag + i) for i, buf in enumerate(bufs)]
-        self._group._start_coalescing(self.device)
+        self._group._start_coalescing()
         for i, buf in enumerate(bufs):
             post(buf, first_tag + i)
-        return [self._group._end_coalescing(self.device)]
+        return [self._group._end_coalescing()]
 
     def wait(self, work, timeout_s: float) -> None:
         """Raises (RuntimeError) if `work` is not done within timeout_s."""
