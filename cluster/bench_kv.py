@@ -179,6 +179,15 @@ def run_pair(cfg: BenchConfig, transport: str, devices: tuple[str, str], raw: bo
                          args=(cfg, transport, devices[1], raw, send_end, out))]
     for proc in procs:
         proc.start()
+    try:
+        return _reports(procs, out)
+    finally:
+        for proc in procs:  # one end failed: the other must not outlive the bench
+            if proc.is_alive():
+                proc.kill()
+
+
+def _reports(procs: list, out) -> dict:
     report = {}
     kinds = set()
     while len(kinds) < 2:  # one report from each end, in either order
