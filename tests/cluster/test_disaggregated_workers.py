@@ -13,16 +13,19 @@ from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
 from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
-from workers.config import CacheConfig, EngineConfig
+from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.decode_worker import DecodeWorker
 from workers.prefill_worker import PrefillWorker
 from workers.protocol import GenerateRequest
 from workers.worker_base import WorkerSpec
 
 
-def make_spec(model_dir, worker_id: str, transport: str, block_size: int = 8) -> WorkerSpec:
+def make_spec(model_dir, worker_id: str, transport: str, block_size: int = 8,
+              chunk: int = 0) -> WorkerSpec:
+    """`chunk` > 0: chunked prefill of at most that many prompt tokens per step."""
     engine = EngineConfig(model=str(model_dir), cache=CacheConfig(block_size=block_size,
-                                                                  num_blocks=64))
+                                                                  num_blocks=64),
+                          scheduler=SchedulerConfig(long_prefill_token_threshold=chunk))
     return WorkerSpec(worker_id, engine, kv_transport=transport)
 
 
@@ -49,6 +52,16 @@ async def run_requests(prefill, decode, collector, reqs, block_size=8,
     return core
 
 
+def wait_all_free(*workers, timeout_s: float = 5.0) -> None:
+    """Every block of every worker is free within `timeout_s` (a block is freed once no
+    posted send or receive touches it, a moment after its transfer ended)."""
+    deadline = time.monotonic() + timeout_s
+    for worker in workers:
+        while worker.free_blocks() != worker.ready()["total_blocks"]:
+            assert time.monotonic() < deadline, f"{worker.worker_id}: blocks not freed"
+            time.sleep(0.02)
+
+
 @pytest.fixture()
 def collector():
     collector = ChunkCollector()
@@ -56,16 +69,19 @@ def collector():
     collector.close()
 
 
-@pytest.mark.parametrize("transport", ["gloo", "zmq"])
-def test_disaggregated_greedy_matches_transformers(transport, tiny_model_dir, hf_reference,
-                                                   collector):
-    prefill = PrefillWorker(make_spec(tiny_model_dir, "prefill-0", transport))
+@pytest.mark.parametrize(("transport", "chunk"), [("gloo", 0), ("gloo", 5), ("zmq", 0)],
+                         ids=["gloo-layerwise", "gloo-layerwise-chunked-prefill", "zmq"])
+def test_disaggregated_greedy_matches_transformers(transport, chunk, tiny_model_dir,
+                                                   hf_reference, collector):
+    """gloo streams each layer's blocks during prefill (with chunked prefill: each chunk's,
+    partial blocks sent again by the next chunk); zmq moves the prefilled request whole."""
+    prefill = PrefillWorker(make_spec(tiny_model_dir, "prefill-0", transport, chunk=chunk))
     decode = DecodeWorker(make_spec(tiny_model_dir, "decode-0", transport))
     try:
         vocab = prefill.ready()["vocab_size"]
         batch = prompts(5, vocab, seed=2)
         lengths = [1, 2, 5, 7, 9]  # max_tokens 1: the request ends on the prefill worker
-        reqs = [request(f"{transport}-{i}", p, collector.address, n)
+        reqs = [request(f"{transport}-{chunk}-{i}", p, collector.address, n)
                 for i, (p, n) in enumerate(zip(batch, lengths, strict=True))]
         core = asyncio.run(run_requests(prefill, decode, collector, reqs))
         model = hf_reference(tiny_model_dir)
@@ -76,8 +92,7 @@ def test_disaggregated_greedy_matches_transformers(transport, tiny_model_dir, hf
         timed = collector.final(reqs[-1].request_id).timings
         assert timed["transfer_bytes"] > 0 and timed["kv_ready_delay"] >= 0
         assert not core.requests
-        assert prefill.free_blocks() == prefill.ready()["total_blocks"]
-        assert decode.free_blocks() == decode.ready()["total_blocks"]
+        wait_all_free(prefill, decode)
         path = next(iter(prefill.transfer_paths().values()))
         assert path["path"] == transport and path["gbps"] > 0
     finally:
@@ -94,11 +109,7 @@ def test_block_size_mismatch_is_refused_naming_the_field(tiny_model_dir, collect
         final = collector.final("mismatch")
         assert final.finish_reason == "error"
         assert "block_size" in final.error and "16" in final.error and "8" in final.error
-        assert prefill.free_blocks() == prefill.ready()["total_blocks"]
-        deadline = time.monotonic() + 5
-        while decode.free_blocks() != decode.ready()["total_blocks"]:
-            assert time.monotonic() < deadline, "decode reservation not freed"
-            time.sleep(0.05)
+        wait_all_free(prefill, decode)
     finally:
         prefill.shutdown()
         decode.shutdown()

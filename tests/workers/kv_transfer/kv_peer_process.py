@@ -21,11 +21,13 @@ def random_caches(layout: KVLayout, num_blocks: int, seed: int, device: str = "c
 
 
 def serve_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks: int,
-                   seed: int) -> None:
+                   seed: int, device: str = "cpu") -> None:
     """Child main: answers ('expect', rid, ids, timeout), ('wait', rid, timeout),
     ('blocks', ids) and ('close',) until closed."""
     layout = KVLayout.from_dict(layout_fields)
-    caches = random_caches(layout, num_blocks, seed)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    caches = random_caches(layout, num_blocks, seed, device)
     receiver = Receiver(layout, caches, config)
     conn.send(receiver.address)
     while True:
@@ -38,7 +40,7 @@ def serve_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks
             record = receiver.table.get(args[0])
             conn.send((state.value if state else None, record.reason if record else ""))
         elif command == "blocks":
-            conn.send([(k[args[0]].clone(), v[args[0]].clone()) for k, v in caches])
+            conn.send([(k[args[0]].cpu(), v[args[0]].cpu()) for k, v in caches])
         elif command == "close":
             receiver.close()
             conn.send(None)

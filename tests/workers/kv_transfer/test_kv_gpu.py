@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_kv_stream import receiver_killed_mid_stream
 
 from workers.kv_transfer import (
     KVLayout,
@@ -83,3 +84,12 @@ def test_zmq_path_between_two_ends_on_one_gpu():
 def test_nccl_path_between_two_gpus():
     path, gbps = _transfer_after_write("cuda:1", "cuda:0", "torch")
     assert path == "nccl" and gbps > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_nccl_receiver_killed_mid_transfer_fails_the_sender_which_stays_healthy():
+    """On two GPUs: the receiver's process dies with the sender's NCCL sends in flight; the
+    sender's deadline tears the pair down (aborting the communicator ends its sends), the
+    worker stays healthy, a new pair works, and close returns within 10 s."""
+    with torch.cuda.device("cuda:1"):
+        receiver_killed_mid_stream(LAYOUT, "cuda:1", "cuda:0")

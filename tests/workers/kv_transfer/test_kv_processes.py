@@ -23,11 +23,12 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGSTOP")
 
 
 class PeerProcess:
-    def __init__(self, layout, config, num_blocks, seed):
+    def __init__(self, layout, config, num_blocks, seed, device="cpu"):
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(target=serve_receiver, daemon=True,
-                                   args=(child_conn, layout.to_dict(), config, num_blocks, seed))
+                                   args=(child_conn, layout.to_dict(), config, num_blocks, seed,
+                                         device))
         self.process.start()
         self.address = self.conn.recv()
 
