@@ -15,7 +15,7 @@ Seams left for later (not implemented now):
 from __future__ import annotations
 
 import hashlib
-from collections import deque
+import heapq
 
 from workers.errors import NoCapacity
 
@@ -45,7 +45,9 @@ class BlockPool:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        # A min-heap: allocations take the lowest free ids, so a sequence's blocks tend to be
+        # ascending runs, which KV transfer moves as one message per run (not per block).
+        self._free: list[int] = list(range(num_blocks))
         self._ref_counts = [0] * num_blocks
 
     @property
@@ -62,7 +64,7 @@ class BlockPool:
         """Takes `num_blocks` blocks off the free list (reference count 1 each)."""
         if num_blocks > len(self._free):
             raise NoCapacity(needed_blocks=num_blocks, free_blocks=len(self._free))
-        block_ids = [self._free.popleft() for _ in range(num_blocks)]
+        block_ids = [heapq.heappop(self._free) for _ in range(num_blocks)]
         for block_id in block_ids:
             self._ref_counts[block_id] = 1
         return block_ids
@@ -77,14 +79,14 @@ class BlockPool:
     def free(self, block_ids: list[int]) -> None:
         """Drops one reference per block; blocks reaching 0 go back to the free list.
 
-        Freed in reverse so the tail of a sequence (least likely to be shared) is reused first.
+        The next allocation takes the lowest free ids again, whatever the order freed.
         """
         for block_id in reversed(block_ids):
             if self._ref_counts[block_id] <= 0:
                 raise ValueError(f"block {block_id} freed twice")
             self._ref_counts[block_id] -= 1
             if self._ref_counts[block_id] == 0:
-                self._free.append(block_id)
+                heapq.heappush(self._free, block_id)
 
     def extra_blocks(self, block_table: list[int], num_tokens: int) -> int:
         """Blocks a table must add to cover `num_tokens` slots (0 if it already does)."""

@@ -102,15 +102,16 @@ class PairGroup:
         """Posts one recv into a contiguous buffer; finish it with `wait(work, timeout_s)`."""
         return self._group.recv([buf], self.peer, tag)
 
-    def post_many(self, bufs: Sequence[torch.Tensor], send: bool, first_tag: int = 0) -> list:
+    def post_many(self, bufs: Sequence[torch.Tensor], send: bool) -> list:
         """Posts one send (or recv) per buffer, as ONE grouped NCCL call where the backend
-        coalesces (a layer's block runs cost one kernel launch); returns the works to check."""
+        coalesces (a layer's block runs cost one kernel launch); returns the works to check.
+        Matching is by posting order alone (one tag), so the two ends may group differently."""
         post = self.post_send if send else self.post_recv
         if self.backend != "nccl" or len(bufs) == 1:
-            return [post(buf, first_tag + i) for i, buf in enumerate(bufs)]
+            return [post(buf) for buf in bufs]
         self._group._start_coalescing()
-        for i, buf in enumerate(bufs):
-            post(buf, first_tag + i)
+        for buf in bufs:
+            post(buf)
         return [self._group._end_coalescing()]
 
     def wait(self, work, timeout_s: float) -> None:

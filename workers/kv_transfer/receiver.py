@@ -94,9 +94,7 @@ class Receiver(ReceiveSteps, KVReceiver):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         while not self._closed.is_set():
-            # Posted receives are checked every millisecond: that is the KV-ready latency.
-            wait_ms = 1 if self._torch.pending() else int(self.config.tick_s * 1000)
-            ready = dict(poller.poll(wait_ms))
+            ready = dict(poller.poll(int(self.config.tick_s * 1000)))
             if self._sock in ready:
                 frames = self._sock.recv_multipart(copy=False)
                 try:
@@ -183,6 +181,7 @@ class Receiver(ReceiveSteps, KVReceiver):
 
     def _drop(self, peer: ReceiverPair) -> None:
         self._peers.pop(peer.identity, None)
+        self._torch.cancel(peer)  # before the abort: what it ends counts as failed
         peer.executor.submit(self._close_group, peer)
         peer.executor.shutdown(wait=False)
 
@@ -190,7 +189,6 @@ class Receiver(ReceiveSteps, KVReceiver):
         if peer.group is not None:
             peer.group.close()
             peer.group = None
-        self._torch.forget(peer)
 
     def _evict_idle(self) -> None:
         now = time.monotonic()

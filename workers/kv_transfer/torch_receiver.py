@@ -43,7 +43,7 @@ class TorchReceiving:
         self.table = table
         self._reply = reply
         self.device = kv_caches[0][0].device
-        self._posted = PostedOps(table)
+        self._posted = PostedOps(table, self.device)
         self._stream: CopyStream | None = None
 
     def build(self, peer: ReceiverPair, store, hello: Hello) -> None:
@@ -130,8 +130,7 @@ class TorchReceiving:
         last = layer == plan.layer_end - 1
         landed = self._landed(peer, accepted, sum(b.numel() * b.element_size() for b in bufs),
                               [rid for rid, _, _ in entries], last, then)
-        self._posted.add(Posted(peer.sender_id, works, accepted, peer.group.backend == "gloo",
-                                then=landed))
+        self._posted.add(Posted(peer.sender_id, works, accepted, landed, time.monotonic()))
 
     def _unpacker(self, staging: torch.Tensor, one: TransferPlan, blocks: list, accepted: set):
         """gloo: after a packed layer landed, scatter it into the blocks of live requests."""
@@ -186,8 +185,7 @@ class TorchReceiving:
     def poll(self, peers: dict[bytes, ReceiverPair], drop: Callable[[ReceiverPair], None]):
         """Ends finished receives; a pair whose receives failed or are stuck past every
         deadline they serve is dropped (its communicator aborted, which ends the rest)."""
-        for sender_id in self._posted.poll(self._stuck):
-            # Unpinned only once the communicator is aborted (`forget`, after the drop).
+        for sender_id in self._posted.stuck_peers(self._stuck):
             for peer in [p for p in peers.values() if p.sender_id == sender_id]:
                 drop(peer)
 
@@ -198,15 +196,14 @@ class TorchReceiving:
         return all(late) and (bool(records) or self._discard_late(posted, now))
 
     def _discard_late(self, posted: Posted, now: float) -> bool:
-        started = posted.extra.setdefault("posted_at", now)
-        return now - started > self.config.timeout_s
+        return now - posted.posted_at > self.config.timeout_s
 
     def close(self) -> None:
-        self._posted.drop_all()
+        self._posted.close()
 
-    def forget(self, peer: ReceiverPair) -> None:
-        """The pair's communicator was aborted: its posted receives are over."""
-        self._posted.drop(peer.sender_id)
+    def cancel(self, peer: ReceiverPair) -> None:
+        """Before the pair's communicator is aborted: its posted receives count as failed."""
+        self._posted.cancel(peer.sender_id)
 
 
 def unpack_rows(staging: torch.Tensor, kv_caches: KVCaches, layout: KVLayout,

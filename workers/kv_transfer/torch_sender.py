@@ -102,7 +102,7 @@ class TorchSender(KVSender):
         self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._step: list[_PairStep] = []
-        self._posted = PostedOps(self.table)
+        self._posted = PostedOps(self.table, self.device)
         self._ctx = zmq.Context.instance()
         self._outbox_addr = f"inproc://kv-send-outbox-{id(self)}"
         self._outbox = self._ctx.socket(zmq.PULL)
@@ -162,21 +162,30 @@ class TorchSender(KVSender):
 
     def layer_done(self, local_layer: int) -> None:
         """Posts layer `local_layer`'s sends of this step (after its compute, GPU-ordered)."""
-        layer = self.layout.layer_start + local_layer
+        self._post_layers([local_layer])
+
+    def _post_layers(self, local_layers: list[int]) -> None:
+        """One grouped post per pair of these layers' sends (several layers: a prefilled
+        request sent whole)."""
         for step in self._step:
             plan = step.pair.plan
-            if not plan.layer_start <= layer < plan.layer_end:
-                continue
-            k_cache, v_cache = self.kv_caches[local_layer]
-            if not step.packed:
-                bufs = run_views(k_cache, v_cache,
-                                 [(src, n) for _, runs in step.entries for src, _, n in runs])
-            else:
-                one = TransferPlan(layer, layer + 1, plan.kv_head_start, plan.kv_head_end)
-                ids = [src + i for _, runs in step.entries for src, _, n in runs
-                       for i in range(n)]
-                bufs = [pack(self.kv_caches, self.layout, one, ids).reshape(-1)]
-            self._post(step, bufs)
+            bufs = []
+            for local in local_layers:
+                layer = self.layout.layer_start + local
+                if plan.layer_start <= layer < plan.layer_end:
+                    bufs += self._layer_bufs(step, local, layer)
+            if bufs:
+                self._post(step, bufs)
+
+    def _layer_bufs(self, step: _PairStep, local: int, layer: int) -> list[torch.Tensor]:
+        if not step.packed:
+            k_cache, v_cache = self.kv_caches[local]
+            return run_views(k_cache, v_cache,
+                             [(src, n) for _, runs in step.entries for src, _, n in runs])
+        plan = step.pair.plan
+        one = TransferPlan(layer, layer + 1, plan.kv_head_start, plan.kv_head_end)
+        ids = [src + i for _, runs in step.entries for src, _, n in runs for i in range(n)]
+        return [pack(self.kv_caches, self.layout, one, ids).reshape(-1)]
 
     def _post(self, step: _PairStep, bufs: list[torch.Tensor]) -> None:
         rids = [rid for rid, _ in step.entries if self.table.pin(rid)]
@@ -193,7 +202,7 @@ class TorchSender(KVSender):
                 per_block = sum(b.numel() * b.element_size() for b in bufs) // max(
                     1, sum(n for _, r in step.entries for _, _, n in r))
                 record.num_bytes += per_block * sum(n for _, _, n in runs)
-        self._posted.add(Posted(step.pair.dest, works, rids, step.pair.group.backend == "gloo"))
+        self._posted.add(Posted(step.pair.dest, works, rids))
 
     def finish(self, request_id: str, src_block_ids: list[int] | None = None,
                extra: dict | None = None, num_tokens: int | None = None) -> None:
@@ -222,8 +231,7 @@ class TorchSender(KVSender):
         tokens = num_tokens or num_blocks * self.layout.block_size
         self.open(request_id, dest, dest_block_ids, tokens, timeout_s)
         self.before_step([PrefillSpan(request_id, 0, tokens, list(src_block_ids))])
-        for local in range(len(self.kv_caches)):
-            self.layer_done(local)
+        self._post_layers(list(range(len(self.kv_caches))))
         self._step = []
         self.finish(request_id, extra=extra)
 
@@ -261,8 +269,7 @@ class TorchSender(KVSender):
         poller = zmq.Poller()
         poller.register(self._outbox, zmq.POLLIN)
         while not self._closed.is_set():
-            wait_ms = 1 if self._posted.pending() else int(self.config.tick_s * 1000)
-            ready = dict(poller.poll(wait_ms))
+            ready = dict(poller.poll(int(self.config.tick_s * 1000)))
             while self._outbox.poll(0):
                 dest, payload = self._outbox.recv_multipart()
                 self._outgoing(poller, dest.decode(), payload)
@@ -271,8 +278,8 @@ class TorchSender(KVSender):
                     while pair.sock is not None and pair.sock.poll(0):
                         self._incoming(poller, pair, decode(pair.sock.recv()))
             self.table.expire()  # first: a stuck send's transfer fails by its deadline's name
-            for dest in self._posted.poll(self._stuck):
-                self._teardown(poller, dest, "a send failed or is stuck past its deadline")
+            for dest in self._posted.stuck_peers(self._stuck):
+                self._teardown(poller, dest, "a send is stuck past its deadline")
             self._evict_idle(poller)
 
     def _outgoing(self, poller: zmq.Poller, dest: str, payload: bytes) -> None:
@@ -369,9 +376,9 @@ class TorchSender(KVSender):
         if pair is None:
             return
         log.warning("kv pair %s -> %s torn down: %s", self.sender_id[:8], dest, why)
+        self._posted.cancel(dest)  # before the abort: what it ends counts as failed
         if pair.group is not None:
             pair.group.close()
-        self._posted.drop(dest)
         for record in self.table.live():
             if record.peer == dest:
                 self.table.end(record.request_id, TransferState.FAILED, f"pair lost: {why}")
@@ -425,13 +432,14 @@ class TorchSender(KVSender):
         with self._lock:
             pairs, self._pairs = list(self._pairs.values()), {}
         for pair in pairs:
+            self._posted.cancel(pair.dest)
             if pair.group is not None:
                 pair.group.close()
                 pair.group = None
             if pair.sock is not None:
                 pair.sock.close(linger=0)
             pair.ready.set()
-        self._posted.drop_all()
+        self._posted.close()
         with self._pusher_lock:
             self._pusher.close(linger=0)
         self._outbox.close(linger=0)
