@@ -56,6 +56,10 @@ def build_body(config: EndpointConfig, spec: RequestSpec) -> dict[str, Any]:
             else prompt
     else:
         body["prompt"] = spec.prompt
+        if isinstance(spec.prompt, list):
+            # A server whose model has no tokenizer streams no text: ask for the ids
+            # (vLLM's `return_token_ids`), so each token is still a timed chunk.
+            body["return_token_ids"] = True
     if config.ignore_eos:
         body["ignore_eos"] = True
         body["min_tokens"] = spec.max_tokens
@@ -88,7 +92,7 @@ class _Timeline:
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             text = choice.get("text") or delta.get("content") or delta.get("reasoning_content")
-            if text:
+            if text or choice.get("token_ids"):  # token ids: a model without a tokenizer
                 self.token_times.append(now)
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]

@@ -30,6 +30,7 @@ class Call:
     queue: asyncio.Queue | None = None
     text: str = ""
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
     num_output: int = 0
     first_token_at: float | None = None
     final: OutputChunk | None = None
@@ -48,6 +49,7 @@ class Call:
             self.first_token_at = time.time()
         self.text += chunk.text_delta
         self.num_output += len(chunk.new_token_ids)
+        self.output_ids.extend(chunk.new_token_ids)
         self.logprobs.extend(chunk.logprobs or [])
         if chunk.finished:
             self.final = chunk

@@ -53,6 +53,9 @@ class _SamplingFields(BaseModel):
     timeout: float | None = Field(default=None, gt=0)
     """Seconds until the gateway gives up on the request (capped by the server's limit)."""
     logit_bias: dict[str, float] | None = None
+    return_token_ids: bool = False
+    """vLLM's extension: every choice (and stream chunk) also carries `token_ids`, the new
+    tokens' ids, so a model without a tokenizer still streams one chunk per token."""
 
 
 class CompletionRequest(_SamplingFields):

@@ -189,7 +189,8 @@ class RequestFlow:
             chunk = first
             while not call.failed:
                 payload = stream.delta(chunk.text_delta, chunk.logprobs or [],
-                                       chunk.finish_reason if chunk.finished else None)
+                                       chunk.finish_reason if chunk.finished else None,
+                                       chunk.new_token_ids if body.return_token_ids else None)
                 if payload is not None:
                     yield sse.event(payload)
                 if chunk.finished:
@@ -216,9 +217,12 @@ class RequestFlow:
         assert call.final is not None
         formatter = logprobs_formatter(call.body, self._token_text)
         logprobs = formatter(call.logprobs, 0) if formatter else None
-        return response_body(call.body, call.request_id, call.created, self._model(call),
+        body = response_body(call.body, call.request_id, call.created, self._model(call),
                              call.text, logprobs, call.final.finish_reason, call.usage(),
                              time.time() - call.arrival)
+        if call.body.return_token_ids and body.get("choices"):
+            body["choices"][0]["token_ids"] = list(call.output_ids)
+        return body
 
     def _end(self, call: Call, status: int) -> None:
         """Releases everything the request held at the gateway, once; aborts it on the

@@ -94,15 +94,19 @@ class StreamFormatter:
         """Chunks before the first token: chat announces the assistant role."""
         return [self._chunk({"role": "assistant", "content": ""})] if self.chat else []
 
-    def delta(self, text: str, entries: list[dict[str, Any]],
-              finish_reason: str | None) -> dict[str, Any] | None:
-        """The chunk for new text (and its tokens' logprobs); None when there is nothing."""
-        if not text and not entries and finish_reason is None:
+    def delta(self, text: str, entries: list[dict[str, Any]], finish_reason: str | None,
+              token_ids: list[int] | None = None) -> dict[str, Any] | None:
+        """The chunk for new text (and its tokens' logprobs, and with `return_token_ids`
+        their ids); None when there is nothing."""
+        if not text and not entries and finish_reason is None and not token_ids:
             return None
         logprobs = self.logprobs(entries, self.streamed) if self.logprobs else None
         self.streamed += len(text)
         content = ({"content": text} if text else {}) if self.chat else text
-        return self._chunk(content, logprobs, finish_reason)
+        payload = self._chunk(content, logprobs, finish_reason)
+        if token_ids is not None:
+            payload["choices"][0]["token_ids"] = list(token_ids)
+        return payload
 
     def usage(self, usage: dict[str, int]) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"

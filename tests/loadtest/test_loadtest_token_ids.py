@@ -105,5 +105,7 @@ def test_gateway_without_tokenizer_rejects_text_and_serves_token_ids(tmp_path):
     assert all("no tokenizer" in r.error_detail for r in text)
     ids = load_run(ids_out / "run.json").records
     assert all(r.ok and r.output_tokens == 4 for r in ids)
+    # No text, but `return_token_ids` makes each token a timed chunk: TTFT and TPOT exist.
+    assert all(r.ttft is not None and r.ttft > 0 and r.tpot is not None for r in ids)
     assert [len(q.prompt_token_ids) for q in reached] == [r.prompt_tokens for r in ids]
     assert all(64 <= r.prompt_tokens <= 256 for r in ids)

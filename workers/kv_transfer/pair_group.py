@@ -93,25 +93,30 @@ class PairGroup:
         """One send of a contiguous buffer; raises (RuntimeError) if not done within timeout_s."""
         self.wait(self.post_send(buf), timeout_s)
 
-    def post_send(self, buf: torch.Tensor, tag: int = 0):
+    def post_send(self, buf: torch.Tensor):
         """Posts one send (ordered after work queued on the current stream); finish it with
-        `wait`. Sends and recvs match in posting order (tags keep gloo's matching exact)."""
-        return self._group.send([buf], self.peer, tag)
+        `wait`. Sends and recvs match in posting order."""
+        return self.post_many([buf], send=True)[0]
 
-    def post_recv(self, buf: torch.Tensor, tag: int = 0):
+    def post_recv(self, buf: torch.Tensor):
         """Posts one recv into a contiguous buffer; finish it with `wait(work, timeout_s)`."""
-        return self._group.recv([buf], self.peer, tag)
+        return self.post_many([buf], send=False)[0]
 
     def post_many(self, bufs: Sequence[torch.Tensor], send: bool) -> list:
         """Posts one send (or recv) per buffer, as ONE grouped NCCL call where the backend
         coalesces (a layer's block runs cost one kernel launch); returns the works to check.
-        Matching is by posting order alone (one tag), so the two ends may group differently."""
-        post = self.post_send if send else self.post_recv
-        if self.backend != "nccl" or len(bufs) == 1:
-            return [post(buf) for buf in bufs]
+        Matching is by posting order alone (one tag), so the two ends may group differently.
+        """
+        post = self._group.send if send else self._group.recv
+        if self.backend != "nccl":
+            return [post([buf], self.peer, 0) for buf in bufs]
+        # Always grouped, even one buffer: ProcessGroupNCCL runs grouped P2P on the group's
+        # communicator but a lone send/recv on a second, per-peer one, which it would build
+        # lazily inside that op (both ranks inside it, or both hang). One kind of call, one
+        # communicator, built by the warm-up.
         self._group._start_coalescing()
         for buf in bufs:
-            post(buf)
+            post([buf], self.peer, 0)
         return [self._group._end_coalescing()]
 
     def wait(self, work, timeout_s: float) -> None:
