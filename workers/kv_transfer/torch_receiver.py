@@ -80,11 +80,25 @@ class TorchReceiving:
         for rid, _, ok in entries:
             if ok:
                 self.table.start(rid)
+        accepted = [rid for rid, _, ok in entries if ok and self.table.pin(rid)]
         if self._stream is None:
             self._stream = CopyStream(self.device)
+        works, thens, num_bytes, error = [], [], 0, None
         with self._stream:
             for layer in range(plan.layer_start, plan.layer_end):
-                self._post_layer(peer, plan, msg.packed, layer, entries)
+                try:
+                    layer_works, then, layer_bytes = self._post_layer(
+                        peer, plan, msg.packed, layer, entries, accepted)
+                except Exception as err:  # noqa: BLE001 - a broken communicator fails them
+                    error = f"{type(err).__name__}: {err}"
+                    break
+                works += layer_works
+                thens += [then] if then is not None else []
+                num_bytes += layer_bytes
+        # One wait for the whole part: only its end matters (the request's KV is ready), and
+        # one wake-up per layer would add up to milliseconds.
+        landed = self._landed(accepted, num_bytes, len(entries), thens, peer, error)
+        self._posted.add(Posted(peer.sender_id, works, accepted, landed, time.monotonic()))
 
     def _accepts(self, rid: str, runs: list) -> bool:
         record = self.table.get(rid)
@@ -94,43 +108,31 @@ class TorchReceiving:
         return all(b in reserved for first, n in runs for b in range(first, first + n))
 
     def _post_layer(self, peer: ReceiverPair, plan: TransferPlan, packed: bool, layer: int,
-                    entries: list) -> None:
+                    entries: list, accepted: list[str]):
+        """Posts one layer's receives; (works, a gloo unpack to run after them, bytes)."""
         local = layer - self.layout.layer_start
         k_cache, v_cache = self.kv_caches[local]
-        accepted = [rid for rid, _, ok in entries if ok and self.table.pin(rid)]
-        then = None
         if not packed:
             bufs = []
             for rid, runs, _ in entries:
                 views = run_views(k_cache, v_cache, runs)
                 bufs += views if rid in accepted else [torch.empty_like(v) for v in views]
-        else:
-            blocks = [(rid, first + i) for rid, runs, _ in entries for first, n in runs
-                      for i in range(n)]
-            staging = torch.empty(staged_bytes(self.layout, plan, len(blocks)),
-                                  dtype=torch.uint8, device=self.device)
-            bufs = [staging]
-            one = TransferPlan(layer, layer + 1, plan.kv_head_start, plan.kv_head_end)
-        try:
             works = peer.group.post_many(bufs, send=False)
-        except Exception as err:  # noqa: BLE001 - a broken communicator fails its transfers
-            for rid in accepted:
-                self.table.unpin(rid)
-                self.table.end(rid, TransferState.FAILED, f"{type(err).__name__}: {err}")
-            return
-        if packed and self.device.type == "cuda":
-            # Scatter right behind the receive, in stream order: the blocks stay pinned until
-            # the scatter is done, so no host round trip sits on the KV-ready path.
-            for work in works:
-                work.wait()
-            unpack_rows(staging, self.kv_caches, self.layout, one, blocks, set(accepted))
-            works = [EventWork(self.device)]
-        elif packed:
-            then = self._unpacker(staging, one, blocks, set(accepted))
-        last = layer == plan.layer_end - 1
-        landed = self._landed(peer, accepted, sum(b.numel() * b.element_size() for b in bufs),
-                              [rid for rid, _, _ in entries], last, then)
-        self._posted.add(Posted(peer.sender_id, works, accepted, landed, time.monotonic()))
+            return works, None, sum(b.numel() * b.element_size() for b in bufs)
+        blocks = [(rid, first + i) for rid, runs, _ in entries for first, n in runs
+                  for i in range(n)]
+        staging = torch.empty(staged_bytes(self.layout, plan, len(blocks)), dtype=torch.uint8,
+                              device=self.device)
+        works = peer.group.post_many([staging], send=False)
+        one = TransferPlan(layer, layer + 1, plan.kv_head_start, plan.kv_head_end)
+        if self.device.type != "cuda":
+            return works, self._unpacker(staging, one, blocks, set(accepted)), staging.numel()
+        # Scatter right behind the receive, in stream order: the blocks stay pinned until
+        # the scatter is done, so no host round trip sits on the KV-ready path.
+        for work in works:
+            work.wait()
+        unpack_rows(staging, self.kv_caches, self.layout, one, blocks, set(accepted))
+        return [EventWork(self.device)], None, staging.numel()
 
     def _unpacker(self, staging: torch.Tensor, one: TransferPlan, blocks: list, accepted: set):
         """gloo: after a packed layer landed, scatter it into the blocks of live requests."""
@@ -145,24 +147,26 @@ class TorchReceiving:
 
         return unpack_live
 
-    def _landed(self, peer: ReceiverPair, accepted: list[str], num_bytes: int,
-                rids: list[str], last: bool, then):
-        """What runs when one layer's receives end: bytes counted; on the plan's last layer
-        each accepted request's part has landed (maybe completing it); a failure fails all."""
-        per_request = num_bytes // max(1, len(rids))
+    def _landed(self, accepted: list[str], num_bytes: int, num_entries: int, thens: list,
+                peer: ReceiverPair, error: str | None):
+        """What runs when a part's receives end: (gloo) the unpacks, bytes counted, and each
+        accepted request's part landed (maybe completing it); a failure fails them all."""
+        per_request = num_bytes // max(1, num_entries)
 
         def landed(ok: bool) -> None:
-            if then is not None:
+            ok = ok and error is None
+            for then in thens:
                 then(ok)
             for rid in accepted:
                 record = self.table.get(rid)
                 if record is None:
                     continue
                 if not ok:
-                    self.table.end(rid, TransferState.FAILED, "receive failed (pair broken)")
+                    self.table.end(rid, TransferState.FAILED,
+                                   error or "receive failed (pair broken)")
                     continue
                 record.num_bytes += per_request
-                if last and self.table.land_part(rid, peer.identity, time.perf_counter()):
+                if self.table.land_part(rid, peer.identity, time.perf_counter()):
                     self._settle(rid)
 
         return landed
