@@ -85,16 +85,18 @@ class TorchReceiving:
             self._stream = CopyStream(self.device)
         works, thens, num_bytes, error = [], [], 0, None
         with self._stream:
-            for layer in range(plan.layer_start, plan.layer_end):
-                try:
-                    layer_works, then, layer_bytes = self._post_layer(
-                        peer, plan, msg.packed, layer, entries, accepted)
-                except Exception as err:  # noqa: BLE001 - a broken communicator fails them
-                    error = f"{type(err).__name__}: {err}"
-                    break
-                works += layer_works
-                thens += [then] if then is not None else []
-                num_bytes += layer_bytes
+            try:
+                if msg.packed:
+                    for layer in range(plan.layer_start, plan.layer_end):
+                        layer_works, then, layer_bytes = self._post_packed(
+                            peer, plan, layer, entries, accepted)
+                        works += layer_works
+                        thens += [then] if then is not None else []
+                        num_bytes += layer_bytes
+                else:
+                    works, num_bytes = self._post_runs(peer, plan, entries, accepted)
+            except Exception as err:  # noqa: BLE001 - a broken communicator fails them
+                error = f"{type(err).__name__}: {err}"
         # One wait for the whole part: only its end matters (the request's KV is ready), and
         # one wake-up per layer would add up to milliseconds.
         landed = self._landed(accepted, num_bytes, len(entries), thens, peer, error)
@@ -107,18 +109,22 @@ class TorchReceiving:
         reserved = set(record.block_ids)
         return all(b in reserved for first, n in runs for b in range(first, first + n))
 
-    def _post_layer(self, peer: ReceiverPair, plan: TransferPlan, packed: bool, layer: int,
-                    entries: list, accepted: list[str]):
-        """Posts one layer's receives; (works, a gloo unpack to run after them, bytes)."""
-        local = layer - self.layout.layer_start
-        k_cache, v_cache = self.kv_caches[local]
-        if not packed:
-            bufs = []
+    def _post_runs(self, peer: ReceiverPair, plan: TransferPlan, entries: list,
+                   accepted: list[str]) -> tuple[list, int]:
+        """Every layer's receives straight into the blocks, as ONE grouped call (the sender's
+        per-layer groups match it op by op): its host cost is paid once per step."""
+        bufs = []
+        for layer in range(plan.layer_start, plan.layer_end):
+            k_cache, v_cache = self.kv_caches[layer - self.layout.layer_start]
             for rid, runs, _ in entries:
                 views = run_views(k_cache, v_cache, runs)
                 bufs += views if rid in accepted else [torch.empty_like(v) for v in views]
-            works = peer.group.post_many(bufs, send=False)
-            return works, None, sum(b.numel() * b.element_size() for b in bufs)
+        works = peer.group.post_many(bufs, send=False)
+        return works, sum(b.numel() * b.element_size() for b in bufs)
+
+    def _post_packed(self, peer: ReceiverPair, plan: TransferPlan, layer: int, entries: list,
+                     accepted: list[str]):
+        """One packed layer's receive; (works, a gloo unpack to run after them, bytes)."""
         blocks = [(rid, first + i) for rid, runs, _ in entries for first, n in runs
                   for i in range(n)]
         staging = torch.empty(staged_bytes(self.layout, plan, len(blocks)), dtype=torch.uint8,
