@@ -134,7 +134,7 @@ def report(args, traces: list[Trace], paths: dict, device: str, model: str) -> s
         tpot = (t.token_times[-1] - t.token_times[0]) / max(1, len(t.token_times) - 1)
         # Token 2 is the first the decode worker makes: it waits for the transfer.
         second = t.token_times[min(1, len(t.token_times) - 1)] - t.sent
-        transfer = t.timings.get("transfer", 0.0)
+        transfer = t.timings.get("kv_ready_delay", 0.0)
         rows.append((ttft, tpot, transfer, t.timings.get("transfer_bytes", 0.0),
                      t.timings.get("transfer_wire", 0.0), second))
     lines = [

@@ -119,10 +119,6 @@ class GatewayMetrics:
         KV's bytes (`transfer_bytes`) and the wire seconds of those bytes (`transfer_wire`,
         first byte posted to last landed), so bytes / seconds is the link's bandwidth."""
         timings = dict(timings)
-        if "kv_ready_delay" not in timings and "transfer" in timings:
-            # Workers before issue 11 send the same interval as "transfer"; remove this
-            # fallback once the decode worker's kv_ready_delay has landed everywhere.
-            timings["kv_ready_delay"] = timings["transfer"]
         for phase in PHASES:
             if phase in timings:
                 self.phase.labels(phase=phase).observe(max(0.0, float(timings[phase])))

@@ -48,8 +48,9 @@ class OutputChunk:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase, sent on the final chunk: queue, prefill, transfer, decode,
-    plus transfer_bytes."""
+    """Seconds per phase, sent on the final chunk: queue, prefill, kv_ready_delay (end of
+    prefill to the KV landed on the decode worker), decode; plus transfer_bytes and
+    transfer_wire (first KV posted to the last landed)."""
     worker_id: str = ""
 
 

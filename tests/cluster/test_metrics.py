@@ -51,14 +51,6 @@ def test_colocated_timings_have_no_kv_ready_delay_and_move_no_bytes():
     assert snapshot["kv_ready_delay_count"] == 0 and snapshot["mean_kv_ready_delay_s"] is None
 
 
-def test_old_transfer_key_is_read_as_the_kv_ready_delay_until_workers_send_the_new_one():
-    metrics = GatewayMetrics()
-    metrics.phases({"transfer": 0.2, "transfer_wire": 0.05, "transfer_bytes": 4096})
-    samples = _samples(metrics)
-    assert samples[("kvrelay_kv_ready_delay_seconds_sum", ())] == pytest.approx(0.2)
-    assert samples[("kvrelay_kv_transfer_seconds_total", ())] == pytest.approx(0.05)
-
-
 def test_negative_clock_skew_is_clamped_to_zero():
     metrics = GatewayMetrics()
     metrics.phases({"kv_ready_delay": -0.001, "transfer_bytes": 64, "transfer_wire": 0.001})

@@ -52,7 +52,8 @@ class TransferHeader:
     """Sender -> receiver (control channel), ahead of the packed data of one transfer.
 
     The data is the plan's layers x kv heads of `num_blocks` blocks, packed K-then-V per layer
-    (workers/kv_transfer/packing.py), `num_bytes` long, sent as `chunks` of whole layers.
+    (workers/kv_transfer/packing.py), `num_bytes` long (zmq: one frame; cuda_ipc: copied by
+    the sender). The torch transport streams instead (StreamPart / StreamEnd).
     """
 
     request_id: str
@@ -68,9 +69,7 @@ class TransferHeader:
     num_tokens: int = 0
     """Prompt tokens whose KV the blocks hold (the last block may be partly filled)."""
     generation: int = 0
-    """The pair's communicator generation this transfer uses (stale ones are refused)."""
-    chunks: list[int] = field(default_factory=list)
-    """Plan layers per send on the torch path (packing.split_layers); empty: one send."""
+    """The pair's generation this transfer uses (stale ones are refused)."""
 
 
 class _TransferEnd(ABC):

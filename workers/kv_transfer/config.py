@@ -23,9 +23,6 @@ class TransferConfig:
     """Handshake plus communicator construction of a new pair."""
     idle_evict_s: float = 300.0
     """A pair unused this long is torn down (its communicator freed); rebuilt on next use."""
-    chunk_bytes: int = 64 << 20
-    """torch path: a large transfer goes as sends of about this many bytes (whole layers), so
-    the receiver unpacks one while the next is on the wire; 0: always one send."""
     probe_bytes: int = 4 << 20
     """Size of the bandwidth probe each new pair runs (0: no probe)."""
     probe_rounds: int = 2

@@ -8,7 +8,6 @@ moves every layer's K and V (kernels/kv_pack.py); elsewhere torch `index_select`
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -109,35 +108,6 @@ def record_event(device: torch.device):
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     return event
-
-
-def split_layers(plan: TransferPlan, layout: KVLayout, num_blocks: int,
-                 chunk_bytes: int) -> list[int]:
-    """Plan layers per send: whole layers, about `chunk_bytes` a send (one send if <= 0), so
-    the receiver unpacks one chunk while the next is on the wire. Few sends: one NCCL send of
-    64 MiB costs about the latency of one of 1 MiB."""
-    per_layer = plan.num_bytes(layout, num_blocks) // plan.num_layers
-    if chunk_bytes <= 0 or per_layer == 0:
-        return [plan.num_layers]
-    sends = -(-plan.num_layers // max(1, chunk_bytes // per_layer))
-    base, extra = divmod(plan.num_layers, sends)
-    return [base + (1 if i < extra else 0) for i in range(sends)]
-
-
-def chunk_views(plan: TransferPlan, layout: KVLayout, num_blocks: int,
-                chunks: Sequence[int]) -> list[tuple[TransferPlan, int, int]]:
-    """(sub-plan, first byte, end byte) of each send of a packed buffer, in order; `chunks`
-    as from `split_layers` (empty: one send of everything)."""
-    per_layer = plan.num_bytes(layout, num_blocks) // plan.num_layers
-    views, start = [], 0
-    for count in chunks or [plan.num_layers]:
-        sub = dataclasses.replace(plan, layer_start=plan.layer_start + start,
-                                  layer_end=plan.layer_start + start + count)
-        views.append((sub, start * per_layer, (start + count) * per_layer))
-        start += count
-    if start != plan.num_layers:
-        raise ValueError(f"chunks {list(chunks)} cover {start} of {plan.num_layers} layers")
-    return views
 
 
 def as_bytes(buf: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,6 @@ from workers.kv_transfer.packing import (
     CopyStream,
     KVCaches,
     as_bytes,
-    chunk_views,
     pack,
 )
 from workers.kv_transfer.pair_state import SenderPair
@@ -80,15 +79,13 @@ class SendSteps:
                 return
             buf = None if ipc else self._pack(pair, plan, record.block_ids, ready)
         header.num_bytes = plan.num_bytes(self.layout, header.num_blocks) if ipc else buf.numel()
-        ranges = [(lo, hi) for _, lo, hi in chunk_views(plan, self.layout, header.num_blocks,
-                                                         header.chunks)]
         for attempt in range(2):
             header.generation = pair.generation
             start = time.perf_counter()
             if ipc is not None:
                 reply = self._push_ipc(pair, ipc, plan, record, header, ready)
             else:
-                reply = self._push(pair, header, buf, ranges, record.deadline)
+                reply = self._push(pair, header, buf, record.deadline)
             if reply.ok:
                 record.num_bytes, record.seconds = header.num_bytes, time.perf_counter() - start
                 self.table.finish(record.request_id, TransferState.DONE)
@@ -112,7 +109,7 @@ class SendSteps:
         return buf
 
     def _push(self, pair: SenderPair, header: TransferHeader, buf: torch.Tensor,
-              ranges: list[tuple[int, int]], deadline: float) -> Reply:
+              deadline: float) -> Reply:
         """Sends header and data as one ZMQ message; returns the receiver's final reply."""
         pair.sock.send_multipart([encode(header), _frame(buf)], copy=False)
         return self._await(pair, header.request_id, deadline)

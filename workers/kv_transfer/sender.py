@@ -142,7 +142,7 @@ class Sender(SendSteps, KVSender):
         def one_round(i: int) -> None:
             header = TransferHeader(f"__probe__/{i}", {}, [], 0, size, "uint8",
                                     generation=pair.generation)
-            reply = self._push(pair, header, buf, [(0, size)], deadline)
+            reply = self._push(pair, header, buf, deadline)
             if not reply.ok:
                 raise TransferFailed(header.request_id, reply.reason)
 

@@ -53,7 +53,7 @@ def test_cuda_pack_and_unpack_equal_the_cpu_path(rank):
 
 
 def _transfer_after_write(sender_device: str, receiver_device: str, transport: str):
-    config = TransferConfig(transport=transport, probe_bytes=8 << 20, chunk_bytes=1 << 20)
+    config = TransferConfig(transport=transport, probe_bytes=8 << 20)
     src, dst = _caches(LAYOUT, sender_device, 3), _caches(LAYOUT, receiver_device, 4)
     receiver, sender = Receiver(LAYOUT, dst, config), make_sender(LAYOUT, src, config)
     try:

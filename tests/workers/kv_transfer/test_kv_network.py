@@ -63,8 +63,8 @@ def _config(transport: str, **overrides) -> TransferConfig:
     return TransferConfig(transport=transport, probe_bytes=1 << 16, **overrides)
 
 
-@pytest.mark.parametrize("ends", [_config(t) for t in TRANSPORTS] + [_config("torch",
-                         chunk_bytes=1)], indirect=True, ids=[*TRANSPORTS, "torch-per-layer"])
+@pytest.mark.parametrize("ends", [_config(t) for t in TRANSPORTS], indirect=True,
+                         ids=TRANSPORTS)
 def test_random_blocks_arrive_bit_exact_with_first_token(ends, layout, make_caches):
     src, dst = make_caches(layout, 16, seed=1), make_caches(layout, 16, seed=2)
     before = [(k.clone(), v.clone()) for k, v in dst]

@@ -10,11 +10,9 @@ import torch
 from workers.kv_transfer import plan_transfer, slice_for_rank
 from workers.kv_transfer.packing import (
     as_bytes,
-    chunk_views,
     copy_path,
     pack,
     packed_shape,
-    split_layers,
     unpack,
 )
 
@@ -72,29 +70,6 @@ def test_pack_refuses_caches_that_do_not_match_the_layout(layout, make_caches):
     caches = make_caches(layout, 4, seed=6)[:2]
     with pytest.raises(ValueError, match="caches for layout layers"):
         pack(caches, layout, plan_transfer(layout, layout), [0])
-
-
-def test_chunks_are_whole_layers_of_about_chunk_bytes_and_unpack_alone(layout, make_caches):
-    layout = type(layout)(**{**layout.to_dict(), "num_layers": 5, "layer_end": None})
-    plan = plan_transfer(layout, layout)
-    per_layer = plan.num_bytes(layout, 3) // 5
-    assert split_layers(plan, layout, 3, 0) == [5]
-    assert split_layers(plan, layout, 3, 2 * per_layer) == [2, 2, 1]
-    assert split_layers(plan, layout, 3, 1) == [1] * 5
-    assert split_layers(plan, layout, 3, 10 * per_layer) == [5]
-    views = chunk_views(plan, layout, 3, [2, 2, 1])
-    assert [(v[0].layer_start, v[0].layer_end, v[1], v[2]) for v in views] == \
-        [(0, 2, 0, 2 * per_layer), (2, 4, 2 * per_layer, 4 * per_layer),
-         (4, 5, 4 * per_layer, 5 * per_layer)]
-    src, dst = make_caches(layout, 6, seed=7), make_caches(layout, 6, seed=8)
-    buf = as_bytes(pack(src, layout, plan, [5, 0, 3]))
-    for sub, lo, hi in reversed(views):  # each chunk lands on its own, in any order
-        unpack(buf[lo:hi], dst, layout, sub, [1, 2, 4])
-    for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
-        assert torch.equal(dk[[1, 2, 4]], sk[[5, 0, 3]]) and torch.equal(dv[[1, 2, 4]],
-                                                                          sv[[5, 0, 3]])
-    with pytest.raises(ValueError, match="cover 4 of 5"):
-        chunk_views(plan, layout, 3, [2, 2])
 
 
 def test_cpu_caches_take_the_torch_path_and_block_ids_may_be_any_int_sequence(layout,
