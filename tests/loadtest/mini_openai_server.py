@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from dataclasses import dataclass
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from tests.served_app import serve
 
 
 @dataclass(frozen=True)
@@ -107,25 +106,13 @@ class MiniOpenAIServer:
 
     def __init__(self, behaviour: Behaviour | None = None) -> None:
         self.received: list[dict] = []
-        app = make_app(behaviour or Behaviour(), self.received)
-        config = uvicorn.Config(app, log_level="critical", timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._server.run,
-                                        kwargs={"sockets": [self._socket]}, daemon=True)
+        self._app = make_app(behaviour or Behaviour(), self.received)
+        self._serving = serve(self._app, start_timeout_s=10)
+        self.url = ""
 
     def __enter__(self) -> MiniOpenAIServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("test server did not start within 10 s")
-            time.sleep(0.01)
+        self.url = self._serving.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._socket.close()
+        self._serving.__exit__(*exc)

@@ -4,15 +4,12 @@ socket. What the load tester sees is what a random-weights cluster shows it."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from typing import Any
 
-import uvicorn
 import zmq
 
 from router.gateway import create_app
+from tests.served_app import serve
 from workers.protocol import GenerateRequest, OutputChunk, encode
 
 MAX_MODEL_LEN = 4096
@@ -59,27 +56,14 @@ class TokenizerFreeGateway:
 
     def __init__(self) -> None:
         self.worker = ScriptedWorker()
-        app = create_app(self.worker, None, "dummy", MAX_MODEL_LEN)
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="critical", lifespan="on",
-                                timeout_graceful_shutdown=1)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run,
-                                        kwargs={"sockets": [self._socket]}, daemon=True)
+        self._serving = serve(create_app(self.worker, None, "dummy", MAX_MODEL_LEN),
+                              start_timeout_s=10)
+        self.url = ""
 
     def __enter__(self) -> TokenizerFreeGateway:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("gateway did not start within 10 s")
-            time.sleep(0.01)
+        self.url = self._serving.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-        self._socket.close()
+        self._serving.__exit__(*exc)
         self.worker.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,13 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import uvicorn
 import zmq
 
 from cluster.metrics import GatewayMetrics
 from router.gateway import GatewayConfig, create_app
 from router.router_core import RouterConfig, RouterCore
 from router.worker_handle import LocalHandle
+from tests.served_app import serve  # noqa: F401 - re-exported for the router tests
 from workers.colocated_worker import ColocatedWorker
 from workers.config import CacheConfig, EngineConfig
 from workers.protocol import GenerateRequest, OutputChunk, encode
@@ -115,25 +114,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@contextmanager
-def serve(app) -> Iterator[str]:
-    """Runs `app` on uvicorn in a thread; yields its base URL; stops it (and its lifespan)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def stop_core(core: RouterCore) -> None:

@@ -32,6 +32,7 @@ from workers.kv_transfer.messages import (
     StreamEnd,
     StreamPart,
 )
+from workers.kv_transfer.outbox import Outbox
 from workers.kv_transfer.packing import KVCaches
 from workers.kv_transfer.pair_group import host_store
 from workers.kv_transfer.pair_state import ReceiverPair
@@ -64,15 +65,7 @@ class Receiver(ReceiveSteps, KVReceiver):
         else:
             port = self._sock.bind_to_random_port(f"tcp://{config.host}")
         self.address = f"tcp://{config.host}:{port}"
-        self._outbox_addr = f"inproc://kv-recv-outbox-{id(self)}"
-        self._outbox = self._ctx.socket(zmq.PULL)
-        self._outbox.bind(self._outbox_addr)
-        # One PUSH end for every pair thread: a lock makes each send whole, which is all
-        # a ZMQ socket asks of threads that share it.
-        self._pusher = self._ctx.socket(zmq.PUSH)
-        self._pusher.setsockopt(zmq.LINGER, 0)
-        self._pusher.connect(self._outbox_addr)
-        self._pusher_lock = threading.Lock()
+        self._outbox = Outbox(self._ctx, "kv-recv-outbox")
         self._peers: dict[bytes, ReceiverPair] = {}
         self._ipc = IpcExport(kv_caches, self.device, config.probe_bytes)
         self._generations = itertools.count(1)
@@ -90,7 +83,7 @@ class Receiver(ReceiveSteps, KVReceiver):
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._outbox, zmq.POLLIN)
+        poller.register(self._outbox.socket, zmq.POLLIN)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         while not self._closed.is_set():
@@ -101,8 +94,8 @@ class Receiver(ReceiveSteps, KVReceiver):
                     self._handle(frames[0].bytes, decode(frames[1].bytes), frames[2:])
                 except Exception:  # noqa: BLE001 - one bad message must not stop the loop
                     log.exception("kv receiver: bad control message")
-            while self._outbox.poll(0):
-                identity, payload = self._outbox.recv_multipart()
+            while self._outbox.socket.poll(0):
+                identity, payload = self._outbox.socket.recv_multipart()
                 if payload:
                     self._sock.send_multipart([identity, payload])
                 else:
@@ -169,9 +162,7 @@ class Receiver(ReceiveSteps, KVReceiver):
             else:
                 self._sock.send_multipart([identity, encode(msg)])
             return
-        with self._pusher_lock:
-            if not self._pusher.closed:
-                self._pusher.send_multipart([identity, encode(msg) if msg is not None else b""])
+        self._outbox.put([identity, encode(msg) if msg is not None else b""])
 
     def _forget(self, identity: bytes) -> None:
         peer = self._peers.pop(identity, None)
@@ -224,7 +215,5 @@ class Receiver(ReceiveSteps, KVReceiver):
             self._drop(peer)
             peer.executor.shutdown(wait=True)
         self._torch.close()
-        with self._pusher_lock:
-            self._pusher.close(linger=0)
-        self._outbox.close(linger=0)
+        self._outbox.close()
         self._sock.close(linger=0)

@@ -29,6 +29,7 @@ from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferState, 
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, TransferPlan, check_compatible, plan_transfer
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply, StreamEnd, StreamPart
+from workers.kv_transfer.outbox import Outbox
 from workers.kv_transfer.packing import KVCaches, pack
 from workers.kv_transfer.pair_group import SENDER_RANK, PairGroup, op_timeout
 from workers.kv_transfer.posted import Posted, PostedOps
@@ -104,13 +105,7 @@ class TorchSender(KVSender):
         self._step: list[_PairStep] = []
         self._posted = PostedOps(self.table, self.device)
         self._ctx = zmq.Context.instance()
-        self._outbox_addr = f"inproc://kv-send-outbox-{id(self)}"
-        self._outbox = self._ctx.socket(zmq.PULL)
-        self._outbox.bind(self._outbox_addr)
-        self._pusher = self._ctx.socket(zmq.PUSH)
-        self._pusher.setsockopt(zmq.LINGER, 0)
-        self._pusher.connect(self._outbox_addr)
-        self._pusher_lock = threading.Lock()
+        self._outbox = Outbox(self._ctx, "kv-send-outbox")
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kv-send", daemon=True)
         self._thread.start()
@@ -257,9 +252,7 @@ class TorchSender(KVSender):
         return pair
 
     def _command(self, dest: str, payload: bytes) -> None:
-        with self._pusher_lock:
-            if not self._pusher.closed:
-                self._pusher.send_multipart([dest.encode(), payload])
+        self._outbox.put([dest.encode(), payload])
 
     # ---- control thread --------------------------------------------------------------------
 
@@ -267,11 +260,11 @@ class TorchSender(KVSender):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         poller = zmq.Poller()
-        poller.register(self._outbox, zmq.POLLIN)
+        poller.register(self._outbox.socket, zmq.POLLIN)
         while not self._closed.is_set():
             ready = dict(poller.poll(int(self.config.tick_s * 1000)))
-            while self._outbox.poll(0):
-                dest, payload = self._outbox.recv_multipart()
+            while self._outbox.socket.poll(0):
+                dest, payload = self._outbox.socket.recv_multipart()
                 self._outgoing(poller, dest.decode(), payload)
             for pair in list(self._pairs.values()):
                 if pair.sock is not None and pair.sock in ready:
@@ -440,9 +433,7 @@ class TorchSender(KVSender):
                 pair.sock.close(linger=0)
             pair.ready.set()
         self._posted.close()
-        with self._pusher_lock:
-            self._pusher.close(linger=0)
-        self._outbox.close(linger=0)
+        self._outbox.close()
 
 
 def probe_sends(group: PairGroup, config: TransferConfig, device: torch.device) -> float | None:
