@@ -23,6 +23,9 @@ class TransferConfig:
     """Handshake plus communicator construction of a new pair."""
     idle_evict_s: float = 300.0
     """A pair unused this long is torn down (its communicator freed); rebuilt on next use."""
+    max_pairs: int = 64
+    """torch transport: most pairs one sender keeps (each NCCL communicator holds GPU memory);
+    one more evicts the least recently used pair with nothing in flight."""
     probe_bytes: int = 4 << 20
     """Size of the bandwidth probe each new pair runs (0: no probe)."""
     probe_rounds: int = 2

@@ -116,8 +116,19 @@ class TorchSender(KVSender):
         with self._lock:
             if dest in self._pairs:
                 return
+            victim = self._least_recently_used() if len(self._pairs) >= \
+                self.config.max_pairs else None
             self._pairs[dest] = _Pair(dest, time.monotonic() + self.config.connect_timeout_s)
+        if victim is not None:
+            self._command(victim, b"evict")
         self._command(dest, b"connect")
+
+    def _least_recently_used(self) -> str | None:
+        """The idle pair to evict for a new one (None: every pair is busy; the bound gives)."""
+        busy = {r.peer for r in self.table.live()}
+        idle = [p for p in self._pairs.values() if p.dest not in busy and p.ready.is_set()
+                and not self._posted.pending(p.dest)]
+        return min(idle, key=lambda p: p.last_used).dest if idle else None
 
     def open(self, request_id: str, dest: str, dest_block_ids: list[int],
              num_tokens: int | None = None, timeout_s: float | None = None) -> None:
@@ -278,6 +289,8 @@ class TorchSender(KVSender):
     def _outgoing(self, poller: zmq.Poller, dest: str, payload: bytes) -> None:
         if payload == b"connect":
             self._start_pair(poller, dest)
+        elif payload == b"evict":
+            self._teardown(poller, dest, f"evicted: more than {self.config.max_pairs} pairs")
         elif payload.startswith(b"ready:"):
             pair = self._pairs.get(dest)
             if pair is not None and pair.sock is not None:

@@ -233,3 +233,22 @@ def receiver_killed_mid_stream(layout: KVLayout, sender_device: str,
         start = time.monotonic()
         sender.close()
         assert time.monotonic() - start < 10
+
+
+def test_pairs_are_bounded_least_recently_used_idle_one_evicted(layout):
+    config = TransferConfig(probe_bytes=0, timeout_s=10, max_pairs=1)
+    src = random_caches(layout, 8, seed=1)
+    receivers = [Receiver(layout, random_caches(layout, 8, seed=2 + i), config) for i in range(2)]
+    sender = TorchSender(layout, src, config)
+    try:
+        for round_ in range(2):
+            for i, receiver in enumerate(receivers):
+                rid = f"r{round_}{i}"
+                receiver.expect(rid, [1, 2])
+                sender.send(rid, receiver.address, [3, 4], [1, 2], {"first_token_id": 1})
+                assert sender.wait(rid, 20) is TransferState.DONE, sender.table.get(rid).reason
+                assert sender.pairs() == [receiver.address]  # the other one was evicted
+    finally:
+        sender.close()
+        for receiver in receivers:
+            receiver.close()
