@@ -70,10 +70,11 @@ class PostedOps:
             return any(peer is None or p.peer == peer for p in self._items)
 
     def stuck_peers(self, stuck: Callable[[Posted], bool]) -> set[str]:
-        """Peers with an operation that `stuck` says will not end by itself."""
+        """Peers with an operation that `stuck` says will not end by itself. Decided under the
+        lock, so an operation that has just ended (and may have let its blocks go, and a new
+        transfer start on the pair) is never taken for stuck."""
         with self._lock:
-            items = list(self._items)
-        return {p.peer for p in items if not p.cancelled and stuck(p)}
+            return {p.peer for p in self._items if not p.cancelled and stuck(p)}
 
     def cancel(self, peer: str) -> None:
         """Before aborting the peer's communicator: its operations count as failed, however

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -89,6 +90,12 @@ def test_paused_receiver_fails_within_deadline_and_pair_recovers(peer, layout):
             _assert_landed(process, src, [3, 4], [0, 1])
         else:  # torch: its receives waited on a pair the sender tore down
             assert state == "failed", reason
+        # A send stuck past its deadline tears its pair down, failing whatever is in flight on
+        # it; so the next transfer starts once r1's and r2's sends have ended, on a live pair.
+        for rid in ("r1", "r2"):
+            quiet = threading.Event()
+            sender.when_quiet(rid, quiet.set)
+            assert quiet.wait(2 * config.timeout_s + 10), f"{rid}'s sends never ended"
         process.call("expect", "r3", [3, 4], 10)
         sender.send("r3", process.address, [0, 7], [3, 4])
         assert sender.wait("r3", 20) is TransferState.DONE, sender.table.get("r3").reason
