@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -39,7 +39,6 @@ class Posted:
     the requests are unpinned, so it may still read or write their blocks."""
     posted_at: float = 0.0
     cancelled: bool = False
-    extra: dict = field(default_factory=dict)
 
 
 class PostedOps:

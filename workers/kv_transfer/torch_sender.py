@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import zmq
@@ -73,7 +73,6 @@ class _Stream:
 
     dest: str
     dest_block_ids: list[int]
-    num_tokens: int | None
     parts: int = 0
 
 
@@ -84,7 +83,6 @@ class _PairStep:
     pair: _Pair
     entries: list[tuple[str, list[tuple[int, int, int]]]]
     packed: bool = False
-    byte_counts: dict[str, int] = field(default_factory=dict)
 
 
 class TorchSender(KVSender):
@@ -133,7 +131,7 @@ class TorchSender(KVSender):
     def open(self, request_id: str, dest: str, dest_block_ids: list[int],
              num_tokens: int | None = None, timeout_s: float | None = None) -> None:
         self.table.add(request_id, timeout_s or self.config.timeout_s, peer=dest)
-        self._streams[request_id] = _Stream(dest, list(dest_block_ids), num_tokens)
+        self._streams[request_id] = _Stream(dest, list(dest_block_ids))
         self.connect(dest)
 
     def stream_hook(self) -> TorchSender:
@@ -202,11 +200,11 @@ class TorchSender(KVSender):
                 self.table.unpin(rid)
                 self.table.end(rid, TransferState.FAILED, f"{type(err).__name__}: {err}")
             return
+        per_block = sum(b.numel() * b.element_size() for b in bufs) // max(
+            1, sum(n for _, runs in step.entries for _, _, n in runs))
         for rid, runs in step.entries:
             record = self.table.get(rid)
             if record is not None:
-                per_block = sum(b.numel() * b.element_size() for b in bufs) // max(
-                    1, sum(n for _, r in step.entries for _, _, n in r))
                 record.num_bytes += per_block * sum(n for _, _, n in runs)
         self._posted.add(Posted(step.pair.dest, works, rids))
 
