@@ -118,21 +118,24 @@ def _receiver_main(cfg: BenchConfig, transport: str, device: str, raw: bool, con
             results[tokens] = buf.numel() * cfg.iters / (time.perf_counter() - start) / 1e9
         group.close()
     config = TransferConfig(transport, cfg.host, timeout_s=600, probe_bytes=cfg.probe_bytes)
-    receiver = Receiver(cfg.layout, _caches(cfg, device, seed=1), config)
+    landed = {}  # request id -> perf_counter() when its KV landed here (a decode step could run)
+    receiver = Receiver(cfg.layout, _caches(cfg, device, seed=1), config,
+                        on_done=lambda rid, extra: landed.setdefault(rid, time.perf_counter()))
     conn.send(receiver.address)
     for tokens in cfg.tokens:
         for i in range(cfg.warmup + cfg.iters):
             receiver.expect(f"{tokens}-{i}", _block_ids(cfg, tokens, seed=2), 600)
         conn.send("expected")
         conn.recv()
-    out.put(("raw", results))
+    out.put(("receiver", {"raw": results, "landed": landed}))
     conn.recv()  # the sender's report is out: nothing is in flight any more
     receiver.close()
 
 
 def _sender_main(cfg: BenchConfig, transport: str, device: str, raw: bool, conn,
                  out) -> None:
-    """Rank 1: raw sends, then our transfers, each timed from send() to the receiver's ack."""
+    """Rank 1: raw sends, then our transfers, each timed from send() to the sender's ack (and
+    its start time kept, for the time to the KV having landed on the receiver)."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -147,29 +150,32 @@ def _sender_main(cfg: BenchConfig, transport: str, device: str, raw: bool, conn,
     config = TransferConfig(transport, cfg.host, timeout_s=600, probe_bytes=cfg.probe_bytes)
     sender = make_sender(cfg.layout, _caches(cfg, device, seed=3), config)
     address = conn.recv()
-    ours = {}
+    acked, starts = {}, {}
     for tokens in cfg.tokens:
         conn.recv()
         src, dst = _block_ids(cfg, tokens, seed=4), _block_ids(cfg, tokens, seed=2)
         seconds = []
         for i in range(cfg.warmup + cfg.iters):
-            start = time.perf_counter()
+            start = starts[f"{tokens}-{i}"] = time.perf_counter()
             sender.send(f"{tokens}-{i}", address, src, dst, num_tokens=tokens)
             state = sender.wait(f"{tokens}-{i}", 600)
             if state is not TransferState.DONE:
                 raise RuntimeError(f"transfer {tokens}-{i}: {sender.table.get(f'{tokens}-{i}')}")
             seconds.append(time.perf_counter() - start)
-        ours[tokens] = cfg.num_bytes(tokens) / statistics.median(seconds[cfg.warmup:]) / 1e9
+        acked[tokens] = cfg.num_bytes(tokens) / statistics.median(seconds[cfg.warmup:]) / 1e9
         conn.send("done")
-    out.put(("ours", {"ours": ours, "path": sender.path(address),
-                      "probe_gbps": sender.bandwidth(address)}))
+    out.put(("sender", {"acked": acked, "starts": starts, "path": sender.path(address),
+                        "probe_gbps": sender.bandwidth(address)}))
     sender.close()
     conn.send("closed")
 
 
 def run_pair(cfg: BenchConfig, transport: str, devices: tuple[str, str], raw: bool) -> dict:
     """Runs receiver and sender in two spawned processes (talking over a pipe); returns
-    {'raw': {tokens: GB/s}, 'ours': {tokens: GB/s}, 'path': ..., 'probe_gbps': ...}."""
+    {'raw': {tokens: GB/s}, 'ours': {tokens: GB/s}, 'acked': {tokens: GB/s}, 'path': ...,
+    'probe_gbps': ...}. 'ours' times send() on the sender to the KV having landed on the
+    receiver (its transfer DONE: what a decode worker waits for; both processes read one
+    host's monotonic clock); 'acked' times send() to the sender holding the receiver's ack."""
     ctx = mp.get_context("spawn")
     recv_end, send_end = ctx.Pipe()
     out = ctx.Queue()
@@ -180,11 +186,15 @@ def run_pair(cfg: BenchConfig, transport: str, devices: tuple[str, str], raw: bo
     for proc in procs:
         proc.start()
     try:
-        return _reports(procs, out)
+        report = _reports(procs, out)
     finally:
         for proc in procs:  # one end failed: the other must not outlive the bench
             if proc.is_alive():
                 proc.kill()
+    report["ours"] = {tokens: cfg.num_bytes(tokens) / statistics.median(
+        report["landed"][f"{tokens}-{i}"] - report["starts"][f"{tokens}-{i}"]
+        for i in range(cfg.warmup, cfg.warmup + cfg.iters)) / 1e9 for tokens in cfg.tokens}
+    return report
 
 
 def _reports(procs: list, out) -> dict:
@@ -199,7 +209,7 @@ def _reports(procs: list, out) -> dict:
                 raise RuntimeError(f"bench process exited with {dead[0].exitcode}") from None
             continue
         kinds.add(kind)
-        report.update({"raw": value} if kind == "raw" else value)
+        report.update(value)
     for proc in procs:
         proc.join(120)
         if proc.exitcode != 0:
@@ -257,23 +267,26 @@ def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) ->
         f"  device: {_device_name(cfg)}  torch {torch.__version__}",
         f"model KV: {lay.num_layers} layers x {lay.num_kv_heads} kv heads x d={lay.head_dim}, "
         f"{lay.dtype}, block {lay.block_size}; one request per size; median of {cfg.iters} "
-        f"after {cfg.warmup} warm-up; GB/s = payload bytes / s",
+        f"after {cfg.warmup} warm-up; GB/s = payload bytes / s; ours: send() to the KV "
+        f"landed on the receiver (DONE there), acked: send() to the receiver's ack back",
     ]
     if pair:
         lines.append(f"(a) two processes, two devices, path {pair['path']} (start-up probe "
                      f"{pair['probe_gbps'] or 0:.2f} GB/s)")
     lines.append(f"(b) one device: pack/unpack vs copy; ZMQ path between two processes "
                  f"(probe {zmq['probe_gbps'] or 0:.2f} GB/s)")
-    header = (f"{'tokens':>7} {'MiB':>8} | {'raw p2p':>8} {'ours':>8} {'ratio':>6} | "
+    header = (f"{'tokens':>7} {'MiB':>8} | {'raw p2p':>8} {'ours':>8} {'ratio':>6} "
+              f"{'acked':>8} | "
               f"{'pack':>8} {'unpack':>8} {'copy':>8} {'pk/cp':>6} | {'zmq':>8}")
     lines += [header, "-" * len(header)]
     for tokens in cfg.tokens:
         raw = pair["raw"][tokens] if pair else float("nan")
         ours = pair["ours"][tokens] if pair else float("nan")
+        acked = pair["acked"][tokens] if pair else float("nan")
         row = local[tokens]
         lines.append(
             f"{tokens:>7} {cfg.num_bytes(tokens) / 2**20:>8.1f} | {raw:>8.2f} {ours:>8.2f} "
-            f"{ours / raw:>6.2f} | {row['pack']:>8.2f} {row['unpack']:>8.2f} "
+            f"{ours / raw:>6.2f} {acked:>8.2f} | {row['pack']:>8.2f} {row['unpack']:>8.2f} "
             f"{row['copy']:>8.2f} {row['pack'] / row['copy']:>6.2f} | {zmq['ours'][tokens]:>8.2f}")
     return "\n".join(lines)
 

@@ -111,16 +111,22 @@ class TorchReceiving:
 
     def _post_runs(self, peer: ReceiverPair, plan: TransferPlan, entries: list,
                    accepted: list[str]) -> tuple[list, int]:
-        """Every layer's receives straight into the blocks, as ONE grouped call (the sender's
-        per-layer groups match it op by op): its host cost is paid once per step."""
-        bufs = []
-        for layer in range(plan.layer_start, plan.layer_end):
-            k_cache, v_cache = self.kv_caches[layer - self.layout.layer_start]
-            for rid, runs, _ in entries:
-                views = run_views(k_cache, v_cache, runs)
-                bufs += views if rid in accepted else [torch.empty_like(v) for v in views]
-        works = peer.group.post_many(bufs, send=False)
-        return works, sum(b.numel() * b.element_size() for b in bufs)
+        """Every layer's receives straight into the blocks, in the sender's order; the views
+        are built while the first groups are already on the wire (see PairGroup.post_many).
+        """
+        num_bytes = 0
+
+        def views():
+            nonlocal num_bytes
+            for layer in range(plan.layer_start, plan.layer_end):
+                k_cache, v_cache = self.kv_caches[layer - self.layout.layer_start]
+                for rid, runs, _ in entries:
+                    for view in run_views(k_cache, v_cache, runs):
+                        num_bytes += view.numel() * view.element_size()
+                        yield view if rid in accepted else torch.empty_like(view)
+
+        works = peer.group.post_many(views(), send=False)
+        return works, num_bytes
 
     def _post_packed(self, peer: ReceiverPair, plan: TransferPlan, layer: int, entries: list,
                      accepted: list[str]):

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -169,17 +170,16 @@ class TorchSender(KVSender):
         self._post_layers([local_layer])
 
     def _post_layers(self, local_layers: list[int]) -> None:
-        """One grouped post per pair of these layers' sends (several layers: a prefilled
-        request sent whole)."""
+        """Posts these layers' sends per pair (several layers: a prefilled request sent
+        whole, its views built while the first groups are on the wire)."""
         for step in self._step:
             plan = step.pair.plan
-            bufs = []
-            for local in local_layers:
-                layer = self.layout.layer_start + local
-                if plan.layer_start <= layer < plan.layer_end:
-                    bufs += self._layer_bufs(step, local, layer)
-            if bufs:
-                self._post(step, bufs)
+            layers = [(local, self.layout.layer_start + local) for local in local_layers]
+            layers = [(local, layer) for local, layer in layers
+                      if plan.layer_start <= layer < plan.layer_end]
+            if layers:
+                self._post(step, (buf for local, layer in layers
+                                  for buf in self._layer_bufs(step, local, layer)))
 
     def _layer_bufs(self, step: _PairStep, local: int, layer: int) -> list[torch.Tensor]:
         if not step.packed:
@@ -191,17 +191,24 @@ class TorchSender(KVSender):
         ids = [src + i for _, runs in step.entries for src, _, n in runs for i in range(n)]
         return [pack(self.kv_caches, self.layout, one, ids).reshape(-1)]
 
-    def _post(self, step: _PairStep, bufs: list[torch.Tensor]) -> None:
+    def _post(self, step: _PairStep, bufs: Iterable[torch.Tensor]) -> None:
         rids = [rid for rid, _ in step.entries if self.table.pin(rid)]
+        num_bytes = 0
+
+        def counted():
+            nonlocal num_bytes
+            for buf in bufs:
+                num_bytes += buf.numel() * buf.element_size()
+                yield buf
+
         try:
-            works = step.pair.group.post_many(bufs, send=True)
+            works = step.pair.group.post_many(counted(), send=True)
         except Exception as err:  # noqa: BLE001 - a broken communicator fails its transfers
             for rid in rids:
                 self.table.unpin(rid)
                 self.table.end(rid, TransferState.FAILED, f"{type(err).__name__}: {err}")
             return
-        per_block = sum(b.numel() * b.element_size() for b in bufs) // max(
-            1, sum(n for _, runs in step.entries for _, _, n in runs))
+        per_block = num_bytes // max(1, sum(n for _, runs in step.entries for _, _, n in runs))
         for rid, runs in step.entries:
             record = self.table.get(rid)
             if record is not None:
