@@ -24,8 +24,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router import http_errors
-from router.openai_protocol import ChatCompletionRequest, CompletionRequest, SimpleGenerateRequest
-from router.request_flow import RequestFlow
+from router.request_flow import RequestFlow, new_request_id
+from router.request_models import ChatCompletionRequest, CompletionRequest, SimpleGenerateRequest
+from workers.errors import KvrelayError
 from workers.protocol import GenerateRequest
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,12 @@ def create_app(
     async def on_http_error(request: Request, exc: StarletteHTTPException):
         return http_errors.from_http_status(exc.status_code, exc.detail).response()
 
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception):  # a bug: OpenAI-shaped 500
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        rid = new_request_id(request.url.path)
+        return http_errors.from_exception(exc, request_id=rid).response()
+
     _add_generation_routes(app, gateway)
     _add_status_routes(app, gateway, max_model_len)
     return app
@@ -148,17 +155,22 @@ def _add_status_routes(app: FastAPI, gateway: RequestFlow, max_model_len: int) -
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         created = int(time.time())
+        # vLLM's shape: `root` is the model every served name maps to, `parent` a base model
+        # of an adapter (none here); `vllm bench serve` reads `root`.
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "kvrelay",
-             "max_model_len": max_model_len} for name in names]}
+             "root": names[0], "parent": None, "max_model_len": max_model_len}
+            for name in names]}
 
     @app.get("/health")
     async def health() -> JSONResponse:
         try:
             state = await backend.health()
         except Exception as exc:  # the Router itself is unreachable: not ready, say why
-            return JSONResponse({"status": "unavailable", "error": f"{type(exc).__name__}: "
-                                 f"{exc}"}, status_code=503)
+            if not isinstance(exc, KvrelayError):  # Ray's text (pids, addresses): log only
+                log.exception("health check failed")
+            reason = str(exc) if isinstance(exc, KvrelayError) else "internal error"
+            return JSONResponse({"status": "unavailable", "error": reason}, status_code=503)
         ready = is_ready(state)
         return JSONResponse({"status": "ok" if ready else "unavailable", **state},
                             status_code=200 if ready else 503)

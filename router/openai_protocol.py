@@ -1,19 +1,24 @@
-"""OpenAI-compatible request schemas and their validation into `SamplingParams` fields.
+"""OpenAI-compatible requests turned into `SamplingParams` fields, and the response bodies.
 
-Pydantic checks shapes and types (the gateway turns its errors into 400 naming the field);
-`sampling_fields` checks what depends on the prompt (the context limit) and on OpenAI's rules
-(only n=1, top_logprobs needs logprobs), then `SamplingParams` checks ranges. Names and
-defaults follow OpenAI, plus vLLM's extensions (top_k, min_p, repetition_penalty,
-ignore_eos, min_tokens, stop_token_ids, skip_special_tokens).
+The request models (router/request_models.py) check shapes and types; `check_request` the
+rules between fields and of message roles; `sampling_fields` what depends on the prompt (the
+context limit); then `SamplingParams` checks ranges. Names and defaults follow OpenAI, plus
+vLLM's extensions (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids,
+skip_special_tokens).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from router.request_models import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    Request,
+    SimpleGenerateRequest,
+)
 from workers.errors import EmptyPrompt, InvalidParameter, PromptTooLong
 from workers.sampling_params import SamplingParams
 
@@ -21,109 +26,27 @@ from workers.sampling_params import SamplingParams
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+def check_request(req: Request) -> None:
+    """Rules between fields and of message roles (InvalidParameter naming the field)."""
+    if isinstance(req, SimpleGenerateRequest) and req.stream:
+        raise InvalidParameter("stream", "/v1/generate does not stream; use /v1/completions")
+    if not isinstance(req, ChatCompletionRequest):
+        return
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidParameter("top_logprobs", "needs logprobs=true")
+    for i, message in enumerate(req.messages):
+        _check_role(f"messages.[{i}]", message)
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by every generation endpoint."""
-
-    # Unknown fields are ignored (OpenAI SDKs send some we have no use for, e.g. `user`).
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    n: int = 1
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
-    priority: int = 0
-    timeout: float | None = Field(default=None, gt=0)
-    """Seconds until the gateway gives up on the request (capped by the server's limit)."""
-    logit_bias: dict[str, float] | None = None
-    return_token_ids: bool = False
-    """vLLM's extension: every choice (and stream chunk) also carries `token_ids`, the new
-    tokens' ids, so a model without a tokenizer still streams one chunk per token."""
-
-
-class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = None
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
-
-
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
-
-
-class SimpleGenerateRequest(_SamplingFields):
-    """POST /v1/generate: `{prompt, max_tokens, ...}` -> `{text, tokens_generated, ...}`."""
-
-    prompt: str | list[int]
-    logprobs: int | None = None
-
-
-Request = CompletionRequest | ChatCompletionRequest | SimpleGenerateRequest
-
-
-def check_unsupported(req: Request) -> None:
-    """Rejects (400) what this server does not do, instead of silently ignoring it."""
-    if req.n != 1:
-        raise InvalidParameter("n", f"only n=1 is supported, got {req.n}")
-    if req.logit_bias:
-        raise InvalidParameter("logit_bias", "is not supported")
-    if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise InvalidParameter("echo", "is not supported")
-        if req.suffix:
-            raise InvalidParameter("suffix", "is not supported")
-        if req.best_of not in (None, 1):
-            raise InvalidParameter("best_of", f"only best_of=1 is supported, got {req.best_of}")
-    if isinstance(req, ChatCompletionRequest):
-        if req.top_logprobs is not None and not req.logprobs:
-            raise InvalidParameter("top_logprobs", "needs logprobs=true")
-        if req.tools:
-            raise InvalidParameter("tools", "tool calling is not supported")
-        if req.response_format and req.response_format.get("type") != "text":
-            raise InvalidParameter("response_format", "only {'type': 'text'} is supported")
-
-
-def single_prompt(prompt: str | list[int] | list[str] | list[list[int]]) -> str | list[int]:
-    """The one prompt of a request: a string or token ids (a batch of one is unwrapped)."""
-    if isinstance(prompt, str):
-        return prompt
-    if prompt and all(isinstance(p, (str, list)) for p in prompt):
-        if len(prompt) != 1:
-            raise InvalidParameter("prompt", f"only one prompt per request, got {len(prompt)}")
-        return prompt[0]
-    return prompt
+def _check_role(path: str, message: ChatMessage) -> None:
+    """OpenAI's per-role rules; an assistant message may lack content only beside
+    tool_calls, which this server does not support, so every role needs content."""
+    if message.content is None:
+        raise InvalidParameter(f"{path}.content", f"a '{message.role}' message needs content")
+    if message.role == "tool" and not message.tool_call_id:
+        raise InvalidParameter(f"{path}.tool_call_id", "a 'tool' message needs tool_call_id")
+    if message.role != "tool" and message.tool_call_id is not None:
+        raise InvalidParameter(f"{path}.tool_call_id", "only a 'tool' message has one")
 
 
 def sampling_fields(req: Request, num_prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
@@ -164,7 +87,11 @@ def sampling_fields(req: Request, num_prompt_tokens: int, max_model_len: int) ->
         "logprobs": _num_logprobs(req),
         "skip_special_tokens": req.skip_special_tokens,
     }
-    return SamplingParams(**fields).to_dict()
+    try:
+        return SamplingParams(**fields).to_dict()
+    except InvalidParameter as exc:  # named as the client sent it
+        sent = {"max_tokens": field, "logprobs": _logprobs_field(req)}.get(exc.field, exc.field)
+        raise InvalidParameter(sent, exc.message) from None
 
 
 def _requested_max_tokens(req: Request) -> tuple[int | None, str]:
@@ -174,6 +101,10 @@ def _requested_max_tokens(req: Request) -> tuple[int | None, str]:
         # OpenAI's default, shortened (not refused) when the prompt leaves less room.
         return None, "max_tokens"
     return req.max_tokens, "max_tokens"
+
+
+def _logprobs_field(req: Request) -> str:
+    return "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
 
 
 def _num_logprobs(req: Request) -> int | None:
@@ -251,8 +182,7 @@ def chat_response(
 def prompt_token_ids(req: Request, tokenizer: Any) -> list[int]:
     """The request's prompt as token ids: chat messages through the chat template, strings
     through the tokenizer, id lists as given. Raises EmptyPrompt, InvalidParameter."""
-    needs_text = isinstance(req, ChatCompletionRequest) or isinstance(
-        single_prompt(req.prompt), str)
+    needs_text = isinstance(req, ChatCompletionRequest) or isinstance(req.prompt, str)
     if tokenizer is None and needs_text:
         # A --dummy-config model has no tokenizer: only token-id prompts can be served.
         field = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
@@ -265,25 +195,17 @@ def prompt_token_ids(req: Request, tokenizer: Any) -> list[int]:
         bos = getattr(tokenizer, "bos_token", None)
         ids = tokenizer.encode(text, add_special_tokens=not (bos and text.startswith(bos)))
     else:
-        prompt = single_prompt(req.prompt)
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if any(t < 0 for t in ids):
-            raise InvalidParameter("prompt", "token ids must be >= 0")
+        ids = tokenizer.encode(req.prompt) if isinstance(req.prompt, str) else list(req.prompt)
     if not ids:
         raise EmptyPrompt()
     return ids
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
-    data = message.model_dump(exclude_none=True)
-    if isinstance(message.content, list):
-        parts = []
-        for part in message.content:
-            if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InvalidParameter("messages", "only text content parts are supported")
-            parts.append(part["text"])
-        data["content"] = "".join(parts)
-    data.setdefault("content", "")
+    data = {"role": message.role, "content": message.text()}
+    for key in ("name", "tool_call_id"):
+        if getattr(message, key) is not None:
+            data[key] = getattr(message, key)
     return data
 
 

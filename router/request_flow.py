@@ -26,8 +26,7 @@ from router.admission import Admission
 from router.gateway_call import Call
 from router.openai_protocol import (
     ChatCompletionRequest,
-    SimpleGenerateRequest,
-    check_unsupported,
+    check_request,
     logprobs_formatter,
     prompt_token_ids,
     response_body,
@@ -36,7 +35,6 @@ from router.openai_protocol import (
 from router.output_receiver import OutputReceiver
 from workers.errors import (
     EmptyPrompt,
-    InvalidParameter,
     KvrelayError,
     PromptTooLong,
     RequestTimeout,
@@ -71,14 +69,18 @@ class RequestFlow:
         self._aborts: set[asyncio.Task] = set()
 
     async def handle(self, endpoint: str, body: Any, request: Request) -> Response:
+        call = None
         try:
             call = self._prepare(endpoint, body)
             await self._start(call)
         except KvrelayError as exc:
-            return self.error(endpoint, http_errors.from_exception(exc, _param_for(exc, body)))
-        except Exception as exc:  # the backend itself failed (e.g. the Router actor died)
-            log.exception("submitting a %s request failed", endpoint)
-            return self.error(endpoint, http_errors.from_exception(exc))
+            rid = call.request_id if call else None
+            param = _param_for(type(exc).__name__, body)
+            return self.error(endpoint, http_errors.from_exception(exc, param, rid))
+        except Exception as exc:  # a bug: 500 naming the request id, the details logged
+            rid = call.request_id if call else new_request_id(endpoint)
+            log.exception("%s request %s failed", endpoint, rid)
+            return self.error(endpoint, http_errors.from_exception(exc, request_id=rid))
         try:
             chunk = await self._receive(call, request, whole=not body.stream)
         except RequestTimeout as exc:
@@ -88,7 +90,7 @@ class RequestFlow:
             self._end(call, 499)
             return Response(status_code=499)
         if call.failed:
-            mapped = http_errors.from_chunk(chunk.error_type, chunk.error or chunk.finish_reason)
+            mapped = self._chunk_error(call, chunk)
             self._end(call, mapped.status)
             return self.error(endpoint, mapped, count=False)
         if body.stream:
@@ -115,14 +117,11 @@ class RequestFlow:
     def _prepare(self, endpoint: str, body: Any) -> Call:
         if body.model and body.model not in self.names:
             raise UnknownModel(body.model, list(self.names))
-        check_unsupported(body)
-        if isinstance(body, SimpleGenerateRequest) and body.stream:
-            raise InvalidParameter("stream", "/v1/generate does not stream; use /v1/completions")
+        check_request(body)
         ids = prompt_token_ids(body, self.tokenizer)
         sampling = sampling_fields(body, len(ids), self.max_model_len)
         timeout = min(body.timeout or math.inf, self.config.request_timeout_s)
-        request_id = _ID_PREFIX[endpoint] + uuid.uuid4().hex
-        return Call(endpoint, body, request_id, ids, sampling, timeout)
+        return Call(endpoint, body, new_request_id(endpoint), ids, sampling, timeout)
 
     async def _start(self, call: Call) -> None:
         """Admits and submits; on any failure nothing of the request is left behind."""
@@ -200,8 +199,7 @@ class RequestFlow:
                     break
                 chunk = await self._next(call)
             else:
-                mapped = http_errors.from_chunk(chunk.error_type,
-                                                chunk.error or chunk.finish_reason)
+                mapped = self._chunk_error(call, chunk)
                 status = mapped.status
                 yield sse.error_event(mapped.body)
             yield sse.DONE
@@ -211,6 +209,11 @@ class RequestFlow:
             yield sse.DONE
         finally:
             self._end(call, status)
+
+    def _chunk_error(self, call: Call, chunk: OutputChunk) -> http_errors.HttpError:
+        param = chunk.error_param or _param_for(chunk.error_type, call.body)
+        return http_errors.from_chunk(chunk.error_type, chunk.error or chunk.finish_reason,
+                                      param, call.request_id)
 
     def _body(self, call: Call) -> dict[str, Any]:
         """The non-streaming response of a finished request."""
@@ -273,11 +276,15 @@ class RequestFlow:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _param_for(exc: KvrelayError, body: Any) -> str | None:
-    """The request field an error is about, where the error itself cannot know it."""
-    if isinstance(exc, UnknownModel):
+def new_request_id(endpoint: str) -> str:
+    return _ID_PREFIX.get(endpoint, "req-") + uuid.uuid4().hex
+
+
+def _param_for(error_type: str | None, body: Any) -> str | None:
+    """The request field an error (by class name) is about, where the error cannot know it."""
+    if error_type == UnknownModel.__name__:
         return "model"
-    if isinstance(exc, (PromptTooLong, EmptyPrompt, UnknownTokenIds)):
+    if error_type in (PromptTooLong.__name__, EmptyPrompt.__name__, UnknownTokenIds.__name__):
         return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
     return None
 

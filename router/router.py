@@ -7,6 +7,7 @@ One named actor per cluster (`<cluster name>-router` in namespace `NAMESPACE`): 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import ray
@@ -15,12 +16,14 @@ from ray import exceptions as ray_errors
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import RayHandle, raise_typed
-from workers.errors import KvrelayError
+from workers.errors import InternalError, KvrelayError, RouterUnavailable
 from workers.protocol import GenerateRequest
 from workers.remote_errors import RemoteError, to_wire
 
 NAMESPACE = "kvrelay"
 ROUTER_SUFFIX = "router"
+
+log = logging.getLogger(__name__)
 
 
 class Router:
@@ -54,6 +57,9 @@ class Router:
             await self.core.submit(request)
         except KvrelayError as exc:
             raise RemoteError(to_wire(exc)) from None
+        except Exception:
+            log.exception("placing %s failed", request.request_id)
+            raise RemoteError(to_wire(InternalError("router"))) from None
 
     async def abort(self, request_id: str) -> None:
         await self._running()
@@ -97,7 +103,12 @@ class RayBackend:
 
 
 async def _unwrap(ref: ray.ObjectRef) -> Any:
+    """The call's result; typed errors as themselves, Ray's as RouterUnavailable or
+    InternalError (never Ray's text, which carries pids, addresses and actor ids)."""
     try:
         return await ref
     except ray_errors.RayTaskError as exc:
-        raise_typed(exc)
+        raise_typed(exc, "router")
+    except (ray_errors.RayActorError, ray_errors.ActorUnavailableError) as exc:
+        log.warning("router call failed: %s", exc)
+        raise RouterUnavailable(type(exc).__name__) from None

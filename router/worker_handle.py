@@ -8,12 +8,16 @@ raised on purpose (NoCapacity, PromptTooLong, ...) reaches the caller as itself.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Protocol
 
 import ray
 from ray import exceptions as ray_errors
 
+from workers.errors import InternalError
 from workers.remote_errors import RemoteError, from_wire
+
+log = logging.getLogger(__name__)
 
 
 class WorkerGone(Exception):
@@ -56,11 +60,13 @@ class RayHandle:
         except _GONE as exc:
             raise WorkerGone(method, type(exc).__name__) from exc
         except ray_errors.RayTaskError as exc:
-            raise_typed(exc)
+            raise_typed(exc, f"worker call {method}()")
 
 
-def raise_typed(exc: ray_errors.RayTaskError):
-    """Re-raises a remote typed error as itself; anything else as Ray raised it."""
+def raise_typed(exc: ray_errors.RayTaskError, where: str):
+    """Re-raises a remote typed error as itself; anything else (its text carries pids,
+    addresses and actor ids) is logged and raised as InternalError(`where`)."""
     if isinstance(exc.cause, RemoteError):
         raise from_wire(exc.cause.wire) from None
-    raise exc
+    log.error("%s failed: %s", where, exc)
+    raise InternalError(where) from None

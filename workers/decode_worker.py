@@ -41,7 +41,7 @@ class DecodeWorker(EngineWorker):
         def reserve_now() -> dict[str, Any]:
             params = SamplingParams.from_dict(request.sampling)
             block_ids = self.engine.reserve_remote(
-                request.request_id, request.prompt_token_ids, params
+                request.request_id, request.prompt_token_ids, params, request.priority
             )
             self.live[request.request_id] = LiveRequest(request)
             self.kv.expect(request.request_id, block_ids)

@@ -174,12 +174,14 @@ class LLMEngine:
         self.abort(request_id)
 
     def reserve_remote(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        priority: int = 0,
     ) -> list[int]:
         """Decode role: allocates blocks for the prompt plus the first token's slot and
         returns their ids (the prefill worker writes the prompt's KV there). Raises
-        NoCapacity when the pool is short, or the typed input errors of add_request."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, priority=0)
+        NoCapacity when the pool is short, or the typed input errors of add_request.
+        `priority` ranks the sequence once it runs (preemption order)."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, priority)
         needed = blocks_for(seq.num_prompt_tokens + 1, self.pool.block_size)
         if not self.pool.can_allocate(needed):
             raise NoCapacity(needed_blocks=needed, free_blocks=self.pool.num_free)
@@ -222,6 +224,13 @@ class LLMEngine:
             raise UnknownTokenIds(bad, vocab)
         if len(prompt_token_ids) > self.max_model_len:
             raise PromptTooLong(length=len(prompt_token_ids), max=self.max_model_len)
+        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidParameter("stop_token_ids", f"token ids {bad[:8]} are outside the "
+                                                     f"vocabulary of size {vocab}")
+        if priority != 0 and self.config.scheduler.policy != "priority":
+            raise InvalidParameter("priority", f"got {priority}, but this server schedules "
+                                               "fcfs; start it with --scheduling-policy priority")
         if params.stop and self.tokenizer is None:
             raise InvalidParameter("stop", "stop strings need a tokenizer; this model has none")
         return Sequence(

@@ -198,3 +198,22 @@ class TransferTimeout(KvrelayError):
             f"KV transfer of {request_id!r} took over {deadline_s:.2f} s "
             f"({elapsed_s:.2f} s elapsed)"
         )
+
+
+class InternalError(KvrelayError):
+    """An unexpected failure (a bug, or an engine or Ray fault) in `where` (a worker id,
+    'router'); its details are in that process's log. The gateway answers 500 naming the
+    request id only."""
+
+    def __init__(self, where: str):
+        self.where = where
+        super().__init__(f"internal error in {where}")
+
+
+class RouterUnavailable(KvrelayError):
+    """The Router actor is dead or restarting (Ray's RayActorError or ActorUnavailableError
+    of its handle); the client may retry."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"the router is unavailable ({reason}); retry later")

@@ -43,6 +43,8 @@ class OutputChunk:
     """Human-readable error when finish_reason == 'error'."""
     error_type: str | None = None
     """Class name of the typed error (workers/errors.py), for the HTTP status mapping."""
+    error_param: str | None = None
+    """The request field the error is about (InvalidParameter's `field`), OpenAI's `param`."""
     logprobs: list[dict[str, Any]] | None = None
     """Per new token: {'token_id', 'logprob', 'top': [[token_id, logprob], ...]}."""
     num_prompt_tokens: int = 0

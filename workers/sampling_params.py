@@ -8,12 +8,16 @@ carry it on the wire (`GenerateRequest.sampling`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from workers.errors import InvalidParameter
 
 _MAX_LOGPROBS = 20
+_INT64 = (-(2**63), 2**63 - 1)
+# torch.Generator.manual_seed's range: a signed or an unsigned 64-bit value.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,13 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
-        _check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
+        for name in _FLOATS:
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and math.isfinite(value), name, f"must be a finite number, got {value!r}")
+        _check_int(self.max_tokens, "max_tokens", 1, _INT64[1])
         _check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
-        _check(self.top_k >= 0, "top_k", f"must be -1, 0 or positive, got {self.top_k}")
+        _check_int(self.top_k, "top_k", 0, _INT64[1])
         _check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         _check(0 <= self.min_p <= 1, "min_p", f"must be in [0, 1], got {self.min_p}")
         _check(
@@ -68,24 +76,19 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(-2 <= value <= 2, name, f"must be in [-2, 2], got {value}")
-        _check(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.seed is not None:
+            _check_int(self.seed, "seed", *SEED_RANGE)
+        _check_int(self.min_tokens, "min_tokens", 0, _INT64[1])
         _check(
             self.min_tokens <= self.max_tokens,
             "min_tokens",
             f"must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}",
         )
         if self.logprobs is not None:
-            _check(
-                0 <= self.logprobs <= _MAX_LOGPROBS,
-                "logprobs",
-                f"must be in [0, {_MAX_LOGPROBS}], got {self.logprobs}",
-            )
+            _check_int(self.logprobs, "logprobs", 0, _MAX_LOGPROBS)
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "needs non-empty strings")
-        _check(
-            all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-            "stop_token_ids",
-            "needs non-negative integers",
-        )
+        for token_id in self.stop_token_ids:
+            _check_int(token_id, "stop_token_ids", 0, _INT64[1])
 
     @property
     def greedy(self) -> bool:
@@ -116,6 +119,16 @@ class SamplingParams:
         return cls(**known, extra=extra)
 
 
+_FLOATS = [f.name for f in dataclasses.fields(SamplingParams) if f.type == "float"]
+
+
 def _check(ok: bool, field_name: str, message: str) -> None:
     if not ok:
         raise InvalidParameter(field_name, message)
+
+
+def _check_int(value: object, field_name: str, low: int, high: int) -> None:
+    """An integer (never a bool) in [low, high]."""
+    _check(isinstance(value, int) and not isinstance(value, bool), field_name,
+           f"must be an integer, got {value!r}")
+    _check(low <= value <= high, field_name, f"must be in [{low}, {high}], got {value}")

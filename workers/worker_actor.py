@@ -2,7 +2,9 @@
 
 As vLLM's Ray executor: the actor is thin, `execute(method, *args)` calls the plain object's
 method (the same object tests run in-process), and typed errors travel as `RemoteError`
-(workers/remote_errors.py) so the router gets them back with their numbers.
+(workers/remote_errors.py) so the router gets them back with their numbers. Any other
+exception is logged here and travels as `InternalError`: its text (paths, addresses) stays
+in this worker's log.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import ray
 
 from workers.colocated_worker import ColocatedWorker
 from workers.decode_worker import DecodeWorker
-from workers.errors import KvrelayError
+from workers.errors import InternalError, KvrelayError
 from workers.prefill_worker import PrefillWorker
 from workers.remote_errors import RemoteError, to_wire
 from workers.worker_base import EngineWorker, WorkerSpec
@@ -26,6 +28,8 @@ WORKER_CLASSES: dict[str, type[EngineWorker]] = {
 
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+log = logging.getLogger(__name__)
 
 
 class WorkerActor:
@@ -45,3 +49,6 @@ class WorkerActor:
             return getattr(self.worker, method)(*args)
         except KvrelayError as exc:
             raise RemoteError(to_wire(exc)) from None
+        except Exception:
+            log.exception("%s(...) failed on %s", method, self.worker.worker_id)
+            raise RemoteError(to_wire(InternalError(self.worker.worker_id))) from None

@@ -27,7 +27,7 @@ from typing import Any
 
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
-from workers.errors import KvrelayError
+from workers.errors import InternalError, KvrelayError
 from workers.kv_endpoint import kv_layout
 from workers.output_sender import OutputSender
 from workers.protocol import GenerateRequest, OutputChunk
@@ -212,6 +212,11 @@ class EngineWorker:
         except KvrelayError as exc:
             self.finish_with_error(request.request_id, exc, request)
             return False
+        except Exception as exc:  # never a request left waiting on a command that failed
+            log.exception("admitting %s failed on %s", request.request_id, self.worker_id)
+            self._abort_now(request.request_id)
+            self.finish_with_error(request.request_id, exc, request)
+            return False
         return True
 
     def on_output(self, output: Any) -> None:
@@ -253,11 +258,14 @@ class EngineWorker:
     def finish_with_error(
         self, request_id: str, exc: BaseException, request: GenerateRequest | None = None
     ) -> None:
-        """Ends a request with one error chunk naming the typed error."""
+        """Ends a request with one error chunk naming the typed error; any other exception
+        (logged by the caller) goes out as InternalError, its text staying in this log."""
         live = self.live.get(request_id)
         request = request or (live.request if live else None)
         if request is None:
             return
+        if not isinstance(exc, KvrelayError):
+            exc = InternalError(self.worker_id)
         self.end(request_id, "failed")
         self.sender.send(
             request.output_address,
@@ -267,6 +275,7 @@ class EngineWorker:
                 finish_reason="error",
                 error=str(exc),
                 error_type=type(exc).__name__,
+                error_param=getattr(exc, "field", None),
                 num_prompt_tokens=len(request.prompt_token_ids),
                 worker_id=self.worker_id,
             ),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 import zmq
 
@@ -34,6 +36,17 @@ from workers.worker_base import WorkerSpec
 BLOCK_SIZE = 8
 NUM_BLOCKS = 64
 MAX_MODEL_LEN = 256
+
+
+def post(served, path: str, body: dict, timeout: float = 60) -> httpx.Response:
+    return httpx.post(served.url + path, json=body, timeout=timeout)
+
+
+def sse_payloads(text: str) -> list:
+    """The `data:` payloads of an SSE body, JSON-decoded; the '[DONE]' marker as a string."""
+    events = [e for e in text.split("\n\n") if e.strip()]
+    assert all(e.startswith("data: ") for e in events), events
+    return [e[6:] if e[6:] == "[DONE]" else json.loads(e[6:]) for e in events]
 
 
 class CoreBackend:

@@ -10,15 +10,13 @@ from pydantic import ValidationError
 from router import http_errors, sse
 from router.admission import Admission
 from router.openai_protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
     chat_logprobs,
-    check_unsupported,
+    check_request,
     completion_logprobs,
     prompt_token_ids,
     sampling_fields,
-    single_prompt,
 )
+from router.request_models import ChatCompletionRequest, CompletionRequest
 from workers import errors
 from workers.errors import InvalidParameter, PromptTooLong, QueueFull
 from workers.sampling_params import SamplingParams
@@ -70,21 +68,35 @@ def test_sampling_fields_round_trip_through_sampling_params():
 
 
 @pytest.mark.parametrize(
-    ("request_", "field"),
+    ("model", "fields", "field"),
     [
-        (completion(n=3), "n"),
-        (completion(echo=True), "echo"),
-        (completion(best_of=2), "best_of"),
-        (completion(logit_bias={"5": 1.0}), "logit_bias"),
-        (chat(top_logprobs=2), "top_logprobs"),
-        (chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-        (chat(response_format={"type": "json_object"}), "response_format"),
+        (CompletionRequest, {"n": 3}, "n"),
+        (CompletionRequest, {"echo": True}, "echo"),
+        (CompletionRequest, {"best_of": 2}, "best_of"),
+        (CompletionRequest, {"logit_bias": {"5": 1.0}}, "logit_bias"),
+        (ChatCompletionRequest, {"tools": [{"type": "function", "function": {"name": "f"}}]},
+         "tools"),
+        (ChatCompletionRequest, {"response_format": {"type": "json_object"}},
+         "response_format"),
     ],
 )
-def test_unsupported_options_are_refused_by_name(request_, field):
+def test_unsupported_options_are_refused_by_name(model, fields, field):
+    base = {"prompt": "hi"} if model is CompletionRequest else \
+        {"messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(ValidationError) as refused:
+        model.model_validate({**base, **fields})
+    [error] = refused.value.errors()
+    assert error["type"] == "unsupported_parameter" and error["loc"] == (field,)
+    # The value that asks for nothing is accepted (clients send defaults explicitly).
+    neutral = {"n": 1, "echo": False, "best_of": 1, "logit_bias": {}, "tools": [],
+               "response_format": {"type": "text"}}[field]
+    model.model_validate({**base, field: neutral})
+
+
+def test_top_logprobs_needs_logprobs():
     with pytest.raises(InvalidParameter) as refused:
-        check_unsupported(request_)
-    assert refused.value.field == field
+        check_request(chat(top_logprobs=2))
+    assert refused.value.field == "top_logprobs"
 
 
 @pytest.mark.parametrize(("fields", "field"), [({"temperature": -0.1}, "temperature"),
@@ -100,22 +112,21 @@ def test_out_of_range_values_name_their_field(fields, field):
 
 def test_prompt_shapes(tiny_model_dir):
     tokenizer = Tokenizer(tiny_model_dir)
-    assert single_prompt(["only one"]) == "only one"
-    assert single_prompt([[1, 2, 3]]) == [1, 2, 3]
-    with pytest.raises(InvalidParameter):
-        single_prompt(["a", "b"])
+    assert completion(prompt=["only one"]).prompt == "only one"
+    assert completion(prompt=[[1, 2, 3]]).prompt == [1, 2, 3]
+    with pytest.raises(ValidationError):
+        completion(prompt=["a", "b"])
     assert prompt_token_ids(completion(prompt="hello world"), tokenizer) == \
         tokenizer.encode("hello world")
     assert prompt_token_ids(completion(prompt=[5, 6]), tokenizer) == [5, 6]
     with pytest.raises(errors.EmptyPrompt):
         prompt_token_ids(completion(prompt=[]), tokenizer)
-    with pytest.raises(InvalidParameter):
-        prompt_token_ids(completion(prompt=[-1]), tokenizer)
-    parts = ChatCompletionRequest(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "x"}}]}])
-    with pytest.raises(InvalidParameter) as image:
-        prompt_token_ids(parts, tokenizer)
-    assert image.value.field == "messages"
+    with pytest.raises(ValidationError):
+        completion(prompt=[-1])
+    with pytest.raises(ValidationError) as image:
+        ChatCompletionRequest(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert image.value.errors()[0]["loc"] == ("messages", 0, "content")
     with pytest.raises(ValidationError):
         ChatCompletionRequest(messages=[{"role": "robot", "content": "x"}])
     # A --dummy-config model has no tokenizer: token ids still work, text is a 400 by name.
