@@ -1,9 +1,12 @@
 """KV transfer between prefill and decode workers (push variant; see base.py for the contract).
 
-Backends, per `TransferConfig.transport` (`make_sender` picks the sender): `TorchSender`
-(torch.distributed NCCL/gloo, streamed layer by layer during prefill) or `Sender` (ZMQ frames,
-or CUDA IPC device-to-device copies between two processes on one GPU, cuda_ipc.py), both into
-one `Receiver`; and `InProcessSender` / `InProcessReceiver` for engine tests.
+Transports, one class per end each, per `TransferConfig.transport` (`make_sender` picks the
+sender): torch.distributed NCCL/gloo, streamed layer by layer during prefill (torch_sender.py,
+torch_receiver.py); and two that move a prefilled request whole behind a TransferHeader, the
+WholeSending / WholeReceiving protocol of base.py: ZMQ frames (zmq_transport.py) and CUDA IPC
+device-to-device copies between two processes on one GPU (cuda_ipc.py). `TorchSender` and
+`Sender` (whole) keep the pairs' lifecycle and the transfer table on the prefill side, one
+`Receiver` on the decode side; `InProcessSender` / `InProcessReceiver` serve engine tests.
 """
 
 from workers.kv_transfer.base import KVReceiver, KVSender, TransferHeader, TransferState

@@ -15,13 +15,16 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from workers.protocol import register
 
 if TYPE_CHECKING:
     from workers.errors import KvrelayError
-    from workers.kv_transfer.transfer_table import TransferTable
+    from workers.kv_transfer.layout import KVLayout, TransferPlan
+    from workers.kv_transfer.messages import Reply
+    from workers.kv_transfer.pair_state import ReceiverPair, SenderPair
+    from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
 
 
 class TransferState(str, enum.Enum):
@@ -70,6 +73,53 @@ class TransferHeader:
     """Prompt tokens whose KV the blocks hold (the last block may be partly filled)."""
     generation: int = 0
     """The pair's generation this transfer uses (stale ones are refused)."""
+
+
+def header_refusal(record: TransferRecord | None, header: TransferHeader,
+                   plan: TransferPlan | None, layout: KVLayout, handshake: KVLayout) -> str:
+    """Why the receiver (`layout`, whose pair shook hands on `handshake`) cannot accept this
+    header, or '' if it can."""
+    if record is None or record.state.terminal:
+        state = record.state.value if record else "unknown"
+        return f"no reservation for {header.request_id!r} (state {state})"
+    if plan is None:
+        return "sender and receiver share no layer/head"
+    n = header.num_blocks
+    if header.dest_block_ids[:n] != record.block_ids[:n] or n > len(record.block_ids):
+        return f"destination blocks {header.dest_block_ids[:n]} are not the reserved " \
+               f"{record.block_ids[:n]}"
+    want = plan.num_bytes(layout, n)
+    if header.num_bytes != want:
+        return f"{header.num_bytes} bytes for {n} blocks; expected {want}"
+    if header.src_layout != handshake.to_dict() or header.dtype != layout.dtype:
+        return f"header layout {header.src_layout} ({header.dtype}) is not the handshake's"
+    return ""
+
+
+class WholeSending(Protocol):
+    """Sender half of a transport that moves a prefilled request whole behind a
+    TransferHeader (zmq_transport.ZmqSending, cuda_ipc.IpcSending); runs on the pair's
+    thread, which owns `pair.sock`."""
+
+    path: str
+
+    def push(self, pair: SenderPair, plan: TransferPlan, record: TransferRecord,
+             header: TransferHeader, ready) -> Reply:
+        """Moves the blocks `record.block_ids` (after CUDA event `ready`) into
+        `header.dest_block_ids`; returns the receiver's final reply (ok, or why not)."""
+
+    def probe(self, pair: SenderPair, bytes_: int, rounds: int, deadline: float) -> float | None:
+        """GB/s of the pair's start-up probe (None: not measured)."""
+
+
+class WholeReceiving(Protocol):
+    """Receiver half of such a transport (zmq_transport.ZmqReceiving,
+    cuda_ipc.IpcReceiving); runs on the pair's thread once the header was accepted."""
+
+    def receive(self, peer: ReceiverPair, record: TransferRecord, header: TransferHeader,
+                plan: TransferPlan, frame) -> None:
+        """Lands the data in the reserved blocks (table.add_part) and acks, or refuses it
+        (the transfer was aborted meanwhile); every outcome is replied to the sender."""
 
 
 class _TransferEnd(ABC):

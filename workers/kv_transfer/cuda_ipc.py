@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import threading
 import time
 from functools import cache
 from typing import Any
@@ -25,9 +26,13 @@ import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
 from workers.errors import HandshakeMismatch
+from workers.kv_transfer.base import TransferHeader, TransferState
 from workers.kv_transfer.layout import KVLayout, TransferPlan
 from workers.kv_transfer.messages import Reply
+from workers.kv_transfer.pair_state import ReceiverPair, SenderPair
 from workers.kv_transfer.probe import measure_gbps
+from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
+from workers.protocol import encode
 
 PATH = "cuda_ipc"
 """The transport's name in configs, logs, `path(peer)` and PairReport."""
@@ -191,6 +196,78 @@ class IpcPeer:
             torch.cuda.current_stream(self.device).synchronize()
 
         return measure_gbps(one_round, src.numel(), rounds)
+
+
+class IpcSending:
+    """Sender half (WholeSending): the header; the receiver's 'ready' (it now holds the
+    reservation); the copy straight into its blocks; 'written'; its final ack (or refusal)."""
+
+    path = PATH
+
+    def __init__(self, peer: IpcPeer, layout: KVLayout, kv_caches, closed: threading.Event):
+        self.peer = peer
+        self.layout = layout
+        self.kv_caches = kv_caches
+        self._closed = closed
+
+    def push(self, pair: SenderPair, plan: TransferPlan, record: TransferRecord,
+             header: TransferHeader, ready) -> Reply:
+        pair.sock.send(encode(header))
+        reply = pair.expect(Reply, record.deadline, self._closed, header.request_id)
+        if not reply.ok or reply.kind != "ready":
+            return reply
+        ok, reason = True, ""
+        with record.busy:
+            if record.state.terminal:
+                ok, reason = False, f"transfer {record.state.value}"
+            else:
+                try:
+                    pair.stream.wait_event(ready)
+                    self.peer.copy(self.kv_caches, self.layout, plan, record.block_ids,
+                                   header.dest_block_ids[:header.num_blocks])
+                    pair.stream.synchronize()  # in place before the receiver marks DONE
+                except Exception as err:  # noqa: BLE001 - any copy error: FAILED on both ends
+                    ok, reason = False, f"{type(err).__name__}: {err}"
+        pair.sock.send(encode(Reply(header.request_id, "written", ok, reason)))
+        return pair.expect(Reply, record.deadline, self._closed, header.request_id)
+
+    def probe(self, pair: SenderPair, bytes_: int, rounds: int, deadline: float) -> float | None:
+        return self.peer.probe(rounds)
+
+
+class IpcReceiving:
+    """Receiver half (WholeReceiving): the sender copies into the blocks itself. This end holds
+    the reservation's lock from 'ready' until the sender's 'written' (or the deadline), so an
+    abort waits for the copy instead of freeing blocks that are being written."""
+
+    def __init__(self, export: IpcExport, table: TransferTable, reply):
+        self.export = export
+        self.table = table
+        self._reply = reply
+
+    def receive(self, peer: ReceiverPair, record: TransferRecord, header: TransferHeader,
+                plan: TransferPlan, frame) -> None:
+        rid, start = header.request_id, time.perf_counter()
+        with record.busy:
+            if record.state.terminal:
+                self._reply(peer.identity, Reply(rid, "ack", False,
+                                                 f"transfer {record.state.value}"))
+                return
+            self._reply(peer.identity, Reply(rid, "ready"))
+            written = self.export.await_written(peer.identity, rid, record.deadline)
+            if written is not None and written.ok and not record.state.terminal:
+                self.table.add_part(rid, plan, plan.num_cells, header.num_bytes,
+                                    time.perf_counter() - start, header.extra)
+                self._reply(peer.identity, Reply(rid, "ack"))
+                return
+            if written is None:
+                reason = "no 'written' from the sender before the deadline"
+            else:
+                reason = f"sender's copy failed: {written.reason}" if not written.ok else \
+                    f"transfer {record.state.value}"
+            # The deadline's own FAILED (TransferTimeout) wins if it already fired.
+            self.table.finish(rid, TransferState.FAILED, reason)
+        self._reply(peer.identity, Reply(rid, "ack", False, reason))
 
 
 def copy_blocks(src_caches, src_layout: KVLayout, dst_caches, dst_layout: KVLayout,

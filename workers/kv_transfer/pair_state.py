@@ -1,5 +1,5 @@
 """Per-pair state of each end of KV transfer: the socket, communicator, worker thread, copy
-stream and start-up measurements one (sender, receiver) pair owns."""
+stream, transport and start-up measurements one (sender, receiver) pair owns."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 import zmq
 
+from workers.errors import TransferFailed
 from workers.kv_transfer.layout import KVLayout
 from workers.kv_transfer.messages import Hello
 from workers.kv_transfer.packing import CopyStream
 from workers.kv_transfer.pair_group import PairGroup
+from workers.protocol import decode
 
 
 class SenderPair:
@@ -31,6 +33,8 @@ class SenderPair:
         self.pending = 0
         self.last_used = time.monotonic()
         self.stream: CopyStream | None = None
+        self.transport = None
+        """The started pair's WholeSending (zmq or cuda_ipc); None until the handshake."""
         self.staging: torch.Tensor | None = None
         """ZMQ path on CUDA: pinned host bytes the packed KV is staged through. Reused: the
         pair's next transfer starts only after the receiver acked this one."""
@@ -42,6 +46,23 @@ class SenderPair:
         staged = self.staging[: buf.numel()]
         staged.copy_(buf)
         return staged
+
+    def expect(self, kind: type, deadline: float, closed: threading.Event | None = None,
+               request_id: str | None = None):
+        """The next `kind` message on the socket (for `request_id`, if given) before the
+        deadline; polls in short slices so that closing the sender ends the wait at once."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no {kind.__name__} for {request_id or 'handshake'} "
+                                   f"from {self.dest}")
+            if closed is not None and closed.is_set():
+                raise TransferFailed(request_id or "", "sender closed")
+            if not self.sock.poll(int(min(remaining, 0.1) * 1000) + 1):
+                continue
+            msg = decode(self.sock.recv())
+            if isinstance(msg, kind) and (request_id is None or msg.request_id == request_id):
+                return msg
 
 
 class ReceiverPair:

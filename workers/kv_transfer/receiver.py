@@ -1,11 +1,11 @@
 """Decode side of KV transfer over the network: one ZMQ ROUTER address for every sender.
 
 A control thread owns the ROUTER: it answers handshakes, validates headers against the
-reservations made by `expect`, fires deadlines and evicts idle pairs. Each sender pair has one
-worker thread that posts the torch.distributed recv (or takes the ZMQ data frame) and unpacks
-into the reserved blocks; its replies go back through an inproc queue to the control thread.
-This file holds the control loop, handshake and pair lifecycle; each transfer's steps are in
-receive_steps.py.
+reservations made by `expect`, fires deadlines and evicts idle pairs. The bytes move through one
+transport per pair: the torch stream's receives (torch_receiver.TorchReceiving), or, for a
+request moved whole behind a TransferHeader, a WholeReceiving on the pair's own thread (ZMQ
+data frame: zmq_transport.ZmqReceiving; CUDA IPC: cuda_ipc.IpcReceiving). Replies from other
+threads go back through an inproc queue to the control thread.
 """
 
 from __future__ import annotations
@@ -19,11 +19,18 @@ import torch
 import zmq
 
 from workers.errors import HandshakeMismatch
-from workers.kv_transfer.base import KVReceiver, OnDone, OnFailed, TransferHeader
+from workers.kv_transfer.base import (
+    KVReceiver,
+    OnDone,
+    OnFailed,
+    TransferHeader,
+    TransferState,
+    header_refusal,
+)
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.cuda_ipc import PATH as IPC_PATH
-from workers.kv_transfer.cuda_ipc import IpcExport
-from workers.kv_transfer.layout import KVLayout, check_compatible
+from workers.kv_transfer.cuda_ipc import IpcExport, IpcReceiving
+from workers.kv_transfer.layout import KVLayout, check_compatible, plan_transfer
 from workers.kv_transfer.messages import (
     Hello,
     HelloReply,
@@ -33,18 +40,18 @@ from workers.kv_transfer.messages import (
     StreamPart,
 )
 from workers.kv_transfer.outbox import Outbox
-from workers.kv_transfer.packing import KVCaches
+from workers.kv_transfer.packing import CopyStream, KVCaches
 from workers.kv_transfer.pair_group import host_store
 from workers.kv_transfer.pair_state import ReceiverPair
-from workers.kv_transfer.receive_steps import ReceiveSteps
 from workers.kv_transfer.torch_receiver import TorchReceiving
 from workers.kv_transfer.transfer_table import TransferTable
+from workers.kv_transfer.zmq_transport import ZmqReceiving
 from workers.protocol import decode, encode
 
 log = logging.getLogger(__name__)
 
 
-class Receiver(ReceiveSteps, KVReceiver):
+class Receiver(KVReceiver):
     """Binds `config.host:config.port` (0: a free port) at construction; see KVReceiver."""
 
     def __init__(self, layout: KVLayout, kv_caches: KVCaches, config: TransferConfig,
@@ -70,6 +77,8 @@ class Receiver(ReceiveSteps, KVReceiver):
         self._ipc = IpcExport(kv_caches, self.device, config.probe_bytes)
         self._generations = itertools.count(1)
         self._torch = TorchReceiving(layout, kv_caches, config, self.table, self._reply)
+        self._whole = {"zmq": ZmqReceiving(layout, kv_caches, self.table, self._reply),
+                       IPC_PATH: IpcReceiving(self._ipc, self.table, self._reply)}
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kv-recv", daemon=True)
         self._thread.start()
@@ -153,6 +162,51 @@ class Receiver(ReceiveSteps, KVReceiver):
             peer.path = IPC_PATH if ipc else "zmq"
         self._reply(identity, HelloReply(self.layout.to_dict(), [], store_port, peer.generation,
                                          ipc))
+
+    def _header(self, identity: bytes, header: TransferHeader, frame) -> None:
+        """A request moved whole: checked against its reservation here, landed by the pair's
+        transport on the pair's thread."""
+        peer = self._peers.get(identity)
+        rid = header.request_id
+        if peer is None or peer.generation != header.generation:
+            self._reply(identity, Reply(rid, "ack", False, "stale pair: shake hands again"))
+            return
+        peer.count(+1)
+        if rid.startswith("__probe__/"):  # the start-up probe: its bytes only, acked
+            peer.executor.submit(self._guarded, peer, rid, self._reply, identity,
+                                 Reply(rid, "ack"))
+            return
+        record = self.table.get(rid)
+        plan = plan_transfer(peer.layout, self.layout)
+        transport = self._whole.get(peer.path or "")
+        reason = header_refusal(record, header, plan, self.layout, peer.layout) or (
+            "" if transport else f"a {peer.path} pair takes no TransferHeader")
+        if reason:
+            if record is not None:
+                self.table.end(rid, TransferState.FAILED, reason)
+            peer.count(-1)
+            self._reply(identity, Reply(rid, "ack", False, reason))
+            return
+        self.table.start(rid)
+        peer.executor.submit(self._guarded, peer, rid, transport.receive, peer, record, header,
+                             plan, frame)
+
+    def _guarded(self, peer: ReceiverPair, request_id: str, job, *args) -> None:
+        """Runs a pair job; any failure fails that transfer and tears the pair down (the sender
+        shakes hands again on its next transfer)."""
+        if peer.stream is None:
+            peer.stream = CopyStream(self.device)
+        try:
+            with peer.stream:
+                job(*args)
+        except Exception as err:  # noqa: BLE001 - wire errors end this transfer only
+            log.warning("kv transfer %s from %s failed: %r", request_id, peer.sender_id, err)
+            self.table.end(request_id, TransferState.FAILED, f"{type(err).__name__}: {err}")
+            self._reply(peer.identity, Reply(request_id, "ack", False, str(err)))
+            self._close_group(peer)
+            self._reply(peer.identity, None)  # ask the control thread to forget the pair
+        finally:
+            peer.count(-1)
 
     def _reply(self, identity: bytes, msg) -> None:
         """Queues a control reply; callable from any thread. msg None: drop that pair."""

@@ -1,11 +1,11 @@
-"""Prefill side of KV transfer that moves a prefilled request whole: ZMQ frames, or CUDA IPC
-copies between two processes on one GPU (the torch transport streams instead:
-workers/kv_transfer/torch_sender.py).
+"""Prefill side of KV transfer that moves a prefilled request whole, through a WholeSending
+transport: ZMQ frames (zmq_transport.py) or CUDA IPC copies between two processes on one GPU
+(cuda_ipc.py). The torch transport streams instead (workers/kv_transfer/torch_sender.py).
 
 One `SenderPair` per receiver address: a ZMQ DEALER for control and a single worker thread (one
-transfer at a time per pair, in order). A pair starts on first use (handshake, bandwidth
-probe), is reused, torn down after any failure or when idle, and rebuilt next time.
-This file sets pairs up and tears them down; each transfer's steps are in send_steps.py.
+transfer at a time per pair, in order). A pair starts on first use (handshake, transport,
+bandwidth probe), is reused, torn down after any failure or when idle, and rebuilt next time.
+This file owns the pairs' lifecycle and each transfer's state; the transport moves the bytes.
 """
 
 from __future__ import annotations
@@ -15,27 +15,32 @@ import threading
 import time
 import uuid
 
-import torch
 import zmq
 
-from workers.errors import HandshakeMismatch, TransferFailed
-from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferHeader, blocks_to_send
+from workers.errors import HandshakeMismatch, TransferFailed, TransferTimeout
+from workers.kv_transfer.base import (
+    KVSender,
+    OnDone,
+    OnFailed,
+    TransferHeader,
+    TransferState,
+    blocks_to_send,
+)
 from workers.kv_transfer.config import TransferConfig
-from workers.kv_transfer.cuda_ipc import FALLBACK_FIELDS, IpcPeer, place
+from workers.kv_transfer.cuda_ipc import FALLBACK_FIELDS, IpcPeer, IpcSending, place
 from workers.kv_transfer.cuda_ipc import PATH as IPC_PATH
-from workers.kv_transfer.layout import KVLayout, check_compatible
+from workers.kv_transfer.layout import KVLayout, check_compatible, plan_transfer
 from workers.kv_transfer.messages import Hello, HelloReply, PairReport
-from workers.kv_transfer.packing import KVCaches, record_event
+from workers.kv_transfer.packing import CopyStream, KVCaches, record_event
 from workers.kv_transfer.pair_state import SenderPair
-from workers.kv_transfer.probe import measure_gbps
-from workers.kv_transfer.send_steps import SendSteps, _expect
-from workers.kv_transfer.transfer_table import TransferTable
+from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
+from workers.kv_transfer.zmq_transport import ZmqSending
 from workers.protocol import encode
 
 log = logging.getLogger(__name__)
 
 
-class Sender(SendSteps, KVSender):
+class Sender(KVSender):
     """`send()` queues on the destination's pair thread and returns; see KVSender."""
 
     def __init__(self, layout: KVLayout, kv_caches: KVCaches, config: TransferConfig,
@@ -49,8 +54,6 @@ class Sender(SendSteps, KVSender):
         self.table = TransferTable(on_done, on_failed)
         self._ctx = zmq.Context.instance()
         self._pairs: dict[str, SenderPair] = {}
-        self._ipc: dict[str, IpcPeer] = {}
-        """cuda_ipc: the receiver's caches opened per destination (dropped on teardown)."""
         self._fallback: set[str] = set()
         """cuda_ipc: destinations that refused it (another host/GPU): zmq for them."""
         self._lock = threading.Lock()
@@ -82,6 +85,54 @@ class Sender(SendSteps, KVSender):
             pair.last_used = time.monotonic()
             return pair
 
+    def _run(self, pair: SenderPair, record: TransferRecord, header: TransferHeader,
+             ready) -> None:
+        """Pair thread: one transfer, start to terminal state."""
+        if pair.stream is None:
+            pair.stream = CopyStream(self.device)
+        try:
+            with pair.stream:
+                self._run_once(pair, record, header, ready)
+        except (HandshakeMismatch, TransferFailed) as err:
+            self.table.finish(record.request_id, TransferState.FAILED, str(err), err)
+        except Exception as err:  # noqa: BLE001 - any wire error fails this transfer only
+            log.warning("kv transfer %s to %s failed: %r", record.request_id, pair.dest, err)
+            self._teardown(pair)
+            reason = f"{type(err).__name__}: {err}"
+            late = isinstance(err, TimeoutError) or time.monotonic() >= record.deadline
+            typed = TransferTimeout(record.request_id, record.timeout_s,
+                                    time.monotonic() - record.created) if late else None
+            self.table.finish(record.request_id, TransferState.FAILED, reason, typed)
+        finally:
+            with self._lock:
+                pair.pending -= 1
+                pair.last_used = time.monotonic()
+
+    def _run_once(self, pair: SenderPair, record: TransferRecord, header: TransferHeader,
+                  ready) -> None:
+        if self._ensure_started(pair) is None or self.table.start(record.request_id) is None:
+            return
+        plan = plan_transfer(self.layout, pair.remote)
+        if plan is None:
+            raise TransferFailed(record.request_id, "sender and receiver share no layer/head")
+        header.num_bytes = plan.num_bytes(self.layout, header.num_blocks)
+        path = pair.transport.path
+        for attempt in range(2):
+            header.generation = pair.generation
+            start = time.perf_counter()
+            reply = pair.transport.push(pair, plan, record, header, ready)
+            if reply.ok:
+                record.num_bytes, record.seconds = header.num_bytes, time.perf_counter() - start
+                self.table.finish(record.request_id, TransferState.DONE)
+                return
+            if not reply.reason.startswith("stale pair") or attempt == 1:
+                raise TransferFailed(record.request_id, reply.reason)
+            # The receiver evicted or restarted this pair: shake hands again and retry once.
+            self._teardown(pair)
+            self._ensure_started(pair)
+            if pair.transport is None or pair.transport.path != path:
+                raise TransferFailed(record.request_id, "pair changed path (cuda_ipc/zmq)")
+
     def _ensure_started(self, pair: SenderPair) -> SenderPair | None:
         """Handshake, communicator and probe of a new (or torn-down) pair."""
         if pair.sock is not None or self._closed.is_set():
@@ -93,7 +144,7 @@ class Sender(SendSteps, KVSender):
         transport = "zmq" if pair.dest in self._fallback else self.config.transport
         here = place(self.device) if transport == IPC_PATH else {}
         pair.sock.send(encode(Hello(self.sender_id, self.layout.to_dict(), transport, here)))
-        reply = _expect(pair.sock, HelloReply, deadline, pair.dest, self._closed)
+        reply = pair.expect(HelloReply, deadline, self._closed)
         if reply.mismatch:
             field, theirs, mine = reply.mismatch
             self._teardown(pair)
@@ -107,18 +158,17 @@ class Sender(SendSteps, KVSender):
             self._teardown(pair)
             raise
         pair.remote, pair.generation = remote, reply.generation
+        pair.transport = ZmqSending(self.layout, self.kv_caches, self._closed)
         if transport == IPC_PATH:
             try:
-                self._ipc[pair.dest] = IpcPeer(reply.ipc, self.device, remote)
+                peer = IpcPeer(reply.ipc, self.device, remote)
             except (RuntimeError, ValueError, KeyError, HandshakeMismatch) as err:
                 self._teardown(pair)
                 return self._fall_back(pair, err)
-        pair.path = "zmq"
-        if pair.dest in self._ipc:
-            pair.path = IPC_PATH
-            pair.gbps = self._ipc[pair.dest].probe(self.config.probe_rounds)
-        else:
-            pair.gbps = self._probe(pair, deadline)
+            pair.transport = IpcSending(peer, self.layout, self.kv_caches, self._closed)
+        pair.path = pair.transport.path
+        pair.gbps = pair.transport.probe(pair, self.config.probe_bytes, self.config.probe_rounds,
+                                         deadline)
         pair.sock.send(encode(PairReport(pair.path, pair.gbps or 0.0)))
         log.info("kv pair %s -> %s: path %s, %.2f GB/s", self.sender_id[:8], pair.dest,
                  pair.path, pair.gbps or 0.0)
@@ -131,30 +181,12 @@ class Sender(SendSteps, KVSender):
         self._fallback.add(pair.dest)
         return self._ensure_started(pair)
 
-    def _probe(self, pair: SenderPair, deadline: float) -> float | None:
-        size = self.config.probe_bytes
-        if size <= 0:
-            return None
-        buf = torch.zeros(size, dtype=torch.uint8, device=self.device)
-        if self.device.type == "cuda":
-            buf = pair.stage(buf)
-
-        def one_round(i: int) -> None:
-            header = TransferHeader(f"__probe__/{i}", {}, [], 0, size, "uint8",
-                                    generation=pair.generation)
-            reply = self._push(pair, header, buf, deadline)
-            if not reply.ok:
-                raise TransferFailed(header.request_id, reply.reason)
-
-        return measure_gbps(one_round, size, self.config.probe_rounds)
-
     def _teardown(self, pair: SenderPair) -> None:
         """Drops the pair's socket and communicator; the next transfer starts it afresh.
         Runs on the pair's own thread (its socket's only user)."""
         if pair.sock is not None:
             pair.sock.close(linger=0)
-        pair.sock = pair.remote = None
-        self._ipc.pop(pair.dest, None)
+        pair.sock = pair.remote = pair.transport = None
         pair.staging = None  # a dropped message may still reference it
 
     def _watch(self) -> None:
