@@ -1,71 +1,43 @@
 """Prefill side of the torch transport (NCCL between GPUs, gloo on CPU): KV streamed layer
 by layer while the prefill runs.
 
-Per destination one pair: a ZMQ DEALER for control and a two-rank communicator built eagerly
-when the pair is set up (`connect`, at worker start or join): handshake, warm-up exchange,
-bandwidth probe. Then, per prefill step, the engine thread
+Per destination one pair (torch_pairs.py: a ZMQ DEALER for control and a two-rank communicator
+built eagerly when the pair is set up, at worker start or join). Per prefill step the engine
+thread
 - `before_step`: announces the step's blocks to each receiver (StreamPart), which pre-posts
   its receives straight into the reserved blocks;
 - `layer_done(i)`: posts layer i's sends as one grouped call, ordered after layer i's
   compute on the engine's stream, so the wire time hides under the remaining layers;
 - `finish`: after token 1, sends StreamEnd (token 1 rides in it); the receiver acks DONE.
-A control thread owns the sockets, handshakes and acks, watches the posted sends (blocks stay
-pinned until they end) and the deadlines; a stuck pair is torn down, which ends its sends.
+The pairs' control thread turns acks into transfer states and watches the posted sends
+(blocks stay pinned until they end) and the deadlines; a stuck pair is torn down, which ends
+its sends.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-import zmq
 
-from workers.errors import HandshakeMismatch
 from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferState, blocks_to_send
 from workers.kv_transfer.config import TransferConfig
-from workers.kv_transfer.layout import KVLayout, TransferPlan, check_compatible, plan_transfer
-from workers.kv_transfer.messages import Hello, HelloReply, PairReport, Reply, StreamEnd, StreamPart
-from workers.kv_transfer.outbox import Outbox
+from workers.kv_transfer.layout import KVLayout, TransferPlan
+from workers.kv_transfer.messages import StreamEnd, StreamPart
 from workers.kv_transfer.packing import KVCaches, pack
-from workers.kv_transfer.pair_group import SENDER_RANK, PairGroup, op_timeout
 from workers.kv_transfer.posted import Posted, PostedOps
 from workers.kv_transfer.stream_plan import (
     PrefillSpan,
     block_runs,
-    is_direct,
     run_views,
     touched_blocks,
     use_packed,
 )
+from workers.kv_transfer.torch_pairs import TorchPair, TorchPairs
 from workers.kv_transfer.transfer_table import TransferTable
-from workers.protocol import decode, encode
-
-log = logging.getLogger(__name__)
-
-
-class _Pair:
-    """One destination. The control thread owns `sock`; the engine thread posts on `group`
-    once `ready` is set (and reads the fields set before it)."""
-
-    def __init__(self, dest: str, deadline: float):
-        self.dest = dest
-        self.deadline = deadline
-        """Set up by then, or torn down."""
-        self.sock: zmq.Socket | None = None
-        self.group: PairGroup | None = None
-        self.generation = 0
-        self.plan: TransferPlan | None = None
-        self.direct = True
-        self.path: str | None = None
-        self.gbps: float | None = None
-        self.error: Exception | None = None
-        self.ready = threading.Event()
-        self.last_used = time.monotonic()
+from workers.protocol import encode
 
 
 @dataclass
@@ -81,7 +53,7 @@ class _Stream:
 class _PairStep:
     """One step's sends to one pair: its entries' runs, posted layer by layer."""
 
-    pair: _Pair
+    pair: TorchPair
     entries: list[tuple[str, list[tuple[int, int, int]]]]
     packed: bool = False
 
@@ -98,36 +70,13 @@ class TorchSender(KVSender):
         self.sender_id = sender_id or uuid.uuid4().hex
         self.device = kv_caches[0][0].device
         self.table = TransferTable(on_done, on_failed)
-        self._pairs: dict[str, _Pair] = {}
-        self._lock = threading.Lock()
         self._streams: dict[str, _Stream] = {}
         self._step: list[_PairStep] = []
         self._posted = PostedOps(self.table, self.device)
-        self._ctx = zmq.Context.instance()
-        self._outbox = Outbox(self._ctx, "kv-send-outbox")
-        self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="kv-send", daemon=True)
-        self._thread.start()
+        self._pairs = TorchPairs(layout, config, self.sender_id, self.device, self.table,
+                                 self._posted)
 
     # ---- engine thread ---------------------------------------------------------------------
-
-    def connect(self, dest: str) -> None:
-        with self._lock:
-            if dest in self._pairs:
-                return
-            victim = self._least_recently_used() if len(self._pairs) >= \
-                self.config.max_pairs else None
-            self._pairs[dest] = _Pair(dest, time.monotonic() + self.config.connect_timeout_s)
-        if victim is not None:
-            self._command(victim, b"evict")
-        self._command(dest, b"connect")
-
-    def _least_recently_used(self) -> str | None:
-        """The idle pair to evict for a new one (None: every pair is busy; the bound gives)."""
-        busy = {r.peer for r in self.table.live()}
-        idle = [p for p in self._pairs.values() if p.dest not in busy and p.ready.is_set()
-                and not self._posted.pending(p.dest)]
-        return min(idle, key=lambda p: p.last_used).dest if idle else None
 
     def open(self, request_id: str, dest: str, dest_block_ids: list[int],
              num_tokens: int | None = None, timeout_s: float | None = None) -> None:
@@ -145,7 +94,7 @@ class TorchSender(KVSender):
             stream = self._streams.get(span.request_id)
             if stream is None or not self.table.in_flight(span.request_id):
                 continue
-            pair = self._ready_pair(span.request_id, stream.dest)
+            pair = self._pairs.ready(span.request_id, stream.dest)
             if pair is None:
                 continue
             index = touched_blocks(span.start, span.end, self.layout.block_size)
@@ -161,7 +110,7 @@ class TorchSender(KVSender):
         for step in by_pair.values():
             step.packed = use_packed(step.pair.direct, sum(len(r) for _, r in step.entries))
             entries = [[rid, [[dest, n] for _, dest, n in runs]] for rid, runs in step.entries]
-            self._command(step.pair.dest, encode(StreamPart(step.pair.generation, entries,
+            self._pairs.command(step.pair.dest, encode(StreamPart(step.pair.generation, entries,
                                                             step.packed)))
         self._step = list(by_pair.values())
 
@@ -227,7 +176,7 @@ class TorchSender(KVSender):
             self.table.finish(request_id, TransferState.FAILED, "pair gone before StreamEnd")
             return
         record.extra = dict(extra or {})
-        self._command(stream.dest, encode(StreamEnd(
+        self._pairs.command(stream.dest, encode(StreamEnd(
             request_id, pair.generation, stream.parts, pair.plan.num_cells, record.extra)))
 
     def forget(self, request_id: str) -> None:
@@ -251,216 +200,24 @@ class TorchSender(KVSender):
         reused: a preemption freed them)."""
         self._posted.fence()
 
-    def _ready_pair(self, request_id: str, dest: str) -> _Pair | None:
-        with self._lock:
-            pair = self._pairs.get(dest)
-        record = self.table.get(request_id)
-        if pair is None or record is None:
-            return None
-        if not pair.ready.wait(max(0.0, record.deadline - time.monotonic())):
-            self.table.finish(request_id, TransferState.FAILED, f"pair with {dest} not ready")
-            return None
-        if pair.error is not None:
-            error = pair.error if isinstance(pair.error, HandshakeMismatch) else None
-            self.table.finish(request_id, TransferState.FAILED, str(pair.error), error)
-            return None
-        pair.last_used = time.monotonic()
-        return pair
+    # ---- pairs -----------------------------------------------------------------------------
 
-    def _command(self, dest: str, payload: bytes) -> None:
-        self._outbox.put([dest.encode(), payload])
-
-    # ---- control thread --------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        poller = zmq.Poller()
-        poller.register(self._outbox.socket, zmq.POLLIN)
-        while not self._closed.is_set():
-            ready = dict(poller.poll(int(self.config.tick_s * 1000)))
-            while self._outbox.socket.poll(0):
-                dest, payload = self._outbox.socket.recv_multipart()
-                self._outgoing(poller, dest.decode(), payload)
-            for pair in list(self._pairs.values()):
-                if pair.sock is not None and pair.sock in ready:
-                    while pair.sock is not None and pair.sock.poll(0):
-                        self._incoming(poller, pair, decode(pair.sock.recv()))
-            self.table.expire()  # first: a stuck send's transfer fails by its deadline's name
-            for dest in self._posted.stuck_peers(self._stuck):
-                self._teardown(poller, dest, "a send is stuck past its deadline")
-            self._evict_idle(poller)
-
-    def _outgoing(self, poller: zmq.Poller, dest: str, payload: bytes) -> None:
-        if payload == b"connect":
-            self._start_pair(poller, dest)
-        elif payload == b"evict":
-            self._teardown(poller, dest, f"evicted: more than {self.config.max_pairs} pairs")
-        elif payload.startswith(b"ready:"):
-            pair = self._pairs.get(dest)
-            if pair is not None and pair.sock is not None:
-                pair.sock.send(encode(PairReport(pair.path or "", pair.gbps or 0.0)))
-                pair.ready.set()
-                log.info("kv pair %s -> %s: path %s, %.2f GB/s", self.sender_id[:8], dest,
-                         pair.path, pair.gbps or 0.0)
-        elif payload.startswith(b"broken:"):
-            pair = self._pairs.get(dest)
-            if pair is not None and pair.sock is not None:
-                self._teardown(poller, dest, payload[7:].decode())
-        else:
-            pair = self._pairs.get(dest)
-            if pair is not None and pair.sock is not None:
-                pair.sock.send(payload)
-
-    def _start_pair(self, poller: zmq.Poller, dest: str) -> None:
-        pair = self._pairs.get(dest)
-        if pair is None or pair.sock is not None:
-            return
-        pair.sock = self._ctx.socket(zmq.DEALER)
-        pair.sock.setsockopt(zmq.LINGER, 0)
-        pair.sock.connect(dest)
-        poller.register(pair.sock, zmq.POLLIN)
-        pair.sock.send(encode(Hello(self.sender_id, self.layout.to_dict(), "torch",
-                                    probe_bytes=self.config.probe_bytes,
-                                    probe_rounds=self.config.probe_rounds)))
-
-    def _incoming(self, poller: zmq.Poller, pair: _Pair, msg) -> None:
-        if isinstance(msg, HelloReply):
-            self._hello_reply(poller, pair, msg)
-        elif isinstance(msg, Reply) and msg.ok:
-            self.table.finish(msg.request_id, TransferState.DONE)
-        elif isinstance(msg, Reply):
-            self.table.end(msg.request_id, TransferState.FAILED, msg.reason)
-            if msg.reason.startswith("stale pair"):
-                self._teardown(poller, pair.dest, msg.reason)
-
-    def _hello_reply(self, poller: zmq.Poller, pair: _Pair, reply: HelloReply) -> None:
-        try:
-            if reply.mismatch:
-                field_name, theirs, mine = reply.mismatch
-                raise HandshakeMismatch(field_name, mine, theirs)
-            remote = KVLayout.from_dict(reply.layout)
-            check_compatible(self.layout, remote)
-            pair.plan = plan_transfer(self.layout, remote)
-            if pair.plan is None:
-                raise HandshakeMismatch("slice", "no shared layer/head", str(remote))
-        except HandshakeMismatch as err:
-            pair.error = err
-            pair.ready.set()
-            log.warning("kv pair %s -> %s refused: %s", self.sender_id[:8], pair.dest, err)
-            return
-        pair.direct = is_direct(pair.plan, self.layout, remote)
-        pair.generation = reply.generation
-        host = pair.dest.split("://", 1)[1].rsplit(":", 1)[0]
-        threading.Thread(target=self._build, args=(pair, host, reply.store_port),
-                         name=f"kv-pair-{pair.dest}", daemon=True).start()
-
-    def _build(self, pair: _Pair, host: str, store_port: int) -> None:
-        """Pair thread: communicator (with warm-up), then the probe; reports to the loop."""
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            pair.group = PairGroup(None, host, store_port, SENDER_RANK, pair.generation,
-                                   self.device, self.config.connect_timeout_s,
-                                   op_timeout(self.config, self.device))
-            pair.path = pair.group.backend
-            pair.gbps = probe_sends(pair.group, self.config, self.device)
-            self._command(pair.dest, b"ready:")
-        except Exception as err:  # noqa: BLE001 - any set-up error: this pair only
-            log.warning("kv pair %s -> %s: set-up failed: %r", self.sender_id[:8], pair.dest,
-                        err)
-            pair.error = err
-            pair.ready.set()
-            self._command(pair.dest, b"broken:" + repr(err).encode())
-
-    def _stuck(self, posted: Posted) -> bool:
-        """A posted send whose transfers are all past their deadline (or gone)."""
-        now = time.monotonic()
-        records = [self.table.get(rid) for rid in posted.request_ids]
-        return all(r is None or (r.state.terminal and r.deadline < now) for r in records)
-
-    def _teardown(self, poller: zmq.Poller, dest: str, why: str) -> None:
-        """Drops a pair: aborts its communicator (its posted sends end), fails its transfers.
-        The next `connect` or `open` builds it afresh."""
-        with self._lock:
-            pair = self._pairs.pop(dest, None)
-        if pair is None:
-            return
-        log.warning("kv pair %s -> %s torn down: %s", self.sender_id[:8], dest, why)
-        self._posted.cancel(dest)  # before the abort: what it ends counts as failed
-        if pair.group is not None:
-            pair.group.close()
-        for record in self.table.live():
-            if record.peer == dest:
-                self.table.end(record.request_id, TransferState.FAILED, f"pair lost: {why}")
-        if pair.sock is not None:
-            poller.unregister(pair.sock)
-            pair.sock.close(linger=0)
-            pair.sock = None
-        pair.error = pair.error or RuntimeError(why)
-        pair.ready.set()
-
-    def _evict_idle(self, poller: zmq.Poller) -> None:
-        now = time.monotonic()
-        busy = {r.peer for r in self.table.live()}
-        for pair in list(self._pairs.values()):
-            if not pair.ready.is_set() and now > pair.deadline:
-                self._teardown(poller, pair.dest, "no handshake reply")
-            elif pair.dest not in busy and now - pair.last_used > self.config.idle_evict_s \
-                    and not self._posted.pending(pair.dest):
-                self._teardown(poller, pair.dest, "idle")
-
-    # ---- queries and shutdown -------------------------------------------------------------
+    def connect(self, dest: str) -> None:
+        self._pairs.connect(dest)
 
     def pairs(self) -> list[str]:
-        with self._lock:
-            return list(self._pairs)
+        return self._pairs.pairs()
 
     def path(self, peer: str) -> str | None:
-        pair = self._pairs.get(peer)
-        return pair.path if pair and pair.ready.is_set() else None
+        return self._pairs.path(peer)
 
     def bandwidth(self, peer: str) -> float | None:
-        pair = self._pairs.get(peer)
-        return pair.gbps if pair and pair.ready.is_set() else None
+        return self._pairs.bandwidth(peer)
 
     def wait_ready(self, dest: str, timeout_s: float) -> bool:
         """Blocks until the pair with `dest` is set up (True) or failed / timed out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            pair = self._pairs.get(dest)
-            if pair is not None and pair.ready.wait(0.01):
-                return pair.error is None
-            time.sleep(0.01)
-        return False
+        return self._pairs.wait_ready(dest, timeout_s)
 
     def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
-        self._thread.join(timeout=5)
-        self.table.fail_all("sender closed")
-        with self._lock:
-            pairs, self._pairs = list(self._pairs.values()), {}
-        for pair in pairs:
-            self._posted.cancel(pair.dest)
-            if pair.group is not None:
-                pair.group.close()
-                pair.group = None
-            if pair.sock is not None:
-                pair.sock.close(linger=0)
-            pair.ready.set()
+        self._pairs.close()
         self._posted.close()
-        self._outbox.close()
-
-
-def probe_sends(group: PairGroup, config: TransferConfig, device: torch.device) -> float | None:
-    """Sender's half of the start-up probe: `probe_rounds + 1` sends the receiver pre-posted;
-    the best round's GB/s (the first warms up)."""
-    if config.probe_bytes <= 0:
-        return None
-    from workers.kv_transfer.probe import measure_gbps
-
-    buf = torch.zeros(config.probe_bytes, dtype=torch.uint8, device=device)
-    return measure_gbps(lambda _: group.send(buf, config.connect_timeout_s),
-                        config.probe_bytes, config.probe_rounds)
