@@ -36,7 +36,7 @@ import torch
 from cluster import bench_kv
 from loadtest.arrival import ArrivalConfig
 from loadtest.client import EndpointConfig
-from loadtest.report import fmt
+from loadtest.report import fmt, load_run
 from loadtest.runner import RunConfig, run
 from loadtest.slo import SLO, parse_slo
 from loadtest.sweep import SweepResult, parse_loads, run_sweep
@@ -65,6 +65,7 @@ class DisaggBenchConfig:
     load_requests: int
     load_input_len: LengthRange
     tpot_slo: SLO
+    tpot_limits_ms: tuple[float, ...]
     output_dir: Path
     port: int
     startup_timeout_s: float
@@ -105,6 +106,8 @@ def _parse(argv: list[str] | None) -> DisaggBenchConfig:
     p.add_argument("--load-input-len", default="1024:8192", help="N or LO:HI prompt tokens")
     p.add_argument("--tpot-slo", default="tpot_p90=20ms",
                    help="the SLO of goodput (loadtest --slo syntax)")
+    p.add_argument("--tpot-limits", default="10,20",
+                   help="also tabulate goodput with each request's TPOT <= each limit (ms)")
     p.add_argument("--output-dir", default=None,
                    help="sweep runs (default bench-disagg-out/<UTC time>)")
     p.add_argument("--port", type=int, default=8765)
@@ -119,6 +122,7 @@ def _parse(argv: list[str] | None) -> DisaggBenchConfig:
         _list(a.tokens, int, "--tokens"), a.output_len, a.requests,
         _list(a.rates, float, "--rates"), a.load_requests,
         LengthRange.parse(a.load_input_len, "--load-input-len"), parse_slo(a.tpot_slo),
+        _list(a.tpot_limits, float, "--tpot-limits"),
         Path(a.output_dir or f"bench-disagg-out/{stamp}"), a.port, a.startup_timeout,
         tuple(a.serve_args))
 
@@ -332,10 +336,35 @@ def format_goodput(cfg: DisaggBenchConfig, results: dict[str, ModeResult]) -> li
                 f"{'yes' if s.slos_held else 'no':>4} {fmt(s.ttft.p50, 1e3, 1):>8} "
                 f"{fmt(s.ttft.p90, 1e3, 1):>8} {fmt(s.tpot.p50, 1e3):>8} "
                 f"{fmt(s.tpot.p90, 1e3):>8} {ratio:>11}")
+    lines += format_limits(cfg, sweeps)
     best = {mode: sweep.best_load for mode, sweep in sweeps.items()}
     lines.append(f"highest rate holding {cfg.tpot_slo} (req/s): " + ", ".join(
         f"{mode} {'none' if load is None else f'{load:g}'}" for mode, load in best.items()))
     return lines
+
+
+def format_limits(cfg: DisaggBenchConfig, sweeps: dict) -> list[str]:
+    """Goodput per request-level TPOT limit (requests/s whose own TPOT met it), from the
+    same runs: how the comparison moves as the SLO tightens."""
+    if not cfg.tpot_limits_ms or COLOCATED not in sweeps or DISAGG not in sweeps:
+        return []
+    lines = ["", "goodput (req/s) with the request's own TPOT <= limit, 1P+1D / colocated = ratio"]
+    header = f"{'rate':>5} " + " ".join(f"{f'<= {ms:g} ms':>22}" for ms in cfg.tpot_limits_ms)
+    lines += [header, "-" * len(header)]
+    for i, rate in enumerate(cfg.rates):
+        cells = []
+        for ms in cfg.tpot_limits_ms:
+            d, c = (_goodput_within(sweeps[m].points[i], ms / 1e3) for m in (DISAGG, COLOCATED))
+            ratio = f"{d / c:.2f}" if c else ("inf" if d else "-")
+            cells.append(f"{f'{d:.2f} / {c:.2f} = {ratio}':>22}")
+        lines.append(f"{rate:>5g} " + " ".join(cells))
+    return lines
+
+
+def _goodput_within(point, limit_s: float) -> float:
+    run = load_run(point.run_json)
+    good = sum(1 for r in run.records if r.tpot is not None and r.tpot <= limit_s)
+    return good / run.summary.duration_s if run.summary.duration_s > 0 else 0.0
 
 
 def format_table(cfg: DisaggBenchConfig, layout: KVLayout, raw: dict[int, float],

@@ -25,7 +25,8 @@ def test_bench_disagg_cpu_measures_kv_only_when_disaggregated_and_sweeps_goodput
     cfg = bench_disagg._parse([
         "--model", str(tiny_model_dir), "--device", "cpu", "--tokens", "48",
         "--output-len", "4", "--requests", "1", "--rates", "20", "--load-requests", "2",
-        "--load-input-len", "24:40", "--tpot-slo", "tpot_p90=2s", "--port", str(_free_port()),
+        "--load-input-len", "24:40", "--tpot-slo", "tpot_p90=2s", "--tpot-limits", "2000,0.001",
+        "--port", str(_free_port()),
         "--output-dir", str(tmp_path)])
     layout, raw, results = bench_disagg.collect(cfg)
     row = results[bench_disagg.DISAGG].lengths[48]
@@ -52,3 +53,9 @@ def test_bench_disagg_cpu_measures_kv_only_when_disaggregated_and_sweeps_goodput
     table = bench_disagg.format_table(cfg, layout, raw, results)
     assert "ready/TTFT" in table and "goodput D/C" in table
     assert "highest rate holding tpot_p90<=2000ms" in table
+    # Per-request TPOT limits from the same runs: all within 2 s, none within 1 us.
+    good = {mode: r.sweep.points[0].summary.goodput for mode, r in results.items()}
+    within = {mode: bench_disagg._goodput_within(r.sweep.points[0], 2.0)
+              for mode, r in results.items()}
+    assert within == pytest.approx(good) and all(g > 0 for g in good.values())
+    assert "<= 2000 ms" in table and "0.00 / 0.00 = -" in table
