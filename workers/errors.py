@@ -217,3 +217,26 @@ class RouterUnavailable(KvrelayError):
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(f"the router is unavailable ({reason}); retry later")
+
+
+class InvalidTensor(KvrelayError):
+    """A checkpoint tensor that cannot be loaded as stored: a GGUF block type kvrelay does not
+    dequantize, a byte count or row length that does not fit its format, or a shape the model
+    does not expect. Names the tensor, its format, what was expected and what was found."""
+
+    def __init__(self, name: str, format: str, expected: str, found: str):
+        self.name = name
+        self.format = format
+        self.expected = expected
+        self.found = found
+        super().__init__(f"tensor {name!r} ({format}): expected {expected}, found {found}")
+
+
+class InvalidModelPath(KvrelayError):
+    """A `--model` that is neither a checkpoint folder, a config.json, a .gguf file nor the
+    name of a packaged model."""
+
+    def __init__(self, model: str, reason: str):
+        self.model = model
+        self.reason = reason
+        super().__init__(f"--model {model}: {reason}")

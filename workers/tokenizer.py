@@ -1,5 +1,6 @@
 """`Tokenizer`: HF `tokenizers` plus the checkpoint's tokenizer_config.json (special tokens,
-chat template) and generation_config.json (eos ids), without transformers.
+chat template) and generation_config.json (eos ids), without transformers; or all of it from a
+GGUF file's metadata (workers/gguf_tokenizer.py).
 
 The chat template is rendered with jinja2 the way transformers does (sandboxed, trim_blocks,
 lstrip_blocks, `raise_exception`, `tojson`). `IncrementalDetokenizer` turns a stream of token
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from workers.errors import CheckpointFileMissing, InvalidParameter
+from workers.model.gguf_file import GGUFFile, is_gguf
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -46,26 +49,58 @@ def _load_chat_template(folder: Path, config: dict[str, Any]) -> str | None:
     return template
 
 
+@dataclass(frozen=True)
+class TokenizerSource:
+    """What a Tokenizer is built from, whichever files it was read from."""
+
+    backend: tokenizers.Tokenizer
+    bos_token: str | None
+    eos_token: str | None
+    chat_template: str | None
+    eos_token_ids: tuple[int, ...]
+    """End ids besides eos_token's (generation_config.json's eos_token_id, GGUF's eot id)."""
+
+
+def _read_folder(folder: Path) -> TokenizerSource:
+    """tokenizer.json, tokenizer_config.json and generation_config.json of a checkpoint."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointFileMissing(str(path))
+    config = _read_json(folder / "tokenizer_config.json")
+    eos_ids = _read_json(folder / "generation_config.json").get("eos_token_id")
+    eos_ids = [] if eos_ids is None else eos_ids if isinstance(eos_ids, list) else [eos_ids]
+    return TokenizerSource(
+        backend=tokenizers.Tokenizer.from_file(str(path)),
+        bos_token=_token_content(config.get("bos_token")),
+        eos_token=_token_content(config.get("eos_token")),
+        chat_template=_load_chat_template(folder, config),
+        eos_token_ids=tuple(int(i) for i in eos_ids),
+    )
+
+
+def _read_source(path: Path) -> TokenizerSource:
+    if is_gguf(path):
+        # Imported here: workers.gguf_tokenizer builds a TokenizerSource of this module.
+        from workers.gguf_tokenizer import read_gguf_tokenizer
+
+        return read_gguf_tokenizer(GGUFFile(path))
+    return _read_folder(path.parent if path.is_file() else path)
+
+
 class Tokenizer:
-    def __init__(self, folder: str | Path):
-        folder = Path(folder)
-        if folder.is_file():
-            folder = folder.parent
-        path = folder / "tokenizer.json"
-        if not path.is_file():
-            raise CheckpointFileMissing(str(path))
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(path))
-        config = _read_json(folder / "tokenizer_config.json")
-        generation = _read_json(folder / "generation_config.json")
-        self.bos_token = _token_content(config.get("bos_token"))
-        self.eos_token = _token_content(config.get("eos_token"))
-        self.chat_template = _load_chat_template(folder, config)
-        self.eos_token_ids = self._collect_eos_ids(generation)
+    def __init__(self, path: str | Path):
+        """`path`: a checkpoint folder (or a file in it, such as its config.json), or a GGUF
+        file whose metadata holds the tokenizer."""
+        source = _read_source(Path(path))
+        self._tokenizer = source.backend
+        self.bos_token = source.bos_token
+        self.eos_token = source.eos_token
+        self.chat_template = source.chat_template
+        self.eos_token_ids = self._collect_eos_ids(source.eos_token_ids)
         self.vocab_size = self._tokenizer.get_vocab_size()
 
-    def _collect_eos_ids(self, generation: dict[str, Any]) -> tuple[int, ...]:
-        ids = generation.get("eos_token_id")
-        ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+    def _collect_eos_ids(self, ids: tuple[int, ...]) -> tuple[int, ...]:
+        ids = list(ids)
         if self.eos_token is not None and self.token_to_id(self.eos_token) is not None:
             ids.append(self.token_to_id(self.eos_token))
         return tuple(dict.fromkeys(int(i) for i in ids))

@@ -1,4 +1,5 @@
-"""Loading weights into a model from a Hugging Face checkpoint folder, or random ('dummy').
+"""Loading weights into a model from a Hugging Face checkpoint folder, a GGUF file (dequantized
+at load, see workers/model/gguf_loader.py), or random ('dummy').
 
 The model says which tensors it needs (`checkpoint_map()`: HF name -> slot); this module finds
 them in one or many *.safetensors files (through model.safetensors.index.json when present),
@@ -17,7 +18,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from workers.errors import CheckpointFileMissing, MissingTensor, TensorShapeMismatch
+from workers.errors import CheckpointFileMissing, InvalidTensor, MissingTensor, TensorShapeMismatch
+from workers.model.gguf_file import GGUFFile, is_gguf
+from workers.model.gguf_loader import gguf_name, hf_tensor
 from workers.model.llama import CheckpointSlot, LlamaForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -45,9 +48,13 @@ def checkpoint_files(folder: str | Path) -> dict[str, Path]:
 
 
 def load_checkpoint(model: LlamaForCausalLM, folder: str | Path) -> None:
-    """Fills every parameter of `model` from the checkpoint at `folder`.
+    """Fills every parameter of `model` from the checkpoint at `folder` (or GGUF file).
 
-    Raises MissingTensor or TensorShapeMismatch naming the HF tensor (and both shapes)."""
+    Raises MissingTensor or TensorShapeMismatch naming the HF tensor (and both shapes); for a
+    GGUF file MissingTensor or InvalidTensor naming the GGUF tensor and its format."""
+    if is_gguf(folder):
+        load_gguf(model, GGUFFile(folder))
+        return
     slots = model.checkpoint_map()
     files = checkpoint_files(folder)
     by_file: dict[Path, list[str]] = defaultdict(list)
@@ -59,6 +66,21 @@ def load_checkpoint(model: LlamaForCausalLM, folder: str | Path) -> None:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:
                 _load_one(name, slots[name], f.get_tensor(name))
+
+
+def load_gguf(model: LlamaForCausalLM, gguf: GGUFFile) -> None:
+    """Fills every parameter of `model` from a GGUF file, dequantized to float32 on the way."""
+    for hf_name, slot in model.checkpoint_map().items():
+        name = gguf_name(hf_name)
+        if name not in gguf.tensors:
+            raise MissingTensor(name, str(gguf.path))
+        tensor = hf_tensor(gguf, hf_name)
+        if tuple(tensor.shape) != slot.full_shape:
+            raise InvalidTensor(
+                name, gguf.tensors[name].format,
+                f"shape {list(slot.full_shape)} (for {hf_name})", f"shape {list(tensor.shape)}",
+            )
+        slot.load(tensor)
 
 
 def _load_one(name: str, slot: CheckpointSlot, tensor: torch.Tensor) -> None:

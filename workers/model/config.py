@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from workers.errors import InvalidModelConfig, UnsupportedArchitecture
+from workers.model.gguf_file import GGUFFile, is_gguf
+from workers.model.gguf_loader import config_dict
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -71,8 +73,10 @@ class ModelConfig:
 
     @classmethod
     def from_path(cls, path: str | Path) -> ModelConfig:
-        """Reads `path` (a checkpoint folder or a config.json file)."""
+        """Reads `path` (a checkpoint folder, a config.json file or a GGUF file)."""
         path = Path(path)
+        if is_gguf(path):
+            return cls.from_dict(config_dict(GGUFFile(path)))
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise InvalidModelConfig(str(file), "config.json not found")
