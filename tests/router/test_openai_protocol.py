@@ -177,6 +177,8 @@ def test_stream_formatter_chat_and_usage():
         (errors.TransferFailed("r1", "peer gone"), 503),
         (errors.TransferTimeout("r1", 5.0, 5.2), 503),
         (errors.HandshakeMismatch("block_size", 16, 8), 503),
+        (errors.RouterUnavailable("ActorDiedError"), 503),
+        (errors.InternalError("decode-0"), 500),
         (RuntimeError("boom"), 500),
     ],
 )
@@ -194,6 +196,15 @@ def test_every_error_type_has_one_status(error, status):
         assert body["type"] == "internal_error"
     else:
         assert "internal" not in body["type"]
+
+
+@pytest.mark.parametrize(("name", "code"), [
+    ("PromptTooLong", "prompt_too_long"), ("InvalidJSON", "invalid_json"),
+    ("HTTPError", "http_error"), ("NoCapacity", "no_capacity"),
+    ("unknown_parameter", "unknown_parameter"), ("KVTransferFailed", "kv_transfer_failed"),
+])
+def test_error_codes_are_snake_case(name, code):
+    assert http_errors.snake_case(name) == code
 
 
 def test_validation_errors_become_400_naming_the_field():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from workers.engine import LLMEngine
-from workers.errors import NoCapacity, UnknownRequest
+from workers.errors import InvalidParameter, NoCapacity, UnknownRequest
 from workers.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, min_tokens=8, temperature=0)
@@ -73,3 +73,33 @@ def test_disaggregation_edges_no_capacity_and_first_token_finish(make_engine):
     with pytest.raises(UnknownRequest):
         prefill.held_block_ids(out.request_id)
     prefill.release(out.request_id)  # idempotent
+
+
+def test_priority_reaches_both_roles_and_is_refused_under_fcfs(make_engine):
+    """Under `--scheduling-policy priority` a request's priority ranks it on the prefill
+    engine and on the decode engine that reserves for it; under fcfs (where it would be
+    ignored) a non-zero priority is refused by name."""
+    prefill = make_engine(role="prefill", policy="priority")
+    decode = make_engine(role="decode", policy="priority")
+    decode.reserve_remote("r1", [5, 6, 7], GREEDY, priority=-4)
+    prefill.add_request("r1", [5, 6, 7], GREEDY, priority=-4)
+    assert decode._seqs["r1"].priority == prefill._seqs["r1"].priority == -4
+    decode.abort("r1")
+    prefill.abort("r1")
+    fcfs = make_engine()
+    for admit in (fcfs.add_request, fcfs.reserve_remote):
+        with pytest.raises(InvalidParameter) as refused:
+            admit("r2", [5, 6], GREEDY, priority=1)
+        assert refused.value.field == "priority"
+    fcfs.add_request("r3", [5, 6], GREEDY, priority=0)
+    fcfs.abort("r3")
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_refused(make_engine):
+    engine = make_engine()
+    vocab = engine.model_config.vocab_size
+    with pytest.raises(InvalidParameter) as refused:
+        engine.add_request("r1", [5, 6], SamplingParams(stop_token_ids=[vocab]))
+    assert refused.value.field == "stop_token_ids" and str(vocab) in str(refused.value)
+    engine.add_request("r2", [5, 6], SamplingParams(max_tokens=2, stop_token_ids=[vocab - 1]))
+    engine.abort("r2")
