@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from router.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from router.router_state import RouterConfig
 from workers.config import EngineConfig
 
@@ -34,6 +35,10 @@ class ClusterConfig:
     gpu_share: bool = False
     """Two workers per GPU (num_gpus=0.5 each), e.g. 1P+1D on one GPU."""
     max_queue: int = 1024
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    """Request bodies above this get 413 before they are parsed (0: no limit)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM/SIGINT: how long requests in flight may go on before they are ended."""
     router: RouterConfig = field(default_factory=RouterConfig)
     startup_timeout_s: float = 600.0
     max_worker_restarts: int = 3

@@ -22,7 +22,8 @@ def build_app(config: ClusterConfig, router: Any, max_model_len: int) -> FastAPI
     if output_host in WILDCARD_HOSTS:
         # Workers on other nodes push tokens here: advertise this node's IP, not a wildcard.
         output_host = ray.util.get_node_ip_address()
-    gateway = GatewayConfig(output_host=output_host, max_in_flight=config.max_queue)
+    gateway = GatewayConfig(output_host=output_host, max_in_flight=config.max_queue,
+                            max_request_bytes=config.max_request_bytes)
     return create_app(
         RayBackend(router, config.model_name),
         load_tokenizer(config.engine),

@@ -8,6 +8,7 @@ restarts a dead one (`max_restarts`) and the router admits it again when it answ
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,20 +50,31 @@ class Cluster:
         """Calls a worker's method and waits (tests, tools; the router calls asynchronously)."""
         return ray.get(self.workers[worker_id].execute.remote(method, *args))
 
-    def shutdown(self) -> None:
-        """Kills this cluster's actors (and Ray, if this process started it)."""
+    def kill_actors(self) -> None:
         for actor in [self.router, *self.workers.values()]:
             ray.kill(actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        """Kills this cluster's actors (and Ray, if this process started it)."""
+        self.kill_actors()
         if self.started_ray:
             ray.shutdown()
 
 
 def connect_ray(config: ClusterConfig, num_cpus: int | None = None) -> bool:
-    """Joins `config.ray_address` or starts a local Ray; True if this call started it."""
+    """Joins `config.ray_address` or starts a local Ray; True if this call started it.
+
+    A local Ray's processes (GCS, raylet) start with SIGTERM blocked, inherited from this
+    thread, as Ray blocks SIGINT in them: a SIGTERM to this process's group then leaves them
+    serving while the gateway drains (cluster/graceful.py stops them afterwards)."""
     if ray.is_initialized():
         return False
-    ray.init(address=config.ray_address, namespace=NAMESPACE, num_cpus=num_cpus,
-             include_dashboard=False, log_to_driver=True)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        ray.init(address=config.ray_address, namespace=NAMESPACE, num_cpus=num_cpus,
+                 include_dashboard=False, log_to_driver=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     return True
 
 

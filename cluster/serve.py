@@ -5,7 +5,8 @@
     kvrelay serve --dummy-config config.json --prefill 1 --decode 1 --gpu-share
 
 The gateway (FastAPI on uvicorn) runs in this process; Ray shuts down with it if this process
-started Ray.
+started Ray. SIGTERM or SIGINT (to this process or its process group) drains the requests in
+flight for up to --drain-timeout seconds, then stops everything (cluster/graceful.py).
 """
 
 from __future__ import annotations
@@ -13,19 +14,28 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cluster.config import ClusterConfig
+from router.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from router.router_state import RouterConfig
 from workers.config import CacheConfig, EngineConfig
+from workers.errors import KvrelayError
+from workers.model.model_source import check_model_path, resolve_model_path, served_model_name
 from workers.model.presets import resolve_config_path
+
+if TYPE_CHECKING:
+    from cluster.launcher import Cluster
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvrelay serve", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="Hugging Face checkpoint folder")
+    src.add_argument("--model", help="checkpoint folder, .gguf file or packaged model (smollm2)")
     src.add_argument("--dummy-config", type=resolve_config_path,
                      help="config.json or a preset name (llama3-8b): random weights")
     p.add_argument("--served-model-name", default=None, help="name clients use (default: dir)")
@@ -43,6 +53,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes per worker")
     p.add_argument("--num-blocks", type=int, default=None, help="fix the KV pool size")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight, then 429")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="larger request bodies get 413 before they are parsed (0: no limit)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds requests in flight may go on (503 to new "
+                        "ones); then they end with an error event")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16"])
@@ -57,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> ClusterConfig:
     """The one place command-line arguments become configuration."""
-    model = args.model or args.dummy_config
+    model = resolve_model_path(args.model) if args.model else args.dummy_config
     engine = EngineConfig(
         model=model,
         load_format="dummy" if args.dummy_config else "auto",
@@ -71,12 +86,14 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,
                           decode_policy=args.decode_policy, block_size=args.block_size,
                           local_prefill_max_tokens=args.local_prefill_max_tokens)
-    name = args.served_model_name or Path(model).name.removesuffix(".json")
+    name = args.served_model_name or served_model_name(args.model or args.dummy_config)
     return ClusterConfig(
         engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,
         num_colocated=args.colocated, host=args.host, port=args.port,
         ray_address=args.ray_address, kv_transport=args.kv_transport,
-        gpu_share=args.gpu_share, max_queue=args.max_queue, router=router,
+        gpu_share=args.gpu_share, max_queue=args.max_queue,
+        max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout,
+        router=router,
     )
 
 
@@ -93,22 +110,45 @@ def describe(config: ClusterConfig) -> str:
 
 
 def main(argv: list[str]) -> int:
-    import uvicorn
-
-    from cluster.gateway_app import build_app
+    from cluster.graceful import stop_cluster
     from cluster.launcher import launch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    args = parse_args(argv)
-    config = build_config(args)
-    cluster = launch(config)
     try:
-        app = build_app(config, cluster.router, cluster.max_model_len)
-        print(describe(config), flush=True)
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+        config = build_config(parse_args(argv))
+        check_model_path(config.engine.model)
+    except KvrelayError as error:  # before Ray starts: one line, no stack
+        print(f"kvrelay serve: error: {error}", file=sys.stderr)
+        return 2
+    cluster = launch(config)
+    code = 1
+    try:
+        serve(config, cluster)
+        code = 0
+    except Exception:
+        log.exception("the gateway failed")
     finally:
-        cluster.shutdown()
-    return 0
+        stop_cluster(cluster)
+        log.info("stopped")
+        logging.shutdown()
+        sys.stdout.flush()
+        # Not a normal exit: Ray's exit hook would wait on the GCS that stop_cluster killed.
+        os._exit(code)
+
+
+def serve(config: ClusterConfig, cluster: Cluster) -> None:
+    """Runs the gateway until SIGTERM or SIGINT and the drain that follows."""
+    import uvicorn
+
+    from cluster.gateway_app import build_app
+    from cluster.graceful import GracefulServer
+
+    app = build_app(config, cluster.router, cluster.max_model_len)
+    uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port,
+                                    log_level="warning", timeout_graceful_shutdown=2)
+    server = GracefulServer(uvicorn_config, app.state.gateway.drain, config.drain_timeout_s)
+    print(describe(config), flush=True)
+    server.run()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router import http_errors
+from router.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from router.request_flow import RequestFlow, new_request_id
 from router.request_models import ChatCompletionRequest, CompletionRequest, SimpleGenerateRequest
 from workers.errors import KvrelayError
@@ -74,6 +75,9 @@ class GatewayConfig:
     """Requests admitted at once before 429 (0: no limit)."""
     request_timeout_s: float = 600.0
     """Deadline of every request (a request's own `timeout` may only shorten it)."""
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    """Larger request bodies get 413 before they are read or parsed (router/body_limit.py);
+    0: no limit."""
     served_model_names: tuple[str, ...] = ()
     """Extra names accepted in `model` besides `model_name`."""
 
@@ -103,10 +107,12 @@ def create_app(
         try:
             yield
         finally:
+            gateway.close()
             await gateway.receiver.stop()
 
     app = FastAPI(title="kvrelay", lifespan=lifespan)
     app.state.gateway = gateway
+    app.add_middleware(BodyLimit, max_bytes=config.max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError):
@@ -164,6 +170,8 @@ def _add_status_routes(app: FastAPI, gateway: RequestFlow, max_model_len: int) -
 
     @app.get("/health")
     async def health() -> JSONResponse:
+        if gateway.drain.closed:  # shutting down: load balancers should send no more
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
         try:
             state = await backend.health()
         except Exception as exc:  # the Router itself is unreachable: not ready, say why

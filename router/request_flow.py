@@ -16,6 +16,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
@@ -23,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from router import http_errors, sse
 from router.admission import Admission
+from router.drain import CUT, Drain, ShuttingDown
 from router.gateway_call import Call
 from router.openai_protocol import (
     ChatCompletionRequest,
@@ -48,6 +50,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Threads that validate and tokenize requests (chat template, HF tokenizers, which release
+# the GIL), so a huge prompt never stalls the event loop; a few, so one such prompt does not
+# hold up every other request's tokenization either.
+_PREPARE_THREADS = 4
+
 _ID_PREFIX = {"/v1/completions": "cmpl-", "/v1/chat/completions": "chatcmpl-",
               "/v1/generate": "gen-"}
 
@@ -66,13 +73,17 @@ class RequestFlow:
         self.receiver = OutputReceiver(config.output_host, config.output_port,
                                        config.output_advertise_host)
         self.admission = Admission(config.max_in_flight)
-        self._aborts: set[asyncio.Task] = set()
+        self.drain = Drain()
+        self._prepare_pool = ThreadPoolExecutor(_PREPARE_THREADS, "gateway-prepare")
 
     async def handle(self, endpoint: str, body: Any, request: Request) -> Response:
         call = None
         try:
-            call = self._prepare(endpoint, body)
+            loop = asyncio.get_running_loop()
+            call = await loop.run_in_executor(self._prepare_pool, self._prepare, endpoint, body)
             await self._start(call)
+        except ShuttingDown as exc:
+            return self.error(endpoint, exc.http_error())
         except KvrelayError as exc:
             rid = call.request_id if call else None
             param = _param_for(type(exc).__name__, body)
@@ -83,9 +94,10 @@ class RequestFlow:
             return self.error(endpoint, http_errors.from_exception(exc, request_id=rid))
         try:
             chunk = await self._receive(call, request, whole=not body.stream)
-        except RequestTimeout as exc:
-            self._end(call, 504)
-            return self.error(endpoint, http_errors.from_exception(exc), count=False)
+        except (RequestTimeout, ShuttingDown) as exc:
+            mapped = _cut_short(exc)
+            self._end(call, mapped.status)
+            return self.error(endpoint, mapped, count=False)
         if chunk is None:  # the client left; nginx's 499 "client closed request"
             self._end(call, 499)
             return Response(status_code=499)
@@ -98,6 +110,10 @@ class RequestFlow:
                                      headers={"Cache-Control": "no-cache"})
         self._end(call, 200)
         return JSONResponse(self._body(call))
+
+    def close(self) -> None:
+        """Stops the prepare threads (a tokenization under way finishes unseen)."""
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     def stats(self) -> dict[str, float]:
         """The gateway's own counters, for /v1/metrics."""
@@ -125,9 +141,11 @@ class RequestFlow:
 
     async def _start(self, call: Call) -> None:
         """Admits and submits; on any failure nothing of the request is left behind."""
+        self.drain.check_open()
         self.admission.admit()
         self._count_in_flight()
         call.queue = self.receiver.register(call.request_id)
+        self.drain.add(call.request_id, call)
         request = GenerateRequest(call.request_id, call.prompt_ids, call.sampling,
                                   self.receiver.address, call.body.priority, call.arrival)
         try:
@@ -135,6 +153,7 @@ class RequestFlow:
         except BaseException as exc:
             call.ended = True
             self.receiver.unregister(call.request_id)
+            self.drain.discard(call.request_id)
             self.admission.release()
             self._count_in_flight()
             if not isinstance(exc, KvrelayError):  # timed out or cancelled mid-placement
@@ -149,6 +168,8 @@ class RequestFlow:
             chunk = await asyncio.wait_for(call.queue.get(), call.deadline - time.time())
         except asyncio.TimeoutError:
             raise RequestTimeout(call.timeout_s, call.num_output) from None
+        if chunk is CUT:
+            raise ShuttingDown()
         call.absorb(chunk)
         return chunk
 
@@ -203,9 +224,10 @@ class RequestFlow:
                 status = mapped.status
                 yield sse.error_event(mapped.body)
             yield sse.DONE
-        except RequestTimeout as exc:
-            status = 504
-            yield sse.error_event(http_errors.from_exception(exc).body)
+        except (RequestTimeout, ShuttingDown) as exc:
+            mapped = _cut_short(exc)
+            status = mapped.status
+            yield sse.error_event(mapped.body)
             yield sse.DONE
         finally:
             self._end(call, status)
@@ -234,6 +256,7 @@ class RequestFlow:
             return
         call.ended = True
         self.receiver.unregister(call.request_id)
+        self.drain.discard(call.request_id)
         e2e = time.time() - call.arrival
         self.admission.release(e2e if status == 200 else None)
         if call.final is None:
@@ -255,9 +278,7 @@ class RequestFlow:
         except RuntimeError:  # a stream finalized after its loop stopped: the server is gone
             log.warning("no event loop left to abort %s", request_id)
             return
-        task = loop.create_task(self._abort(request_id))
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
+        self.drain.track_abort(loop.create_task(self._abort(request_id)))
 
     async def _abort(self, request_id: str) -> None:
         try:
@@ -274,6 +295,13 @@ class RequestFlow:
 
     def _token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _cut_short(exc: RequestTimeout | ShuttingDown) -> http_errors.HttpError:
+    """A request in flight ended by the gateway: its deadline (504) or a shutdown (503)."""
+    if isinstance(exc, ShuttingDown):
+        return exc.http_error()
+    return http_errors.from_exception(exc)
 
 
 def new_request_id(endpoint: str) -> str:

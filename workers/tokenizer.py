@@ -113,7 +113,11 @@ class Tokenizer:
         return self._tokenizer.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`. Releases the GIL while the Rust core works (`encode` holds it
+        throughout: seconds for a megabytes-long prompt), so other threads (the gateway's
+        event loop) run meanwhile; no offsets are tracked (twice as fast, less memory)."""
+        batch = self._tokenizer.encode_batch_fast([text], add_special_tokens=add_special_tokens)
+        return batch[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
