@@ -24,7 +24,7 @@ SCALE_OFFSETS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1
 
 
 def ours(raw: np.ndarray, name: str, rows: int, cols: int) -> torch.Tensor:
-    return dequantize_rows(torch.from_numpy(raw.copy()).flatten(), BY_NAME[name], rows, cols)
+    return dequantize_rows(raw.flatten(), BY_NAME[name], rows, cols)
 
 
 def test_every_format_has_ggml_type_id_and_block_sizes():

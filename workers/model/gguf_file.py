@@ -162,5 +162,5 @@ class GGUFFile:
                 name, fmt.name, f"{num_bytes} bytes for shape {list(info.shape)}",
                 f"{len(raw)} before the end of the file",
             )
-        values = dequantize_rows(torch.frombuffer(raw, dtype=torch.uint8), fmt, rows, cols)
+        values = dequantize_rows(np.frombuffer(raw, np.uint8), fmt, rows, cols)
         return values.reshape(info.shape)
