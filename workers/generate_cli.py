@@ -1,6 +1,6 @@
 """`kvrelay generate`: offline generation on one in-process engine; prints the completion.
 
-    kvrelay generate --model DIR --prompt TEXT --max-tokens N --temperature T [--seed S]
+    kvrelay generate --model DIR|FILE.gguf|smollm2 --prompt TEXT --max-tokens N [--chat]
 
 Only the completion text goes to stdout (so it pipes); errors go to stderr with exit 2.
 """
@@ -12,11 +12,14 @@ import sys
 
 from workers.config import CacheConfig, EngineConfig
 from workers.errors import KvrelayError
+from workers.model.model_source import check_model_path, resolve_model_path
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvrelay generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint folder, .gguf file or packaged model (smollm2)"
+    )
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0)
@@ -41,6 +44,8 @@ def main(argv: list[str]) -> int:
     from workers.sampling_params import SamplingParams
 
     try:
+        model = resolve_model_path(args.model)
+        check_model_path(model)
         params = SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
@@ -50,7 +55,7 @@ def main(argv: list[str]) -> int:
             stop=tuple(args.stop),
         )
         config = EngineConfig(
-            model=args.model,
+            model=model,
             dtype=args.dtype,
             device=args.device,
             attention_backend=args.attention_backend,

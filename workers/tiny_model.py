@@ -2,8 +2,8 @@
 
 Writes config.json, model.safetensors (random, deterministic by seed), a byte-level BPE
 tokenizer.json trained on a small built-in English corpus, tokenizer_config.json (bos/eos
-and a ChatML-style chat template) and generation_config.json. Used as the model of every CPU
-test and of `make serve`. VARIANTS lists the architectures tests cover.
+and a ChatML-style chat template) and generation_config.json. Used as the model of the fast
+CPU tests. VARIANTS lists the architectures tests cover.
 """
 
 from __future__ import annotations
