@@ -1,6 +1,6 @@
 """The OpenAI-compatible request bodies, strict: what parses here is what the client meant.
 
-Rules (docs/contracts.md, "Request validation"):
+Rules (docs/contracts.md, "HTTP API: request validation and errors"):
 - Types are never coerced: `"max_tokens": "8"`, `"stream": "yes"`, `true` or `1.0` as a token
   id are 400. Floats are finite (no `1e999`, `NaN`); integers fit in 64 bits.
 - Unknown fields are refused (400, `code: unknown_parameter`, `param` naming the field), so
@@ -77,7 +77,7 @@ def _token_ids(value: Any) -> bool:
     return isinstance(value, list) and all(type(t) is int and t >= 0 for t in value)
 
 
-def one_prompt(value: Any) -> str | list[int]:
+def _one_prompt(value: Any) -> str | list[int]:
     """The one prompt of a request: text or token ids; a batch of one is unwrapped."""
     if isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
         if len(value) != 1:
@@ -124,7 +124,8 @@ class _SamplingFields(BaseModel):
     min_tokens: int = 0
     skip_special_tokens: bool = True
     priority: Int64 = 0
-    """Lower runs first under `--scheduling-policy priority`; must be 0 under fcfs."""
+    """Lower runs first when the workers' SchedulerConfig.policy is "priority"; refused (by
+    the engine, which knows the policy) unless 0 under fcfs."""
     timeout: float | None = Field(default=None, ge=MIN_TIMEOUT_S)
     """Seconds until the gateway gives up on the request (capped by the server's limit)."""
     return_token_ids: bool = False
@@ -141,7 +142,7 @@ class _Prompt(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _one(cls, value: Any) -> str | list[int]:
-        return one_prompt(value)
+        return _one_prompt(value)
 
 
 class CompletionRequest(

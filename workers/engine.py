@@ -230,7 +230,7 @@ class LLMEngine:
                                                      f"vocabulary of size {vocab}")
         if priority != 0 and self.config.scheduler.policy != "priority":
             raise InvalidParameter("priority", f"got {priority}, but this server schedules "
-                                               "fcfs; start it with --scheduling-policy priority")
+                                               "first come first served (policy fcfs)")
         if params.stop and self.tokenizer is None:
             raise InvalidParameter("stop", "stop strings need a tokenizer; this model has none")
         return Sequence(
