@@ -39,14 +39,17 @@ class FailingBackend(ScriptedBackend):
         self.submitted.append(request.request_id)
         raise RuntimeError(f"RayTaskError(RuntimeError): {LEAK}")
 
+    async def health(self) -> dict:
+        raise RuntimeError(f"RaySystemError: {LEAK}")
 
-def test_unexpected_error_at_the_gateway_is_a_500_naming_the_request_id(tiny_model_dir,
-                                                                          caplog):
+
+def test_unexpected_error_at_the_gateway_names_the_request_id_only(tiny_model_dir, caplog):
     backend = FailingBackend([])
     app = create_app(backend, Tokenizer(tiny_model_dir), "tiny", MAX_MODEL_LEN)
     try:
         with serve(app) as url:
             response = httpx.post(url + "/v1/completions", json={"prompt": "hi"})
+            health = httpx.get(url + "/health")
     finally:
         backend.close()
     assert response.status_code == 500
@@ -56,6 +59,8 @@ def test_unexpected_error_at_the_gateway_is_a_500_naming_the_request_id(tiny_mod
     assert_no_secrets(response.text)
     assert "RuntimeError" not in response.text
     assert "10.1.2.3" in caplog.text and request_id in caplog.text  # the log has it all
+    assert health.status_code == 503 and health.json()["status"] == "unavailable"
+    assert_no_secrets(health.text)
 
 
 class _Broken:
