@@ -4,6 +4,13 @@ Workers PUSH msgpack-encoded `OutputChunk`s (workers/protocol.py) to `address`; 
 asyncio task reads them and puts each into the queue registered for its request id. One
 socket per gateway process (not per request) keeps the number of connections per worker
 constant however many requests are in flight.
+
+Up to three processes write one request's stream (the prefill worker token 1, the decode
+worker the rest, the router a final chunk on abort or loss), over different connections, so
+arrival order is not token order. Each chunk says where its tokens go (`index`), and the
+receiver hands them over in token order: a chunk
+ahead of a gap waits for it, a duplicate is dropped, and exactly one final chunk is handed
+over, after which nothing more is.
 """
 
 from __future__ import annotations
@@ -20,6 +27,39 @@ from workers.protocol import OutputChunk, decode
 log = logging.getLogger(__name__)
 
 
+class _Ordered:
+    """One request's chunks in token order (see the module doc)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[OutputChunk] = asyncio.Queue()
+        self.next_index = 0
+        """Index of the next output token to hand over."""
+        self.waiting: dict[int, OutputChunk] = {}
+        """Chunks ahead of a gap, by the index of their first token."""
+        self.ended = False
+
+    def put(self, chunk: OutputChunk) -> bool:
+        """Hands over what is in order now; False if the chunk was dropped (a duplicate,
+        or after the final chunk)."""
+        if self.ended:
+            return False
+        if chunk.index is None:  # no place in the output (an error or abort): at once
+            self._hand_over(chunk)
+            return True
+        start = chunk.index
+        if start < self.next_index or start in self.waiting:
+            return False
+        self.waiting[start] = chunk
+        while not self.ended and self.next_index in self.waiting:
+            self._hand_over(self.waiting.pop(self.next_index))
+        return True
+
+    def _hand_over(self, chunk: OutputChunk) -> None:
+        self.queue.put_nowait(chunk)
+        self.next_index += len(chunk.new_token_ids)
+        self.ended = chunk.finished
+
+
 class OutputReceiver:
     """Binds a PULL socket on `host` (`port` 0: a free port) and routes chunks by request id.
 
@@ -29,7 +69,8 @@ class OutputReceiver:
     Lifecycle: `await start()` inside the serving event loop, `await stop()` at shutdown.
     Callers `register(request_id)` BEFORE submitting the request (so no chunk can arrive for
     an unknown id) and `unregister` once they are done with it. Chunks for ids not registered
-    (late chunks of aborted requests) are dropped and counted in `dropped`.
+    (late chunks of aborted requests), duplicates and chunks after the final one are dropped
+    and counted in `dropped`.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
@@ -40,7 +81,7 @@ class OutputReceiver:
         self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task | None = None
-        self._queues: dict[str, asyncio.Queue[OutputChunk]] = {}
+        self._streams: dict[str, _Ordered] = {}
         self.address = ""
         self.received = 0
         self.dropped = 0
@@ -73,17 +114,17 @@ class OutputReceiver:
             self._ctx = None
 
     def register(self, request_id: str) -> asyncio.Queue[OutputChunk]:
-        """A fresh queue that will receive every chunk of `request_id`, in arrival order."""
-        queue: asyncio.Queue[OutputChunk] = asyncio.Queue()
-        self._queues[request_id] = queue
-        return queue
+        """A fresh queue that will receive the chunks of `request_id` in token order, up to
+        and including exactly one final chunk."""
+        stream = self._streams[request_id] = _Ordered()
+        return stream.queue
 
     def unregister(self, request_id: str) -> None:
-        self._queues.pop(request_id, None)
+        self._streams.pop(request_id, None)
 
     @property
     def num_registered(self) -> int:
-        return len(self._queues)
+        return len(self._streams)
 
     async def _pump(self) -> None:
         assert self._sock is not None
@@ -98,11 +139,9 @@ class OutputReceiver:
                 log.error("unexpected %s on the output socket", type(chunk).__name__)
                 continue
             self.received += 1
-            queue = self._queues.get(chunk.request_id)
-            if queue is None:
+            stream = self._streams.get(chunk.request_id)
+            if stream is None or not stream.put(chunk):
                 self.dropped += 1
-                continue
-            queue.put_nowait(chunk)
 
 
 def _advertised(host: str) -> str:

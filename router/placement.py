@@ -1,35 +1,44 @@
-"""Where a request runs: the placement half of RouterCore (router/router_core.py).
+"""Where a request runs: RouterCore's placement collaborator (router/router_core.py).
 
 Disaggregated: a decode worker reserves blocks first (policy order, waiting a while if all
 are full), then a prefill worker computes and ships the KV into that reservation; if no
 prefill worker takes it, the reservation is given back. Colocated, or a prompt short enough
-for conditional disaggregation: one worker runs it whole. An abort that lands while
-placement awaits a worker is honoured afterwards (`_undo_if_aborted`).
-
-`Placement` is a mixin: it reads RouterCore's `config`, `workers`, `requests` and
-`_policies`, and calls its `_call`, `_call_quietly` and `_release_everywhere`.
+for conditional disaggregation: one worker runs it whole. Each worker that takes the request
+is recorded in its RequestLife (Reserved, Placed) through `took`, which tells the worker to
+let go instead if the request ended (aborted) while placement awaited it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
+from router.lifecycle import Event, Placed, Reserved
 from router.policies import RoutingPolicy, WorkerLoad
 from router.router_state import InFlight, RouterConfig, WorkerState
 from router.worker_handle import WorkerGone
 from workers.errors import NoCapacity, NoReadyWorker
 
+Call = Callable[..., Awaitable]
+Took = Callable[[InFlight, str, Event], Awaitable[bool]]
+
 
 class Placement:
-    """Picks and takes workers for one request; mixed into RouterCore."""
+    """Picks and takes workers for one request at a time (`place`), and reports loads."""
 
-    config: RouterConfig
-    workers: dict[str, WorkerState]
-    requests: dict[str, InFlight]
-    _policies: dict[str, RoutingPolicy]
+    def __init__(self, config: RouterConfig, workers: dict[str, WorkerState],
+                 requests: dict[str, InFlight], policies: dict[str, RoutingPolicy],
+                 call: Call, took: Took):
+        self.config = config
+        self.workers = workers
+        self.requests = requests
+        self._policies = policies
+        self._call = call
+        self._took = took
 
-    async def _place(self, entry: InFlight) -> None:
+    async def place(self, entry: InFlight) -> None:
+        """Raises NoReadyWorker, NoCapacity or a worker's typed refusal."""
         if self._count("colocated"):
             await self._place_whole(entry, "colocated")
             return
@@ -38,38 +47,28 @@ class Placement:
             return
         if not self._ready("prefill"):  # before a decode worker reserves anything
             raise NoReadyWorker("prefill", self._count("prefill"))
-        entry.decode = await self._reserve_decode(entry)
-        if entry.decode is None or await self._undo_if_aborted(entry):
+        decode = await self._reserve_decode(entry)
+        if decode is None or not await self._took(entry, decode, Reserved(decode)):
             return
-        entry.phase = "prefilling"
         try:
-            entry.prefill = await self._first_that_takes("prefill", entry, "prefill", entry.dest)
+            prefill = await self._first_that_takes("prefill", entry, "prefill", entry.dest)
         except BaseException:
-            await self._call_quietly(entry.decode, "abort", entry.request.request_id)
+            await self._call_quietly(decode, "abort", entry.request_id)
             raise
-        await self._undo_if_aborted(entry)
+        await self._took(entry, prefill, Placed(prefill))
 
     async def _place_whole(self, entry: InFlight, role: str) -> None:
         """One worker runs the whole request: colocated, or a decode worker prefilling a
         short prompt itself (conditional disaggregation)."""
-        setattr(entry, role, await self._first_that_takes(role, entry, "submit"))
-        entry.phase = "running"
-        await self._undo_if_aborted(entry)
-
-    async def _undo_if_aborted(self, entry: InFlight) -> bool:
-        """An abort that arrived while placement awaited a worker found nothing to free
-        there yet: free what placement has taken since."""
-        if self.requests.get(entry.request.request_id) is entry:
-            return False
-        await self._release_everywhere(entry, keep=None)
-        return True
+        worker_id = await self._first_that_takes(role, entry, "submit")
+        await self._took(entry, worker_id, Placed(worker_id, whole=True))
 
     async def _reserve_decode(self, entry: InFlight) -> str | None:
         """Asks decode workers (policy order) to reserve blocks, waiting a while if all are
-        full; records the destination the prefill worker writes to. None: aborted while
-        waiting."""
+        full; records the destination the prefill worker writes to. None: the request
+        ended while waiting."""
         deadline = time.monotonic() + self.config.capacity_wait_s
-        while self.requests.get(entry.request.request_id) is entry:
+        while not entry.life.phase.terminal:
             refusal: NoCapacity | None = None
             for worker_id in self._order("decode", entry):
                 try:
@@ -99,12 +98,18 @@ class Placement:
             return worker_id
         raise NoReadyWorker(role, self._count(role))
 
+    async def _call_quietly(self, worker_id: str, method: str, *args) -> None:
+        try:
+            await self._call(worker_id, method, *args)
+        except WorkerGone:
+            pass
+
     def _order(self, role: str, entry: InFlight) -> list[str]:
-        loads = [self._load(wid, w) for wid, w in self.workers.items()
-                 if w.role == role and w.ready]
+        loads = [self.load(wid) for wid, w in self.workers.items() if w.role == role and w.ready]
         return self._policies[role].order(loads, entry.blocks)
 
-    def _load(self, worker_id: str, worker: WorkerState) -> WorkerLoad:
+    def load(self, worker_id: str) -> WorkerLoad:
+        worker = self.workers[worker_id]
         entries = [self.requests[r] for r in worker.requests if r in self.requests]
         return WorkerLoad(
             worker_id,
@@ -116,7 +121,7 @@ class Placement:
 
     def _attach(self, worker_id: str, entry: InFlight) -> None:
         worker = self.workers[worker_id]
-        worker.requests.add(entry.request.request_id)
+        worker.requests.add(entry.request_id)
         if worker.role == "decode":
             # Until the next poll, count the reservation so the next pick sees it.
             worker.free_blocks -= entry.blocks

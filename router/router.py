@@ -61,9 +61,9 @@ class Router:
             log.exception("placing %s failed", request.request_id)
             raise RemoteError(to_wire(InternalError("router"))) from None
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
         await self._running()
-        await self.core.abort(request_id)
+        await self.core.abort(request_id, deadline_s)
 
     async def health(self) -> dict:
         await self._running()
@@ -89,8 +89,9 @@ class RayBackend:
     async def submit(self, request: GenerateRequest) -> None:
         await _unwrap(self.router.submit.remote(request))
 
-    async def abort(self, request_id: str) -> None:
-        await _unwrap(self.router.abort.remote(request_id))
+    async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
+        """The client left (or, with `deadline_s`, the request's deadline passed)."""
+        await _unwrap(self.router.abort.remote(request_id, deadline_s))
 
     def model_names(self) -> list[str]:
         return [self.model_name]

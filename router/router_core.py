@@ -1,14 +1,16 @@
-"""The router's state machine: which worker holds which request, and what happens on failure.
+"""The router: the one owner of every request in flight, a thin shell around its lifecycle.
 
 `RouterCore` is plain asyncio code over `WorkerHandle`s (a Ray actor or an in-process object,
-router/worker_handle.py), so it runs in tests without Ray. Per request it picks a decode worker
-that reserves blocks, then a prefill worker that computes and ships the KV (disaggregated), or
-one colocated worker; that placement is router/placement.py. A monitor task polls every
-worker: the poll is the liveness ping and carries which requests ended. A worker that stops
-answering is dropped; its requests go on where they can (a prefill worker died after its KV
-landed on the decode worker) and otherwise end with a clear error chunk. They are not
-retried: the prefill worker may already have streamed token 1, and a retry would stream it
-twice. A worker that answers again (Ray restarted it: a new incarnation) is admitted again.
+router/worker_handle.py), so it runs in tests without Ray. Each request's life is a pure state
+machine (router/lifecycle.py): the core feeds it events (placement, worker news, a lost
+worker, the client leaving) and carries out the actions it returns (tell a worker to let go,
+write the final chunk). Placement (router/placement.py) picks a decode worker that reserves
+blocks, then a prefill worker that computes and ships the KV, or one worker for the whole
+request. A monitor task polls every worker: the poll is the liveness ping and carries the
+workers' news. A worker that stops answering is dropped; its requests go on where they can (a
+prefill worker died after its KV landed on the decode worker) and otherwise end with a clear
+error chunk. A worker that answers again (Ray restarted it: a new incarnation) is admitted
+again.
 """
 
 from __future__ import annotations
@@ -18,19 +20,40 @@ import logging
 import time
 from collections import Counter
 
+from router.lifecycle import (
+    Abort,
+    Action,
+    ClientGone,
+    DeadlinePassed,
+    Event,
+    Failed,
+    Finished,
+    FirstToken,
+    IllegalEvent,
+    KvLanded,
+    LostWorker,
+    Phase,
+    RequestLife,
+    SendFinal,
+)
 from router.placement import Placement
 from router.policies import blocks_needed, make_policy
-from router.router_state import InFlight, RouterConfig, WorkerLost, WorkerState
+from router.router_state import InFlight, RouterConfig, WorkerState
 from router.worker_handle import WorkerGone, WorkerHandle
 from workers.errors import KvrelayError, NoReadyWorker, QueueFull
 from workers.output_sender import OutputSender
-from workers.protocol import GenerateRequest, OutputChunk
+from workers.protocol import GenerateRequest, OutputChunk, WorkerEvent
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 
-class RouterCore(Placement):
+_NEWS = {WorkerEvent.SENDING: FirstToken, WorkerEvent.SHIPPED: KvLanded,
+         WorkerEvent.FINISHED: Finished, WorkerEvent.FAILED: Failed}
+"""A worker's news about a request -> the lifecycle event it is."""
+
+
+class RouterCore:
     """Routes requests over registered workers; see the module docstring."""
 
     def __init__(self, config: RouterConfig):
@@ -38,11 +61,13 @@ class RouterCore(Placement):
         self.workers: dict[str, WorkerState] = {}
         self.requests: dict[str, InFlight] = {}
         self.sender = OutputSender()
-        self._policies = {
+        policies = {
             "prefill": make_policy(config.prefill_policy),
             "decode": make_policy(config.decode_policy),
             "colocated": make_policy(config.colocated_policy),
         }
+        self.placement = Placement(config, self.workers, self.requests, policies, self._call,
+                                   self._took)
         self._monitor: asyncio.Task | None = None
         self.num_finished = 0
         self.num_failed = 0
@@ -91,24 +116,63 @@ class RouterCore(Placement):
         num_prompt = len(request.prompt_token_ids)
         entry = InFlight(
             request,
+            RequestLife(request.request_id),
             tokens=num_prompt + params.max_tokens,
             blocks=blocks_needed(num_prompt, self.config.block_size),
         )
         self.requests[request.request_id] = entry
         try:
-            await self._place(entry)
+            await self.placement.place(entry)
         except BaseException:
             self._forget(request.request_id)
             raise
 
-    async def abort(self, request_id: str) -> None:
-        """Ends a request wherever it is; its blocks free on every worker it touched."""
-        entry = self._forget(request_id)
+    async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
+        """Ends a request wherever it is (the client left, or its deadline of `deadline_s`
+        passed); its blocks free on every worker that holds it."""
+        entry = self.requests.get(request_id)
         if entry is None:
             return
-        self.aborted_in_phase[entry.phase] += 1
-        await self._release_everywhere(entry, keep=None)
-        self._send_final(entry, "abort")
+        self.aborted_in_phase[entry.life.phase.value] += 1
+        await self._apply(entry, ClientGone() if deadline_s is None else
+                          DeadlinePassed(deadline_s))
+
+    async def _apply(self, entry: InFlight, event: Event) -> None:
+        """Feeds one event to the request's life and carries out its actions. The request
+        leaves the table at once when its life ends (before any await), so placement and
+        later news see it gone."""
+        life = entry.life
+        holders = set(life.holders)
+        try:
+            actions = life.apply(event)
+        except IllegalEvent as err:
+            log.debug("%s", err)
+            return
+        for worker_id in holders - life.holders:
+            if worker_id in self.workers:
+                self.workers[worker_id].requests.discard(entry.request_id)
+        if life.phase.terminal:
+            self._forget(entry.request_id)
+            self.num_finished += life.phase is Phase.FINISHED
+            self.num_failed += life.phase is Phase.FAILED
+        await self._act(entry, actions)
+
+    async def _act(self, entry: InFlight, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Abort):
+                await self._call_quietly(action.worker, "abort", entry.request_id)
+            elif isinstance(action, SendFinal):
+                self._send_final(entry, action.reason, action.error)
+
+    async def _took(self, entry: InFlight, worker_id: str, event: Event) -> bool:
+        """Placement: `worker_id` took the request. False if the request ended meanwhile
+        (the worker is told to let go)."""
+        if entry.life.phase.terminal:
+            self.workers[worker_id].requests.discard(entry.request_id)
+            await self._call_quietly(worker_id, "abort", entry.request_id)
+            return False
+        await self._apply(entry, event)
+        return True
 
     def _forget(self, request_id: str) -> InFlight | None:
         entry = self.requests.pop(request_id, None)
@@ -134,12 +198,6 @@ class RouterCore(Placement):
             await self._call(worker_id, method, *args)
         except WorkerGone:
             pass
-
-    async def _release_everywhere(self, entry: InFlight, keep: str | None) -> None:
-        rid = entry.request.request_id
-        for worker_id in (entry.prefill, entry.decode, entry.colocated):
-            if worker_id is not None and worker_id != keep:
-                await self._call_quietly(worker_id, "abort", rid)
 
     def _send_final(self, entry: InFlight, reason: str, error: KvrelayError | None = None):
         self.sender.send(
@@ -207,28 +265,11 @@ class RouterCore(Placement):
             if addresses:
                 await self._call_quietly(worker_id, "connect", addresses)
 
-    async def _on_event(self, worker_id: str, request_id: str, event: str) -> None:
-        """Worker news: 'sending' (token 1 out, KV on its way), 'shipped' (the KV landed),
-        'finished' or 'failed' (the final chunk is sent)."""
+    async def _on_event(self, worker_id: str, request_id: str, news: str) -> None:
+        """A worker's news about a request (WorkerEvent)."""
         entry = self.requests.get(request_id)
-        if entry is None:
-            return
-        if event == "sending" and entry.phase == "prefilling":
-            entry.phase = "transferring"
-            return
-        if event == "shipped":
-            entry.phase = "decoding"
-            self.workers[worker_id].requests.discard(request_id)
-            return
-        if event not in ("finished", "failed"):
-            return
-        # Ended on this worker (its final chunk is out): free what others still hold.
-        self._forget(request_id)
-        await self._release_everywhere(entry, keep=worker_id)
-        if event == "finished":
-            self.num_finished += 1
-        else:
-            self.num_failed += 1
+        if entry is not None:
+            await self._apply(entry, _NEWS[WorkerEvent(news)](worker_id))
 
     async def _lose(self, worker_id: str, why: str) -> None:
         """Drops a worker: its requests continue elsewhere if they can, else end clearly."""
@@ -238,23 +279,17 @@ class RouterCore(Placement):
         worker.ready = False
         lost = [self.requests[r] for r in worker.requests if r in self.requests]
         worker.requests.clear()
-        survivors = await self._landed_on_decode(worker_id, lost)
+        landed = await self._landed_on_decode(worker_id, lost)
         for entry in lost:
-            if entry.request.request_id in survivors:
-                entry.phase = "decoding"  # the decode worker holds all it needs
-                continue
-            self._forget(entry.request.request_id)
-            await self._release_everywhere(entry, keep=worker_id)
-            self.num_failed += 1
-            self._send_final(entry, "error", WorkerLost(worker_id, entry.phase))
+            await self._apply(entry, LostWorker(worker_id, entry.request_id in landed))
 
     async def _landed_on_decode(self, lost: str, entries: list[InFlight]) -> set[str]:
         """Requests of a lost prefill worker whose KV already landed on their decode worker
         (the 'shipped' news may have died with the prefill worker)."""
         by_decode: dict[str, list[str]] = {}
         for entry in entries:
-            if entry.prefill == lost and entry.decode is not None:
-                by_decode.setdefault(entry.decode, []).append(entry.request.request_id)
+            if entry.life.prefill == lost and entry.life.decode is not None:
+                by_decode.setdefault(entry.life.decode, []).append(entry.request_id)
         survivors: set[str] = set()
         for decode, ids in by_decode.items():
             if self.workers[decode].ready:
@@ -277,6 +312,6 @@ class RouterCore(Placement):
     def worker_metrics(self) -> list[dict]:
         return [
             {"worker_id": wid, "role": w.role, "ready": w.ready, "incarnation": w.incarnation,
-             **self._load(wid, w).__dict__}
+             **self.placement.load(wid).__dict__}
             for wid, w in self.workers.items()
         ]

@@ -1,23 +1,13 @@
-"""What the router keeps: its config, per-worker state, per-request placement, and the error
-it reports for requests whose worker was lost. Plain data; RouterCore (router_core.py) acts
-on it."""
+"""What the router keeps: its config, per-worker state and per-request entries (each with its
+RequestLife, router/lifecycle.py). Plain data; RouterCore (router_core.py) acts on it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from router.lifecycle import RequestLife
 from router.worker_handle import WorkerHandle
-from workers.errors import KvrelayError
 from workers.protocol import GenerateRequest
-
-
-class WorkerLost(KvrelayError):
-    """The worker serving a request died (or restarted) before the request finished."""
-
-    def __init__(self, worker_id: str, phase: str):
-        self.worker_id = worker_id
-        self.phase = phase
-        super().__init__(f"worker {worker_id} was lost while the request was {phase}")
 
 
 @dataclass(frozen=True)
@@ -54,13 +44,14 @@ class WorkerState:
 @dataclass
 class InFlight:
     request: GenerateRequest
+    life: RequestLife
+    """Where the request is in its life and which workers hold it."""
     tokens: int
     """Prompt + max new tokens, for the least-tokens policy."""
     blocks: int = 0
-    prefill: str | None = None
-    decode: str | None = None
-    colocated: str | None = None
     dest: dict | None = None
     """The decode worker's reservation (block ids, KV receiver address) for the prefill."""
-    phase: str = "queued"
-    """queued | prefilling | transferring | decoding | running (one worker does it all)."""
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id

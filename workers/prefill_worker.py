@@ -17,7 +17,7 @@ import time
 from workers.errors import TransferFailed, UnknownRequest
 from workers.kv_endpoint import make_sender
 from workers.kv_transfer.base import TransferState
-from workers.protocol import GenerateRequest
+from workers.protocol import GenerateRequest, WorkerEvent
 from workers.worker_base import EngineWorker, WorkerSpec
 
 
@@ -77,13 +77,13 @@ class PrefillWorker(EngineWorker):
         }
         self.kv.finish(rid, self.engine.held_block_ids(rid), extra=extra,
                        num_tokens=output.num_prompt_tokens)
-        self.note(rid, "sending")
+        self.note(rid, WorkerEvent.SENDING)
 
     def _shipped(self, rid: str) -> None:
         self._release(rid)
         self.dests.pop(rid, None)
         if rid in self.live:
-            self.end(rid, "shipped")
+            self.end(rid, WorkerEvent.SHIPPED)
 
     def _not_shipped(self, rid: str, state: TransferState, reason: str) -> None:
         self._release(rid)

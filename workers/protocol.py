@@ -8,6 +8,7 @@ Direction of each message is in its docstring.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,11 +50,28 @@ class OutputChunk:
     """Per new token: {'token_id', 'logprob', 'top': [[token_id, logprob], ...]}."""
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    index: int | None = None
+    """Position of the first of `new_token_ids` in the output (token 1 is 0). Up to three
+    processes write one request's stream, so the gateway orders chunks by it; None: hand
+    over on arrival (a chunk that carries no tokens, or a test script's)."""
     timings: dict[str, float] = field(default_factory=dict)
     """Seconds per phase, sent on the final chunk: queue, prefill, kv_ready_delay (end of
     prefill to the KV landed on the decode worker), decode; plus transfer_bytes and
     transfer_wire (first KV posted to the last landed)."""
     worker_id: str = ""
+
+
+class WorkerEvent(str, enum.Enum):
+    """Worker -> Router (in the poll's `events`): news about one request."""
+
+    SENDING = "sending"
+    """Prefill worker: token 1 is out, the last of the KV on its way."""
+    SHIPPED = "shipped"
+    """Prefill worker: the KV landed on the decode worker; this worker let go."""
+    FINISHED = "finished"
+    """The final chunk (stop or length) is sent."""
+    FAILED = "failed"
+    """An error was sent as the final chunk."""
 
 
 _TYPES = {cls.__name__: cls for cls in (GenerateRequest, OutputChunk)}

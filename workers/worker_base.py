@@ -28,9 +28,10 @@ from typing import Any
 from workers.config import EngineConfig
 from workers.engine import LLMEngine
 from workers.errors import InternalError, KvrelayError
+from workers.host_memory import return_large_frees_to_os
 from workers.kv_endpoint import kv_layout
 from workers.output_sender import OutputSender
-from workers.protocol import GenerateRequest, OutputChunk
+from workers.protocol import GenerateRequest, OutputChunk, WorkerEvent
 from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,9 @@ class EngineWorker:
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
+        # A worker has its process to itself (a Ray actor): its prefill buffers, whose sizes
+        # vary with every prompt, must not pile up in malloc's arenas (workers/host_memory.py).
+        return_large_frees_to_os()
         self.worker_id = spec.worker_id
         # A fresh id per construction lets the router tell a restarted actor from the old one.
         self.incarnation = uuid.uuid4().hex
@@ -80,7 +84,7 @@ class EngineWorker:
         self.sender = OutputSender()
         self.live: dict[str, LiveRequest] = {}
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._events: list[tuple[str, str]] = []
+        self._events: list[tuple[str, WorkerEvent]] = []
         self._events_lock = threading.Lock()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.worker_id}")
@@ -229,6 +233,7 @@ class EngineWorker:
         now = time.time()
         if output.new_token_ids and live.first_token_at is None:
             live.first_token_at = now
+        index = live.num_output_tokens
         live.num_output_tokens += len(output.new_token_ids)
         done = output.finished if finished is None else finished
         chunk = OutputChunk(
@@ -240,11 +245,12 @@ class EngineWorker:
             logprobs=output.logprobs,
             num_prompt_tokens=output.num_prompt_tokens,
             num_output_tokens=live.num_output_tokens,
+            index=index if output.new_token_ids else None,
             worker_id=self.worker_id,
         )
         if done:
             chunk.timings = self.final_timings(live, now)
-            self.end(output.request_id, "finished")
+            self.end(output.request_id, WorkerEvent.FINISHED)
         self.sender.send(live.request.output_address, chunk)
 
     def final_timings(self, live: LiveRequest, now: float) -> dict[str, float]:
@@ -266,7 +272,7 @@ class EngineWorker:
             return
         if not isinstance(exc, KvrelayError):
             exc = InternalError(self.worker_id)
-        self.end(request_id, "failed")
+        self.end(request_id, WorkerEvent.FAILED)
         self.sender.send(
             request.output_address,
             OutputChunk(
@@ -281,12 +287,12 @@ class EngineWorker:
             ),
         )
 
-    def end(self, request_id: str, event: str) -> None:
+    def end(self, request_id: str, event: WorkerEvent) -> None:
         """Forgets a request here and tells the router (via poll) how it ended."""
         self.live.pop(request_id, None)
         self.note(request_id, event)
 
-    def note(self, request_id: str, event: str) -> None:
+    def note(self, request_id: str, event: WorkerEvent) -> None:
         """Queues news about a request for the router's next poll."""
         with self._events_lock:
             self._events.append((request_id, event))

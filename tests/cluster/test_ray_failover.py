@@ -50,7 +50,7 @@ def submit(cluster, req: GenerateRequest) -> None:
     try:
         ray.get(cluster.router.submit.remote(req))
     except ray.exceptions.RayTaskError as exc:
-        raise_typed(exc)
+        raise_typed(exc, "router")
 
 
 def request(rid, prompt, address, max_tokens):

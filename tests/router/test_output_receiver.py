@@ -135,3 +135,36 @@ def test_wildcard_bind_advertises_an_address_workers_can_connect_to():
 
     address, tokens = asyncio.run(scenario())
     assert "0.0.0.0" not in address and tokens == [9]
+
+
+def test_token_one_delayed_behind_token_two_still_comes_out_in_order_once():
+    """Prefill worker (token 1) and decode worker (tokens 2..) write one stream over two
+    connections: the decode worker's chunks arrive first here, one twice, and one after the
+    final chunk; the queue still holds ' Paris' ',' ' France' in order and one final chunk."""
+
+    async def scenario() -> tuple[list[OutputChunk], int]:
+        receiver = OutputReceiver()
+        await receiver.start()
+        try:
+            queue = receiver.register("r")
+            decode = [OutputChunk("r", [11], text_delta=",", index=1),
+                      OutputChunk("r", [11], text_delta=",", index=1),  # sent twice
+                      OutputChunk("r", [12], text_delta=" France", index=2, finished=True,
+                                  finish_reason="length")]
+            _push_from_thread(receiver.address, [encode(c) for c in decode]).join(timeout=5)
+            await asyncio.sleep(0.2)
+            assert queue.empty()  # nothing can go before token 1
+            late = [OutputChunk("r", [10], text_delta=" Paris", index=0),
+                    OutputChunk("r", finished=True, finish_reason="abort")]  # after the end
+            _push_from_thread(receiver.address, [encode(c) for c in late]).join(timeout=5)
+            got = await _drain(queue, 3)
+            await asyncio.sleep(0.2)
+            assert queue.empty()
+            return got, receiver.dropped
+        finally:
+            await receiver.stop()
+
+    got, dropped = asyncio.run(scenario())
+    assert "".join(c.text_delta for c in got) == " Paris, France"
+    assert [c.index for c in got] == [0, 1, 2] and [c.finished for c in got] == [0, 0, 1]
+    assert dropped == 2
