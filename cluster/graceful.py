@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from types import FrameType
@@ -79,9 +80,34 @@ def stop_cluster(cluster: Cluster, timeout_s: float = STOP_CLUSTER_TIMEOUT_S) ->
     if killing.is_alive():
         log.warning("actors not killed within %.0f s (is the GCS gone?)", timeout_s)
     if cluster.started_ray:
-        # What `ray start --block` does when one of its processes dies: the raylet's workers
-        # exit as soon as their raylet is gone.
-        ray._private.worker._global_node.kill_all_processes(check_alive=False,
-                                                             allow_graceful=False)
+        for pid in _descendants(os.getpid()):
+            _kill(pid)
     elif not killing.is_alive():
         ray.shutdown()
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below `root`: for serve, Ray's GCS, raylet, agents and workers (the
+    agents outlive a killed raylet by seconds, so they are killed too, not waited for)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[-1].split()[1])
+            except (OSError, ValueError, IndexError):  # the process ended while we looked
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -25,6 +25,8 @@ from workers.worker_base import WorkerSpec
 log = logging.getLogger(__name__)
 
 # Calls in flight per worker actor: the router's poll must run while a reserve waits.
+# Actor calls record no task events: the GCS keeps up to 100k of them, and the router's polls
+# and per-request calls made it grow by ~1 MB every few seconds of serving.
 _WORKER_CONCURRENCY = 16
 _ROUTER_CONCURRENCY = 1000
 
@@ -92,6 +94,7 @@ def worker_options(config: ClusterConfig, name: str) -> dict[str, Any]:
         "num_cpus": 0,
         "max_restarts": config.max_worker_restarts,
         "max_concurrency": _WORKER_CONCURRENCY,
+        "enable_task_events": False,
     }
 
 
@@ -148,7 +151,7 @@ def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
     router_cls = ray.remote(Router)
     router = router_cls.options(
         name=f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
-        max_concurrency=_ROUTER_CONCURRENCY, max_restarts=-1,
+        max_concurrency=_ROUTER_CONCURRENCY, max_restarts=-1, enable_task_events=False,
     ).remote(config.router, members)
     health = ray.get(router.start.remote(config.startup_timeout_s),
                      timeout=config.startup_timeout_s + 10)

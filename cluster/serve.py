@@ -12,6 +12,7 @@ flight for up to --drain-timeout seconds, then stops everything (cluster/gracefu
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from router.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from router.router_state import RouterConfig
 from workers.config import CacheConfig, EngineConfig
 from workers.errors import KvrelayError
+from workers.host_memory import return_large_frees_to_os
 from workers.model.model_source import check_model_path, resolve_model_path, served_model_name
 from workers.model.presets import resolve_config_path
 
@@ -114,6 +116,7 @@ def main(argv: list[str]) -> int:
     from cluster.launcher import launch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return_large_frees_to_os()  # a huge prompt's tokenization buffers (workers/host_memory.py)
     try:
         config = build_config(parse_args(argv))
         check_model_path(config.engine.model)
@@ -147,6 +150,10 @@ def serve(config: ClusterConfig, cluster: Cluster) -> None:
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port,
                                     log_level="warning", timeout_graceful_shutdown=2)
     server = GracefulServer(uvicorn_config, app.state.gateway.drain, config.drain_timeout_s)
+    # Start-up's ~230k objects (torch, Ray, FastAPI) live for good: out of the collector's
+    # sight, a full collection no longer stops the event loop for ~160 ms.
+    gc.collect()
+    gc.freeze()
     print(describe(config), flush=True)
     server.run()
 

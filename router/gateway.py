@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from router import http_errors
 from router.body_limit import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
+from router.health_watch import HealthWatch
 from router.request_flow import RequestFlow, new_request_id
 from router.request_models import ChatCompletionRequest, CompletionRequest, SimpleGenerateRequest
 from workers.errors import KvrelayError
@@ -149,6 +150,7 @@ def _add_generation_routes(app: FastAPI, gateway: RequestFlow) -> None:
 
 def _add_status_routes(app: FastAPI, gateway: RequestFlow, max_model_len: int) -> None:
     backend, names, metrics = gateway.backend, gateway.names, gateway.metrics
+    watch = HealthWatch(backend.health)  # probes answered from memory (router/health_watch.py)
 
     async def workers_or_none() -> list[dict[str, Any]]:
         # The gateway's own numbers stay scrapable while the Router is down.
@@ -173,7 +175,7 @@ def _add_status_routes(app: FastAPI, gateway: RequestFlow, max_model_len: int) -
         if gateway.drain.closed:  # shutting down: load balancers should send no more
             return JSONResponse({"status": "shutting_down"}, status_code=503)
         try:
-            state = await backend.health()
+            state = await watch.get()
         except Exception as exc:  # the Router itself is unreachable: not ready, say why
             if not isinstance(exc, KvrelayError):  # Ray's text (pids, addresses): log only
                 log.exception("health check failed")

@@ -65,7 +65,9 @@ class RequestFlow:
     def __init__(self, backend: Backend, tokenizer: Any, names: tuple[str, ...],
                  max_model_len: int, config: GatewayConfig, metrics: MetricsSink | None):
         self.backend = backend
-        self.tokenizer = tokenizer
+        # A prompt past the context is refused as soon as it is tokenized, before its ids
+        # become a Python list (a 5 MB prompt's ~2M ids hold the GIL for ~0.1-0.25 s).
+        self.tokenizer = tokenizer.limited(max_model_len - 1) if tokenizer else tokenizer
         self.names = names
         self.max_model_len = max_model_len
         self.config = config
