@@ -104,8 +104,8 @@ def describe(config: ClusterConfig) -> str:
     url = f"http://{config.host}:{config.port}"
     layout = (f"{config.num_colocated} colocated" if config.colocated
               else f"{config.num_prefill} prefill + {config.num_decode} decode")
-    body = json.dumps({"model": config.model_name, "prompt": "Hello", "max_tokens": 16,
-                       "temperature": 0})
+    body = json.dumps({"model": config.model_name, "prompt": "The capital of France is",
+                       "max_tokens": 16, "temperature": 0})
     return (f"kvrelay serving {config.model_name!r} ({layout}, kv transport "
             f"{config.kv_transport}) at {url}\n"
             f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'")

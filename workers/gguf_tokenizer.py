@@ -67,9 +67,8 @@ def read_gguf_tokenizer(gguf: GGUFFile) -> TokenizerSource:
     tokens: list[str] = gguf.require("tokenizer.ggml.tokens")
     backend = _byte_level_bpe(gguf, tokens)
     metadata = gguf.metadata
-    bos_id, eos_id = metadata.get("tokenizer.ggml.bos_token_id"), metadata.get(
-        "tokenizer.ggml.eos_token_id"
-    )
+    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+    eos_id = metadata.get("tokenizer.ggml.eos_token_id")
     if metadata.get("tokenizer.ggml.add_bos_token", False) and bos_id is not None:
         bos = tokens[bos_id]
         backend.post_processor = processors.TemplateProcessing(

@@ -11,6 +11,10 @@ from tests.smollm2 import CHAT_QUESTION, MAX_TOKENS, PLAIN_PROMPTS, reference, s
 from workers import generate_cli
 from workers.tokenizer import Tokenizer
 
+# The first test to ask for the transformers reference loads the GGUF file through the gguf
+# package's reader: ~25 s on 2 idle cores, minutes on 2 busy ones.
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
