@@ -35,7 +35,7 @@ class ScriptedWorker:
                                          finished=i == n - 1,
                                          finish_reason="length" if i == n - 1 else None)))
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
         pass
 
     async def health(self) -> dict[str, Any]:

@@ -68,9 +68,9 @@ class CoreBackend:
         await self._ensure_started()
         await self.core.submit(request)
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
         await self._ensure_started()
-        await self.core.abort(request_id)
+        await self.core.abort(request_id, deadline_s)
 
     async def health(self) -> dict[str, Any]:
         await self._ensure_started()
@@ -103,7 +103,7 @@ class ScriptedBackend:
         for chunk in self.script:
             sock.send(encode(dataclasses.replace(chunk, request_id=request.request_id)))
 
-    async def abort(self, request_id: str) -> None:
+    async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
         self.aborted.append(request_id)
 
     async def health(self) -> dict[str, Any]:
