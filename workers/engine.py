@@ -9,6 +9,11 @@ Disaggregation (EngineConfig.role): a prefill-role engine ends a request after i
 token with finish_reason 'prefill_done' and holds its blocks until `release`; a
 decode-role engine `reserve_remote`s blocks before the prefill starts and `commit_remote`s
 the sequence once the prompt's KV has landed in them.
+
+Continuation (a request migrated after its worker was lost): `add_request` and
+`reserve_remote` take the output the client already got; the sequence starts with those
+tokens as output (prefilled with the prompt, counted for stop strings, max_tokens, penalties
+and the seeded sampler's position) and its text as already sent.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from workers.model_runner import ModelRunner
 from workers.outputs import RequestMetrics, RequestOutput
 from workers.parallel import ParallelContext
 from workers.request_text import RequestText, load_tokenizer
-from workers.sampler import Sampler, SamplingRow
+from workers.sampler import Sampler, SamplingRow, position_seed
 from workers.sampling_params import SamplingParams
 from workers.scheduler import ScheduledBatch, Scheduler
 from workers.sequence import Sequence, SequenceStatus, SequenceTimes
@@ -103,10 +108,14 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         priority: int = 0,
+        output_token_ids: Seq[int] = (),
+        sent_text_len: int = 0,
     ) -> None:
-        """Queues a request. Raises a typed error (nothing is queued) for bad input."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, priority)
-        self._admit(seq)
+        """Queues a request (a continuation: with the output the client already got, see
+        the module doc). Raises a typed error (nothing is queued) for bad input."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, priority,
+                                 output_token_ids)
+        self._admit(seq, sent_text_len)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str, hold_blocks: bool = False) -> None:
@@ -175,18 +184,19 @@ class LLMEngine:
 
     def reserve_remote(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        priority: int = 0,
+        priority: int = 0, output_token_ids: Seq[int] = (), sent_text_len: int = 0,
     ) -> list[int]:
-        """Decode role: allocates blocks for the prompt plus the first token's slot and
-        returns their ids (the prefill worker writes the prompt's KV there). Raises
-        NoCapacity when the pool is short, or the typed input errors of add_request.
-        `priority` ranks the sequence once it runs (preemption order)."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, priority)
-        needed = blocks_for(seq.num_prompt_tokens + 1, self.pool.block_size)
+        """Decode role: allocates blocks for the prompt (and a continuation's known output)
+        plus the next token's slot and returns their ids (the prefill worker writes the KV
+        there). Raises NoCapacity when the pool is short, or the typed input errors of
+        add_request. `priority` ranks the sequence once it runs (preemption order)."""
+        seq = self._new_sequence(request_id, prompt_token_ids, params, priority,
+                                 output_token_ids)
+        needed = blocks_for(seq.num_tokens + 1, self.pool.block_size)
         if not self.pool.can_allocate(needed):
             raise NoCapacity(needed_blocks=needed, free_blocks=self.pool.num_free)
-        self._admit(seq)
-        self.pool.append_slots(seq.block_table, seq.num_prompt_tokens + 1)
+        self._admit(seq, sent_text_len)
+        self.pool.append_slots(seq.block_table, seq.num_tokens + 1)
         seq.status = SequenceStatus.RESERVED
         return list(seq.block_table)
 
@@ -200,7 +210,7 @@ class LLMEngine:
             raise UnknownTokenIds([first_token_id], self.model_config.vocab_size)
         now = time.monotonic()
         seq.times.first_scheduled = seq.times.first_token = now
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = seq.num_tokens
         seq.output_token_ids.append(first_token_id)
         text = self._texts.get(request_id)
         if text is not None:
@@ -211,7 +221,8 @@ class LLMEngine:
     # ---- internals ------------------------------------------------------------------------
 
     def _new_sequence(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+        priority: int, output_token_ids: Seq[int] = (),
     ) -> Sequence:
         """Validates a request (raising typed errors, changing nothing) into a Sequence."""
         if request_id in self._seqs:
@@ -219,11 +230,12 @@ class LLMEngine:
         if not prompt_token_ids:
             raise EmptyPrompt()
         vocab = self.model_config.vocab_size
-        bad = [t for t in prompt_token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        known = [*prompt_token_ids, *output_token_ids]
+        bad = [t for t in known if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise UnknownTokenIds(bad, vocab)
-        if len(prompt_token_ids) > self.max_model_len:
-            raise PromptTooLong(length=len(prompt_token_ids), max=self.max_model_len)
+        if len(known) > self.max_model_len:
+            raise PromptTooLong(length=len(known), max=self.max_model_len)
         bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidParameter("stop_token_ids", f"token ids {bad[:8]} are outside the "
@@ -240,15 +252,18 @@ class LLMEngine:
             arrival_index=next(self._arrivals),
             times=SequenceTimes(arrival=time.monotonic()),
             priority=priority,
+            output_token_ids=list(output_token_ids),
         )
 
-    def _admit(self, seq: Sequence) -> None:
+    def _admit(self, seq: Sequence, sent_text_len: int = 0) -> None:
         self._seqs[seq.seq_id] = seq
         if self.tokenizer is not None:
-            self._texts[seq.seq_id] = RequestText(self.tokenizer, seq)
-        if seq.params.seed is not None:
-            generator = torch.Generator(device=self.runner.device)
-            self._generators[seq.seq_id] = generator.manual_seed(seq.params.seed)
+            text = self._texts[seq.seq_id] = RequestText(self.tokenizer, seq)
+            for token_id in seq.output_token_ids:  # a continuation: the text so far
+                text.add(token_id)
+            text.sent = min(sent_text_len, len(text.text))
+        if seq.params.seed is not None:  # seeded per draw (`_seeded_generator`)
+            self._generators[seq.seq_id] = torch.Generator(device=self.runner.device)
 
     def _prefill_spans(self, batch: ScheduledBatch) -> list[PrefillSpan]:
         """The prompt tokens each sequence computes this step, with its block table."""
@@ -256,7 +271,7 @@ class LLMEngine:
         starts = batch.step.query_start_loc
         for i, (seq, count) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = batch.step.positions[starts[i]]
-            end = min(start + count, seq.num_prompt_tokens)
+            end = min(start + count, seq.num_tokens)  # a continuation: its known output too
             if start < end:
                 spans.append(PrefillSpan(seq.seq_id, start, end, list(seq.block_table)))
         return spans
@@ -277,13 +292,21 @@ class LLMEngine:
                 params=seq.params,
                 prompt_token_ids=seq.prompt_token_ids,
                 output_token_ids=seq.output_token_ids,
-                generator=self._generators.get(seq.seq_id),
+                generator=self._seeded_generator(seq),
                 banned_token_ids=self.stop_checker.banned_token_ids(seq),
             )
             for seq in batch.sampled
         ]
         out = self.sampler(logits, rows)
         return out.token_ids, out.logprobs
+
+    def _seeded_generator(self, seq: Sequence) -> torch.Generator | None:
+        """A seeded sequence's generator, seeded for the token it draws now (its output
+        position), so a continuation on another worker draws what the original would have."""
+        generator = self._generators.get(seq.seq_id)
+        if generator is not None:
+            generator.manual_seed(position_seed(seq.params.seed, seq.num_output_tokens))
+        return generator
 
     def _after_token(self, seq: Sequence, logprob: dict | None) -> RequestOutput:
         """Stop checks, text, and the role's finish rule for a sequence's newest token."""

@@ -4,7 +4,10 @@ Order of processing, per row: penalties (repetition on prompt + output, presence
 on output) -> banned tokens (EOS/stop ids before min_tokens) -> greedy argmax, or
 temperature -> top-k -> top-p -> min-p -> a draw from the row's own `torch.Generator`.
 A seeded request owns its generator, so its tokens do not depend on what else is in the
-batch. The draw is `argmax(p / E)` with E ~ Exp(1) (an exact sample of p, one RNG call per
+batch; the engine seeds it before each draw from (seed, output position) (`position_seed`),
+so the draw for token k is the same whatever came before it, on any worker: a request
+continued elsewhere after its worker was lost (a migration) draws what the original would
+have. The draw is `argmax(p / E)` with E ~ Exp(1) (an exact sample of p, one RNG call per
 row). Logprobs are of the raw model distribution (as vLLM's default), top-n per row.
 """
 
@@ -18,6 +21,17 @@ import torch
 from workers.sampling_params import SamplingParams
 
 inf = float("inf")
+
+_MASK64 = (1 << 64) - 1
+
+
+def position_seed(seed: int, position: int) -> int:
+    """The generator seed for output token `position` of a request seeded with `seed`:
+    splitmix64 of both, so neighbouring positions and seeds give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 @dataclass
