@@ -75,6 +75,13 @@ class GatewayMetrics:
         self.prompt_tokens = Counter("kvrelay_prompt_tokens", "Prompt tokens", registry=r)
         self.output_tokens = Counter("kvrelay_generation_tokens", "Generated tokens",
                                      registry=r)
+        self.migrations = Counter("kvrelay_migrations",
+                                  "Requests continued on a live worker after theirs was lost",
+                                  registry=r)
+        self.migration_added = Histogram("kvrelay_migration_added_seconds",
+                                         "Stall of a migrated stream: last token before the "
+                                         "loss to the first after it",
+                                         buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("kvrelay_gateway_requests_in_flight",
                                "Requests admitted and not yet finished", registry=r)
         self._worker_gauges: dict[str, Gauge] = {}
@@ -84,7 +91,8 @@ class GatewayMetrics:
         # kv_ready_delay sum and count let a client take means over any interval (deltas).
         self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "kv_transfer_bytes": 0.0,
                         "kv_transfer_seconds": 0.0, "kv_ready_delay_seconds": 0.0,
-                        "kv_ready_delay_count": 0}
+                        "kv_ready_delay_count": 0, "migrations": 0,
+                        "migration_added_seconds": 0.0}
         self._in_flight = 0
 
     def request_done(self, endpoint: str, status: int) -> None:
@@ -134,6 +142,14 @@ class GatewayMetrics:
             self.transfer_seconds.inc(seconds)
             self._totals["kv_transfer_bytes"] += moved
             self._totals["kv_transfer_seconds"] += seconds
+
+    def migrated(self, added_s: float) -> None:
+        """A stream continued on a live worker, `added_s` after its last token before the
+        worker was lost (router/stream_resume.py)."""
+        self.migrations.inc()
+        self.migration_added.observe(added_s)
+        self._totals["migrations"] += 1
+        self._totals["migration_added_seconds"] += added_s
 
     def render(self, worker_metrics: list[dict[str, Any]]) -> bytes:
         """The Prometheus text exposition, with the workers' numbers as of now."""

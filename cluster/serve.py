@@ -69,6 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode-policy", default="kv_capacity")
     p.add_argument("--local-prefill-max-tokens", type=int, default=0,
                    help="prompts this short skip remote prefill (conditional disaggregation)")
+    p.add_argument("--no-migration", action="store_true",
+                   help="a request whose worker is lost ends with an error (WorkerLost) instead "
+                        "of continuing on a live worker")
     return p.parse_args(argv)
 
 
@@ -87,7 +90,8 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     )
     router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,
                           decode_policy=args.decode_policy, block_size=args.block_size,
-                          local_prefill_max_tokens=args.local_prefill_max_tokens)
+                          local_prefill_max_tokens=args.local_prefill_max_tokens,
+                          max_migrations=0 if args.no_migration else RouterConfig.max_migrations)
     name = args.served_model_name or served_model_name(args.model or args.dummy_config)
     return ClusterConfig(
         engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,

@@ -41,8 +41,13 @@ class Backend(Protocol):
         """Places the request; its chunks then arrive at `request.output_address`. Raises
         QueueFull, NoReadyWorker, NoCapacity or another typed error (workers/errors.py)."""
 
-    async def abort(self, request_id: str) -> None:
-        """Ends the request everywhere and frees its blocks; idempotent."""
+    async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
+        """Ends the request everywhere and frees its blocks; idempotent. `deadline_s`: it
+        ended because its deadline passed (not because the client left)."""
+
+    async def resume(self, request: GenerateRequest) -> None:
+        """Places the continuation of a request whose worker was lost, which the router asked
+        for with a `Resume` (router/stream_resume.py); a failure ends it with an error chunk."""
 
     async def health(self) -> dict[str, Any]:
         """`{"workers": {role: {"ready": int, "known": int}}, ...}`."""
@@ -59,6 +64,7 @@ class MetricsSink(Protocol):
     def tokens(self, prompt: int, output: int) -> None: ...
     def latency(self, ttft_s: float | None, e2e_s: float, num_output_tokens: int) -> None: ...
     def phases(self, timings: dict[str, float]) -> None: ...
+    def migrated(self, added_s: float) -> None: ...
     def render(self, worker_metrics: list[dict[str, Any]]) -> bytes: ...
     def snapshot(self, worker_metrics: list[dict[str, Any]]) -> dict[str, Any]: ...
 

@@ -10,11 +10,20 @@ life (`holders`), so a request that ended frees exactly the workers still holdin
     QUEUED --Placed(one worker runs it whole)--> DECODING
     PREFILLING --FirstToken--> TRANSFERRING --KvLanded--> DECODING (the prefill worker let go)
     any live --Finished / Failed (that worker ended it)--> FINISHED / FAILED
-    any live --LostWorker(holder)--> FAILED, or DECODING if the KV had already landed
+    any live --LostWorker(holder)--> MIGRATING (Migrate), or DECODING if the KV had already
+             landed, or FAILED (WorkerLost) once `max_migrations` are spent
+    MIGRATING --Reserved / Placed(whole) of the continuation--> RESERVED / DECODING
+    any live --PlacementFailed (a continuation found no worker)--> FAILED
     any live --ClientGone--> ABORTED;  --DeadlinePassed--> FAILED
 
-MIGRATING is reserved for continuing a stream on another worker after a loss (issue 13's
-failover); nothing enters it yet.
+Migration (docs/contracts.md "Migration"): the router owns the decision, the gateway the
+tokens. A lost holder moves the request to MIGRATING: the other holders let go and the
+`Migrate` action asks the gateway (a `Resume` on the request's output channel) to submit a
+continuation, the prompt plus every output token the client got, which placement takes like
+a new request as attempt `migrations`. Each placement is one attempt; events of a placement
+or a worker name their attempt, and those of an earlier one (a worker that was let go, a
+placement that was still running when the loss came) are refused as stale. The final chunk
+is still sent once: by the worker that ends the last attempt, or by the router.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ class Phase(str, enum.Enum):
     DECODING = "decoding"
     """One worker holds everything it needs and streams the rest."""
     MIGRATING = "migrating"
+    """A holder was lost; the gateway is asked for a continuation, nobody holds anything."""
     FINISHED = "finished"
     FAILED = "failed"
     ABORTED = "aborted"
@@ -49,13 +59,20 @@ class Phase(str, enum.Enum):
 # ---- events (what the router learns) ---------------------------------------------------
 
 @dataclass(frozen=True)
-class Reserved:
+class OfAttempt:
+    """An event about one placement of the request; refused unless of the current one."""
+
+    attempt: int = field(default=0, kw_only=True)
+
+
+@dataclass(frozen=True)
+class Reserved(OfAttempt):
     worker: str
     """The decode worker that reserved blocks."""
 
 
 @dataclass(frozen=True)
-class Placed:
+class Placed(OfAttempt):
     worker: str
     whole: bool = False
     """True: this worker runs the request whole (colocated, or a decode worker prefilling a
@@ -63,25 +80,25 @@ class Placed:
 
 
 @dataclass(frozen=True)
-class FirstToken:
+class FirstToken(OfAttempt):
     worker: str
     """The prefill worker: token 1 streamed, the last of the KV on its way."""
 
 
 @dataclass(frozen=True)
-class KvLanded:
+class KvLanded(OfAttempt):
     worker: str
     """The prefill worker: its KV landed on the decode worker; it let go of the request."""
 
 
 @dataclass(frozen=True)
-class Finished:
+class Finished(OfAttempt):
     worker: str
     """That worker sent the final chunk (stop or length)."""
 
 
 @dataclass(frozen=True)
-class Failed:
+class Failed(OfAttempt):
     worker: str
     """That worker sent an error as the final chunk."""
 
@@ -91,6 +108,12 @@ class LostWorker:
     worker: str
     kv_landed: bool = False
     """For a lost prefill worker: its KV had landed on the decode worker before it died."""
+
+
+@dataclass(frozen=True)
+class PlacementFailed(OfAttempt):
+    error: KvrelayError
+    """Why no worker took a continuation (NoReadyWorker, NoCapacity, ...)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +128,7 @@ class DeadlinePassed:
 
 
 Event = Reserved | Placed | FirstToken | KvLanded | Finished | Failed | LostWorker | \
-    ClientGone | DeadlinePassed
+    PlacementFailed | ClientGone | DeadlinePassed
 
 
 # ---- actions (what the router does) ----------------------------------------------------
@@ -123,16 +146,26 @@ class SendFinal:
     error: KvrelayError | None = None
 
 
-Action = Abort | SendFinal
+@dataclass(frozen=True)
+class Migrate:
+    attempt: int
+    """Ask the gateway for a continuation as this attempt (router/migration.py)."""
+    lost_worker: str
+    lost_in: Phase
+
+
+Action = Abort | SendFinal | Migrate
 
 
 class WorkerLost(KvrelayError):
-    """The worker serving a request died (or restarted) before the request finished."""
+    """The worker serving a request died (or restarted) before the request finished, and
+    the request could not migrate (migration off, or `migrations` already spent)."""
 
-    def __init__(self, worker_id: str, phase: str):
+    def __init__(self, worker_id: str, phase: str, migrations: int = 0, detail: str = ""):
         self.worker_id = worker_id
         self.phase = phase
-        super().__init__(f"worker {worker_id} was lost while the request was {phase}")
+        self.migrations = migrations
+        super().__init__(f"worker {worker_id} was lost while the request was {phase}{detail}")
 
 
 class IllegalEvent(KvrelayError):
@@ -155,10 +188,19 @@ class RequestLife:
     """The one worker that runs the request whole, if so."""
     holders: set[str] = field(default_factory=set)
     """Workers that hold state for the request (blocks, a transfer, a live sequence)."""
+    max_migrations: int = 0
+    """How many lost workers the request may survive (0: migration off)."""
+    migrations: int = 0
+    """Migrations so far: the current attempt."""
+    last_loss: Migrate | None = None
+    """The loss that began the current migration."""
 
     def apply(self, event: Event) -> list[Action]:
         """Moves to the event's phase and returns what the router must do; raises
-        IllegalEvent (nothing changed) for an event that does not fit."""
+        IllegalEvent (nothing changed) for an event that does not fit, or of an earlier
+        attempt."""
+        if isinstance(event, OfAttempt) and event.attempt != self.migrations:
+            raise IllegalEvent(self.request_id, self.phase, event)
         handler = getattr(self, f"_on_{type(event).__name__}")
         actions = handler(event)
         if actions is None:
@@ -166,14 +208,14 @@ class RequestLife:
         return actions
 
     def _on_Reserved(self, event: Reserved) -> list[Action] | None:
-        if self.phase is not Phase.QUEUED:
+        if self.phase not in (Phase.QUEUED, Phase.MIGRATING):
             return None
         self.phase, self.decode = Phase.RESERVED, event.worker
         self.holders.add(event.worker)
         return []
 
     def _on_Placed(self, event: Placed) -> list[Action] | None:
-        if event.whole and self.phase is Phase.QUEUED:
+        if event.whole and self.phase in (Phase.QUEUED, Phase.MIGRATING):
             self.phase, self.whole = Phase.DECODING, event.worker
         elif not event.whole and self.phase is Phase.RESERVED:
             self.phase, self.prefill = Phase.PREFILLING, event.worker
@@ -217,10 +259,29 @@ class RequestLife:
         if event.worker == self.prefill and event.kv_landed and \
                 self.phase in (Phase.PREFILLING, Phase.TRANSFERRING):
             return self._on_KvLanded(KvLanded(event.worker))  # the decode worker goes on
-        lost_in = self.phase.value
+        lost_in = self.phase
         self.holders.discard(event.worker)
+        if self.migrations < self.max_migrations:
+            self.migrations += 1
+            self.phase = Phase.MIGRATING
+            self.prefill = self.decode = self.whole = None
+            self.last_loss = Migrate(self.migrations, event.worker, lost_in)
+            return [*self._release(), self.last_loss]
         self.phase = Phase.FAILED
-        return [*self._release(), SendFinal("error", WorkerLost(event.worker, lost_in))]
+        spent = f" ({self.migrations} migration(s) before, the most allowed)" \
+            if self.migrations else ""
+        error = WorkerLost(event.worker, lost_in.value, self.migrations, spent)
+        return [*self._release(), SendFinal("error", error)]
+
+    def _on_PlacementFailed(self, event: PlacementFailed) -> list[Action] | None:
+        """The continuation found no worker: WorkerLost for the loss that began it."""
+        if self.phase.terminal or self.last_loss is None:
+            return None
+        self.phase = Phase.FAILED
+        loss = self.last_loss
+        error = WorkerLost(loss.lost_worker, loss.lost_in.value, self.migrations,
+                           f"; continuing it on another worker failed: {event.error}")
+        return [*self._release(), SendFinal("error", error)]
 
     def _on_ClientGone(self, event: ClientGone) -> list[Action] | None:
         if self.phase.terminal:
@@ -235,6 +296,10 @@ class RequestLife:
         return [*self._release(), SendFinal("error", RequestTimeout(event.timeout_s))]
 
     def _release(self, keep: str | None = None) -> list[Action]:
-        actions = [Abort(w) for w in sorted(self.holders) if w != keep]
+        """Aborts for every holder but `keep`: the prefill worker first, so its transfer ends
+        as aborted, not as failed by a decode worker that let go of the blocks first."""
+        order = [w for w in (self.prefill, self.decode, self.whole) if w in self.holders]
+        order += sorted(self.holders - set(order))
+        actions = [Abort(w) for w in order if w != keep]
         self.holders.clear()
         return actions

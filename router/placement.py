@@ -4,8 +4,10 @@ Disaggregated: a decode worker reserves blocks first (policy order, waiting a wh
 are full), then a prefill worker computes and ships the KV into that reservation; if no
 prefill worker takes it, the reservation is given back. Colocated, or a prompt short enough
 for conditional disaggregation: one worker runs it whole. Each worker that takes the request
-is recorded in its RequestLife (Reserved, Placed) through `took`, which tells the worker to
-let go instead if the request ended (aborted) while placement awaited it.
+is recorded in its RequestLife (Reserved, Placed, of the placed request's attempt) through
+`took`, which tells the worker to let go instead if the life refuses (the request ended, or
+migrated to a newer attempt, while placement awaited the worker). A continuation (after a
+migration, router/migration.py) is placed the same way.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from router.policies import RoutingPolicy, WorkerLoad
 from router.router_state import InFlight, RouterConfig, WorkerState
 from router.worker_handle import WorkerGone
 from workers.errors import NoCapacity, NoReadyWorker
+from workers.protocol import GenerateRequest
 
 Call = Callable[..., Awaitable]
-Took = Callable[[InFlight, str, Event], Awaitable[bool]]
+Took = Callable[[InFlight, GenerateRequest, str, Event], Awaitable[bool]]
 
 
 class Placement:
@@ -38,49 +41,56 @@ class Placement:
         self._took = took
 
     async def place(self, entry: InFlight) -> None:
-        """Raises NoReadyWorker, NoCapacity or a worker's typed refusal."""
+        """Places `entry.request` (this attempt); raises NoReadyWorker, NoCapacity or a
+        worker's typed refusal."""
+        request = entry.request
         if self._count("colocated"):
-            await self._place_whole(entry, "colocated")
+            await self._place_whole(entry, request, "colocated")
             return
-        if len(entry.request.prompt_token_ids) <= self.config.local_prefill_max_tokens:
-            await self._place_whole(entry, "decode")
+        if request.num_known_tokens <= self.config.local_prefill_max_tokens:
+            await self._place_whole(entry, request, "decode")
             return
         if not self._ready("prefill"):  # before a decode worker reserves anything
             raise NoReadyWorker("prefill", self._count("prefill"))
-        decode = await self._reserve_decode(entry)
-        if decode is None or not await self._took(entry, decode, Reserved(decode)):
+        reserved = await self._reserve_decode(entry, request)
+        if reserved is None:
+            return
+        decode, dest = reserved
+        if not await self._took(entry, request, decode, Reserved(decode,
+                                                                 attempt=request.attempt)):
             return
         try:
-            prefill = await self._first_that_takes("prefill", entry, "prefill", entry.dest)
+            prefill = await self._first_that_takes("prefill", entry, "prefill", request, dest)
         except BaseException:
-            await self._call_quietly(decode, "abort", entry.request_id)
+            await self._call_quietly(decode, "abort", request.attempt_id)
             raise
-        await self._took(entry, prefill, Placed(prefill))
+        await self._took(entry, request, prefill, Placed(prefill, attempt=request.attempt))
 
-    async def _place_whole(self, entry: InFlight, role: str) -> None:
+    async def _place_whole(self, entry: InFlight, request: GenerateRequest, role: str) -> None:
         """One worker runs the whole request: colocated, or a decode worker prefilling a
         short prompt itself (conditional disaggregation)."""
-        worker_id = await self._first_that_takes(role, entry, "submit")
-        await self._took(entry, worker_id, Placed(worker_id, whole=True))
+        worker_id = await self._first_that_takes(role, entry, "submit", request)
+        await self._took(entry, request, worker_id,
+                         Placed(worker_id, whole=True, attempt=request.attempt))
 
-    async def _reserve_decode(self, entry: InFlight) -> str | None:
+    async def _reserve_decode(self, entry: InFlight,
+                              request: GenerateRequest) -> tuple[str, dict] | None:
         """Asks decode workers (policy order) to reserve blocks, waiting a while if all are
-        full; records the destination the prefill worker writes to. None: the request
-        ended while waiting."""
+        full. Returns the worker and its reservation (block ids, KV receiver address: where
+        the prefill worker writes); None: the request ended or migrated while waiting."""
         deadline = time.monotonic() + self.config.capacity_wait_s
-        while not entry.life.phase.terminal:
+        while not entry.life.phase.terminal and entry.request is request:
             refusal: NoCapacity | None = None
             for worker_id in self._order("decode", entry):
                 try:
-                    dest = await self._call(worker_id, "reserve", entry.request)
+                    dest = await self._call(worker_id, "reserve", request)
                 except NoCapacity as exc:
                     refusal = exc
                     continue
                 except WorkerGone:
                     continue
-                entry.dest = dest
                 self._attach(worker_id, entry)
-                return worker_id
+                return worker_id, dest
             if refusal is None:
                 raise NoReadyWorker("decode", self._count("decode"))
             if time.monotonic() > deadline:
@@ -88,10 +98,11 @@ class Placement:
             await asyncio.sleep(self.config.poll_interval_s / 4)
         return None
 
-    async def _first_that_takes(self, role: str, entry: InFlight, method: str, *args) -> str:
+    async def _first_that_takes(self, role: str, entry: InFlight, method: str,
+                                request: GenerateRequest, *args) -> str:
         for worker_id in self._order(role, entry):
             try:
-                await self._call(worker_id, method, entry.request, *args)
+                await self._call(worker_id, method, request, *args)
             except WorkerGone:
                 continue
             self._attach(worker_id, entry)

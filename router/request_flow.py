@@ -35,6 +35,7 @@ from router.openai_protocol import (
     sampling_fields,
 )
 from router.output_receiver import OutputReceiver
+from router.stream_resume import StreamResume
 from workers.errors import (
     EmptyPrompt,
     KvrelayError,
@@ -146,10 +147,12 @@ class RequestFlow:
         self.drain.check_open()
         self.admission.admit()
         self._count_in_flight()
-        call.queue = self.receiver.register(call.request_id)
-        self.drain.add(call.request_id, call)
         request = GenerateRequest(call.request_id, call.prompt_ids, call.sampling,
                                   self.receiver.address, call.body.priority, call.arrival)
+        # After a worker loss the router asks for a continuation (router/stream_resume.py).
+        call.queue = self.receiver.register(
+            call.request_id, StreamResume(self.backend, request, self.metrics))
+        self.drain.add(call.request_id, call)
         try:
             await asyncio.wait_for(self.backend.submit(request), call.deadline - time.time())
         except BaseException as exc:
@@ -262,7 +265,7 @@ class RequestFlow:
         e2e = time.time() - call.arrival
         self.admission.release(e2e if status == 200 else None)
         if call.final is None:
-            self._abort_soon(call.request_id)
+            self._abort_soon(call.request_id, call.timeout_s if status == 504 else None)
         self._count_in_flight()
         if self.metrics is None:
             return
@@ -273,18 +276,19 @@ class RequestFlow:
             self.metrics.latency(ttft, e2e, call.num_output)
             self.metrics.phases(call.final.timings if call.final else {})
 
-    def _abort_soon(self, request_id: str) -> None:
+    def _abort_soon(self, request_id: str, deadline_s: float | None = None) -> None:
         # A task, not an await: this runs in `finally` blocks of cancelled handlers.
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # a stream finalized after its loop stopped: the server is gone
             log.warning("no event loop left to abort %s", request_id)
             return
-        self.drain.track_abort(loop.create_task(self._abort(request_id)))
+        self.drain.track_abort(loop.create_task(self._abort(request_id, deadline_s)))
 
-    async def _abort(self, request_id: str) -> None:
+    async def _abort(self, request_id: str, deadline_s: float | None) -> None:
         try:
-            await self.backend.abort(request_id)
+            # With a deadline the router ends it as DeadlinePassed, not as a client gone.
+            await self.backend.abort(request_id, deadline_s)
         except Exception:  # the request is gone from the gateway either way
             log.exception("abort of %s failed", request_id)
 

@@ -61,6 +61,15 @@ class Router:
             log.exception("placing %s failed", request.request_id)
             raise RemoteError(to_wire(InternalError("router"))) from None
 
+    async def resume(self, request: GenerateRequest) -> None:
+        """A gateway's continuation of a request that migrates (router/migration.py)."""
+        await self._running()
+        try:
+            await self.core.resume(request)
+        except Exception:
+            log.exception("resuming %s failed", request.request_id)
+            raise RemoteError(to_wire(InternalError("router"))) from None
+
     async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
         await self._running()
         await self.core.abort(request_id, deadline_s)
@@ -76,7 +85,7 @@ class Router:
         core = self.core
         return {"in_flight": len(core.requests), "finished": core.num_finished,
                 "failed": core.num_failed,
-                "aborted_in_phase": dict(core.aborted_in_phase)}
+                "aborted_in_phase": dict(core.aborted_in_phase), **core.migration.stats()}
 
 
 class RayBackend:
@@ -88,6 +97,10 @@ class RayBackend:
 
     async def submit(self, request: GenerateRequest) -> None:
         await _unwrap(self.router.submit.remote(request))
+
+    async def resume(self, request: GenerateRequest) -> None:
+        """A continuation the router asked for (a `Resume` on the output channel)."""
+        await _unwrap(self.router.resume.remote(request))
 
     async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
         """The client left (or, with `deadline_s`, the request's deadline passed)."""

@@ -4,13 +4,15 @@
 router/worker_handle.py), so it runs in tests without Ray. Each request's life is a pure state
 machine (router/lifecycle.py): the core feeds it events (placement, worker news, a lost
 worker, the client leaving) and carries out the actions it returns (tell a worker to let go,
-write the final chunk). Placement (router/placement.py) picks a decode worker that reserves
+write the final chunk, migrate). KV pairs between prefill and decode workers are
+router/kv_pairs.py's. Placement (router/placement.py) picks a decode worker that reserves
 blocks, then a prefill worker that computes and ships the KV, or one worker for the whole
 request. A monitor task polls every worker: the poll is the liveness ping and carries the
 workers' news. A worker that stops answering is dropped; its requests go on where they can (a
-prefill worker died after its KV landed on the decode worker) and otherwise end with a clear
-error chunk. A worker that answers again (Ray restarted it: a new incarnation) is admitted
-again.
+prefill worker died after its KV landed on the decode worker), migrate to a live worker
+(router/migration.py) or else end with a clear error chunk. A worker that answers again (Ray
+restarted it: a new incarnation) is admitted again. Workers are told which placement
+(`GenerateRequest.attempt_id`) to let go of, and their news names its attempt.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import time
 from collections import Counter
 
+from router.kv_pairs import KvPairs
 from router.lifecycle import (
     Abort,
     Action,
@@ -32,10 +35,12 @@ from router.lifecycle import (
     IllegalEvent,
     KvLanded,
     LostWorker,
+    Migrate,
     Phase,
     RequestLife,
     SendFinal,
 )
+from router.migration import Migration
 from router.placement import Placement
 from router.policies import blocks_needed, make_policy
 from router.router_state import InFlight, RouterConfig, WorkerState
@@ -68,6 +73,8 @@ class RouterCore:
         }
         self.placement = Placement(config, self.workers, self.requests, policies, self._call,
                                    self._took)
+        self.migration = Migration(self.sender, self.placement, self._apply, config.block_size)
+        self.pairs = KvPairs(self.workers, self._call)
         self._monitor: asyncio.Task | None = None
         self.num_finished = 0
         self.num_failed = 0
@@ -116,7 +123,7 @@ class RouterCore:
         num_prompt = len(request.prompt_token_ids)
         entry = InFlight(
             request,
-            RequestLife(request.request_id),
+            RequestLife(request.request_id, max_migrations=self.config.max_migrations),
             tokens=num_prompt + params.max_tokens,
             blocks=blocks_needed(num_prompt, self.config.block_size),
         )
@@ -126,6 +133,10 @@ class RouterCore:
         except BaseException:
             self._forget(request.request_id)
             raise
+
+    async def resume(self, request: GenerateRequest) -> None:
+        """The gateway's continuation of a migrating request (router/migration.py)."""
+        await self.migration.resume(self.requests.get(request.request_id), request)
 
     async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
         """Ends a request wherever it is (the client left, or its deadline of `deadline_s`
@@ -137,17 +148,17 @@ class RouterCore:
         await self._apply(entry, ClientGone() if deadline_s is None else
                           DeadlinePassed(deadline_s))
 
-    async def _apply(self, entry: InFlight, event: Event) -> None:
-        """Feeds one event to the request's life and carries out its actions. The request
-        leaves the table at once when its life ends (before any await), so placement and
-        later news see it gone."""
+    async def _apply(self, entry: InFlight, event: Event) -> bool:
+        """Feeds one event to the request's life and carries out its actions; False if the
+        life refused it. The request leaves the table at once when its life ends (before any
+        await), so placement and later news see it gone."""
         life = entry.life
         holders = set(life.holders)
         try:
             actions = life.apply(event)
         except IllegalEvent as err:
             log.debug("%s", err)
-            return
+            return False
         for worker_id in holders - life.holders:
             if worker_id in self.workers:
                 self.workers[worker_id].requests.discard(entry.request_id)
@@ -156,23 +167,27 @@ class RouterCore:
             self.num_finished += life.phase is Phase.FINISHED
             self.num_failed += life.phase is Phase.FAILED
         await self._act(entry, actions)
+        return True
 
     async def _act(self, entry: InFlight, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Abort):
-                await self._call_quietly(action.worker, "abort", entry.request_id)
+                await self._call_quietly(action.worker, "abort", entry.request.attempt_id)
             elif isinstance(action, SendFinal):
                 self._send_final(entry, action.reason, action.error)
+            elif isinstance(action, Migrate):
+                self.migration.begin(entry, action)
 
-    async def _took(self, entry: InFlight, worker_id: str, event: Event) -> bool:
-        """Placement: `worker_id` took the request. False if the request ended meanwhile
-        (the worker is told to let go)."""
-        if entry.life.phase.terminal:
+    async def _took(self, entry: InFlight, request: GenerateRequest, worker_id: str,
+                    event: Event) -> bool:
+        """Placement: `worker_id` took `request` (one attempt). False if the life refused
+        it (the request ended or migrated meanwhile): the worker is told to let go."""
+        if await self._apply(entry, event):
+            return True
+        if worker_id not in entry.life.holders:
             self.workers[worker_id].requests.discard(entry.request_id)
-            await self._call_quietly(worker_id, "abort", entry.request_id)
-            return False
-        await self._apply(entry, event)
-        return True
+        await self._call_quietly(worker_id, "abort", request.attempt_id)
+        return False
 
     def _forget(self, request_id: str) -> InFlight | None:
         entry = self.requests.pop(request_id, None)
@@ -210,6 +225,7 @@ class RouterCore:
                 error_type=type(error).__name__ if error else None,
                 num_prompt_tokens=len(entry.request.prompt_token_ids),
                 worker_id="router",
+                attempt=entry.life.migrations,
             ),
         )
 
@@ -246,30 +262,17 @@ class RouterCore:
         worker.incarnation, worker.ready = news["incarnation"], True
         worker.kv_address = news.get("kv_address")
         if admitted:
-            await self._introduce(worker_id)
+            await self.pairs.introduce(worker_id)
         worker.free_blocks, worker.total_blocks = news["free_blocks"], news["total_blocks"]
-        for request_id, event in news["events"]:
-            await self._on_event(worker_id, request_id, event)
+        for request_id, attempt, event in news["events"]:
+            await self._on_event(worker_id, request_id, attempt, event)
 
-    async def _introduce(self, worker_id: str) -> None:
-        """Sets up KV pairs at admission, off every request's path: a new decode worker with
-        each prefill worker, a new prefill worker with each decode worker."""
-        worker = self.workers[worker_id]
-        ready = [(wid, w) for wid, w in self.workers.items() if w.ready]
-        if worker.role == "decode" and worker.kv_address:
-            for wid, other in ready:
-                if other.role == "prefill":
-                    await self._call_quietly(wid, "connect", [worker.kv_address])
-        elif worker.role == "prefill":
-            addresses = [w.kv_address for _, w in ready if w.role == "decode" and w.kv_address]
-            if addresses:
-                await self._call_quietly(worker_id, "connect", addresses)
-
-    async def _on_event(self, worker_id: str, request_id: str, news: str) -> None:
-        """A worker's news about a request (WorkerEvent)."""
+    async def _on_event(self, worker_id: str, request_id: str, attempt: int,
+                        news: str) -> None:
+        """A worker's news about one attempt of a request (WorkerEvent)."""
         entry = self.requests.get(request_id)
         if entry is not None:
-            await self._apply(entry, _NEWS[WorkerEvent(news)](worker_id))
+            await self._apply(entry, _NEWS[WorkerEvent(news)](worker_id, attempt=attempt))
 
     async def _lose(self, worker_id: str, why: str) -> None:
         """Drops a worker: its requests continue elsewhere if they can, else end clearly."""
@@ -279,25 +282,9 @@ class RouterCore:
         worker.ready = False
         lost = [self.requests[r] for r in worker.requests if r in self.requests]
         worker.requests.clear()
-        landed = await self._landed_on_decode(worker_id, lost)
+        landed = await self.pairs.landed(worker_id, lost)
         for entry in lost:
-            await self._apply(entry, LostWorker(worker_id, entry.request_id in landed))
-
-    async def _landed_on_decode(self, lost: str, entries: list[InFlight]) -> set[str]:
-        """Requests of a lost prefill worker whose KV already landed on their decode worker
-        (the 'shipped' news may have died with the prefill worker)."""
-        by_decode: dict[str, list[str]] = {}
-        for entry in entries:
-            if entry.life.prefill == lost and entry.life.decode is not None:
-                by_decode.setdefault(entry.life.decode, []).append(entry.request_id)
-        survivors: set[str] = set()
-        for decode, ids in by_decode.items():
-            if self.workers[decode].ready:
-                try:
-                    survivors.update(await self._call(decode, "landed", ids))
-                except WorkerGone:
-                    pass
-        return survivors
+            await self._apply(entry, LostWorker(worker_id, entry.request.attempt_id in landed))
 
     # ---- introspection ------------------------------------------------------------------
 

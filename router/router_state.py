@@ -26,6 +26,9 @@ class RouterConfig:
     local_prefill_max_tokens: int = 0
     """Conditional disaggregation: a prompt of at most this many tokens is prefilled by the
     decode worker itself (a short prefill costs less than a transfer); 0: always remote."""
+    max_migrations: int = 2
+    """How many lost workers one request may survive by migrating to a live one
+    (router/migration.py); 0 (`kvrelay serve --no-migration`): it ends with WorkerLost."""
 
 
 @dataclass
@@ -44,13 +47,15 @@ class WorkerState:
 @dataclass
 class InFlight:
     request: GenerateRequest
+    """The current attempt's request (a continuation after a migration)."""
     life: RequestLife
     """Where the request is in its life and which workers hold it."""
     tokens: int
     """Prompt + max new tokens, for the least-tokens policy."""
     blocks: int = 0
-    dest: dict | None = None
-    """The decode worker's reservation (block ids, KV receiver address) for the prefill."""
+    """Blocks the KV of the known tokens takes (prompt, and a continuation's output)."""
+    lost_at: float | None = None
+    """time.monotonic() when its last migration began."""
 
     @property
     def request_id(self) -> str:

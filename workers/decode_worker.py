@@ -35,16 +35,19 @@ class DecodeWorker(EngineWorker):
         )
 
     def reserve(self, request: GenerateRequest) -> dict[str, Any]:
-        """Reserves blocks for the prompt plus token 1; raises NoCapacity (or the engine's
-        typed refusal). Returns where the prefill worker writes: block ids and address."""
+        """Reserves blocks for the prompt (a continuation: and its known output) plus the
+        next token; raises NoCapacity (or the engine's typed refusal). Returns where the
+        prefill worker writes: block ids and address."""
 
         def reserve_now() -> dict[str, Any]:
             params = SamplingParams.from_dict(request.sampling)
+            key = request.attempt_id
             block_ids = self.engine.reserve_remote(
-                request.request_id, request.prompt_token_ids, params, request.priority
+                key, request.prompt_token_ids, params, request.priority,
+                request.output_token_ids, request.sent_text_len,
             )
-            self.live[request.request_id] = LiveRequest(request)
-            self.kv.expect(request.request_id, block_ids)
+            self.live[key] = LiveRequest(request)
+            self.kv.expect(key, block_ids)
             return {"worker_id": self.worker_id, "block_ids": list(block_ids),
                     "kv_address": self.kv.address}
 
@@ -54,11 +57,11 @@ class DecodeWorker(EngineWorker):
         """Conditional disaggregation: runs a short request whole here (prefill included)."""
         self.call_soon(lambda: self.add_to_engine(request))
 
-    def landed(self, request_ids: list[str]) -> list[str]:
-        """Those of `request_ids` whose KV has fully arrived here (they need no prefill
+    def landed(self, attempt_ids: list[str]) -> list[str]:
+        """Those of `attempt_ids` whose KV has fully arrived here (they need no prefill
         worker any more), for the router when a prefill worker dies."""
         # Finished ones count too: their final chunk is out (or on its way) from here.
-        return self.call(lambda: [rid for rid in request_ids
+        return self.call(lambda: [rid for rid in attempt_ids
                                   if self.kv.state(rid) is TransferState.DONE])
 
     def _landed(self, rid: str, extra: dict) -> None:
@@ -76,9 +79,10 @@ class DecodeWorker(EngineWorker):
         if record is not None:
             live.timings["transfer_wire"] = record.seconds
             live.timings["transfer_bytes"] = float(record.num_bytes)
-        # Token 1 was streamed by the prefill worker; decode timing starts from it.
+        # Token 1 (of this placement) was streamed by the prefill worker; decode timing
+        # starts from it.
         live.first_token_at = now
-        live.num_output_tokens = 1
+        live.num_output_tokens = live.request.resume_index + 1
         self.engine.commit_remote(rid, extra["first_token_id"])
 
     def _not_landed(self, rid: str, state: TransferState, reason: str) -> None:

@@ -45,10 +45,9 @@ class PrefillWorker(EngineWorker):
         """Queues the prefill of `request`; `dest` is the decode worker's `reserve` answer."""
 
         def admit() -> None:
-            rid = request.request_id
+            rid = request.attempt_id
             self.dests[rid] = dest
-            self.kv.open(rid, dest["kv_address"], dest["block_ids"],
-                         len(request.prompt_token_ids))
+            self.kv.open(rid, dest["kv_address"], dest["block_ids"], request.num_known_tokens)
             if not self.add_to_engine(request):
                 self.dests.pop(rid, None)
                 self.kv.abort(rid)
@@ -76,8 +75,8 @@ class PrefillWorker(EngineWorker):
             "timings": timings | {"prefill_done_at": now},
         }
         self.kv.finish(rid, self.engine.held_block_ids(rid), extra=extra,
-                       num_tokens=output.num_prompt_tokens)
-        self.note(rid, WorkerEvent.SENDING)
+                       num_tokens=live.request.num_known_tokens)
+        self.note(live.request, WorkerEvent.SENDING)
 
     def _shipped(self, rid: str) -> None:
         self._release(rid)

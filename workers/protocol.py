@@ -28,6 +28,37 @@ class GenerateRequest:
     priority: int = 0
     arrival_time: float = 0.0
     """time.time() at the gateway."""
+    output_token_ids: list[int] = field(default_factory=list)
+    """A continuation (its worker was lost, docs/contracts.md "Migration"): the output tokens
+    the client already got. The engine treats them as output (stop strings, max_tokens,
+    penalties, the seeded sampler's position) and streams from `resume_index`."""
+    sent_text_len: int = 0
+    """A continuation: characters of output text the client already got."""
+    attempt: int = 0
+    """0, or which migration of the request this continuation is; its chunks carry it."""
+
+    @property
+    def resume_index(self) -> int:
+        """Index of the first output token this placement streams."""
+        return len(self.output_token_ids)
+
+    @property
+    def num_known_tokens(self) -> int:
+        """Prompt plus the output already known: the tokens prefilled before the next sample."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def attempt_id(self) -> str:
+        """What workers key this placement by (engine, KV transfer, router news): the request
+        id, suffixed for a continuation, so a worker still letting go of an earlier attempt
+        (blocks held until a send ends) never mixes it up with the next."""
+        return self.request_id if self.attempt == 0 else f"{self.request_id}#{self.attempt}"
+
+    def continued(self, resume: Resume, output_token_ids: list[int],
+                  sent_text_len: int) -> GenerateRequest:
+        """The continuation the gateway submits on `resume`, from what the client got."""
+        return dataclasses.replace(self, output_token_ids=list(output_token_ids),
+                                   sent_text_len=sent_text_len, attempt=resume.attempt)
 
 
 @dataclass
@@ -59,10 +90,25 @@ class OutputChunk:
     prefill to the KV landed on the decode worker), decode; plus transfer_bytes and
     transfer_wire (first KV posted to the last landed)."""
     worker_id: str = ""
+    attempt: int = 0
+    """The GenerateRequest.attempt this chunk belongs to: after a Resume the gateway drops
+    chunks of earlier attempts (a lost worker's last words)."""
+
+
+@dataclass
+class Resume:
+    """Router -> Gateway (on the request's output channel): the worker streaming the request
+    was lost; submit a continuation (`GenerateRequest.continued`) with attempt `attempt` from
+    the tokens the client got, and drop any chunk of an earlier attempt from now on."""
+
+    request_id: str
+    attempt: int
+    lost_worker: str = ""
 
 
 class WorkerEvent(str, enum.Enum):
-    """Worker -> Router (in the poll's `events`): news about one request."""
+    """Worker -> Router (in the poll's `events`, as (request_id, attempt, event)): news about
+    one placement of a request."""
 
     SENDING = "sending"
     """Prefill worker: token 1 is out, the last of the KV on its way."""
@@ -74,7 +120,7 @@ class WorkerEvent(str, enum.Enum):
     """An error was sent as the final chunk."""
 
 
-_TYPES = {cls.__name__: cls for cls in (GenerateRequest, OutputChunk)}
+_TYPES = {cls.__name__: cls for cls in (GenerateRequest, OutputChunk, Resume)}
 
 
 def register(cls: type) -> type:

@@ -6,6 +6,11 @@ an answer, wait on a Future. Outputs leave as `OutputChunk`s PUSHed to the reque
 address, never as Ray calls per token. The router learns about finished requests and worker
 health from `poll()`, which doubles as its liveness ping.
 
+A worker keys each placement by `GenerateRequest.attempt_id` (engine, transfers, `abort`): a
+request continued after a migration may come back to a worker still letting go of its
+earlier attempt. Its chunks carry the client's request id and the attempt; a continuation
+numbers them from `resume_index`.
+
 Subclasses (`ColocatedWorker`, `PrefillWorker`, `DecodeWorker`) add their role's entry points
 and react to outputs in `on_output`. They run in-process without Ray; `ray.remote(cls)` makes
 the actor.
@@ -62,8 +67,13 @@ class LiveRequest:
     request: GenerateRequest
     submitted: float = field(default_factory=time.time)
     first_token_at: float | None = None
-    num_output_tokens: int = 0
+    num_output_tokens: int = field(init=False)
+    """Output tokens the client has (or will have) so far; starts at the request's
+    resume_index."""
     timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.num_output_tokens = self.request.resume_index
 
 
 class EngineWorker:
@@ -84,7 +94,7 @@ class EngineWorker:
         self.sender = OutputSender()
         self.live: dict[str, LiveRequest] = {}
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._events: list[tuple[str, WorkerEvent]] = []
+        self._events: list[tuple[str, int, WorkerEvent]] = []
         self._events_lock = threading.Lock()
         self._running = True
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.worker_id}")
@@ -107,13 +117,14 @@ class EngineWorker:
             "kv_layout": kv_layout(self.engine).to_dict(),
         }
 
-    def abort(self, request_id: str) -> None:
-        """Ends `request_id` here silently (the router sends the client's final chunk).
+    def abort(self, attempt_id: str) -> None:
+        """Ends that placement here silently (the router sends the client's final chunk).
         Returns once its blocks are free and no chunk of it will leave this worker again."""
-        self.call(lambda: self._abort_now(request_id))
+        self.call(lambda: self._abort_now(attempt_id))
 
     def poll(self) -> dict[str, Any]:
-        """Health ping and news for the router: load, free blocks, requests ended since last."""
+        """Health ping and news for the router: load, free blocks, and `events`, a list of
+        (request_id, attempt, WorkerEvent) since the last poll."""
         with self._events_lock:
             events, self._events = self._events, []
         return {
@@ -207,19 +218,19 @@ class EngineWorker:
 
     def add_to_engine(self, request: GenerateRequest) -> bool:
         """Admits `request` to the engine; a typed refusal ends it with an error chunk."""
+        key = request.attempt_id
         try:
             params = SamplingParams.from_dict(request.sampling)
-            self.live[request.request_id] = LiveRequest(request)
-            self.engine.add_request(
-                request.request_id, request.prompt_token_ids, params, request.priority
-            )
+            self.live[key] = LiveRequest(request)
+            self.engine.add_request(key, request.prompt_token_ids, params, request.priority,
+                                    request.output_token_ids, request.sent_text_len)
         except KvrelayError as exc:
-            self.finish_with_error(request.request_id, exc, request)
+            self.finish_with_error(key, exc, request)
             return False
         except Exception as exc:  # never a request left waiting on a command that failed
-            log.exception("admitting %s failed on %s", request.request_id, self.worker_id)
-            self._abort_now(request.request_id)
-            self.finish_with_error(request.request_id, exc, request)
+            log.exception("admitting %s failed on %s", key, self.worker_id)
+            self._abort_now(key)
+            self.finish_with_error(key, exc, request)
             return False
         return True
 
@@ -237,7 +248,7 @@ class EngineWorker:
         live.num_output_tokens += len(output.new_token_ids)
         done = output.finished if finished is None else finished
         chunk = OutputChunk(
-            request_id=output.request_id,
+            request_id=live.request.request_id,
             new_token_ids=list(output.new_token_ids),
             text_delta=output.text_delta or "",
             finished=done,
@@ -247,6 +258,7 @@ class EngineWorker:
             num_output_tokens=live.num_output_tokens,
             index=index if output.new_token_ids else None,
             worker_id=self.worker_id,
+            attempt=live.request.attempt,
         )
         if done:
             chunk.timings = self.final_timings(live, now)
@@ -262,21 +274,23 @@ class EngineWorker:
         return timings
 
     def finish_with_error(
-        self, request_id: str, exc: BaseException, request: GenerateRequest | None = None
+        self, key: str, exc: BaseException, request: GenerateRequest | None = None
     ) -> None:
-        """Ends a request with one error chunk naming the typed error; any other exception
-        (logged by the caller) goes out as InternalError, its text staying in this log."""
-        live = self.live.get(request_id)
+        """Ends a placement (by attempt id) with one error chunk naming the typed error; any
+        other exception (logged by the caller) goes out as InternalError, its text staying
+        in this log."""
+        live = self.live.get(key)
         request = request or (live.request if live else None)
         if request is None:
             return
         if not isinstance(exc, KvrelayError):
             exc = InternalError(self.worker_id)
-        self.end(request_id, WorkerEvent.FAILED)
+        self.live.pop(key, None)
+        self.note(request, WorkerEvent.FAILED)
         self.sender.send(
             request.output_address,
             OutputChunk(
-                request_id=request_id,
+                request_id=request.request_id,
                 finished=True,
                 finish_reason="error",
                 error=str(exc),
@@ -284,18 +298,20 @@ class EngineWorker:
                 error_param=getattr(exc, "field", None),
                 num_prompt_tokens=len(request.prompt_token_ids),
                 worker_id=self.worker_id,
+                attempt=request.attempt,
             ),
         )
 
-    def end(self, request_id: str, event: WorkerEvent) -> None:
-        """Forgets a request here and tells the router (via poll) how it ended."""
-        self.live.pop(request_id, None)
-        self.note(request_id, event)
+    def end(self, key: str, event: WorkerEvent) -> None:
+        """Forgets a placement here and tells the router (via poll) how it ended."""
+        live = self.live.pop(key, None)
+        if live is not None:
+            self.note(live.request, event)
 
-    def note(self, request_id: str, event: WorkerEvent) -> None:
-        """Queues news about a request for the router's next poll."""
+    def note(self, request: GenerateRequest, event: WorkerEvent) -> None:
+        """Queues news about a placement of `request` for the router's next poll."""
         with self._events_lock:
-            self._events.append((request_id, event))
+            self._events.append((request.request_id, request.attempt, event))
 
     def _abort_now(self, request_id: str) -> None:
         self.abort_transfers(request_id)

@@ -1,16 +1,22 @@
 """Test-side parts shared by tests/cluster and tests/e2e: a ZMQ PULL collector standing in
-for the gateway's socket, and greedy references computed with transformers."""
+for the gateway's socket, the gateway's real output path over a Ray Router (`GatewayStreams`,
+which also continues migrated requests), and greedy references computed with transformers."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import defaultdict
 
+import ray
 import torch
 import zmq
 
-from workers.protocol import OutputChunk, decode
+from router.output_receiver import OutputReceiver
+from router.router import RayBackend
+from router.stream_resume import StreamResume
+from workers.protocol import GenerateRequest, OutputChunk, Resume, decode
 
 
 class ChunkCollector:
@@ -23,6 +29,8 @@ class ChunkCollector:
         port = self._sock.bind_to_random_port("tcp://127.0.0.1")
         self.address = f"tcp://127.0.0.1:{port}"
         self.chunks: dict[str, list[OutputChunk]] = defaultdict(list)
+        self.resumes: list[Resume] = []
+        """The router's asks for a continuation, which this collector does not answer."""
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._pump, daemon=True)
@@ -33,7 +41,10 @@ class ChunkCollector:
             if self._sock.poll(50):
                 chunk = decode(self._sock.recv())
                 with self._cond:
-                    self.chunks[chunk.request_id].append(chunk)
+                    if isinstance(chunk, Resume):
+                        self.resumes.append(chunk)
+                    else:
+                        self.chunks[chunk.request_id].append(chunk)
                     self._cond.notify_all()
 
     def finished(self, rid: str) -> bool:
@@ -72,6 +83,125 @@ class ChunkCollector:
         self._stop = True
         self._thread.join(timeout=2)
         self._sock.close(linger=0)
+
+
+class GatewayStreams:
+    """What the gateway does with outputs, over a real Router actor, without HTTP: the real
+    OutputReceiver (token order, duplicates dropped, `Resume`) in its own event loop thread,
+    and per request a StreamResume that sends the continuation through a RayBackend. `chunks`
+    holds what the client would get; `stalls` each migration's added latency."""
+
+    def __init__(self, router) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.receiver = OutputReceiver()
+        self._run(self.receiver.start())
+        self.backend = RayBackend(router, "tiny")
+        self.chunks: dict[str, list[OutputChunk]] = defaultdict(list)
+        self.stalls: list[float] = []
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def address(self) -> str:
+        return self.receiver.address
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+
+    def submit(self, requests: list[GenerateRequest]) -> None:
+        """Registers and submits the requests concurrently, as concurrent clients would."""
+
+        async def one(request: GenerateRequest) -> None:
+            queue = self.receiver.register(request.request_id,
+                                           StreamResume(self.backend, request, self))
+            self._tasks.append(asyncio.create_task(self._pump(request.request_id, queue)))
+            await self.backend.submit(request)
+
+        async def all_of() -> None:
+            await asyncio.gather(*(one(r) for r in requests))
+
+        self._run(all_of())
+
+    async def _pump(self, rid: str, queue: asyncio.Queue) -> None:
+        while not (self.chunks[rid] and self.chunks[rid][-1].finished):
+            self.chunks[rid].append(await queue.get())
+
+    def migrated(self, added_s: float) -> None:  # StreamResume's metrics sink
+        self.stalls.append(added_s)
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for c in list(self.chunks[rid]) for t in c.new_token_ids]
+
+    def final(self, rid: str) -> OutputChunk:
+        finals = [c for c in self.chunks[rid] if c.finished]
+        assert len(finals) == 1 and self.chunks[rid][-1].finished, self.chunks[rid]
+        return finals[0]
+
+    def wait(self, predicate, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, f"{what} not within {timeout_s} s"
+            time.sleep(0.02)
+
+    def wait_finished(self, ids: list[str], timeout_s: float = 60.0) -> None:
+        def done() -> bool:
+            return all(self.chunks[r] and self.chunks[r][-1].finished for r in ids)
+
+        self.wait(done, timeout_s, f"final chunks of {len(ids)} requests")
+
+    def close(self) -> None:
+        for task in self._tasks:
+            self.loop.call_soon_threadsafe(task.cancel)
+        self._run(self.receiver.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        self.loop.close()
+
+
+def all_blocks_free(cluster) -> bool:
+    """Every worker answers with all its blocks free (a restarting one: not yet)."""
+    infos = cluster.infos
+    try:
+        free = [cluster.call(w, "free_blocks") for w in cluster.workers]
+    except ray.exceptions.RayActorError:
+        return False
+    return free == [infos[w]["total_blocks"] for w in cluster.workers]
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, f"{what} not within {timeout_s} s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def wait_all_ready(cluster, timeout_s: float = 120) -> None:
+    def ready() -> bool:
+        health = ray.get(cluster.router.health.remote())["workers"]
+        return all(c["ready"] == c["known"] for c in health.values())
+
+    wait_until(ready, timeout_s, "every worker admitted")
+
+
+def incarnation(cluster, worker_id: str) -> str:
+    """The incarnation the router serves of `worker_id` now."""
+    view = {m["worker_id"]: m for m in ray.get(cluster.router.worker_metrics.remote())}
+    return view[worker_id]["incarnation"]
+
+
+def wait_readmitted(cluster, worker_id: str, timeout_s: float = 120,
+                    old: str | None = None) -> None:
+    """Until the router serves a new incarnation of the restarted worker (newer than `old`,
+    by default the one it started with)."""
+    old = old or cluster.infos[worker_id]["incarnation"]
+
+    def admitted() -> bool:
+        view = {m["worker_id"]: m for m in ray.get(cluster.router.worker_metrics.remote())}
+        return view[worker_id]["ready"] and view[worker_id]["incarnation"] != old
+
+    wait_until(admitted, timeout_s, f"{worker_id} re-admitted")
 
 
 @torch.no_grad()

@@ -30,6 +30,12 @@ def test_serve_arguments_build_one_frozen_config():
         config.port = 1  # type: ignore[misc]
     banner = describe(config)
     assert "http://127.0.0.1:9000" in banner and "curl" in banner and "tiny-llama" in banner
+    assert config.router.max_migrations == 2  # migration on by default
+
+
+def test_no_migration_reaches_the_router_config():
+    config = build_config(parse_args(["--model", "/m/x", "--no-migration"]))
+    assert config.router.max_migrations == 0
 
 
 def test_dummy_config_and_colocated_mode():

@@ -1,5 +1,6 @@
 """router/lifecycle.py: every transition of a request's life, step by step, and every illegal
-event refused by name (nothing changes when one is refused)."""
+event refused by name (nothing changes when one is refused); migration after a lost worker,
+its bound, and stale events of an earlier attempt."""
 
 from __future__ import annotations
 
@@ -17,19 +18,22 @@ from router.lifecycle import (
     IllegalEvent,
     KvLanded,
     LostWorker,
+    Migrate,
     Phase,
     Placed,
+    PlacementFailed,
     RequestLife,
     Reserved,
     SendFinal,
     WorkerLost,
 )
-from workers.errors import RequestTimeout
+from workers.errors import NoReadyWorker, RequestTimeout
 
 
-def life_at(phase: Phase) -> RequestLife:
-    """A disaggregated request driven to `phase` (decode D, prefill P)."""
-    life = RequestLife("r")
+def life_at(phase: Phase, max_migrations: int = 0) -> RequestLife:
+    """A disaggregated request driven to `phase` (decode D, prefill P); MIGRATING: D was
+    lost while decoding."""
+    life = RequestLife("r", max_migrations=max(max_migrations, phase is Phase.MIGRATING))
     path = {
         Phase.QUEUED: [],
         Phase.RESERVED: [Reserved("D")],
@@ -40,6 +44,8 @@ def life_at(phase: Phase) -> RequestLife:
                          Finished("D")],
         Phase.FAILED: [Reserved("D"), Placed("P"), Failed("P")],
         Phase.ABORTED: [ClientGone()],
+        Phase.MIGRATING: [Reserved("D"), Placed("P"), FirstToken("P"), KvLanded("P"),
+                          LostWorker("D")],
     }[phase]
     for event in path:
         life.apply(event)
@@ -84,7 +90,7 @@ def test_a_worker_ending_it_early_frees_the_others():
                                    Phase.TRANSFERRING, Phase.DECODING])
 def test_client_gone_aborts_every_holder_and_sends_the_final_chunk(phase):
     life = life_at(phase)
-    holders = sorted(life.holders)
+    holders = [w for w in ("P", "D") if w in life.holders]  # the prefill worker first
     actions = life.apply(ClientGone())
     assert actions == [*(Abort(w) for w in holders), SendFinal("abort")]
     assert life.phase is Phase.ABORTED and life.holders == set()
@@ -124,6 +130,73 @@ def test_losing_a_worker_that_no_longer_holds_it_changes_nothing():
     assert life.apply(LostWorker("P")) == [] and life.phase is Phase.DECODING
 
 
+LIVE = [Phase.RESERVED, Phase.PREFILLING, Phase.TRANSFERRING, Phase.DECODING]
+
+
+@pytest.mark.parametrize("phase", LIVE)
+def test_lost_decode_worker_migrates_and_frees_the_others(phase):
+    life = life_at(phase, max_migrations=2)
+    others = sorted(life.holders - {"D"})
+    migrate = Migrate(1, "D", phase)
+    assert life.apply(LostWorker("D")) == [*(Abort(w) for w in others), migrate]
+    assert life.phase is Phase.MIGRATING and life.holders == set()
+    assert life.migrations == 1 and life.decode is None and life.prefill is None
+
+
+@pytest.mark.parametrize("phase", [Phase.PREFILLING, Phase.TRANSFERRING])
+def test_lost_prefill_worker_before_its_kv_landed_migrates(phase):
+    life = life_at(phase, max_migrations=2)
+    assert life.apply(LostWorker("P")) == [Abort("D"), Migrate(1, "P", phase)]
+    assert life.phase is Phase.MIGRATING
+
+
+def test_continuation_is_placed_like_a_new_request_as_the_next_attempt():
+    life = life_at(Phase.MIGRATING)
+    assert life.apply(Reserved("D2", attempt=1)) == [] and life.phase is Phase.RESERVED
+    assert life.apply(Placed("P", attempt=1)) == [] and life.phase is Phase.PREFILLING
+    assert life.apply(FirstToken("P", attempt=1)) == [] and life.phase is Phase.TRANSFERRING
+    assert life.apply(KvLanded("P", attempt=1)) == [] and life.phase is Phase.DECODING
+    assert life.apply(Finished("D2", attempt=1)) == [] and life.phase is Phase.FINISHED
+
+
+def test_whole_placement_migrates_to_another_whole_placement():
+    life = RequestLife("r", max_migrations=1)
+    life.apply(Placed("C", whole=True))
+    assert life.apply(LostWorker("C")) == [Migrate(1, "C", Phase.DECODING)]
+    assert life.apply(Placed("C2", whole=True, attempt=1)) == []
+    assert life.phase is Phase.DECODING and life.holders == {"C2"}
+
+
+def test_migrations_are_bounded_then_the_loss_fails_it_clearly():
+    life = RequestLife("r", max_migrations=2)
+    for attempt in (0, 1):
+        life.apply(Placed("C", whole=True, attempt=attempt))
+        assert life.apply(LostWorker("C")) == [Migrate(attempt + 1, "C", Phase.DECODING)]
+    life.apply(Placed("C", whole=True, attempt=2))
+    (final,) = life.apply(LostWorker("C"))
+    assert life.phase is Phase.FAILED and isinstance(final.error, WorkerLost)
+    assert final.error.migrations == 2 and "2 migration(s) before" in str(final.error)
+
+
+def test_a_continuation_no_worker_takes_fails_it_naming_the_loss_and_why():
+    life = life_at(Phase.MIGRATING)
+    (final,) = life.apply(PlacementFailed(NoReadyWorker("decode", 2), attempt=1))
+    assert life.phase is Phase.FAILED and isinstance(final.error, WorkerLost)
+    assert final.error.worker_id == "D" and final.error.phase == "decoding"
+    assert "continuing it on another worker failed" in str(final.error)
+    assert str(NoReadyWorker("decode", 2)) in str(final.error)
+
+
+def test_client_gone_while_migrating_only_sends_the_final_chunk():
+    life = life_at(Phase.MIGRATING)
+    assert life.apply(ClientGone()) == [SendFinal("abort")] and life.phase is Phase.ABORTED
+
+
+def test_losing_another_worker_while_migrating_changes_nothing():
+    life = life_at(Phase.MIGRATING)
+    assert life.apply(LostWorker("P")) == [] and life.phase is Phase.MIGRATING
+
+
 ILLEGAL = [
     (Phase.QUEUED, Placed("P")),  # a prefill worker before any reservation
     (Phase.QUEUED, FirstToken("P")),
@@ -138,9 +211,17 @@ ILLEGAL = [
     (Phase.DECODING, KvLanded("P")),  # twice
     (Phase.DECODING, Failed("P")),  # the prefill worker let go already
     (Phase.DECODING, Placed("P")),
+    (Phase.DECODING, Finished("D", attempt=1)),  # of an attempt that does not exist
+    (Phase.MIGRATING, Reserved("D2")),  # stale: the placement of attempt 0, still running
+    (Phase.MIGRATING, Placed("C", whole=True)),
+    (Phase.MIGRATING, Placed("P", attempt=1)),  # a prefill worker before any reservation
+    (Phase.MIGRATING, FirstToken("P", attempt=1)),
+    (Phase.MIGRATING, Finished("D")),  # the lost attempt's worker
+    (Phase.MIGRATING, Finished("D", attempt=1)),  # from a worker that holds nothing
     *[(phase, event) for phase in (Phase.FINISHED, Phase.FAILED, Phase.ABORTED)
       for event in (Reserved("D"), Placed("P"), FirstToken("P"), KvLanded("P"), Finished("D"),
-                    Failed("D"), LostWorker("D"), ClientGone(), DeadlinePassed(1.0))],
+                    Failed("D"), LostWorker("D"), PlacementFailed(NoReadyWorker("decode", 1)),
+                    ClientGone(), DeadlinePassed(1.0))],
 ]
 
 
