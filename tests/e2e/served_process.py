@@ -11,9 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
-from tests.e2e.served_cluster import free_port
+from tests.e2e.served_cluster import _wait_healthy, free_port
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -37,23 +35,11 @@ class ServeProcess:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
         try:
-            self._wait_ready(ready_timeout_s)
-        except BaseException:
+            _wait_healthy(self.url, ready_timeout_s)
+        except TimeoutError as exc:
             self.close()
-            raise
-
-    def _wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"kvrelay serve not ready (exit code "
-                                   f"{self.process.returncode}):\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+            raise RuntimeError(f"kvrelay serve not ready (exit code {self.process.returncode})"
+                               f":\n{self.log()[-3000:]}") from exc
 
     @property
     def pid(self) -> int:

@@ -38,9 +38,13 @@ async def _stream(client: httpx.AsyncClient, max_tokens: int, started: asyncio.E
     return payloads
 
 
-def stop_with_streams(server: ServeProcess, group: bool, max_tokens: int):
-    """SIGTERM once every stream has begun; returns (the streams' payloads, the status of a
-    request sent 0.5 s after the signal, seconds from the signal to the server's exit)."""
+def stop_with_streams(model_dir, log_path, drain_timeout_s: float, group: bool,
+                      max_tokens: int) -> tuple[list, float]:
+    """Serves, starts the streams, sends SIGTERM once each has begun; checks that a request
+    sent 0.5 s later gets 503, that serve exits with 0 and leaves no process behind. Returns
+    the streams' payloads and the seconds from the signal to the exit."""
+    server = ServeProcess(tiny_serve_args(model_dir, "--drain-timeout", str(drain_timeout_s)),
+                          log_path)
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
@@ -52,11 +56,18 @@ def stop_with_streams(server: ServeProcess, group: bool, max_tokens: int):
             await asyncio.sleep(0.5)
             late = await client.post("/v1/completions", json={"model": "tiny", "prompt": [5],
                                                                "max_tokens": 1})
-            return await asyncio.gather(*streams), late.status_code, signalled
+            assert late.status_code == 503, late.text
+            return await asyncio.gather(*streams), signalled
 
-    payloads, late, signalled = asyncio.run(main())
-    server.wait_exit(120)
-    return payloads, late, time.monotonic() - signalled
+    try:
+        payloads, signalled = asyncio.run(main())
+        server.wait_exit(120)
+        took = time.monotonic() - signalled
+        assert server.process.returncode == 0, server.log()[-2000:]
+        assert_nothing_left(server)
+    finally:
+        server.close()
+    return payloads, took
 
 
 def assert_nothing_left(server: ServeProcess, timeout_s: float = 5.0) -> None:
@@ -68,35 +79,21 @@ def assert_nothing_left(server: ServeProcess, timeout_s: float = 5.0) -> None:
 
 
 def test_sigterm_to_the_process_drains_streams_to_their_end(tiny_model_dir, tmp_path):
-    server = ServeProcess(tiny_serve_args(tiny_model_dir, "--drain-timeout", "60"),
-                          tmp_path / "serve.log")
-    try:
-        payloads, late, took = stop_with_streams(server, group=False, max_tokens=200)
-        assert late == 503
-        for stream in payloads:
-            assert stream[-1] == "[DONE]", stream[-3:]
-            assert stream[-2]["choices"][0]["finish_reason"] == "length", stream[-3:]
-        assert took < 60 + 5 and server.process.returncode == 0, server.log()[-2000:]
-        assert_nothing_left(server)
-    finally:
-        server.close()
+    payloads, took = stop_with_streams(tiny_model_dir, tmp_path / "serve.log", 60,
+                                       group=False, max_tokens=200)
+    for stream in payloads:
+        assert stream[-1] == "[DONE]", stream[-3:]
+        assert stream[-2]["choices"][0]["finish_reason"] == "length", stream[-3:]
+    assert took < 60 + 5
 
 
 def test_sigterm_to_the_process_group_cuts_streams_at_the_drain_timeout(tiny_model_dir,
                                                                          tmp_path):
     """Streams far longer than the 2 s drain: each ends with an error event and [DONE]."""
-    drain_timeout_s = 2.0
-    server = ServeProcess(tiny_serve_args(tiny_model_dir, "--drain-timeout", str(drain_timeout_s)),
-                          tmp_path / "serve.log")
-    try:
-        payloads, late, took = stop_with_streams(server, group=True, max_tokens=2000)
-        assert late == 503
-        for stream in payloads:
-            assert stream[-1] == "[DONE]", stream[-3:]
-            assert "shutting down" in stream[-2]["error"]["message"], stream[-3:]
-            assert len(stream) > 3  # tokens kept flowing during the drain
-        assert drain_timeout_s <= took < drain_timeout_s + 5, server.log()[-2000:]
-        assert server.process.returncode == 0
-        assert_nothing_left(server)
-    finally:
-        server.close()
+    payloads, took = stop_with_streams(tiny_model_dir, tmp_path / "serve.log", 2.0,
+                                       group=True, max_tokens=2000)
+    for stream in payloads:
+        assert stream[-1] == "[DONE]", stream[-3:]
+        assert "shutting down" in stream[-2]["error"]["message"], stream[-3:]
+        assert len(stream) > 3  # tokens kept flowing during the drain
+    assert 2.0 <= took < 2.0 + 5
