@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from cluster.config import ClusterConfig
 from router.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from router.router_state import RouterConfig
-from workers.config import CacheConfig, EngineConfig
+from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.errors import KvrelayError
 from workers.host_memory import return_large_frees_to_os
 from workers.model.model_source import check_model_path, resolve_model_path, served_model_name
@@ -65,6 +65,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto")
     p.add_argument("--gpu-share", action="store_true", help="two workers per GPU")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+                   help="priority: a request's `priority` (lower first) orders the prefill and "
+                        "decode queues; fcfs refuses a non-zero one")
     p.add_argument("--prefill-policy", default="least_tokens")
     p.add_argument("--decode-policy", default="kv_capacity")
     p.add_argument("--local-prefill-max-tokens", type=int, default=0,
@@ -87,6 +90,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                           num_blocks=args.num_blocks),
+        scheduler=SchedulerConfig(policy=args.scheduling_policy),
     )
     router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,
                           decode_policy=args.decode_policy, block_size=args.block_size,

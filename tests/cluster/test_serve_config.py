@@ -28,6 +28,9 @@ def test_serve_arguments_build_one_frozen_config():
     assert roles == ["prefill", "prefill", "decode", "decode", "decode"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.port = 1  # type: ignore[misc]
+    assert config.engine.scheduler.policy == "fcfs"
+    priority = build_config(parse_args(["--model", "/m/x", "--scheduling-policy", "priority"]))
+    assert priority.engine.scheduler.policy == "priority"  # every worker's engine gets it
     banner = describe(config)
     assert "http://127.0.0.1:9000" in banner and "curl" in banner and "tiny-llama" in banner
     assert config.router.max_migrations == 2  # migration on by default
