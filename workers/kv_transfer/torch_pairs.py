@@ -77,18 +77,17 @@ class TorchPairs:
         return self._pairs.get(dest)
 
     def connect(self, dest: str) -> None:
+        """Sets the pair with `dest` up in the background (idempotent). Past
+        `config.max_pairs`, the control thread evicts the least recently used idle pair as
+        soon as there is one (until then the bound gives: a busy pair is never cut)."""
         with self._lock:
             if dest in self._pairs:
                 return
-            victim = self._least_recently_used() if len(self._pairs) >= \
-                self.config.max_pairs else None
             self._pairs[dest] = TorchPair(dest, time.monotonic() + self.config.connect_timeout_s)
-        if victim is not None:
-            self.command(victim, b"evict")
         self.command(dest, b"connect")
 
     def _least_recently_used(self) -> str | None:
-        """The idle pair to evict for a new one (None: every pair is busy; the bound gives)."""
+        """The idle pair to evict for a new one (None: every pair is busy)."""
         busy = {r.peer for r in self.table.live()}
         idle = [p for p in self._pairs.values() if p.dest not in busy and p.ready.is_set()
                 and not self._posted.pending(p.dest)]
@@ -137,8 +136,6 @@ class TorchPairs:
     def _outgoing(self, poller: zmq.Poller, dest: str, payload: bytes) -> None:
         if payload == b"connect":
             self._start_pair(poller, dest)
-        elif payload == b"evict":
-            self._teardown(poller, dest, f"evicted: more than {self.config.max_pairs} pairs")
         elif payload.startswith(b"ready:"):
             pair = self._pairs.get(dest)
             if pair is not None and pair.sock is not None:
@@ -252,6 +249,9 @@ class TorchPairs:
             elif pair.dest not in busy and now - pair.last_used > self.config.idle_evict_s \
                     and not self._posted.pending(pair.dest):
                 self._teardown(poller, pair.dest, "idle")
+        while len(self._pairs) > self.config.max_pairs and \
+                (victim := self._least_recently_used()) is not None:
+            self._teardown(poller, victim, f"evicted: more than {self.config.max_pairs} pairs")
 
     # ---- queries and shutdown -------------------------------------------------------------
 

@@ -247,7 +247,12 @@ def test_pairs_are_bounded_least_recently_used_idle_one_evicted(layout):
                 receiver.expect(rid, [1, 2])
                 sender.send(rid, receiver.address, [3, 4], [1, 2], {"first_token_id": 1})
                 assert sender.wait(rid, 20) is TransferState.DONE, sender.table.get(rid).reason
-                assert sender.pairs() == [receiver.address]  # the other one was evicted
+                # The other one is evicted once its sends have ended (the control thread's
+                # next tick at the latest).
+                deadline = time.monotonic() + 10
+                while sender.pairs() != [receiver.address]:
+                    assert time.monotonic() < deadline, sender.pairs()
+                    time.sleep(0.05)
     finally:
         sender.close()
         for receiver in receivers:
