@@ -4,6 +4,8 @@ Router and worker actors, Ray's GCS and raylet), read from /proc by session id."
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 from tests.e2e.served_cluster import _wait_healthy, free_port
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def tiny_serve_args(model_dir, *extra: str) -> list[str]:
@@ -33,7 +36,7 @@ class ServeProcess:
         command = [sys.executable, "-m", "cluster.cli", "serve", *args, "--port", str(self.port)]
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_term_on_our_exit)
         try:
             _wait_healthy(self.url, ready_timeout_s)
         except TimeoutError as exc:
@@ -90,6 +93,13 @@ class ServeProcess:
                 pass
         if self.process.poll() is None:
             self.process.wait(10)
+
+
+def _term_on_our_exit() -> None:
+    """In the child: SIGTERM when the test process dies (killed by a timeout, say), so the
+    server drains and stops instead of living on in its own session."""
+    ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl(_PR_SET_PDEATHSIG,
+                                                                    signal.SIGTERM)
 
 
 def _read(path: Path) -> str:
