@@ -8,20 +8,21 @@ its requests' KV had already landed (those go on without it; the others migrate 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from router.router_state import InFlight, WorkerState
+from router.worker_client import WorkerClient
 from router.worker_handle import WorkerGone
 
-Call = Callable[..., Awaitable]
+Workers = Callable[[str], WorkerClient]
 
 
 class KvPairs:
     """RouterCore's collaborator for pairing (`introduce`) and the KV-landed check."""
 
-    def __init__(self, workers: dict[str, WorkerState], call: Call):
+    def __init__(self, workers: dict[str, WorkerState], worker: Workers):
         self.workers = workers
-        self._call = call
+        self._worker = worker
 
     async def introduce(self, worker_id: str) -> None:
         """Sets up KV pairs at admission: a new decode worker with each prefill worker, a new
@@ -48,13 +49,13 @@ class KvPairs:
         for decode, ids in by_decode.items():
             if self.workers[decode].ready:
                 try:
-                    survivors.update(await self._call(decode, "landed", ids))
+                    survivors.update(await self._worker(decode).landed(ids))
                 except WorkerGone:
                     pass
         return survivors
 
     async def _connect(self, worker_id: str, addresses: list[str]) -> None:
         try:
-            await self._call(worker_id, "connect", addresses)
+            await self._worker(worker_id).connect(addresses)
         except WorkerGone:
             pass

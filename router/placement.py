@@ -19,11 +19,12 @@ from collections.abc import Awaitable, Callable
 from router.lifecycle import Event, Placed, Reserved
 from router.policies import RoutingPolicy, WorkerLoad
 from router.router_state import InFlight, RouterConfig, WorkerState
+from router.worker_client import WorkerClient
 from router.worker_handle import WorkerGone
 from workers.errors import NoCapacity, NoReadyWorker
 from workers.protocol import GenerateRequest
 
-Call = Callable[..., Awaitable]
+Workers = Callable[[str], WorkerClient]
 Took = Callable[[InFlight, GenerateRequest, str, Event], Awaitable[bool]]
 
 
@@ -32,12 +33,12 @@ class Placement:
 
     def __init__(self, config: RouterConfig, workers: dict[str, WorkerState],
                  requests: dict[str, InFlight], policies: dict[str, RoutingPolicy],
-                 call: Call, took: Took):
+                 worker: Workers, took: Took):
         self.config = config
         self.workers = workers
         self.requests = requests
         self._policies = policies
-        self._call = call
+        self._worker = worker
         self._took = took
 
     async def place(self, entry: InFlight) -> None:
@@ -60,16 +61,18 @@ class Placement:
                                                                  attempt=request.attempt)):
             return
         try:
-            prefill = await self._first_that_takes("prefill", entry, "prefill", request, dest)
+            prefill = await self._first_that_takes(
+                "prefill", entry, lambda worker: worker.prefill(request, dest))
         except BaseException:
-            await self._call_quietly(decode, "abort", request.attempt_id)
+            await self._worker(decode).abort_quietly(request.attempt_id)
             raise
         await self._took(entry, request, prefill, Placed(prefill, attempt=request.attempt))
 
     async def _place_whole(self, entry: InFlight, request: GenerateRequest, role: str) -> None:
         """One worker runs the whole request: colocated, or a decode worker prefilling a
         short prompt itself (conditional disaggregation)."""
-        worker_id = await self._first_that_takes(role, entry, "submit", request)
+        worker_id = await self._first_that_takes(role, entry,
+                                                 lambda worker: worker.submit(request))
         await self._took(entry, request, worker_id,
                          Placed(worker_id, whole=True, attempt=request.attempt))
 
@@ -83,7 +86,7 @@ class Placement:
             refusal: NoCapacity | None = None
             for worker_id in self._order("decode", entry):
                 try:
-                    dest = await self._call(worker_id, "reserve", request)
+                    dest = await self._worker(worker_id).reserve(request)
                 except NoCapacity as exc:
                     refusal = exc
                     continue
@@ -98,22 +101,17 @@ class Placement:
             await asyncio.sleep(self.config.poll_interval_s / 4)
         return None
 
-    async def _first_that_takes(self, role: str, entry: InFlight, method: str,
-                                request: GenerateRequest, *args) -> str:
+    async def _first_that_takes(self, role: str, entry: InFlight,
+                                take: Callable[[WorkerClient], Awaitable[None]]) -> str:
+        """The first worker of `role` (policy order) that `take` places the request on."""
         for worker_id in self._order(role, entry):
             try:
-                await self._call(worker_id, method, request, *args)
+                await take(self._worker(worker_id))
             except WorkerGone:
                 continue
             self._attach(worker_id, entry)
             return worker_id
         raise NoReadyWorker(role, self._count(role))
-
-    async def _call_quietly(self, worker_id: str, method: str, *args) -> None:
-        try:
-            await self._call(worker_id, method, *args)
-        except WorkerGone:
-            pass
 
     def _order(self, role: str, entry: InFlight) -> list[str]:
         loads = [self.load(wid) for wid, w in self.workers.items() if w.role == role and w.ready]

@@ -18,6 +18,7 @@ restarted it: a new incarnation) is admitted again. Workers are told which place
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
@@ -44,6 +45,7 @@ from router.migration import Migration
 from router.placement import Placement
 from router.policies import blocks_needed, make_policy
 from router.router_state import InFlight, RouterConfig, WorkerState
+from router.worker_client import WorkerClient
 from router.worker_handle import WorkerGone, WorkerHandle
 from workers.errors import KvrelayError, NoReadyWorker, QueueFull
 from workers.output_sender import OutputSender
@@ -71,10 +73,10 @@ class RouterCore:
             "decode": make_policy(config.decode_policy),
             "colocated": make_policy(config.colocated_policy),
         }
-        self.placement = Placement(config, self.workers, self.requests, policies, self._call,
+        self.placement = Placement(config, self.workers, self.requests, policies, self.worker,
                                    self._took)
         self.migration = Migration(self.sender, self.placement, self._apply, config.block_size)
-        self.pairs = KvPairs(self.workers, self._call)
+        self.pairs = KvPairs(self.workers, self.worker)
         self._monitor: asyncio.Task | None = None
         self.num_finished = 0
         self.num_failed = 0
@@ -172,7 +174,7 @@ class RouterCore:
     async def _act(self, entry: InFlight, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Abort):
-                await self._call_quietly(action.worker, "abort", entry.request.attempt_id)
+                await self.worker(action.worker).abort_quietly(entry.request.attempt_id)
             elif isinstance(action, SendFinal):
                 self._send_final(entry, action.reason, action.error)
             elif isinstance(action, Migrate):
@@ -186,7 +188,7 @@ class RouterCore:
             return True
         if worker_id not in entry.life.holders:
             self.workers[worker_id].requests.discard(entry.request_id)
-        await self._call_quietly(worker_id, "abort", request.attempt_id)
+        await self.worker(worker_id).abort_quietly(request.attempt_id)
         return False
 
     def _forget(self, request_id: str) -> InFlight | None:
@@ -197,6 +199,10 @@ class RouterCore:
 
     # ---- talking to workers -------------------------------------------------------------
 
+    def worker(self, worker_id: str) -> WorkerClient:
+        """Typed calls to `worker_id` (router/worker_client.py)."""
+        return WorkerClient(worker_id, functools.partial(self._call, worker_id))
+
     async def _call(self, worker_id: str, method: str, *args):
         """Calls a worker; a dead one is marked not ready and raises WorkerGone."""
         worker = self.workers[worker_id]
@@ -205,14 +211,6 @@ class RouterCore:
         except WorkerGone:
             await self._lose(worker_id, "call failed")
             raise
-
-    async def _call_quietly(self, worker_id: str | None, method: str, *args) -> None:
-        if worker_id is None or worker_id not in self.workers:
-            return
-        try:
-            await self._call(worker_id, method, *args)
-        except WorkerGone:
-            pass
 
     def _send_final(self, entry: InFlight, reason: str, error: KvrelayError | None = None):
         self.sender.send(
