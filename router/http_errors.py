@@ -59,6 +59,7 @@ _TYPE_BY_STATUS = {
     404: "not_found_error",
     405: "invalid_request_error",
     409: "conflict_error",
+    413: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable_error",
     504: "timeout_error",
@@ -140,11 +141,13 @@ def from_validation(exc: RequestValidationError) -> HttpError:
 
 
 # FastAPI answers 400 itself for a body its JSON parser gave up on (e.g. a 5,000-digit number).
-_CODE_BY_STATUS = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
+_CODE_BY_STATUS = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed",
+                   413: "request_too_large", 503: "shutting_down"}
 
 
 def from_http_status(status: int, detail: str) -> HttpError:
-    """Starlette's own errors (unknown path 404, wrong method 405) in the OpenAI shape."""
+    """Errors the gateway's HTTP layer raises itself in the OpenAI shape: Starlette's (unknown
+    path 404, wrong method 405), the body limit's 413 and the drain's 503."""
     return _build(status, str(detail), None, _CODE_BY_STATUS.get(status, "http_error"))
 
 

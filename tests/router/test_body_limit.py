@@ -53,6 +53,7 @@ def test_body_over_content_length_limit_is_413_unread(echo_url):
     error = response.json()["error"]
     assert f"{LIMIT + 1} bytes" in error["message"] and str(LIMIT) in error["message"]
     assert "--max-request-bytes" in error["message"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "request_too_large")
     assert len(seen) == before  # the app never ran
 
 

@@ -105,6 +105,7 @@ def test_sigterm_lets_streams_finish_and_refuses_new_requests(colocated_worker, 
     finally:
         stop_core(core)
     assert new.status_code == 503 and new.headers.get("retry-after")
+    assert new.json()["error"]["code"] == "shutting_down"
     assert "shutting down" in new.json()["error"]["message"]
     assert health.status_code == 503 and health.json()["status"] == "shutting_down"
     for payloads in streams:
