@@ -132,6 +132,15 @@ class RouterCore:
         self.requests[request.request_id] = entry
         try:
             await self.placement.place(entry)
+        except asyncio.CancelledError:
+            # The caller gave up while placement waited (Ray cancels this call when the
+            # gateway stops awaiting it): an abort in this phase, whichever of it and the
+            # gateway's abort comes first; what placement took so far lets go.
+            if self.requests.get(request.request_id) is entry:
+                self.aborted_in_phase[entry.life.phase.value] += 1
+                await self._apply(entry, ClientGone())
+            self._forget(request.request_id)
+            raise
         except BaseException:
             self._forget(request.request_id)
             raise

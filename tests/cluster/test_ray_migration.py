@@ -37,7 +37,7 @@ MAX_STALL_S = 5.0
 def cluster(tiny_model_dir):
     ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
     engine = EngineConfig(model=str(tiny_model_dir),
-                          cache=CacheConfig(block_size=BLOCK, num_blocks=256))
+                          cache=CacheConfig(block_size=BLOCK, num_blocks=2048))
     config = ClusterConfig(engine=engine, model_name="tiny", name="migration", num_prefill=2,
                            num_decode=2, kv_transport="gloo", max_worker_restarts=4,
                            router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1,
@@ -120,7 +120,8 @@ def test_killed_prefill_worker_every_request_continues_token_exact(
     model = hf_reference(tiny_model_dir)
     max_tokens = 6
     before = stats(cluster)["migrations"]
-    reqs = requests(streams.address, "p", prompts(16, vocab, seed=4, low=40, high=120),
+    # Long prompts: the kill lands while prefill-0 still works through the ones it took.
+    reqs = requests(streams.address, "p", prompts(16, vocab, seed=4, low=1000, high=1900),
                     max_tokens)
     streams.submit(reqs)
     old = kill(cluster, "prefill-0")

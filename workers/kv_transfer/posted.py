@@ -14,6 +14,7 @@ connection drops).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import queue
 import threading
@@ -44,9 +45,12 @@ class Posted:
 class PostedOps:
     """The pending operations of one transfer end, each peer's waited for by its own thread."""
 
-    def __init__(self, table: TransferTable, device: torch.device):
+    def __init__(self, table: TransferTable, device: torch.device, op_timeout_s: float):
         self._table = table
         self._device = device
+        self._op_timeout = datetime.timedelta(seconds=op_timeout_s)
+        """gloo: the longest a wait lasts (a gloo send's wait has no timeout of its own, and
+        a gloo pair cannot be aborted: a send to a peer that vanished would wait forever)."""
         self._items: list[Posted] = []
         self._waiters: dict[str, queue.SimpleQueue] = {}
         self._threads: list[threading.Thread] = []
@@ -117,7 +121,7 @@ class PostedOps:
             torch.cuda.set_device(self._device)
             stream = torch.cuda.Stream(self._device)
         while (posted := waiter.get()) is not None:
-            ok = _wait(posted.works, stream)
+            ok = _wait(posted.works, stream, self._op_timeout)
             self._end(posted, ok and not posted.cancelled)
             del posted  # no reference to a work outlives its wait (a communicator's teardown)
 
@@ -134,12 +138,12 @@ class PostedOps:
                 self._table.unpin(request_id)
 
 
-def _wait(works: list, stream) -> bool:
-    """Blocks until the works end; False if any failed."""
+def _wait(works: list, stream, timeout: datetime.timedelta) -> bool:
+    """Blocks until the works end (gloo: or `timeout` passes); False if any failed."""
     try:
         if stream is None:
             for work in works:
-                work.wait()
+                work.wait(timeout)
             return True
         with torch.cuda.stream(stream):
             for work in works:

@@ -43,7 +43,7 @@ class TorchReceiving:
         self.table = table
         self._reply = reply
         self.device = kv_caches[0][0].device
-        self._posted = PostedOps(table, self.device)
+        self._posted = PostedOps(table, self.device, op_timeout(config, self.device))
         self._stream: CopyStream | None = None
 
     def build(self, peer: ReceiverPair, store, hello: Hello) -> None:

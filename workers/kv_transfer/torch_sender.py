@@ -27,6 +27,7 @@ from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, TransferPlan
 from workers.kv_transfer.messages import StreamEnd, StreamPart
 from workers.kv_transfer.packing import KVCaches, pack
+from workers.kv_transfer.pair_group import op_timeout
 from workers.kv_transfer.posted import Posted, PostedOps
 from workers.kv_transfer.stream_plan import (
     PrefillSpan,
@@ -72,7 +73,7 @@ class TorchSender(KVSender):
         self.table = TransferTable(on_done, on_failed)
         self._streams: dict[str, _Stream] = {}
         self._step: list[_PairStep] = []
-        self._posted = PostedOps(self.table, self.device)
+        self._posted = PostedOps(self.table, self.device, op_timeout(config, self.device))
         self._pairs = TorchPairs(layout, config, self.sender_id, self.device, self.table,
                                  self._posted)
 
