@@ -32,6 +32,8 @@ class ClusterConfig:
     ray_address: str | None = None
     """None: start a local Ray; else join this cluster ('auto' finds a running one)."""
     kv_transport: KvTransport = "auto"
+    kv_max_pairs: int = 64
+    """Each prefill worker's bound on its KV pairs (WorkerSpec.kv_max_pairs)."""
     gpu_share: bool = False
     """Two workers per GPU (num_gpus=0.5 each), e.g. 1P+1D on one GPU."""
     max_queue: int = 1024

@@ -105,7 +105,8 @@ def _use_cuda(config: ClusterConfig) -> bool:
 
 def worker_spec(config: ClusterConfig, worker_id: str) -> WorkerSpec:
     return WorkerSpec(worker_id=worker_id, engine=config.engine,
-                      kv_transport=kv_transport(config), host=config.host)
+                      kv_transport=kv_transport(config), host=config.host,
+                      kv_max_pairs=config.kv_max_pairs)
 
 
 def kv_transport(config: ClusterConfig) -> str:

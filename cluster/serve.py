@@ -50,6 +50,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto')")
     p.add_argument("--kv-transport", default="auto",
                    choices=["auto", "nccl", "gloo", "zmq", "cuda_ipc"])
+    p.add_argument("--kv-max-pairs", type=int, default=64,
+                   help="most decode workers one prefill worker keeps a KV pair with (NCCL "
+                        "communicators hold GPU memory); past it the least recently used idle "
+                        "pair is torn down")
     p.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes per worker")
@@ -101,6 +105,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,
         num_colocated=args.colocated, host=args.host, port=args.port,
         ray_address=args.ray_address, kv_transport=args.kv_transport,
+        kv_max_pairs=args.kv_max_pairs,
         gpu_share=args.gpu_share, max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout,
         router=router,

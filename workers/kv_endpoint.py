@@ -19,10 +19,11 @@ _TRANSPORTS = {"auto": "torch", "nccl": "torch", "gloo": "torch", "torch": "torc
                "cuda_ipc": "cuda_ipc"}
 
 
-def transfer_config(kv_transport: str, host: str) -> TransferConfig:
+def transfer_config(kv_transport: str, host: str,
+                    max_pairs: int = TransferConfig.max_pairs) -> TransferConfig:
     if kv_transport not in _TRANSPORTS:
         raise ValueError(f"unknown kv transport {kv_transport!r}; choose from {list(_TRANSPORTS)}")
-    return TransferConfig(transport=_TRANSPORTS[kv_transport], host=host)
+    return TransferConfig(transport=_TRANSPORTS[kv_transport], host=host, max_pairs=max_pairs)
 
 
 def kv_layout(engine) -> KVLayout:
@@ -44,11 +45,12 @@ def kv_layout(engine) -> KVLayout:
 
 
 def make_sender(engine, kv_transport: str, host: str, sender_id: str,
-                on_done: OnDone, on_failed: OnFailed):
+                on_done: OnDone, on_failed: OnFailed, max_pairs: int = TransferConfig.max_pairs):
     from workers.kv_transfer import make_sender as make
 
-    return make(kv_layout(engine), engine.runner.kv_caches, transfer_config(kv_transport, host),
-                on_done=on_done, on_failed=on_failed, sender_id=sender_id)
+    config = transfer_config(kv_transport, host, max_pairs)
+    return make(kv_layout(engine), engine.runner.kv_caches, config, on_done=on_done,
+                on_failed=on_failed, sender_id=sender_id)
 
 
 def make_receiver(engine, kv_transport: str, host: str, on_done: OnDone, on_failed: OnFailed):

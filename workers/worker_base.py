@@ -58,6 +58,9 @@ class WorkerSpec:
     """auto | nccl | gloo | zmq | inproc: how KV moves between prefill and decode workers."""
     host: str = "127.0.0.1"
     """Address this worker binds its KV receiver on (reachable by prefill workers)."""
+    kv_max_pairs: int = 64
+    """Prefill worker, torch transport: most decode workers it keeps a KV pair with (each
+    NCCL communicator holds GPU memory); past it the least recently used idle pair goes."""
 
 
 @dataclass

@@ -8,9 +8,10 @@ import pickle
 
 import pytest
 
-from cluster.launcher import check_pairs, kv_transport, worker_options
+from cluster.launcher import check_pairs, kv_transport, worker_options, worker_spec
 from cluster.serve import build_config, describe, parse_args
 from workers.errors import HandshakeMismatch, NoCapacity, QueueFull
+from workers.kv_endpoint import transfer_config
 from workers.kv_transfer.layout import KVLayout
 from workers.remote_errors import RemoteError, from_wire, to_wire
 
@@ -31,6 +32,9 @@ def test_serve_arguments_build_one_frozen_config():
     assert config.engine.scheduler.policy == "fcfs"
     priority = build_config(parse_args(["--model", "/m/x", "--scheduling-policy", "priority"]))
     assert priority.engine.scheduler.policy == "priority"  # every worker's engine gets it
+    bounded = build_config(parse_args(["--model", "/m/x", "--kv-max-pairs", "3"]))
+    assert worker_spec(bounded, "prefill-0").kv_max_pairs == 3  # the prefill worker's sender
+    assert transfer_config("nccl", "h", 3).max_pairs == 3
     banner = describe(config)
     assert "http://127.0.0.1:9000" in banner and "curl" in banner and "tiny-llama" in banner
     assert config.router.max_migrations == 2  # migration on by default
