@@ -25,7 +25,8 @@ from workers.tokenizer import Tokenizer
 from workers.worker_actor import WorkerActor
 
 LEAK = "pid=4242, ip=10.1.2.3, actor_id=deadbeefcafe"
-SECRETS = ("4242", "10.1.2.3", "deadbeef")
+SECRETS = ("pid=4242", "10.1.2.3", "deadbeefcafe")
+"""What must never reach a client (a bare '4242' would also match a random request id)."""
 
 
 def assert_no_secrets(text: str) -> None:
@@ -109,7 +110,7 @@ def test_ray_errors_become_typed_without_their_text():
 def test_engine_failing_to_admit_ends_the_request_at_once_with_a_500(gateway, monkeypatch):
     """Before: the worker logged the failure and the request waited for its deadline."""
 
-    def broken_admit(seq) -> None:
+    def broken_admit(*args) -> None:
         raise RuntimeError(f"CUDA error: {LEAK}")
 
     monkeypatch.setattr(gateway.worker.engine, "_admit", broken_admit)
