@@ -13,9 +13,13 @@ import ray
 import torch
 import zmq
 
+from cluster.config import ClusterConfig
+from cluster.launcher import launch
 from router.output_receiver import OutputReceiver
 from router.router import RayBackend
+from router.router_state import RouterConfig
 from router.stream_resume import StreamResume
+from workers.config import CacheConfig, EngineConfig
 from workers.protocol import GenerateRequest, OutputChunk, Resume, decode
 
 
@@ -219,3 +223,22 @@ def prompts(count: int, vocab: int, seed: int = 0, low: int = 3, high: int = 40)
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(low, high, (count,), generator=gen).tolist()
     return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def tiny_ray_cluster(model_dir, name: str, *, num_decode: int, num_blocks: int, block: int,
+                     max_worker_restarts: int, max_migrations: int):
+    """Yields a 2-prefill gloo cluster of the tiny model on a local Ray (2 CPUs) whose router
+    polls every 0.1 s and drops a worker after 1 s of silence; shuts both down after. For
+    module-scoped fixtures of the kill tests."""
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
+    engine = EngineConfig(model=str(model_dir),
+                          cache=CacheConfig(block_size=block, num_blocks=num_blocks))
+    config = ClusterConfig(engine=engine, model_name="tiny", name=name, num_prefill=2,
+                           num_decode=num_decode, kv_transport="gloo",
+                           max_worker_restarts=max_worker_restarts,
+                           router=RouterConfig(block_size=block, poll_interval_s=0.1,
+                                               poll_timeout_s=1.0, max_migrations=max_migrations))
+    cluster = launch(config)
+    yield cluster
+    cluster.shutdown()
+    ray.shutdown()

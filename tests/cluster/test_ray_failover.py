@@ -12,20 +12,17 @@ import time
 import pytest
 import ray
 
-from cluster.config import ClusterConfig
-from cluster.launcher import launch
-from router.router_state import RouterConfig
 from router.worker_handle import raise_typed
 from tests.cluster.helpers import (
     ChunkCollector,
     all_blocks_free,
     hf_greedy,
     prompts,
+    tiny_ray_cluster,
     wait_all_ready,
     wait_readmitted,
     wait_until,
 )
-from workers.config import CacheConfig, EngineConfig
 from workers.errors import NoReadyWorker
 from workers.protocol import GenerateRequest
 
@@ -34,17 +31,8 @@ BLOCK = 8
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
-    engine = EngineConfig(model=str(tiny_model_dir),
-                          cache=CacheConfig(block_size=BLOCK, num_blocks=96))
-    config = ClusterConfig(engine=engine, model_name="tiny", name="failover", num_prefill=2,
-                           num_decode=1, kv_transport="gloo", max_worker_restarts=2,
-                           router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1,
-                                               poll_timeout_s=1.0, max_migrations=0))
-    cluster = launch(config)
-    yield cluster
-    cluster.shutdown()
-    ray.shutdown()
+    yield from tiny_ray_cluster(tiny_model_dir, "failover", num_decode=1, num_blocks=96,
+                                block=BLOCK, max_worker_restarts=2, max_migrations=0)
 
 
 @pytest.fixture()

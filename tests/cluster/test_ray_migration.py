@@ -13,20 +13,17 @@ import time
 import pytest
 import ray
 
-from cluster.config import ClusterConfig
-from cluster.launcher import launch
-from router.router_state import RouterConfig
 from tests.cluster.helpers import (
     GatewayStreams,
     all_blocks_free,
     hf_greedy,
     incarnation,
     prompts,
+    tiny_ray_cluster,
     wait_all_ready,
     wait_readmitted,
     wait_until,
 )
-from workers.config import CacheConfig, EngineConfig
 from workers.protocol import GenerateRequest
 
 BLOCK = 8
@@ -35,17 +32,8 @@ MAX_STALL_S = 5.0
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
-    engine = EngineConfig(model=str(tiny_model_dir),
-                          cache=CacheConfig(block_size=BLOCK, num_blocks=2048))
-    config = ClusterConfig(engine=engine, model_name="tiny", name="migration", num_prefill=2,
-                           num_decode=2, kv_transport="gloo", max_worker_restarts=4,
-                           router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1,
-                                               poll_timeout_s=1.0, max_migrations=2))
-    cluster = launch(config)
-    yield cluster
-    cluster.shutdown()
-    ray.shutdown()
+    yield from tiny_ray_cluster(tiny_model_dir, "migration", num_decode=2, num_blocks=2048,
+                                block=BLOCK, max_worker_restarts=4, max_migrations=2)
 
 
 @pytest.fixture()
