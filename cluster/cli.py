@@ -11,8 +11,10 @@ import sys
 SUBCOMMANDS = {
     "serve": ("cluster.serve", "start a cluster (prefill/decode or colocated) and the gateway"),
     "generate": ("workers.generate_cli", "offline generation on one engine, prints the text"),
-    "make-tiny-model": ("workers.tiny_model", "write a small random Llama checkpoint + tokenizer"),
-    "bench-engine": ("workers.bench", "offline engine throughput table"),
+    "make-tiny-model": (
+        "workers.model.tiny_model", "write a small random Llama checkpoint + tokenizer"
+    ),
+    "bench-engine": ("workers.bench.bench_engine", "offline engine throughput table"),
     "loadtest": ("loadtest.cli", "load-test any OpenAI-compatible endpoint"),
 }
 

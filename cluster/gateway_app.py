@@ -11,8 +11,8 @@ from cluster.config import ClusterConfig
 from cluster.metrics import GatewayMetrics
 from router.gateway import GatewayConfig, create_app
 from router.router import RayBackend
-from workers.request_text import load_tokenizer
-from workers.worker_actor import WILDCARD_HOSTS
+from workers.actors.worker_actor import WILDCARD_HOSTS
+from workers.text.request_text import load_tokenizer
 
 
 def build_app(config: ClusterConfig, router: Any, max_model_len: int) -> FastAPI:

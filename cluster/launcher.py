@@ -17,10 +17,10 @@ import torch
 
 from cluster.config import ClusterConfig
 from router.router import NAMESPACE, ROUTER_SUFFIX, Router
+from workers.actors.worker_actor import WorkerActor
+from workers.actors.worker_base import WorkerSpec
 from workers.errors import HandshakeMismatch
 from workers.kv_transfer.layout import KVLayout, check_compatible
-from workers.worker_actor import WorkerActor
-from workers.worker_base import WorkerSpec
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 from cluster.config import ClusterConfig
 from router.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from router.router_state import RouterConfig
+from workers.actors.host_memory import return_large_frees_to_os
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.errors import KvrelayError
-from workers.host_memory import return_large_frees_to_os
 from workers.model.model_source import check_model_path, resolve_model_path, served_model_name
 from workers.model.presets import resolve_config_path
 
@@ -129,7 +129,8 @@ def main(argv: list[str]) -> int:
     from cluster.launcher import launch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return_large_frees_to_os()  # a huge prompt's tokenization buffers (workers/host_memory.py)
+    # a huge prompt's tokenization buffers (workers/actors/host_memory.py)
+    return_large_frees_to_os()
     try:
         config = build_config(parse_args(argv))
         check_model_path(config.engine.model)

@@ -7,5 +7,5 @@
 - cache_write: scatter new K/V into cache slots (slot_mapping)
 - kv_pack: gather / scatter a sequence's blocks to / from one contiguous transfer buffer
 - rmsnorm, rotary, activation: fused residual+RMSNorm, in-place RoPE, SiLU-and-multiply
-- bench: `python -m kernels.bench` on a GPU
+- bench: `python -m kernels.bench.bench_kernels` on a GPU
 """

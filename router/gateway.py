@@ -101,7 +101,7 @@ def create_app(
     config: GatewayConfig | None = None,
     metrics: MetricsSink | None = None,
 ) -> FastAPI:
-    """The gateway app. `tokenizer` is a workers.tokenizer.Tokenizer (encode, decode,
+    """The gateway app. `tokenizer` is a workers.text.tokenizer.Tokenizer (encode, decode,
     apply_chat_template, bos_token). Without `metrics`, /metrics answers 404 and /v1/metrics
     has only the gateway's and the workers' own numbers."""
     config = config or GatewayConfig()

@@ -21,8 +21,8 @@ from router.lifecycle import Event, Migrate, Phase, PlacementFailed
 from router.placement import Placement
 from router.policies import blocks_needed
 from router.router_state import InFlight
+from workers.actors.output_sender import OutputSender
 from workers.errors import KvrelayError
-from workers.output_sender import OutputSender
 from workers.protocol import GenerateRequest, Resume
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from router.request_models import (
     Request,
     SimpleGenerateRequest,
 )
+from workers.engine.sampling_params import SamplingParams
 from workers.errors import EmptyPrompt, InvalidParameter, PromptTooLong
-from workers.sampling_params import SamplingParams
 
 # OpenAI's default for /v1/completions; chat defaults to "the rest of the context".
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16

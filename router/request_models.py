@@ -9,7 +9,7 @@ Rules (docs/contracts.md, "HTTP API: request validation and errors"):
 - Fields vLLM honours and kvrelay does not implement (`NOT_IMPLEMENTED_*`) are 400
   (`code: unsupported_parameter`) unless their value asks for nothing (`echo: false`,
   `best_of: 1`), since clients such as `vllm bench serve` send such defaults.
-Ranges of sampling numbers are checked once, by workers/sampling_params.py; prompt and stop
+Ranges of sampling numbers are checked once, by workers/engine/sampling_params.py; prompt and stop
 token ids against the vocabulary by the engine, which knows it.
 """
 

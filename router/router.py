@@ -16,9 +16,9 @@ from ray import exceptions as ray_errors
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import RayHandle, raise_typed
+from workers.actors.remote_errors import RemoteError, to_wire
 from workers.errors import InternalError, KvrelayError, RouterUnavailable
 from workers.protocol import GenerateRequest
-from workers.remote_errors import RemoteError, to_wire
 
 NAMESPACE = "kvrelay"
 ROUTER_SUFFIX = "router"

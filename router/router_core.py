@@ -47,10 +47,10 @@ from router.policies import blocks_needed, make_policy
 from router.router_state import InFlight, RouterConfig, WorkerState
 from router.worker_client import WorkerClient
 from router.worker_handle import WorkerGone, WorkerHandle
+from workers.actors.output_sender import OutputSender
+from workers.engine.sampling_params import SamplingParams
 from workers.errors import KvrelayError, NoReadyWorker, QueueFull
-from workers.output_sender import OutputSender
 from workers.protocol import GenerateRequest, OutputChunk, WorkerEvent
-from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ class WorkerClient:
         self._call = call
 
     async def reserve(self, request: GenerateRequest) -> dict[str, Any]:
-        """Decode worker (workers/decode_worker.py): reserves blocks for the request's KV;
+        """Decode worker (workers/actors/decode_worker.py): reserves blocks for the request's KV;
         returns the reservation (block ids, KV receiver address) the prefill worker writes
         to. Raises NoCapacity (or another typed refusal)."""
         return await self._call("reserve", request)
 
     async def prefill(self, request: GenerateRequest, dest: dict[str, Any]) -> None:
-        """Prefill worker (workers/prefill_worker.py): computes the prompt's KV into the
+        """Prefill worker (workers/actors/prefill_worker.py): computes the prompt's KV into the
         reservation `dest`, streaming it there, and token 1 to the gateway."""
         await self._call("prefill", request, dest)
 

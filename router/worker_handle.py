@@ -14,8 +14,8 @@ from typing import Any, Protocol
 import ray
 from ray import exceptions as ray_errors
 
+from workers.actors.remote_errors import RemoteError, from_wire
 from workers.errors import InternalError
-from workers.remote_errors import RemoteError, from_wire
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError)
 
 
 class RayHandle:
-    """A worker Ray actor (workers/worker_actor.py, placed by cluster/launcher.py)."""
+    """A worker Ray actor (workers/actors/worker_actor.py, placed by cluster/launcher.py)."""
 
     def __init__(self, actor: ray.actor.ActorHandle):
         self.actor = actor

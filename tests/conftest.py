@@ -1,7 +1,7 @@
 """Shared fixtures: tiny checkpoints on disk and their Hugging Face reference models.
 
 - `tiny_model_dir`: the default tiny Llama checkpoint (session-wide, written once).
-- `make_model_dir(variant)`: a tiny checkpoint of one of workers.tiny_model.VARIANTS
+- `make_model_dir(variant)`: a tiny checkpoint of one of workers.model.tiny_model.VARIANTS
   ('llama', 'llama3_rope', 'mistral', 'qwen2', 'qwen3', 'mqa', 'tied', ...), cached.
 - `hf_reference(model_dir)`: the transformers model of a folder, float32 on CPU, eval mode,
   cached (transformers is imported only when a test asks for it).
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from workers.model.presets import load_preset
-from workers.tiny_model import make_variant
+from workers.model.tiny_model import make_variant
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +56,7 @@ def build_step(seqs: list[tuple[list[int], int, list[int]]], block_size: int, lo
     """A StepInput for sequences given as (tokens so far incl. this step's, number of new
     tokens at the end, block table). logits='last': the last token of each sequence;
     'all': every new token."""
-    from workers.step_input import StepInput
+    from workers.engine.step_input import StepInput
 
     token_ids: list[int] = []
     positions: list[int] = []

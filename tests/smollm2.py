@@ -52,7 +52,7 @@ def reference() -> dict[str, tuple[list[int], list[int]]]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from workers.tokenizer import Tokenizer
+    from workers.text.tokenizer import Tokenizer
 
     pytest.importorskip("gguf")  # transformers reads GGUF files through it
     path = smollm2_path()

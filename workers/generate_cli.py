@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     # Imported here so `--help` stays fast (torch loads with the engine).
-    from workers.engine import LLMEngine
-    from workers.sampling_params import SamplingParams
+    from workers.engine.engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
 
     try:
         model = resolve_model_path(args.model)

@@ -22,7 +22,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: dict[str, Any]
-    """SamplingParams fields (workers/sampling_params.py) as a dict."""
+    """SamplingParams fields (workers/engine/sampling_params.py) as a dict."""
     output_address: str
     """ZMQ address of the gateway's PULL socket; workers PUSH OutputChunk there."""
     priority: int = 0

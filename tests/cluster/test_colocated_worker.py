@@ -12,10 +12,10 @@ from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
 from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
-from workers.colocated_worker import ColocatedWorker
+from workers.actors.colocated_worker import ColocatedWorker
+from workers.actors.worker_base import WorkerSpec
 from workers.config import CacheConfig, EngineConfig
 from workers.protocol import GenerateRequest
-from workers.worker_base import WorkerSpec
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
 from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
+from workers.actors.decode_worker import DecodeWorker
+from workers.actors.prefill_worker import PrefillWorker
+from workers.actors.worker_base import WorkerSpec
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
-from workers.decode_worker import DecodeWorker
-from workers.prefill_worker import PrefillWorker
 from workers.protocol import GenerateRequest
-from workers.worker_base import WorkerSpec
 
 
 def make_spec(model_dir, worker_id: str, transport: str, block_size: int = 8,

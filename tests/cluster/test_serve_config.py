@@ -10,10 +10,10 @@ import pytest
 
 from cluster.launcher import check_pairs, kv_transport, worker_options, worker_spec
 from cluster.serve import build_config, describe, parse_args
+from workers.actors.kv_endpoint import transfer_config
+from workers.actors.remote_errors import RemoteError, from_wire, to_wire
 from workers.errors import HandshakeMismatch, NoCapacity, QueueFull
-from workers.kv_endpoint import transfer_config
 from workers.kv_transfer.layout import KVLayout
-from workers.remote_errors import RemoteError, from_wire, to_wire
 
 
 def test_serve_arguments_build_one_frozen_config():

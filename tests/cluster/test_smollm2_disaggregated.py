@@ -16,8 +16,8 @@ from tests.cluster.test_disaggregated_workers import (
     wait_all_free,
 )
 from tests.smollm2 import MAX_TOKENS, reference, smollm2_path
-from workers.decode_worker import DecodeWorker
-from workers.prefill_worker import PrefillWorker
+from workers.actors.decode_worker import DecodeWorker
+from workers.actors.prefill_worker import PrefillWorker
 
 # The first test to ask for the transformers reference loads the GGUF file through the gguf
 # package's reader: ~25 s on 2 idle cores, minutes on 2 busy ones.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.cluster.helpers import hf_greedy, prompts
-from workers.tokenizer import Tokenizer
+from workers.text.tokenizer import Tokenizer
 
 NUM_REQUESTS = 16
 

@@ -26,7 +26,7 @@ MAX_NUM_SEQS = 12  # < NUM_PROMPTS: requests queue, so decode batches shrink and
 def _tiny_model_dir() -> str:
     import tempfile
 
-    from workers.tiny_model import make_variant
+    from workers.model.tiny_model import make_variant
 
     return str(make_variant(tempfile.mkdtemp(prefix="kvrelay-gpu-"), "llama"))
 
@@ -43,8 +43,8 @@ def _workload(vocab_size: int) -> list[tuple[list[int], int]]:
 
 def _engine_tokens(backend: str, enforce_eager: bool) -> tuple[list[list[int]], object]:
     from workers.config import CacheConfig, EngineConfig, SchedulerConfig
-    from workers.engine import LLMEngine
-    from workers.sampling_params import SamplingParams
+    from workers.engine.engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
 
     config = EngineConfig(
         model=_tiny_model_dir(), dtype="float32", device="cuda", attention_backend=backend,

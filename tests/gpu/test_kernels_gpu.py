@@ -127,11 +127,11 @@ def test_triton_backend_equals_torch_backend_on_gpu(dtype: torch.dtype) -> None:
 def test_engine_triton_backend_matches_torch_backend(dtype: str, tmp_path) -> None:
     """Greedy generation on the tiny model: token-exact in float32; in bf16 the two backends
     round differently, so the test reports the match rate and requires most tokens equal."""
-    pytest.importorskip("workers.engine")
+    pytest.importorskip("workers.engine.engine")
     from workers.config import CacheConfig, EngineConfig
-    from workers.engine import LLMEngine
-    from workers.sampling_params import SamplingParams
-    from workers.tiny_model import make_variant
+    from workers.engine.engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
+    from workers.model.tiny_model import make_variant
 
     model_dir = make_variant(tmp_path, "llama")
     prompts = [[1 + (i * 7 + j) % 50 for j in range(5 + 13 * i)] for i in range(6)]

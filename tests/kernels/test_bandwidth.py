@@ -2,7 +2,7 @@
 
 import math
 
-from kernels.bandwidth import copy_bandwidth
+from kernels.bench.bandwidth import copy_bandwidth
 
 
 def test_copy_bandwidth_on_cpu_is_a_positive_finite_rate():

@@ -27,11 +27,11 @@ from router.gateway import GatewayConfig, create_app
 from router.router_core import RouterConfig, RouterCore
 from router.worker_handle import LocalHandle
 from tests.served_app import serve  # noqa: F401 - re-exported for the router tests
-from workers.colocated_worker import ColocatedWorker
+from workers.actors.colocated_worker import ColocatedWorker
+from workers.actors.worker_base import WorkerSpec
 from workers.config import CacheConfig, EngineConfig
 from workers.protocol import GenerateRequest, OutputChunk, encode
-from workers.tokenizer import Tokenizer
-from workers.worker_base import WorkerSpec
+from workers.text.tokenizer import Tokenizer
 
 BLOCK_SIZE = 8
 NUM_BLOCKS = 64

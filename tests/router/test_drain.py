@@ -31,7 +31,7 @@ from tests.router.conftest import (
     stop_core,
 )
 from workers.protocol import OutputChunk
-from workers.tokenizer import Tokenizer
+from workers.text.tokenizer import Tokenizer
 
 
 @contextmanager

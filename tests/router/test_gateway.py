@@ -27,10 +27,10 @@ from tests.router.conftest import (
     sse_payloads,
     stop_core,
 )
-from workers.engine import LLMEngine
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 from workers.protocol import OutputChunk
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import Tokenizer
+from workers.text.tokenizer import Tokenizer
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 GREEDY = {"model": "tiny", "temperature": 0, "ignore_eos": True}

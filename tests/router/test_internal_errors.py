@@ -19,10 +19,10 @@ from router.router import _unwrap
 from router.worker_handle import raise_typed
 from tests.router.conftest import MAX_MODEL_LEN, NUM_BLOCKS, ScriptedBackend, post, serve
 from tests.router.test_bad_input import assert_openai_error
+from workers.actors.remote_errors import RemoteError, to_wire
+from workers.actors.worker_actor import WorkerActor
 from workers.errors import InternalError, NoCapacity, RouterUnavailable
-from workers.remote_errors import RemoteError, to_wire
-from workers.tokenizer import Tokenizer
-from workers.worker_actor import WorkerActor
+from workers.text.tokenizer import Tokenizer
 
 LEAK = "pid=4242, ip=10.1.2.3, actor_id=deadbeefcafe"
 SECRETS = ("pid=4242", "10.1.2.3", "deadbeefcafe")

@@ -18,9 +18,9 @@ from router.openai_protocol import (
 )
 from router.request_models import ChatCompletionRequest, CompletionRequest
 from workers import errors
+from workers.engine.sampling_params import SamplingParams
 from workers.errors import InvalidParameter, PromptTooLong, QueueFull
-from workers.sampling_params import SamplingParams
-from workers.tokenizer import Tokenizer
+from workers.text.tokenizer import Tokenizer
 
 
 def completion(**fields) -> CompletionRequest:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
-from workers.engine import LLMEngine
+from workers.engine.engine import LLMEngine
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def test_bench_dummy_weights_against_transformers_prints_one_table(
 
 
 def test_bench_checkpoint_without_baseline(tiny_model_dir, capsys):
-    from workers import bench
+    from workers.bench import bench_engine as bench
 
     argv = ["--model", str(tiny_model_dir), "--device", "cpu", "--num-prompts", "2"]
     assert bench.main(argv + ["--input-len", "6", "--output-len", "3", "--num-blocks", "16"]) == 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.block_pool import BlockPool, blocks_for, chain_hash
+from workers.engine.block_pool import BlockPool, blocks_for, chain_hash
 from workers.errors import NoCapacity
 
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
-from workers.cuda_graph import batch_buckets
-from workers.model_runner import ModelRunner
+from workers.engine.cuda_graph import batch_buckets
+from workers.engine.model_runner import ModelRunner
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

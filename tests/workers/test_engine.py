@@ -12,10 +12,10 @@ import os
 import pytest
 import torch
 
-from workers.engine import LLMEngine
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 from workers.errors import EmptyPrompt, InvalidParameter, PromptTooLong, UnknownTokenIds
-from workers.sampling_params import SamplingParams
-from workers.tiny_model import VARIANTS
+from workers.model.tiny_model import VARIANTS
 
 NUM_NEW = 8
 GREEDY = SamplingParams(max_tokens=NUM_NEW, min_tokens=NUM_NEW, temperature=0)

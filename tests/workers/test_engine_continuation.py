@@ -9,8 +9,8 @@ import dataclasses
 
 import pytest
 
-from workers.engine import LLMEngine
-from workers.sampling_params import SamplingParams
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=77, ignore_eos=True)

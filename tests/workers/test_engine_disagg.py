@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from workers.engine import LLMEngine
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 from workers.errors import InvalidParameter, NoCapacity, UnknownRequest
-from workers.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, min_tokens=8, temperature=0)
 

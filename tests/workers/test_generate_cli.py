@@ -8,8 +8,8 @@ from pathlib import Path
 
 from workers import generate_cli
 from workers.config import CacheConfig, EngineConfig
-from workers.engine import LLMEngine
-from workers.sampling_params import SamplingParams
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 
 REPO = Path(__file__).resolve().parents[2]
 

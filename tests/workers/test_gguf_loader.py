@@ -14,7 +14,8 @@ from tests.cluster.helpers import hf_greedy
 from tests.gguf_files import write_gguf
 from workers.attention.torch_backend import TorchAttentionBackend
 from workers.config import CacheConfig, EngineConfig
-from workers.engine import LLMEngine
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 from workers.errors import (
     InvalidModelConfig,
     InvalidTensor,
@@ -23,10 +24,9 @@ from workers.errors import (
 )
 from workers.model.config import ModelConfig
 from workers.model.llama import LlamaForCausalLM
-from workers.sampling_params import SamplingParams
-from workers.tiny_model import CHAT_TEMPLATE, CORPUS
-from workers.tokenizer import Tokenizer
-from workers.weights import load_checkpoint
+from workers.model.tiny_model import CHAT_TEMPLATE, CORPUS
+from workers.model.weights import load_checkpoint
+from workers.text.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

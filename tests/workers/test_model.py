@@ -11,12 +11,12 @@ import torch
 
 from workers.attention.torch_backend import TorchAttentionBackend
 from workers.config import CacheConfig, EngineConfig
+from workers.engine.model_runner import ModelRunner
 from workers.errors import InvalidModelConfig, UnsupportedArchitecture
 from workers.model.config import ModelConfig
 from workers.model.llama import IntermediateTensors, LlamaForCausalLM
-from workers.model_runner import ModelRunner
-from workers.parallel import ParallelContext
-from workers.tiny_model import VARIANTS
+from workers.model.parallel import ParallelContext
+from workers.model.tiny_model import VARIANTS
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 24

@@ -15,10 +15,10 @@ import torch.multiprocessing as mp
 from workers.attention.registry import get_attention_backend
 from workers.attention.torch_backend import TorchAttentionBackend
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.engine.model_runner import CPU_KV_CACHE_BYTES, ModelRunner, resolve_max_model_len
 from workers.errors import InvalidParameter
 from workers.model.config import ModelConfig
-from workers.model_runner import CPU_KV_CACHE_BYTES, ModelRunner, resolve_max_model_len
-from workers.parallel import ParallelContext, layer_range_for_stage
+from workers.model.parallel import ParallelContext, layer_range_for_stage
 
 # Tiny model: 2 layers, 2 kv heads, head_dim 16; float32.
 TINY_BYTES_PER_BLOCK = 2 * 2 * 16 * 2 * 16 * 4

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from workers.engine.sampler import Sampler, SamplingRow, apply_penalties, apply_top_k_top_p_min_p
+from workers.engine.sampling_params import SamplingParams
 from workers.errors import InvalidParameter
-from workers.sampler import Sampler, SamplingRow, apply_penalties, apply_top_k_top_p_min_p
-from workers.sampling_params import SamplingParams
 
 
 def row(prompt=(), output=(), seed=None, **params) -> SamplingRow:

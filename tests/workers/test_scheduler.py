@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import itertools
 
-from workers.block_pool import BlockPool
 from workers.config import SchedulerConfig
-from workers.sampling_params import SamplingParams
-from workers.scheduler import Scheduler
-from workers.sequence import Sequence, SequenceStatus, SequenceTimes
+from workers.engine.block_pool import BlockPool
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import Scheduler
+from workers.engine.sequence import Sequence, SequenceStatus, SequenceTimes
 
 _arrivals = itertools.count()
 

@@ -9,7 +9,7 @@ import pytest
 
 from tests.smollm2 import CHAT_QUESTION, MAX_TOKENS, PLAIN_PROMPTS, reference, smollm2_path
 from workers import generate_cli
-from workers.tokenizer import Tokenizer
+from workers.text.tokenizer import Tokenizer
 
 # The first test to ask for the transformers reference loads the GGUF file through the gguf
 # package's reader: ~25 s on 2 idle cores, minutes on 2 busy ones.

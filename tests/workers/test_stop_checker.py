@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from workers.sampling_params import SamplingParams
-from workers.sequence import Sequence, SequenceTimes
-from workers.stop_checker import StopChecker, find_stop_string, streamable_len
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.sequence import Sequence, SequenceTimes
+from workers.engine.stop_checker import StopChecker, find_stop_string, streamable_len
 
 EOS = 1
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from workers.errors import InvalidParameter
-from workers.tiny_model import IM_END, make_tiny_model
-from workers.tokenizer import IncrementalDetokenizer, Tokenizer
+from workers.model.tiny_model import IM_END, make_tiny_model
+from workers.text.tokenizer import IncrementalDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world! How are you today?",
@@ -101,7 +101,7 @@ def test_streamed_text_continues_the_prompt_with_a_metaspace_tokenizer(tmp_path)
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from workers.tiny_model import CORPUS
+    from workers.model.tiny_model import CORPUS
 
     raw = HFTokenizer(models.BPE(unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.Metaspace()

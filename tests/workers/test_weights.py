@@ -12,11 +12,11 @@ from safetensors.torch import load_file, save_file
 
 from workers.attention.torch_backend import TorchAttentionBackend
 from workers.config import CacheConfig, EngineConfig
+from workers.engine.model_runner import ModelRunner
 from workers.errors import CheckpointFileMissing, MissingTensor, TensorShapeMismatch
 from workers.model.config import ModelConfig
 from workers.model.llama import LlamaForCausalLM
-from workers.model_runner import ModelRunner
-from workers.weights import INDEX_FILE, load_checkpoint, load_dummy
+from workers.model.weights import INDEX_FILE, load_checkpoint, load_dummy
 
 
 def new_model(folder) -> LlamaForCausalLM:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.parallel import ParallelContext
+from workers.model.parallel import ParallelContext
 
 
 def _copy_shard(dst: torch.Tensor, full: torch.Tensor, dim: int, start: int) -> None:

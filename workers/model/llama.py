@@ -2,7 +2,7 @@
 cache.
 
 `forward(input_ids, positions, kv_caches, meta)` takes the step's tokens of all sequences
-packed on one axis (see workers/step_input.py) and returns hidden states; `compute_logits`
+packed on one axis (see workers/engine/step_input.py) and returns hidden states; `compute_logits`
 turns selected hidden states into float32 logits. Tensor parallelism enters only through the
 `ParallelContext` given to the parallel layers (workers/model/linear.py). A pipeline stage
 builds only its `layer_range` and reads `kv_caches[i - layer_range[0]]` for layer i.
@@ -28,9 +28,9 @@ from workers.model.linear import (
     VocabParallelEmbedding,
 )
 from workers.model.ops import Rope, TorchOps, model_ops
+from workers.model.parallel import SINGLE, ParallelContext
 from workers.model.rms_norm import RMSNorm
 from workers.model.rotary import RotaryEmbedding
-from workers.parallel import SINGLE, ParallelContext
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 

@@ -1,10 +1,10 @@
-"""cluster/bench_kv.py runs end to end on CPU (gloo and ZMQ between two real processes)."""
+"""cluster/bench/bench_kv.py runs end to end on CPU (gloo and ZMQ between two real processes)."""
 
 from __future__ import annotations
 
 import pytest
 
-from cluster import bench_kv
+from cluster.bench import bench_kv
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""cluster/bench_disagg.py end to end on CPU: `kvrelay serve` 1P+1D and colocated x2 with the
+"""cluster/bench/bench_disagg.py end to end on CPU: `kvrelay serve` 1P+1D and colocated x2 with the
 tiny model, real HTTP load of token-id prompts, KV bytes and KV ready delay counted by the
 gateway, gloo baseline beside them, and a one-rate goodput sweep."""
 
@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from cluster import bench_disagg
+from cluster.bench import bench_disagg
 from loadtest.report import load_run
 
 

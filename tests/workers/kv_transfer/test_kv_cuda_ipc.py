@@ -12,13 +12,13 @@ import torch.multiprocessing as mp
 import zmq
 from kv_peer_process import random_caches
 
-from cluster.bench_serve_1gpu import cluster_config
-from cluster.bench_serve_1gpu import parse_args as bench_args
+from cluster.bench.bench_serve_1gpu import cluster_config
+from cluster.bench.bench_serve_1gpu import parse_args as bench_args
 from cluster.launcher import kv_transport
 from cluster.serve import build_config
 from cluster.serve import parse_args as serve_args
+from workers.actors.kv_endpoint import transfer_config
 from workers.errors import HandshakeMismatch
-from workers.kv_endpoint import transfer_config
 from workers.kv_transfer import (
     KVLayout,
     Receiver,

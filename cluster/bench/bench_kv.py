@@ -1,4 +1,4 @@
-"""python -m cluster.bench_kv: KV-transfer bandwidth against raw send/recv, for one request.
+"""python -m cluster.bench.bench_kv: KV-transfer bandwidth against raw send/recv, for one request.
 
 (a) Two processes on two GPUs (or two CPU processes with `--device cpu`, gloo): raw
     torch.distributed send/recv of one request's KV bytes beside our transfer of the same
@@ -49,7 +49,7 @@ class BenchConfig:
 
 
 def _parse(argv: list[str] | None) -> BenchConfig:
-    parser = argparse.ArgumentParser(prog="python -m cluster.bench_kv", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench.bench_kv", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tokens", default=None, help="prompt lengths, comma-separated "

@@ -30,14 +30,14 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.actors.host_memory import return_large_frees_to_os
+from workers.actors.kv_endpoint import kv_layout
+from workers.actors.output_sender import OutputSender
 from workers.config import EngineConfig
-from workers.engine import LLMEngine
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
 from workers.errors import InternalError, KvrelayError
-from workers.host_memory import return_large_frees_to_os
-from workers.kv_endpoint import kv_layout
-from workers.output_sender import OutputSender
 from workers.protocol import GenerateRequest, OutputChunk, WorkerEvent
-from workers.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ class EngineWorker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         # A worker has its process to itself (a Ray actor): its prefill buffers, whose sizes
-        # vary with every prompt, must not pile up in malloc's arenas (workers/host_memory.py).
+        # vary with every prompt, must not pile up in malloc's arenas
+        # (workers/actors/host_memory.py).
         return_large_frees_to_os()
         self.worker_id = spec.worker_id
         # A fresh id per construction lets the router tell a restarted actor from the old one.

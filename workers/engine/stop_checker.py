@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from workers.sequence import Sequence
+from workers.engine.sequence import Sequence
 
 
 @dataclass(frozen=True)

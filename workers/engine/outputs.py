@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.sequence import SequenceTimes
+from workers.engine.sequence import SequenceTimes
 
 
 @dataclass(frozen=True)

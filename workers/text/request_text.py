@@ -8,10 +8,10 @@ string prefix). The streamed deltas always concatenate to the final text.
 from __future__ import annotations
 
 from workers.config import EngineConfig
+from workers.engine.sequence import Sequence
+from workers.engine.stop_checker import streamable_len
 from workers.errors import CheckpointFileMissing
-from workers.sequence import Sequence
-from workers.stop_checker import streamable_len
-from workers.tokenizer import IncrementalDetokenizer, Tokenizer
+from workers.text.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
 def load_tokenizer(config: EngineConfig) -> Tokenizer | None:

@@ -25,8 +25,8 @@ import gc
 import torch
 
 from workers.attention.backend import AttentionMetadata
+from workers.engine.step_input import StepInput
 from workers.model.llama import KVCache, LlamaForCausalLM
-from workers.step_input import StepInput
 
 _FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "logits_indices")
 

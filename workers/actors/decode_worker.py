@@ -13,11 +13,11 @@ import logging
 import time
 from typing import Any
 
-from workers.kv_endpoint import make_receiver
+from workers.actors.kv_endpoint import make_receiver
+from workers.actors.worker_base import EngineWorker, LiveRequest, WorkerSpec
+from workers.engine.sampling_params import SamplingParams
 from workers.kv_transfer.base import TransferState
 from workers.protocol import GenerateRequest
-from workers.sampling_params import SamplingParams
-from workers.worker_base import EngineWorker, LiveRequest, WorkerSpec
 
 log = logging.getLogger(__name__)
 

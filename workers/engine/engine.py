@@ -25,8 +25,15 @@ from typing import Protocol
 
 import torch
 
-from workers.block_pool import BlockPool, blocks_for
 from workers.config import EngineConfig
+from workers.engine.block_pool import BlockPool, blocks_for
+from workers.engine.model_runner import ModelRunner
+from workers.engine.outputs import RequestMetrics, RequestOutput
+from workers.engine.sampler import Sampler, SamplingRow, position_seed
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import ScheduledBatch, Scheduler
+from workers.engine.sequence import Sequence, SequenceStatus, SequenceTimes
+from workers.engine.stop_checker import StopChecker
 from workers.errors import (
     DuplicateRequest,
     EmptyPrompt,
@@ -38,15 +45,8 @@ from workers.errors import (
     UnknownTokenIds,
 )
 from workers.kv_transfer.stream_plan import PrefillSpan
-from workers.model_runner import ModelRunner
-from workers.outputs import RequestMetrics, RequestOutput
-from workers.parallel import ParallelContext
-from workers.request_text import RequestText, load_tokenizer
-from workers.sampler import Sampler, SamplingRow, position_seed
-from workers.sampling_params import SamplingParams
-from workers.scheduler import ScheduledBatch, Scheduler
-from workers.sequence import Sequence, SequenceStatus, SequenceTimes
-from workers.stop_checker import StopChecker
+from workers.model.parallel import ParallelContext
+from workers.text.request_text import RequestText, load_tokenizer
 
 
 class KVStreamHook(Protocol):

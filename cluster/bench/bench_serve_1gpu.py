@@ -1,7 +1,7 @@
 """1P+1D on one GPU: TTFT, TPOT and KV transfer cost per request, Llama-3-8B shapes.
 
-    python -m cluster.bench_serve_1gpu                   # Llama-3-8B config, dummy bf16
-    python -m cluster.bench_serve_1gpu --prompt-len 4096 --num-requests 8 --concurrency 1
+    python -m cluster.bench.bench_serve_1gpu                   # Llama-3-8B config, dummy bf16
+    python -m cluster.bench.bench_serve_1gpu --prompt-len 4096 --num-requests 8 --concurrency 1
 
 A prefill worker and a decode worker share the GPU (num_gpus=0.5 each); KV moves over CUDA IPC
 by default (`auto`: two processes on one GPU have no NCCL link; `--kv-transport zmq` for the

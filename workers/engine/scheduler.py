@@ -17,10 +17,10 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
-from workers.block_pool import BlockPool
 from workers.config import SchedulerConfig
-from workers.sequence import Sequence, SequenceStatus
-from workers.step_input import StepInput
+from workers.engine.block_pool import BlockPool
+from workers.engine.sequence import Sequence, SequenceStatus
+from workers.engine.step_input import StepInput
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from workers.sampling_params import SamplingParams
+from workers.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -2,7 +2,7 @@
 
 As vLLM's Ray executor: the actor is thin, `execute(method, *args)` calls the plain object's
 method (the same object tests run in-process), and typed errors travel as `RemoteError`
-(workers/remote_errors.py) so the router gets them back with their numbers. Any other
+(workers/actors/remote_errors.py) so the router gets them back with their numbers. Any other
 exception is logged here and travels as `InternalError`: its text (paths, addresses) stays
 in this worker's log.
 """
@@ -15,12 +15,12 @@ from typing import Any
 
 import ray
 
-from workers.colocated_worker import ColocatedWorker
-from workers.decode_worker import DecodeWorker
+from workers.actors.colocated_worker import ColocatedWorker
+from workers.actors.decode_worker import DecodeWorker
+from workers.actors.prefill_worker import PrefillWorker
+from workers.actors.remote_errors import RemoteError, to_wire
+from workers.actors.worker_base import EngineWorker, WorkerSpec
 from workers.errors import InternalError, KvrelayError
-from workers.prefill_worker import PrefillWorker
-from workers.remote_errors import RemoteError, to_wire
-from workers.worker_base import EngineWorker, WorkerSpec
 
 WORKER_CLASSES: dict[str, type[EngineWorker]] = {
     "colocated": ColocatedWorker, "prefill": PrefillWorker, "decode": DecodeWorker,

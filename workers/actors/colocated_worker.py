@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from workers.actors.worker_base import EngineWorker
 from workers.protocol import GenerateRequest
-from workers.worker_base import EngineWorker
 
 
 class ColocatedWorker(EngineWorker):

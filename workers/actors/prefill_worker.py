@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import time
 
+from workers.actors.kv_endpoint import make_sender
+from workers.actors.worker_base import EngineWorker, WorkerSpec
 from workers.errors import TransferFailed, UnknownRequest
-from workers.kv_endpoint import make_sender
 from workers.kv_transfer.base import TransferState
 from workers.protocol import GenerateRequest, WorkerEvent
-from workers.worker_base import EngineWorker, WorkerSpec
 
 
 class PrefillWorker(EngineWorker):

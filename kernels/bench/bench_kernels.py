@@ -1,4 +1,4 @@
-"""`python -m kernels.bench`: prefill TFLOP/s vs torch SDPA and decode GB/s vs copy bandwidth.
+"""`python -m kernels.bench.bench_kernels`: prefill TFLOP/s vs torch SDPA, decode GB/s vs copy.
 
 Shapes follow the Llama-3-8B attention layer: 32 query / 8 kv heads, head dim 128, bf16, KV
 block size 16, block tables shuffled. Prefill runs ~16k tokens per launch (batch = 16k / seq).
@@ -16,7 +16,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from triton.testing import do_bench
 
-from kernels.bandwidth import copy_bandwidth
+from kernels.bench.bandwidth import copy_bandwidth
 from kernels.flash_prefill import PrefillTiles, default_tiles, flash_prefill
 from kernels.paged_decode import DecodeTiles, paged_decode
 
@@ -112,7 +112,7 @@ def _fits(batch: int, context: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench")
+    parser = argparse.ArgumentParser(prog="python -m kernels.bench.bench_kernels")
     parser.add_argument("--sweep", action="store_true", help="also time tile candidates")
     args = parser.parse_args(argv)
     device = "cuda"

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from workers.sampling_params import SamplingParams
+from workers.engine.sampling_params import SamplingParams
 
 inf = float("inf")
 

@@ -2,7 +2,7 @@
 
 Built from an EngineConfig (and a ParallelContext for TP/PP ranks). It resolves device and
 dtype, loads the model (checkpoint or dummy weights), sizes and allocates the paged KV cache,
-and turns each StepInput into float32 logits. Called by the engine (workers/engine.py);
+and turns each StepInput into float32 logits. Called by the engine (workers/engine/engine.py);
 KV transfer reads and writes `kv_caches` directly.
 """
 
@@ -18,13 +18,13 @@ from workers.attention.backend import AttentionMetadata
 from workers.attention.registry import get_attention_backend
 from workers.attention.torch_backend import padded_decode_bytes
 from workers.config import EngineConfig
-from workers.cuda_graph import CudaGraphRunner
+from workers.engine.cuda_graph import CudaGraphRunner
+from workers.engine.step_input import StepInput
 from workers.errors import InvalidParameter
 from workers.model.config import ModelConfig
 from workers.model.llama import IntermediateTensors, KVCache, LlamaForCausalLM
-from workers.parallel import SINGLE, ParallelContext, layer_range_for_stage
-from workers.step_input import StepInput
-from workers.weights import load_checkpoint, load_dummy
+from workers.model.parallel import SINGLE, ParallelContext, layer_range_for_stage
+from workers.model.weights import load_checkpoint, load_dummy
 
 CPU_KV_CACHE_BYTES = 256 * 2**20
 TORCH_GRAPH_GATHER_LIMIT = 2**30

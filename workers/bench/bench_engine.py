@@ -1,6 +1,6 @@
 """Offline engine throughput, with transformers `generate` as the baseline beside it.
 
-    python -m workers.bench --model DIR | --dummy-config config.json|llama3-8b
+    python -m workers.bench.bench_engine --model DIR | --dummy-config config.json|llama3-8b
         [--dtype D] [--attention-backend torch|triton] [--num-prompts N]
         [--input-len I] [--output-len O] [--hf-baseline]
 
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from kernels.bandwidth import copy_bandwidth
-from workers.bench_report import BenchResult, format_table
+from kernels.bench.bandwidth import copy_bandwidth
+from workers.bench.bench_report import BenchResult, format_table
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.model.presets import resolve_config_path
 
@@ -130,8 +130,8 @@ def decode_step_bytes(model: torch.nn.Module, context: int) -> int:
 
 
 def run_engine(config: EngineConfig, prompts: list[list[int]], output_len: int) -> BenchResult:
-    from workers.engine import LLMEngine
-    from workers.sampling_params import SamplingParams
+    from workers.engine.engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
 
     engine = LLMEngine(config)
 
@@ -164,7 +164,7 @@ def hf_model(config: EngineConfig, device: torch.device, dtype: torch.dtype):
     from workers.attention.torch_backend import TorchAttentionBackend
     from workers.model.config import ModelConfig
     from workers.model.llama import LlamaForCausalLM
-    from workers.weights import random_tensors
+    from workers.model.weights import random_tensors
 
     hf_config = AutoConfig.from_pretrained(str(Path(config.model)))
     with torch.device(device):
@@ -174,7 +174,7 @@ def hf_model(config: EngineConfig, device: torch.device, dtype: torch.dtype):
     params = dict(model.named_parameters())  # tied weights appear once
     with torch.no_grad():
         for name, tensor in random_tensors(ours, config.seed, std=0.02, device=device):
-            params.pop(name).copy_(tensor)  # same seed and std as workers.weights.load_dummy
+            params.pop(name).copy_(tensor)  # same seed and std as workers.model.weights.load_dummy
     if params:
         raise RuntimeError(f"dummy init left transformers parameters untouched: {sorted(params)}")
     return model.eval()
@@ -199,8 +199,8 @@ def _hf_tpot(model, input_ids: torch.Tensor, output_len: int, device: torch.devi
 
 
 def run_hf(config: EngineConfig, prompts: list[list[int]], output_len: int) -> BenchResult:
+    from workers.engine.model_runner import resolve_device, resolve_dtype
     from workers.model.config import ModelConfig
-    from workers.model_runner import resolve_device, resolve_dtype
 
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, ModelConfig.from_path(config.model), device)
@@ -225,8 +225,8 @@ def run_hf(config: EngineConfig, prompts: list[list[int]], output_len: int) -> B
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     config = engine_config(args)
+    from workers.engine.model_runner import resolve_device, resolve_dtype
     from workers.model.config import ModelConfig
-    from workers.model_runner import resolve_device, resolve_dtype
 
     model_config = ModelConfig.from_path(config.model)
     device = resolve_device(config.device)

@@ -17,7 +17,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 
 from workers.errors import InvalidModelConfig
 from workers.model.gguf_file import GGUFFile
-from workers.tokenizer import TokenizerSource
+from workers.text.tokenizer import TokenizerSource
 
 CONTROL, USER_DEFINED = 3, 4
 """`tokenizer.ggml.token_type` values (llama.cpp's llama_token_type)."""

@@ -1,6 +1,6 @@
 """`Tokenizer`: HF `tokenizers` plus the checkpoint's tokenizer_config.json (special tokens,
 chat template) and generation_config.json (eos ids), without transformers; or all of it from a
-GGUF file's metadata (workers/gguf_tokenizer.py).
+GGUF file's metadata (workers/text/gguf_tokenizer.py).
 
 The chat template is rendered with jinja2 the way transformers does (sandboxed, trim_blocks,
 lstrip_blocks, `raise_exception`, `tojson`). `IncrementalDetokenizer` turns a stream of token
@@ -22,8 +22,8 @@ import jinja2.ext
 import tokenizers
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from workers.actors.host_memory import release_free_memory
 from workers.errors import CheckpointFileMissing, InvalidParameter, PromptTooLong
-from workers.host_memory import release_free_memory
 from workers.model.gguf_file import GGUFFile, is_gguf
 
 # Texts this long leave hundreds of MB of freed per-token buffers behind: given back at once.
@@ -85,8 +85,8 @@ def _read_folder(folder: Path) -> TokenizerSource:
 
 def _read_source(path: Path) -> TokenizerSource:
     if is_gguf(path):
-        # Imported here: workers.gguf_tokenizer builds a TokenizerSource of this module.
-        from workers.gguf_tokenizer import read_gguf_tokenizer
+        # Imported here: workers.text.gguf_tokenizer builds a TokenizerSource of this module.
+        from workers.text.gguf_tokenizer import read_gguf_tokenizer
 
         return read_gguf_tokenizer(GGUFFile(path))
     return _read_folder(path.parent if path.is_file() else path)

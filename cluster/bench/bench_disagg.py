@@ -1,4 +1,4 @@
-"""python -m cluster.bench_disagg: disaggregated (1 prefill + 1 decode) against colocated (2).
+"""python -m cluster.bench.bench_disagg: disaggregated (1 prefill + 1 decode) against colocated (2).
 
 For each mode it starts `kvrelay serve` (Ray, two GPUs), sends one warm-up request, then
 - per prompt length (`--tokens`): `--requests` sequential requests; medians of TTFT and TPOT
@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from cluster import bench_kv
+from cluster.bench import bench_kv
 from loadtest.arrival import ArrivalConfig
 from loadtest.client import EndpointConfig
 from loadtest.report import fmt, load_run
@@ -86,7 +86,7 @@ def _list(text: str, cast, flag: str) -> tuple:
 
 
 def _parse(argv: list[str] | None) -> DisaggBenchConfig:
-    p = argparse.ArgumentParser(prog="python -m cluster.bench_disagg", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m cluster.bench.bench_disagg", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint folder")

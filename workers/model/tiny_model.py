@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from workers.attention.torch_backend import TorchAttentionBackend
 from workers.model.config import ModelConfig
 from workers.model.llama import LlamaForCausalLM
-from workers.weights import random_tensors
+from workers.model.weights import random_tensors
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 BOS, EOS, IM_START, IM_END = range(4)

@@ -1,6 +1,6 @@
-"""The engine benchmark's table (workers/bench.py): what ran where, decode-only figures at
-batch 1 against the device's copy bandwidth, then one throughput row per system with its
-ratio to the transformers baseline and how many greedy outputs match it."""
+"""The engine benchmark's table (workers/bench/bench_engine.py): what ran where, decode-only
+figures at batch 1 against the device's copy bandwidth, then one throughput row per system
+with its ratio to the transformers baseline and how many greedy outputs match it."""
 
 from __future__ import annotations
 

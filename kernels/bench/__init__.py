@@ -1,0 +1,1 @@
+"""Kernel benchmarks and the copy-bandwidth measurement every benchmark is held against."""

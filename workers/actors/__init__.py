@@ -1,0 +1,1 @@
+"""The Ray worker actors (prefill, decode, colocated): thin wrappers around the engine."""

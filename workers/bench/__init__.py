@@ -1,0 +1,1 @@
+"""`python -m workers.bench.bench_engine`: offline engine throughput against transformers."""

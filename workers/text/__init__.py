@@ -1,0 +1,1 @@
+"""Tokenizers (HF tokenizers, GGUF metadata) and request text (chat templates, stops)."""
