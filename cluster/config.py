@@ -6,7 +6,7 @@ worker classes themselves; the router gets `router`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from router.body_limit import DEFAULT_MAX_REQUEST_BYTES
@@ -45,10 +45,29 @@ class ClusterConfig:
     startup_timeout_s: float = 600.0
     max_worker_restarts: int = 3
     """Ray restarts a dead worker this many times; the router admits it again."""
+    tp: int = 1
+    pp: int = 1
+    """Colocated workers' shape: each is tp x pp ranks (workers/actors/rank_group.py)."""
+    prefill_tp: int = 1
+    prefill_pp: int = 1
+    decode_tp: int = 1
+    decode_pp: int = 1
+    placement_timeout_s: float = 60.0
+    """A worker's placement group (tp x pp devices) not placed by then fails start-up."""
 
     @property
     def colocated(self) -> bool:
         return self.num_colocated > 0
+
+    def shape(self, role: str) -> tuple[int, int]:
+        """(tp, pp) of a worker of `role`."""
+        return {"colocated": (self.tp, self.pp), "prefill": (self.prefill_tp, self.prefill_pp),
+                "decode": (self.decode_tp, self.decode_pp)}[role]
+
+    def engine_for(self, role: str) -> EngineConfig:
+        """The engine config of a worker of `role` (its TP/PP shape filled in)."""
+        tp, pp = self.shape(role)
+        return replace(self.engine, tp_size=tp, pp_size=pp)
 
     def worker_roles(self) -> list[tuple[str, str]]:
         """(worker_id, role) of every worker, in start order."""

@@ -9,17 +9,23 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 import torch
 
 from cluster.config import ClusterConfig
+from cluster.worker_groups import (
+    PlacementUnavailable,
+    driver_options,
+    place_group,
+    remove_groups,
+)
 from router.router import NAMESPACE, ROUTER_SUFFIX, Router
 from workers.actors.worker_actor import WorkerActor
 from workers.actors.worker_base import WorkerSpec
-from workers.errors import HandshakeMismatch
+from workers.errors import HandshakeMismatch, InvalidParameter
 from workers.kv_transfer.layout import KVLayout, check_compatible
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,8 @@ class Cluster:
     infos: dict[str, dict]
     """worker_id -> its `ready()` answer (block counts, vocab, max_model_len)."""
     started_ray: bool
+    groups: list[Any] = field(default_factory=list)
+    """Placement groups of the TP/PP workers (removed with the cluster)."""
 
     @property
     def max_model_len(self) -> int:
@@ -55,6 +63,7 @@ class Cluster:
     def kill_actors(self) -> None:
         for actor in [self.router, *self.workers.values()]:
             ray.kill(actor, no_restart=True)
+        remove_groups(self.groups)
 
     def shutdown(self) -> None:
         """Kills this cluster's actors (and Ray, if this process started it)."""
@@ -103,8 +112,8 @@ def _use_cuda(config: ClusterConfig) -> bool:
     return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
-def worker_spec(config: ClusterConfig, worker_id: str) -> WorkerSpec:
-    return WorkerSpec(worker_id=worker_id, engine=config.engine,
+def worker_spec(config: ClusterConfig, worker_id: str, role: str = "colocated") -> WorkerSpec:
+    return WorkerSpec(worker_id=worker_id, engine=config.engine_for(role),
                       kv_transport=kv_transport(config), host=config.host,
                       kv_max_pairs=config.kv_max_pairs)
 
@@ -118,20 +127,47 @@ def kv_transport(config: ClusterConfig) -> str:
     return config.kv_transport
 
 
-def start_workers(config: ClusterConfig) -> tuple[dict[str, Any], dict[str, dict]]:
-    """Creates every worker actor and waits until each has loaded its engine."""
-    actors = {}
+def start_workers(config: ClusterConfig, groups: list[Any] | None = None,
+                  actors: dict[str, Any] | None = None,
+                  ) -> tuple[dict[str, Any], dict[str, dict]]:
+    """Creates every worker actor (into `actors`) and waits until each has loaded its engine.
+    A worker of tp x pp > 1 ranks first gets its placement group (appended to `groups`); one
+    that cannot be placed in time raises PlacementUnavailable."""
+    groups = [] if groups is None else groups
+    actors = {} if actors is None else actors
+    check_shapes(config)
     actor_cls = ray.remote(WorkerActor)
+    cuda = _use_cuda(config)
     for worker_id, role in config.worker_roles():
         options = worker_options(config, f"{config.name}-{worker_id}")
-        spec = worker_spec(config, worker_id)
+        tp, pp = config.shape(role)
+        if tp * pp > 1:
+            if config.gpu_share:
+                raise InvalidParameter("gpu_share", "TP/PP workers take whole GPUs")
+            groups.append(place_group(worker_id, tp, pp, cuda, config.placement_timeout_s))
+            options.update(driver_options(groups[-1], cuda))
+        spec = worker_spec(config, worker_id, role)
         actors[worker_id] = actor_cls.options(**options).remote(role, spec)
     infos = ray.get([a.execute.remote("ready") for a in actors.values()],
                     timeout=config.startup_timeout_s)
-    for info in infos:
-        log.info("worker %s ready: %d KV blocks of %d tokens", info["worker_id"],
-                 info["total_blocks"], info["block_size"])
+    for info, (_, role) in zip(infos, config.worker_roles(), strict=True):
+        tp, pp = config.shape(role)
+        log.info("worker %s ready: tp %d x pp %d, %d KV blocks of %d tokens",
+                 info["worker_id"], tp, pp, info["total_blocks"], info["block_size"])
     return actors, {info["worker_id"]: info for info in infos}
+
+
+def check_shapes(config: ClusterConfig) -> None:
+    """Refuses, by flag name, the TP/PP shapes this version cannot serve."""
+    for role in ("colocated",) if config.colocated else ("prefill", "decode"):
+        tp, pp = config.shape(role)
+        name = "" if role == "colocated" else f"{role}_"
+        if tp < 1 or pp < 1:
+            raise InvalidParameter(f"{name}tp", f"tp {tp} x pp {pp}: both must be >= 1")
+        if role != "colocated" and tp * pp > 1:
+            raise InvalidParameter(f"{name}tp", f"tp {tp} x pp {pp}: KV transfer between "
+                                   "TP/PP ranks of prefill and decode workers is not built "
+                                   "yet; use --colocated K --tp T --pp P")
 
 
 def check_pairs(infos: dict[str, dict]) -> None:
@@ -163,12 +199,15 @@ def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
 def launch(config: ClusterConfig, num_cpus: int | None = None) -> Cluster:
     """Starts (or joins) Ray, the workers and the router; returns their handles."""
     started = connect_ray(config, num_cpus)
-    workers, infos = start_workers(config)
+    groups: list[Any] = []
+    workers: dict[str, Any] = {}
     try:
+        workers, infos = start_workers(config, groups, workers)
         check_pairs(infos)
-    except HandshakeMismatch:
+    except (HandshakeMismatch, PlacementUnavailable, InvalidParameter):
         for actor in workers.values():
             ray.kill(actor, no_restart=True)
+        remove_groups(groups)
         raise
     router = start_router(config, workers)
-    return Cluster(config, router, workers, infos, started)
+    return Cluster(config, router, workers, infos, started, groups)

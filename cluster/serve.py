@@ -2,6 +2,7 @@
 
     kvrelay serve --model DIR --prefill 1 --decode 1 --port 8000
     kvrelay serve --model DIR --colocated 2
+    kvrelay serve --model DIR --colocated 1 --tp 2 --pp 2
     kvrelay serve --dummy-config config.json --prefill 1 --decode 1 --gpu-share
 
 The gateway (FastAPI on uvicorn) runs in this process; Ray shuts down with it if this process
@@ -45,6 +46,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--colocated", type=int, default=0,
                    help="K > 0: K colocated workers instead of prefill/decode pools")
+    for flag, who in (("", "each colocated worker"), ("prefill-", "each prefill worker"),
+                      ("decode-", "each decode worker")):
+        p.add_argument(f"--{flag}tp", type=int, default=1,
+                       help=f"tensor-parallel ranks of {who} (one GPU each, one node)")
+        p.add_argument(f"--{flag}pp", type=int, default=1,
+                       help=f"pipeline stages of {who} (stages may span nodes)")
+    p.add_argument("--placement-timeout", type=float, default=60.0,
+                   help="seconds to wait for a TP/PP worker's devices before start-up fails")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--ray-address", default=None, help="join this Ray cluster ('auto')")
@@ -105,7 +114,9 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,
         num_colocated=args.colocated, host=args.host, port=args.port,
         ray_address=args.ray_address, kv_transport=args.kv_transport,
-        kv_max_pairs=args.kv_max_pairs,
+        kv_max_pairs=args.kv_max_pairs, tp=args.tp, pp=args.pp, prefill_tp=args.prefill_tp,
+        prefill_pp=args.prefill_pp, decode_tp=args.decode_tp, decode_pp=args.decode_pp,
+        placement_timeout_s=args.placement_timeout,
         gpu_share=args.gpu_share, max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout,
         router=router,
@@ -115,8 +126,13 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
 def describe(config: ClusterConfig) -> str:
     """The banner: layout, URL and a curl line that works against this server."""
     url = f"http://{config.host}:{config.port}"
-    layout = (f"{config.num_colocated} colocated" if config.colocated
-              else f"{config.num_prefill} prefill + {config.num_decode} decode")
+    def shaped(count: int, role: str) -> str:
+        tp, pp = config.shape(role)
+        return f"{count} {role}" + (f" tp{tp}xpp{pp}" if tp * pp > 1 else "")
+
+    layout = (shaped(config.num_colocated, "colocated") if config.colocated
+              else f"{shaped(config.num_prefill, 'prefill')} + "
+                   f"{shaped(config.num_decode, 'decode')}")
     body = json.dumps({"model": config.model_name, "prompt": "The capital of France is",
                        "max_tokens": 16, "temperature": 0})
     return (f"kvrelay serving {config.model_name!r} ({layout}, kv transport "
@@ -137,7 +153,11 @@ def main(argv: list[str]) -> int:
     except KvrelayError as error:  # before Ray starts: one line, no stack
         print(f"kvrelay serve: error: {error}", file=sys.stderr)
         return 2
-    cluster = launch(config)
+    try:
+        cluster = launch(config)
+    except KvrelayError as error:  # a shape it cannot serve, devices it cannot place
+        print(f"kvrelay serve: error: {error}", file=sys.stderr)
+        return 2
     code = 1
     try:
         serve(config, cluster)

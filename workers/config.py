@@ -52,5 +52,9 @@ class EngineConfig:
     enforce_eager: bool = False
     """Never capture CUDA graphs (the escape hatch); graphs are used only on CUDA anyway."""
     role: Role = "colocated"
+    tp_size: int = 1
+    """Tensor-parallel ranks of this worker (one process each; workers/actors/rank_group.py)."""
+    pp_size: int = 1
+    """Pipeline stages of this worker; a worker is tp_size x pp_size ranks."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

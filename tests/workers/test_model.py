@@ -164,9 +164,9 @@ def test_two_pipeline_stages_chain_to_the_full_model(tiny_model_dir, hf_referenc
     assert len(stages[0].kv_caches) == len(stages[1].kv_caches) == 1
     prompt = random_prompt(11, stages[0].model_config.vocab_size, seed=7)
     step = make_step([(prompt, len(prompt), [2, 0, 1])], BLOCK_SIZE, "all")
-    hidden = stages[0].execute(step)
+    hidden = stages[0].forward_stage(step)
     assert isinstance(hidden, IntermediateTensors)
-    logits = stages[1].execute(step, hidden)
+    logits = stages[1].forward_stage(step, hidden)
     expected = hf_logits(hf_reference(tiny_model_dir), prompt)
     torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0)
 

@@ -33,8 +33,8 @@ from typing import Any
 from workers.actors.host_memory import return_large_frees_to_os
 from workers.actors.kv_endpoint import kv_layout
 from workers.actors.output_sender import OutputSender
+from workers.actors.rank_group import make_engine, shape_facts
 from workers.config import EngineConfig
-from workers.engine.engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 from workers.errors import InternalError, KvrelayError
 from workers.protocol import GenerateRequest, OutputChunk, WorkerEvent
@@ -94,7 +94,7 @@ class EngineWorker:
         # A fresh id per construction lets the router tell a restarted actor from the old one.
         self.incarnation = uuid.uuid4().hex
         # The role comes from the worker class, so a spec can never mismatch its worker.
-        self.engine = LLMEngine(dataclasses.replace(spec.engine, role=self.role))
+        self.engine = make_engine(dataclasses.replace(spec.engine, role=self.role))
         self.sender = OutputSender()
         self.live: dict[str, LiveRequest] = {}
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
@@ -119,6 +119,7 @@ class EngineWorker:
             "total_blocks": self.engine.num_total_blocks,
             "block_size": self.spec.engine.cache.block_size,
             "kv_layout": kv_layout(self.engine).to_dict(),
+            **shape_facts(self.engine),
         }
 
     def abort(self, attempt_id: str) -> None:

@@ -61,9 +61,12 @@ class LLMEngine:
     """Owns one ModelRunner and the request state around it. Not thread-safe: one caller
     (the worker's loop thread) drives add_request/step/abort."""
 
-    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
+    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None,
+                 runner: ModelRunner | None = None):
+        """`runner`: a runner built by the caller (a TP/PP group's driver rank,
+        workers/actors/rank_group.py); by default one is built from `config`."""
         self.config = config
-        self.runner = ModelRunner(config, parallel)
+        self.runner = runner or ModelRunner(config, parallel)
         self.model_config = self.runner.model_config
         self.tokenizer = load_tokenizer(config)
         self.pool = BlockPool(self.runner.num_blocks, self.runner.block_size)

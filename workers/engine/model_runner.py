@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 from workers.attention.backend import AttentionMetadata
 from workers.attention.registry import get_attention_backend
@@ -71,6 +73,13 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+class StepChannel(Protocol):
+    """How the driver rank of a TP/PP group hands each step to the other ranks
+    (workers/actors/step_broadcast.py)."""
+
+    def send(self, step: StepInput) -> None: ...
+
+
 @dataclass(frozen=True)
 class StepTensors:
     """One step's device tensors (eager path)."""
@@ -124,15 +133,19 @@ class ModelRunner:
     - `graph_runner`: the CudaGraphRunner replaying decode-only steps (None on CPU, with
       `enforce_eager`, on a pipeline stage that is not the whole model, or for the torch
       backend where its padded decode gather exceeds TORCH_GRAPH_GATHER_LIMIT).
-    `execute(step)` is the only method that changes anything (the cache slots it writes).
+    `execute(step)` is the only method that changes anything (the cache slots it writes); the
+    other ranks of a TP/PP group call `run_pipeline(step)` with the steps the driver's
+    `step_channel` hands them.
 
     Each layer's cache tensor has one block more than `num_blocks`: the scratch block where
     CUDA-graph padding rows write. `kv_caches` are views without it, so the block pool, KV
     transfer and everything else see exactly `num_blocks` blocks."""
 
-    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
+    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None,
+                 step_channel: StepChannel | None = None):
         self.config = config
         self.parallel = parallel or SINGLE
+        self.step_channel = step_channel
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_path(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
@@ -193,6 +206,11 @@ class ModelRunner:
         blocks_per_seq = -(-self.max_model_len // self.block_size)
         useful = self.config.scheduler.max_num_seqs * blocks_per_seq
         num_blocks = min(budget // self.kv_bytes_per_block, useful)
+        if self.parallel.world_size > 1:
+            # One block id means the same block on every rank: the group's smallest pool.
+            count = torch.tensor([num_blocks], dtype=torch.int64)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            num_blocks = int(count.item())
         if num_blocks < 1:
             raise InvalidParameter(
                 "kv_cache_memory",
@@ -238,6 +256,43 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
+        self, step: StepInput, layer_done: Callable[[int], None] | None = None,
+    ) -> torch.Tensor | None:
+        """The engine's entry point (on the driver rank): float32 logits
+        [len(step.logits_indices), vocab] of the whole model. With a step channel (a TP/PP
+        group) the step goes to the other ranks first, which run `run_pipeline` in step."""
+        if self.step_channel is not None:
+            self.step_channel.send(step)
+        return self.run_pipeline(step, layer_done)
+
+    def run_pipeline(
+        self, step: StepInput, layer_done: Callable[[int], None] | None = None,
+    ) -> torch.Tensor | None:
+        """This rank's part of one step: receive the previous stage's hidden states, run the
+        owned layers, hand the result to the next stage. Returns the logits on rank 0 (sent
+        back by the last stage's TP rank 0) and on the last stage's ranks; None elsewhere."""
+        parallel = self.parallel
+        if parallel.pp_size == 1:
+            return self.forward_stage(step, None, layer_done)
+        intermediate = None
+        if not parallel.is_first_stage:
+            hidden = torch.empty(step.num_tokens, self.model_config.hidden_size,
+                                 dtype=self.dtype, device=self.device)
+            intermediate = IntermediateTensors(parallel.recv_from_prev_stage(hidden))
+        out = self.forward_stage(step, intermediate, layer_done)
+        num_logits = len(step.logits_indices)
+        if isinstance(out, IntermediateTensors):
+            parallel.send_to_next_stage(out.hidden)
+            if parallel.rank != 0:
+                return None
+            out = torch.empty(num_logits, self.model_config.vocab_size, dtype=torch.float32,
+                              device=self.device)
+            return parallel.recv_from_last_stage(out) if num_logits else out
+        if parallel.tp_rank == 0 and num_logits:
+            parallel.send_to_driver(out)
+        return out
+
+    def forward_stage(
         self, step: StepInput, intermediate: IntermediateTensors | None = None,
         layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor | IntermediateTensors:

@@ -1,9 +1,13 @@
-"""`ParallelContext`: where this worker sits in tensor and pipeline parallelism.
+"""`ParallelContext`: where this rank sits in tensor and pipeline parallelism.
 
 Passed explicitly to the model and runner, never read from a global. With tp_size == 1 every
 collective below returns its input unchanged, so CPU tests run the same code path as TP runs.
-Process groups are created by whoever launches the workers (torch.distributed, NCCL on GPU,
-gloo on CPU); this module only uses them.
+Process groups are created by whoever launches the ranks (workers/actors/rank_group.py:
+torch.distributed, NCCL on GPU, gloo on CPU); this module only uses them.
+
+Rank numbering inside one worker's group: `rank_of(pp_rank, tp_rank) = pp_rank * tp_size +
+tp_rank`, so rank 0 (the driver, which runs the scheduler) is TP rank 0 of the first stage and
+the ranks of one stage are contiguous.
 """
 
 from __future__ import annotations
@@ -35,6 +39,18 @@ class ParallelContext:
             )
 
     @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size
+
+    @property
+    def rank(self) -> int:
+        """This rank in its worker's group (0: the driver)."""
+        return self.rank_of(self.pp_rank, self.tp_rank)
+
+    def rank_of(self, pp_rank: int, tp_rank: int) -> int:
+        return pp_rank * self.tp_size + tp_rank
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
@@ -64,6 +80,25 @@ class ParallelContext:
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=-1)
+
+    # ---- pipeline: point to point between stages (same TP rank), and back to the driver ----
+
+    def send_to_next_stage(self, x: torch.Tensor) -> None:
+        """Hands this stage's output (hidden states) to the same TP rank of the next stage."""
+        dist.send(x.contiguous(), self.rank_of(self.pp_rank + 1, self.tp_rank))
+
+    def recv_from_prev_stage(self, like: torch.Tensor) -> torch.Tensor:
+        """Receives the previous stage's output into `like` (shape and dtype known ahead)."""
+        dist.recv(like, self.rank_of(self.pp_rank - 1, self.tp_rank))
+        return like
+
+    def send_to_driver(self, x: torch.Tensor) -> None:
+        """Last stage, TP rank 0: the step's logits go to rank 0, which samples."""
+        dist.send(x.contiguous(), 0)
+
+    def recv_from_last_stage(self, like: torch.Tensor) -> torch.Tensor:
+        dist.recv(like, self.rank_of(self.pp_size - 1, 0))
+        return like
 
 
 SINGLE = ParallelContext()

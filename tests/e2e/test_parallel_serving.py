@@ -1,0 +1,49 @@
+"""Colocated workers of several ranks over real HTTP: tensor parallel 2, pipeline parallel 2
+and TP 2 x PP 2 (each worker one placement group of rank actors joined over gloo) answer the
+16 concurrent mixed-length requests with greedy text identical to transformers' in float32,
+and leave every KV block free."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import ray
+
+from cluster.config import ClusterConfig
+from router.router_state import RouterConfig
+from tests.e2e.served_cluster import run_workload, served, wait_blocks_free
+from workers.config import CacheConfig, EngineConfig
+
+BLOCK = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def base_config(tiny_model_dir) -> ClusterConfig:
+    engine = EngineConfig(model=str(tiny_model_dir),
+                          cache=CacheConfig(block_size=BLOCK, num_blocks=96))
+    return ClusterConfig(engine=engine, model_name="tiny", num_colocated=1,
+                         router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1))
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
+def test_colocated_parallel_worker_greedy_matches_transformers(tp, pp, base_config, workload):
+    config = dataclasses.replace(base_config, name=f"tp{tp}pp{pp}", tp=tp, pp=pp)
+    with served(config) as (url, cluster):
+        info = cluster.infos["colocated-0"]
+        assert (info["tp"], info["pp"]) == (tp, pp)
+        ranks = info["ranks"]
+        assert [r["rank"] for r in ranks] == list(range(tp * pp))
+        assert len({r["pid"] for r in ranks}) == tp * pp  # one process per rank
+        assert sorted((r["pp_rank"], r["tp_rank"]) for r in ranks) == \
+            [(s, t) for s in range(pp) for t in range(tp)]
+        assert {r["num_blocks"] for r in ranks} == {info["total_blocks"]}
+        run_workload(url, workload)
+        wait_blocks_free(cluster)

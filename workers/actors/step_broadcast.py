@@ -1,0 +1,90 @@
+"""`StepBroadcast`: the driver rank hands each step's inputs to the other ranks of its group.
+
+One broadcast per step over the group's CPU (gloo) backend, not a Ray call per rank per step:
+the StepInput's integers travel as one int64 tensor behind a fixed-size header (so a
+receiver knows the payload's length). Sequence ids stay on the driver (the model never
+reads them); the other ranks get placeholders. A header with op STOP ends the followers'
+loops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from workers.engine.step_input import StepInput
+
+OP_STEP = 1
+OP_STOP = 2
+_HEADER = 5
+"""op, num_tokens, num_seqs, num_logits, total block-table entries."""
+
+
+def encode_step(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
+    """(header, payload) int64 tensors of one step."""
+    table_lens = [len(table) for table in step.block_tables]
+    payload = [
+        *step.token_ids, *step.positions, *step.slot_mapping, *step.query_start_loc,
+        *step.seq_lens, *step.logits_indices, *table_lens,
+    ]
+    for table in step.block_tables:
+        payload += table
+    header = [OP_STEP, step.num_tokens, step.num_seqs, len(step.logits_indices),
+              sum(table_lens)]
+    return torch.tensor(header, dtype=torch.int64), torch.tensor(payload, dtype=torch.int64)
+
+
+def payload_size(header: list[int]) -> int:
+    _, tokens, seqs, logits, tables = header
+    return 3 * tokens + (seqs + 1) + seqs + logits + seqs + tables
+
+
+def decode_step(header: list[int], payload: torch.Tensor) -> StepInput:
+    """The StepInput `encode_step` packed (seq ids are '0', '1', ...)."""
+    _, tokens, seqs, logits, _ = header
+    values = payload.tolist()
+    sizes = [tokens, tokens, tokens, seqs + 1, seqs, logits, seqs]
+    fields, at = [], 0
+    for size in sizes:
+        fields.append(values[at:at + size])
+        at += size
+    ids, positions, slots, starts, seq_lens, logits_indices, table_lens = fields
+    tables = []
+    for length in table_lens:
+        tables.append(values[at:at + length])
+        at += length
+    return StepInput(
+        seq_ids=[str(i) for i in range(seqs)], token_ids=ids, positions=positions,
+        slot_mapping=slots, query_start_loc=starts, seq_lens=seq_lens, block_tables=tables,
+        logits_indices=logits_indices,
+    )
+
+
+class StepBroadcast:
+    """Rank `src` calls `send(step)` (or `stop()`); every other rank of `group` calls `recv()`
+    in the same order. `group`: a process group whose backend takes CPU tensors (gloo); None
+    is the default group."""
+
+    def __init__(self, group=None, src: int = 0):
+        self.group = group
+        self.src = src
+
+    def send(self, step: StepInput) -> None:
+        header, payload = encode_step(step)
+        dist.broadcast(header, self.src, group=self.group)
+        dist.broadcast(payload, self.src, group=self.group)
+
+    def stop(self) -> None:
+        dist.broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0], dtype=torch.int64), self.src,
+                       group=self.group)
+
+    def recv(self) -> StepInput | None:
+        """The next step, or None once the driver stopped the group."""
+        header = torch.empty(_HEADER, dtype=torch.int64)
+        dist.broadcast(header, self.src, group=self.group)
+        values = header.tolist()
+        if values[0] == OP_STOP:
+            return None
+        payload = torch.empty(payload_size(values), dtype=torch.int64)
+        dist.broadcast(payload, self.src, group=self.group)
+        return decode_step(values, payload)
