@@ -14,6 +14,9 @@ SUBCOMMANDS = {
     "make-tiny-model": (
         "workers.model.tiny_model", "write a small random Llama checkpoint + tokenizer"
     ),
+    "quantize": (
+        "workers.model.quantize", "write a GPTQ/AWQ/INT8/FP8 checkpoint (round-to-nearest)"
+    ),
     "bench-engine": ("workers.bench.bench_engine", "offline engine throughput table"),
     "loadtest": ("loadtest.cli", "load-test any OpenAI-compatible endpoint"),
 }

@@ -7,6 +7,11 @@ checkpoint tensor (`load`). With tp_size == 1 they are plain nn.Linear / nn.Embe
 - RowParallelLinear: input features split; one all-reduce of the output.
 - VocabParallelEmbedding / ParallelLMHead: vocab rows split; the embedding all-reduces,
   the head all-gathers logits.
+
+The two projection layers may instead hold their weight quantized (GPTQ/AWQ 4-bit, INT8,
+FP8; workers/model/quant/): `load_quantized(shard, weight)` takes a full (unsharded) quantized
+weight, keeps this rank's shard, and once every merged shard has arrived replaces the dense
+`weight` parameter (set to None) by `quantized`, a module computing x @ W.T.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.model.parallel import ParallelContext
+
+QuantizedWeight = nn.Module
+"""Int4Weight, Int8Weight or Fp8Weight (workers/model/quant/): forward(x) = x @ W.T, and
+out_slice / in_slice / cat_out to cut and merge shards."""
 
 
 def _copy_shard(dst: torch.Tensor, full: torch.Tensor, dim: int, start: int) -> None:
@@ -31,15 +40,18 @@ class ColumnParallelLinear(nn.Module):
     ):
         super().__init__()
         self.parallel = parallel
+        self.in_features = in_features
         self.output_sizes = list(output_sizes)
         self.local_sizes = [parallel.shard(size) for size in output_sizes]
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(self.local_sizes))) if bias else None
+        self.quantized: QuantizedWeight | None = None
+        self._quantized_shards: dict[int, QuantizedWeight] = {}
 
     def full_shape(self, param_name: str, shard: int) -> tuple[int, ...]:
         """Shape of the checkpoint tensor that fills merged output `shard` of a parameter."""
         rows = self.output_sizes[shard]
-        return (rows, self.weight.shape[1]) if param_name == "weight" else (rows,)
+        return (rows, self.in_features) if param_name == "weight" else (rows,)
 
     def load(self, param_name: str, shard: int, full: torch.Tensor) -> None:
         local = self.local_sizes[shard]
@@ -47,8 +59,18 @@ class ColumnParallelLinear(nn.Module):
         dst = getattr(self, param_name).data.narrow(0, offset, local)
         _copy_shard(dst, full, 0, self.parallel.tp_rank * local)
 
+    def load_quantized(self, shard: int, full: QuantizedWeight) -> None:
+        local = self.local_sizes[shard]
+        self._quantized_shards[shard] = full.out_slice(self.parallel.tp_rank * local, local)
+        if len(self._quantized_shards) == len(self.output_sizes):
+            parts = [self._quantized_shards.pop(i) for i in range(len(self.output_sizes))]
+            _install_quantized(self, type(parts[0]).cat_out(parts))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.quantized is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.quantized(x)
+        return y if self.bias is None else y + self.bias
 
 
 class RowParallelLinear(nn.Module):
@@ -56,11 +78,13 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.parallel = parallel
         self.in_features = in_features
+        self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, parallel.shard(in_features)))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.quantized: QuantizedWeight | None = None
 
     def full_shape(self, param_name: str, shard: int) -> tuple[int, ...]:
-        out = self.weight.shape[0]
+        out = self.out_features
         return (out, self.in_features) if param_name == "weight" else (out,)
 
     def load(self, param_name: str, shard: int, full: torch.Tensor) -> None:
@@ -70,10 +94,21 @@ class RowParallelLinear(nn.Module):
         local = self.weight.shape[1]
         _copy_shard(self.weight.data, full, 1, self.parallel.tp_rank * local)
 
+    def load_quantized(self, shard: int, full: QuantizedWeight) -> None:
+        local = self.parallel.shard(self.in_features)
+        _install_quantized(self, full.in_slice(self.parallel.tp_rank * local, local))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.parallel.tp_all_reduce(F.linear(x, self.weight))
+        matmul = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)
+        y = self.parallel.tp_all_reduce(matmul)
         # Bias once, after the sum, so TP ranks do not add it tp_size times.
         return y if self.bias is None else y + self.bias
+
+
+def _install_quantized(layer: nn.Module, weight: QuantizedWeight) -> None:
+    """The layer's matmul becomes `weight`'s, on the device of the dense weight it frees."""
+    layer.quantized = weight.to(layer.weight.device)
+    layer.weight = None
 
 
 class VocabParallelEmbedding(nn.Module):

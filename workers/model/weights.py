@@ -4,11 +4,14 @@ at load, see workers/model/gguf_loader.py), or random ('dummy').
 The model says which tensors it needs (`checkpoint_map()`: HF name -> slot); this module finds
 them in one or many *.safetensors files (through model.safetensors.index.json when present),
 checks each full shape against the slot's and lets the slot cut out its TP shard. Tensors the
-model does not need (other pipeline stages' layers, rotary caches) are never read.
+model does not need (other pipeline stages' layers, rotary caches) are never read. A folder
+whose config.json has a quantization_config (GPTQ, AWQ, INT8/FP8 compressed-tensors) loads its
+projections kept quantized (workers/model/quant/loading.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 from collections import defaultdict
@@ -22,6 +25,8 @@ from workers.errors import CheckpointFileMissing, InvalidTensor, MissingTensor, 
 from workers.model.gguf_file import GGUFFile, is_gguf
 from workers.model.gguf_loader import gguf_name, hf_tensor
 from workers.model.llama import CheckpointSlot, LlamaForCausalLM
+from workers.model.quant.loading import load_quantized
+from workers.model.quant.scheme import read_scheme
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -57,6 +62,10 @@ def load_checkpoint(model: LlamaForCausalLM, folder: str | Path) -> None:
         return
     slots = model.checkpoint_map()
     files = checkpoint_files(folder)
+    scheme = read_scheme(folder)
+    if scheme is not None:
+        with _TensorReader(files) as read:
+            slots = load_quantized(slots, scheme, read)
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in slots:
         if name not in files:
@@ -66,6 +75,30 @@ def load_checkpoint(model: LlamaForCausalLM, folder: str | Path) -> None:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:
                 _load_one(name, slots[name], f.get_tensor(name))
+
+
+class _TensorReader:
+    """Checkpoint tensor name -> tensor (None if absent), each file opened once."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self.handles: dict[Path, contextlib.ExitStack] = {}
+        self.stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stack.close()
+
+    def __call__(self, name: str) -> torch.Tensor | None:
+        file = self.files.get(name)
+        if file is None:
+            return None
+        if file not in self.handles:
+            self.handles[file] = self.stack.enter_context(
+                safe_open(str(file), framework="pt", device="cpu"))
+        return self.handles[file].get_tensor(name)
 
 
 def load_gguf(model: LlamaForCausalLM, gguf: GGUFFile) -> None:

@@ -1,0 +1,138 @@
+"""W4A16: a matmul whose weight stays 4-bit, dequantized tile by tile inside the kernel.
+
+The weight layout (GPTQ's, with groups made contiguous; workers/model/quant/ converts GPTQ and
+AWQ checkpoints into it at load):
+
+    qweight  int32 [K / 8, N]   input row 8i + j of column n in bits 4j..4j+3 of qweight[i, n]
+    scales   [G, N]             float16 (as checkpoints store them)
+    zeros    [G, N]             the integer zero point of each group, as the scales' dtype
+    w[k, n] = (q[k, n] - zeros[k // group_size, n]) * scales[k // group_size, n]
+    y = x @ w                   (x [M, K] float16 / bfloat16 / float32)
+
+G = ceil(K / group_size): the last group may be shorter (K = 576, group 128). Dequantization
+is done in float32 and rounded once to x's dtype, so `dequantize_w4_ref(...).to(x.dtype)` is
+exactly the weight the kernel multiplies by.
+
+Decode (M <= 16) is bandwidth-bound and has too few output tiles to fill the GPU, so K is
+split across programs (SPLIT_K) and the float32 partial sums are added afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.quant_split_k import reduce_splits, split_k_config, split_output
+
+
+@triton.jit
+def _w4a16_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    M, N, K, group_size, k_per_split,
+    stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_PER_TILE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """GROUP_PER_TILE: every K tile lies inside one group (group_size % BLOCK_K == 0), so one
+    row of scales/zeros serves the whole tile; otherwise each row finds its own group."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok, n_ok = offs_m < M, offs_n < N
+    shifts = (tl.arange(0, 8) * 4)[None, :, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
+        )
+        offs_p = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(
+            qw_ptr + offs_p[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+            mask=(offs_p[:, None] < K // 8) & n_ok[None, :], other=0,
+        )
+        # [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N]: row 8i + j is nibble j of row i.
+        q = tl.reshape((packed[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        if GROUP_PER_TILE:
+            g_off = (k0 // group_size) * stride_sg + offs_n
+            s = tl.load(s_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            g_off = (offs_k // group_size)[:, None] * stride_sg + offs_n[None, :]
+            g_mask = k_ok[:, None] & n_ok[None, :]
+            s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
+        w = ((q - z) * s).to(x.dtype)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _check(x, qweight, scales, zeros, group_size) -> None:
+    assert x.dim() == 2 and x.stride(1) == 1, f"x {tuple(x.shape)} stride {x.stride()}"
+    k = x.shape[1]
+    assert k % 8 == 0, f"K {k} is not a multiple of 8"
+    assert qweight.dtype == torch.int32 and qweight.shape[0] == k // 8, (
+        f"qweight {qweight.dtype} {tuple(qweight.shape)} vs K {k}")
+    assert qweight.stride(1) == 1, f"qweight stride {qweight.stride()}"
+    groups = -(-k // group_size)
+    assert scales.shape == (groups, qweight.shape[1]), (
+        f"scales {tuple(scales.shape)}, expected ({groups}, {qweight.shape[1]}) for K {k}, "
+        f"group size {group_size}")
+    assert zeros.shape == scales.shape and zeros.stride() == scales.stride(), (
+        f"zeros {tuple(zeros.shape)} stride {zeros.stride()} vs scales {scales.stride()}")
+    assert scales.stride(1) == 1, f"scales stride {scales.stride()}"
+
+
+def w4a16_matmul(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,  # int32 [K / 8, N]
+    scales: torch.Tensor,  # [G, N]
+    zeros: torch.Tensor,  # [G, N]
+    group_size: int,
+) -> torch.Tensor:
+    """x @ dequantized weight, [M, N] in x's dtype (float32 accumulation)."""
+    _check(x, qweight, scales, zeros, group_size)
+    (m, k), n = x.shape, qweight.shape[1]
+    group_k = 128 if group_size % 128 == 0 else (64 if group_size % 64 == 0 else 32)
+    block_m, block_n, block_k, split = split_k_config(m, n, k, group_k)
+    out, k_per_split, splits = split_output(m, n, k, block_k, split, x.dtype, x.device)
+    if m > 0:
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
+        _w4a16_kernel[grid](
+            x, qweight, scales, zeros, out,
+            m, n, k, group_size, k_per_split,
+            x.stride(0), qweight.stride(0), scales.stride(0),
+            out.stride(0) if splits > 1 else 0, out.stride(-2),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            GROUP_PER_TILE=group_size % block_k == 0,
+            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        )
+    return reduce_splits(out, x.dtype)
+
+
+def unpack_rows_ref(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [K / 8, N] -> int32 [K, N] of values 0..15 (row 8i + j from nibble j of row i)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)
+    nibbles = (qweight[:, None, :] >> shifts[None, :, None]) & 0xF
+    return nibbles.reshape(-1, qweight.shape[1])
+
+
+def dequantize_w4_ref(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """The float32 weight [K, N] the layout describes."""
+    q = unpack_rows_ref(qweight).float()
+    groups = torch.arange(q.shape[0], device=q.device) // group_size
+    return (q - zeros.float()[groups]) * scales.float()[groups]
+
+
+def w4a16_matmul_ref(x, qweight, scales, zeros, group_size):
+    """Plain-torch reference of `w4a16_matmul`."""
+    weight = dequantize_w4_ref(qweight, scales, zeros, group_size).to(x.dtype)
+    return (x.float() @ weight.float()).to(x.dtype)

@@ -1,0 +1,196 @@
+"""`kvrelay quantize`: writes a quantized copy of a checkpoint that `--model DIR` serves kept
+quantized.
+
+    kvrelay quantize --model SRC --out DIR --format gptq|awq|int8|fp8 [--group-size 128]
+                     [--act-order]
+
+SRC is a checkpoint folder, a GGUF file or a packaged model (smollm2). The decoder layers'
+q/k/v/o/gate/up/down projections are quantized by ROUND-TO-NEAREST (no calibration data, no
+GPTQ error feedback, no AWQ activation-aware scaling), written in the layout Hugging Face
+stores for that method: GPTQ (symmetric, 'gptq' checkpoint format; --act-order groups input
+rows by decreasing weight norm and writes the matching g_idx), AWQ (GEMM, asymmetric),
+compressed-tensors INT8 / FP8 (e4m3) with one scale per output channel. Other tensors are
+copied unchanged, config.json gains the quantization_config, and the tokenizer files are
+copied (or, from a GGUF file, written from its metadata). The quality is what RTN gives, so
+these checkpoints are test and benchmark inputs, not a substitute for GPTQ or AWQ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from workers.errors import InvalidModelConfig, KvrelayError
+from workers.model.gguf_file import GGUFFile, is_gguf
+from workers.model.gguf_loader import config_dict, hf_tensor
+from workers.model.model_source import check_model_path, resolve_model_path
+from workers.model.quant.awq import write_awq
+from workers.model.quant.compressed import write_channelwise
+from workers.model.quant.gptq import write_gptq
+
+FORMATS = ("gptq", "awq", "int8", "fp8")
+PROJECTION = re.compile(
+    r"(model\.layers\.\d+\.)(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight"
+)
+SHARED_INPUTS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+)
+"""Projections that read the same input share one act-order (GPTQ orders rows by the input's
+statistics), so merged q/k/v and gate/up keep one permutation."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json", "chat_template.jinja")
+
+
+def quantization_config(fmt: str, group_size: int, act_order: bool) -> dict[str, Any]:
+    """The config.json entry transformers (and workers/model/quant/scheme.py) read."""
+    if fmt == "gptq":
+        return {"quant_method": "gptq", "bits": 4, "group_size": group_size,
+                "desc_act": act_order, "sym": True, "checkpoint_format": "gptq"}
+    if fmt == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": group_size,
+                "zero_point": True, "version": "gemm"}
+    weights = {"num_bits": 8, "type": "int" if fmt == "int8" else "float", "symmetric": True,
+               "strategy": "channel", "dynamic": False}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "naive-quantized" if fmt == "int8" else "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
+        "ignore": ["lm_head"],
+        "quantization_status": "compressed",
+    }
+
+
+def quantize_projection(
+    weight: torch.Tensor, fmt: str, group_size: int, importance: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """One projection's weight [N, K] -> its checkpoint tensors by suffix."""
+    weight = weight.float()
+    if fmt == "gptq":
+        return write_gptq(weight, group_size, importance)
+    if fmt == "awq":
+        return write_awq(weight, group_size)
+    return write_channelwise(weight, fmt)
+
+
+def quantize_tensors(
+    tensors: dict[str, torch.Tensor], fmt: str, group_size: int, act_order: bool = False
+) -> dict[str, torch.Tensor]:
+    """HF-named tensors -> the quantized checkpoint's tensors (projections replaced)."""
+    out = {}
+    for name, tensor in tensors.items():
+        match = PROJECTION.fullmatch(name)
+        if match is None:
+            out[name] = tensor
+            continue
+        prefix, module = match.groups()
+        importance = None
+        if act_order:
+            siblings = next((g for g in SHARED_INPUTS if module in g), (module,))
+            importance = sum(tensors[f"{prefix}{s}.weight"].float().pow(2).sum(0)
+                             for s in siblings)
+        for suffix, value in quantize_projection(tensor, fmt, group_size, importance).items():
+            out[f"{prefix}{module}.{suffix}"] = value.contiguous()
+    return out
+
+
+def read_source(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config.json dict, HF-named tensors) of a checkpoint folder or GGUF file."""
+    if is_gguf(path):
+        gguf = GGUFFile(path)
+        return config_dict(gguf), dict(_gguf_tensors(gguf))
+    folder = Path(path)
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    config = json.loads((folder / "config.json").read_text())
+    if "quantization_config" in config:
+        raise InvalidModelConfig("quantization_config", f"{path} is already quantized")
+    return config, tensors
+
+
+def _gguf_tensors(gguf: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
+    # The names the engine loads, from a model built on the meta device (no memory).
+    from workers.attention.torch_backend import TorchAttentionBackend
+    from workers.model.config import ModelConfig
+    from workers.model.llama import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(ModelConfig.from_dict(config_dict(gguf)), TorchAttentionBackend())
+    for name in model.checkpoint_map():
+        yield name, hf_tensor(gguf, name)
+
+
+def write_tokenizer(source: str, out: Path) -> None:
+    if not is_gguf(source):
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copy(Path(source) / name, out / name)
+        return
+    from workers.text.gguf_tokenizer import read_gguf_tokenizer
+
+    tokenizer = read_gguf_tokenizer(GGUFFile(source))
+    tokenizer.backend.save(str(out / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
+              "eos_token": tokenizer.eos_token, "chat_template": tokenizer.chat_template}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    end_ids = list(tokenizer.eos_token_ids)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": end_ids}))
+
+
+def quantize_checkpoint(
+    source: str, out: str | Path, fmt: str, group_size: int = 128, act_order: bool = False
+) -> Path:
+    """Writes the quantized checkpoint of `source` to folder `out`; returns it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config, tensors = read_source(source)
+    config["quantization_config"] = quantization_config(fmt, group_size, act_order)
+    save_file(quantize_tensors(tensors, fmt, group_size, act_order), str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(source, out)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvrelay quantize", description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True,
+                        help="checkpoint folder, .gguf file or packaged model (smollm2)")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--group-size", type=int, default=128,
+                        help="input rows per scale group (gptq, awq; -1: one group)")
+    parser.add_argument("--act-order", action="store_true",
+                        help="gptq: group input rows by decreasing weight norm (writes g_idx)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.act_order and args.format != "gptq":
+        parser.error("--act-order is a GPTQ option")
+    try:
+        source = resolve_model_path(args.model)
+        check_model_path(source)
+        out = quantize_checkpoint(source, args.out, args.format, args.group_size, args.act_order)
+    except KvrelayError as error:
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.format} checkpoint (round-to-nearest) to {out}")
+    return 0
