@@ -1,0 +1,131 @@
+"""The weight-quantized matmul kernels against their plain-torch references: W4A16
+(kernels/quant_w4a16.py), W8A16 (kernels/quant_w8a16.py) and the FP8 tensor-core linear
+(kernels/quant_fp8.py, GPU only). Small shapes on CPU under TRITON_INTERPRET=1 (float32,
+float16); Llama-3-8B's projection shapes in bfloat16 on the GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.quant_fp8 import FP8, FP8_MAX, fp8_linear, fp8_linear_ref, quantize_rows_fp8
+from kernels.quant_w4a16 import dequantize_w4_ref, w4a16_matmul, w4a16_matmul_ref
+from kernels.quant_w8a16 import w8a16_matmul, w8a16_matmul_ref
+from tests.kernels.tolerances import assert_close
+
+LLAMA3_8B_PROJECTIONS = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
+"""(K, N) of Llama-3-8B's merged q/k/v, o, merged gate/up and down projections."""
+
+
+def random_w4(k: int, n: int, group_size: int, device: str, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    groups = -(-k // group_size)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), dtype=torch.int32,
+                            generator=generator)
+    scales = (torch.rand(groups, n, generator=generator) * 0.02 + 0.001).half()
+    zeros = torch.randint(0, 16, (groups, n), generator=generator).half()
+    return qweight.to(device), scales.to(device), zeros.to(device)
+
+
+def random_w8(k: int, n: int, device: str, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
+    scales = torch.rand(n, generator=generator) * 0.002 + 1e-4
+    return qweight.to(device), scales.to(device)
+
+
+def random_x(m: int, k: int, dtype: torch.dtype, device: str, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(m, k, generator=generator).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "m,k,n,group_size",
+    [
+        (1, 256, 64, 128),  # one group per K tile
+        (1, 2048, 32, 128),  # decode: K split across programs
+        (3, 576, 96, 128),  # ragged last group (SmolLM2's hidden size)
+        (5, 128, 48, 32),  # groups smaller than a K tile
+        (20, 512, 72, 64),
+        (70, 256, 130, 128),  # prefill-sized M, N not a multiple of the tile
+    ],
+)
+def test_w4a16_kernel_matches_reference(m, k, n, group_size, dtype, device):
+    qweight, scales, zeros = random_w4(k, n, group_size, device)
+    x = random_x(m, k, dtype, device)
+    out = w4a16_matmul(x, qweight, scales, zeros, group_size)
+    assert out.shape == (m, n)
+    assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size))
+
+
+def test_w4a16_reference_dequantizes_the_layout_elementwise(device):
+    """dequantize_w4_ref against the layout read one element at a time."""
+    k, n, group_size = 48, 16, 16
+    qweight, scales, zeros = random_w4(k, n, group_size, "cpu")
+    weight = dequantize_w4_ref(qweight, scales, zeros, group_size)
+    for row in range(k):
+        for col in range(0, n, 5):
+            q = (int(qweight[row // 8, col]) >> (4 * (row % 8))) & 0xF
+            group = row // group_size
+            expected = (q - float(zeros[group, col])) * float(scales[group, col])
+            assert weight[row, col].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_w4a16_with_no_rows_returns_an_empty_result(device):
+    qweight, scales, zeros = random_w4(64, 16, 32, device)
+    out = w4a16_matmul(random_x(0, 64, torch.float32, device), qweight, scales, zeros, 32)
+    assert out.shape == (0, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(1, 256, 64), (1, 2048, 32), (3, 576, 96), (70, 192, 130)])
+def test_w8a16_kernel_matches_reference(m, k, n, dtype, device):
+    qweight, scales = random_w8(k, n, device)
+    x = random_x(m, k, dtype, device)
+    out = w8a16_matmul(x, qweight, scales)
+    assert out.shape == (m, n)
+    assert_close(out, w8a16_matmul_ref(x, qweight, scales))
+
+
+def test_fp8_row_quantization_round_trips_within_e4m3_precision():
+    x = random_x(6, 64, torch.float32, "cpu") * torch.tensor([[1e-3], [1], [10], [0], [5], [2]])
+    x_q, scale = quantize_rows_fp8(x)
+    assert x_q.dtype == FP8 and scale.shape == (6, 1)
+    assert x_q.float().abs().amax() <= FP8_MAX
+    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4 of each row's largest element.
+    error = (x_q.float() * scale - x).abs()
+    assert (error <= x.abs().amax(1, keepdim=True) / 16 + 1e-12).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 32, 256])
+@pytest.mark.parametrize("k,n", LLAMA3_8B_PROJECTIONS)
+def test_quantized_kernels_at_llama3_8b_shapes_in_bfloat16(m, k, n):
+    x = random_x(m, k, torch.bfloat16, "cuda")
+    qweight, scales, zeros = random_w4(k, n, 128, "cuda")
+    out = w4a16_matmul(x, qweight, scales, zeros, 128)
+    expected = w4a16_matmul_ref(x, qweight, scales, zeros, 128)
+    torch.testing.assert_close(out.float(), expected.float(), atol=0.05, rtol=0.02)
+    q8, s8 = random_w8(k, n, "cuda")
+    torch.testing.assert_close(w8a16_matmul(x, q8, s8).float(),
+                               w8a16_matmul_ref(x, q8, s8).float(), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs FP8 tensor cores (sm_89+)",
+)
+@pytest.mark.parametrize("m", [1, 32, 256])
+@pytest.mark.parametrize("k,n", LLAMA3_8B_PROJECTIONS)
+def test_fp8_linear_at_llama3_8b_shapes_matches_reference(m, k, n):
+    x = random_x(m, k, torch.bfloat16, "cuda")
+    generator = torch.Generator().manual_seed(2)
+    weight = (torch.randn(n, k, generator=generator) * 100).clamp(-448, 448).to(FP8).cuda()
+    scales = (torch.rand(n, generator=generator) * 1e-4 + 1e-5).cuda()
+    out = fp8_linear(x, weight, scales)
+    assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+    expected = fp8_linear_ref(x, weight, scales)
+    torch.testing.assert_close(out.float(), expected.float(), atol=0.05, rtol=0.02)

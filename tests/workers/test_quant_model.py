@@ -1,0 +1,141 @@
+"""Quantized checkpoints served kept quantized: greedy generation of the tiny model loaded from
+a GPTQ / AWQ / INT8 / FP8 checkpoint (written by `kvrelay quantize`) equals, token for token,
+the same model with those weights dequantized into a plain checkpoint (the right reference for
+a quantized model); tensor-parallel ranks hold exactly their shard of the quantized weight."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from workers.attention.torch_backend import TorchAttentionBackend
+from workers.engine.sampling_params import SamplingParams
+from workers.model.config import ModelConfig
+from workers.model.linear import ColumnParallelLinear, RowParallelLinear
+from workers.model.llama import LlamaForCausalLM
+from workers.model.parallel import ParallelContext
+from workers.model.quant.channel_weight import Fp8Weight, Int8Weight
+from workers.model.quant.checkpoint_tensors import ProjectionTensors
+from workers.model.quant.int4_weight import Int4Weight
+from workers.model.quant.loading import FORMATS, is_quantized_slot
+from workers.model.quant.scheme import read_scheme
+from workers.model.quantize import quantize_checkpoint
+from workers.model.weights import load_checkpoint
+
+CASES = {  # name -> (format, group size, act-order, layout class)
+    "gptq": ("gptq", 32, False, Int4Weight),
+    "gptq_act_order": ("gptq", 16, True, Int4Weight),
+    "gptq_one_group": ("gptq", -1, False, Int4Weight),
+    "awq": ("awq", 32, False, Int4Weight),
+    "int8": ("int8", 0, False, Int8Weight),
+    "fp8": ("fp8", 0, False, Fp8Weight),
+}
+PROMPTS = [[5, 17, 42, 99, 7], [300, 12, 8, 250, 77, 41, 3 + 60, 19, 180]]
+
+
+@pytest.fixture(scope="module")
+def quantized_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    out = {}
+    for case, (fmt, group, act_order, _) in CASES.items():
+        folder = tmp_path_factory.mktemp(case)
+        out[case] = quantize_checkpoint(str(tiny_model_dir), folder, fmt, group, act_order)
+    return out
+
+
+def build_model(folder: Path, parallel: ParallelContext | None = None) -> LlamaForCausalLM:
+    config = ModelConfig.from_path(folder)
+    model = LlamaForCausalLM(config, TorchAttentionBackend(), parallel or ParallelContext())
+    load_checkpoint(model, folder)
+    return model
+
+
+def dequantized_copy(quantized: Path, out: Path) -> Path:
+    """A plain checkpoint whose projections are the quantized ones dequantized (float32),
+    decoded by the formats' readers from the checkpoint tensors themselves."""
+    out.mkdir()
+    scheme = read_scheme(quantized)
+    stored = load_file(str(quantized / "model.safetensors"))
+    slots = build_model(quantized).checkpoint_map()
+    tensors = {name: stored[name] for name, slot in slots.items() if not is_quantized_slot(slot)}
+    fmt = FORMATS[scheme.method]
+    for name, slot in slots.items():
+        if is_quantized_slot(slot):
+            prefix = name.removesuffix(".weight")
+            parts = {s: stored[f"{prefix}.{s}"] for s in fmt.suffixes if f"{prefix}.{s}" in stored}
+            n, k = slot.full_shape
+            tensors[name] = fmt.read(ProjectionTensors(prefix, parts, scheme, k, n)).dequantize()
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / "model.safetensors"))
+    config = json.loads((quantized / "config.json").read_text())
+    del config["quantization_config"]
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (out / name).write_bytes((quantized / name).read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_projections_load_kept_quantized(case, quantized_dirs):
+    model = build_model(quantized_dirs[case])
+    layer = model.layers["0"]
+    for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                   layer.mlp.gate_up_proj, layer.mlp.down_proj):
+        assert linear.weight is None
+        assert isinstance(linear.quantized, CASES[case][3])
+    names = {name for name, _ in model.named_parameters()}
+    assert not any("proj" in name for name in names), names
+    has_perm = isinstance(layer.mlp.down_proj.quantized, Int4Weight) and any(
+        linear.quantized.perm is not None for linear in (layer.self_attn.qkv_proj,
+                                                         layer.mlp.gate_up_proj))
+    assert has_perm == CASES[case][2]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_generation_equals_the_dequantized_model(case, quantized_dirs, make_engine,
+                                                        tmp_path):
+    reference_dir = dequantized_copy(quantized_dirs[case], tmp_path / "dequantized")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    quantized = make_engine(model_dir=quantized_dirs[case]).generate(PROMPTS, params)
+    reference = make_engine(model_dir=reference_dir).generate(PROMPTS, params)
+    assert [o.token_ids for o in quantized] == [o.token_ids for o in reference]
+    assert all(len(o.token_ids) == 12 for o in quantized)
+
+
+@pytest.mark.parametrize("case", ["gptq", "awq", "int8"])
+def test_tensor_parallel_ranks_hold_their_shard_of_the_quantized_weight(case, quantized_dirs):
+    full = build_model(quantized_dirs[case]).layers["1"]
+    for rank in range(2):
+        part = build_model(quantized_dirs[case], ParallelContext(tp_rank=rank, tp_size=2))
+        layer = part.layers["1"]
+        for name in ("self_attn.qkv_proj", "mlp.gate_up_proj", "self_attn.o_proj",
+                     "mlp.down_proj"):
+            whole = full.get_submodule(name)
+            shard = layer.get_submodule(name)
+            expected = whole.quantized.dequantize()
+            if isinstance(whole, RowParallelLinear):
+                cols = expected.shape[1] // 2
+                expected = expected[:, rank * cols : (rank + 1) * cols]
+            else:
+                assert isinstance(whole, ColumnParallelLinear)
+                pieces = expected.split(whole.output_sizes)
+                expected = torch.cat([p.chunk(2)[rank] for p in pieces])
+            assert torch.equal(shard.quantized.dequantize(), expected), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["gptq", "gptq_act_order", "awq", "int8"])
+def test_greedy_generation_with_the_gpu_kernels_equals_the_dequantized_model(
+    case, quantized_dirs, make_engine, tmp_path
+):
+    """float32 on the GPU: the W4A16 / W8A16 Triton kernels (IEEE float32 dots) against
+    cuBLAS on the dequantized weights. (FP8 is left out: its tensor-core path also rounds the
+    activations to FP8, so it is not the dequantized model.)"""
+    reference_dir = dequantized_copy(quantized_dirs[case], tmp_path / "dequantized")
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    quantized = make_engine(model_dir=quantized_dirs[case], device="cuda").generate(PROMPTS, params)
+    reference = make_engine(model_dir=reference_dir, device="cuda").generate(PROMPTS, params)
+    assert [o.token_ids for o in quantized] == [o.token_ids for o in reference]
