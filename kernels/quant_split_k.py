@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import triton
+import triton.language as tl
 
 TARGET_PROGRAMS = 264
 """About two programs per SM of an H100 (132 SMs)."""
@@ -44,3 +45,20 @@ def split_output(
 def reduce_splits(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The [m, n] result from `split_output`'s buffer once the kernel has filled it."""
     return out if out.dim() == 2 else out.sum(0).to(dtype)
+
+
+@triton.jit
+def load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, BLOCK_K: tl.constexpr):
+    """Rows offs_m, columns [k0, k0 + BLOCK_K) of the activations x [M, K] (zeros outside)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    return tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mask,
+                   other=0.0)
+
+
+@triton.jit
+def store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om):
+    """Split pid_k's tile of the output ([M, N], or float32 partial sums [splits, M, N])."""
+    out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_split_k import reduce_splits, split_k_config, split_output
+from kernels import quant_split_k as split_k
+from kernels.quant_split_k import load_x_tile, store_tile
 
 
 @triton.jit
@@ -39,18 +40,12 @@ def _w4a16_kernel(
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    n_ok = offs_n < N
     shifts = (tl.arange(0, 8) * 4)[None, :, None]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
-        )
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        x = load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, BLOCK_K)
         offs_p = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         packed = tl.load(
             qw_ptr + offs_p[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
@@ -63,14 +58,15 @@ def _w4a16_kernel(
             s = tl.load(s_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             z = tl.load(z_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         else:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
             g_off = (offs_k // group_size)[:, None] * stride_sg + offs_n[None, :]
             g_mask = k_ok[:, None] & n_ok[None, :]
             s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
         w = ((q - z) * s).to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om)
 
 
 def _check(x, qweight, scales, zeros, group_size) -> None:
@@ -100,8 +96,8 @@ def w4a16_matmul(
     _check(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[1]
     group_k = 128 if group_size % 128 == 0 else (64 if group_size % 64 == 0 else 32)
-    block_m, block_n, block_k, split = split_k_config(m, n, k, group_k)
-    out, k_per_split, splits = split_output(m, n, k, block_k, split, x.dtype, x.device)
+    block_m, block_n, block_k, split = split_k.split_k_config(m, n, k, group_k)
+    out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
     if m > 0:
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
         _w4a16_kernel[grid](
@@ -113,7 +109,7 @@ def w4a16_matmul(
             GROUP_PER_TILE=group_size % block_k == 0,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         )
-    return reduce_splits(out, x.dtype)
+    return split_k.reduce_splits(out, x.dtype)
 
 
 def unpack_rows_ref(qweight: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.quant_split_k import reduce_splits, split_k_config, split_output
+from kernels import quant_split_k as split_k
+from kernels.quant_split_k import load_x_tile, store_tile
 
 
 @triton.jit
@@ -29,26 +30,20 @@ def _w8a16_kernel(
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok, n_ok = offs_m < M, offs_n < N
+    n_ok = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        x = load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, BLOCK_K)
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-            mask=m_ok[:, None] & k_ok[None, :], other=0.0,
-        )
         w = tl.load(
             w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
-            mask=k_ok[:, None] & n_ok[None, :], other=0,
+            mask=(offs_k[:, None] < K) & n_ok[None, :], other=0,
         )
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
     s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
     acc = acc * s[None, :]
-    out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om)
 
 
 def _check(x, qweight, scales) -> None:
@@ -68,8 +63,8 @@ def w8a16_matmul(
     """(x @ qweight.T) * scales, [M, N] in x's dtype (float32 accumulation)."""
     _check(x, qweight, scales)
     (m, k), n = x.shape, qweight.shape[0]
-    block_m, block_n, block_k, split = split_k_config(m, n, k, 128)
-    out, k_per_split, splits = split_output(m, n, k, block_k, split, x.dtype, x.device)
+    block_m, block_n, block_k, split = split_k.split_k_config(m, n, k, 128)
+    out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
     if m > 0:
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
         _w8a16_kernel[grid](
@@ -79,7 +74,7 @@ def w8a16_matmul(
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         )
-    return reduce_splits(out, x.dtype)
+    return split_k.reduce_splits(out, x.dtype)
 
 
 def w8a16_matmul_ref(x, qweight, scales):
