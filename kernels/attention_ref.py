@@ -3,12 +3,15 @@
 Sequence i's queries are q[cu_q[i]:cu_q[i+1]]; its keys/values are the first seq_lens[i] slots
 of its block table. Query j of a sequence with q_len new tokens sits at position
 seq_len - q_len + j and attends to keys 0..that position. GQA: query head h reads kv head
-h // (num_heads // num_kv_heads). Math in float32; output in q's dtype.
+h // (num_heads // num_kv_heads). Math in float32; output in q's dtype. An fp8 cache reads as
+stored * scale (kernels/kv_quant.py).
 """
 
 from __future__ import annotations
 
 import torch
+
+from kernels.kv_quant import dequantize_kv
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -27,6 +30,8 @@ def paged_attention_ref(
     cu_q: list[int],
     seq_lens: list[int],
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [1] float32, fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     group = q.shape[1] // k_cache.shape[2]
@@ -35,8 +40,8 @@ def paged_attention_ref(
         q_len = q_i.shape[1]
         if q_len == 0:
             continue
-        k = gather_kv(k_cache, block_tables[i], seq_len).float()
-        v = gather_kv(v_cache, block_tables[i], seq_len).float()
+        k = dequantize_kv(gather_kv(k_cache, block_tables[i], seq_len), k_scale)
+        v = dequantize_kv(gather_kv(v_cache, block_tables[i], seq_len), v_scale)
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, seq_len, D]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         scores = (q_i @ k.transpose(1, 2)) * scale

@@ -5,6 +5,10 @@ A tile is BLOCK_N consecutive key positions of one sequence; key n lives in bloc
 block_table[n // PAGE], slot n % PAGE. Scores are kept in base 2 (qk_scale includes log2(e))
 so the exponential is exp2. Running max starts at a large finite negative number, not -inf,
 so a row whose keys are all masked in a tile stays NaN-free.
+
+K and V tiles are widened to the query's dtype as they are loaded (a no-op unless the cache is
+fp8); an fp8 cache's scales are applied by the callers, the K scale folded into qk_scale and
+the V scale into the final output (kernels/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ def attend_range(
         k_ptrs = k_cache_ptr + row_off[None, :] + offs_d[:, None]
         v_ptrs = v_cache_ptr + row_off[:, None] + offs_d[None, :]
         if EVEN_D:
-            k = tl.load(k_ptrs)
+            k = tl.load(k_ptrs).to(q.dtype)
         else:
-            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0).to(q.dtype)
         qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         if MASKED:
             visible = (offs_n[None, :] <= q_pos[:, None]) & (offs_n[None, :] < seq_len)
@@ -53,6 +57,7 @@ def attend_range(
             v = tl.load(v_ptrs)
         else:
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        v = v.to(q.dtype)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -84,6 +89,17 @@ def attend_causal(
         acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, bt_ptr, kvh,
         n_split, n_hi, seq_len, qk_scale, head_dim, stride_cb, stride_cs, stride_ch,
         True, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
+
+
+@triton.jit
+def kv_scales(qk_scale, k_scale_ptr, v_scale_ptr, FP8: tl.constexpr):
+    """(qk_scale with the K scale folded in, the V scale) of an fp8 cache; (qk_scale, 1)
+    otherwise, where the scale pointers are never read."""
+    v_scale = 1.0
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+        v_scale = tl.load(v_scale_ptr)
+    return qk_scale, v_scale
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -2,7 +2,9 @@
 
 Slot s of a cache `[num_blocks, block_size, num_kv_heads, head_dim]` is block s // block_size,
 offset s % block_size. Negative slots mean "padding, write nothing" (CUDA-graph batches pad with
--1). Pure data movement: the Triton kernel and the torch reference agree exactly.
+-1). An fp8 cache stores k / k_scale and v / v_scale rounded to e4m3 (kernels/kv_quant.py);
+other caches take k and v as they are. Both are exact: the Triton kernel and the torch reference
+agree bit for bit.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.kv_quant import check_scales, is_fp8, quantize_fp8, to_cache
+
 
 @triton.jit
 def _cache_write_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,
     block_size, num_kv_heads, head_dim,
-    BLOCK_HD: tl.constexpr,
+    BLOCK_HD: tl.constexpr, FP8: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -34,17 +38,26 @@ def _cache_write_kernel(
     src_k = token.to(tl.int64) * stride_kt + head * stride_kh + dim
     src_v = token.to(tl.int64) * stride_vt + head * stride_vh + dim
     dst = block * stride_cb + offset * stride_cs + head * stride_ch + dim
-    tl.store(k_cache_ptr + dst, tl.load(k_ptr + src_k, mask=mask), mask=mask)
-    tl.store(v_cache_ptr + dst, tl.load(v_ptr + src_v, mask=mask), mask=mask)
+    k = tl.load(k_ptr + src_k, mask=mask)
+    v = tl.load(v_ptr + src_v, mask=mask)
+    if FP8:
+        k = quantize_fp8(k.to(tl.float32), tl.load(k_scale_ptr))
+        v = quantize_fp8(v.to(tl.float32), tl.load(v_scale_ptr))
+    tl.store(k_cache_ptr + dst, k, mask=mask)
+    tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
-def _check(k, v, k_cache, v_cache, slot_mapping) -> None:
+def _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     assert k.dim() == 3 and k.shape == v.shape, f"k {tuple(k.shape)} v {tuple(v.shape)}"
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
         f"k_cache {tuple(k_cache.shape)} v_cache {tuple(v_cache.shape)}")
     assert k.shape[1:] == k_cache.shape[2:], (
         f"k heads/dim {tuple(k.shape)} vs cache {tuple(k_cache.shape)}")
-    assert k.dtype == k_cache.dtype == v.dtype == v_cache.dtype, f"dtypes {k.dtype} {k_cache.dtype}"
+    assert k.dtype == v.dtype and k_cache.dtype == v_cache.dtype, (
+        f"dtypes k {k.dtype} v {v.dtype} k_cache {k_cache.dtype} v_cache {v_cache.dtype}")
+    assert is_fp8(k_cache.dtype) or k.dtype == k_cache.dtype, (
+        f"dtypes k {k.dtype} vs cache {k_cache.dtype}")
+    check_scales(k_cache, k_scale, v_scale)
     assert slot_mapping.shape == (k.shape[0],), f"slot_mapping {tuple(slot_mapping.shape)}"
     assert k.stride(2) == 1 and v.stride(2) == 1, "head_dim must be contiguous"
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
@@ -57,24 +70,29 @@ def write_kv_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens] int, -1 = skip
+    k_scale: torch.Tensor | None = None,  # [1] float32; needed by (only read for) fp8 caches
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write k[i], v[i] into slot slot_mapping[i] of k_cache, v_cache, in place."""
-    _check(k, v, k_cache, v_cache, slot_mapping)
+    """Write k[i], v[i] into slot slot_mapping[i] of k_cache, v_cache, in place (quantized
+    with k_scale, v_scale when the caches are fp8)."""
+    _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    fp8 = is_fp8(k_cache.dtype)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
     _cache_write_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping,
+        k_scale if fp8 else slot_mapping, v_scale if fp8 else slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         k_cache.shape[1], num_kv_heads, head_dim,
-        BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_dim),
+        BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_dim), FP8=fp8,
     )
 
 
-def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     """Plain-torch reference of `write_kv_cache`."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k[keep], k_cache.dtype, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v[keep], v_cache.dtype, v_scale)

@@ -8,7 +8,7 @@ masked; tiles right of it are never visited. Query blocks are launched longest-f
 causal ones at the end of a sequence do the most work) to balance the tail.
 
 Sequences with fewer than `min_q_len` new tokens are skipped, so the decode kernel can take them
-in the same step.
+in the same step. An fp8 cache is dequantized in the kernel (kernels/kv_quant.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from kernels.attention_ref import paged_attention_ref
-from kernels.attention_tile import LOG2E, attend_causal, dot_precision, head_dim_block
+from kernels.attention_tile import LOG2E, attend_causal, dot_precision, head_dim_block, kv_scales
+from kernels.kv_quant import check_scales, is_fp8
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,12 @@ def default_tiles(head_dim: int, device: torch.device) -> PrefillTiles:
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, cu_q_ptr, seq_lens_ptr,
+    k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
     num_heads, qk_scale, min_q_len, head_dim,
     GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1) // num_heads
@@ -63,6 +65,7 @@ def _prefill_kernel(
     m_start = m_block * BLOCK_M
     if (q_len >= min_q_len) & (m_start < q_len):
         seq_len = tl.load(seq_lens_ptr + seq)
+        qk_scale, v_scale = kv_scales(qk_scale, k_scale_ptr, v_scale_ptr, FP8)
         context = seq_len - q_len
         offs_m = m_start + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -82,12 +85,16 @@ def _prefill_kernel(
             head // GROUP, 0, n_diag_end, seq_len, qk_scale, head_dim,
             stride_cb, stride_cs, stride_ch, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
         acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        if FP8:
+            acc = acc * v_scale
         tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=io_mask)
 
 
-def check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out) -> None:
-    """Shape/stride/dtype checks shared by the prefill and decode launchers."""
+def check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out,
+                       k_scale=None, v_scale=None) -> None:
+    """Shape/stride/dtype checks shared by the prefill and decode launchers. The caches have
+    the query's dtype, or are fp8 with their scales."""
     assert q.dim() == 3 and q.stride(2) == 1, f"q {tuple(q.shape)} stride {q.stride()}"
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
         f"k_cache {tuple(k_cache.shape)} v_cache {tuple(v_cache.shape)}")
@@ -96,8 +103,11 @@ def check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out) -
     assert k_cache.shape[3] == head_dim, f"head_dim q {head_dim} vs cache {k_cache.shape[3]}"
     assert num_heads % k_cache.shape[2] == 0, (
         f"num_heads {num_heads} not a multiple of num_kv_heads {k_cache.shape[2]}")
-    assert q.dtype == k_cache.dtype == v_cache.dtype == out.dtype, (
+    assert k_cache.dtype == v_cache.dtype and q.dtype == out.dtype, (
+        f"dtypes q {q.dtype} k_cache {k_cache.dtype} v_cache {v_cache.dtype} out {out.dtype}")
+    assert is_fp8(k_cache.dtype) or q.dtype == k_cache.dtype, (
         f"dtypes q {q.dtype} cache {k_cache.dtype} out {out.dtype}")
+    check_scales(k_cache, k_scale, v_scale)
     num_seqs = seq_lens.shape[0]
     assert cu_q.shape == (num_seqs + 1,) and block_tables.shape[0] == num_seqs, (
         f"cu_q {tuple(cu_q.shape)} block_tables {tuple(block_tables.shape)} seqs {num_seqs}")
@@ -120,11 +130,14 @@ def flash_prefill(
     out: torch.Tensor | None = None,
     min_q_len: int = 1,
     tiles: PrefillTiles | None = None,
+    k_scale: torch.Tensor | None = None,  # [1] float32, fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of every sequence with >= min_q_len new tokens; writes those rows of
     `out` (allocated if None) and leaves the others untouched."""
     out = torch.empty_like(q) if out is None else out
-    check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out)
+    check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, k_scale, v_scale)
+    fp8 = is_fp8(k_cache.dtype)
     num_seqs, (num_heads, head_dim) = seq_lens.shape[0], q.shape[1:]
     if num_seqs == 0 or max_q_len < max(min_q_len, 1):
         return out
@@ -133,12 +146,13 @@ def flash_prefill(
     grid = (triton.cdiv(max_q_len, tiles.block_m), num_seqs * num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, cu_q, seq_lens,
+        k_scale if fp8 else cu_q, v_scale if fp8 else cu_q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         num_heads, scale * LOG2E, min_q_len, head_dim,
         GROUP=num_heads // k_cache.shape[2], PAGE=k_cache.shape[1],
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
-        EVEN_D=block_d == head_dim, PRECISION=dot_precision(q.dtype),
+        EVEN_D=block_d == head_dim, PRECISION=dot_precision(q.dtype), FP8=fp8,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return out

@@ -9,7 +9,8 @@ Long contexts at small batch cannot fill the GPU with one program per (sequence,
 the context is split into `num_splits` ranges; each writes a normalized partial output and its
 log-sum-exp, and a reduce kernel combines them. With one split the kernel writes the output
 directly. Sequences with more than `max_q_len` new tokens are skipped (the prefill kernel takes
-them in the same step).
+them in the same step). An fp8 cache is dequantized in the kernel (kernels/kv_quant.py): half
+the bytes of bf16 per KV tile.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import triton
 import triton.language as tl
 
 from kernels.attention_ref import paged_attention_ref
-from kernels.attention_tile import LOG2E, attend_range, dot_precision, head_dim_block
+from kernels.attention_tile import LOG2E, attend_range, dot_precision, head_dim_block, kv_scales
 from kernels.flash_prefill import check_paged_inputs
+from kernels.kv_quant import is_fp8
 
 MAX_DECODE_QUERY = 8
 
@@ -41,13 +43,13 @@ _CPU_TILES = DecodeTiles(16, 4, 1)
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    bt_ptr, cu_q_ptr, seq_lens_ptr,
+    bt_ptr, cu_q_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
     qk_scale, head_dim, num_heads, num_splits, max_q_len,
     GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -56,6 +58,7 @@ def _decode_kernel(
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     if q_len <= max_q_len:
         seq_len = tl.load(seq_lens_ptr + seq)
+        qk_scale, v_scale = kv_scales(qk_scale, k_scale_ptr, v_scale_ptr, FP8)
         rows = tl.arange(0, BLOCK_M)
         tok_in_seq = rows // GROUP
         head = kvh * GROUP + rows % GROUP
@@ -81,6 +84,8 @@ def _decode_kernel(
             True, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
         empty = l_i == 0.0
         acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+        if FP8:
+            acc = acc * v_scale
         if SINGLE_SPLIT:
             tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
                      + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=io_mask)
@@ -129,12 +134,13 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
 
 
 def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_splits,
-                   max_q_len, scale, tiles: DecodeTiles) -> None:
+                   max_q_len, scale, tiles: DecodeTiles, k_scale, v_scale) -> None:
     num_seqs, (num_heads, head_dim) = seq_lens.shape[0], q.shape[1:]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     block_d = head_dim_block(head_dim)
     single = num_splits == 1
+    fp8 = is_fp8(k_cache.dtype)
     part_out = part_lse = out  # placeholders, unused when single
     if not single:
         part_out = torch.empty((q.shape[0], num_heads, num_splits, block_d),
@@ -143,13 +149,14 @@ def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_s
                                dtype=torch.float32, device=q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, cu_q, seq_lens,
+        k_scale if fp8 else cu_q, v_scale if fp8 else cu_q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         scale * LOG2E, head_dim, num_heads, num_splits, max_q_len,
         GROUP=group, PAGE=k_cache.shape[1],
         BLOCK_M=max(16, triton.next_power_of_2(group * max_q_len)),
         BLOCK_N=tiles.block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
-        PRECISION=dot_precision(q.dtype), SINGLE_SPLIT=single,
+        PRECISION=dot_precision(q.dtype), SINGLE_SPLIT=single, FP8=fp8,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if not single:
@@ -185,12 +192,14 @@ def paged_decode(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     tiles: DecodeTiles | None = None,
+    k_scale: torch.Tensor | None = None,  # [1] float32, fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every sequence with <= max_q_len (<= 8) new tokens; writes their rows of
     `out` (allocated if None), leaving other rows untouched. `num_splits` None: chosen from the
     batch, the kv heads and the GPU's SM count."""
     out = torch.empty_like(q) if out is None else out
-    check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out)
+    check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, k_scale, v_scale)
     assert 1 <= max_q_len <= MAX_DECODE_QUERY, f"max_q_len {max_q_len} not in 1..8"
     if seq_lens.shape[0] == 0:
         return out
@@ -199,7 +208,7 @@ def paged_decode(
         num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_seq_len,
                                        _num_sms(q.device), tiles.block_n)
     _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_splits,
-                   max_q_len, scale, tiles)
+                   max_q_len, scale, tiles, k_scale, v_scale)
     return out
 
 

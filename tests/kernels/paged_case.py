@@ -7,11 +7,12 @@ Block tables are padded with 0 (the runner's convention), i.e. with a NaN block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kernels.flash_prefill import flash_prefill, flash_prefill_ref
+from kernels.kv_quant import quantize_kv
 from kernels.paged_decode import paged_decode, paged_decode_ref
 
 
@@ -26,6 +27,8 @@ class PagedCase:
     cu_q_host: list[int]
     seq_lens_host: list[int]
     scale: float
+    k_scale: torch.Tensor | None = None  # fp8 caches only
+    v_scale: torch.Tensor | None = None
 
     @property
     def max_q_len(self) -> int:
@@ -66,6 +69,15 @@ def make_case(
     )
 
 
+def with_fp8_cache(c: PagedCase, k_scale: float, v_scale: float) -> PagedCase:
+    """The case with its caches quantized to fp8 (NaN slots stay NaN) under these scales."""
+    scales = [torch.tensor([s], dtype=torch.float32, device=c.q.device)
+              for s in (k_scale, v_scale)]
+    return replace(c, k_cache=quantize_kv(c.k_cache, scales[0]),
+                   v_cache=quantize_kv(c.v_cache, scales[1]), k_scale=scales[0],
+                   v_scale=scales[1])
+
+
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, float("nan"))
 
@@ -74,13 +86,14 @@ def run_prefill(c: PagedCase, **kernel_args) -> torch.Tensor:
     """`flash_prefill` of the case into a NaN-poisoned output (rows it skips stay NaN)."""
     out = poisoned_like(c.q)
     flash_prefill(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
-                  c.max_q_len, c.scale, out=out, **kernel_args)
+                  c.max_q_len, c.scale, out=out, k_scale=c.k_scale, v_scale=c.v_scale,
+                  **kernel_args)
     return out
 
 
 def prefill_ref(c: PagedCase) -> torch.Tensor:
     return flash_prefill_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
-                             c.seq_lens_host, c.scale)
+                             c.seq_lens_host, c.scale, c.k_scale, c.v_scale)
 
 
 def run_decode(c: PagedCase, max_q_len: int, num_splits: int | None) -> torch.Tensor:
@@ -88,13 +101,13 @@ def run_decode(c: PagedCase, max_q_len: int, num_splits: int | None) -> torch.Te
     out = poisoned_like(c.q)
     paged_decode(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
                  max(c.seq_lens_host), c.scale, max_q_len=max_q_len, out=out,
-                 num_splits=num_splits)
+                 num_splits=num_splits, k_scale=c.k_scale, v_scale=c.v_scale)
     return out
 
 
 def decode_ref(c: PagedCase) -> torch.Tensor:
     return paged_decode_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
-                            c.seq_lens_host, c.scale)
+                            c.seq_lens_host, c.scale, c.k_scale, c.v_scale)
 
 
 def replace_nan_with_garbage(case: PagedCase, seed: int) -> None:

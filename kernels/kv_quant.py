@@ -1,0 +1,75 @@
+"""The FP8 KV cache format (`--kv-cache-dtype fp8`, vLLM's convention): e4m3, one float32
+scale per layer for K and one for V.
+
+A cache element stores `x / scale` rounded to nearest-even e4m3, saturated at +-448; it reads
+back as `stored * scale`. Scales are 1-element float32 device tensors (read inside the kernels,
+so a CUDA graph replays with whatever value they hold, and a scale is never a host sync).
+Attention kernels fold the K scale into the softmax scale and the V scale into the output, so
+the tile loop only widens fp8 to the query's dtype (exact: every e4m3 value is a bf16/fp16
+value).
+
+Here: the torch quantize / dequantize every reference and the torch backend use, and the
+Triton rounding the cache-write kernel uses, bit-equal to torch's cast.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""Largest finite e4m3fn magnitude; values beyond saturate to it."""
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == FP8_DTYPE
+
+
+def quantize_kv(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """`x / scale` as e4m3 (round to nearest even, saturating): what a cache slot stores."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_kv(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Float32 values of cache rows: `stored * scale` for fp8, a plain widening otherwise."""
+    return stored.float() * scale if is_fp8(stored.dtype) else stored.float()
+
+
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | None):
+    """New K or V rows in the cache's dtype (quantized when the cache is fp8)."""
+    return quantize_kv(x, scale) if is_fp8(cache_dtype) else x.to(cache_dtype)
+
+
+def check_scales(cache: torch.Tensor, k_scale, v_scale) -> None:
+    """An fp8 cache needs both scales: 1-element float32 tensors on its device."""
+    if not is_fp8(cache.dtype):
+        return
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        assert scale is not None, f"an {cache.dtype} cache needs {name}"
+        assert scale.numel() == 1 and scale.dtype == torch.float32, (
+            f"{name}: {scale.numel()} x {scale.dtype}, want 1 x float32")
+        assert scale.device == cache.device, f"{name} on {scale.device}, cache on {cache.device}"
+
+
+@triton.jit
+def quantize_fp8(x, scale):
+    """x / scale (float32 tile, IEEE division) as float8e4nv, rounded to nearest even and
+    saturated at +-448, bit-equal to `quantize_kv`.
+
+    The rounding to 3 mantissa bits is done here in float32 (exact: a multiply by a power of
+    two, then the 1.5 * 2^23 add-subtract that rounds to an integer under round-to-nearest-
+    even), so the final cast is of an e4m3 value and cannot round: Triton 3.9's interpreter
+    drops the carry when its cast rounds up into the next binade (127.9 -> 64)."""
+    y = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+    bits = y.to(tl.int32, bitcast=True)
+    biased_exp = (bits >> 23) & 0xFF
+    # Subnormals (|y| < 2^-6) share the spacing of the smallest normal binade, 2^-9.
+    biased_exp = tl.maximum(biased_exp, 127 - 6)
+    inv_ulp = ((257 - biased_exp) << 23).to(tl.float32, bitcast=True)  # 2^(3 - exp)
+    ulp = ((biased_exp - 3) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3)
+    steps = (tl.abs(y) * inv_ulp + 12582912.0) - 12582912.0
+    # The magnitude is rounded, then y's sign bit put back (so -0.001 gives -0, as in torch).
+    rounded = (steps * ulp).to(tl.int32, bitcast=True) | (bits & -2147483648)
+    return rounded.to(tl.float32, bitcast=True).to(tl.float8e4nv)
