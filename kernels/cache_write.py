@@ -13,7 +13,29 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_quant import check_scales, is_fp8, quantize_fp8, to_cache
+from kernels.kv_quant import check_scales, is_fp8, to_cache
+
+
+@triton.jit
+def quantize_fp8(x, scale):
+    """x / scale (float32 tile, IEEE division) as float8e4nv, rounded to nearest even and
+    saturated at +-448, bit-equal to kernels/kv_quant.py's `quantize_kv`.
+
+    The rounding to 3 mantissa bits is done here in float32 (exact: a multiply by a power of
+    two, then the 1.5 * 2^23 add-subtract that rounds to an integer under round-to-nearest-
+    even), so the final cast is of an e4m3 value and cannot round: Triton 3.9's interpreter
+    drops the carry when its cast rounds up into the next binade (127.9 -> 64)."""
+    y = tl.clamp(tl.math.div_rn(x, scale), -448.0, 448.0)
+    bits = y.to(tl.int32, bitcast=True)
+    biased_exp = (bits >> 23) & 0xFF
+    # Subnormals (|y| < 2^-6) share the spacing of the smallest normal binade, 2^-9.
+    biased_exp = tl.maximum(biased_exp, 127 - 6)
+    inv_ulp = ((257 - biased_exp) << 23).to(tl.float32, bitcast=True)  # 2^(3 - exp)
+    ulp = ((biased_exp - 3) << 23).to(tl.float32, bitcast=True)  # 2^(exp - 3)
+    steps = (tl.abs(y) * inv_ulp + 12582912.0) - 12582912.0
+    # The magnitude is rounded, then y's sign bit put back (so -0.001 gives -0, as in torch).
+    rounded = (steps * ulp).to(tl.int32, bitcast=True) | (bits & -2147483648)
+    return rounded.to(tl.float32, bitcast=True).to(tl.float8e4nv)
 
 
 @triton.jit

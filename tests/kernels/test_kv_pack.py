@@ -53,10 +53,11 @@ def test_pack_then_unpack_into_other_blocks_is_exact(heads, device: str) -> None
     _assert_round_trip(selected, _caches(2, gen, device), block_ids, dest_ids, heads)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("heads", [None, (2, 4)], ids=["all_heads", "tp_half"])
 def test_shuffled_blocks_with_multi_tile_rows_are_exact(dtype, heads, device: str) -> None:
-    """Block 16 x 4 heads x d=128 takes several tile steps per block (and 2 heads, fewer);
+    """Block 16 x 4 heads x d=128 takes several tile steps per block (and 2 heads, fewer;
+    fp8 caches, one byte per element, fewer still);
     block ids are a shuffled sample, as a real sequence's blocks are."""
     gen = torch.Generator().manual_seed(5)
     shape = (10, 16, 4, 128)

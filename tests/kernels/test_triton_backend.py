@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from paged_case import make_case, replace_nan_with_garbage
+from paged_case import make_case, replace_nan_with_garbage, with_fp8_cache
 from tolerances import assert_close
 
 from workers.attention.backend import AttentionMetadata
@@ -21,7 +21,7 @@ STEPS = {  # (q_lens, seq_lens)
 }
 
 
-def _step(q_lens, seq_lens, device: str, seed: int):
+def _step(q_lens, seq_lens, device: str, seed: int, fp8: bool = False):
     """Caches holding each sequence's context; the new tokens' k/v are cut out of the cache
     (their slots set to NaN) and handed to forward, which must write them back.
 
@@ -32,13 +32,17 @@ def _step(q_lens, seq_lens, device: str, seed: int):
     c = make_case(q_lens, seq_lens, num_heads=8, num_kv_heads=2, head_dim=32, block_size=8,
                   dtype=torch.float32, device=device, seed=seed)
     replace_nan_with_garbage(c, seed)
+    if fp8:
+        c = with_fp8_cache(c, k_scale=0.5, v_scale=2.0)
     slots = []
     for i, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens, strict=True)):
         for pos in range(seq_len - q_len, seq_len):
             slots.append(int(c.block_tables[i, pos // 8]) * 8 + pos % 8)
     slot_mapping = torch.tensor(slots, dtype=torch.int64, device=device)
     k_flat, v_flat = c.k_cache.view(-1, 2, 32), c.v_cache.view(-1, 2, 32)
-    k, v = k_flat[slot_mapping].clone(), v_flat[slot_mapping].clone()
+    k, v = k_flat[slot_mapping].float(), v_flat[slot_mapping].float()
+    if fp8:  # the new tokens' k/v as the model computes them: wider than their cache value
+        k, v = k * c.k_scale + 1e-3, v * c.v_scale - 1e-3
     k_flat[slot_mapping] = float("nan")
     v_flat[slot_mapping] = float("nan")
     meta = AttentionMetadata(
@@ -48,16 +52,19 @@ def _step(q_lens, seq_lens, device: str, seed: int):
     return c, k, v, meta
 
 
+@pytest.mark.parametrize("kv", ["model-dtype", "fp8"])
 @pytest.mark.parametrize("step", sorted(STEPS))
-def test_triton_backend_equals_torch_backend(step: str, device: str) -> None:
-    c, k, v, meta = _step(*STEPS[step], device=device, seed=len(step))
+def test_triton_backend_equals_torch_backend(step: str, kv: str, device: str) -> None:
+    """fp8: both quantize the new k/v bit-equally and dequantize the same cache."""
+    c, k, v, meta = _step(*STEPS[step], device=device, seed=len(step), fp8=kv == "fp8")
     caches = {name: (c.k_cache.clone(), c.v_cache.clone()) for name in ("torch", "triton")}
     outs = {}
     for name, backend in (("torch", TorchAttentionBackend()), ("triton", TritonAttentionBackend())):
-        outs[name] = backend.forward(c.q, k, v, *caches[name], meta, c.scale)
+        outs[name] = backend.forward(c.q, k, v, *caches[name], meta, c.scale, c.k_scale,
+                                     c.v_scale)
     assert_close(outs["triton"], outs["torch"])
     for ours, ref in zip(caches["triton"], caches["torch"], strict=True):
-        assert torch.equal(ours.nan_to_num(7.0), ref.nan_to_num(7.0))
+        assert torch.equal(ours.float().nan_to_num(7.0), ref.float().nan_to_num(7.0))
 
 
 def test_registry_builds_the_triton_backend() -> None:

@@ -8,6 +8,9 @@ Invariants (all backends):
   decode and multi-token verification are all the same call.
 - GQA/MQA: query head h uses kv head h // (num_heads // num_kv_heads).
 - Output has the query's dtype; softmax is computed in float32.
+- The caches have the model's dtype, or are fp8 (e4m3, `--kv-cache-dtype fp8`): new k/v are
+  stored as k / k_scale, v / v_scale and read back times the scale (kernels/kv_quant.py); the
+  scales are the layer's, 1-element float32 tensors on the caches' device.
 """
 
 from __future__ import annotations
@@ -48,5 +51,7 @@ class AttentionBackend(ABC):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write k/v into the cache at meta.slot_mapping, then attend (see module doc)."""

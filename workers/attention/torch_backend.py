@@ -3,13 +3,16 @@
 Per sequence, gathers its keys/values from the paged cache through its block table and
 applies a causal mask in which the query tokens are the last q_len of the seq_len context.
 Prefill, chunked prefill, decode and multi-token verification are one path; sequences with
-one query token (decode) are batched into one op, the others loop.
+one query token (decode) are batched into one op, the others loop. An fp8 cache is quantized
+on write and dequantized on read in torch (kernels/kv_quant.py: the kernels' references).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kernels.attention_ref import gather_kv
+from kernels.kv_quant import dequantize_kv, to_cache
 from workers.attention.backend import AttentionBackend, AttentionMetadata
 
 
@@ -19,25 +22,20 @@ def write_kv_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Stores each new token's k/v at its slot (block_id * block_size + offset)."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = k.to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v.to(v_cache.dtype)
-
-
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first seq_len tokens of one sequence from the paged cache: [seq_len, kvh, d]."""
-    block_size = cache.shape[1]
-    num_blocks = -(-seq_len // block_size)
-    blocks = cache[block_table[:num_blocks].long()]
-    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = to_cache(k, k_cache.dtype, k_scale)
+    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = to_cache(v, v_cache.dtype, v_scale)
 
 
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """q [q_len, H, d] are the last q_len positions of k/v [seq_len, kvh, d]; fp32 softmax."""
+    """q [q_len, H, d] are the last q_len positions of k/v [seq_len, kvh, d] (float32, or
+    widened here); fp32 softmax."""
     q_len, num_heads, head_dim = q.shape
     seq_len, num_kv_heads, _ = k.shape
     # Query heads grouped under their kv head: GQA without copying K/V per query head.
@@ -58,6 +56,8 @@ def batched_decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     max_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per sequence (q [S, H, d], the last position of each): all sequences
     in one batched op over their block tables, padded to `max_len` (an upper bound of
@@ -70,8 +70,10 @@ def batched_decode_attention(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(seq_lens.max()) if max_len is None else max_len
     blocks = block_tables[:, : -(-max_len // block_size)].long()
-    keys = k_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len].float()
-    values = v_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len].float()
+    keys = dequantize_kv(
+        k_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len], k_scale)
+    values = dequantize_kv(
+        v_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len], v_scale)
     grouped = q.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("skgd,slkd->skgl", grouped, keys) * scale
     key_pos = torch.arange(max_len, device=q.device)
@@ -100,8 +102,10 @@ class TorchAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         starts = meta.query_start_loc_host
         num_seqs = len(meta.seq_lens_host)
         single = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
@@ -109,7 +113,8 @@ class TorchAttentionBackend(AttentionBackend):
             # Pure decode (the common step): one batched op instead of a Python loop. The
             # host-side bound avoids a device sync, so CUDA graphs can capture this path.
             return batched_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len
+                q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, meta.max_seq_len,
+                k_scale, v_scale,
             )
         out = torch.empty_like(q)
         if single:
@@ -118,12 +123,12 @@ class TorchAttentionBackend(AttentionBackend):
             longest = max(meta.seq_lens_host[i] for i in single)
             out[tokens] = batched_decode_attention(
                 q[tokens], k_cache, v_cache, meta.block_tables[seqs], meta.seq_lens[seqs], scale,
-                longest,
+                longest, k_scale, v_scale,
             )
         for i in sorted(set(range(num_seqs)) - set(single)):
             table, seq_len = meta.block_tables[i], meta.seq_lens_host[i]
-            keys = gather_kv(k_cache, table, seq_len)
-            values = gather_kv(v_cache, table, seq_len)
+            keys = dequantize_kv(gather_kv(k_cache, table, seq_len), k_scale)
+            values = dequantize_kv(gather_kv(v_cache, table, seq_len), v_scale)
             out[starts[i] : starts[i + 1]] = causal_attention(
                 q[starts[i] : starts[i + 1]], keys, values, scale
             )

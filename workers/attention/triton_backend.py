@@ -5,7 +5,8 @@ chunks. Sequences with at most 8 new tokens go to the split-KV decode kernel (on
 GQA group); longer ones to the flash prefill kernel. Both read the same cache and write
 disjoint rows of one output, so a mixed step is two launches and no gather/scatter.
 No host syncs: every decision uses the host-side fields of AttentionMetadata, so decode steps
-can be captured in CUDA graphs.
+can be captured in CUDA graphs. An fp8 cache is quantized by the cache write and dequantized
+inside both attention kernels, with the layer's scales.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from kernels.cache_write import write_kv_cache
 from kernels.flash_prefill import flash_prefill
+from kernels.kv_quant import is_fp8
 from kernels.paged_decode import MAX_DECODE_QUERY, paged_decode
 from workers.attention.backend import AttentionBackend, AttentionMetadata
 
@@ -36,22 +38,27 @@ class TritonAttentionBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        k_scale: torch.Tensor | None = None,
+        v_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        write_kv_cache(k.to(k_cache.dtype), v.to(v_cache.dtype), k_cache, v_cache,
-                       meta.slot_mapping)
+        if not is_fp8(k_cache.dtype):
+            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        scales = {"k_scale": k_scale, "v_scale": v_scale}
         out = torch.empty_like(q)
         cu_q = _int32(meta.query_start_loc)
         seq_lens = _int32(meta.seq_lens)
         block_tables = _int32(meta.block_tables)
         if meta.max_query_len <= MAX_DECODE_QUERY:
             return paged_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens,
-                                meta.max_seq_len, scale, max_q_len=meta.max_query_len, out=out)
+                                meta.max_seq_len, scale, max_q_len=meta.max_query_len, out=out,
+                                **scales)
         starts = meta.query_start_loc_host
         has_short = any(
             starts[i + 1] - starts[i] <= MAX_DECODE_QUERY for i in range(len(starts) - 1))
         if has_short:
             paged_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, meta.max_seq_len,
-                         scale, max_q_len=MAX_DECODE_QUERY, out=out)
+                         scale, max_q_len=MAX_DECODE_QUERY, out=out, **scales)
         return flash_prefill(q, k_cache, v_cache, block_tables, cu_q, seq_lens,
                              meta.max_query_len, scale, out=out,
-                             min_q_len=MAX_DECODE_QUERY + 1 if has_short else 1)
+                             min_q_len=MAX_DECODE_QUERY + 1 if has_short else 1, **scales)

@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from kernels.kv_quant import FP8_DTYPE
 from workers.attention.backend import AttentionMetadata
 from workers.attention.registry import get_attention_backend
 from workers.attention.torch_backend import padded_decode_bytes
@@ -47,6 +48,14 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: torch.device) ->
     if name not in _DTYPES:
         raise InvalidParameter("dtype", f"{name!r} is not one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def resolve_kv_cache_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """'auto' is the model's dtype; 'fp8' is e4m3 (kernels/kv_quant.py)."""
+    kv_dtypes = {"auto": dtype, "fp8": FP8_DTYPE}
+    if name not in kv_dtypes:
+        raise InvalidParameter("kv_cache_dtype", f"{name!r} is not one of {sorted(kv_dtypes)}")
+    return kv_dtypes[name]
 
 
 def resolve_max_model_len(requested: int | None, model_config: ModelConfig) -> int:
@@ -125,7 +134,7 @@ def build_step_tensors(step: StepInput, device: torch.device) -> StepTensors:
 
 class ModelRunner:
     """Public state, fixed after construction:
-    - `model_config` (ModelConfig), `device`, `dtype`, `max_model_len`;
+    - `model_config` (ModelConfig), `device`, `dtype`, `kv_cache_dtype`, `max_model_len`;
     - `layer_range`: the [start, end) layers this pipeline stage owns;
     - `kv_caches`: one (K, V) per owned layer, each
       [num_blocks, block_size, num_local_kv_heads, head_dim]; block ids index axis 0;
@@ -149,6 +158,7 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_path(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.cache.kv_cache_dtype, self.dtype)
         self.max_model_len = resolve_max_model_len(config.max_model_len, self.model_config)
         self.block_size = config.cache.block_size
         self.layer_range = layer_range_for_stage(
@@ -174,7 +184,7 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         """Bytes of K and V of one block across this rank's layers."""
         per_layer = self.block_size * self.num_local_kv_heads * self.model_config.head_dim
-        return 2 * self.num_local_layers * per_layer * self.dtype.itemsize
+        return 2 * self.num_local_layers * per_layer * self.kv_cache_dtype.itemsize
 
     def _load_model(self) -> LlamaForCausalLM:
         backend = get_attention_backend(self.config.attention_backend)
@@ -227,8 +237,8 @@ class ModelRunner:
         )
         return [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device),
             )
             for _ in range(self.num_local_layers)
         ]

@@ -29,6 +29,7 @@ from workers.errors import HandshakeMismatch
 from workers.kv_transfer.base import TransferHeader, TransferState
 from workers.kv_transfer.layout import KVLayout, TransferPlan
 from workers.kv_transfer.messages import Reply
+from workers.kv_transfer.packing import index_view
 from workers.kv_transfer.pair_state import ReceiverPair, SenderPair
 from workers.kv_transfer.probe import measure_gbps
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable
@@ -281,7 +282,8 @@ def copy_blocks(src_caches, src_layout: KVLayout, dst_caches, dst_layout: KVLayo
     whole = (src_heads == slice(0, src_caches[0][0].shape[2])
              and dst_heads == slice(0, dst_caches[0][0].shape[2]))
     for s, d in zip(plan.local_layers(src_layout), plan.local_layers(dst_layout), strict=True):
-        for src, dst in zip(src_caches[s], dst_caches[d], strict=True):
+        for src, dst in zip(map(index_view, src_caches[s]), map(index_view, dst_caches[d]),
+                            strict=True):
             picked = src.index_select(0, src_index)
             if whole:
                 dst.index_copy_(0, dst_index, picked)

@@ -39,9 +39,11 @@ def pack(kv_caches: KVCaches, layout: KVLayout, plan: TransferPlan,
         from kernels.kv_pack import pack_kv_blocks
 
         return pack_kv_blocks(caches, ids, (heads.start, heads.stop), out=out)
+    moved = index_view(out)
     for layer, (k_cache, v_cache) in enumerate(caches):
         for kv, cache in enumerate((k_cache, v_cache)):
-            torch.index_select(_heads_view(cache, heads), 0, ids, out=out[layer, kv])
+            torch.index_select(_heads_view(index_view(cache), heads), 0, ids,
+                               out=moved[layer, kv])
     return out
 
 
@@ -62,9 +64,10 @@ def unpack(buf: torch.Tensor, kv_caches: KVCaches, layout: KVLayout, plan: Trans
 
         unpack_kv_blocks(buf, caches, ids, (heads.start, heads.stop))
         return
+    buf = index_view(buf)
     for layer, (k_cache, v_cache) in enumerate(caches):
         for kv, cache in enumerate((k_cache, v_cache)):
-            _heads_view(cache, heads).index_copy_(0, ids, buf[layer, kv])
+            _heads_view(index_view(cache), heads).index_copy_(0, ids, buf[layer, kv])
 
 
 class CopyStream:
@@ -108,6 +111,12 @@ def record_event(device: torch.device):
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     return event
+
+
+def index_view(t: torch.Tensor) -> torch.Tensor:
+    """`t` as uint8 (same shape) if its elements are single bytes (an fp8 cache, kernels/
+    kv_quant.py): torch has no float8 index_copy_, and moving bytes is the same copy."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
 def as_bytes(buf: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,10 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
+        # FP8 KV cache scales (read only for an fp8 cache; kernels/kv_quant.py): 1.0, vLLM's
+        # default without checkpoint scales, fixed, so prefill and decode workers agree.
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
         sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
         self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, sizes, cfg.qkv_bias, parallel)
         self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, cfg.o_bias, parallel)
@@ -92,7 +96,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.apply_rope(q, k, rope)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                   self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(n, q_size))
 
 

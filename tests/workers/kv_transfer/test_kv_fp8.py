@@ -1,0 +1,145 @@
+"""FP8 KV cache through KV transfer: fp8 blocks move as fp8 (half the bytes of bf16 on the wire,
+counted by the transfer itself), bit-exact; a pair whose KV dtypes differ is refused at the
+handshake naming both dtypes; and a 1P+1D pair of real workers (gloo, layer-wise streaming)
+with `kv_cache_dtype="fp8"` generates exactly the colocated fp8 engine's greedy tokens.
+
+The scales need no message of their own: they are 1.0 by construction on every worker
+(workers/model/llama.py), and the handshake already compares dtype and kvrelay version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+import torch
+from test_kv_network import Ends
+
+from tests.cluster.helpers import ChunkCollector, prompts
+from tests.cluster.test_disaggregated_workers import (
+    make_spec,
+    request,
+    run_requests,
+    wait_all_free,
+)
+from workers.actors.decode_worker import DecodeWorker
+from workers.actors.prefill_worker import PrefillWorker
+from workers.engine.engine import LLMEngine
+from workers.engine.sampling_params import SamplingParams
+from workers.errors import HandshakeMismatch
+from workers.kv_transfer import KVLayout, TransferConfig, TransferState
+
+FP8 = "float8_e4m3fn"
+TRANSPORTS = ["torch", "zmq"]
+
+
+@pytest.fixture
+def ends(request):
+    made = Ends(TransferConfig(transport=request.param, probe_bytes=1 << 16))
+    yield made
+    for end in reversed(made.closing):
+        end.close()
+
+
+def _move(ends: Ends, layout: KVLayout, make_caches, src_ids, dst_ids) -> int:
+    """Sends blocks src_ids -> dst_ids; checks they land bit-exact; returns the bytes moved."""
+    src, dst = make_caches(layout, 16, seed=1), make_caches(layout, 16, seed=2)
+    receiver, sender = ends.receiver(layout, dst), ends.sender(layout, src)
+    receiver.expect("r", dst_ids)
+    sender.send("r", receiver.address, src_ids, dst_ids, {"first_token_id": 1})
+    assert sender.wait("r", 20) is TransferState.DONE, sender.table.get("r").reason
+    assert receiver.wait("r", 5) is TransferState.DONE
+    for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
+        assert dk.dtype == getattr(torch, layout.dtype)
+        assert torch.equal(dk[dst_ids].view(torch.uint8), sk[src_ids].view(torch.uint8))
+        assert torch.equal(dv[dst_ids].view(torch.uint8), sv[src_ids].view(torch.uint8))
+    return receiver.table.get("r").num_bytes
+
+
+@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
+def test_fp8_blocks_move_as_fp8_with_half_the_bytes_of_bf16(ends, layout, make_caches):
+    src_ids, dst_ids = [3, 9, 4], [7, 0, 12]
+    moved = {}
+    for dtype in ("bfloat16", FP8):
+        other = KVLayout(**{**layout.to_dict(), "dtype": dtype})
+        moved[dtype] = _move(ends, other, make_caches, src_ids, dst_ids)
+    per_block = 2 * layout.num_layers * layout.block_size * layout.num_kv_heads * layout.head_dim
+    assert moved[FP8] == len(src_ids) * per_block  # one byte per element on the wire
+    assert moved["bfloat16"] == 2 * moved[FP8]
+
+
+@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
+def test_kv_dtype_mismatch_is_refused_naming_both_dtypes(ends, layout, make_caches):
+    fp8 = KVLayout(**{**layout.to_dict(), "dtype": FP8})
+    receiver = ends.receiver(layout, make_caches(layout, 4, seed=5))
+    sender = ends.sender(fp8, make_caches(fp8, 4, seed=6))
+    receiver.expect("r", [0, 1])
+    sender.send("r", receiver.address, [0], [0, 1])
+    assert sender.wait("r", 20) is TransferState.FAILED
+    reason = sender.table.get("r").reason
+    assert "dtype" in reason and FP8 in reason and "bfloat16" in reason, reason
+    assert isinstance(sender.error("r"), HandshakeMismatch)
+    refusal = receiver.refusals[-1]
+    assert (refusal.field, refusal.local, refusal.remote) == ("dtype", "bfloat16", FP8)
+    receiver.abort("r")
+
+
+def _fp8_spec(model_dir, worker_id: str, kv_cache_dtype: str = "fp8"):
+    spec = make_spec(model_dir, worker_id, "gloo")
+    cache = dataclasses.replace(spec.engine.cache, kv_cache_dtype=kv_cache_dtype)
+    return dataclasses.replace(spec, engine=dataclasses.replace(spec.engine, cache=cache))
+
+
+@pytest.fixture()
+def collector():
+    collector = ChunkCollector()
+    yield collector
+    collector.close()
+
+
+def test_fp8_disaggregated_greedy_equals_colocated_fp8(tiny_model_dir, collector):
+    """1P+1D over gloo with fp8 KV on both sides: the prefill worker writes fp8 KV and streams
+    it; the decode worker reads it with the same kernels as a colocated fp8 engine, so the
+    greedy tokens are the colocated ones exactly, and the KV crossed the wire at one byte per
+    element (the per-request figures split a step's bytes evenly among its requests, so
+    their sum is checked, to that rounding; test_fp8_blocks_move_... checks exact counts)."""
+    prefill = PrefillWorker(_fp8_spec(tiny_model_dir, "prefill-0"))
+    decode = DecodeWorker(_fp8_spec(tiny_model_dir, "decode-0"))
+    try:
+        engine_config = dataclasses.replace(_fp8_spec(tiny_model_dir, "x").engine,
+                                            role="colocated")
+        colocated_engine = LLMEngine(engine_config)
+        runner = colocated_engine.runner
+        assert runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+        batch = prompts(4, prefill.ready()["vocab_size"], seed=8, low=9, high=40)
+        greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        colocated = [o.token_ids for o in colocated_engine.generate(batch, greedy)]
+        reqs = [request(f"fp8-{i}", p, collector.address, 8) for i, p in enumerate(batch)]
+        asyncio.run(run_requests(prefill, decode, collector, reqs))
+        assert [collector.tokens(r.request_id) for r in reqs] == colocated
+        model = runner.model_config
+        per_block = 2 * model.num_layers * runner.block_size * model.num_kv_heads * \
+            model.head_dim  # fp8: one byte per element
+        sent = sum(collector.final(r.request_id).timings["transfer_bytes"] for r in reqs)
+        expected = sum(-(-len(p) // runner.block_size) for p in batch) * per_block
+        assert expected - 64 * len(reqs) <= sent <= expected, (sent, expected)
+        wait_all_free(prefill, decode)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+
+
+def test_workers_with_different_kv_dtypes_refuse_each_other_by_name(tiny_model_dir, collector):
+    prefill = PrefillWorker(_fp8_spec(tiny_model_dir, "prefill-0", "fp8"))
+    decode = DecodeWorker(_fp8_spec(tiny_model_dir, "decode-0", "auto"))
+    try:
+        reqs = [request("kv-dtype", [5, 6, 7, 8, 9], collector.address, 4)]
+        asyncio.run(run_requests(prefill, decode, collector, reqs))
+        final = collector.final("kv-dtype")
+        assert final.finish_reason == "error"
+        assert "dtype" in final.error and FP8 in final.error and "float32" in final.error
+        wait_all_free(prefill, decode)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
