@@ -161,6 +161,13 @@ class RankGroup:
         """The runner's step channel: every other rank runs this step with the driver."""
         self.channel.send(step)
 
+    def broken(self, error: Exception) -> None:
+        """The driver's step failed in a collective (a rank died, or its step raised): the
+        group is out of step for good, so it goes whole, before any request is failed here
+        (the router then migrates them, or ends them with WorkerLost)."""
+        if not self._closing.is_set():
+            self._on_lost(f"a step failed: {type(error).__name__}: {error}")
+
     def _watch(self) -> None:
         import ray
 

@@ -88,6 +88,9 @@ class StepChannel(Protocol):
 
     def send(self, step: StepInput) -> None: ...
 
+    def broken(self, error: Exception) -> None:
+        """A step failed on this rank: the group can never run in step again."""
+
 
 @dataclass(frozen=True)
 class StepTensors:
@@ -271,9 +274,14 @@ class ModelRunner:
         """The engine's entry point (on the driver rank): float32 logits
         [len(step.logits_indices), vocab] of the whole model. With a step channel (a TP/PP
         group) the step goes to the other ranks first, which run `run_pipeline` in step."""
-        if self.step_channel is not None:
+        if self.step_channel is None:
+            return self.run_pipeline(step, layer_done)
+        try:
             self.step_channel.send(step)
-        return self.run_pipeline(step, layer_done)
+            return self.run_pipeline(step, layer_done)
+        except RuntimeError as exc:  # a collective failed: the ranks are out of step for good
+            self.step_channel.broken(exc)
+            raise
 
     def run_pipeline(
         self, step: StepInput, layer_done: Callable[[int], None] | None = None,

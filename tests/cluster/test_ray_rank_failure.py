@@ -1,0 +1,92 @@
+"""A TP 2 colocated worker on Ray loses one rank mid-stream: the whole worker goes (never half
+alive), its request ends with a clear error within 5 s, Ray restarts the group (the driver
+rank builds fresh ranks in the same placement group), the router admits it again, and it
+serves token-exact with every block free."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+from cluster.config import ClusterConfig
+from cluster.launcher import launch
+from router.router_state import RouterConfig
+from tests.cluster.helpers import (
+    ChunkCollector,
+    all_blocks_free,
+    hf_greedy,
+    wait_readmitted,
+    wait_until,
+)
+from workers.config import CacheConfig, EngineConfig
+from workers.protocol import GenerateRequest
+
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir):
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
+    engine = EngineConfig(model=str(tiny_model_dir),
+                          cache=CacheConfig(block_size=BLOCK, num_blocks=64))
+    config = ClusterConfig(engine=engine, model_name="tiny", name="rankfail", num_colocated=1,
+                           tp=2, max_worker_restarts=2,
+                           router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1,
+                                               poll_timeout_s=1.0, max_migrations=0))
+    cluster = launch(config)
+    yield cluster
+    cluster.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture()
+def collector():
+    collector = ChunkCollector()
+    yield collector
+    collector.close()
+
+
+def request(rid, prompt, address, max_tokens):
+    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
+
+
+def worker_ranks(cluster) -> list[dict]:
+    return cluster.call("colocated-0", "ready")["ranks"]
+
+
+def test_rank_killed_mid_stream_takes_the_worker_out_then_it_is_readmitted(
+    cluster, collector, tiny_model_dir, hf_reference
+):
+    ranks = worker_ranks(cluster)
+    ray.get(cluster.router.submit.remote(request("doomed", [7] * 12, collector.address, 2000)))
+    collector.wait_tokens("doomed", 3)
+    killed_at = time.monotonic()
+    os.kill(ranks[1]["pid"], signal.SIGKILL)
+    collector.wait_finished(["doomed"], timeout_s=5)
+    told = time.monotonic() - killed_at
+    final = collector.final("doomed")
+    assert final.finish_reason == "error" and final.error_type == "WorkerLost", final
+    assert "colocated-0" in final.error
+    wait_until(lambda: not _alive(ranks[0]["pid"]), 10, "the driver rank exits with its group")
+    wait_readmitted(cluster, "colocated-0")
+    fresh = worker_ranks(cluster)
+    assert {r["pid"] for r in fresh}.isdisjoint(r["pid"] for r in ranks)
+    prompt = [9, 8, 7, 6, 5]
+    ray.get(cluster.router.submit.remote(request("after", prompt, collector.address, 5)))
+    collector.wait_finished(["after"])
+    assert collector.tokens("after") == hf_greedy(hf_reference(tiny_model_dir), prompt, 5)
+    wait_until(lambda: all_blocks_free(cluster), 5, "blocks free after the restart")
+    print(f"client told {told:.2f} s after the rank was killed")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
