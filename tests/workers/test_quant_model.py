@@ -139,3 +139,27 @@ def test_greedy_generation_with_the_gpu_kernels_equals_the_dequantized_model(
     quantized = make_engine(model_dir=quantized_dirs[case], device="cuda").generate(PROMPTS, params)
     reference = make_engine(model_dir=reference_dir, device="cuda").generate(PROMPTS, params)
     assert [o.token_ids for o in quantized] == [o.token_ids for o in reference]
+
+
+@pytest.mark.parametrize("case", ["gptq", "awq", "int8", "fp8"])
+def test_dummy_weights_of_a_quantized_config_are_the_dense_dummy_weights_quantized(
+    case, quantized_dirs
+):
+    """load_format='dummy' with a quantization_config (benchmarks at real shapes): each
+    projection holds the same random weight as the dense dummy model, rounded to its format."""
+    from workers.model.quant.scheme import read_scheme
+    from workers.model.weights import load_dummy
+
+    folder = quantized_dirs[case]
+    config = ModelConfig.from_path(folder)
+    dense = LlamaForCausalLM(config, TorchAttentionBackend())
+    load_dummy(dense, seed=3, std=0.05)
+    quantized = LlamaForCausalLM(config, TorchAttentionBackend())
+    load_dummy(quantized, seed=3, std=0.05, scheme=read_scheme(folder))
+    for name in ("self_attn.qkv_proj", "mlp.down_proj"):
+        expected = dense.layers["1"].get_submodule(name).weight
+        layer = quantized.layers["1"].get_submodule(name)
+        assert layer.weight is None
+        error = (layer.quantized.dequantize() - expected).abs().max().item()
+        assert 0 < error < 0.05 * 3.5 / 7, (name, error)  # below one 4-bit step of ~3.5 std
+    assert torch.equal(dense.embed_tokens.weight, quantized.embed_tokens.weight)

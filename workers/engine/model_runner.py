@@ -27,6 +27,7 @@ from workers.errors import InvalidParameter
 from workers.model.config import ModelConfig
 from workers.model.llama import IntermediateTensors, KVCache, LlamaForCausalLM
 from workers.model.parallel import SINGLE, ParallelContext, layer_range_for_stage
+from workers.model.quant.scheme import read_scheme
 from workers.model.weights import load_checkpoint, load_dummy
 
 CPU_KV_CACHE_BYTES = 256 * 2**20
@@ -199,7 +200,7 @@ class ModelRunner:
                 fused_ops=fused, max_positions=self.max_model_len,
             )
         if self.config.load_format == "dummy":
-            load_dummy(model, seed=self.config.seed)
+            load_dummy(model, seed=self.config.seed, scheme=read_scheme(self.config.model))
         else:
             load_checkpoint(model, self.config.model)
         return model.eval()

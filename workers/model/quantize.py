@@ -34,11 +34,8 @@ from workers.errors import InvalidModelConfig, KvrelayError
 from workers.model.gguf_file import GGUFFile, is_gguf
 from workers.model.gguf_loader import config_dict, hf_tensor
 from workers.model.model_source import check_model_path, resolve_model_path
-from workers.model.quant.awq import write_awq
-from workers.model.quant.compressed import write_channelwise
-from workers.model.quant.gptq import write_gptq
+from workers.model.quant.formats import FORMATS
 
-FORMATS = ("gptq", "awq", "int8", "fp8")
 PROJECTION = re.compile(
     r"(model\.layers\.\d+\.)(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight"
 )
@@ -71,18 +68,6 @@ def quantization_config(fmt: str, group_size: int, act_order: bool) -> dict[str,
     }
 
 
-def quantize_projection(
-    weight: torch.Tensor, fmt: str, group_size: int, importance: torch.Tensor | None = None
-) -> dict[str, torch.Tensor]:
-    """One projection's weight [N, K] -> its checkpoint tensors by suffix."""
-    weight = weight.float()
-    if fmt == "gptq":
-        return write_gptq(weight, group_size, importance)
-    if fmt == "awq":
-        return write_awq(weight, group_size)
-    return write_channelwise(weight, fmt)
-
-
 def quantize_tensors(
     tensors: dict[str, torch.Tensor], fmt: str, group_size: int, act_order: bool = False
 ) -> dict[str, torch.Tensor]:
@@ -99,7 +84,8 @@ def quantize_tensors(
             siblings = next((g for g in SHARED_INPUTS if module in g), (module,))
             importance = sum(tensors[f"{prefix}{s}.weight"].float().pow(2).sum(0)
                              for s in siblings)
-        for suffix, value in quantize_projection(tensor, fmt, group_size, importance).items():
+        written = FORMATS[fmt].write(tensor.float(), group_size, importance)
+        for suffix, value in written.items():
             out[f"{prefix}{module}.{suffix}"] = value.contiguous()
     return out
 
@@ -172,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="checkpoint folder, .gguf file or packaged model (smollm2)")
     parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--group-size", type=int, default=128,
                         help="input rows per scale group (gptq, awq; -1: one group)")
     parser.add_argument("--act-order", action="store_true",

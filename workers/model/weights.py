@@ -17,6 +17,7 @@ import zlib
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -25,8 +26,8 @@ from workers.errors import CheckpointFileMissing, InvalidTensor, MissingTensor, 
 from workers.model.gguf_file import GGUFFile, is_gguf
 from workers.model.gguf_loader import gguf_name, hf_tensor
 from workers.model.llama import CheckpointSlot, LlamaForCausalLM
-from workers.model.quant.loading import load_quantized
-from workers.model.quant.scheme import read_scheme
+from workers.model.quant.loading import load_dummy_quantized, load_quantized
+from workers.model.quant.scheme import QuantScheme, read_scheme
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -82,7 +83,7 @@ class _TensorReader:
 
     def __init__(self, files: dict[str, Path]):
         self.files = files
-        self.handles: dict[Path, contextlib.ExitStack] = {}
+        self.handles: dict[Path, Any] = {}
         self.stack = contextlib.ExitStack()
 
     def __enter__(self) -> _TensorReader:
@@ -122,25 +123,39 @@ def _load_one(name: str, slot: CheckpointSlot, tensor: torch.Tensor) -> None:
     slot.load(tensor)
 
 
+def random_tensor(
+    name: str, shape: tuple[int, ...], seed: int, std: float, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """The float32 random tensor of checkpoint name `name`: deterministic per (seed, name,
+    device), independent of TP rank. Norm weights are 1 + noise (so a missed load shows)."""
+    tensor_seed = seed * 1_000_003 + zlib.crc32(name.encode())
+    generator = torch.Generator(device=device).manual_seed(tensor_seed)
+    tensor = torch.randn(shape, generator=generator, device=device) * std
+    if name.endswith("norm.weight"):
+        tensor += 1.0
+    return tensor
+
+
 def random_tensors(
     model: LlamaForCausalLM, seed: int, std: float, device: torch.device | str = "cpu"
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Full-shape random float32 tensors for every checkpoint name of `model`.
-
-    Deterministic per (seed, name, device), independent of TP rank, so a TP run sees the same
-    weights as a single-rank run. Norm weights are 1 + noise (so a missed load shows)."""
+    """Full-shape random float32 tensors for every checkpoint name of `model` (so a TP run
+    sees the same weights as a single-rank run)."""
     for name, slot in model.checkpoint_map().items():
-        tensor_seed = seed * 1_000_003 + zlib.crc32(name.encode())
-        generator = torch.Generator(device=device).manual_seed(tensor_seed)
-        tensor = torch.randn(slot.full_shape, generator=generator, device=device) * std
-        if name.endswith("norm.weight"):
-            tensor += 1.0
-        yield name, tensor
+        yield name, random_tensor(name, slot.full_shape, seed, std, device)
 
 
-def load_dummy(model: LlamaForCausalLM, seed: int = 0, std: float = 0.02) -> None:
-    """Random weights for any config: real shapes without a checkpoint (benchmarks, tests)."""
+def load_dummy(
+    model: LlamaForCausalLM, seed: int = 0, std: float = 0.02, scheme: QuantScheme | None = None
+) -> None:
+    """Random weights for any config: real shapes without a checkpoint (benchmarks, tests).
+    With a quantization `scheme`, the projections are the random weights quantized in its
+    format (round-to-nearest) and kept quantized."""
     device = next(model.parameters()).device
     slots = model.checkpoint_map()
-    for name, tensor in random_tensors(model, seed, std, device):
-        _load_one(name, slots[name], tensor)
+    if scheme is not None:
+        slots = load_dummy_quantized(
+            slots, scheme, lambda name, shape: random_tensor(name, shape, seed, std, device)
+        )
+    for name, slot in slots.items():
+        _load_one(name, slot, random_tensor(name, slot.full_shape, seed, std, device))

@@ -47,7 +47,7 @@ def _act_order_perm(p: ProjectionTensors, group: int) -> torch.Tensor | None:
     """None when g_idx is k // group_size; else the order that makes groups contiguous."""
     k = p.in_features
     g_idx = p.get("g_idx", INTEGER_DTYPES, (k,), f"the group of each of the K = {k} input rows")
-    sequential = torch.arange(k) // group
+    sequential = torch.arange(k, device=g_idx.device) // group
     if torch.equal(g_idx.long(), sequential):
         return None
     perm = torch.argsort(g_idx.long(), stable=True)
@@ -65,11 +65,12 @@ def write_gptq(
     rows = weight.T
     k = rows.shape[0]
     group = group_size_of(group_size, k)
-    order = torch.arange(k) if importance is None else torch.argsort(
+    sequential = torch.arange(k, device=rows.device)
+    order = sequential if importance is None else torch.argsort(
         importance, descending=True, stable=True)
     values, scales, zeros = int4_groups(rows[order], group, symmetric=True)
-    g_idx = torch.empty(k, dtype=torch.int32)
-    g_idx[order] = (torch.arange(k) // group).to(torch.int32)
+    g_idx = torch.empty(k, dtype=torch.int32, device=rows.device)
+    g_idx[order] = (sequential // group).to(torch.int32)
     in_checkpoint_order = torch.empty_like(values).index_copy_(0, order, values)
     return {
         "qweight": pack_int4(in_checkpoint_order, 0),

@@ -10,35 +10,19 @@ Called by workers/model/weights.py when config.json has a quantization_config.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from workers.model.linear import ColumnParallelLinear, RowParallelLinear
 from workers.model.llama import CheckpointSlot
-from workers.model.quant.awq import read_awq
 from workers.model.quant.checkpoint_tensors import ProjectionTensors
-from workers.model.quant.compressed import read_channelwise
-from workers.model.quant.gptq import read_gptq
+from workers.model.quant.formats import FORMATS
 from workers.model.quant.scheme import QuantScheme
 
 TensorReader = Callable[[str], "torch.Tensor | None"]
 """Checkpoint tensor name -> the tensor, or None when the checkpoint lacks it."""
-
-
-@dataclass(frozen=True)
-class CheckpointFormat:
-    suffixes: tuple[str, ...]
-    """The tensors of one projection, `{prefix}.{suffix}` (a reader says which it needs)."""
-    read: Callable[[ProjectionTensors], torch.nn.Module]
-
-
-FORMATS = {
-    "gptq": CheckpointFormat(("qweight", "qzeros", "scales", "g_idx"), read_gptq),
-    "awq": CheckpointFormat(("qweight", "qzeros", "scales"), read_awq),
-    "int8": CheckpointFormat(("weight", "weight_scale"), read_channelwise),
-    "fp8": CheckpointFormat(("weight", "weight_scale"), read_channelwise),
-}
+DenseSource = Callable[[str, tuple[int, ...]], torch.Tensor]
+"""(HF weight name, full shape) -> a float weight to quantize (dummy weights)."""
 
 
 def is_quantized_slot(slot: CheckpointSlot) -> bool:
@@ -52,15 +36,43 @@ def load_quantized(
 ) -> dict[str, CheckpointSlot]:
     """Loads every projection weight among `slots` from the checkpoint, quantized; returns the
     other slots, for the caller to load as plain tensors."""
-    fmt = FORMATS[scheme.method]
+    suffixes = FORMATS[scheme.method].suffixes
+
+    def stored(prefix: str, slot: CheckpointSlot) -> dict[str, torch.Tensor]:
+        return {s: t for s in suffixes if (t := read(f"{prefix}.{s}")) is not None}
+
+    return _load_projections(slots, scheme, stored)
+
+
+def load_dummy_quantized(
+    slots: dict[str, CheckpointSlot], scheme: QuantScheme, dense: DenseSource
+) -> dict[str, CheckpointSlot]:
+    """As load_quantized, for a checkpoint made up on the spot: each projection's dense weight
+    from `dense`, written in the scheme's format by round-to-nearest (no act-order). Dummy
+    weights at real shapes, for benchmarks of quantized models without a checkpoint."""
+    write = FORMATS[scheme.method].write
+
+    def made_up(prefix: str, slot: CheckpointSlot) -> dict[str, torch.Tensor]:
+        weight = dense(f"{prefix}.weight", slot.full_shape).float()
+        return write(weight, scheme.group_size, None)
+
+    return _load_projections(slots, scheme, made_up)
+
+
+def _load_projections(
+    slots: dict[str, CheckpointSlot],
+    scheme: QuantScheme,
+    tensors_of: Callable[[str, CheckpointSlot], dict[str, torch.Tensor]],
+) -> dict[str, CheckpointSlot]:
+    read = FORMATS[scheme.method].read
     rest = {}
     for name, slot in slots.items():
         if not is_quantized_slot(slot):
             rest[name] = slot
             continue
         prefix = name.removesuffix(".weight")
-        tensors = {s: t for s in fmt.suffixes if (t := read(f"{prefix}.{s}")) is not None}
         out_features, in_features = slot.full_shape
-        weight = fmt.read(ProjectionTensors(prefix, tensors, scheme, in_features, out_features))
+        tensors = tensors_of(prefix, slot)
+        weight = read(ProjectionTensors(prefix, tensors, scheme, in_features, out_features))
         slot.module.load_quantized(slot.shard, weight)
     return rest

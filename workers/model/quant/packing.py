@@ -25,7 +25,7 @@ def pack_int4(values: torch.Tensor, dim: int, order: tuple[int, ...] = SEQUENTIA
         raise ValueError("4-bit values must lie in 0..15")
     moved = values.movedim(dim, -1).to(torch.int64)
     eights = moved.reshape(*moved.shape[:-1], -1, PACK)[..., list(order)]
-    words = (eights << _SHIFTS).sum(-1)
+    words = (eights << _SHIFTS.to(values.device)).sum(-1)
     # Two's complement: a word with its top nibble >= 8 is a negative int32.
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.movedim(-1, dim)
@@ -34,7 +34,7 @@ def pack_int4(values: torch.Tensor, dim: int, order: tuple[int, ...] = SEQUENTIA
 def unpack_int4(packed: torch.Tensor, dim: int, order: tuple[int, ...] = SEQUENTIAL_ORDER):
     """The inverse of `pack_int4`: int32 -> int32 values 0..15 with `dim` grown 8 times."""
     moved = packed.movedim(dim, -1).to(torch.int64)
-    nibbles = (moved[..., None] >> _SHIFTS) & 0xF
+    nibbles = (moved[..., None] >> _SHIFTS.to(packed.device)) & 0xF
     inverse = sorted(range(PACK), key=lambda i: order[i])
     values = nibbles[..., inverse].reshape(*moved.shape[:-1], -1)
     return values.to(torch.int32).movedim(-1, dim)
