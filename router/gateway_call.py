@@ -32,6 +32,8 @@ class Call:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     num_output: int = 0
+    num_cached: int = 0
+    """Prompt tokens the prefilling worker had cached (usage's cached_tokens)."""
     first_token_at: float | None = None
     final: OutputChunk | None = None
     ended: bool = False
@@ -49,10 +51,11 @@ class Call:
             self.first_token_at = time.time()
         self.text += chunk.text_delta
         self.num_output += len(chunk.new_token_ids)
+        self.num_cached = max(self.num_cached, chunk.num_cached_tokens)
         self.output_ids.extend(chunk.new_token_ids)
         self.logprobs.extend(chunk.logprobs or [])
         if chunk.finished:
             self.final = chunk
 
-    def usage(self) -> dict[str, int]:
-        return usage(len(self.prompt_ids), self.num_output)
+    def usage(self) -> dict[str, Any]:
+        return usage(len(self.prompt_ids), self.num_output, self.num_cached)

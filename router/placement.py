@@ -13,6 +13,7 @@ migration, router/migration.py) is placed the same way.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,6 +27,8 @@ from workers.protocol import GenerateRequest
 
 Workers = Callable[[str], WorkerClient]
 Took = Callable[[InFlight, GenerateRequest, str, Event], Awaitable[bool]]
+CachedTokens = Callable[[GenerateRequest, list[str]], dict[str, int]]
+"""Per worker id, the leading tokens of the request whose KV it holds (the KV index)."""
 
 
 class Placement:
@@ -33,8 +36,9 @@ class Placement:
 
     def __init__(self, config: RouterConfig, workers: dict[str, WorkerState],
                  requests: dict[str, InFlight], policies: dict[str, RoutingPolicy],
-                 worker: Workers, took: Took):
+                 worker: Workers, took: Took, cached_tokens: CachedTokens | None = None):
         self.config = config
+        self._cached_tokens = cached_tokens
         self.workers = workers
         self.requests = requests
         self._policies = policies
@@ -48,7 +52,7 @@ class Placement:
         if self._count("colocated"):
             await self._place_whole(entry, request, "colocated")
             return
-        if request.num_known_tokens <= self.config.local_prefill_max_tokens:
+        if self._short_enough_for_decode(request):
             await self._place_whole(entry, request, "decode")
             return
         if not self._ready("prefill"):  # before a decode worker reserves anything
@@ -113,9 +117,26 @@ class Placement:
             return worker_id
         raise NoReadyWorker(role, self._count(role))
 
+    def _short_enough_for_decode(self, request: GenerateRequest) -> bool:
+        """Conditional disaggregation: the tokens a decode worker would still have to
+        prefill (the prompt less what it has cached) are few enough to do there."""
+        limit = self.config.local_prefill_max_tokens
+        if request.num_known_tokens <= limit:
+            return True
+        if limit <= 0 or self._cached_tokens is None:
+            return False
+        decodes = [wid for wid, w in self.workers.items() if w.role == "decode" and w.ready]
+        cached = max(self._cached_tokens(request, decodes).values(), default=0)
+        return request.num_known_tokens - cached <= limit
+
     def _order(self, role: str, entry: InFlight) -> list[str]:
         loads = [self.load(wid) for wid, w in self.workers.items() if w.role == role and w.ready]
-        return self._policies[role].order(loads, entry.blocks)
+        policy = self._policies[role]
+        if policy.uses_kv_index and self._cached_tokens is not None:
+            cached = self._cached_tokens(entry.request, [w.worker_id for w in loads])
+            loads = [dataclasses.replace(w, cached_tokens=cached.get(w.worker_id, 0))
+                     for w in loads]
+        return policy.order(loads, entry.blocks)
 
     def load(self, worker_id: str) -> WorkerLoad:
         worker = self.workers[worker_id]

@@ -24,10 +24,14 @@ class WorkerLoad:
     free_blocks: int = 0
     """Free KV blocks at the last poll, minus blocks reserved by the router since."""
     total_blocks: int = 0
+    cached_tokens: int = 0
+    """Leading tokens of this request whose KV the worker holds (the router's KV index);
+    filled only for a policy with `uses_kv_index`."""
 
 
 class RoutingPolicy(Protocol):
     name: str
+    uses_kv_index: bool
 
     def order(self, candidates: Sequence[WorkerLoad], num_blocks_needed: int) -> list[str]:
         """Worker ids of `candidates`, best first (every candidate appears once)."""
@@ -38,6 +42,7 @@ class RoundRobin:
     """Cycles through the workers regardless of load: the fair, predictable baseline."""
 
     name = "round_robin"
+    uses_kv_index = False
 
     def __init__(self) -> None:
         self._next = 0
@@ -55,6 +60,7 @@ class LeastOutstandingTokens:
     """Least tokens still to process first; ties go round-robin so equal workers share load."""
 
     name = "least_tokens"
+    uses_kv_index = False
 
     def __init__(self) -> None:
         self._tie_break = RoundRobin()
@@ -75,6 +81,7 @@ class KvCapacityAware:
     """
 
     name = "kv_capacity"
+    uses_kv_index = False
 
     def __init__(self) -> None:
         self._tie_break = LeastOutstandingTokens()
@@ -88,7 +95,31 @@ class KvCapacityAware:
         return [w.worker_id for w in fits + full]
 
 
-POLICIES = {cls.name: cls for cls in (RoundRobin, LeastOutstandingTokens, KvCapacityAware)}
+class CacheAware:
+    """Cached-prefix overlap against load (SGLang's router, Dynamo's KV router): a worker's
+    cost is the tokens it has queued minus the prompt tokens it already holds, since every
+    cached token is prefill work not done. Workers whose free blocks cannot hold the
+    request go last (as kv_capacity; their count may be stale); ties go least-tokens, then
+    round-robin. With no worker holding anything (or the index unavailable) this is
+    least-tokens."""
+
+    name = "cache_aware"
+    uses_kv_index = True
+
+    def __init__(self) -> None:
+        self._tie_break = LeastOutstandingTokens()
+
+    def order(self, candidates: Sequence[WorkerLoad], num_blocks_needed: int) -> list[str]:
+        rank = {wid: i for i, wid in enumerate(self._tie_break.order(candidates, 0))}
+
+        ranked = sorted(candidates, key=lambda w: (
+            w.free_blocks < num_blocks_needed, w.outstanding_tokens - w.cached_tokens,
+            rank[w.worker_id]))
+        return [w.worker_id for w in ranked]
+
+
+POLICIES = {cls.name: cls for cls in (RoundRobin, LeastOutstandingTokens, KvCapacityAware,
+                                      CacheAware)}
 
 
 def make_policy(name: str) -> RoutingPolicy:

@@ -23,6 +23,7 @@ import logging
 import time
 from collections import Counter
 
+from router.kv_index import KvIndex, MemoryKvIndex
 from router.kv_pairs import KvPairs
 from router.lifecycle import (
     Abort,
@@ -63,8 +64,10 @@ _NEWS = {WorkerEvent.SENDING: FirstToken, WorkerEvent.SHIPPED: KvLanded,
 class RouterCore:
     """Routes requests over registered workers; see the module docstring."""
 
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, kv_index: KvIndex | None = None):
         self.config = config
+        self.kv_index: KvIndex = kv_index or MemoryKvIndex()
+        """Who caches which KV blocks (cache-aware routing); Redis-backed when shared."""
         self.workers: dict[str, WorkerState] = {}
         self.requests: dict[str, InFlight] = {}
         self.sender = OutputSender()
@@ -74,7 +77,7 @@ class RouterCore:
             "colocated": make_policy(config.colocated_policy),
         }
         self.placement = Placement(config, self.workers, self.requests, policies, self.worker,
-                                   self._took)
+                                   self._took, self._cached_tokens)
         self.migration = Migration(self.sender, self.placement, self._apply, config.block_size)
         self.pairs = KvPairs(self.workers, self.worker)
         self._monitor: asyncio.Task | None = None
@@ -263,6 +266,8 @@ class RouterCore:
             return
         if worker.incarnation and news["incarnation"] != worker.incarnation:
             await self._lose(worker_id, "restarted")
+        if news.get("kv_events") is not None:
+            self.kv_index.apply(worker_id, news["kv_events"])
         admitted = not worker.ready
         if admitted:
             log.info("worker %s (%s) admitted", worker_id, worker.role)
@@ -287,11 +292,19 @@ class RouterCore:
         if worker.ready:
             log.warning("worker %s (%s) lost: %s", worker_id, worker.role, why)
         worker.ready = False
+        self.kv_index.drop_worker(worker_id)
         lost = [self.requests[r] for r in worker.requests if r in self.requests]
         worker.requests.clear()
         landed = await self.pairs.landed(worker_id, lost)
         for entry in lost:
             await self._apply(entry, LostWorker(worker_id, entry.request.attempt_id in landed))
+
+    def _cached_tokens(self, request: GenerateRequest, worker_ids: list[str]) -> dict[str, int]:
+        """Placement's view of the KV index, in tokens."""
+        block_size = self.config.block_size
+        known = [*request.prompt_token_ids, *request.output_token_ids]
+        blocks = self.kv_index.overlap(known, block_size, worker_ids)
+        return {wid: n * block_size for wid, n in blocks.items()}
 
     # ---- introspection ------------------------------------------------------------------
 
@@ -301,7 +314,8 @@ class RouterCore:
             counts = roles.setdefault(worker.role, {"ready": 0, "known": 0})
             counts["known"] += 1
             counts["ready"] += int(worker.ready)
-        return {"workers": roles, "in_flight": len(self.requests)}
+        return {"workers": roles, "in_flight": len(self.requests),
+                "kv_index": self.kv_index.stats()}
 
     def worker_metrics(self) -> list[dict]:
         return [

@@ -21,7 +21,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85
     num_blocks: int | None = None
     """Fixes the pool size outright (tests force preemption with a tiny pool)."""
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
+    """Full blocks stay cached by the hash chain of their tokens and are shared by later
+    requests with the same prefix (workers/engine/prefix_cache.py)."""
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     """auto: the model's dtype. fp8: e4m3 with per-layer K and V scales of 1.0 (vLLM's default
     without checkpoint scales): half the bytes of bf16 per block, in memory and on the wire."""

@@ -81,6 +81,8 @@ class OutputChunk:
     """Per new token: {'token_id', 'logprob', 'top': [[token_id, logprob], ...]}."""
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV the prefilling worker found in its prefix cache."""
     index: int | None = None
     """Position of the first of `new_token_ids` in the output (token 1 is 0). Up to three
     processes write one request's stream, so the gateway orders chunks by it; None: hand

@@ -51,12 +51,17 @@ def test_greedy_completion_equals_offline_engine_generate(gateway, offline):
     assert data["choices"][0]["text"] == expected.text
     assert data["choices"][0]["finish_reason"] == "length"
     num_prompt = len(gateway.tokenizer.encode(PROMPT))
-    assert data["usage"] == {"prompt_tokens": num_prompt, "completion_tokens": 12,
-                             "total_tokens": num_prompt + 12}
-    # The same prompt as token ids gives the same text.
+    usage = dict(data["usage"])
+    assert usage.pop("prompt_tokens_details").keys() == {"cached_tokens"}
+    assert usage == {"prompt_tokens": num_prompt, "completion_tokens": 12,
+                     "total_tokens": num_prompt + 12}
+    # The same prompt as token ids gives the same text, its full blocks from the cache.
     ids = gateway.tokenizer.encode(PROMPT)
     again = post(gateway, "/v1/completions", {**GREEDY, "prompt": ids, "max_tokens": 12})
     assert again.json()["choices"][0]["text"] == expected.text
+    block_size = offline.config.cache.block_size
+    cached = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == (num_prompt - 1) // block_size * block_size > 0
 
 
 def test_concurrent_requests_each_get_their_own_greedy_text(gateway, offline):
@@ -118,7 +123,11 @@ def test_chat_unary_and_stream_agree(gateway):
     text = "".join(p["choices"][0]["delta"].get("content", "") for p in chunks)
     assert text == message["content"]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert payloads[-2]["usage"] == unary["usage"]
+    # The same tokens again: equal usage, except that the prompt now came from the cache.
+    streamed = payloads[-2]["usage"]
+    assert streamed["prompt_tokens_details"]["cached_tokens"] > 0
+    assert {**streamed, "prompt_tokens_details": None} == \
+        {**unary["usage"], "prompt_tokens_details": None}
 
 
 def test_logprobs_in_completion_and_chat_formats(gateway):

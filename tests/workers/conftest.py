@@ -2,7 +2,8 @@
 
 - `make_engine(**overrides)`: an LLMEngine on the tiny model (CPU, float32, small pool);
   after the test, every engine it built must have no unfinished request and every KV block
-  free again (the no-leak invariant).
+  free again (the no-leak invariant: no block referenced; blocks kept by the prefix cache
+  for later requests are referenced by nobody, so they count as free).
 - `hf_greedy(model_dir, prompts, num_new, **generate_kwargs)`: transformers'
   `generate(do_sample=False)` continuations, exactly `num_new` tokens each (EOS banned with
   min_new_tokens, as the engine's min_tokens does), cached.
@@ -33,6 +34,7 @@ def make_engine(tiny_model_dir) -> Callable[..., LLMEngine]:
         role="colocated",
         device="cpu",
         attention_backend="torch",
+        prefix_caching=True,
         **sched,
     ) -> LLMEngine:
         config = EngineConfig(
@@ -41,7 +43,8 @@ def make_engine(tiny_model_dir) -> Callable[..., LLMEngine]:
             device=device,
             attention_backend=attention_backend,
             role=role,
-            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                              enable_prefix_caching=prefix_caching),
             scheduler=SchedulerConfig(**sched),
         )
         engines.append(LLMEngine(config))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.engine.block_pool import BlockPool, blocks_for, chain_hash
+from workers.engine.block_pool import BlockPool, blocks_for
+from workers.engine.prefix_cache import chain_hash
 from workers.errors import NoCapacity
 
 

@@ -37,7 +37,8 @@ class DecodeWorker(EngineWorker):
     def reserve(self, request: GenerateRequest) -> dict[str, Any]:
         """Reserves blocks for the prompt (a continuation: and its known output) plus the
         next token; raises NoCapacity (or the engine's typed refusal). Returns where the
-        prefill worker writes: block ids and address."""
+        prefill worker writes: block ids and address, and `num_cached_tokens`, the leading
+        tokens whose KV is cached here (their blocks are not written)."""
 
         def reserve_now() -> dict[str, Any]:
             params = SamplingParams.from_dict(request.sampling)
@@ -47,9 +48,11 @@ class DecodeWorker(EngineWorker):
                 request.output_token_ids, request.sent_text_len,
             )
             self.live[key] = LiveRequest(request)
-            self.kv.expect(key, block_ids)
+            # Leading blocks already cached here are shared, not received.
+            cached = self.engine.reserved_cached_tokens(key)
+            self.kv.expect(key, block_ids[cached // self.engine.pool.block_size:])
             return {"worker_id": self.worker_id, "block_ids": list(block_ids),
-                    "kv_address": self.kv.address}
+                    "kv_address": self.kv.address, "num_cached_tokens": cached}
 
         return self.call(reserve_now)
 
@@ -83,7 +86,8 @@ class DecodeWorker(EngineWorker):
         # starts from it.
         live.first_token_at = now
         live.num_output_tokens = live.request.resume_index + 1
-        self.engine.commit_remote(rid, extra["first_token_id"])
+        self.engine.commit_remote(rid, extra["first_token_id"],
+                                  extra.get("num_cached_tokens", 0))
 
     def _not_landed(self, rid: str, state: TransferState, reason: str) -> None:
         # Frees the reservation but stays silent: the prefill worker's end of the same transfer

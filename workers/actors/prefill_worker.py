@@ -48,11 +48,19 @@ class PrefillWorker(EngineWorker):
         def admit() -> None:
             rid = request.attempt_id
             self.dests[rid] = dest
-            self.kv.open(rid, dest["kv_address"], dest["block_ids"], request.num_known_tokens)
+            skip = self._skipped_blocks(rid)
+            if self.engine.kv_stream is None:  # sent whole: only the blocks after `skip`
+                self.kv.open(rid, dest["kv_address"], dest["block_ids"][skip:],
+                             request.num_known_tokens - skip * self._block_size)
+            else:  # streamed: spans index the whole table and start after `skip`
+                self.kv.open(rid, dest["kv_address"], dest["block_ids"],
+                             request.num_known_tokens)
             if not self.add_to_engine(request):
                 self.dests.pop(rid, None)
                 self.kv.abort(rid)
                 self.kv.forget(rid)
+            else:
+                self.engine.skip_remote_prefix(rid, skip * self._block_size)
 
         self.call_soon(admit)
 
@@ -73,11 +81,22 @@ class PrefillWorker(EngineWorker):
         timings.pop("decode")
         extra = {
             "first_token_id": output.new_token_ids[-1],
+            "num_cached_tokens": output.num_cached_tokens,
             "timings": timings | {"prefill_done_at": now},
         }
-        self.kv.finish(rid, self.engine.held_block_ids(rid), extra=extra,
-                       num_tokens=live.request.num_known_tokens)
+        skip = self._skipped_blocks(rid)
+        self.kv.finish(rid, self.engine.held_block_ids(rid)[skip:], extra=extra,
+                       num_tokens=live.request.num_known_tokens - skip * self._block_size)
         self.note(live.request, WorkerEvent.SENDING)
+
+    @property
+    def _block_size(self) -> int:
+        return self.engine.pool.block_size
+
+    def _skipped_blocks(self, rid: str) -> int:
+        """Leading blocks of the request the decode worker already holds (its prefix cache):
+        they are not sent."""
+        return self.dests.get(rid, {}).get("num_cached_tokens", 0) // self._block_size
 
     def _shipped(self, rid: str) -> None:
         self._release(rid)

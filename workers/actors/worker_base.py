@@ -32,6 +32,7 @@ from typing import Any
 
 from workers.actors.host_memory import return_large_frees_to_os
 from workers.actors.kv_endpoint import kv_layout
+from workers.actors.kv_event_buffer import KvEventBuffer
 from workers.actors.output_sender import OutputSender
 from workers.actors.rank_group import make_engine, shape_facts
 from workers.config import EngineConfig
@@ -96,6 +97,7 @@ class EngineWorker:
         # The role comes from the worker class, so a spec can never mismatch its worker.
         self.engine = make_engine(dataclasses.replace(spec.engine, role=self.role))
         self.sender = OutputSender()
+        self.kv_events = KvEventBuffer(self.engine.prefix_cache)
         self.live: dict[str, LiveRequest] = {}
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._events: list[tuple[str, int, WorkerEvent]] = []
@@ -141,8 +143,18 @@ class EngineWorker:
             "total_blocks": self.engine.num_total_blocks,
             "num_live": len(self.live),
             "events": events,
+            "kv_events": self.kv_events.take(),
+            "prefix_cache": self.prefix_cache_stats(),
             "kv_address": self.kv_address(),
         }
+
+    def prefix_cache_stats(self) -> dict[str, int] | None:
+        """Tokens looked up in and found by the prefix cache (vLLM's prefix_cache_queries
+        and prefix_cache_hits), None without one."""
+        cache = self.engine.prefix_cache
+        if cache is None:
+            return None
+        return {"queries": cache.num_queries, "hits": cache.num_hits}
 
     def free_blocks(self) -> int:
         return self.call(lambda: self.engine.num_free_blocks)
@@ -187,6 +199,7 @@ class EngineWorker:
 
     def _loop(self) -> None:
         while self._running:
+            self.kv_events.collect()
             self._drain_inbox(block=not self.engine.has_unfinished())
             if not self.engine.has_unfinished():
                 continue
@@ -261,6 +274,7 @@ class EngineWorker:
             logprobs=output.logprobs,
             num_prompt_tokens=output.num_prompt_tokens,
             num_output_tokens=live.num_output_tokens,
+            num_cached_tokens=output.num_cached_tokens,
             index=index if output.new_token_ids else None,
             worker_id=self.worker_id,
             attempt=live.request.attempt,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as Seq
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -29,6 +30,7 @@ from workers.config import EngineConfig
 from workers.engine.block_pool import BlockPool, blocks_for
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestMetrics, RequestOutput
+from workers.engine.prefix_cache import PrefixCache, cache_root
 from workers.engine.sampler import Sampler, SamplingRow, position_seed
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledBatch, Scheduler
@@ -69,7 +71,8 @@ class LLMEngine:
         self.runner = runner or ModelRunner(config, parallel)
         self.model_config = self.runner.model_config
         self.tokenizer = load_tokenizer(config)
-        self.pool = BlockPool(self.runner.num_blocks, self.runner.block_size)
+        self.pool = BlockPool(self.runner.num_blocks, self.runner.block_size,
+                              self._make_prefix_cache())
         self.scheduler = Scheduler(config.scheduler, self.pool)
         self.sampler = Sampler(self.runner.device, seed=config.seed)
         # A sequence can never outgrow the whole pool, so that is a context limit too.
@@ -83,6 +86,9 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._generate_ids = itertools.count()
         self.kv_stream: KVStreamHook | None = None
+        self._kv_sent: dict[str, int] = {}
+        """Prefill role with a KV stream: the prompt position each request's stream has
+        reached (`_prefill_spans`)."""
         """Prefill role with a streaming KV transport: told each step's prompt spans before
         the forward pass and each layer's end during it (workers/kv_transfer/torch_sender.py)."""
 
@@ -102,6 +108,19 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.pool.prefix_cache
+
+    def _make_prefix_cache(self) -> PrefixCache | None:
+        """The cache's root names what besides tokens makes KV differ: model, KV dtype,
+        block size (workers comparing names must agree on all three)."""
+        if not self.config.cache.enable_prefix_caching:
+            return None
+        kv_dtype = str(self.runner.kv_caches[0][0].dtype).removeprefix("torch.")
+        return PrefixCache(cache_root(Path(self.config.model).name, kv_dtype,
+                                      self.runner.block_size))
 
     # ---- requests ------------------------------------------------------------------------
 
@@ -180,6 +199,11 @@ class LLMEngine:
             raise UnknownRequest(request_id)
         return list(seq.block_table)
 
+    def skip_remote_prefix(self, request_id: str, num_tokens: int) -> None:
+        """Prefill role: the decode worker already holds the KV of the first `num_tokens`
+        tokens (whole blocks), so the KV stream of `request_id` starts after them."""
+        self._kv_sent[request_id] = num_tokens
+
     def release(self, request_id: str) -> None:
         """Prefill role: frees a held request's blocks once its KV transfer is done or
         failed. Idempotent, like abort."""
@@ -192,20 +216,37 @@ class LLMEngine:
         """Decode role: allocates blocks for the prompt (and a continuation's known output)
         plus the next token's slot and returns their ids (the prefill worker writes the KV
         there). Raises NoCapacity when the pool is short, or the typed input errors of
-        add_request. `priority` ranks the sequence once it runs (preemption order)."""
+        add_request. `priority` ranks the sequence once it runs (preemption order).
+
+        With prefix caching, the leading blocks already cached here are shared, not
+        reserved: `reserved_cached_tokens` says how many tokens they hold (the prefill
+        worker sends only the blocks after them)."""
         seq = self._new_sequence(request_id, prompt_token_ids, params, priority,
                                  output_token_ids)
-        needed = blocks_for(seq.num_tokens + 1, self.pool.block_size)
-        if not self.pool.can_allocate(needed):
+        self.scheduler.share_cached_prefix(seq)
+        if not self.pool.can_append_slots(seq.block_table, seq.num_tokens + 1):
+            needed = blocks_for(seq.num_tokens + 1, self.pool.block_size)
+            self.pool.release(seq.block_table)
             raise NoCapacity(needed_blocks=needed, free_blocks=self.pool.num_free)
         self._admit(seq, sent_text_len)
         self.pool.append_slots(seq.block_table, seq.num_tokens + 1)
+        self.scheduler.count_reserved_lookup(seq)
         seq.status = SequenceStatus.RESERVED
         return list(seq.block_table)
 
-    def commit_remote(self, request_id: str, first_token_id: int) -> None:
+    def reserved_cached_tokens(self, request_id: str) -> int:
+        """Decode role: leading tokens of a reservation whose KV this engine already holds
+        (a multiple of the block size; the KV transfer skips them)."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.RESERVED:
+            raise UnknownRequest(request_id)
+        return seq.num_computed_tokens
+
+    def commit_remote(self, request_id: str, first_token_id: int,
+                      num_cached_tokens: int = 0) -> None:
         """Decode role: the prompt's KV is in the reserved blocks; the sequence joins the
-        running batch and its next step decodes from `first_token_id`."""
+        running batch and its next step decodes from `first_token_id`. `num_cached_tokens`:
+        what the prefill worker found in its cache (reported in this engine's outputs)."""
         seq = self._seqs.get(request_id)
         if seq is None or seq.status is not SequenceStatus.RESERVED:
             raise UnknownRequest(request_id)
@@ -213,7 +254,9 @@ class LLMEngine:
             raise UnknownTokenIds([first_token_id], self.model_config.vocab_size)
         now = time.monotonic()
         seq.times.first_scheduled = seq.times.first_token = now
+        self.scheduler.cache_computed_blocks(seq, 0, seq.num_tokens)
         seq.num_computed_tokens = seq.num_tokens
+        seq.num_cached_tokens = num_cached_tokens
         seq.output_token_ids.append(first_token_id)
         text = self._texts.get(request_id)
         if text is not None:
@@ -275,8 +318,12 @@ class LLMEngine:
         for i, (seq, count) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = batch.step.positions[starts[i]]
             end = min(start + count, seq.num_tokens)  # a continuation: its known output too
-            if start < end:
-                spans.append(PrefillSpan(seq.seq_id, start, end, list(seq.block_table)))
+            # From where the stream stands: cached blocks the first step skipped computing
+            # go with it; blocks the receiver holds or already got do not go again.
+            sent = self._kv_sent.get(seq.seq_id, 0)
+            if sent < end:
+                spans.append(PrefillSpan(seq.seq_id, sent, end, list(seq.block_table)))
+                self._kv_sent[seq.seq_id] = end
         return spans
 
     def _sample(self, batch: ScheduledBatch) -> tuple[list[int], list[dict | None]]:
@@ -343,6 +390,7 @@ class LLMEngine:
             finished=reason is not None,
             finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
             text=sent_text,
             logprobs=[logprob] if logprob is not None else None,
             metrics=RequestMetrics.from_times(seq.times, time.monotonic(), seq.num_preemptions),
@@ -353,6 +401,7 @@ class LLMEngine:
         seq.times.finished = time.monotonic()
         self._texts.pop(seq.seq_id, None)
         self._generators.pop(seq.seq_id, None)
+        self._kv_sent.pop(seq.seq_id, None)
         if free_blocks:
             self.pool.release(seq.block_table)
             seq.status = SequenceStatus.FINISHED

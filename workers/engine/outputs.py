@@ -45,6 +45,8 @@ class RequestOutput:
     finish_reason: str | None
     """'stop' | 'length' | 'abort' | 'error' | 'prefill_done' | None."""
     num_prompt_tokens: int
+    num_cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (usage's cached_tokens)."""
     text: str = ""
     """The text streamed so far (the final text once finished)."""
     logprobs: list[dict[str, Any]] | None = None

@@ -9,6 +9,11 @@ When a running sequence needs a block and none is free, the lowest-ranked runnin
 not yet scheduled this step is preempted by recompute (blocks freed, back to the front of
 the waiting queue, its prompt + output prefilled again later); with none left the sequence
 preempts itself. Rank: arrival order (fcfs) or (priority, arrival) (priority).
+
+Prefix caching (the pool's `PrefixCache`, workers/engine/prefix_cache.py): a sequence
+admitted without blocks first shares the leading full blocks already cached (always leaving
+at least one token to compute, whose logits it samples), so it starts with those tokens
+computed; after every step the blocks a sequence filled are named in the cache.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 
 from workers.config import SchedulerConfig
 from workers.engine.block_pool import BlockPool
+from workers.engine.prefix_cache import block_hashes
 from workers.engine.sequence import Sequence, SequenceStatus
 from workers.engine.step_input import StepInput
 
@@ -143,13 +149,15 @@ class Scheduler:
         """Moves waiting sequences to running, head first, while everything they need lasts."""
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            self.share_cached_prefix(seq)
             num_new = self._chunk(seq, budget)
-            if num_new < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill:
-                break
             target = seq.num_computed_tokens + num_new
-            if not self.pool.can_append_slots(seq.block_table, target):
+            if (num_new < seq.num_uncomputed_tokens and not self.config.enable_chunked_prefill
+                    or not self.pool.can_append_slots(seq.block_table, target)):
+                self._unshare(seq)
                 break
             self.pool.append_slots(seq.block_table, target)
+            self._count_lookup(seq)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -207,5 +215,66 @@ class Scheduler:
         """
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
+            self.cache_computed_blocks(seq, seq.num_computed_tokens - num_new,
+                                       seq.num_computed_tokens)
         for seq, token_id in zip(batch.sampled, sampled_token_ids, strict=True):
             seq.output_token_ids.append(token_id)
+
+    # ---- prefix caching --------------------------------------------------------------------
+
+    def share_cached_prefix(self, seq: Sequence) -> int:
+        """A sequence without blocks takes the cached blocks of its longest cached prefix
+        (full blocks, at least one token left uncomputed) and counts them computed. Returns
+        how many tokens that is (0 without a cache)."""
+        cache = self.pool.prefix_cache
+        if cache is None or seq.block_table:
+            return 0
+        block_size = self.pool.block_size
+        limit = (seq.num_tokens - 1) // block_size
+        found = cache.match(self._hashes(seq, limit))
+        self.pool.share(found)
+        seq.block_table.extend(found)
+        seq.num_computed_tokens = len(found) * block_size
+        return seq.num_computed_tokens
+
+    def _unshare(self, seq: Sequence) -> None:
+        """Undoes `share_cached_prefix` for a sequence that stays waiting."""
+        self.pool.release(seq.block_table)
+        seq.num_computed_tokens = 0
+
+    def _count_lookup(self, seq: Sequence, computes_prefill: bool = True) -> None:
+        """Counts a lookup's tokens queried and hit; a sequence's first lookup where its
+        prefill is computed is its usage's cached_tokens."""
+        cache = self.pool.prefix_cache
+        if cache is None:
+            return
+        cache.count_lookup(seq.num_tokens, seq.num_computed_tokens)
+        if seq.num_preemptions == 0 and computes_prefill:
+            seq.num_cached_tokens = seq.num_computed_tokens
+
+    def count_reserved_lookup(self, seq: Sequence) -> None:
+        """Decode role: a reservation's cached prefix counts as a lookup (its prefill, and
+        so its cached_tokens, are the prefill worker's)."""
+        self._count_lookup(seq, computes_prefill=False)
+
+    def cache_computed_blocks(self, seq: Sequence, start: int, end: int) -> None:
+        """Names in the cache the blocks that tokens [start, end), now computed, filled."""
+        cache = self.pool.prefix_cache
+        block_size = self.pool.block_size
+        first, last = start // block_size, end // block_size
+        if cache is None or first >= last:
+            return
+        hashes = self._hashes(seq, last)
+        for i in range(first, last):
+            cache.register(seq.block_table[i], hashes[i])
+
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
+        """Names of seq's first `num_blocks` full blocks (computed once per sequence)."""
+        known = seq.block_hashes
+        if len(known) < num_blocks:
+            block_size = self.pool.block_size
+            start = len(known) * block_size
+            known += block_hashes(self.pool.prefix_cache.root,
+                                  seq.token_range(start, num_blocks * block_size), block_size,
+                                  parent=known[-1] if known else None)
+        return known[:num_blocks]

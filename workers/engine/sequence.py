@@ -50,6 +50,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0
+    """Tokens found in the prefix cache at first admission (usage's cached_tokens)."""
+    block_hashes: list[bytes] = field(default_factory=list)
+    """Prefix-cache names of the leading full blocks, computed once (scheduler)."""
 
     @property
     def num_prompt_tokens(self) -> int:
