@@ -70,6 +70,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="every request computes (and ships) its whole prompt's KV instead of "
                         "sharing cached blocks of a prefix seen before")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                   help="fp8: e4m3 KV cache with per-layer scales of 1.0 (half of bf16's "
+                        "bytes per block, in memory and on the wire); auto: the model's dtype")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight, then 429")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="larger request bodies get 413 before they are parsed (0: no limit)")
@@ -105,7 +108,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         attention_backend=args.attention_backend,
         max_model_len=args.max_model_len,
         cache=CacheConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
-                          num_blocks=args.num_blocks,
+                          num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(policy=args.scheduling_policy),
     )

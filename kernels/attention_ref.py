@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels.kv_quant import dequantize_kv
+from kernels.kv_quant import dequantize_kv, take_rows
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
     """A sequence's first seq_len cache rows, in order: [seq_len, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
-    rows = cache[block_table[:num_blocks].long()].reshape(-1, *cache.shape[2:])
+    rows = take_rows(cache, block_table[:num_blocks].long()).reshape(-1, *cache.shape[2:])
     return rows[:seq_len]
 
 

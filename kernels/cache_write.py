@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_quant import check_scales, is_fp8, to_cache
+from kernels.kv_quant import check_scales, is_fp8, put_rows, to_cache
 
 
 @triton.jit
@@ -116,5 +116,5 @@ def write_kv_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_sca
     """Plain-torch reference of `write_kv_cache`."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k[keep], k_cache.dtype, k_scale)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v[keep], v_cache.dtype, v_scale)
+    put_rows(k_cache.view(-1, *k_cache.shape[2:]), slots, to_cache(k[keep], k_cache.dtype, k_scale))
+    put_rows(v_cache.view(-1, *v_cache.shape[2:]), slots, to_cache(v[keep], v_cache.dtype, v_scale))

@@ -41,6 +41,22 @@ def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: torch.Tensor | No
     return quantize_kv(x, scale) if is_fp8(cache_dtype) else x.to(cache_dtype)
 
 
+def index_view(t: torch.Tensor) -> torch.Tensor:
+    """`t` as uint8 (same shape) if its elements are single bytes: torch's index kernels
+    (index_copy_ on CPU, others on some builds) lack float8, and moving bytes is the same."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def take_rows(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`cache[index]` (rows of axis 0) in the cache's dtype, fp8 included."""
+    return index_view(cache)[index].view(cache.dtype)
+
+
+def put_rows(cache: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """`cache[index] = rows` in place; rows already in the cache's dtype."""
+    index_view(cache)[index] = index_view(rows)
+
+
 def check_scales(cache: torch.Tensor, k_scale, v_scale) -> None:
     """An fp8 cache needs both scales: 1-element float32 tensors on its device."""
     if not is_fp8(cache.dtype):

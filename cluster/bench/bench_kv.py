@@ -5,6 +5,9 @@
     request (pack + header + send + recv + unpack + ack), GB/s and the ratio.
 (b) One device: pack and unpack throughput against a plain copy of the same bytes, and the
     ZMQ path between two processes on that one device.
+(c) With `--kv-cache-dtype fp8`: (a) and (b) move an e4m3 cache, and the same request is
+    also sent with the `--dtype` cache (bf16) over the same path in the same run: the time per
+    request of each and their ratio (fp8 moves half the bytes: the target is ~0.5x).
 Sizes: one request's KV at each `--tokens` prompt length with Llama-3-8B's KV shape (32
 layers, 8 kv heads, head_dim 128, bf16, block 16) unless overridden. GB/s = payload bytes / s.
 """
@@ -18,7 +21,7 @@ import queue
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.multiprocessing as mp
@@ -27,6 +30,8 @@ from workers.kv_transfer import KVLayout, Receiver, TransferConfig, TransferStat
 from workers.kv_transfer.layout import plan_transfer
 from workers.kv_transfer.packing import copy_path, pack, unpack
 from workers.kv_transfer.pair_group import RECEIVER_RANK, SENDER_RANK, PairGroup, host_store
+
+FP8 = "float8_e4m3fn"
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class BenchConfig:
     host: str = "127.0.0.1"
     probe_bytes: int = 4 << 20
     scattered: bool = False
+    baseline_dtype: str | None = None
+    """With an fp8 cache: the cache dtype (c) compares against, in the same run."""
 
     def num_bytes(self, tokens: int) -> int:
         plan = plan_transfer(self.layout, self.layout)
@@ -61,15 +68,19 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                        help="fp8: move an e4m3 cache, and compare with --dtype's (c)")
     parser.add_argument("--scattered", action="store_true",
                         help="random block ids (every block its own run: the packed path)")
     args = parser.parse_args(argv)
     tokens = args.tokens or ("1024,4096,16384" if args.device == "cuda" else "64,256,1024")
-    layout = KVLayout("llama-3-8b-kv-shape", args.dtype, args.block_size, args.layers,
-                      args.kv_heads, args.head_dim)
+    fp8 = args.kv_cache_dtype == "fp8"
+    layout = KVLayout("llama-3-8b-kv-shape", FP8 if fp8 else args.dtype, args.block_size,
+                      args.layers, args.kv_heads, args.head_dim)
     return BenchConfig(args.device, tuple(int(t) for t in tokens.split(",")), args.iters,
                        args.warmup, layout, probe_bytes=(64 << 20) if args.device == "cuda"
-                       else (4 << 20), scattered=args.scattered)
+                       else (4 << 20), scattered=args.scattered,
+                       baseline_dtype=args.dtype if fp8 else None)
 
 
 def _caches(cfg: BenchConfig, device: torch.device, seed: int):
@@ -291,15 +302,49 @@ def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) ->
     return "\n".join(lines)
 
 
+def _devices(cfg: BenchConfig) -> tuple[str, str | None]:
+    """(first device, second device or None with one GPU)."""
+    if cfg.device == "cpu":
+        return "cpu", "cpu"
+    return "cuda:0", "cuda:1" if torch.cuda.device_count() >= 2 else None
+
+
 def collect(cfg: BenchConfig) -> tuple[dict | None, dict, dict]:
     """(two-device raw vs ours, or None with one GPU; ZMQ on one device; pack/unpack/copy)."""
-    two = cfg.device == "cpu" or torch.cuda.device_count() >= 2
-    first, second = ("cuda:0", "cuda:1") if cfg.device == "cuda" else ("cpu", "cpu")
-    pair = run_pair(cfg, "torch", (first, second), raw=True) if two else None
+    first, second = _devices(cfg)
+    pair = run_pair(cfg, "torch", (first, second), raw=True) if second else None
     if pair is None:
         print("only one GPU: skipping (a), the two-device NCCL comparison")
     zmq = run_pair(cfg, "zmq", (first, first), raw=False)
     return pair, zmq, bench_local(cfg, torch.device(first))
+
+
+def compare_baseline(cfg: BenchConfig, pair: dict | None, zmq: dict) -> tuple[dict, dict, str]:
+    """(c): the same requests with the baseline cache dtype over the two-device path (ZMQ on
+    one GPU); returns (fp8 report, baseline report, path) for `format_dtype_table`."""
+    first, second = _devices(cfg)
+    base_cfg = replace(cfg, layout=replace(cfg.layout, dtype=cfg.baseline_dtype),
+                       baseline_dtype=None)
+    if pair is not None:
+        return pair, run_pair(base_cfg, "torch", (first, second), raw=False), pair["path"]
+    return zmq, run_pair(base_cfg, "zmq", (first, first), raw=False), zmq["path"]
+
+
+def format_dtype_table(cfg: BenchConfig, fp8: dict, base: dict, path: str) -> str:
+    """ms per request (send() to the KV landed on the receiver) of each cache dtype."""
+    lines = [f"(c) {cfg.layout.dtype} vs {cfg.baseline_dtype} KV, path {path}, same run: "
+             f"ms per request, ratio = {cfg.layout.dtype} / {cfg.baseline_dtype} (target ~0.5)"]
+    header = (f"{'tokens':>7} {'MiB fp8':>8} {'MiB base':>8} | {'ms fp8':>8} {'ms base':>8} "
+              f"{'ratio':>6}")
+    lines += [header, "-" * len(header)]
+    base_cfg = replace(cfg, layout=replace(cfg.layout, dtype=cfg.baseline_dtype))
+    for tokens in cfg.tokens:
+        sizes = [c.num_bytes(tokens) for c in (cfg, base_cfg)]
+        ms = [size / (report["ours"][tokens] * 1e9) * 1e3
+              for size, report in zip(sizes, (fp8, base), strict=True)]
+        lines.append(f"{tokens:>7} {sizes[0] / 2**20:>8.1f} {sizes[1] / 2**20:>8.1f} | "
+                     f"{ms[0]:>8.3f} {ms[1]:>8.3f} {ms[0] / ms[1]:>6.2f}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,7 +352,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device; run with --device cpu")
         return 2
-    print(format_table(cfg, *collect(cfg)))
+    pair, zmq, local = collect(cfg)
+    print(format_table(cfg, pair, zmq, local))
+    if cfg.baseline_dtype is not None:
+        print(format_dtype_table(cfg, *compare_baseline(cfg, pair, zmq)))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`python -m kernels.bench.bench_kernels`: prefill TFLOP/s vs torch SDPA, decode GB/s vs copy.
+"""`python -m kernels.bench.bench_kernels`: prefill TFLOP/s vs torch SDPA, decode GB/s vs copy,
+and decode attention over an fp8 (e4m3) KV cache vs the bf16 one (time per step and ratio).
 
 Shapes follow the Llama-3-8B attention layer: 32 query / 8 kv heads, head dim 128, bf16, KV
 block size 16, block tables shuffled. Prefill runs ~16k tokens per launch (batch = 16k / seq).
@@ -18,6 +19,7 @@ from triton.testing import do_bench
 
 from kernels.bench.bandwidth import copy_bandwidth
 from kernels.flash_prefill import PrefillTiles, default_tiles, flash_prefill
+from kernels.kv_quant import FP8_DTYPE, is_fp8
 from kernels.paged_decode import DecodeTiles, paged_decode
 
 HEADS, KV_HEADS, HEAD_DIM, PAGE = 32, 8, 128, 16
@@ -29,13 +31,13 @@ DECODE_TILES = [DecodeTiles(64, 4, 3), DecodeTiles(128, 4, 3), DecodeTiles(64, 2
 SPLIT_SHAPES = [(1, 4096), (1, 16384), (16, 1024), (16, 4096), (64, 1024)]
 
 
-def _paged(num_seqs: int, seq_len: int, device: str):
+def _paged(num_seqs: int, seq_len: int, device: str, kv_dtype: torch.dtype = DTYPE):
     """Caches with each sequence's blocks at shuffled places, and the block tables."""
     blocks_per_seq = triton.cdiv(seq_len, PAGE)
     num_blocks = num_seqs * blocks_per_seq
     shape = (num_blocks, PAGE, KV_HEADS, HEAD_DIM)
-    k_cache = torch.randn(shape, dtype=DTYPE, device=device)
-    v_cache = torch.randn(shape, dtype=DTYPE, device=device)
+    k_cache = torch.randn(shape, dtype=DTYPE, device=device).to(kv_dtype)
+    v_cache = torch.randn(shape, dtype=DTYPE, device=device).to(kv_dtype)
     tables = torch.randperm(num_blocks, device=device).to(torch.int32)
     return k_cache, v_cache, tables.view(num_seqs, blocks_per_seq)
 
@@ -74,18 +76,25 @@ def bench_prefill(seq: int, device: str, tiles: PrefillTiles | None) -> dict[str
     return result
 
 
-def bench_decode(batch: int, context: int, device: str, tiles: DecodeTiles | None,
-                 num_splits: int | None = None) -> float:
-    """GB/s of K/V bytes read per decode step."""
+def decode_ms(batch: int, context: int, device: str, tiles: DecodeTiles | None,
+              num_splits: int | None = None, kv_dtype: torch.dtype = DTYPE) -> float:
+    """Milliseconds of one decode step (bf16 queries; fp8 caches with scales of 1.0)."""
     q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device=device)
-    k_cache, v_cache, tables = _paged(batch, context, device)
+    k_cache, v_cache, tables = _paged(batch, context, device, kv_dtype)
+    scale = torch.ones(1, dtype=torch.float32, device=device) if is_fp8(kv_dtype) else None
     cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     out = torch.empty_like(q)
-    ms = do_bench(lambda: paged_decode(q, k_cache, v_cache, tables, cu_q, seq_lens, context,
-                                       HEAD_DIM ** -0.5, out=out, tiles=tiles,
-                                       num_splits=num_splits))
-    kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * k_cache.element_size()
+    return do_bench(lambda: paged_decode(q, k_cache, v_cache, tables, cu_q, seq_lens, context,
+                                         HEAD_DIM ** -0.5, out=out, tiles=tiles,
+                                         num_splits=num_splits, k_scale=scale, v_scale=scale))
+
+
+def bench_decode(batch: int, context: int, device: str, tiles: DecodeTiles | None,
+                 num_splits: int | None = None) -> float:
+    """GB/s of K/V bytes read per decode step."""
+    ms = decode_ms(batch, context, device, tiles, num_splits)
+    kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * DTYPE.itemsize
     return kv_bytes / ms / 1e6
 
 
@@ -144,7 +153,26 @@ def main(argv: list[str] | None = None) -> int:
             gbs = bench_decode(batch, context, device, None)
             print(f"| {batch} | {context} | {gbs:.0f} | {100 * gbs / copy:.0f}% |")
             torch.cuda.empty_cache()
+    print_fp8_decode(device)
     return 0
+
+
+def print_fp8_decode(device: str) -> None:
+    """Decode attention over an fp8 KV cache vs bf16, same shapes, same run (half the KV
+    bytes: the memory-bound shapes should approach 0.5x)."""
+    print("# decode, fp8 (e4m3) KV vs bf16 KV: bf16 queries, dequantized in the kernel; "
+          "ms per step, ratio = fp8 / bf16; fp8 GB/s counts the fp8 bytes read")
+    print("| batch | context | bf16 ms | fp8 ms | fp8/bf16 | fp8 GB/s |")
+    print("|---|---|---|---|---|---|")
+    for batch, context in ((1, 4096), (1, 16384), (16, 4096), (64, 4096), (256, 1024)):
+        if not _fits(batch, context):
+            continue
+        base = decode_ms(batch, context, device, None)
+        fp8 = decode_ms(batch, context, device, None, kv_dtype=FP8_DTYPE)
+        fp8_gbs = 2 * batch * context * KV_HEADS * HEAD_DIM / fp8 / 1e6
+        print(f"| {batch} | {context} | {base:.3f} | {fp8:.3f} | {fp8 / base:.2f} | "
+              f"{fp8_gbs:.0f} |")
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

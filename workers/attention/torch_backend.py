@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from kernels.attention_ref import gather_kv
-from kernels.kv_quant import dequantize_kv, to_cache
+from kernels.kv_quant import dequantize_kv, put_rows, take_rows, to_cache
 from workers.attention.backend import AttentionBackend, AttentionMetadata
 
 
@@ -27,8 +27,10 @@ def write_kv_cache(
 ) -> None:
     """Stores each new token's k/v at its slot (block_id * block_size + offset)."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = to_cache(k, k_cache.dtype, k_scale)
-    v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = to_cache(v, v_cache.dtype, v_scale)
+    put_rows(k_cache.view(-1, num_kv_heads, head_dim), slot_mapping,
+             to_cache(k, k_cache.dtype, k_scale))
+    put_rows(v_cache.view(-1, num_kv_heads, head_dim), slot_mapping,
+             to_cache(v, v_cache.dtype, v_scale))
 
 
 def causal_attention(
@@ -70,10 +72,10 @@ def batched_decode_attention(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(seq_lens.max()) if max_len is None else max_len
     blocks = block_tables[:, : -(-max_len // block_size)].long()
-    keys = dequantize_kv(
-        k_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len], k_scale)
-    values = dequantize_kv(
-        v_cache[blocks].reshape(num_seqs, -1, num_kv_heads, head_dim)[:, :max_len], v_scale)
+    keys = dequantize_kv(take_rows(k_cache, blocks).reshape(
+        num_seqs, -1, num_kv_heads, head_dim)[:, :max_len], k_scale)
+    values = dequantize_kv(take_rows(v_cache, blocks).reshape(
+        num_seqs, -1, num_kv_heads, head_dim)[:, :max_len], v_scale)
     grouped = q.float().view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("skgd,slkd->skgl", grouped, keys) * scale
     key_pos = torch.arange(max_len, device=q.device)

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import rebuild_cuda_tensor, reduce_tensor
 
+from kernels.kv_quant import index_view
 from workers.errors import HandshakeMismatch
 from workers.kv_transfer.base import TransferHeader, TransferState
 from workers.kv_transfer.layout import KVLayout, TransferPlan
 from workers.kv_transfer.messages import Reply
-from workers.kv_transfer.packing import index_view
 from workers.kv_transfer.pair_state import ReceiverPair, SenderPair
 from workers.kv_transfer.probe import measure_gbps
 from workers.kv_transfer.transfer_table import TransferRecord, TransferTable

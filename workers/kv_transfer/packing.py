@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.kv_quant import index_view
 from workers.kv_transfer.layout import KVLayout, TransferPlan
 
 KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]
@@ -111,12 +112,6 @@ def record_event(device: torch.device):
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     return event
-
-
-def index_view(t: torch.Tensor) -> torch.Tensor:
-    """`t` as uint8 (same shape) if its elements are single bytes (an fp8 cache, kernels/
-    kv_quant.py): torch has no float8 index_copy_, and moving bytes is the same copy."""
-    return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
 def as_bytes(buf: torch.Tensor) -> torch.Tensor:

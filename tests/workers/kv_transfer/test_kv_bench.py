@@ -29,3 +29,19 @@ def test_request_bytes_match_llama3_8b_kv_per_token():
     cfg = bench_kv._parse(["--tokens", "1024,4096,16384"])
     # 32 layers x (K, V) x 8 kv heads x 128 x 2 bytes = 128 KiB per token.
     assert [cfg.num_bytes(t) for t in cfg.tokens] == [t * 128 * 1024 for t in cfg.tokens]
+
+
+@pytest.mark.slow
+def test_bench_kv_fp8_moves_half_the_bytes_and_times_the_bf16_baseline_in_one_run():
+    cfg = bench_kv._parse(["--device", "cpu", "--tokens", "32", "--layers", "2", "--iters", "1",
+                           "--warmup", "1", "--kv-cache-dtype", "fp8"])
+    assert (cfg.layout.dtype, cfg.baseline_dtype) == ("float8_e4m3fn", "bfloat16")
+    pair, zmq, local = bench_kv.collect(cfg)
+    fp8, base, path = bench_kv.compare_baseline(cfg, pair, zmq)
+    assert path == "gloo" and fp8 is pair and base["ours"][32] > 0
+    table = bench_kv.format_dtype_table(cfg, fp8, base, path)
+    (row,) = [line.split() for line in table.splitlines() if line.lstrip().startswith("32 ")]
+    # 32 tokens x 2 layers x (K, V) x 8 kv heads x 128: 1 byte each (fp8), 2 (bf16), in MiB
+    assert (float(row[1]), float(row[2])) == (round(32 * 2 * 2 * 8 * 128 / 2**20, 1),
+                                              round(32 * 2 * 2 * 8 * 128 * 2 / 2**20, 1))
+    assert float(row[6]) == pytest.approx(float(row[4]) / float(row[5]), abs=0.02)

@@ -14,6 +14,7 @@ import dataclasses
 
 import pytest
 import torch
+from kv_peer_process import random_caches
 from test_kv_network import Ends
 
 from tests.cluster.helpers import ChunkCollector, prompts
@@ -28,7 +29,14 @@ from workers.actors.prefill_worker import PrefillWorker
 from workers.engine.engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 from workers.errors import HandshakeMismatch
-from workers.kv_transfer import KVLayout, TransferConfig, TransferState
+from workers.kv_transfer import (
+    KVLayout,
+    TransferConfig,
+    TransferState,
+    plan_transfer,
+    slice_for_rank,
+)
+from workers.kv_transfer.cuda_ipc import copy_blocks
 
 FP8 = "float8_e4m3fn"
 TRANSPORTS = ["torch", "zmq"]
@@ -42,9 +50,11 @@ def ends(request):
         end.close()
 
 
-def _move(ends: Ends, layout: KVLayout, make_caches, src_ids, dst_ids) -> int:
-    """Sends blocks src_ids -> dst_ids; checks they land bit-exact; returns the bytes moved."""
-    src, dst = make_caches(layout, 16, seed=1), make_caches(layout, 16, seed=2)
+def _move(ends: Ends, layout: KVLayout, src_ids, dst_ids, devices=("cpu", "cpu")) -> int:
+    """Sends blocks src_ids -> dst_ids (sender on devices[0], receiver on devices[1]); checks
+    they land bit-exact; returns the bytes the receiver counted."""
+    src = random_caches(layout, 16, seed=1, device=devices[0])
+    dst = random_caches(layout, 16, seed=2, device=devices[1])
     receiver, sender = ends.receiver(layout, dst), ends.sender(layout, src)
     receiver.expect("r", dst_ids)
     sender.send("r", receiver.address, src_ids, dst_ids, {"first_token_id": 1})
@@ -52,28 +62,60 @@ def _move(ends: Ends, layout: KVLayout, make_caches, src_ids, dst_ids) -> int:
     assert receiver.wait("r", 5) is TransferState.DONE
     for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
         assert dk.dtype == getattr(torch, layout.dtype)
-        assert torch.equal(dk[dst_ids].view(torch.uint8), sk[src_ids].view(torch.uint8))
-        assert torch.equal(dv[dst_ids].view(torch.uint8), sv[src_ids].view(torch.uint8))
+        for got, sent in ((dk[dst_ids], sk[src_ids]), (dv[dst_ids], sv[src_ids])):
+            assert torch.equal(got.cpu().view(torch.uint8), sent.cpu().view(torch.uint8))
     return receiver.table.get("r").num_bytes
 
 
-@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
-def test_fp8_blocks_move_as_fp8_with_half_the_bytes_of_bf16(ends, layout, make_caches):
+def _fp8_and_bf16_bytes(ends: Ends, layout: KVLayout, devices=("cpu", "cpu")) -> None:
     src_ids, dst_ids = [3, 9, 4], [7, 0, 12]
     moved = {}
     for dtype in ("bfloat16", FP8):
         other = KVLayout(**{**layout.to_dict(), "dtype": dtype})
-        moved[dtype] = _move(ends, other, make_caches, src_ids, dst_ids)
+        moved[dtype] = _move(ends, other, src_ids, dst_ids, devices)
     per_block = 2 * layout.num_layers * layout.block_size * layout.num_kv_heads * layout.head_dim
     assert moved[FP8] == len(src_ids) * per_block  # one byte per element on the wire
     assert moved["bfloat16"] == 2 * moved[FP8]
 
 
 @pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
-def test_kv_dtype_mismatch_is_refused_naming_both_dtypes(ends, layout, make_caches):
+def test_fp8_blocks_move_as_fp8_with_half_the_bytes_of_bf16(ends, layout):
+    _fp8_and_bf16_bytes(ends, layout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
+def test_fp8_blocks_move_as_fp8_on_gpu(ends):
+    """NCCL between two GPUs (Triton kv_pack on both ends), ZMQ on one GPU."""
+    if ends.config.transport == "torch" and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    devices = ("cuda:1", "cuda:0") if ends.config.transport == "torch" else ("cuda:0",) * 2
+    layout = KVLayout("gpu-fp8", "bfloat16", 16, num_layers=4, num_kv_heads=8, head_dim=128)
+    with torch.cuda.device(devices[0]):
+        _fp8_and_bf16_bytes(ends, layout, devices)
+
+
+def test_cuda_ipc_block_copy_moves_fp8_blocks(layout):
+    """The cuda_ipc path's device-to-device block copy (here on CPU tensors), whole and for a
+    TP slice: torch has no float8 index_copy_, so fp8 blocks move as bytes."""
     fp8 = KVLayout(**{**layout.to_dict(), "dtype": FP8})
-    receiver = ends.receiver(layout, make_caches(layout, 4, seed=5))
-    sender = ends.sender(fp8, make_caches(fp8, 4, seed=6))
+    for sender in (fp8, slice_for_rank(fp8, 1, 2)):
+        src, dst = random_caches(sender, 8, seed=1), random_caches(fp8, 8, seed=2)
+        plan = plan_transfer(sender, fp8)
+        copy_blocks(src, sender, dst, fp8, plan, [1, 5], [6, 0])
+        heads = plan.local_heads(fp8)
+        for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
+            for got, sent in ((dk[[6, 0]][:, :, heads], sk[[1, 5]]),
+                              (dv[[6, 0]][:, :, heads], sv[[1, 5]])):
+                assert torch.equal(got.view(torch.uint8), sent.view(torch.uint8))
+
+
+@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
+def test_kv_dtype_mismatch_is_refused_naming_both_dtypes(ends, layout):
+    fp8 = KVLayout(**{**layout.to_dict(), "dtype": FP8})
+    receiver = ends.receiver(layout, random_caches(layout, 4, seed=5))
+    sender = ends.sender(fp8, random_caches(fp8, 4, seed=6))
     receiver.expect("r", [0, 1])
     sender.send("r", receiver.address, [0], [0, 1])
     assert sender.wait("r", 20) is TransferState.FAILED
@@ -143,3 +185,45 @@ def test_workers_with_different_kv_dtypes_refuse_each_other_by_name(tiny_model_d
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_fp8_1p1d_over_nccl_serves_the_colocated_fp8_text(tiny_model_dir):
+    """Real serving on two GPUs: a Ray 1P+1D cluster with `--kv-cache-dtype fp8` (Triton
+    kernels, CUDA-graphed decode, NCCL layer-wise transfer) answers every request with the
+    text a colocated fp8 engine in this process generates. float32 activations: with bf16,
+    the different batchings of the two paths alone would flip near-tied tokens."""
+    import ray
+
+    from cluster.config import ClusterConfig
+    from router.router_state import RouterConfig
+    from tests.e2e.served_cluster import run_workload, served, wait_blocks_free
+    from workers.config import CacheConfig, EngineConfig
+    from workers.text.tokenizer import Tokenizer
+
+    engine = EngineConfig(model=str(tiny_model_dir), dtype="float32", device="cuda",
+                          attention_backend="triton",
+                          cache=CacheConfig(block_size=16, num_blocks=256, kv_cache_dtype="fp8"))
+    batch = prompts(8, 500, seed=13, low=2, high=60)
+    lengths = [1 + (i * 5) % 14 for i in range(len(batch))]
+    colocated = LLMEngine(engine)
+    tokenizer = Tokenizer(tiny_model_dir)
+    workload = []
+    for i, (prompt, n) in enumerate(zip(batch, lengths, strict=True)):
+        (out,) = colocated.generate([prompt], SamplingParams(max_tokens=n, temperature=0,
+                                                              ignore_eos=True))
+        workload.append((prompt, n, i % 2 == 0, tokenizer.decode(out.token_ids)))
+    del colocated
+    torch.cuda.empty_cache()
+    ray.init(include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
+    try:
+        config = ClusterConfig(engine=engine, model_name="tiny", name="gpufp8",
+                               router=RouterConfig(block_size=16))
+        with served(config) as (url, cluster):
+            run_workload(url, workload)
+            wait_blocks_free(cluster)
+            paths = cluster.call("prefill-0", "transfer_paths")
+            assert [p["path"] for p in paths.values()] == ["nccl"]
+    finally:
+        ray.shutdown()
