@@ -15,9 +15,11 @@ from workers.actors.worker_actor import WILDCARD_HOSTS
 from workers.text.request_text import load_tokenizer
 
 
-def build_app(config: ClusterConfig, router: Any, max_model_len: int) -> FastAPI:
+def build_app(config: ClusterConfig, router: Any, max_model_len: int,
+              ranks: dict[str, list[dict]] | None = None) -> FastAPI:
     """`create_app` wired to the Router; the PULL socket binds on the serve host (this node's
-    IP when that is a wildcard) so workers on other nodes can reach it."""
+    IP when that is a wildcard) so workers on other nodes can reach it. `ranks`
+    (`Cluster.ranks`) adds each worker's shape and per-rank KV to /metrics."""
     output_host = config.host
     if output_host in WILDCARD_HOSTS:
         # Workers on other nodes push tokens here: advertise this node's IP, not a wildcard.
@@ -30,5 +32,5 @@ def build_app(config: ClusterConfig, router: Any, max_model_len: int) -> FastAPI
         config.model_name,
         max_model_len,
         config=gateway,
-        metrics=GatewayMetrics(),
+        metrics=GatewayMetrics(ranks=ranks),
     )

@@ -16,6 +16,7 @@ import ray
 import torch
 
 from cluster.config import ClusterConfig
+from cluster.rank_metrics import describe_ranks
 from cluster.worker_groups import (
     PlacementUnavailable,
     driver_options,
@@ -50,6 +51,11 @@ class Cluster:
     started_ray: bool
     groups: list[Any] = field(default_factory=list)
     """Placement groups of the TP/PP workers (removed with the cluster)."""
+
+    @property
+    def ranks(self) -> dict[str, list[dict]]:
+        """worker_id -> its ranks' facts (position, layers, KV cache), rank 0 first."""
+        return {wid: info.get("ranks", []) for wid, info in self.infos.items()}
 
     @property
     def max_model_len(self) -> int:
@@ -154,6 +160,8 @@ def start_workers(config: ClusterConfig, groups: list[Any] | None = None,
         tp, pp = config.shape(role)
         log.info("worker %s ready: tp %d x pp %d, %d KV blocks of %d tokens",
                  info["worker_id"], tp, pp, info["total_blocks"], info["block_size"])
+        for line in describe_ranks(info["worker_id"], info) if tp * pp > 1 else []:
+            log.info("%s", line)
     return actors, {info["worker_id"]: info for info in infos}
 
 

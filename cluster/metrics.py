@@ -30,6 +30,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from cluster.rank_metrics import RankGauges
+
 # Latency buckets from a 5 ms TTFT on a warm GPU up to multi-minute long generations.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                    60.0, 120.0, 300.0)
@@ -51,9 +53,13 @@ class GatewayMetrics:
     """Everything the gateway records; `render()` is the /metrics body, `snapshot()` the
     /v1/metrics JSON. Called from the gateway's event loop only."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 ranks: dict[str, list[dict]] | None = None):
+        """`ranks`: worker_id -> its ranks' facts (`Cluster.ranks`), for the per-rank KV
+        gauges (cluster/rank_metrics.py)."""
         self.registry = registry or new_registry()
         r = self.registry
+        self._rank_gauges = RankGauges(r, ranks or {})
         self.requests = Counter("kvrelay_requests", "HTTP requests by endpoint and status",
                                 ["endpoint", "status"], registry=r)
         self.ttft = Histogram("kvrelay_time_to_first_token_seconds", "Arrival to first token",
@@ -179,6 +185,7 @@ class GatewayMetrics:
         # Cleared each scrape so a worker that left stops being reported.
         for gauge in self._worker_gauges.values():
             gauge.clear()
+        self._rank_gauges.set(worker_metrics)
         for values in worker_metrics:
             worker_id = values.get("worker_id", "?")
             values = {**_derived(values), **values}

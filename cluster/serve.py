@@ -187,7 +187,7 @@ def serve(config: ClusterConfig, cluster: Cluster) -> None:
     from cluster.gateway_app import build_app
     from cluster.graceful import GracefulServer
 
-    app = build_app(config, cluster.router, cluster.max_model_len)
+    app = build_app(config, cluster.router, cluster.max_model_len, cluster.ranks)
     uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port,
                                     log_level="warning", timeout_graceful_shutdown=2)
     server = GracefulServer(uvicorn_config, app.state.gateway.drain, config.drain_timeout_s)

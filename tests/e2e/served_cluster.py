@@ -33,7 +33,7 @@ def served(config: ClusterConfig) -> Iterator[tuple[str, Cluster]]:
     assert ray.is_initialized(), "start Ray in a module fixture first"
     cluster = launch(config)
     try:
-        app = build_app(config, cluster.router, cluster.max_model_len)
+        app = build_app(config, cluster.router, cluster.max_model_len, cluster.ranks)
         with serving(app) as url:
             yield url, cluster
     finally:

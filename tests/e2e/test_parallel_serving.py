@@ -1,12 +1,13 @@
 """Colocated workers of several ranks over real HTTP: tensor parallel 2, pipeline parallel 2
 and TP 2 x PP 2 (each worker one placement group of rank actors joined over gloo) answer the
 16 concurrent mixed-length requests with greedy text identical to transformers' in float32,
-and leave every KV block free."""
+leave every KV block free, and /metrics shows the worker's shape and each rank's KV."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import httpx
 import pytest
 import ray
 
@@ -47,3 +48,12 @@ def test_colocated_parallel_worker_greedy_matches_transformers(tp, pp, base_conf
         assert {r["num_blocks"] for r in ranks} == {info["total_blocks"]}
         run_workload(url, workload)
         wait_blocks_free(cluster)
+        metrics = httpx.get(f"{url}/metrics").text
+        assert f'kvrelay_worker_tp_size{{worker="colocated-0"}} {tp}.0' in metrics
+        assert f'kvrelay_worker_pp_size{{worker="colocated-0"}} {pp}.0' in metrics
+        for rank in ranks:
+            labels = (f'pp_rank="{rank["pp_rank"]}",rank="{rank["rank"]}",'
+                      f'tp_rank="{rank["tp_rank"]}",worker="colocated-0"')
+            capacity = rank["num_blocks"] * rank["kv_bytes_per_block"]
+            assert f"kvrelay_rank_kv_capacity_bytes{{{labels}}} {float(capacity)}" in metrics
+            assert f"kvrelay_rank_kv_used_bytes{{{labels}}}" in metrics
