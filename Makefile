@@ -6,7 +6,7 @@ MODEL   ?= smollm2
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 
-.PHONY: serve test install lint clean
+.PHONY: serve test install lint clean redis
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,16 @@ install: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(BIN)/kvrelay serve --model $(MODEL) --prefill 1 --decode 1 --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed
+# The control-plane tests start a real redis-server: Debian's package, installed by apt-get
+# as root (CI, containers) or through sudo where there is one; without it those tests skip.
+redis:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || command -v sudo); \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server; \
+	} || echo "redis-server could not be installed: the Redis control-plane tests will skip"
+
+test: $(VENV)/.installed redis
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(VENV)/.installed

@@ -34,6 +34,9 @@ class ClusterConfig:
     kv_transport: KvTransport = "auto"
     kv_max_pairs: int = 64
     """Each prefill worker's bound on its KV pairs (WorkerSpec.kv_max_pairs)."""
+    redis_url: str | None = None
+    """The router's control plane (heartbeats, loads, KV index) in this Redis, shared by
+    router replicas and kept across a router's restart; None: in the router's memory."""
     gpu_share: bool = False
     """Two workers per GPU (num_gpus=0.5 each), e.g. 1P+1D on one GPU."""
     max_queue: int = 1024

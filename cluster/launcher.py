@@ -7,6 +7,7 @@ restarts a dead one (`max_restarts`) and the router admits it again when it answ
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import ray
 import torch
 
 from cluster.config import ClusterConfig
+from cluster.control_plane.redis_plane import RedisControlPlane
 from cluster.rank_metrics import describe_ranks
 from cluster.worker_groups import (
     PlacementUnavailable,
@@ -189,6 +191,13 @@ def check_pairs(infos: dict[str, dict]) -> None:
             check_compatible(prefill, decode)
 
 
+def control_plane_factory(redis_url: str | None):
+    """What the Router actor builds its control plane with (again after a restart)."""
+    if redis_url is None:
+        return None
+    return functools.partial(RedisControlPlane, redis_url)
+
+
 def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
     """Starts the named Router actor and waits until it sees every worker ready."""
     roles = dict(config.worker_roles())
@@ -197,7 +206,7 @@ def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
     router = router_cls.options(
         name=f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
         max_concurrency=_ROUTER_CONCURRENCY, max_restarts=-1, enable_task_events=False,
-    ).remote(config.router, members)
+    ).remote(config.router, members, control_plane_factory(config.redis_url))
     health = ray.get(router.start.remote(config.startup_timeout_s),
                      timeout=config.startup_timeout_s + 10)
     log.info("router ready: %s", health)

@@ -67,6 +67,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes per worker")
     p.add_argument("--num-blocks", type=int, default=None, help="fix the KV pool size")
+    p.add_argument("--redis-url", default=None,
+                   help="keep the router's control plane (worker heartbeats, loads, the KV "
+                        "cache index) in this Redis, e.g. redis://127.0.0.1:6379/0; default: "
+                        "in the router's memory")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="every request computes (and ships) its whole prompt's KV instead of "
                         "sharing cached blocks of a prefix seen before")
@@ -121,7 +125,8 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,
         num_colocated=args.colocated, host=args.host, port=args.port,
         ray_address=args.ray_address, kv_transport=args.kv_transport,
-        kv_max_pairs=args.kv_max_pairs, tp=args.tp, pp=args.pp, prefill_tp=args.prefill_tp,
+        kv_max_pairs=args.kv_max_pairs, redis_url=args.redis_url,
+        tp=args.tp, pp=args.pp, prefill_tp=args.prefill_tp,
         prefill_pp=args.prefill_pp, decode_tp=args.decode_tp, decode_pp=args.decode_pp,
         placement_timeout_s=args.placement_timeout,
         gpu_share=args.gpu_share, max_queue=args.max_queue,

@@ -60,6 +60,11 @@ class Summary:
     e2e: Distribution
     prompt_tokens: Distribution
     output_tokens: Distribution
+    cached_tokens: int | None = None
+    """Prompt tokens served from the server's prefix cache, summed over successful requests
+    (None: the server reports none)."""
+    cached_ratio: float | None = None
+    """cached_tokens / prompt tokens of the requests that report it."""
     slos: list[str] = field(default_factory=list)
     num_good: int = 0
     """Successful requests meeting every SLO (all successful ones when no SLO is given)."""
@@ -88,6 +93,8 @@ def summarize(
     tokens_in = sum(r.prompt_tokens for r in ok)
     tokens_out = sum(r.output_tokens for r in ok)
     num_good = sum(meets_slos(r, slos) for r in records)
+    reporting = [r for r in ok if r.cached_tokens is not None]
+    cached = sum(r.cached_tokens for r in reporting) if reporting else None
     return Summary(
         num_requests=len(records),
         num_ok=len(ok),
@@ -104,6 +111,9 @@ def summarize(
         e2e=Distribution.of([r.e2e for r in ok if r.e2e is not None]),
         prompt_tokens=Distribution.of([r.prompt_tokens for r in ok]),
         output_tokens=Distribution.of([r.output_tokens for r in ok]),
+        cached_tokens=cached,
+        cached_ratio=(cached / max(1, sum(r.prompt_tokens for r in reporting))
+                      if reporting else None),
         slos=[str(s) for s in slos],
         num_good=num_good,
         goodput=num_good * per_s,

@@ -39,6 +39,9 @@ class RequestRecord:
     output_tokens: int
     output_tokens_source: TokenSource
     max_tokens: int
+    cached_tokens: int | None = None
+    """Prompt tokens the server served from its prefix cache
+    (usage.prompt_tokens_details.cached_tokens); None where it does not say."""
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     e2e: float | None = None

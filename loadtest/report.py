@@ -102,6 +102,14 @@ def markdown_run(meta: dict[str, Any], summary: Summary) -> str:
         f"SLOs: {', '.join(s.slos) or 'none (goodput = successful requests)'}"
         f"{'' if s.slos_held else ' (a percentile SLO is missed)'}; "
         f"errors: {errors}; mean tokens in/out: {fmt(s.prompt_tokens.mean, digits=1)}/"
-        f"{fmt(s.output_tokens.mean, digits=1)}",
+        f"{fmt(s.output_tokens.mean, digits=1)}; cached prompt tokens: "
+        f"{_cached(s)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _cached(s: Summary) -> str:
+    """Prompt tokens from the server's prefix cache (usage.prompt_tokens_details)."""
+    if s.cached_tokens is None:
+        return "not reported"
+    return f"{s.cached_tokens} ({fmt(s.cached_ratio, 100, 1)}% of the prompt tokens)"

@@ -6,10 +6,9 @@ of its prompt each candidate holds (`overlap`). Block names are the engine's has
 (workers/engine/prefix_cache.py) from each worker's root, so the router names a prompt's
 blocks exactly as the worker that cached them did.
 
-`KvIndex` is the interface; `MemoryKvIndex` (this file) is the default, one per router.
-cluster/control_plane/redis_store.py keeps the same index in Redis, shared by every router
-replica and surviving a router's restart. An index that cannot answer (Redis gone) says so
-(`healthy`) and answers "nothing cached", so routing falls back to load alone.
+`KvIndex` is the interface; `MemoryKvIndex` (this file) is the default, one per router,
+inside router/control_plane.py's MemoryControlPlane. cluster/control_plane/ keeps the same
+index in Redis, shared by every router replica and surviving a router's restart.
 """
 
 from __future__ import annotations
@@ -21,13 +20,7 @@ from workers.engine.prefix_cache import block_hashes
 
 
 class KvIndex(Protocol):
-    backend: str
     num_events_applied: int
-
-    @property
-    def healthy(self) -> bool:
-        """False while the index cannot be read or written (routing is load-only then)."""
-        ...
 
     def apply(self, worker_id: str, news: dict[str, Any]) -> None:
         """Applies a poll's `kv_events` of `worker_id` (root, reset, events)."""
@@ -40,9 +33,6 @@ class KvIndex(Protocol):
     def overlap(self, token_ids: list[int], block_size: int,
                 worker_ids: Iterable[str]) -> dict[str, int]:
         """Per worker, how many leading full blocks of `token_ids` it holds (absent: 0)."""
-        ...
-
-    def stats(self) -> dict[str, Any]:
         ...
 
 
@@ -59,17 +49,11 @@ def leading_held(names: list[bytes], holds) -> int:
 class MemoryKvIndex:
     """The index in this process: block name -> workers, worker -> names and its root."""
 
-    backend = "memory"
-
     def __init__(self) -> None:
         self._holders: dict[bytes, set[str]] = {}
         self._held: dict[str, set[bytes]] = {}
         self._roots: dict[str, bytes] = {}
         self.num_events_applied = 0
-
-    @property
-    def healthy(self) -> bool:
-        return True
 
     def apply(self, worker_id: str, news: dict[str, Any]) -> None:
         if news.get("reset"):
@@ -110,7 +94,3 @@ class MemoryKvIndex:
                 by_root[root] = block_hashes(root, token_ids, block_size)
             found[worker_id] = leading_held(by_root[root], held.__contains__)
         return found
-
-    def stats(self) -> dict[str, Any]:
-        return {"backend": self.backend, "healthy": True,
-                "events_applied": self.num_events_applied, "blocks": len(self._holders)}

@@ -8,11 +8,13 @@ One named actor per cluster (`<cluster name>-router` in namespace `NAMESPACE`): 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import ray
 from ray import exceptions as ray_errors
 
+from router.control_plane import ControlPlane
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import RayHandle, raise_typed
@@ -29,8 +31,11 @@ log = logging.getLogger(__name__)
 class Router:
     """Ray actor body: owns a RouterCore whose worker handles are Ray actors."""
 
-    def __init__(self, config: RouterConfig, workers: list[tuple[str, str, Any]]):
-        self.core = RouterCore(config)
+    def __init__(self, config: RouterConfig, workers: list[tuple[str, str, Any]],
+                 control_plane: Callable[[], ControlPlane] | None = None):
+        """`control_plane`: makes the shared one (Redis, cluster/control_plane/); None: in
+        memory. A factory, so a restarted actor reconnects and starts from what it holds."""
+        self.core = RouterCore(config, control_plane() if control_plane else None)
         for worker_id, role, actor in workers:
             self.core.add_worker(worker_id, role, RayHandle(actor))
 

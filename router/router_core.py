@@ -23,7 +23,7 @@ import logging
 import time
 from collections import Counter
 
-from router.kv_index import KvIndex, MemoryKvIndex
+from router.control_plane import ControlPlane, MemoryControlPlane
 from router.kv_pairs import KvPairs
 from router.lifecycle import (
     Abort,
@@ -64,10 +64,12 @@ _NEWS = {WorkerEvent.SENDING: FirstToken, WorkerEvent.SHIPPED: KvLanded,
 class RouterCore:
     """Routes requests over registered workers; see the module docstring."""
 
-    def __init__(self, config: RouterConfig, kv_index: KvIndex | None = None):
+    def __init__(self, config: RouterConfig, control_plane: ControlPlane | None = None):
         self.config = config
-        self.kv_index: KvIndex = kv_index or MemoryKvIndex()
-        """Who caches which KV blocks (cache-aware routing); Redis-backed when shared."""
+        self.control_plane: ControlPlane = control_plane or MemoryControlPlane()
+        """Heartbeats, loads and who caches which KV blocks (cache-aware routing); in
+        Redis when router replicas share it (router/control_plane.py)."""
+        self._prefix_stats: dict[str, dict[str, int]] = {}
         self.workers: dict[str, WorkerState] = {}
         self.requests: dict[str, InFlight] = {}
         self.sender = OutputSender()
@@ -266,8 +268,7 @@ class RouterCore:
             return
         if worker.incarnation and news["incarnation"] != worker.incarnation:
             await self._lose(worker_id, "restarted")
-        if news.get("kv_events") is not None:
-            self.kv_index.apply(worker_id, news["kv_events"])
+        self._record(worker_id, worker.role, news)
         admitted = not worker.ready
         if admitted:
             log.info("worker %s (%s) admitted", worker_id, worker.role)
@@ -278,6 +279,16 @@ class RouterCore:
         worker.free_blocks, worker.total_blocks = news["free_blocks"], news["total_blocks"]
         for request_id, attempt, event in news["events"]:
             await self._on_event(worker_id, request_id, attempt, event)
+
+    def _record(self, worker_id: str, role: str, news: dict) -> None:
+        """A poll's facts into the control plane (heartbeat, load, KV events)."""
+        self.control_plane.heartbeat(worker_id, {
+            "role": role, "incarnation": news["incarnation"], "free_blocks": news["free_blocks"],
+            "total_blocks": news["total_blocks"], "num_live": news.get("num_live", 0)})
+        if news.get("kv_events") is not None:
+            self.control_plane.apply_kv_events(worker_id, news["kv_events"])
+        if news.get("prefix_cache") is not None:
+            self._prefix_stats[worker_id] = news["prefix_cache"]
 
     async def _on_event(self, worker_id: str, request_id: str, attempt: int,
                         news: str) -> None:
@@ -292,7 +303,7 @@ class RouterCore:
         if worker.ready:
             log.warning("worker %s (%s) lost: %s", worker_id, worker.role, why)
         worker.ready = False
-        self.kv_index.drop_worker(worker_id)
+        self.control_plane.drop_worker(worker_id)
         lost = [self.requests[r] for r in worker.requests if r in self.requests]
         worker.requests.clear()
         landed = await self.pairs.landed(worker_id, lost)
@@ -303,7 +314,7 @@ class RouterCore:
         """Placement's view of the KV index, in tokens."""
         block_size = self.config.block_size
         known = [*request.prompt_token_ids, *request.output_token_ids]
-        blocks = self.kv_index.overlap(known, block_size, worker_ids)
+        blocks = self.control_plane.overlap(known, block_size, worker_ids)
         return {wid: n * block_size for wid, n in blocks.items()}
 
     # ---- introspection ------------------------------------------------------------------
@@ -315,11 +326,19 @@ class RouterCore:
             counts["known"] += 1
             counts["ready"] += int(worker.ready)
         return {"workers": roles, "in_flight": len(self.requests),
-                "kv_index": self.kv_index.stats()}
+                "control_plane": self.control_plane.stats()}
 
     def worker_metrics(self) -> list[dict]:
         return [
             {"worker_id": wid, "role": w.role, "ready": w.ready, "incarnation": w.incarnation,
-             **self.placement.load(wid).__dict__}
+             **self.placement.load(wid).__dict__, **self._prefix_metrics(wid)}
             for wid, w in self.workers.items()
         ]
+
+    def _prefix_metrics(self, worker_id: str) -> dict[str, float]:
+        """vLLM's names: prefix_cache_queries / prefix_cache_hits (tokens) and the rate."""
+        stats = self._prefix_stats.get(worker_id)
+        if stats is None:
+            return {}
+        return {"prefix_cache_queries": stats["queries"], "prefix_cache_hits": stats["hits"],
+                "prefix_cache_hit_rate": stats["hits"] / max(1, stats["queries"])}

@@ -105,7 +105,7 @@ def test_repeated_prefixes_go_to_the_worker_that_holds_them(tiny_model_dir, coll
         # where its prefix is cached.
         assert placed[0] != placed[1]
         assert placed[2:] == [placed[p] for p in pattern[2:]]
-        assert health["kv_index"]["events_applied"] > 0
+        assert health["control_plane"]["kv_events_applied"] > 0
         hits = [w.prefix_cache_stats()["hits"] for w in workers]
         assert sum(hits) >= 6 * (len(systems[0]) // BLOCK) * BLOCK
     finally:

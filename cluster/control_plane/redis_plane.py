@@ -1,0 +1,182 @@
+"""`RedisControlPlane`: router/control_plane.py's interface with its facts in Redis.
+
+Several gateway/router replicas (e.g. two `kvrelay serve --join` gateways on one Ray cluster)
+each poll the workers; whatever events one of them drains it writes here, so every replica's
+KV index is the union, and a restarted router reads it back at once. Keys (under `prefix`):
+- `{prefix}:held:{worker}`: SET of block names (16-byte hashes) the worker caches;
+- `{prefix}:root:{worker}`: the worker's hash-chain root, to name a prompt's blocks as it did;
+- `{prefix}:worker:{worker}`: HASH of its last heartbeat (role, incarnation, load, seen_at),
+  expiring `heartbeat_ttl_s` after the last poll that answered.
+`overlap` is one round trip: SMISMEMBER of the prompt's block names per candidate.
+
+Redis going away must not take serving down: every call runs under short socket timeouts;
+on a connection error the plane turns unhealthy (logged once, shown in /health), answers
+"nothing cached" (routing is load-only) and drops writes, trying Redis again after
+`retry_s`. When Redis answers again it is healthy again; the index may lack what happened
+meanwhile, which costs cache hits, never correctness (a worker computes what it lacks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis
+
+from router.kv_index import leading_held
+from workers.engine.prefix_cache import block_hashes
+
+log = logging.getLogger(__name__)
+
+_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+class RedisControlPlane:
+    backend = "redis"
+
+    def __init__(self, url: str, prefix: str = "kvrelay", heartbeat_ttl_s: float = 10.0,
+                 timeout_s: float = 0.25, retry_s: float = 1.0):
+        self.url = url
+        self.prefix = prefix
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+        self.retry_s = retry_s
+        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                           socket_connect_timeout=timeout_s)
+        self._roots: dict[str, bytes] = {}
+        self._down_since: float | None = None
+        self._retry_at = 0.0
+        self.num_events_applied = 0
+        self.num_round_trips = 0
+        self.round_trip_seconds = 0.0
+        self.max_round_trip_seconds = 0.0
+
+    # ---- health ---------------------------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._down_since is None
+
+    def _run(self, what: str, fn: Callable[[], Any], default: Any = None) -> Any:
+        """One round trip, timed; on a connection error: unhealthy, `default`."""
+        if self._down_since is not None and time.monotonic() < self._retry_at:
+            return default
+        start = time.perf_counter()
+        try:
+            result = fn()
+        except _ERRORS as exc:
+            if self._down_since is None:
+                self._down_since = time.time()
+                log.warning("redis at %s unreachable (%s: %s during %s): routing falls back to "
+                            "load only until it answers", self.url, type(exc).__name__, exc,
+                            what)
+            self._retry_at = time.monotonic() + self.retry_s
+            return default
+        elapsed = time.perf_counter() - start
+        self.num_round_trips += 1
+        self.round_trip_seconds += elapsed
+        self.max_round_trip_seconds = max(self.max_round_trip_seconds, elapsed)
+        if self._down_since is not None:
+            log.warning("redis at %s answers again after %.1f s: cache-aware routing resumes "
+                        "(the KV index may lack what happened meanwhile)", self.url,
+                        time.time() - self._down_since)
+            self._down_since = None
+        return result
+
+    # ---- registry --------------------------------------------------------------------------
+
+    def _key(self, kind: str, worker_id: str) -> str:
+        return f"{self.prefix}:{kind}:{worker_id}"
+
+    def heartbeat(self, worker_id: str, facts: dict[str, Any]) -> None:
+        key = self._key("worker", worker_id)
+        mapping = {k: str(v) for k, v in {**facts, "seen_at": time.time()}.items()}
+
+        def write() -> None:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.hset(key, mapping=mapping)
+            pipe.pexpire(key, int(self.heartbeat_ttl_s * 1000))
+            pipe.execute()
+
+        self._run("heartbeat", write)
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        def read() -> dict[str, dict[str, Any]]:
+            keys = list(self._redis.scan_iter(match=self._key("worker", "*"), count=500))
+            pipe = self._redis.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            start = len(self._key("worker", ""))
+            return {key.decode()[start:]: {k.decode(): v.decode() for k, v in facts.items()}
+                    for key, facts in zip(keys, pipe.execute(), strict=True) if facts}
+
+        return self._run("workers", read, default={})
+
+    # ---- KV index ------------------------------------------------------------------------
+
+    def apply_kv_events(self, worker_id: str, news: dict[str, Any]) -> None:
+        root = bytes.fromhex(news["root"])
+        self._roots[worker_id] = root
+        held = self._key("held", worker_id)
+
+        def write() -> None:
+            pipe = self._redis.pipeline(transaction=True)
+            if news.get("reset"):
+                pipe.delete(held)
+            pipe.set(self._key("root", worker_id), root)
+            for kind, name in news["events"]:  # in order: stored then removed is removed
+                (pipe.sadd if kind == "stored" else pipe.srem)(held, name)
+            pipe.execute()
+            self.num_events_applied += len(news["events"])
+
+        self._run("apply_kv_events", write)
+
+    def drop_worker(self, worker_id: str) -> None:
+        keys = [self._key(kind, worker_id) for kind in ("held", "root", "worker")]
+        self._roots.pop(worker_id, None)
+        self._run("drop_worker", lambda: self._redis.delete(*keys))
+
+    def overlap(self, token_ids: list[int], block_size: int,
+                worker_ids: Iterable[str]) -> dict[str, int]:
+        worker_ids = list(worker_ids)
+        roots = self._known_roots(worker_ids)
+        names = {root: block_hashes(root, token_ids, block_size)
+                 for root in set(roots.values())}
+        asked = [wid for wid in worker_ids if wid in roots and names[roots[wid]]]
+        if not asked:
+            return {}
+
+        def read() -> list[list[int]]:
+            pipe = self._redis.pipeline(transaction=False)
+            for wid in asked:
+                pipe.smismember(self._key("held", wid), names[roots[wid]])
+            return pipe.execute()
+
+        found = self._run("overlap", read, default=None)
+        if found is None:
+            return {}
+        return {wid: leading_held(flags, bool) for wid, flags in zip(asked, found, strict=True)}
+
+    def _known_roots(self, worker_ids: list[str]) -> dict[str, bytes]:
+        """Each worker's chain root: remembered, else read (written by another replica)."""
+        missing = [wid for wid in worker_ids if wid not in self._roots]
+        if missing:
+            keys = [self._key("root", wid) for wid in missing]
+            values = self._run("roots", lambda: self._redis.mget(keys), default=None) or []
+            for wid, value in zip(missing, values, strict=False):
+                if value is not None:
+                    self._roots[wid] = bytes(value)
+        return {wid: self._roots[wid] for wid in worker_ids if wid in self._roots}
+
+    def stats(self) -> dict[str, Any]:
+        healthy = self.healthy
+        return {
+            "backend": self.backend, "healthy": healthy,
+            "routing": "cache_aware" if healthy else "load_only",
+            "error": None if healthy else f"redis at {self.url} unreachable",
+            "kv_events_applied": self.num_events_applied,
+            "redis_round_trips": self.num_round_trips,
+            "redis_round_trip_mean_s": self.round_trip_seconds / max(1, self.num_round_trips),
+            "redis_round_trip_max_s": self.max_round_trip_seconds,
+        }

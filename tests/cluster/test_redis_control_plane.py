@@ -1,0 +1,142 @@
+"""The control plane in a real Redis: the same answers as the in-memory one; two routers
+share one truth (a router started later, e.g. restarted, routes a repeated prefix to the
+worker holding it without having seen its events, and sees the workers' heartbeats); Redis
+killed mid-run: requests keep succeeding, routing falls back to load only and /health says
+so; Redis back: healthy again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from cluster.control_plane.redis_plane import RedisControlPlane
+from router.control_plane import MemoryControlPlane
+from router.router_core import RouterCore
+from router.router_state import RouterConfig
+from router.worker_handle import LocalHandle
+from tests.cluster.helpers import ChunkCollector, prompts
+from tests.cluster.redis_server import RedisServer
+from tests.cluster.test_disaggregated_workers import make_spec, request
+from tests.router.test_cache_aware_routing import BLOCK, route_one_by_one
+from workers.actors.colocated_worker import ColocatedWorker
+from workers.engine.prefix_cache import block_hashes, cache_root
+
+
+@pytest.fixture()
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def collector():
+    collector = ChunkCollector()
+    yield collector
+    collector.close()
+
+
+@pytest.fixture()
+def workers(tiny_model_dir):
+    workers = [ColocatedWorker(make_spec(tiny_model_dir, f"w{i}", "inproc")) for i in range(2)]
+    yield workers
+    for worker in workers:
+        worker.shutdown()
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_redis_and_memory_planes_answer_alike(backend, request):
+    plane = (MemoryControlPlane() if backend == "memory"
+             else RedisControlPlane(request.getfixturevalue("redis_server").url))
+    root = cache_root("tiny", "float32", 4)
+    tokens = list(range(4, 24))
+    names = block_hashes(root, tokens, 4)
+    plane.apply_kv_events("w0", {"root": root.hex(), "reset": False,
+                                 "events": [["stored", n] for n in names[:3]]})
+    plane.apply_kv_events("w1", {"root": root.hex(), "reset": False,
+                                 "events": [["stored", n] for n in names]
+                                 + [["removed", names[1]]]})
+    assert plane.overlap(tokens, 4, ["w0", "w1", "w2"]) == {"w0": 3, "w1": 1}
+    plane.apply_kv_events("w0", {"root": root.hex(), "reset": True,
+                                 "events": [["stored", names[0]]]})
+    plane.heartbeat("w0", {"role": "colocated", "free_blocks": 7})
+    plane.heartbeat("w1", {"role": "colocated", "free_blocks": 9})
+    plane.drop_worker("w1")
+    assert plane.overlap(tokens, 4, ["w0", "w1"]) == {"w0": 1}
+    assert list(plane.workers()) == ["w0"] and str(plane.workers()["w0"]["free_blocks"]) == "7"
+    stats = plane.stats()
+    assert stats["healthy"] and stats["routing"] == "cache_aware"
+    assert stats["kv_events_applied"] == 10 and stats["backend"] == backend
+
+
+def make_core(workers, plane) -> RouterCore:
+    core = RouterCore(RouterConfig(block_size=BLOCK, poll_interval_s=0.05,
+                                   colocated_policy="cache_aware"), plane)
+    for worker in workers:
+        core.add_worker(worker.worker_id, "colocated", LocalHandle(worker))
+    return core
+
+
+def test_a_second_router_sees_the_first_ones_index_and_heartbeats(workers, collector,
+                                                                  redis_server):
+    vocab = workers[0].ready()["vocab_size"]
+    systems = prompts(2, vocab, seed=21, low=40, high=41)
+    first = [request(f"a{i}", systems[i] + [300 + i], collector.address, 2) for i in range(2)]
+    later = [request(f"b{i}", systems[p] + [400 + i], collector.address, 2)
+             for i, p in enumerate([1, 1, 0, 1])]
+
+    async def run() -> tuple[list[str], list[str], dict]:
+        core_a = make_core(workers, RedisControlPlane(redis_server.url))
+        await core_a.wait_ready(10)
+        core_a.start()
+        placed_a = await route_one_by_one(core_a, collector, first)
+        await core_a.stop()  # this router is gone; its events are in Redis
+        plane_b = RedisControlPlane(redis_server.url)
+        seen = plane_b.workers()
+        core_b = make_core(workers, plane_b)
+        await core_b.wait_ready(10)
+        core_b.start()
+        placed_b = await route_one_by_one(core_b, collector, later)
+        await core_b.stop()
+        return placed_a, placed_b, seen
+
+    placed_a, placed_b, seen = asyncio.run(run())
+    assert placed_a[0] != placed_a[1]
+    assert placed_b == [placed_a[p] for p in [1, 1, 0, 1]]
+    assert set(seen) == {"w0", "w1"} and seen["w0"]["role"] == "colocated"
+
+
+def test_redis_killed_mid_run_requests_succeed_and_health_says_load_only(
+        workers, collector, redis_server, caplog):
+    vocab = workers[0].ready()["vocab_size"]
+    batch = prompts(6, vocab, seed=31, low=20, high=30)
+    reqs = [request(f"k{i}", p, collector.address, 3) for i, p in enumerate(batch)]
+
+    async def run() -> tuple[dict, dict, dict]:
+        core = make_core(workers, RedisControlPlane(redis_server.url, retry_s=0.2))
+        await core.wait_ready(10)
+        core.start()
+        await route_one_by_one(core, collector, reqs[:2])
+        before = core.health()["control_plane"]
+        redis_server.stop()
+        await route_one_by_one(core, collector, reqs[2:4])
+        during = core.health()["control_plane"]
+        redis_server.start()
+        await route_one_by_one(core, collector, reqs[4:])
+        after = core.health()["control_plane"]
+        await core.stop()
+        return before, during, after
+
+    with caplog.at_level(logging.WARNING, logger="cluster.control_plane.redis_plane"):
+        before, during, after = asyncio.run(run())
+    for req in reqs:
+        final = collector.final(req.request_id)
+        assert final.finish_reason == "length" and final.num_output_tokens == 3
+    assert before["healthy"] and before["routing"] == "cache_aware"
+    assert not during["healthy"] and during["routing"] == "load_only"
+    assert "unreachable" in during["error"]
+    assert after["healthy"] and after["redis_round_trips"] > before["redis_round_trips"]
+    text = caplog.text
+    assert "falls back to load only" in text and "answers again" in text
