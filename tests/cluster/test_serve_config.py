@@ -91,3 +91,18 @@ def test_auto_transport_is_cuda_ipc_when_workers_share_a_gpu():
     alone = dataclasses.replace(config, gpu_share=False)
     assert kv_transport(alone) == "auto" and worker_options(alone, "w")["num_gpus"] == 1.0
     assert kv_transport(dataclasses.replace(config, kv_transport="gloo")) == "gloo"
+
+
+def test_prefix_caching_and_redis_flags_reach_their_configs():
+    from cluster.launcher import control_plane_factory
+
+    default = build_config(parse_args(["--model", "/m/x"]))
+    assert default.engine.cache.enable_prefix_caching and default.redis_url is None
+    assert control_plane_factory(default.redis_url) is None
+    config = build_config(parse_args(["--model", "/m/x", "--no-prefix-caching", "--redis-url",
+                                      "redis://127.0.0.1:1/0", "--decode-policy",
+                                      "cache_aware"]))
+    assert not config.engine.cache.enable_prefix_caching
+    assert config.router.decode_policy == "cache_aware"
+    plane = control_plane_factory(config.redis_url)()  # what the Router actor calls
+    assert plane.backend == "redis" and plane.url == "redis://127.0.0.1:1/0"
