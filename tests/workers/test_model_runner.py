@@ -149,9 +149,23 @@ def test_llama3_8b_shapes_run_with_dummy_weights_on_gpu(tmp_path, make_step, lla
     assert logits.shape == (40, 128256) and torch.isfinite(logits).all()
 
 
-def test_tp_size_that_does_not_divide_kv_heads_is_a_typed_error(make_model_dir):
-    with pytest.raises(InvalidParameter, match="not divisible by tp_size 2"):
+def test_kv_heads_split_evenly_or_replicate_where_tp_exceeds_them():
+    def heads(num_kv_heads: int, tp_size: int) -> list[range]:
+        return [ParallelContext(tp_rank=r, tp_size=tp_size).kv_head_range(num_kv_heads)
+                for r in range(tp_size)]
+
+    assert heads(8, 2) == [range(0, 4), range(4, 8)]
+    assert heads(2, 4) == [range(0, 1), range(0, 1), range(1, 2), range(1, 2)]
+    assert heads(1, 2) == [range(0, 1), range(0, 1)]  # MQA: every rank holds the head
+    with pytest.raises(InvalidParameter, match="2 kv heads cannot be replicated evenly"):
+        heads(2, 3)
+    with pytest.raises(InvalidParameter, match="not divisible by tp_size 4"):
+        heads(6, 4)
+
+
+def test_tp_size_that_does_not_divide_the_heads_is_a_typed_error(tiny_model_dir):
+    with pytest.raises(InvalidParameter, match="not divisible by tp_size 3"):
         ModelRunner(
-            EngineConfig(model=str(make_model_dir("mqa")), device="cpu"),
-            ParallelContext(tp_rank=0, tp_size=2),
+            EngineConfig(model=str(tiny_model_dir), device="cpu"),
+            ParallelContext(tp_rank=0, tp_size=3),
         )

@@ -38,9 +38,13 @@ def test_step_survives_the_broadcast_encoding(make_step):
     assert dataclasses.replace(back, seq_ids=step.seq_ids) == step
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_group_logits_match_single_rank(tp, pp, make_model_dir, make_step):
-    model_dir = make_model_dir("qwen2")  # q/k/v biases: the row/column split of biases too
+@pytest.mark.parametrize(("variant", "tp", "pp"),
+                         [("qwen2", 2, 1), ("qwen2", 1, 2), ("qwen2", 2, 2), ("mqa", 2, 1)],
+                         ids=["tp2", "pp2", "tp2xpp2", "mqa-tp2-replicated-kv-head"])
+def test_group_logits_match_single_rank(variant, tp, pp, make_model_dir, make_step):
+    """qwen2: q/k/v biases, so the row/column split of biases too; mqa: one kv head, held by
+    both TP ranks (each rank's query heads read it)."""
+    model_dir = make_model_dir(variant)
     prefill = make_step([([3, 99, 250, 17, 8, 300, 41, 77, 120], 9, [5, 1, 3])], 4, "all")
     decode = make_step([([3, 99, 250, 17, 8, 300, 41, 77, 120, 7], 1, [5, 1, 3])], 4)
     single = ModelRunner(config_for(model_dir))

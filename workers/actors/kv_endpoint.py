@@ -41,6 +41,8 @@ def kv_layout(engine) -> KVLayout:
         head_dim=model.head_dim,
         layer_start=start,
         layer_end=end,
+        kv_head_start=runner.kv_head_range.start,
+        kv_head_end=runner.kv_head_range.stop,
     )
 
 

@@ -182,7 +182,12 @@ class ModelRunner:
 
     @property
     def num_local_kv_heads(self) -> int:
-        return self.parallel.shard(self.model_config.num_kv_heads)
+        return len(self.kv_head_range)
+
+    @property
+    def kv_head_range(self) -> range:
+        """The model's KV heads this rank's cache holds (replicated where TP exceeds them)."""
+        return self.parallel.kv_head_range(self.model_config.num_kv_heads)
 
     @property
     def kv_bytes_per_block(self) -> int:

@@ -36,13 +36,20 @@ def _copy_shard(dst: torch.Tensor, full: torch.Tensor, dim: int, start: int) -> 
 
 class ColumnParallelLinear(nn.Module):
     def __init__(
-        self, in_features: int, output_sizes: list[int], bias: bool, parallel: ParallelContext
+        self, in_features: int, output_sizes: list[int], bias: bool, parallel: ParallelContext,
+        local_rows: list[tuple[int, int]] | None = None,
     ):
+        """`local_rows`: (first row, rows) of each merged output this rank holds; default an
+        even split (replicated KV heads, where TP exceeds them, pass their own)."""
         super().__init__()
         self.parallel = parallel
         self.in_features = in_features
         self.output_sizes = list(output_sizes)
-        self.local_sizes = [parallel.shard(size) for size in output_sizes]
+        if local_rows is None:
+            local_rows = [(parallel.tp_rank * parallel.shard(size), parallel.shard(size))
+                          for size in output_sizes]
+        self.row_starts = [start for start, _ in local_rows]
+        self.local_sizes = [size for _, size in local_rows]
         self.weight = nn.Parameter(torch.empty(sum(self.local_sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(self.local_sizes))) if bias else None
         self.quantized: QuantizedWeight | None = None
@@ -57,11 +64,11 @@ class ColumnParallelLinear(nn.Module):
         local = self.local_sizes[shard]
         offset = sum(self.local_sizes[:shard])
         dst = getattr(self, param_name).data.narrow(0, offset, local)
-        _copy_shard(dst, full, 0, self.parallel.tp_rank * local)
+        _copy_shard(dst, full, 0, self.row_starts[shard])
 
     def load_quantized(self, shard: int, full: QuantizedWeight) -> None:
         local = self.local_sizes[shard]
-        self._quantized_shards[shard] = full.out_slice(self.parallel.tp_rank * local, local)
+        self._quantized_shards[shard] = full.out_slice(self.row_starts[shard], local)
         if len(self._quantized_shards) == len(self.output_sizes):
             parts = [self._quantized_shards.pop(i) for i in range(len(self.output_sizes))]
             _install_quantized(self, type(parts[0]).cat_out(parts))

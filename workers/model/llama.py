@@ -69,8 +69,9 @@ class Attention(nn.Module):
         super().__init__()
         self.ops = ops
         self.num_heads = parallel.shard(cfg.num_heads)
-        # MQA/GQA with fewer kv heads than TP ranks would replicate kv heads; not needed yet.
-        self.num_kv_heads = parallel.shard(cfg.num_kv_heads)
+        # Fewer kv heads than TP ranks: each rank holds the one its query heads read.
+        kv_heads = parallel.kv_head_range(cfg.num_kv_heads)
+        self.num_kv_heads = len(kv_heads)
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
@@ -79,7 +80,12 @@ class Attention(nn.Module):
         self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
         sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]
-        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, sizes, cfg.qkv_bias, parallel)
+        q_rows = self.num_heads * cfg.head_dim
+        kv_rows = (kv_heads.start * cfg.head_dim, self.num_kv_heads * cfg.head_dim)
+        self.qkv_proj = ColumnParallelLinear(
+            cfg.hidden_size, sizes, cfg.qkv_bias, parallel,
+            [(parallel.tp_rank * q_rows, q_rows), kv_rows, kv_rows],
+        )
         self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, cfg.o_bias, parallel)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None

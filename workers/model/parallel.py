@@ -66,6 +66,20 @@ class ParallelContext:
             )
         return size // self.tp_size
 
+    def kv_head_range(self, num_kv_heads: int) -> range:
+        """The KV heads this TP rank holds: an even share; or, with fewer KV heads than TP
+        ranks (GQA/MQA), the one head its query heads read, replicated on
+        tp_size // num_kv_heads ranks."""
+        if num_kv_heads >= self.tp_size:
+            count = self.shard(num_kv_heads)
+            return range(self.tp_rank * count, (self.tp_rank + 1) * count)
+        if self.tp_size % num_kv_heads:
+            raise InvalidParameter(
+                "tp_size", f"{num_kv_heads} kv heads cannot be replicated evenly over "
+                           f"tp_size {self.tp_size}")
+        head = self.tp_rank * num_kv_heads // self.tp_size
+        return range(head, head + 1)
+
     def tp_all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over TP ranks (after row-parallel layers); in place."""
         if self.tp_size == 1:
