@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels import quant_split_k as split_k
+from kernels.attention_tile import dot_precision
 from kernels.quant_split_k import load_x_tile, store_tile
 
 
@@ -72,7 +73,7 @@ def w8a16_matmul(
             m, n, k, k_per_split,
             x.stride(0), qweight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            PRECISION=dot_precision(x.dtype),
         )
     return split_k.reduce_splits(out, x.dtype)
 

@@ -1,0 +1,160 @@
+"""Decode speed of quantized weights: bf16 vs W8A16 (INT8) vs FP8 vs W4A16 (GPTQ layout) on
+one model's shapes with dummy weights, through the engine (CUDA graphs for decode).
+
+    python -m workers.bench.bench_quant [--config llama3-8b] [--formats bf16,int8,fp8,gptq,awq]
+        [--input-len 128] [--output-len 64] [--batch 1 32] [--group-size 128]
+
+For each format a config.json (the preset plus that format's quantization_config) is loaded
+with load_format='dummy': the projections are the same random weights, rounded to the format
+(workers/model/weights.py load_dummy) and kept quantized. A decode step at batch B is timed as
+(time of O tokens - time of 1 token) / (O - 1) for B prompts of I tokens, so prefill cancels;
+batch 1 gives TPOT, batch 32 decode throughput (32 / step). Weight bytes are what one step
+reads of the projections, norms and LM head; the "vs bf16" ratios are of the step times
+measured in this run. Targets (issue 14): W4A16 batch-1 step <= 0.4x bf16's, FP8 <= 0.6x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from workers.bench.bench_engine import batch1_tpot, make_prompts
+from workers.bench.bench_report import device_name
+from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.model.presets import resolve_config_path
+from workers.model.quantize import quantization_config
+
+LABELS = {"bf16": "unquantized", "int8": "W8A16 int8", "fp8": "FP8 e4m3", "gptq": "W4A16 gptq",
+          "awq": "W4A16 awq"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m workers.bench.bench_quant",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="llama3-8b", type=resolve_config_path,
+                        help="config.json or preset name")
+    parser.add_argument("--formats", default="bf16,int8,fp8,gptq")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--attention-backend", default="triton", choices=["torch", "triton"])
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--num-blocks", type=int, default=None)
+    return parser
+
+
+def format_config(base: dict, fmt: str, group_size: int, folder: Path) -> str:
+    config = dict(base)
+    if fmt != "bf16":
+        config["quantization_config"] = quantization_config(fmt, group_size, False)
+    path = folder / f"{fmt}.json"
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def step_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights one decode step reads: every parameter and quantized buffer but
+    the input embedding (unless it is tied to the LM head)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    if not model.config.tie_word_embeddings and model.has_embedding:
+        tensors.pop(id(model.embed_tokens.weight))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def measure(args: argparse.Namespace, model_path: str) -> dict[str, float]:
+    from workers.engine.engine import LLMEngine
+
+    config = EngineConfig(
+        model=model_path, load_format="dummy", dtype=args.dtype, device=args.device,
+        attention_backend=args.attention_backend, max_model_len=args.max_model_len,
+        cache=CacheConfig(num_blocks=args.num_blocks),
+        scheduler=SchedulerConfig(max_num_seqs=max(args.batch),
+                                  max_num_batched_tokens=max(args.batch) * args.input_len),
+    )
+    engine = LLMEngine(config)
+    result = time_steps(engine, args)
+    device = engine.runner.device
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def time_steps(engine, args: argparse.Namespace) -> dict[str, float]:
+    """Weight bytes and the decode step time at each batch size."""
+    from workers.engine.sampling_params import SamplingParams
+
+    vocab = engine.runner.model_config.vocab_size
+    prompts = make_prompts(max(args.batch), args.input_len, vocab, seed=0)
+
+    def greedy(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, min_tokens=n, temperature=0)
+
+    engine.generate([prompts[0][:8]], greedy(2))  # warm-up
+    result = {"weight_bytes": step_weight_bytes(engine.runner.model)}
+    for batch in args.batch:
+        result[f"step_{batch}"] = batch1_tpot(
+            lambda n, b=batch: engine.generate(prompts[:b], greedy(n)), args.output_len,
+            engine.runner.device,
+        )
+    return result
+
+
+def format_table(args: argparse.Namespace, results: dict[str, dict[str, float]]) -> str:
+    device = device_name(torch.device("cuda" if torch.cuda.is_available() and
+                                      args.device in ("auto", "cuda") else "cpu"))
+    lines = [
+        f"device:    {device}",
+        f"model:     {args.config} (dummy weights), activations {args.dtype}, "
+        f"attention {args.attention_backend}, group size {args.group_size} (4-bit)",
+        f"workload:  batch {args.batch} x {args.input_len} prompt tokens, decode step = "
+        f"(t({args.output_len} tokens) - t(1)) / {args.output_len - 1}",
+        f"date:      {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"torch {torch.__version__}",
+        "",
+    ]
+    head = f"{'format':<12}{'weights GB':>11}"
+    for batch in args.batch:
+        head += f"{f'b{batch} step ms':>13}{'vs bf16':>9}{f'b{batch} tok/s':>12}"
+    head += f"{'b1 weight GB/s':>16}"
+    lines.append(head)
+    base = results.get("bf16")
+    for fmt, r in results.items():
+        row = f"{LABELS[fmt]:<12}{r['weight_bytes'] / 1e9:>11.2f}"
+        for batch in args.batch:
+            step = r[f"step_{batch}"]
+            ratio = f"{step / base[f'step_{batch}']:.2f}x" if base else "-"
+            row += f"{step * 1e3:>13.2f}{ratio:>9}{batch / step:>12.0f}"
+        first = r[f"step_{args.batch[0]}"]
+        row += f"{r['weight_bytes'] / first / 1e9:>16.0f}"
+        lines.append(row)
+    lines.append("")
+    lines.append("targets: W4A16 b1 step <= 0.40x bf16, FP8 b1 step <= 0.60x bf16")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    base = json.loads(Path(args.config).read_text())
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for fmt in args.formats.split(","):
+            results[fmt] = measure(args, format_config(base, fmt, args.group_size, Path(folder)))
+            print(f"{fmt}: {results[fmt]}", file=sys.stderr)
+    print(format_table(args, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
