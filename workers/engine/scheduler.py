@@ -258,10 +258,13 @@ class Scheduler:
         self._count_lookup(seq, computes_prefill=False)
 
     def cache_computed_blocks(self, seq: Sequence, start: int, end: int) -> None:
-        """Names in the cache the blocks that tokens [start, end), now computed, filled."""
+        """Names in the cache the blocks that tokens [start, end), now computed, filled.
+
+        Only known tokens count (end is cut at `num_tokens`): KV written at positions past
+        them (speculative drafts, verified or rolled back later) never gets a name here."""
         cache = self.pool.prefix_cache
         block_size = self.pool.block_size
-        first, last = start // block_size, end // block_size
+        first, last = start // block_size, min(end, seq.num_tokens) // block_size
         if cache is None or first >= last:
             return
         hashes = self._hashes(seq, last)
