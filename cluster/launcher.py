@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -29,7 +29,7 @@ from router.router import NAMESPACE, ROUTER_SUFFIX, Router
 from workers.actors.worker_actor import WorkerActor
 from workers.actors.worker_base import WorkerSpec
 from workers.errors import HandshakeMismatch, InvalidParameter
-from workers.kv_transfer.layout import KVLayout, check_compatible
+from workers.kv_transfer.layout import KVLayout, group_layouts, plan_group_transfers
 
 log = logging.getLogger(__name__)
 
@@ -181,14 +181,22 @@ def check_shapes(config: ClusterConfig) -> None:
 
 
 def check_pairs(infos: dict[str, dict]) -> None:
-    """Every prefill worker must be able to feed every decode worker: raises HandshakeMismatch
-    naming the first field on which a pair differs, before any request is taken (the pair's
-    own handshake checks again whenever it (re)connects)."""
-    layouts = {role: [(wid, KVLayout.from_dict(info["kv_layout"])) for wid, info in infos.items()
-                      if info["role"] == role] for role in ("prefill", "decode")}
-    for _, prefill in layouts["prefill"]:
-        for _, decode in layouts["decode"]:
-            check_compatible(prefill, decode)
+    """Every prefill worker must be able to feed every decode worker, rank to rank whatever
+    their TP/PP shapes: raises HandshakeMismatch naming the first field on which a pair
+    differs (or 'kv slices' where the shapes cannot tile), before any request is taken (the
+    pair's own handshake checks again whenever it (re)connects)."""
+    groups = {role: [_rank_layouts(info) for info in infos.values() if info["role"] == role]
+              for role in ("prefill", "decode")}
+    for prefill in groups["prefill"]:
+        for decode in groups["decode"]:
+            plan_group_transfers(prefill, decode)
+
+
+def _rank_layouts(info: dict) -> list[KVLayout]:
+    """Every rank's KV slice of a worker, from its driver rank's layout and its shape."""
+    whole = replace(KVLayout.from_dict(info["kv_layout"]), layer_start=0,
+                                layer_end=None, kv_head_start=0, kv_head_end=None)
+    return group_layouts(whole, info.get("tp", 1), info.get("pp", 1))
 
 
 def control_plane_factory(redis_url: str | None):

@@ -163,8 +163,60 @@ def slice_for_rank(layout: KVLayout, tp_rank: int, tp_size: int, pp_rank: int = 
 
 
 def _split(total: int, parts: int, index: int) -> range:
-    if not 0 <= index < parts or parts > total:
+    """Part `index` of `parts` contiguous parts of `total` items; with more parts than items
+    (kv heads < TP ranks) each item is replicated on parts // total consecutive parts."""
+    if not 0 <= index < parts or (parts > total and parts % total):
         raise ValueError(f"cannot give part {index} of {parts} of {total} items")
+    if parts > total:
+        item = index * total // parts
+        return range(item, item + 1)
     base, extra = divmod(total, parts)
     start = index * base + min(index, extra)
     return range(start, start + base + (1 if index < extra else 0))
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One (sender rank, receiver rank) pair of two worker groups and what it moves."""
+
+    sender_rank: int
+    receiver_rank: int
+    plan: TransferPlan
+
+
+def group_layouts(layout: KVLayout, tp_size: int, pp_size: int) -> list[KVLayout]:
+    """The slices of a tp_size x pp_size worker, in rank order (pp_rank * tp_size + tp_rank,
+    as workers/model/parallel.py numbers them)."""
+    return [slice_for_rank(layout, rank % tp_size, tp_size, rank // tp_size, pp_size)
+            for rank in range(tp_size * pp_size)]
+
+
+def plan_group_transfers(senders: list[KVLayout], receivers: list[KVLayout]) -> list[RankPlan]:
+    """Rank-to-rank plans between a prefill worker's ranks and a decode worker's: every
+    (layer, kv head) a receiver rank holds comes from exactly one sender rank, straight into
+    the receiver's own slice (no gather onto one rank). A slice held by several sender ranks
+    (kv heads replicated where prefill TP exceeds them) goes from its first holder only, once
+    per receiver rank that holds it.
+
+    Raises HandshakeMismatch naming the first field on which some pair disagrees, or
+    'kv slices' when a receiver's slice is not tiled by the senders' (shapes that cannot
+    work)."""
+    for sender in senders:
+        for receiver in receivers:
+            check_compatible(sender, receiver)
+    plans = []
+    for r, receiver in enumerate(receivers):
+        seen: set[tuple[range, range]] = set()
+        cells = 0
+        for s, sender in enumerate(senders):
+            plan = plan_transfer(sender, receiver)
+            if plan is None or (sender.layers, sender.kv_heads) in seen:
+                continue
+            seen.add((sender.layers, sender.kv_heads))
+            plans.append(RankPlan(s, r, plan))
+            cells += plan.num_cells
+        wanted = len(receiver.layers) * len(receiver.kv_heads)
+        if cells != wanted:
+            raise HandshakeMismatch("kv slices", f"{cells} of receiver rank {r}'s cells sent",
+                                    f"{wanted} held")
+    return plans
