@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     parser.add_argument("--num-blocks", type=int, default=None, help="fix the KV pool size")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
+                        help="fp8: e4m3 KV cache (scales 1.0); auto: the model's dtype")
     return parser
 
 
@@ -60,7 +62,7 @@ def main(argv: list[str]) -> int:
             device=args.device,
             attention_backend=args.attention_backend,
             seed=args.seed or 0,
-            cache=CacheConfig(num_blocks=args.num_blocks),
+            cache=CacheConfig(num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype),
         )
         engine = LLMEngine(config)
         prompt = args.prompt
