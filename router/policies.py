@@ -38,6 +38,11 @@ class RoutingPolicy(Protocol):
         ...
 
 
+def tie_ranks(tie_break: RoutingPolicy, candidates: Sequence[WorkerLoad]) -> dict[str, int]:
+    """Each worker's place in `tie_break`'s order (the last key of a policy's sort)."""
+    return {wid: i for i, wid in enumerate(tie_break.order(candidates, 0))}
+
+
 class RoundRobin:
     """Cycles through the workers regardless of load: the fair, predictable baseline."""
 
@@ -66,7 +71,7 @@ class LeastOutstandingTokens:
         self._tie_break = RoundRobin()
 
     def order(self, candidates: Sequence[WorkerLoad], num_blocks_needed: int) -> list[str]:
-        rotation = {wid: i for i, wid in enumerate(self._tie_break.order(candidates, 0))}
+        rotation = tie_ranks(self._tie_break, candidates)
         ranked = sorted(
             candidates, key=lambda w: (w.outstanding_tokens, w.num_requests, rotation[w.worker_id])
         )
@@ -87,7 +92,7 @@ class KvCapacityAware:
         self._tie_break = LeastOutstandingTokens()
 
     def order(self, candidates: Sequence[WorkerLoad], num_blocks_needed: int) -> list[str]:
-        rank = {wid: i for i, wid in enumerate(self._tie_break.order(candidates, 0))}
+        rank = tie_ranks(self._tie_break, candidates)
         fits = [w for w in candidates if w.free_blocks >= num_blocks_needed]
         full = [w for w in candidates if w.free_blocks < num_blocks_needed]
         fits.sort(key=lambda w: (-w.free_blocks, rank[w.worker_id]))
@@ -110,8 +115,7 @@ class CacheAware:
         self._tie_break = LeastOutstandingTokens()
 
     def order(self, candidates: Sequence[WorkerLoad], num_blocks_needed: int) -> list[str]:
-        rank = {wid: i for i, wid in enumerate(self._tie_break.order(candidates, 0))}
-
+        rank = tie_ranks(self._tie_break, candidates)
         ranked = sorted(candidates, key=lambda w: (
             w.free_blocks < num_blocks_needed, w.outstanding_tokens - w.cached_tokens,
             rank[w.worker_id]))
