@@ -41,6 +41,9 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32
 KV_READY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0)
 PHASES = ("queue", "prefill", "kv_ready_delay", "decode")
+SPEC_COUNTERS = ("spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
+                 "spec_decode_num_drafts")
+"""A speculating worker's per-request counters in the final chunk's timings (vLLM's names)."""
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -88,6 +91,22 @@ class GatewayMetrics:
                                          "Stall of a migrated stream: last token before the "
                                          "loss to the first after it",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.spec_draft_tokens = Counter(
+            "kvrelay_spec_decode_num_draft_tokens",
+            "Speculative decoding: draft tokens proposed and verified", registry=r)
+        self.spec_accepted_tokens = Counter(
+            "kvrelay_spec_decode_num_accepted_tokens",
+            "Speculative decoding: draft tokens the target accepted", registry=r)
+        self.spec_drafts = Counter(
+            "kvrelay_spec_decode_num_drafts",
+            "Speculative decoding: verification runs (one per sequence per step)", registry=r)
+        self.spec_acceptance_rate = Gauge(
+            "kvrelay_spec_decode_acceptance_rate",
+            "Accepted / drafted tokens over every finished request so far", registry=r)
+        self.spec_mean_accepted_length = Gauge(
+            "kvrelay_spec_decode_mean_accepted_length",
+            "Tokens per verification run (accepted drafts + 1), over every finished request",
+            registry=r)
         self.in_flight = Gauge("kvrelay_gateway_requests_in_flight",
                                "Requests admitted and not yet finished", registry=r)
         self._worker_gauges: dict[str, Gauge] = {}
@@ -98,7 +117,7 @@ class GatewayMetrics:
         self._totals = {"prompt_tokens": 0, "generation_tokens": 0, "kv_transfer_bytes": 0.0,
                         "kv_transfer_seconds": 0.0, "kv_ready_delay_seconds": 0.0,
                         "kv_ready_delay_count": 0, "migrations": 0,
-                        "migration_added_seconds": 0.0}
+                        "migration_added_seconds": 0.0, **dict.fromkeys(SPEC_COUNTERS, 0)}
         self._in_flight = 0
 
     def request_done(self, endpoint: str, status: int) -> None:
@@ -148,6 +167,20 @@ class GatewayMetrics:
             self.transfer_seconds.inc(seconds)
             self._totals["kv_transfer_bytes"] += moved
             self._totals["kv_transfer_seconds"] += seconds
+        if SPEC_COUNTERS[0] in timings:
+            self._spec(timings)
+
+    def _spec(self, timings: dict[str, float]) -> None:
+        counters = (self.spec_draft_tokens, self.spec_accepted_tokens, self.spec_drafts)
+        for name, counter in zip(SPEC_COUNTERS, counters, strict=True):
+            value = max(0, int(timings.get(name, 0)))
+            counter.inc(value)
+            self._totals[name] += value
+        drafted, accepted, runs = (self._totals[name] for name in SPEC_COUNTERS)
+        if drafted:
+            self.spec_acceptance_rate.set(accepted / drafted)
+        if runs:
+            self.spec_mean_accepted_length.set(1 + accepted / runs)
 
     def migrated(self, added_s: float) -> None:
         """A stream continued on a live worker, `added_s` after its last token before the

@@ -24,10 +24,11 @@ from cluster.config import ClusterConfig
 from router.body_limit import DEFAULT_MAX_REQUEST_BYTES
 from router.router_state import RouterConfig
 from workers.actors.host_memory import return_large_frees_to_os
-from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from workers.errors import KvrelayError
 from workers.model.model_source import check_model_path, resolve_model_path, served_model_name
 from workers.model.presets import resolve_config_path
+from workers.spec.decoder import check_speculative_config
 
 if TYPE_CHECKING:
     from cluster.launcher import Cluster
@@ -95,6 +96,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode-policy", default="kv_capacity")
     p.add_argument("--local-prefill-max-tokens", type=int, default=0,
                    help="prompts this short skip remote prefill (conditional disaggregation)")
+    p.add_argument("--speculative", default=None, choices=["ngram", "draft", "medusa"],
+                   help="speculative decoding on decode/colocated workers (workers/spec/)")
+    p.add_argument("--num-speculative-tokens", type=int, default=0,
+                   help="K: drafts per sequence per step (1..7 with --speculative)")
+    p.add_argument("--draft-model", default=None,
+                   help="--speculative draft: the draft checkpoint (same tokenizer); medusa: "
+                        "the Medusa heads folder")
     p.add_argument("--no-migration", action="store_true",
                    help="a request whose worker is lost ends with an error (WorkerLost) instead "
                         "of continuing on a live worker")
@@ -115,7 +123,11 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
                           num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype,
                           enable_prefix_caching=not args.no_prefix_caching),
         scheduler=SchedulerConfig(policy=args.scheduling_policy),
+        speculative=SpeculativeConfig(method=args.speculative,
+                                      num_speculative_tokens=args.num_speculative_tokens,
+                                      draft_model=args.draft_model),
     )
+    check_speculative_config(engine.speculative)
     router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,
                           decode_policy=args.decode_policy, block_size=args.block_size,
                           local_prefill_max_tokens=args.local_prefill_max_tokens,

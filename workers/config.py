@@ -41,6 +41,27 @@ class SchedulerConfig:
     policy: Literal["fcfs", "priority"] = "fcfs"
 
 
+SpeculativeMethod = Literal["ngram", "draft", "medusa"]
+MAX_SPECULATIVE_TOKENS = 7
+"""A verification run is 1 + K query tokens, and the paged decode kernel takes at most 8."""
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding in decode/colocated engines (workers/spec/). `method` None: off."""
+
+    method: SpeculativeMethod | None = None
+    num_speculative_tokens: int = 0
+    """K: tokens proposed per sequence per step (a request may ask for fewer, 0 included)."""
+    draft_model: str | None = None
+    """method 'draft': the draft checkpoint folder (same tokenizer and vocab as the target);
+    method 'medusa': the Medusa heads folder (random heads with load_format 'dummy')."""
+    ngram_min: int = 1
+    ngram_max: int = 4
+    """method 'ngram': the longest suffix of 1..ngram_max tokens found earlier in the context
+    proposes the tokens that followed it."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str = ""
@@ -63,3 +84,4 @@ class EngineConfig:
     """Pipeline stages of this worker; a worker is tp_size x pp_size ranks."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)

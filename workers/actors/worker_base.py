@@ -280,7 +280,8 @@ class EngineWorker:
             attempt=live.request.attempt,
         )
         if done:
-            chunk.timings = self.final_timings(live, now)
+            # Speculative decoding's counters (spec_decode_*) ride with the phase times.
+            chunk.timings = self.final_timings(live, now) | output.metrics.spec
             self.end(output.request_id, WorkerEvent.FINISHED)
         self.sender.send(live.request.output_address, chunk)
 

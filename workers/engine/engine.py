@@ -10,6 +10,10 @@ token with finish_reason 'prefill_done' and holds its blocks until `release`; a
 decode-role engine `reserve_remote`s blocks before the prefill starts and `commit_remote`s
 the sequence once the prompt's KV has landed in them.
 
+Speculative decoding (EngineConfig.speculative, workers/spec/): before each schedule the
+proposer drafts tokens for the decoding sequences; the step verifies them in the same target
+forward and a sequence may gain several tokens (one RequestOutput with all of them).
+
 Continuation (a request migrated after its worker was lost): `add_request` and
 `reserve_remote` take the output the client already got; the sequence starts with those
 tokens as output (prefilled with the prompt, counted for stop strings, max_tokens, penalties
@@ -48,6 +52,7 @@ from workers.errors import (
 )
 from workers.kv_transfer.stream_plan import PrefillSpan
 from workers.model.parallel import ParallelContext
+from workers.spec.factory import build_speculative_decoder
 from workers.text.request_text import RequestText, load_tokenizer
 
 
@@ -85,6 +90,9 @@ class LLMEngine:
         self._generators: dict[str, torch.Generator] = {}
         self._arrivals = itertools.count()
         self._generate_ids = itertools.count()
+        self.spec = build_speculative_decoder(config, self.runner, self.pool,
+                                              self.max_model_len, self.tokenizer)
+        """None unless this engine speculates (colocated or decode role with a method)."""
         self.kv_stream: KVStreamHook | None = None
         self._kv_sent: dict[str, int] = {}
         """Prefill role with a KV stream: the prompt position each request's stream has
@@ -152,6 +160,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one scheduled batch; returns an output per sequence that sampled a token."""
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch.is_empty:
             return []
@@ -162,8 +172,8 @@ class LLMEngine:
         token_ids, logprobs = self._sample(batch)
         self.scheduler.postprocess(batch, token_ids)
         return [
-            self._after_token(seq, logprob)
-            for seq, logprob in zip(batch.sampled, logprobs, strict=True)
+            self._after_tokens(seq, len(new), new_logprobs)
+            for seq, new, new_logprobs in zip(batch.sampled, token_ids, logprobs, strict=True)
         ]
 
     def generate(
@@ -326,7 +336,9 @@ class LLMEngine:
                 self._kv_sent[seq.seq_id] = end
         return spans
 
-    def _sample(self, batch: ScheduledBatch) -> tuple[list[int], list[dict | None]]:
+    def _sample(self, batch: ScheduledBatch) -> tuple[list[list[int]], list[list[dict | None]]]:
+        """Per sampled sequence: its new tokens (one; or a verification run's accepted drafts
+        plus one) and their logprob entries."""
         stream = self.kv_stream
         if stream is not None:
             if batch.preempted:
@@ -337,6 +349,11 @@ class LLMEngine:
         )
         if not batch.sampled:
             return [], []
+        if self.spec is not None and any(seq.spec_token_ids for seq in batch.sampled):
+            rows = [self._sampling_row(seq, seq.spec_token_ids[:i])
+                    for seq in batch.sampled for i in range(len(seq.spec_token_ids) + 1)]
+            result = self.spec.verify(self.sampler, logits, batch.sampled, rows)
+            return result.token_ids, result.logprobs
         rows = [
             SamplingRow(
                 params=seq.params,
@@ -348,7 +365,23 @@ class LLMEngine:
             for seq in batch.sampled
         ]
         out = self.sampler(logits, rows)
-        return out.token_ids, out.logprobs
+        return [[t] for t in out.token_ids], [[lp] for lp in out.logprobs]
+
+    def _sampling_row(self, seq: Sequence, drafts: list[int]) -> SamplingRow:
+        """The row that samples seq's output token after `drafts` (a verification run's row),
+        with that position's seed and min_tokens ban."""
+        position = seq.num_output_tokens + len(drafts)
+        generator = self._generators.get(seq.seq_id)
+        banned = self.stop_checker.banned_token_ids(seq) \
+            if position < seq.params.min_tokens else ()
+        return SamplingRow(
+            params=seq.params,
+            prompt_token_ids=seq.prompt_token_ids,
+            output_token_ids=seq.output_token_ids + drafts,
+            generator=generator,
+            seed=position_seed(seq.params.seed, position) if generator is not None else None,
+            banned_token_ids=banned,
+        )
 
     def _seeded_generator(self, seq: Sequence) -> torch.Generator | None:
         """A seeded sequence's generator, seeded for the token it draws now (its output
@@ -358,20 +391,30 @@ class LLMEngine:
             generator.manual_seed(position_seed(seq.params.seed, seq.num_output_tokens))
         return generator
 
-    def _after_token(self, seq: Sequence, logprob: dict | None) -> RequestOutput:
-        """Stop checks, text, and the role's finish rule for a sequence's newest token."""
+    def _after_tokens(self, seq: Sequence, num_new: int, logprobs: list[dict | None]
+                      ) -> RequestOutput:
+        """Stop checks (token by token: a verification run may stop half-way, the rest of
+        its tokens dropped), text, and the role's finish rule for seq's newest tokens."""
         if seq.times.first_token is None:
             seq.times.first_token = time.monotonic()
         text = self._texts.get(seq.seq_id)
-        previous_len = len(text.text) if text else 0
-        if text is not None:
-            text.add(seq.output_token_ids[-1])
-        decision = self.stop_checker.check(seq, text.text if text else "", previous_len)
+        new = seq.output_token_ids[-num_new:]
+        del seq.output_token_ids[-num_new:]
+        kept = 0
+        for token_id in new:
+            previous_len = len(text.text) if text else 0
+            seq.output_token_ids.append(token_id)
+            kept += 1
+            if text is not None:
+                text.add(token_id)
+            decision = self.stop_checker.check(seq, text.text if text else "", previous_len)
+            if text is not None:
+                text.cut(len(decision.text))
+            if decision.finish_reason is not None:
+                break
         reason = decision.finish_reason
         if reason is None and self.config.role == "prefill":
             reason = "prefill_done"
-        if text is not None:
-            text.cut(len(decision.text))
         if text is None:
             delta = ""
         elif reason == "prefill_done":
@@ -379,12 +422,14 @@ class LLMEngine:
         else:
             delta = text.take_delta(finished=reason is not None)
         sent_text = text.sent_text if text else ""
+        spec = self.spec.request_stats(seq.seq_id) if self.spec is not None else None
         if reason is not None:
             self.scheduler.remove(seq)
             self._finish(seq, reason, free_blocks=reason != "prefill_done")
+        new_logprobs = [lp for lp in logprobs[:kept] if lp is not None]
         return RequestOutput(
             request_id=seq.seq_id,
-            new_token_ids=[seq.output_token_ids[-1]],
+            new_token_ids=new[:kept],
             token_ids=list(seq.output_token_ids),
             text_delta=delta,
             finished=reason is not None,
@@ -392,8 +437,9 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             text=sent_text,
-            logprobs=[logprob] if logprob is not None else None,
-            metrics=RequestMetrics.from_times(seq.times, time.monotonic(), seq.num_preemptions),
+            logprobs=new_logprobs or None,
+            metrics=RequestMetrics.from_times(seq.times, time.monotonic(), seq.num_preemptions,
+                                              spec.to_dict() if spec is not None else {}),
         )
 
     def _finish(self, seq: Sequence, reason: str, free_blocks: bool) -> None:
@@ -402,6 +448,8 @@ class LLMEngine:
         self._texts.pop(seq.seq_id, None)
         self._generators.pop(seq.seq_id, None)
         self._kv_sent.pop(seq.seq_id, None)
+        if self.spec is not None:
+            self.spec.forget(seq.seq_id)
         if free_blocks:
             self.pool.release(seq.block_table)
             seq.status = SequenceStatus.FINISHED

@@ -18,9 +18,13 @@ class RequestMetrics:
     prefill: float = 0.0
     decode: float = 0.0
     num_preemptions: int = 0
+    spec: dict[str, float] = field(default_factory=dict)
+    """Speculative decoding counters of this request (workers/spec/decoder.py SpecStats);
+    empty if it never verified a draft."""
 
     @classmethod
-    def from_times(cls, times: SequenceTimes, now: float, num_preemptions: int) -> RequestMetrics:
+    def from_times(cls, times: SequenceTimes, now: float, num_preemptions: int,
+                   spec: dict[str, float] | None = None) -> RequestMetrics:
         scheduled = times.first_scheduled if times.first_scheduled is not None else now
         first_token = times.first_token if times.first_token is not None else now
         finished = times.finished if times.finished is not None else first_token
@@ -29,6 +33,7 @@ class RequestMetrics:
             prefill=max(first_token - scheduled, 0.0),
             decode=max(finished - first_token, 0.0),
             num_preemptions=num_preemptions,
+            spec=spec or {},
         )
 
 

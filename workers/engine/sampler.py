@@ -45,6 +45,9 @@ class SamplingRow:
     """None: the sampler's shared generator (reproducible only for the same batch mix)."""
     banned_token_ids: tuple[int, ...] = ()
     """Tokens that must not be drawn this step (EOS and stop ids before min_tokens)."""
+    seed: int | None = None
+    """If set, `generator` is seeded with it right before this row's draws (a verification
+    run's rows are several output positions of one sequence, each with its own seed)."""
 
 
 @dataclass
@@ -104,46 +107,82 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         assert logits.shape[0] == len(rows), (logits.shape, len(rows))
-        logits = logits.float()
-        raw_logprobs = None
+        raw_logprobs = self.raw_logprobs(logits, rows)
+        logits = self.processed_logits(logits, rows)
+        token_ids = self._choose(logits, rows)
+        logprobs = [logprobs_of(raw_logprobs, i, token_ids[i], row)
+                    for i, row in enumerate(rows)]
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+    @staticmethod
+    def raw_logprobs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
+        """log_softmax of the raw logits, if any row asks for logprobs."""
         if any(row.params.logprobs is not None for row in rows):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = logits.clone()
+            return torch.log_softmax(logits.float(), dim=-1)
+        return None
+
+    @staticmethod
+    def processed_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """A float32 copy with penalties applied and banned tokens at -inf."""
+        logits = logits.float().clone()
         apply_penalties(logits, rows)
         banned = [(i, t) for i, row in enumerate(rows) for t in row.banned_token_ids]
         if banned:  # one indexed write for the whole batch, not one launch per row
             row_idx, token_idx = zip(*banned, strict=True)
             logits[list(row_idx), list(token_idx)] = -inf
-        token_ids = self._choose(logits, rows)
-        logprobs = [
-            _logprobs_of(raw_logprobs[i], token_ids[i], row.params.logprobs)
-            if raw_logprobs is not None and row.params.logprobs is not None
-            else None
-            for i, row in enumerate(rows)
-        ]
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+        return logits
+
+    def exponential_noise(self, shape: torch.Size, rows: list[SamplingRow],
+                          device: torch.device, uniform: torch.Tensor | None = None
+                          ) -> torch.Tensor:
+        """E ~ Exp(1) per [row, token]: the shared generator for all rows, then each row
+        with its own generator redrawn from it (seeded first if the row has a seed). With
+        `uniform` ([rows]), also fills it with u ~ U[0, 1), a row's own drawn after its E."""
+        noise = torch.empty(shape, device=device).exponential_(generator=self.generator)
+        if uniform is not None:
+            uniform.uniform_(generator=self.generator)
+        for j, row in enumerate(rows):
+            if row.generator is not None:
+                if row.seed is not None:
+                    row.generator.manual_seed(row.seed)
+                noise[j].exponential_(generator=row.generator)
+                if uniform is not None:
+                    uniform[j : j + 1].uniform_(generator=row.generator)
+        return noise
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
         chosen = logits.argmax(dim=-1)
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             idx = torch.tensor(sampled, device=logits.device)
-            params = [rows[i].params for i in sampled]
-            temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-            filtered = apply_top_k_top_p_min_p(
-                logits[idx] / temperature.unsqueeze(-1),
-                top_k=torch.tensor([p.top_k for p in params], device=logits.device),
-                top_p=torch.tensor([p.top_p for p in params], device=logits.device),
-                min_p=torch.tensor([p.min_p for p in params], device=logits.device),
-            )
-            probs = torch.softmax(filtered, dim=-1)
-            # One draw for the unseeded rows; seeded rows redraw from their own generator.
-            noise = torch.empty_like(probs).exponential_(generator=self.generator)
-            for j, i in enumerate(sampled):
-                if rows[i].generator is not None:
-                    noise[j].exponential_(generator=rows[i].generator)
+            probs = sampling_probs(logits[idx], [rows[i].params for i in sampled])
+            noise = self.exponential_noise(probs.shape, [rows[i] for i in sampled],
+                                           logits.device)
             chosen[idx] = (probs / noise).argmax(dim=-1)
         return chosen.tolist()
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution a non-greedy row draws from: softmax of the (processed) logits over
+    temperature after top-k, top-p and min-p. `argmax(probs / E)` with E ~ Exp(1) is an
+    exact draw from it."""
+    device = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    filtered = apply_top_k_top_p_min_p(
+        logits / temperature.unsqueeze(-1),
+        top_k=torch.tensor([p.top_k for p in params], device=device),
+        top_p=torch.tensor([p.top_p for p in params], device=device),
+        min_p=torch.tensor([p.min_p for p in params], device=device),
+    )
+    return torch.softmax(filtered, dim=-1)
+
+
+def logprobs_of(raw_logprobs: torch.Tensor | None, row_index: int, token_id: int,
+                row: SamplingRow) -> dict[str, Any] | None:
+    """A row's logprob entry for `token_id` (None unless the row asks for logprobs)."""
+    if raw_logprobs is None or row.params.logprobs is None:
+        return None
+    return _logprobs_of(raw_logprobs[row_index], token_id, row.params.logprobs)
 
 
 def _logprobs_of(row_logprobs: torch.Tensor, token_id: int, top_n: int) -> dict[str, Any]:

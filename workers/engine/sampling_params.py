@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.config import MAX_SPECULATIVE_TOKENS
 from workers.errors import InvalidParameter
 
 _MAX_LOGPROBS = 20
@@ -45,6 +46,9 @@ class SamplingParams:
     logprobs: int | None = None
     """If set, each token's logprob plus the top-n alternatives."""
     skip_special_tokens: bool = True
+    num_speculative_tokens: int | None = None
+    """Speculative decoding: drafts per step for this request (0: none); None: the server's
+    --num-speculative-tokens. Ignored where the server does not speculate."""
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
     """Unknown wire fields, kept so newer gateways can talk to older workers."""
 
@@ -89,6 +93,9 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "needs non-empty strings")
         for token_id in self.stop_token_ids:
             _check_int(token_id, "stop_token_ids", 0, _INT64[1])
+        if self.num_speculative_tokens is not None:
+            _check_int(self.num_speculative_tokens, "num_speculative_tokens", 0,
+                       MAX_SPECULATIVE_TOKENS)
 
     @property
     def greedy(self) -> bool:

@@ -14,6 +14,9 @@ Prefix caching (the pool's `PrefixCache`, workers/engine/prefix_cache.py): a seq
 admitted without blocks first shares the leading full blocks already cached (always leaving
 at least one token to compute, whose logits it samples), so it starts with those tokens
 computed; after every step the blocks a sequence filled are named in the cache.
+Speculative decoding: a decode sequence with draft tokens (`spec_token_ids`, set by the
+engine's proposer before `schedule`) runs 1 + k tokens and returns logits for all of them;
+`postprocess` takes the tokens its verification kept and rolls back the rejected slots.
 """
 
 from __future__ import annotations
@@ -104,6 +107,10 @@ class Scheduler:
         return self._build(scheduled, preempted)
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
+        if seq.spec_token_ids:  # drafts past the budget are dropped, not chunked
+            num_new = min(1 + len(seq.spec_token_ids), budget)
+            del seq.spec_token_ids[max(num_new - 1, 0):]
+            return num_new
         num_new = min(seq.num_uncomputed_tokens, budget)
         threshold = self.config.long_prefill_token_threshold
         if threshold > 0 and num_new > 1:
@@ -135,6 +142,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        seq.spec_token_ids.clear()
         self.pool.release(seq.block_table)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
@@ -187,8 +195,11 @@ class Scheduler:
             ]
             query_start_loc.append(len(token_ids))
             seq_lens.append(stop)
-            if stop == seq.num_tokens:
-                logits_indices.append(len(token_ids) - 1)
+            if stop == seq.num_tokens + len(seq.spec_token_ids):
+                # A verification run needs the logits of every token; a decode or the end
+                # of a prompt those of its last.
+                logits_indices += range(len(token_ids) - 1 - len(seq.spec_token_ids),
+                                        len(token_ids))
                 sampled.append(seq)
         step = StepInput(
             seq_ids=[seq.seq_id for seq, _ in scheduled],
@@ -208,17 +219,29 @@ class Scheduler:
             preempted=preempted,
         )
 
-    def postprocess(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> None:
-        """Records the step: computed counts advance, each sampled sequence gets its token.
+    def postprocess(
+        self, batch: ScheduledBatch, sampled_token_ids: list[int] | list[list[int]]
+    ) -> None:
+        """Records the step: computed counts advance, each sampled sequence gets its token
+        (a verification run: the list of its accepted drafts plus one token; the rejected
+        drafts' KV slots no longer count as computed and their spare blocks are freed).
 
         Finishing (stop checks need text) is the engine's job, through `remove`.
         """
+        starts = {}
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            starts[seq.seq_id] = seq.num_computed_tokens
             seq.num_computed_tokens += num_new
-            self.cache_computed_blocks(seq, seq.num_computed_tokens - num_new,
-                                       seq.num_computed_tokens)
-        for seq, token_id in zip(batch.sampled, sampled_token_ids, strict=True):
-            seq.output_token_ids.append(token_id)
+        for seq, new in zip(batch.sampled, sampled_token_ids, strict=True):
+            tokens = new if isinstance(new, list) else [new]
+            seq.output_token_ids += tokens
+            if seq.spec_token_ids:
+                seq.num_computed_tokens -= len(seq.spec_token_ids) + 1 - len(tokens)
+                seq.spec_token_ids = []
+                self.pool.rollback_slots(seq.block_table, seq.num_tokens)
+        # After verification: only accepted tokens name blocks, never rejected drafts.
+        for seq in batch.seqs:
+            self.cache_computed_blocks(seq, starts[seq.seq_id], seq.num_computed_tokens)
 
     # ---- prefix caching --------------------------------------------------------------------
 

@@ -54,6 +54,9 @@ class Sequence:
     """Tokens found in the prefix cache at first admission (usage's cached_tokens)."""
     block_hashes: list[bytes] = field(default_factory=list)
     """Prefix-cache names of the leading full blocks, computed once (scheduler)."""
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Speculative decoding: draft tokens proposed for this step, after the last token (a
+    decode sequence verifies 1 + len(spec_token_ids) tokens); empty otherwise."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -72,9 +75,12 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     def token_range(self, start: int, stop: int) -> list[int]:
-        """Tokens at positions [start, stop) of prompt + output."""
+        """Tokens at positions [start, stop) of prompt + output (+ draft tokens past them)."""
         n = len(self.prompt_token_ids)
         if stop <= n:
             return self.prompt_token_ids[start:stop]
         head = self.prompt_token_ids[start:n] if start < n else []
-        return head + self.output_token_ids[max(start - n, 0) : stop - n]
+        tail = self.output_token_ids
+        if stop > self.num_tokens:
+            tail = tail + self.spec_token_ids
+        return head + tail[max(start - n, 0) : stop - n]

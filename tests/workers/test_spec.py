@@ -1,0 +1,113 @@
+"""Speculative decoding's parts on their own: the n-gram lookup, exact rejection sampling
+(statistically, on known distributions), greedy acceptance, and the start-up checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.config import SpeculativeConfig
+from workers.engine.sampler import Sampler, SamplingRow
+from workers.engine.sampling_params import SamplingParams
+from workers.errors import InvalidParameter
+from workers.spec.decoder import SpecStats, check_speculative_config
+from workers.spec.ngram import ngram_lookup
+from workers.spec.proposer import DraftRun
+from workers.spec.rejection import verify
+
+
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's test of observed counts against probabilities (bins with an expected count
+    under 5 merged into one)."""
+    expected = probs.double() * counts.sum()
+    small = expected < 5
+    observed = torch.cat([counts[~small].double(), counts[small].double().sum().view(1)])
+    expected = torch.cat([expected[~small], expected[small].sum().view(1)])
+    keep = expected > 0
+    statistic = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64),
+                                         statistic / 2))
+
+
+def test_ngram_lookup_proposes_what_followed_the_latest_longest_match():
+    assert ngram_lookup([1, 2, 3, 4, 9, 1, 2, 3], 3, 1, 4) == [4, 9, 1]
+    assert ngram_lookup([5, 1, 7, 1, 8, 1], 2, 1, 4) == [8, 1]  # latest match of [1]
+    assert ngram_lookup([1, 2, 3, 4, 5], 3, 1, 4) == []  # nothing repeats
+    assert ngram_lookup([4, 4], 3, 2, 4) == []  # too short for a 2-gram with a follower
+    assert ngram_lookup([1, 2, 9, 2, 1, 2], 2, 1, 4) == [9, 2]  # [1, 2] beats [2]
+
+
+def _rows(params: SamplingParams, n: int) -> list[SamplingRow]:
+    return [SamplingRow(params=params, prompt_token_ids=[0], output_token_ids=[])
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("proposer", ["sampled", "deterministic"])
+def test_rejection_sampling_emits_the_target_distribution(proposer):
+    """k = 2 drafts per run, target rows p0, p1, p2 fixed; draft q far from p. The first
+    emitted token must follow p0, and the second (when the first draft was accepted) p1,
+    whatever q is: chi-square over 20000 runs with a fixed generator (deterministic)."""
+    gen = torch.Generator().manual_seed(1234)
+    vocab, runs_n = 8, 20000
+    target_logits = torch.randn(3, vocab, generator=gen) * 1.5
+    p = torch.softmax(target_logits, dim=-1)
+    q = torch.softmax(torch.randn(2, vocab, generator=gen) * 1.5, dim=-1)
+    if proposer == "sampled":
+        drafts = torch.stack([torch.multinomial(q[i], runs_n, replacement=True, generator=gen)
+                              for i in range(2)], dim=1)
+        runs = [DraftRun(d.tolist(), q) for d in drafts]
+    else:  # an n-gram-like proposer: a fixed guess per position, q one-hot
+        runs = [DraftRun([int(p[0].argmax()), int(q[1].argmax())]) for _ in range(runs_n)]
+    logits = target_logits.repeat(runs_n, 1)
+    result = verify(Sampler(seed=7), logits, _rows(SamplingParams(temperature=1.0),
+                                                   3 * runs_n), runs)
+    first = torch.bincount(torch.tensor([t[0] for t in result.token_ids]), minlength=vocab)
+    assert chi_square_p_value(first, p[0]) > 1e-3
+    second = [t[1] for t, a in zip(result.token_ids, result.num_accepted, strict=True) if a >= 1]
+    assert len(second) > 1000
+    counts = torch.bincount(torch.tensor(second), minlength=vocab)
+    assert chi_square_p_value(counts, p[1]) > 1e-3
+    # The test has power: the draft's own distribution is rejected.
+    assert chi_square_p_value(first, q[0]) < 1e-6 or proposer == "deterministic"
+
+
+def test_greedy_verification_keeps_the_matching_prefix_plus_the_target_token():
+    logits = torch.full((7, 5), -1.0)
+    for row, best in enumerate([2, 3, 4, 1, 0, 2, 3]):
+        logits[row, best] = 1.0
+    # Rows 0-3 verify [2, 3, 0] (argmaxes 2, 3, 4, 1), rows 4-5 verify [1] (argmaxes 0, 2),
+    # row 6 has no draft (argmax 3).
+    runs = [DraftRun([2, 3, 0]), DraftRun([1]), DraftRun([])]
+    result = verify(Sampler(), logits, _rows(SamplingParams(temperature=0), 7), runs)
+    assert result.token_ids == [[2, 3, 4], [0], [3]]
+    assert result.num_accepted == [2, 0, 0]
+
+
+def test_spec_stats_rates():
+    stats = SpecStats()
+    stats.add(4, 3)
+    stats.add(4, 1)
+    out = stats.to_dict()
+    assert out["spec_decode_acceptance_rate"] == 0.5
+    assert out["spec_decode_mean_accepted_length"] == 3.0
+
+
+@pytest.mark.parametrize(("config", "field"), [
+    (SpeculativeConfig("ngram", 0), "num_speculative_tokens"),
+    (SpeculativeConfig("ngram", 8), "num_speculative_tokens"),
+    (SpeculativeConfig("draft", 4), "draft_model"),
+    (SpeculativeConfig("medusa", 2), "draft_model"),
+    (SpeculativeConfig("ngram", 2, ngram_min=3, ngram_max=2), "ngram_min"),
+])
+def test_bad_speculative_config_names_the_field(config, field):
+    with pytest.raises(InvalidParameter) as err:
+        check_speculative_config(config)
+    assert err.value.field == field
+
+
+def test_per_request_num_speculative_tokens_is_range_checked():
+    assert SamplingParams(num_speculative_tokens=0).num_speculative_tokens == 0
+    with pytest.raises(InvalidParameter) as err:
+        SamplingParams(num_speculative_tokens=9)
+    assert err.value.field == "num_speculative_tokens"
