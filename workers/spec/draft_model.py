@@ -29,6 +29,7 @@ from workers.engine.sampler import position_seed, sampling_probs
 from workers.engine.sequence import Sequence
 from workers.engine.step_input import StepInput
 from workers.errors import InvalidParameter
+from workers.model.config import ModelConfig
 from workers.spec.proposer import DraftRun, Proposer
 from workers.text.tokenizer import Tokenizer
 
@@ -59,14 +60,14 @@ def draft_engine_config(config: EngineConfig, num_blocks: int, max_model_len: in
     )
 
 
-def check_draft_fits(target: ModelRunner, draft: ModelRunner,
+def check_draft_fits(target: ModelConfig, draft: ModelConfig,
                      target_tokenizer: Tokenizer | None, draft_tokenizer: Tokenizer | None
                      ) -> None:
     """Same vocabulary and tokenizer as the target, else InvalidParameter('draft_model')."""
-    if draft.model_config.vocab_size != target.model_config.vocab_size:
+    if draft.vocab_size != target.vocab_size:
         raise InvalidParameter(
-            "draft_model", f"the draft's vocab_size {draft.model_config.vocab_size} differs "
-                           f"from the target's {target.model_config.vocab_size}")
+            "draft_model", f"the draft's vocab_size {draft.vocab_size} differs from the "
+                           f"target's {target.vocab_size}")
     if (target_tokenizer is None) != (draft_tokenizer is None):
         raise InvalidParameter("draft_model", "one of draft and target has a tokenizer, the "
                                               "other none")
@@ -85,13 +86,14 @@ class DraftModelProposer(Proposer):
 
     def __init__(self, config: EngineConfig, target: ModelRunner,
                  target_tokenizer: Tokenizer | None, draft_tokenizer: Tokenizer | None):
-        try:
+        path = config.speculative.draft_model
+        try:  # checked before the draft's weights load
+            check_draft_fits(target.model_config, ModelConfig.from_path(path),
+                             target_tokenizer, draft_tokenizer)
             self.runner = ModelRunner(
                 draft_engine_config(config, target.num_blocks, target.max_model_len))
         except InvalidParameter as exc:
-            raise InvalidParameter("draft_model", f"{config.speculative.draft_model}: "
-                                                  f"{exc.message}") from None
-        check_draft_fits(target, self.runner, target_tokenizer, draft_tokenizer)
+            raise InvalidParameter("draft_model", f"{path}: {exc.message}") from None
         self.block_size = target.block_size
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed + 1)
         self._row_generator = torch.Generator(device=self.runner.device)
