@@ -86,6 +86,7 @@ def sampling_fields(req: Request, num_prompt_tokens: int, max_model_len: int) ->
         "min_tokens": req.min_tokens,
         "logprobs": _num_logprobs(req),
         "skip_special_tokens": req.skip_special_tokens,
+        "num_speculative_tokens": req.num_speculative_tokens,
     }
     try:
         return SamplingParams(**fields).to_dict()

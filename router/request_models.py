@@ -123,6 +123,9 @@ class _SamplingFields(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    num_speculative_tokens: int | None = None
+    """Speculative decoding: drafts per step for this request (0: none; None: the server's
+    --num-speculative-tokens). Range checked by SamplingParams."""
     priority: Int64 = 0
     """Lower runs first when the workers' SchedulerConfig.policy is "priority"; refused (by
     the engine, which knows the policy) unless 0 under fcfs."""
