@@ -95,7 +95,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prefill-policy", default="least_tokens")
     p.add_argument("--decode-policy", default="kv_capacity")
     p.add_argument("--local-prefill-max-tokens", type=int, default=0,
-                   help="prompts this short skip remote prefill (conditional disaggregation)")
+                   help="prompts this short (or whose part not cached on a decode worker is "
+                        "this short) skip remote prefill (conditional disaggregation)")
+    p.add_argument("--max-prefill-queue-tokens", type=int, default=0,
+                   help="when every prefill worker has this many tokens queued, decode "
+                        "workers prefill new requests themselves (0: never)")
     p.add_argument("--speculative", default=None, choices=["ngram", "draft", "medusa"],
                    help="speculative decoding on decode/colocated workers (workers/spec/)")
     p.add_argument("--num-speculative-tokens", type=int, default=0,
@@ -131,6 +135,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,
                           decode_policy=args.decode_policy, block_size=args.block_size,
                           local_prefill_max_tokens=args.local_prefill_max_tokens,
+                          max_prefill_queue_tokens=args.max_prefill_queue_tokens,
                           max_migrations=0 if args.no_migration else RouterConfig.max_migrations)
     name = args.served_model_name or served_model_name(args.model or args.dummy_config)
     return ClusterConfig(

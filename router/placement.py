@@ -52,7 +52,7 @@ class Placement:
         if self._count("colocated"):
             await self._place_whole(entry, request, "colocated")
             return
-        if self._short_enough_for_decode(request):
+        if self._prefill_on_decode(request):
             await self._place_whole(entry, request, "decode")
             return
         if not self._ready("prefill"):  # before a decode worker reserves anything
@@ -117,17 +117,23 @@ class Placement:
             return worker_id
         raise NoReadyWorker(role, self._count(role))
 
-    def _short_enough_for_decode(self, request: GenerateRequest) -> bool:
-        """Conditional disaggregation: the tokens a decode worker would still have to
-        prefill (the prompt less what it has cached) are few enough to do there."""
+    def _prefill_on_decode(self, request: GenerateRequest) -> bool:
+        """Conditional disaggregation: a decode worker prefills the request itself when what
+        it would still compute (the prompt less what it has cached) is short, or when every
+        prefill worker's queue is long (a remote prefill would wait more than it saves)."""
         limit = self.config.local_prefill_max_tokens
         if request.num_known_tokens <= limit:
             return True
-        if limit <= 0 or self._cached_tokens is None:
-            return False
-        decodes = [wid for wid, w in self.workers.items() if w.role == "decode" and w.ready]
-        cached = max(self._cached_tokens(request, decodes).values(), default=0)
-        return request.num_known_tokens - cached <= limit
+        if limit > 0 and self._cached_tokens is not None:
+            decodes = [wid for wid, w in self.workers.items()
+                       if w.role == "decode" and w.ready]
+            cached = max(self._cached_tokens(request, decodes).values(), default=0)
+            if request.num_known_tokens - cached <= limit:
+                return True
+        queue_limit = self.config.max_prefill_queue_tokens
+        queues = [self.load(wid).outstanding_tokens for wid, w in self.workers.items()
+                  if w.role == "prefill" and w.ready]
+        return queue_limit > 0 and bool(queues) and min(queues) >= queue_limit
 
     def _order(self, role: str, entry: InFlight) -> list[str]:
         loads = [self.load(wid) for wid, w in self.workers.items() if w.role == role and w.ready]

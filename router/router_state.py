@@ -25,7 +25,12 @@ class RouterConfig:
     """How long submit waits for a decode worker with free blocks before NoCapacity."""
     local_prefill_max_tokens: int = 0
     """Conditional disaggregation: a prompt of at most this many tokens is prefilled by the
-    decode worker itself (a short prefill costs less than a transfer); 0: always remote."""
+    decode worker itself (a short prefill costs less than a transfer); 0: always remote.
+    A prompt whose uncached part (after the best decode worker's cached prefix) is this
+    short counts as short."""
+    max_prefill_queue_tokens: int = 0
+    """Conditional disaggregation by queue state: when every prefill worker has at least
+    this many tokens queued, a decode worker prefills the request itself; 0: never."""
     max_migrations: int = 2
     """How many lost workers one request may survive by migrating to a live one
     (router/migration.py); 0 (`kvrelay serve --no-migration`): it ends with WorkerLost."""

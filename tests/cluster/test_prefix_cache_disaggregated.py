@@ -1,7 +1,8 @@
 """Prefix caching under disaggregation (1 prefill + 1 decode worker in-process, real gloo and
 ZMQ KV paths): a second chat turn moves only the blocks the decode worker does not hold
-(the transfer's bytes say so), the prefill worker skips what it has cached, and the output
-still equals transformers'."""
+(the transfer's bytes say so), the prefill worker skips what it has cached, mostly-cached
+prompts and prompts behind a long prefill queue are prefilled on the decode worker, and the
+output still equals transformers'."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import asyncio
 
 import pytest
 
+from router.router_core import RouterCore
+from router.router_state import RouterConfig
+from router.worker_handle import LocalHandle
 from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
 from tests.cluster.test_disaggregated_workers import (
     make_spec,
@@ -98,3 +102,56 @@ def test_blocks_cached_only_on_the_prefill_worker_are_still_sent(transport, tiny
         prefill.shutdown()
         for decode in decodes:
             decode.shutdown()
+
+
+async def submit_in_turn(prefill, decode, collector, turns, **config) -> None:
+    """One router for every turn: each is submitted once the last finished and its KV events
+    reached the router's index. Each item of `turns` is a list submitted back to back."""
+    core = RouterCore(RouterConfig(block_size=BLOCK, poll_interval_s=0.05, **config))
+    core.add_worker("prefill-0", "prefill", LocalHandle(prefill))
+    core.add_worker("decode-0", "decode", LocalHandle(decode))
+    await core.wait_ready(10)
+    core.start()
+    for reqs in turns:
+        for req in reqs:
+            await core.submit(req)
+        await asyncio.to_thread(collector.wait_finished, [r.request_id for r in reqs], 60)
+        await asyncio.sleep(0.3)
+    await core.stop()
+
+
+def test_mostly_cached_prompts_and_long_prefill_queues_prefill_on_the_decode_worker(
+        tiny_model_dir, hf_reference, collector):
+    """Conditional disaggregation by cached overlap: a second turn whose uncached part is
+    short runs whole on the decode worker that holds the first; by queue state: with a
+    prefill queue at its limit, the next request is prefilled by the decode worker."""
+    prefill = PrefillWorker(make_spec(tiny_model_dir, "prefill-0", "zmq"))
+    decode = DecodeWorker(make_spec(tiny_model_dir, "decode-0", "zmq"))
+    try:
+        vocab = prefill.ready()["vocab_size"]
+        turn1 = prompts(1, vocab, seed=8, low=32, high=33)[0]
+        first = request("cached-turn1", turn1, collector.address, 8)
+        model = hf_reference(tiny_model_dir)
+        out1 = hf_greedy(model, turn1, 8)
+        turn2 = turn1 + out1 + [7, 8, 9]  # 43 tokens, 32 cached on decode-0: 11 to compute
+        second = request("cached-turn2", turn2, collector.address, 4)
+        asyncio.run(submit_in_turn(prefill, decode, collector, [[first], [second]],
+                                   local_prefill_max_tokens=12, decode_policy="cache_aware"))
+        assert collector.tokens(first.request_id) == out1
+        assert collector.tokens(second.request_id) == hf_greedy(model, turn2, 4)
+        assert collector.chunks[first.request_id][0].worker_id == "prefill-0"
+        assert {c.worker_id for c in collector.chunks[second.request_id]} == {"decode-0"}
+        assert collector.final(second.request_id).num_cached_tokens == 32
+
+        queued = [request(f"queued-{i}", p, collector.address, 4)
+                  for i, p in enumerate(prompts(2, vocab, seed=9, low=20, high=24))]
+        asyncio.run(submit_in_turn(prefill, decode, collector, [queued],
+                                   max_prefill_queue_tokens=1))
+        for req in queued:
+            assert collector.tokens(req.request_id) == hf_greedy(model, req.prompt_token_ids, 4)
+        assert collector.chunks["queued-0"][0].worker_id == "prefill-0"
+        assert {c.worker_id for c in collector.chunks["queued-1"]} == {"decode-0"}
+        wait_all_free(prefill, decode)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
