@@ -1,7 +1,8 @@
 """Prefix caching in LLMEngine: greedy output with caching on equals caching off equals
 transformers, for shared prefixes (whole and partial blocks), under eviction and preemption;
 hits are counted and reported as cached tokens; a decode-role reservation shares the blocks
-it has cached and needs only the rest copied in. Every engine ends with every block free
+it has cached and needs only the rest copied in; speculative decoding names only blocks of
+accepted tokens. Every engine ends with every block free
 (the make_engine fixture)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import random
 import pytest
 
 from tests.workers.test_engine_disagg import copy_kv_blocks
+from tests.workers.test_spec_engine import draft_model_dir, spec_engine  # noqa: F401
 from workers.engine.sampling_params import SamplingParams
 from workers.errors import NoCapacity
 
@@ -170,3 +172,24 @@ def test_reservation_refused_for_capacity_leaves_the_cache_as_it_was(make_engine
     assert err.value.free_blocks == 5
     assert decode.num_free_blocks == 5 and decode.prefix_cache.num_parked == 4
     decode.abort("c")
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "draft"])
+def test_speculation_names_only_accepted_tokens_blocks(
+        proposer, spec_engine, draft_model_dir, hf_greedy, tiny_model_dir):  # noqa: F811
+    """Speculative decoding with prefix caching: a second turn that extends the first one's
+    output shares the blocks the first turn filled while verifying drafts (a draft model of
+    other random weights: most rejected) and still equals transformers. (Naming happens
+    after verification's rollback; on this tiny random model one wrong KV slot need not flip
+    a greedy token, so the ordering itself is shown by the scheduler's code, not here.)"""
+    method, k = (("ngram", 3), ("draft", 4))[proposer == "draft"]
+    engine = spec_engine(method, k, draft_model_dir if method == "draft" else None)
+    phrase = [11, 12, 13, 14, 15, 16]
+    turn1 = (phrase * 4)[:24]  # the last output token fills a block
+    params = SamplingParams(max_tokens=12, min_tokens=12, temperature=0)
+    out1 = engine.generate([turn1], params)[0].token_ids
+    turn2 = turn1 + out1 + [7, 8, 9]
+    second = engine.generate([turn2], params)[0]
+    assert [out1, second.token_ids] == hf_greedy(tiny_model_dir, [turn1, turn2], 12)
+    assert second.num_cached_tokens == (len(turn1) + len(out1) - 1) // 4 * 4
+    assert engine.spec.totals.num_drafts > 0
