@@ -110,6 +110,7 @@ class GatewayMetrics:
         self.in_flight = Gauge("kvrelay_gateway_requests_in_flight",
                                "Requests admitted and not yet finished", registry=r)
         self._worker_gauges: dict[str, Gauge] = {}
+        self._router_gauges: dict[str, Gauge] = {}
         self._counts: dict[str, int] = {}
         # Plain totals beside the Prometheus objects, for the JSON snapshot.
         self._sums = {"ttft": 0.0, "tpot": 0.0, "e2e": 0.0, "n_ttft": 0, "n_tpot": 0, "n_e2e": 0}
@@ -220,12 +221,28 @@ class GatewayMetrics:
             gauge.clear()
         self._rank_gauges.set(worker_metrics)
         for values in worker_metrics:
+            if values.get("role") == "router":
+                self._set_router_gauges(values)
+                continue
             worker_id = values.get("worker_id", "?")
             values = {**_derived(values), **values}
             for key, value in values.items():
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     continue
                 self._worker_gauge(key).labels(worker=str(worker_id)).set(value)
+
+    def _set_router_gauges(self, values: dict[str, Any]) -> None:
+        """The router's own numbers (router/router_core.py's last worker_metrics entry: its
+        control plane's KV events applied, health, Redis round trips) as kvrelay_router_*."""
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            name = "kvrelay_router_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+            gauge = self._router_gauges.get(name)
+            if gauge is None:
+                gauge = Gauge(name, f"Router {key}", registry=self.registry)
+                self._router_gauges[name] = gauge
+            gauge.set(value)
 
     def _worker_gauge(self, key: str) -> Gauge:
         name = "kvrelay_worker_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)

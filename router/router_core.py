@@ -70,6 +70,7 @@ class RouterCore:
         """Heartbeats, loads and who caches which KV blocks (cache-aware routing); in
         Redis when router replicas share it (router/control_plane.py)."""
         self._prefix_stats: dict[str, dict[str, int]] = {}
+        self._kv_events_applied: Counter[str] = Counter()
         self.workers: dict[str, WorkerState] = {}
         self.requests: dict[str, InFlight] = {}
         self.sender = OutputSender()
@@ -287,6 +288,7 @@ class RouterCore:
             "total_blocks": news["total_blocks"], "num_live": news.get("num_live", 0)})
         if news.get("kv_events") is not None:
             self.control_plane.apply_kv_events(worker_id, news["kv_events"])
+            self._kv_events_applied[worker_id] += len(news["kv_events"]["events"])
         if news.get("prefix_cache") is not None:
             self._prefix_stats[worker_id] = news["prefix_cache"]
 
@@ -329,11 +331,19 @@ class RouterCore:
                 "control_plane": self.control_plane.stats()}
 
     def worker_metrics(self) -> list[dict]:
-        return [
+        """One entry per worker, then one for the router itself (worker_id 'router': its
+        control plane's KV events applied, health and Redis round trips)."""
+        workers = [
             {"worker_id": wid, "role": w.role, "ready": w.ready, "incarnation": w.incarnation,
-             **self.placement.load(wid).__dict__, **self._prefix_metrics(wid)}
+             **self.placement.load(wid).__dict__, **self._prefix_metrics(wid),
+             "kv_events_applied": self._kv_events_applied[wid]}
             for wid, w in self.workers.items()
         ]
+        plane = self.control_plane.stats()
+        router = {key: value for key, value in plane.items()
+                  if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        return [*workers, {"worker_id": "router", "role": "router",
+                           "control_plane_healthy": int(plane["healthy"]), **router}]
 
     def _prefix_metrics(self, worker_id: str) -> dict[str, float]:
         """vLLM's names: prefix_cache_queries / prefix_cache_hits (tokens) and the rate."""

@@ -12,6 +12,7 @@ import logging
 import pytest
 
 from cluster.control_plane.redis_plane import RedisControlPlane
+from cluster.metrics import GatewayMetrics
 from router.control_plane import MemoryControlPlane
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
@@ -87,7 +88,7 @@ def test_a_second_router_sees_the_first_ones_index_and_heartbeats(workers, colle
     later = [request(f"b{i}", systems[p] + [400 + i], collector.address, 2)
              for i, p in enumerate([1, 1, 0, 1])]
 
-    async def run() -> tuple[list[str], list[str], dict]:
+    async def run() -> tuple[list[str], list[str], dict, list[dict]]:
         core_a = make_core(workers, RedisControlPlane(redis_server.url))
         await core_a.wait_ready(10)
         core_a.start()
@@ -99,13 +100,23 @@ def test_a_second_router_sees_the_first_ones_index_and_heartbeats(workers, colle
         await core_b.wait_ready(10)
         core_b.start()
         placed_b = await route_one_by_one(core_b, collector, later)
+        metrics = core_b.worker_metrics()
         await core_b.stop()
-        return placed_a, placed_b, seen
+        return placed_a, placed_b, seen, metrics
 
-    placed_a, placed_b, seen = asyncio.run(run())
+    placed_a, placed_b, seen, metrics = asyncio.run(run())
     assert placed_a[0] != placed_a[1]
     assert placed_b == [placed_a[p] for p in [1, 1, 0, 1]]
     assert set(seen) == {"w0", "w1"} and seen["w0"]["role"] == "colocated"
+    # Prometheus: per worker its prefix cache and the KV events the router applied from it;
+    # the router's control plane (health, Redis round trips).
+    text = GatewayMetrics().render(metrics).decode()
+    for name in ("prefix_cache_queries", "prefix_cache_hits", "prefix_cache_hit_rate",
+                 "kv_events_applied"):
+        assert f'kvrelay_worker_{name}{{worker="w0"}}' in text
+    assert "kvrelay_router_control_plane_healthy 1.0" in text
+    assert "kvrelay_router_redis_round_trip_mean_s" in text
+    assert "kvrelay_router_kv_events_applied" in text
 
 
 def test_redis_killed_mid_run_requests_succeed_and_health_says_load_only(
