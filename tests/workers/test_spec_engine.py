@@ -18,6 +18,7 @@ from workers.engine.engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
 from workers.errors import InvalidParameter
 from workers.model.tiny_model import make_tiny_model
+from workers.spec.medusa import make_random_medusa
 
 NUM_NEW = 12
 
@@ -209,3 +210,34 @@ def test_draft_with_another_vocabulary_fails_at_start_naming_the_field(spec_engi
     with pytest.raises(InvalidParameter) as err:
         spec_engine("draft", 4, other)
     assert err.value.field == "draft_model" and "vocab_size" in str(err.value)
+
+
+@pytest.fixture(scope="session")
+def medusa_dir(tmp_path_factory, tiny_model_dir):
+    """Random Medusa heads (4 heads, 1 residual block each) of the tiny model's shape."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    return make_random_medusa(tmp_path_factory.mktemp("medusa"), config["hidden_size"],
+                              config["vocab_size"], num_heads=4)
+
+
+def test_greedy_with_medusa_heads_equals_without_and_transformers(
+    spec_engine, medusa_dir, tiny_model_dir, hf_greedy
+):
+    """The heads read the target's hidden state of each newest token (from the second step
+    of a sequence on); random heads are wrong but never change the output."""
+    prompts = repetitive_prompts(8, seed=13)
+    engine = spec_engine("medusa", 3, medusa_dir, long_prefill_token_threshold=7)
+    outs = [o.token_ids for o in engine.generate(prompts, greedy())]
+    assert outs == hf_greedy(tiny_model_dir, prompts, NUM_NEW)
+    assert engine.spec.totals.num_drafts >= len(prompts)
+
+
+def test_medusa_heads_that_do_not_fit_fail_at_start_naming_the_field(spec_engine, tmp_path):
+    wrong_hidden = make_random_medusa(tmp_path / "wide", hidden=96, vocab=512, num_heads=4)
+    with pytest.raises(InvalidParameter) as err:
+        spec_engine("medusa", 3, wrong_hidden)
+    assert err.value.field == "draft_model" and "hidden_size" in str(err.value)
+    few = make_random_medusa(tmp_path / "few", hidden=64, vocab=512, num_heads=2)
+    with pytest.raises(InvalidParameter) as err:
+        spec_engine("medusa", 3, few)
+    assert err.value.field == "num_speculative_tokens"

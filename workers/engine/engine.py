@@ -170,6 +170,8 @@ class LLMEngine:
             if seq.times.first_scheduled is None:
                 seq.times.first_scheduled = now
         token_ids, logprobs = self._sample(batch)
+        if self.spec is not None:
+            self.spec.observe(batch.sampled, token_ids, self.runner.last_hidden)
         self.scheduler.postprocess(batch, token_ids)
         return [
             self._after_tokens(seq, len(new), new_logprobs)

@@ -175,6 +175,9 @@ class ModelRunner:
             (k[: self.num_blocks], v[: self.num_blocks]) for k, v in self._full_caches
         ]
         self.graph_runner = self._build_graph_runner()
+        self.last_hidden: torch.Tensor | None = None
+        """The last stage's final hidden states of the latest step's logits rows (Medusa
+        heads read them, workers/spec/medusa.py)."""
 
     @property
     def num_local_layers(self) -> int:
@@ -326,7 +329,8 @@ class ModelRunner:
         steps replay a CUDA graph when there is a graph runner (and no `layer_done`)."""
         if layer_done is None and self.graph_runner is not None and \
                 self.graph_runner.can_run(step):
-            return self.model.compute_logits(self.graph_runner.run(step))
+            self.last_hidden = self.graph_runner.run(step)
+            return self.model.compute_logits(self.last_hidden)
         tensors = build_step_tensors(step, self.device)
         out = self.model(
             tensors.input_ids, tensors.positions, self._full_caches, tensors.meta, intermediate,
@@ -334,4 +338,5 @@ class ModelRunner:
         )
         if isinstance(out, IntermediateTensors):
             return out
-        return self.model.compute_logits(out.index_select(0, tensors.logits_indices))
+        self.last_hidden = out.index_select(0, tensors.logits_indices)
+        return self.model.compute_logits(self.last_hidden)

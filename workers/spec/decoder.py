@@ -133,6 +133,20 @@ class SpeculativeDecoder:
                     len(run.token_ids), accepted)
         return result
 
+    def observe(self, seqs: list[Sequence], new_tokens: list[list[int]],
+                hidden: torch.Tensor | None) -> None:
+        """Before postprocess (drafts still set): hands the proposer the hidden row that
+        produced each sequence's newest token, if it wants them."""
+        if not self.proposer.uses_hidden or hidden is None:
+            return
+        rows, start = [], 0
+        for seq, tokens in zip(seqs, new_tokens, strict=True):
+            rows.append(start + len(tokens) - 1)
+            start += 1 + len(seq.spec_token_ids)
+        index = torch.tensor(rows, device=hidden.device)
+        num_tokens = [s.num_tokens + len(t) for s, t in zip(seqs, new_tokens, strict=True)]
+        self.proposer.observe(seqs, num_tokens, hidden.index_select(0, index))
+
     def request_stats(self, seq_id: str) -> SpecStats | None:
         return self._per_request.get(seq_id)
 

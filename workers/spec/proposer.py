@@ -30,6 +30,8 @@ class DraftRun:
 
 class Proposer(ABC):
     name: str
+    uses_hidden = False
+    """True: `observe` wants the target's final hidden state of each newest token."""
 
     @abstractmethod
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[DraftRun]:
@@ -38,3 +40,9 @@ class Proposer(ABC):
 
     def forget(self, seq_id: str) -> None:  # noqa: B027 (stateless proposers keep nothing)
         """The sequence finished or was aborted: drop any state kept for it."""
+
+    def observe(  # noqa: B027 (only Medusa reads them)
+        self, seqs: list[Sequence], num_tokens: list[int], hidden: torch.Tensor
+    ) -> None:
+        """After a step: hidden[i] is the target's final hidden state of the row that
+        produced seqs[i]'s newest token; num_tokens[i] its token count after the step."""
