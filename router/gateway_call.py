@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router.openai_protocol import usage
+from workers.engine.sampling_params import SamplingParams
 from workers.protocol import OutputChunk
 
 
@@ -23,7 +24,7 @@ class Call:
     body: Any
     request_id: str
     prompt_ids: list[int]
-    sampling: dict[str, Any]
+    sampling: SamplingParams
     timeout_s: float
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.time)

@@ -6,6 +6,8 @@ lost workers, the client leaving) and carries out the actions it returns (tell a
 let go, write the final chunk). Which workers hold state for the request is part of the
 life (`holders`), so a request that ended frees exactly the workers still holding it.
 
+    any live --Asking(worker)--> same phase, the worker a holder while placement asks it;
+             --Declined(worker)--> same phase, it refused (or is gone) and holds nothing
     QUEUED --Reserved(decode)--> RESERVED --Placed(prefill)--> PREFILLING
     QUEUED --Placed(one worker runs it whole)--> DECODING
     PREFILLING --FirstToken--> TRANSFERRING --KvLanded--> DECODING (the prefill worker let go)
@@ -23,138 +25,39 @@ continuation, the prompt plus every output token the client got, which placement
 a new request as attempt `migrations`. Each placement is one attempt; events of a placement
 or a worker name their attempt, and those of an earlier one (a worker that was let go, a
 placement that was still running when the loss came) are refused as stale. The final chunk
-is still sent once: by the worker that ends the last attempt, or by the router.
+is still sent once: by the worker that ends the last attempt, or after `SendFinal`.
+
+A worker being asked to take the request (a placement call in flight) already counts as a
+holder (`Asking`), so an end that comes meanwhile tells it to let go too: nothing of the
+request leaves any worker after its final chunk (router/final_chunk.py).
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
+from router.lifecycle_events import (
+    Abort,
+    Action,
+    Asking,
+    ClientGone,
+    DeadlinePassed,
+    Declined,
+    Event,
+    Failed,
+    Finished,
+    FirstToken,
+    KvLanded,
+    LostWorker,
+    Migrate,
+    OfAttempt,
+    Phase,
+    Placed,
+    PlacementFailed,
+    Reserved,
+    SendFinal,
+)
 from workers.errors import KvrelayError, RequestTimeout
-
-
-class Phase(str, enum.Enum):
-    QUEUED = "queued"
-    """Admitted; no worker holds anything yet."""
-    RESERVED = "reserved"
-    """A decode worker reserved blocks for the KV."""
-    PREFILLING = "prefilling"
-    """A prefill worker computes the prompt's KV (streaming it out)."""
-    TRANSFERRING = "transferring"
-    """Token 1 is out; the rest of the KV is landing on the decode worker."""
-    DECODING = "decoding"
-    """One worker holds everything it needs and streams the rest."""
-    MIGRATING = "migrating"
-    """A holder was lost; the gateway is asked for a continuation, nobody holds anything."""
-    FINISHED = "finished"
-    FAILED = "failed"
-    ABORTED = "aborted"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (Phase.FINISHED, Phase.FAILED, Phase.ABORTED)
-
-
-# ---- events (what the router learns) ---------------------------------------------------
-
-@dataclass(frozen=True)
-class OfAttempt:
-    """An event about one placement of the request; refused unless of the current one."""
-
-    attempt: int = field(default=0, kw_only=True)
-
-
-@dataclass(frozen=True)
-class Reserved(OfAttempt):
-    worker: str
-    """The decode worker that reserved blocks."""
-
-
-@dataclass(frozen=True)
-class Placed(OfAttempt):
-    worker: str
-    whole: bool = False
-    """True: this worker runs the request whole (colocated, or a decode worker prefilling a
-    short prompt itself); False: the prefill worker for the reservation."""
-
-
-@dataclass(frozen=True)
-class FirstToken(OfAttempt):
-    worker: str
-    """The prefill worker: token 1 streamed, the last of the KV on its way."""
-
-
-@dataclass(frozen=True)
-class KvLanded(OfAttempt):
-    worker: str
-    """The prefill worker: its KV landed on the decode worker; it let go of the request."""
-
-
-@dataclass(frozen=True)
-class Finished(OfAttempt):
-    worker: str
-    """That worker sent the final chunk (stop or length)."""
-
-
-@dataclass(frozen=True)
-class Failed(OfAttempt):
-    worker: str
-    """That worker sent an error as the final chunk."""
-
-
-@dataclass(frozen=True)
-class LostWorker:
-    worker: str
-    kv_landed: bool = False
-    """For a lost prefill worker: its KV had landed on the decode worker before it died."""
-
-
-@dataclass(frozen=True)
-class PlacementFailed(OfAttempt):
-    error: KvrelayError
-    """Why no worker took a continuation (NoReadyWorker, NoCapacity, ...)."""
-
-
-@dataclass(frozen=True)
-class ClientGone:
-    """The client disconnected or asked to abort."""
-
-
-@dataclass(frozen=True)
-class DeadlinePassed:
-    timeout_s: float
-    """The request's deadline passed at the gateway."""
-
-
-Event = Reserved | Placed | FirstToken | KvLanded | Finished | Failed | LostWorker | \
-    PlacementFailed | ClientGone | DeadlinePassed
-
-
-# ---- actions (what the router does) ----------------------------------------------------
-
-@dataclass(frozen=True)
-class Abort:
-    worker: str
-    """Tell this worker to let go of the request (free its blocks, stop its transfer)."""
-
-
-@dataclass(frozen=True)
-class SendFinal:
-    reason: str
-    """'abort' or 'error': the router writes the request's final chunk."""
-    error: KvrelayError | None = None
-
-
-@dataclass(frozen=True)
-class Migrate:
-    attempt: int
-    """Ask the gateway for a continuation as this attempt (router/migration.py)."""
-    lost_worker: str
-    lost_in: Phase
-
-
-Action = Abort | SendFinal | Migrate
 
 
 class WorkerLost(KvrelayError):
@@ -206,6 +109,23 @@ class RequestLife:
         if actions is None:
             raise IllegalEvent(self.request_id, self.phase, event)
         return actions
+
+    @property
+    def asked(self) -> set[str]:
+        """Holders that placement is still asking (not yet recorded as placed)."""
+        return self.holders - {self.prefill, self.decode, self.whole}
+
+    def _on_Asking(self, event: Asking) -> list[Action] | None:
+        if self.phase.terminal:
+            return None
+        self.holders.add(event.worker)
+        return []
+
+    def _on_Declined(self, event: Declined) -> list[Action] | None:
+        if self.phase.terminal or event.worker not in self.asked:
+            return None
+        self.holders.discard(event.worker)
+        return []
 
     def _on_Reserved(self, event: Reserved) -> list[Action] | None:
         if self.phase not in (Phase.QUEUED, Phase.MIGRATING):
@@ -296,10 +216,11 @@ class RequestLife:
         return [*self._release(), SendFinal("error", RequestTimeout(event.timeout_s))]
 
     def _release(self, keep: str | None = None) -> list[Action]:
-        """Aborts for every holder but `keep`: the prefill worker first, so its transfer ends
-        as aborted, not as failed by a decode worker that let go of the blocks first."""
-        order = [w for w in (self.prefill, self.decode, self.whole) if w in self.holders]
-        order += sorted(self.holders - set(order))
+        """Aborts for every holder but `keep`: workers still being asked first, then the
+        prefill worker, so its transfer ends as aborted, not as failed by a decode worker that
+        let go of the blocks first."""
+        order = sorted(self.asked)
+        order += [w for w in (self.prefill, self.decode, self.whole) if w in self.holders]
         actions = [Abort(w) for w in order if w != keep]
         self.holders.clear()
         return actions

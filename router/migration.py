@@ -7,11 +7,15 @@ knows every token the client got, for a continuation (`GenerateRequest.continued
 request id and prompt, the output so far, the new attempt). The gateway hands it to `resume`
 (Router.resume), which places it like a new request (remote prefill of prompt + output and a
 transfer, or one worker whole); its workers stream from the next token index on. A
-continuation that finds no worker ends the request with that typed error (PlacementFailed).
+continuation that finds no worker ends the request with that typed error (PlacementFailed),
+and so does a continuation that does not come within `RouterConfig.resume_timeout_s` (the
+Resume or the gateway was lost): nothing holds blocks while a request migrates, and its entry
+at the router goes too.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -20,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from router.lifecycle import Event, Migrate, Phase, PlacementFailed
 from router.placement import Placement
 from router.policies import blocks_needed
-from router.router_state import InFlight
+from router.router_state import InFlight, RouterConfig
 from workers.actors.output_sender import OutputSender
 from workers.errors import KvrelayError
 from workers.protocol import GenerateRequest, Resume
@@ -30,15 +34,26 @@ log = logging.getLogger(__name__)
 Apply = Callable[[InFlight, Event], Awaitable[bool]]
 
 
+class NoContinuation(KvrelayError):
+    """The gateway sent no continuation of a migrating request in time."""
+
+    def __init__(self, waited_s: float):
+        self.waited_s = waited_s
+        super().__init__(f"the gateway sent no continuation within {waited_s:g} s")
+
+
 class Migration:
     """Asks gateways for continuations and places them; counts migrations."""
 
     def __init__(self, sender: OutputSender, placement: Placement, apply: Apply,
-                 block_size: int):
+                 config: RouterConfig):
         self._sender = sender
         self._placement = placement
         self._apply = apply
-        self._block_size = block_size
+        self._block_size = config.block_size
+        self._resume_timeout_s = config.resume_timeout_s
+        self._waits: set[asyncio.Task] = set()
+        """One per migration awaiting its continuation (`_expire`)."""
         self.started = 0
         """Migrations begun (a Resume sent)."""
         self.from_phase: Counter[str] = Counter()
@@ -46,7 +61,7 @@ class Migration:
         self.placed = 0
         """Continuations placed on live workers."""
         self.failed = 0
-        """Continuations no worker took."""
+        """Continuations no worker took, or that never came."""
         self.seconds = 0.0
         """Sum over placed continuations of the time from the loss to their placement."""
 
@@ -59,6 +74,23 @@ class Migration:
                  action.attempt, action.lost_worker)
         self._sender.send(entry.request.output_address,
                           Resume(entry.request_id, action.attempt, action.lost_worker))
+        wait = asyncio.get_running_loop().create_task(self._expire(entry, action.attempt))
+        self._waits.add(wait)
+        wait.add_done_callback(self._waits.discard)
+
+    async def _expire(self, entry: InFlight, attempt: int) -> None:
+        """Fails the request if continuation `attempt` has not come in time."""
+        await asyncio.sleep(self._resume_timeout_s)
+        if entry.request.attempt < attempt:
+            log.warning("request %s: no continuation (attempt %d) in %g s", entry.request_id,
+                        attempt, self._resume_timeout_s)
+            if await self._apply(entry, PlacementFailed(NoContinuation(self._resume_timeout_s),
+                                                        attempt=attempt)):
+                self.failed += 1
+
+    def close(self) -> None:
+        for wait in list(self._waits):
+            wait.cancel()
 
     async def resume(self, entry: InFlight | None, request: GenerateRequest) -> None:
         """Places the gateway's continuation of a migrating request; one that is not awaited

@@ -1,7 +1,7 @@
 """OpenAI-compatible requests turned into `SamplingParams` fields, and the response bodies.
 
 The request models (router/request_models.py) check shapes and types; `check_request` the
-rules between fields and of message roles; `sampling_fields` what depends on the prompt (the
+rules between fields and of message roles; `sampling_params` what depends on the prompt (the
 context limit); then `SamplingParams` checks ranges. Names and defaults follow OpenAI, plus
 vLLM's extensions (top_k, min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids,
 skip_special_tokens).
@@ -49,8 +49,8 @@ def _check_role(path: str, message: ChatMessage) -> None:
         raise InvalidParameter(f"{path}.tool_call_id", "only a 'tool' message has one")
 
 
-def sampling_fields(req: Request, num_prompt_tokens: int, max_model_len: int) -> dict[str, Any]:
-    """SamplingParams fields of `req` (validated), given the prompt's length and the context.
+def sampling_params(req: Request, num_prompt_tokens: int, max_model_len: int) -> SamplingParams:
+    """The SamplingParams of `req` (validated), given the prompt's length and the context.
 
     Raises PromptTooLong when the prompt leaves no room for one token, and InvalidParameter
     naming the field when max_tokens reaches past the context (both carry the numbers).
@@ -89,7 +89,7 @@ def sampling_fields(req: Request, num_prompt_tokens: int, max_model_len: int) ->
         "num_speculative_tokens": req.num_speculative_tokens,
     }
     try:
-        return SamplingParams(**fields).to_dict()
+        return SamplingParams(**fields)
     except InvalidParameter as exc:  # named as the client sent it
         sent = {"max_tokens": field, "logprobs": _logprobs_field(req)}.get(exc.field, exc.field)
         raise InvalidParameter(sent, exc.message) from None

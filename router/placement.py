@@ -6,8 +6,10 @@ prefill worker takes it, the reservation is given back. Colocated, or a prompt s
 for conditional disaggregation: one worker runs it whole. Each worker that takes the request
 is recorded in its RequestLife (Reserved, Placed, of the placed request's attempt) through
 `took`, which tells the worker to let go instead if the life refuses (the request ended, or
-migrated to a newer attempt, while placement awaited the worker). A continuation (after a
-migration, router/migration.py) is placed the same way.
+migrated to a newer attempt, while placement awaited the worker). While a worker is asked it
+already counts as a holder (Asking, then Declined if it does not take it), so an end that
+comes meanwhile tells it to let go as well. A continuation (after a migration,
+router/migration.py) is placed the same way.
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
-from router.lifecycle import Event, Placed, Reserved
+from router.lifecycle import Asking, Declined, Event, Placed, Reserved
 from router.policies import RoutingPolicy, WorkerLoad
 from router.router_state import InFlight, RouterConfig, WorkerState
 from router.worker_client import WorkerClient
 from router.worker_handle import WorkerGone
-from workers.errors import NoCapacity, NoReadyWorker
-from workers.protocol import GenerateRequest
+from workers.errors import KvrelayError, NoCapacity, NoReadyWorker
+from workers.protocol import GenerateRequest, Reservation
 
 Workers = Callable[[str], WorkerClient]
 Took = Callable[[InFlight, GenerateRequest, str, Event], Awaitable[bool]]
+Apply = Callable[[InFlight, Event], Awaitable[bool]]
 CachedTokens = Callable[[GenerateRequest, list[str]], dict[str, int]]
 """Per worker id, the leading tokens of the request whose KV it holds (the KV index)."""
 
@@ -36,7 +39,8 @@ class Placement:
 
     def __init__(self, config: RouterConfig, workers: dict[str, WorkerState],
                  requests: dict[str, InFlight], policies: dict[str, RoutingPolicy],
-                 worker: Workers, took: Took, cached_tokens: CachedTokens | None = None):
+                 worker: Workers, took: Took, apply: Apply,
+                 cached_tokens: CachedTokens | None = None):
         self.config = config
         self._cached_tokens = cached_tokens
         self.workers = workers
@@ -44,6 +48,7 @@ class Placement:
         self._policies = policies
         self._worker = worker
         self._took = took
+        self._apply = apply
 
     async def place(self, entry: InFlight) -> None:
         """Places `entry.request` (this attempt); raises NoReadyWorker, NoCapacity or a
@@ -66,22 +71,24 @@ class Placement:
             return
         try:
             prefill = await self._first_that_takes(
-                "prefill", entry, lambda worker: worker.prefill(request, dest))
+                "prefill", entry, request, lambda worker: worker.prefill(request, dest))
         except BaseException:
             await self._worker(decode).abort_quietly(request.attempt_id)
             raise
-        await self._took(entry, request, prefill, Placed(prefill, attempt=request.attempt))
+        if prefill is not None:
+            await self._took(entry, request, prefill, Placed(prefill, attempt=request.attempt))
 
     async def _place_whole(self, entry: InFlight, request: GenerateRequest, role: str) -> None:
         """One worker runs the whole request: colocated, or a decode worker prefilling a
         short prompt itself (conditional disaggregation)."""
-        worker_id = await self._first_that_takes(role, entry,
+        worker_id = await self._first_that_takes(role, entry, request,
                                                  lambda worker: worker.submit(request))
-        await self._took(entry, request, worker_id,
-                         Placed(worker_id, whole=True, attempt=request.attempt))
+        if worker_id is not None:
+            await self._took(entry, request, worker_id,
+                             Placed(worker_id, whole=True, attempt=request.attempt))
 
     async def _reserve_decode(self, entry: InFlight,
-                              request: GenerateRequest) -> tuple[str, dict] | None:
+                              request: GenerateRequest) -> tuple[str, Reservation] | None:
         """Asks decode workers (policy order) to reserve blocks, waiting a while if all are
         full. Returns the worker and its reservation (block ids, KV receiver address: where
         the prefill worker writes); None: the request ended or migrated while waiting."""
@@ -90,7 +97,10 @@ class Placement:
             refusal: NoCapacity | None = None
             for worker_id in self._order("decode", entry):
                 try:
-                    dest = await self._worker(worker_id).reserve(request)
+                    dest = await self._ask(entry, request, worker_id,
+                                           lambda worker: worker.reserve(request))
+                except _Ended:
+                    return None
                 except NoCapacity as exc:
                     refusal = exc
                     continue
@@ -105,17 +115,33 @@ class Placement:
             await asyncio.sleep(self.config.poll_interval_s / 4)
         return None
 
-    async def _first_that_takes(self, role: str, entry: InFlight,
-                                take: Callable[[WorkerClient], Awaitable[None]]) -> str:
-        """The first worker of `role` (policy order) that `take` places the request on."""
+    async def _first_that_takes(self, role: str, entry: InFlight, request: GenerateRequest,
+                                take: Callable[[WorkerClient], Awaitable[None]]) -> str | None:
+        """The first worker of `role` (policy order) that `take` places the request on; None:
+        the request ended or migrated meanwhile."""
         for worker_id in self._order(role, entry):
             try:
-                await take(self._worker(worker_id))
+                await self._ask(entry, request, worker_id, take)
+            except _Ended:
+                return None
             except WorkerGone:
                 continue
             self._attach(worker_id, entry)
             return worker_id
         raise NoReadyWorker(role, self._count(role))
+
+    async def _ask(self, entry: InFlight, request: GenerateRequest, worker_id: str,
+                   call: Callable[[WorkerClient], Awaitable]):
+        """`call` on `worker_id`, which holds the request meanwhile (Asking); a typed refusal
+        or a gone worker Declines. Raises _Ended if the life no longer takes workers for
+        `request` (it ended or migrated)."""
+        if not await self._apply(entry, Asking(worker_id, attempt=request.attempt)):
+            raise _Ended()
+        try:
+            return await call(self._worker(worker_id))
+        except (KvrelayError, WorkerGone):
+            await self._apply(entry, Declined(worker_id, attempt=request.attempt))
+            raise
 
     def _prefill_on_decode(self, request: GenerateRequest) -> bool:
         """Conditional disaggregation: a decode worker prefills the request itself when what
@@ -167,3 +193,7 @@ class Placement:
 
     def _count(self, role: str) -> int:
         return sum(1 for w in self.workers.values() if w.role == role)
+
+
+class _Ended(Exception):
+    """The request ended or migrated while placement was choosing its workers."""

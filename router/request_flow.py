@@ -32,7 +32,7 @@ from router.openai_protocol import (
     logprobs_formatter,
     prompt_token_ids,
     response_body,
-    sampling_fields,
+    sampling_params,
 )
 from router.output_receiver import OutputReceiver
 from router.stream_resume import StreamResume
@@ -138,7 +138,7 @@ class RequestFlow:
             raise UnknownModel(body.model, list(self.names))
         check_request(body)
         ids = prompt_token_ids(body, self.tokenizer)
-        sampling = sampling_fields(body, len(ids), self.max_model_len)
+        sampling = sampling_params(body, len(ids), self.max_model_len)
         timeout = min(body.timeout or math.inf, self.config.request_timeout_s)
         return Call(endpoint, body, new_request_id(endpoint), ids, sampling, timeout)
 

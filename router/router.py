@@ -7,6 +7,7 @@ One named actor per cluster (`<cluster name>-router` in namespace `NAMESPACE`): 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -35,7 +36,10 @@ class Router:
                  control_plane: Callable[[], ControlPlane] | None = None):
         """`control_plane`: makes the shared one (Redis, cluster/control_plane/); None: in
         memory. A factory, so a restarted actor reconnects and starts from what it holds."""
-        self.core = RouterCore(config, control_plane() if control_plane else None)
+        # Workers on other nodes push their news to this node's own address.
+        self.core = RouterCore(dataclasses.replace(
+            config, news_host=ray.util.get_node_ip_address()),
+            control_plane() if control_plane else None)
         for worker_id, role, actor in workers:
             self.core.add_worker(worker_id, role, RayHandle(actor))
 

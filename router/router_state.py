@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from router.lifecycle import RequestLife
+from router.lifecycle import Event, RequestLife
 from router.worker_handle import WorkerHandle
 from workers.protocol import GenerateRequest
 
@@ -19,8 +19,13 @@ class RouterConfig:
     colocated_policy: str = "least_tokens"
     block_size: int = 16
     poll_interval_s: float = 0.2
+    """How often each worker's health and load are checked (its news is pushed as it
+    happens, router/worker_news.py)."""
     poll_timeout_s: float = 2.0
-    """A worker whose poll takes longer is treated as lost."""
+    """A worker whose health check takes longer is treated as lost."""
+    news_host: str = "127.0.0.1"
+    """Where the router binds the socket workers push their news to (the Router actor binds
+    on its node's address)."""
     capacity_wait_s: float = 10.0
     """How long submit waits for a decode worker with free blocks before NoCapacity."""
     local_prefill_max_tokens: int = 0
@@ -34,6 +39,9 @@ class RouterConfig:
     max_migrations: int = 2
     """How many lost workers one request may survive by migrating to a live one
     (router/migration.py); 0 (`kvrelay serve --no-migration`): it ends with WorkerLost."""
+    resume_timeout_s: float = 10.0
+    """How long a migrating request waits for its gateway's continuation before it fails
+    (the Resume, or the gateway, was lost)."""
 
 
 @dataclass
@@ -61,6 +69,8 @@ class InFlight:
     """Blocks the KV of the known tokens takes (prompt, and a continuation's output)."""
     lost_at: float | None = None
     """time.monotonic() when its last migration began."""
+    early_news: list[Event] = field(default_factory=list)
+    """Worker news that came before placement recorded that worker (router_core.py)."""
 
     @property
     def request_id(self) -> str:

@@ -1,6 +1,7 @@
-"""The router's typed calls to one worker: each hop is a method a reader (or a tool) can
-follow from `worker.reserve(request)` here to `DecodeWorker.reserve` (workers/), instead of a
-method name in a string.
+"""The router's typed calls to one worker: each hop is a method of `WorkerApi`
+(workers/actors/worker_api.py) that a reader (or a tool) follows from `worker.reserve(request)`
+here to `DecodeWorker.reserve` (workers/actors/), with typed messages both ways
+(workers/protocol.py), never a method name in a string.
 
 `call(method, *args)` is RouterCore's (router/router_core.py): it reaches the worker through
 its WorkerHandle (a Ray actor or an in-process object) and, when the worker does not answer,
@@ -13,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from router.worker_handle import WorkerGone
-from workers.protocol import GenerateRequest
+from workers.actors.worker_api import WorkerApi
+from workers.protocol import GenerateRequest, LetGo, OutputChunk, Reservation, WorkerReport
 
 Call = Callable[..., Awaitable[Any]]
 
@@ -23,38 +25,47 @@ class WorkerClient:
         self.worker_id = worker_id
         self._call = call
 
-    async def reserve(self, request: GenerateRequest) -> dict[str, Any]:
-        """Decode worker (workers/actors/decode_worker.py): reserves blocks for the request's KV;
-        returns the reservation (block ids, KV receiver address) the prefill worker writes
-        to. Raises NoCapacity (or another typed refusal)."""
-        return await self._call("reserve", request)
+    async def report(self, news_address: str) -> WorkerReport:
+        """The health check: identity, liveness and load; news goes to `news_address`."""
+        return await self._call(WorkerApi.report, news_address)
 
-    async def prefill(self, request: GenerateRequest, dest: dict[str, Any]) -> None:
-        """Prefill worker (workers/actors/prefill_worker.py): computes the prompt's KV into the
-        reservation `dest`, streaming it there, and token 1 to the gateway."""
-        await self._call("prefill", request, dest)
+    async def reserve(self, request: GenerateRequest) -> Reservation:
+        """Decode worker: reserves blocks for the request's KV; returns where the prefill
+        worker writes. Raises NoCapacity (or another typed refusal)."""
+        return await self._call(WorkerApi.reserve, request)
+
+    async def prefill(self, request: GenerateRequest, dest: Reservation) -> None:
+        """Prefill worker: computes the prompt's KV into the reservation `dest`, streaming it
+        there, and token 1 to the gateway."""
+        await self._call(WorkerApi.prefill, request, dest)
 
     async def submit(self, request: GenerateRequest) -> None:
         """A colocated worker, or a decode worker prefilling a short prompt itself: runs the
         request whole."""
-        await self._call("submit", request)
+        await self._call(WorkerApi.submit, request)
 
-    async def abort(self, attempt_id: str) -> None:
-        """Ends the attempt here silently (its blocks free); the router sends the final
-        chunk. Returns once no chunk of it will leave this worker again."""
-        await self._call("abort", attempt_id)
+    async def abort(self, attempt_id: str) -> LetGo:
+        """Ends the attempt here silently (its blocks free). Returns once no chunk of it will
+        leave this worker again, with how far this worker streamed it; a placement of it
+        that reaches the worker later is refused."""
+        return await self._call(WorkerApi.abort, attempt_id)
 
-    async def abort_quietly(self, attempt_id: str) -> None:
-        """`abort`, where a worker that is gone has nothing left to free."""
+    async def abort_quietly(self, attempt_id: str) -> LetGo | None:
+        """`abort`, where a worker that is gone has nothing left to free (None)."""
         try:
-            await self.abort(attempt_id)
+            return await self.abort(attempt_id)
         except WorkerGone:
-            pass
+            return None
+
+    async def send_final(self, address: str, chunk: OutputChunk) -> None:
+        """Sends the request's final chunk behind every chunk this worker sent
+        (router/final_chunk.py)."""
+        await self._call(WorkerApi.send_final, address, chunk)
 
     async def connect(self, kv_addresses: list[str]) -> None:
         """Prefill worker: sets up KV pairs with these decode workers' receivers now."""
-        await self._call("connect", kv_addresses)
+        await self._call(WorkerApi.connect, kv_addresses)
 
     async def landed(self, attempt_ids: list[str]) -> list[str]:
         """Decode worker: which of these attempts' KV has landed here."""
-        return await self._call("landed", attempt_ids)
+        return await self._call(WorkerApi.landed, attempt_ids)

@@ -1,5 +1,6 @@
 """How the router calls a worker: the same `await handle.call(method, *args)` for a Ray actor
-and for a plain in-process object, so RouterCore runs in tests without Ray.
+and for a plain in-process object, so RouterCore runs in tests without Ray. `method` is a
+`WorkerApi` method (workers/actors/worker_api.py); its name crosses to the worker object.
 
 A worker that is dead, restarting or unreachable raises `WorkerGone`; a typed error the worker
 raised on purpose (NoCapacity, PromptTooLong, ...) reaches the caller as itself.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import ray
@@ -30,7 +32,7 @@ class WorkerGone(Exception):
 
 
 class WorkerHandle(Protocol):
-    async def call(self, method: str, *args: Any) -> Any:
+    async def call(self, method: Callable[..., Any], *args: Any) -> Any:
         """Runs `method(*args)` on the worker and returns its result."""
         ...
 
@@ -41,8 +43,8 @@ class LocalHandle:
     def __init__(self, worker: Any):
         self.worker = worker
 
-    async def call(self, method: str, *args: Any) -> Any:
-        return await asyncio.to_thread(getattr(self.worker, method), *args)
+    async def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.to_thread(getattr(self.worker, method.__name__), *args)
 
 
 _GONE = (ray_errors.RayActorError, ray_errors.ActorUnavailableError)
@@ -54,13 +56,14 @@ class RayHandle:
     def __init__(self, actor: ray.actor.ActorHandle):
         self.actor = actor
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def call(self, method: Callable[..., Any], *args: Any) -> Any:
+        name = method.__name__
         try:
-            return await self.actor.execute.remote(method, *args)
+            return await self.actor.execute.remote(name, *args)
         except _GONE as exc:
-            raise WorkerGone(method, type(exc).__name__) from exc
+            raise WorkerGone(name, type(exc).__name__) from exc
         except ray_errors.RayTaskError as exc:
-            raise_typed(exc, f"worker call {method}()")
+            raise_typed(exc, f"worker call {name}()")
 
 
 def raise_typed(exc: ray_errors.RayTaskError, where: str):

@@ -1,18 +1,23 @@
 """Messages that cross process boundaries between gateway, router and workers.
 
 Plain dataclasses of plain values, encoded with msgpack by `encode` / `decode` (one codec for
-all of them; tensors never travel here: KV moves on the data plane, workers/kv_transfer/).
-Direction of each message is in its docstring.
+all of them, a message inside a message included; tensors never travel here: KV moves on the
+data plane, workers/kv_transfer/). Direction of each message is in its docstring. Ray calls
+carry the same dataclasses as arguments and answers (workers/actors/worker_api.py lists the
+calls a worker answers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
+from workers.engine.sampling_params import SamplingParams
 
 
 @dataclass
@@ -21,8 +26,7 @@ class GenerateRequest:
 
     request_id: str
     prompt_token_ids: list[int]
-    sampling: dict[str, Any]
-    """SamplingParams fields (workers/engine/sampling_params.py) as a dict."""
+    sampling: SamplingParams
     output_address: str
     """ZMQ address of the gateway's PULL socket; workers PUSH OutputChunk there."""
     priority: int = 0
@@ -108,9 +112,55 @@ class Resume:
     lost_worker: str = ""
 
 
+@dataclass
+class LetGo:
+    """Worker -> Router, the answer to `abort`: how far this worker streamed the attempt, so
+    the final chunk goes out behind its last token (router/final_chunk.py)."""
+
+    last_index: int = -1
+    """Index of the last output token this worker streamed for the attempt; -1: none."""
+    ended: bool = False
+    """This worker already sent the attempt's final chunk (it finished or failed it)."""
+
+
+@dataclass
+class Reservation:
+    """Decode worker -> Router -> Prefill worker, the answer to `reserve`: where the prefill
+    worker writes the request's KV."""
+
+    worker_id: str
+    """The decode worker that holds the blocks."""
+    block_ids: list[int]
+    kv_address: str
+    """The decode worker's KV receiver."""
+    num_cached_tokens: int = 0
+    """Leading tokens whose KV the decode worker has cached (their blocks are not written)."""
+
+
+@dataclass
+class WorkerReport:
+    """Worker -> Router, the answer to `report` (the router's health check, every
+    `poll_interval_s`): who it is, whether its engine loop runs, and its load."""
+
+    worker_id: str
+    incarnation: str
+    """Fresh per construction: a restarted worker answers with a new one."""
+    role: str
+    alive: bool
+    free_blocks: int
+    total_blocks: int
+    num_live: int
+    kv_address: str | None = None
+    """Decode workers: their KV receiver, which prefill workers pair with."""
+    kv_events: dict[str, Any] | None = None
+    """The prefix cache's events since the last report (workers/actors/kv_event_buffer.py),
+    for the router's KV index; None without a prefix cache."""
+    prefix_cache: dict[str, int] | None = None
+    """Tokens looked up in and found by the prefix cache (`queries`, `hits`)."""
+
+
 class WorkerEvent(str, enum.Enum):
-    """Worker -> Router (in the poll's `events`, as (request_id, attempt, event)): news about
-    one placement of a request."""
+    """What a `WorkerNews` says about one placement of a request."""
 
     SENDING = "sending"
     """Prefill worker: token 1 is out, the last of the KV on its way."""
@@ -122,19 +172,72 @@ class WorkerEvent(str, enum.Enum):
     """An error was sent as the final chunk."""
 
 
-_TYPES = {cls.__name__: cls for cls in (GenerateRequest, OutputChunk, Resume)}
+@dataclass
+class WorkerNews:
+    """Worker -> Router (ZMQ PUSH to the address the router gave in its last `report` call),
+    pushed as it happens: `event` of placement `attempt` of `request_id`."""
+
+    worker_id: str
+    incarnation: str
+    request_id: str
+    attempt: int
+    event: WorkerEvent
+
+    def __post_init__(self) -> None:
+        self.event = WorkerEvent(self.event)
 
 
-def register(cls: type) -> type:
-    """Adds a dataclass to the codec; use as a decorator on other wire messages."""
-    _TYPES[cls.__name__] = cls
+# ---- the codec ---------------------------------------------------------------------------
+
+_NESTED = 1
+"""msgpack extension code of a message inside a message."""
+_BUILD: dict[str, Callable[[dict[str, Any]], Any]] = {}
+_FIELDS: dict[type, Callable[[Any], dict[str, Any]]] = {}
+
+
+def register(cls: type, build: Callable[[dict[str, Any]], Any] | None = None,
+             fields: Callable[[Any], dict[str, Any]] | None = None) -> type:
+    """Adds a dataclass to the codec (use as a decorator); `build` and `fields` replace
+    `cls(**fields)` and its fields where the class has its own wire form."""
+    _BUILD[cls.__name__] = build or (lambda values: cls(**values))
+    _FIELDS[cls] = fields or (lambda msg: {f.name: getattr(msg, f.name)
+                                           for f in dataclasses.fields(msg)})
     return cls
 
 
+for _cls in (GenerateRequest, OutputChunk, Resume, LetGo, Reservation, WorkerReport,
+             WorkerNews):
+    register(_cls)
+register(SamplingParams, SamplingParams.from_dict, SamplingParams.to_dict)
+
+
+def _pack(msg: Any) -> list[Any]:
+    return [type(msg).__name__, _FIELDS[type(msg)](msg)]
+
+
+def _nested(obj: Any) -> msgpack.ExtType:
+    if type(obj) not in _FIELDS:
+        raise TypeError(f"{type(obj).__name__} is not a wire message (workers/protocol.py)")
+    return msgpack.ExtType(_NESTED, msgpack.packb(_pack(obj), default=_nested,
+                                                  use_bin_type=True))
+
+
+def _unpack(data: bytes) -> Any:
+    name, fields = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext)
+    return _BUILD[name](fields)
+
+
+def _ext(code: int, data: bytes) -> Any:
+    if code != _NESTED:
+        return msgpack.ExtType(code, data)
+    return _unpack(data)
+
+
 def encode(msg: Any) -> bytes:
-    return msgpack.packb([type(msg).__name__, dataclasses.asdict(msg)], use_bin_type=True)
+    """One message as msgpack: [class name, fields], messages inside it as extensions."""
+    return msgpack.packb(_pack(msg), default=_nested, use_bin_type=True)
 
 
 def decode(data: bytes) -> Any:
-    name, fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    return _TYPES[name](**fields)
+    """The message `encode` made (a registered class)."""
+    return _unpack(data)

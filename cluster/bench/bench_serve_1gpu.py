@@ -30,6 +30,7 @@ from cluster.config import ClusterConfig
 from cluster.launcher import launch
 from router.router_state import RouterConfig
 from workers.config import CacheConfig, EngineConfig
+from workers.engine.sampling_params import SamplingParams
 from workers.model.presets import resolve_config_path
 from workers.protocol import GenerateRequest, decode
 
@@ -106,7 +107,7 @@ def cluster_config(args: argparse.Namespace, config_path: str) -> ClusterConfig:
 def run_requests(cluster, collector: Collector, args, vocab: int, count: int) -> list[Trace]:
     """`count` requests, `args.concurrency` at a time; returns their traces."""
     gen = torch.Generator().manual_seed(0)
-    sampling = {"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True}
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     traces = []
     for start in range(0, count, args.concurrency):
         wave = []

@@ -1,6 +1,7 @@
-"""Test-side parts shared by tests/cluster and tests/e2e: a ZMQ PULL collector standing in
-for the gateway's socket, the gateway's real output path over a Ray Router (`GatewayStreams`,
-which also continues migrated requests), and greedy references computed with transformers."""
+"""Test-side parts shared by tests/cluster, tests/router and tests/e2e: a ZMQ PULL collector
+standing in for the gateway's socket, the gateway's real output path over a Ray Router
+(`GatewayStreams`, which also continues migrated requests), the gateway's Backend over an
+in-process RouterCore (`CoreBackend`), and greedy references computed with transformers."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import threading
 import time
 from collections import defaultdict
+from typing import Any
 
 import ray
 import torch
@@ -17,6 +19,7 @@ from cluster.config import ClusterConfig
 from cluster.launcher import launch
 from router.output_receiver import OutputReceiver
 from router.router import RayBackend
+from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.stream_resume import StreamResume
 from workers.config import CacheConfig, EngineConfig
@@ -163,6 +166,40 @@ class GatewayStreams:
         self.loop.close()
 
 
+class CoreBackend:
+    """Backend over a RouterCore in the server's own event loop: on first use it waits for
+    the workers and starts the core's tasks (health checks, workers' news), which end with
+    that loop when the server stops."""
+
+    def __init__(self, core: RouterCore):
+        self.core = core
+        self._started = False
+
+    async def _ensure_started(self) -> None:
+        if not self._started:
+            self._started = True
+            if self.core.workers:
+                await self.core.wait_ready(30)
+                self.core.start()
+
+    async def submit(self, request: GenerateRequest) -> None:
+        await self._ensure_started()
+        await self.core.submit(request)
+
+    async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
+        await self._ensure_started()
+        await self.core.abort(request_id, deadline_s)
+
+    async def health(self) -> dict[str, Any]:
+        await self._ensure_started()
+        return self.core.health()
+
+    async def worker_metrics(self) -> list[dict[str, Any]]:
+        await self._ensure_started()
+        await self.core.poll_all()
+        return self.core.worker_metrics()
+
+
 def all_blocks_free(cluster) -> bool:
     """Every worker answers with all its blocks free (a restarting one: not yet)."""
     infos = cluster.infos
@@ -226,7 +263,8 @@ def prompts(count: int, vocab: int, seed: int = 0, low: int = 3, high: int = 40)
 
 
 def tiny_ray_cluster(model_dir, name: str, *, num_decode: int, num_blocks: int, block: int,
-                     max_worker_restarts: int, max_migrations: int):
+                     max_worker_restarts: int, max_migrations: int,
+                     resume_timeout_s: float = 10.0):
     """Yields a 2-prefill gloo cluster of the tiny model on a local Ray (2 CPUs) whose router
     polls every 0.1 s and drops a worker after 1 s of silence; shuts both down after. For
     module-scoped fixtures of the kill tests."""
@@ -237,7 +275,8 @@ def tiny_ray_cluster(model_dir, name: str, *, num_decode: int, num_blocks: int, 
                            num_decode=num_decode, kv_transport="gloo",
                            max_worker_restarts=max_worker_restarts,
                            router=RouterConfig(block_size=block, poll_interval_s=0.1,
-                                               poll_timeout_s=1.0, max_migrations=max_migrations))
+                                               poll_timeout_s=1.0, max_migrations=max_migrations,
+                                               resume_timeout_s=resume_timeout_s))
     cluster = launch(config)
     yield cluster
     cluster.shutdown()

@@ -15,6 +15,7 @@ from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
 from workers.actors.colocated_worker import ColocatedWorker
 from workers.actors.worker_base import WorkerSpec
 from workers.config import CacheConfig, EngineConfig
+from workers.engine.sampling_params import SamplingParams
 from workers.protocol import GenerateRequest
 
 
@@ -35,7 +36,7 @@ def collector():
 
 
 def request(rid: str, prompt: list[int], address: str, max_tokens: int = 6) -> GenerateRequest:
-    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
 
 

@@ -17,6 +17,7 @@ from workers.actors.decode_worker import DecodeWorker
 from workers.actors.prefill_worker import PrefillWorker
 from workers.actors.worker_base import WorkerSpec
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.engine.sampling_params import SamplingParams
 from workers.protocol import GenerateRequest
 
 
@@ -30,7 +31,7 @@ def make_spec(model_dir, worker_id: str, transport: str, block_size: int = 8,
 
 
 def request(rid: str, prompt: list[int], address: str, max_tokens: int) -> GenerateRequest:
-    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
 
 

@@ -23,6 +23,7 @@ from tests.cluster.helpers import (
     wait_readmitted,
     wait_until,
 )
+from workers.engine.sampling_params import SamplingParams
 from workers.errors import NoReadyWorker
 from workers.protocol import GenerateRequest
 
@@ -51,7 +52,7 @@ def submit(cluster, req: GenerateRequest) -> None:
 
 
 def request(rid, prompt, address, max_tokens):
-    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
 
 

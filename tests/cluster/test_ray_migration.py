@@ -2,18 +2,24 @@
 actor), with the gateway's real output path (tests/cluster/helpers.GatewayStreams): a worker
 killed with -9 mid-stream, and every stream it served continues on a live worker, token-exact
 against transformers, as one uninterrupted stream (no duplicate, no gap, one final chunk),
-stalled less than 5 s; seeded sampling continues as it would have; a loss while migrating
-ends the request with one clear typed error; every block is free afterwards."""
+stalled less than 5 s, also through the real HTTP gateway; seeded sampling continues as it
+would have; a loss while migrating, or a continuation that never comes, ends the request with
+one clear typed error; every block is free afterwards."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 import time
 
+import httpx
 import pytest
 import ray
 
+from cluster.gateway_app import build_app
 from tests.cluster.helpers import (
+    ChunkCollector,
     GatewayStreams,
     all_blocks_free,
     hf_greedy,
@@ -24,16 +30,20 @@ from tests.cluster.helpers import (
     wait_readmitted,
     wait_until,
 )
+from tests.served_app import serve
+from workers.engine.sampling_params import SamplingParams
 from workers.protocol import GenerateRequest
 
 BLOCK = 8
 MAX_STALL_S = 5.0
+RESUME_TIMEOUT_S = 4.0
 
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
     yield from tiny_ray_cluster(tiny_model_dir, "migration", num_decode=2, num_blocks=2048,
-                                block=BLOCK, max_worker_restarts=4, max_migrations=2)
+                                block=BLOCK, max_worker_restarts=5, max_migrations=2,
+                                resume_timeout_s=RESUME_TIMEOUT_S)
 
 
 @pytest.fixture()
@@ -46,8 +56,8 @@ def streams(cluster):
 
 def requests(address: str, name: str, batch, max_tokens: int, **sampling):
     # min_tokens bans EOS as transformers' min_new_tokens does (hf_greedy).
-    params = {"max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0.0,
-              **sampling}
+    params = SamplingParams(**{"max_tokens": max_tokens, "min_tokens": max_tokens,
+                               "temperature": 0.0, **sampling})
     return [GenerateRequest(f"{name}-{i}", prompt, params, address, arrival_time=time.time())
             for i, prompt in enumerate(batch)]
 
@@ -157,3 +167,106 @@ def test_a_loss_while_migrating_ends_the_request_clearly(cluster, streams):
     for worker, old in olds.items():
         wait_readmitted(cluster, worker, old=old)
     wait_until(lambda: all_blocks_free(cluster), 10, "blocks free after the failed migration")
+
+
+def test_a_continuation_that_never_comes_times_out_and_frees_everything(cluster):
+    """A gateway that never answers the Resume (this collector does not): the request fails
+    with WorkerLost naming the missing continuation once the router stops waiting, the
+    router forgets it, and every block is free."""
+    collector = ChunkCollector()
+    try:
+        vocab = cluster.infos["prefill-0"]["vocab_size"]
+        (req,) = requests(collector.address, "lost", prompts(1, vocab, seed=7, low=20, high=21),
+                          400)
+        rid = req.request_id
+        ray.get(cluster.router.submit.remote(req))
+        collector.wait_tokens(rid, 3)
+        worker = next(c.worker_id for c in reversed(collector.chunks[rid])
+                      if c.worker_id.startswith("decode"))
+        old = kill(cluster, worker)
+        killed = time.monotonic()
+        collector.wait_finished([rid], timeout_s=RESUME_TIMEOUT_S + 20)
+        waited = time.monotonic() - killed
+        final = collector.final(rid)
+        assert final.finish_reason == "error" and final.error_type == "WorkerLost", final
+        assert "no continuation" in final.error and worker in final.error
+        assert [r.attempt for r in collector.resumes] == [1] and waited >= RESUME_TIMEOUT_S
+        assert stats(cluster)["in_flight"] == 0
+        print(f"failed {waited:.1f} s after the kill")
+        wait_readmitted(cluster, worker, old=old)
+        wait_until(lambda: all_blocks_free(cluster), 10, "blocks free after the lost resume")
+    finally:
+        collector.close()
+
+
+async def sse_streams(url: str, batch, max_tokens: int, watched: int, count: int, kill_now):
+    """Streams `batch` concurrently through /v1/completions (token ids back); calls `kill_now`
+    (in a thread) once stream `watched` has `count` tokens. Per stream: (token ids, arrival
+    times of its token events, finish_reason)."""
+    got = [([], [], None) for _ in batch]
+    reached = asyncio.Event()
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        body = {"model": "tiny", "prompt": batch[i], "max_tokens": max_tokens,
+                "min_tokens": max_tokens, "temperature": 0, "stream": True,
+                "return_token_ids": True}
+        ids, times, _ = got[i]
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            assert response.status_code == 200
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: "):])
+                assert "error" not in event, event
+                choice = event["choices"][0]
+                if choice.get("token_ids"):
+                    ids.extend(choice["token_ids"])
+                    times.append(time.monotonic())
+                if choice["finish_reason"]:
+                    got[i] = (ids, times, choice["finish_reason"])
+                if i == watched and len(ids) >= count:
+                    reached.set()
+
+    async def killer() -> None:
+        await reached.wait()
+        await asyncio.to_thread(kill_now)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        kill_task = asyncio.create_task(killer())
+        await asyncio.gather(*(one(client, i) for i in range(len(batch))))
+        await asyncio.wait_for(kill_task, 60)
+    return got
+
+
+def test_http_streams_continue_token_exact_when_the_decode_worker_is_killed(
+    cluster, tiny_model_dir, hf_reference
+):
+    """16 concurrent greedy SSE streams through the real gateway (uvicorn, HTTP, its ZMQ
+    receiver and StreamResume); decode-0 killed with -9 once a random stream has a random
+    number of tokens: every stream ends with exactly the tokens transformers gives, no wait
+    between two of its tokens reaches MAX_STALL_S, and every block is free afterwards."""
+    wait_all_ready(cluster)
+    rng = random.Random(21)
+    vocab = cluster.infos["prefill-0"]["vocab_size"]
+    max_tokens = 40
+    batch = prompts(16, vocab, seed=11, low=16, high=64)
+    model = hf_reference(tiny_model_dir)
+    before = stats(cluster)
+    killed: list[str] = []
+    app = build_app(cluster.config, cluster.router, cluster.max_model_len)
+    with serve(app) as url:
+        got = asyncio.run(sse_streams(url, batch, max_tokens, rng.randrange(len(batch)),
+                                      rng.randint(1, 12),
+                                      lambda: killed.append(kill(cluster, "decode-0"))))
+    gaps = []
+    for prompt, (ids, times, reason) in zip(batch, got, strict=True):
+        assert reason == "length" and ids == hf_greedy(model, prompt, max_tokens)
+        gaps.append(max(b - a for a, b in zip(times, times[1:], strict=False)))
+    after = stats(cluster)
+    assert after["migrations"] > before["migrations"], after
+    assert after["migrations_failed"] == before["migrations_failed"], after
+    assert max(gaps) < MAX_STALL_S, gaps
+    print(f"{after['migrations'] - before['migrations']} migrations; longest wait between tokens "
+          f"{max(gaps):.2f} s")
+    wait_readmitted(cluster, "decode-0", old=killed[0])
+    wait_until(lambda: all_blocks_free(cluster), 10, "blocks free after the migrations")

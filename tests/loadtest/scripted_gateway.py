@@ -29,7 +29,7 @@ class ScriptedWorker:
         if sock is None:
             sock = self._sockets[request.output_address] = self._context.socket(zmq.PUSH)
             sock.connect(request.output_address)
-        n = int(request.sampling["max_tokens"])
+        n = request.sampling.max_tokens
         for i in range(n):
             sock.send(encode(OutputChunk(request.request_id, [7 + i], text_delta=f" t{i}",
                                          finished=i == n - 1,

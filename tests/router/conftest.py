@@ -1,8 +1,9 @@
 """A real gateway over a real single-process cluster, served by uvicorn on a free port.
 
-`CoreBackend` is the gateway's Backend over a `RouterCore` (the Router actor's plain class)
-whose one worker is an in-process `ColocatedWorker`: a real LLMEngine on the tiny checkpoint,
-stepping in its own thread and PUSHing real OutputChunks over ZMQ to the gateway's socket.
+`CoreBackend` (tests/cluster/helpers.py) is the gateway's Backend over a `RouterCore` (the
+Router actor's plain class) whose one worker is an in-process `ColocatedWorker`: a real
+LLMEngine on the tiny checkpoint, stepping in its own thread and PUSHing real OutputChunks
+over ZMQ to the gateway's socket.
 Only Ray is left out; everything the gateway sees is what it sees in production.
 """
 
@@ -26,6 +27,7 @@ from cluster.metrics import GatewayMetrics
 from router.gateway import GatewayConfig, create_app
 from router.router_core import RouterConfig, RouterCore
 from router.worker_handle import LocalHandle
+from tests.cluster.helpers import CoreBackend
 from tests.served_app import serve  # noqa: F401 - re-exported for the router tests
 from workers.actors.colocated_worker import ColocatedWorker
 from workers.actors.worker_base import WorkerSpec
@@ -47,39 +49,6 @@ def sse_payloads(text: str) -> list:
     events = [e for e in text.split("\n\n") if e.strip()]
     assert all(e.startswith("data: ") for e in events), events
     return [e[6:] if e[6:] == "[DONE]" else json.loads(e[6:]) for e in events]
-
-
-class CoreBackend:
-    """Backend over a RouterCore in the server's own event loop. Its workers are polled on
-    first use and before each metrics read, instead of by the core's monitor task, so no task
-    outlives the server's loop."""
-
-    def __init__(self, core: RouterCore):
-        self.core = core
-        self._started = False
-
-    async def _ensure_started(self) -> None:
-        if not self._started:
-            self._started = True
-            if self.core.workers:
-                await self.core.wait_ready(30)
-
-    async def submit(self, request: GenerateRequest) -> None:
-        await self._ensure_started()
-        await self.core.submit(request)
-
-    async def abort(self, request_id: str, deadline_s: float | None = None) -> None:
-        await self._ensure_started()
-        await self.core.abort(request_id, deadline_s)
-
-    async def health(self) -> dict[str, Any]:
-        await self._ensure_started()
-        return self.core.health()
-
-    async def worker_metrics(self) -> list[dict[str, Any]]:
-        await self._ensure_started()
-        await self.core.poll_all()
-        return self.core.worker_metrics()
 
 
 class ScriptedBackend:

@@ -232,8 +232,8 @@ def closed_by_client(served) -> int:
 
 
 def assert_aborted_everywhere(gateway, before: set[str], closed: int) -> None:
-    """After a client left: its blocks are free, the abort reached the router (which only
-    forgets a request here when aborted) within 5 s, and it counts as closed by the client."""
+    """After a client left: its blocks are free, the router forgot the request within 5 s,
+    and it counts as closed by the client."""
     assert gateway.wait_all_blocks_free() == NUM_BLOCKS
     deadline = time.monotonic() + 5
     while set(gateway.core.requests) - before and time.monotonic() < deadline:

@@ -10,8 +10,10 @@ import pytest
 
 from router.lifecycle import (
     Abort,
+    Asking,
     ClientGone,
     DeadlinePassed,
+    Declined,
     Failed,
     Finished,
     FirstToken,
@@ -94,6 +96,30 @@ def test_client_gone_aborts_every_holder_and_sends_the_final_chunk(phase):
     actions = life.apply(ClientGone())
     assert actions == [*(Abort(w) for w in holders), SendFinal("abort")]
     assert life.phase is Phase.ABORTED and life.holders == set()
+
+
+def test_a_worker_being_asked_holds_the_request_until_placed_or_declined():
+    life = RequestLife("r")
+    assert life.apply(Asking("D")) == [] and life.phase is Phase.QUEUED
+    assert life.holders == {"D"} and life.asked == {"D"}
+    assert life.apply(Declined("D")) == [] and life.holders == set()
+    life.apply(Asking("D2"))
+    assert life.apply(Reserved("D2")) == [] and life.asked == set()
+    assert life.apply(Asking("P")) == [] and life.asked == {"P"}
+    assert life.apply(Placed("P")) == [] and life.holders == {"D2", "P"}
+
+
+def test_an_end_while_a_worker_is_asked_aborts_it_first():
+    """The final chunk comes after every holder let go, the one being asked included."""
+    life = life_at(Phase.RESERVED)
+    life.apply(Asking("P"))
+    assert life.apply(ClientGone()) == [Abort("P"), Abort("D"), SendFinal("abort")]
+
+
+def test_a_worker_being_asked_may_end_it_itself():
+    life = RequestLife("r")
+    life.apply(Asking("C"))  # it ran the request whole and finished before placement heard
+    assert life.apply(Finished("C")) == [] and life.phase is Phase.FINISHED
 
 
 def test_deadline_fails_it_with_a_typed_timeout():
@@ -202,6 +228,9 @@ ILLEGAL = [
     (Phase.QUEUED, FirstToken("P")),
     (Phase.QUEUED, KvLanded("P")),
     (Phase.QUEUED, Finished("D")),  # from a worker that holds nothing
+    (Phase.QUEUED, Declined("D")),  # never asked
+    (Phase.RESERVED, Declined("D")),  # placed already: it lets go by Abort, not by declining
+    (Phase.MIGRATING, Asking("D2")),  # stale: asked by the placement of attempt 0
     (Phase.RESERVED, Reserved("D2")),
     (Phase.RESERVED, Placed("C", whole=True)),
     (Phase.RESERVED, FirstToken("P")),
@@ -219,9 +248,10 @@ ILLEGAL = [
     (Phase.MIGRATING, Finished("D")),  # the lost attempt's worker
     (Phase.MIGRATING, Finished("D", attempt=1)),  # from a worker that holds nothing
     *[(phase, event) for phase in (Phase.FINISHED, Phase.FAILED, Phase.ABORTED)
-      for event in (Reserved("D"), Placed("P"), FirstToken("P"), KvLanded("P"), Finished("D"),
-                    Failed("D"), LostWorker("D"), PlacementFailed(NoReadyWorker("decode", 1)),
-                    ClientGone(), DeadlinePassed(1.0))],
+      for event in (Asking("D"), Declined("D"), Reserved("D"), Placed("P"), FirstToken("P"),
+                    KvLanded("P"), Finished("D"), Failed("D"), LostWorker("D"),
+                    PlacementFailed(NoReadyWorker("decode", 1)), ClientGone(),
+                    DeadlinePassed(1.0))],
 ]
 
 

@@ -14,11 +14,10 @@ from router.openai_protocol import (
     check_request,
     completion_logprobs,
     prompt_token_ids,
-    sampling_fields,
+    sampling_params,
 )
 from router.request_models import ChatCompletionRequest, CompletionRequest
 from workers import errors
-from workers.engine.sampling_params import SamplingParams
 from workers.errors import InvalidParameter, PromptTooLong, QueueFull
 from workers.text.tokenizer import Tokenizer
 
@@ -32,39 +31,38 @@ def chat(**fields) -> ChatCompletionRequest:
 
 
 def test_max_tokens_defaults_follow_openai_and_fit_the_context():
-    assert sampling_fields(completion(), 10, 100)["max_tokens"] == 16
-    assert sampling_fields(completion(), 90, 100)["max_tokens"] == 10  # shortened, not refused
-    assert sampling_fields(chat(), 10, 100)["max_tokens"] == 90  # chat: the rest of the context
+    assert sampling_params(completion(), 10, 100).max_tokens == 16
+    assert sampling_params(completion(), 90, 100).max_tokens == 10  # shortened, not refused
+    assert sampling_params(chat(), 10, 100).max_tokens == 90  # chat: the rest of the context
     both = chat(max_tokens=5, max_completion_tokens=7)
-    assert sampling_fields(both, 10, 100)["max_tokens"] == 7
+    assert sampling_params(both, 10, 100).max_tokens == 7
 
 
 def test_context_overflow_errors_carry_the_numbers():
     with pytest.raises(PromptTooLong) as too_long:
-        sampling_fields(completion(), 100, 100)
+        sampling_params(completion(), 100, 100)
     assert (too_long.value.length, too_long.value.max) == (100, 99)
     with pytest.raises(InvalidParameter) as over:
-        sampling_fields(chat(max_completion_tokens=60), 50, 100)
+        sampling_params(chat(max_completion_tokens=60), 50, 100)
     assert over.value.field == "max_completion_tokens"
     assert "50" in over.value.message and "110" in over.value.message
     with pytest.raises(InvalidParameter) as zero:
-        sampling_fields(completion(max_tokens=0), 5, 100)
+        sampling_params(completion(max_tokens=0), 5, 100)
     assert zero.value.field == "max_tokens"
 
 
-def test_sampling_fields_round_trip_through_sampling_params():
+def test_sampling_params_of_a_request():
     req = completion(temperature=0.5, top_p=0.9, top_k=-1, min_p=0.1, seed=3, stop="\n",
                      presence_penalty=0.5, frequency_penalty=-0.5, repetition_penalty=1.2,
                      ignore_eos=True, min_tokens=2, max_tokens=8, logprobs=3,
                      stop_token_ids=[7])
-    fields = sampling_fields(req, 4, 64)
-    params = SamplingParams.from_dict(fields)
+    params = sampling_params(req, 4, 64)
     assert params.stop == ("\n",) and params.top_k == 0 and params.logprobs == 3
     assert (params.seed, params.min_tokens, params.ignore_eos) == (3, 2, True)
     assert params.stop_token_ids == (7,) and params.max_tokens == 8
-    assert sampling_fields(chat(logprobs=True, top_logprobs=4), 4, 64)["logprobs"] == 4
-    assert sampling_fields(chat(logprobs=True), 4, 64)["logprobs"] == 0
-    assert sampling_fields(chat(), 4, 64)["logprobs"] is None
+    assert sampling_params(chat(logprobs=True, top_logprobs=4), 4, 64).logprobs == 4
+    assert sampling_params(chat(logprobs=True), 4, 64).logprobs == 0
+    assert sampling_params(chat(), 4, 64).logprobs is None
 
 
 @pytest.mark.parametrize(
@@ -106,7 +104,7 @@ def test_top_logprobs_needs_logprobs():
                                                ({"logprobs": 21}, "logprobs")])
 def test_out_of_range_values_name_their_field(fields, field):
     with pytest.raises(InvalidParameter) as bad:
-        sampling_fields(completion(**fields), 4, 64)
+        sampling_params(completion(**fields), 4, 64)
     assert bad.value.field == field
 
 

@@ -8,6 +8,7 @@ import threading
 import zmq
 
 from router.output_receiver import OutputReceiver
+from workers.engine.sampling_params import SamplingParams
 from workers.protocol import GenerateRequest, OutputChunk, encode
 
 
@@ -68,7 +69,7 @@ def test_chunks_for_unregistered_ids_are_dropped_and_others_still_flow():
             receiver.register("gone")
             receiver.unregister("gone")
             msgs = [encode(OutputChunk("gone", [1])), b"not msgpack at all",
-                    encode(GenerateRequest("x", [1], {}, "tcp://nowhere:1")),
+                    encode(GenerateRequest("x", [1], SamplingParams(), "tcp://nowhere:1")),
                     encode(OutputChunk("never", [2])),
                     encode(OutputChunk("live", [3], finished=True, finish_reason="stop"))]
             _push_from_thread(receiver.address, msgs).join(timeout=5)

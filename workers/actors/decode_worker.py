@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
 
 from workers.actors.kv_endpoint import make_receiver
 from workers.actors.worker_base import EngineWorker, LiveRequest, WorkerSpec
-from workers.engine.sampling_params import SamplingParams
+from workers.errors import UnknownRequest
 from workers.kv_transfer.base import TransferState
-from workers.protocol import GenerateRequest
+from workers.protocol import GenerateRequest, Reservation
 
 log = logging.getLogger(__name__)
 
@@ -34,25 +33,26 @@ class DecodeWorker(EngineWorker):
                 rid, state, why)),
         )
 
-    def reserve(self, request: GenerateRequest) -> dict[str, Any]:
+    def reserve(self, request: GenerateRequest) -> Reservation:
         """Reserves blocks for the prompt (a continuation: and its known output) plus the
         next token; raises NoCapacity (or the engine's typed refusal). Returns where the
         prefill worker writes: block ids and address, and `num_cached_tokens`, the leading
-        tokens whose KV is cached here (their blocks are not written)."""
+        tokens whose KV is cached here (their blocks are not written). An attempt aborted
+        before it came raises UnknownRequest."""
 
-        def reserve_now() -> dict[str, Any]:
-            params = SamplingParams.from_dict(request.sampling)
+        def reserve_now() -> Reservation:
             key = request.attempt_id
+            if key in self.let_go:
+                raise UnknownRequest(key)
             block_ids = self.engine.reserve_remote(
-                key, request.prompt_token_ids, params, request.priority,
+                key, request.prompt_token_ids, request.sampling, request.priority,
                 request.output_token_ids, request.sent_text_len,
             )
             self.live[key] = LiveRequest(request)
             # Leading blocks already cached here are shared, not received.
             cached = self.engine.reserved_cached_tokens(key)
             self.kv.expect(key, block_ids[cached // self.engine.pool.block_size:])
-            return {"worker_id": self.worker_id, "block_ids": list(block_ids),
-                    "kv_address": self.kv.address, "num_cached_tokens": cached}
+            return Reservation(self.worker_id, list(block_ids), self.kv.address, cached)
 
         return self.call(reserve_now)
 

@@ -1,4 +1,5 @@
-"""ZMQ PUSH of `OutputChunk`s to the gateway's PULL socket (one socket per gateway address).
+"""ZMQ PUSH of wire messages (workers/protocol.py) to a PULL socket, one socket per address:
+`OutputChunk`s to the gateway, `WorkerNews` to the router.
 
 Workers stream tokens here, never through Ray calls. A ZMQ socket is not thread-safe, so each
 `OutputSender` is used from one thread (a worker's engine loop) or guarded by its lock, which
@@ -8,10 +9,11 @@ Workers stream tokens here, never through Ray calls. A ZMQ socket is not thread-
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import zmq
 
-from workers.protocol import OutputChunk, encode
+from workers.protocol import encode
 
 # Chunks queued for an unreachable gateway are dropped at close instead of blocking exit.
 _LINGER_MS = 1000
@@ -29,8 +31,8 @@ class OutputSender:
         self._lock = threading.Lock()
         self.num_dropped = 0
 
-    def send(self, address: str, chunk: OutputChunk) -> None:
-        """Queues one chunk for `address`; never blocks on a slow or absent gateway."""
+    def send(self, address: str, msg: Any) -> None:
+        """Queues one message for `address`; never blocks on a slow or absent receiver."""
         with self._lock:
             socket = self._sockets.get(address)
             if socket is None:
@@ -40,7 +42,7 @@ class OutputSender:
                 socket.connect(address)
                 self._sockets[address] = socket
             try:
-                socket.send(encode(chunk), flags=zmq.NOBLOCK, copy=False)
+                socket.send(encode(msg), flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 self.num_dropped += 1
 

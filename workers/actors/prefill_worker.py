@@ -18,7 +18,7 @@ from workers.actors.kv_endpoint import make_sender
 from workers.actors.worker_base import EngineWorker, WorkerSpec
 from workers.errors import TransferFailed, UnknownRequest
 from workers.kv_transfer.base import TransferState
-from workers.protocol import GenerateRequest, WorkerEvent
+from workers.protocol import GenerateRequest, Reservation, WorkerEvent
 
 
 class PrefillWorker(EngineWorker):
@@ -26,7 +26,7 @@ class PrefillWorker(EngineWorker):
 
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
-        self.dests: dict[str, dict] = {}
+        self.dests: dict[str, Reservation] = {}
         self.kv = make_sender(
             self.engine, spec.kv_transport, spec.host, f"{spec.worker_id}-{self.incarnation}",
             on_done=lambda rid, extra: self.call_soon(lambda: self._shipped(rid)),
@@ -42,19 +42,20 @@ class PrefillWorker(EngineWorker):
         for address in kv_addresses:
             self.kv.connect(address)
 
-    def prefill(self, request: GenerateRequest, dest: dict) -> None:
+    def prefill(self, request: GenerateRequest, dest: Reservation) -> None:
         """Queues the prefill of `request`; `dest` is the decode worker's `reserve` answer."""
 
         def admit() -> None:
             rid = request.attempt_id
+            if rid in self.let_go:
+                return  # aborted before it came: add_to_engine would refuse it
             self.dests[rid] = dest
             skip = self._skipped_blocks(rid)
             if self.engine.kv_stream is None:  # sent whole: only the blocks after `skip`
-                self.kv.open(rid, dest["kv_address"], dest["block_ids"][skip:],
+                self.kv.open(rid, dest.kv_address, dest.block_ids[skip:],
                              request.num_known_tokens - skip * self._block_size)
             else:  # streamed: spans index the whole table and start after `skip`
-                self.kv.open(rid, dest["kv_address"], dest["block_ids"],
-                             request.num_known_tokens)
+                self.kv.open(rid, dest.kv_address, dest.block_ids, request.num_known_tokens)
             if not self.add_to_engine(request):
                 self.dests.pop(rid, None)
                 self.kv.abort(rid)
@@ -96,7 +97,8 @@ class PrefillWorker(EngineWorker):
     def _skipped_blocks(self, rid: str) -> int:
         """Leading blocks of the request the decode worker already holds (its prefix cache):
         they are not sent."""
-        return self.dests.get(rid, {}).get("num_cached_tokens", 0) // self._block_size
+        dest = self.dests.get(rid)
+        return dest.num_cached_tokens // self._block_size if dest else 0
 
     def _shipped(self, rid: str) -> None:
         self._release(rid)

@@ -3,13 +3,16 @@
 The engine is not thread-safe, so every engine call runs in the loop thread: public methods
 (called from Ray's actor threads or from a test) post closures to a queue and, where they need
 an answer, wait on a Future. Outputs leave as `OutputChunk`s PUSHed to the request's gateway
-address, never as Ray calls per token. The router learns about finished requests and worker
-health from `poll()`, which doubles as its liveness ping.
+address, never as Ray calls per token. The router checks health and load with `report()`
+and learns how each request goes from `WorkerNews` this worker pushes to it as it happens
+(`note`).
 
 A worker keys each placement by `GenerateRequest.attempt_id` (engine, transfers, `abort`): a
 request continued after a migration may come back to a worker still letting go of its
 earlier attempt. Its chunks carry the client's request id and the attempt; a continuation
-numbers them from `resume_index`.
+numbers them from `resume_index`. The worker remembers the attempts it let go of (`let_go`,
+bounded): `abort` answers how far it streamed one (`LetGo`), and a placement that reaches it
+after its abort (Ray does not order calls of a threaded actor) is refused.
 
 Subclasses (`ColocatedWorker`, `PrefillWorker`, `DecodeWorker`) add their role's entry points
 and react to outputs in `on_output`. They run in-process without Ray; `ray.remote(cls)` makes
@@ -25,6 +28,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -36,9 +40,15 @@ from workers.actors.kv_event_buffer import KvEventBuffer
 from workers.actors.output_sender import OutputSender
 from workers.actors.rank_group import make_engine, shape_facts
 from workers.config import EngineConfig
-from workers.engine.sampling_params import SamplingParams
 from workers.errors import InternalError, KvrelayError
-from workers.protocol import GenerateRequest, OutputChunk, WorkerEvent
+from workers.protocol import (
+    GenerateRequest,
+    LetGo,
+    OutputChunk,
+    WorkerEvent,
+    WorkerNews,
+    WorkerReport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,8 @@ log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05
 # A command that takes longer than this in the loop thread is a bug (e.g. a deadlock).
 _CALL_TIMEOUT_S = 60.0
+# Attempts let go of that a worker remembers (for `abort`'s answer and late placements).
+_LET_GO_KEPT = 4096
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,8 @@ class LiveRequest:
     """Output tokens the client has (or will have) so far; starts at the request's
     resume_index."""
     timings: dict[str, float] = field(default_factory=dict)
+    last_index: int = -1
+    """Index of the last output token this worker streamed itself; -1: none yet."""
 
     def __post_init__(self) -> None:
         self.num_output_tokens = self.request.resume_index
@@ -99,9 +113,11 @@ class EngineWorker:
         self.sender = OutputSender()
         self.kv_events = KvEventBuffer(self.engine.prefix_cache)
         self.live: dict[str, LiveRequest] = {}
+        self.let_go: OrderedDict[str, LetGo] = OrderedDict()
+        """Attempts this worker let go of, newest last (loop thread only)."""
         self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
-        self._events: list[tuple[str, int, WorkerEvent]] = []
-        self._events_lock = threading.Lock()
+        self._news_address: str | None = None
+        """Where the router takes this worker's news (from its last `report` call)."""
         self._running = True
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.worker_id}")
         self._thread.daemon = True
@@ -124,29 +140,42 @@ class EngineWorker:
             **shape_facts(self.engine),
         }
 
-    def abort(self, attempt_id: str) -> None:
-        """Ends that placement here silently (the router sends the client's final chunk).
-        Returns once its blocks are free and no chunk of it will leave this worker again."""
-        self.call(lambda: self._abort_now(attempt_id))
+    def abort(self, attempt_id: str) -> LetGo:
+        """Ends that placement here silently (the router has the final chunk written,
+        router/final_chunk.py). Returns once no chunk of it will leave this worker again
+        (its blocks free, or freed as soon as no transfer touches them), with how far this
+        worker streamed it; a placement of it that comes later is refused."""
 
-    def poll(self) -> dict[str, Any]:
-        """Health ping and news for the router: load, free blocks, and `events`, a list of
-        (request_id, attempt, WorkerEvent) since the last poll."""
-        with self._events_lock:
-            events, self._events = self._events, []
-        return {
-            "worker_id": self.worker_id,
-            "incarnation": self.incarnation,
-            "role": self.role,
-            "alive": self._thread.is_alive(),
-            "free_blocks": self.engine.num_free_blocks,
-            "total_blocks": self.engine.num_total_blocks,
-            "num_live": len(self.live),
-            "events": events,
-            "kv_events": self.kv_events.take(),
-            "prefix_cache": self.prefix_cache_stats(),
-            "kv_address": self.kv_address(),
-        }
+        def let_go_now() -> LetGo:
+            live = self.live.get(attempt_id)
+            self._abort_now(attempt_id)
+            if attempt_id not in self.let_go:
+                self.remember(attempt_id, LetGo(live.last_index if live else -1))
+            return self.let_go[attempt_id]
+
+        return self.call(let_go_now)
+
+    def send_final(self, address: str, chunk: OutputChunk) -> None:
+        """Sends a request's final chunk (built by the router) on this worker's connection to
+        the gateway, behind every chunk this worker sent before."""
+        self.sender.send(address, chunk)
+
+    def report(self, news_address: str) -> WorkerReport:
+        """The router's health check: identity, liveness and load. From now on this worker
+        pushes its news to `news_address`."""
+        self._news_address = news_address
+        return WorkerReport(
+            worker_id=self.worker_id,
+            incarnation=self.incarnation,
+            role=self.role,
+            alive=self._thread.is_alive(),
+            free_blocks=self.engine.num_free_blocks,
+            total_blocks=self.engine.num_total_blocks,
+            num_live=len(self.live),
+            kv_address=self.kv_address(),
+            kv_events=self.kv_events.take(),
+            prefix_cache=self.prefix_cache_stats(),
+        )
 
     def prefix_cache_stats(self) -> dict[str, int] | None:
         """Tokens looked up in and found by the prefix cache (vLLM's prefix_cache_queries
@@ -235,13 +264,17 @@ class EngineWorker:
                 return
 
     def add_to_engine(self, request: GenerateRequest) -> bool:
-        """Admits `request` to the engine; a typed refusal ends it with an error chunk."""
+        """Admits `request` to the engine; a typed refusal ends it with an error chunk. An
+        attempt aborted before it came is refused silently."""
         key = request.attempt_id
+        if key in self.let_go:
+            log.info("%s was aborted before it reached %s; not admitted", key, self.worker_id)
+            return False
         try:
-            params = SamplingParams.from_dict(request.sampling)
             self.live[key] = LiveRequest(request)
-            self.engine.add_request(key, request.prompt_token_ids, params, request.priority,
-                                    request.output_token_ids, request.sent_text_len)
+            self.engine.add_request(key, request.prompt_token_ids, request.sampling,
+                                    request.priority, request.output_token_ids,
+                                    request.sent_text_len)
         except KvrelayError as exc:
             self.finish_with_error(key, exc, request)
             return False
@@ -264,6 +297,8 @@ class EngineWorker:
             live.first_token_at = now
         index = live.num_output_tokens
         live.num_output_tokens += len(output.new_token_ids)
+        if output.new_token_ids:
+            live.last_index = live.num_output_tokens - 1
         done = output.finished if finished is None else finished
         chunk = OutputChunk(
             request_id=live.request.request_id,
@@ -306,6 +341,7 @@ class EngineWorker:
         if not isinstance(exc, KvrelayError):
             exc = InternalError(self.worker_id)
         self.live.pop(key, None)
+        self.remember(key, LetGo(live.last_index if live else -1, ended=True))
         self.note(request, WorkerEvent.FAILED)
         self.sender.send(
             request.output_address,
@@ -323,15 +359,26 @@ class EngineWorker:
         )
 
     def end(self, key: str, event: WorkerEvent) -> None:
-        """Forgets a placement here and tells the router (via poll) how it ended."""
+        """Forgets a placement here and tells the router how it ended."""
         live = self.live.pop(key, None)
         if live is not None:
+            self.remember(key, LetGo(live.last_index, ended=event is WorkerEvent.FINISHED))
             self.note(live.request, event)
 
+    def remember(self, key: str, let_go: LetGo) -> None:
+        """Records how this worker let go of a placement (loop thread)."""
+        self.let_go[key] = let_go
+        self.let_go.move_to_end(key)
+        while len(self.let_go) > _LET_GO_KEPT:
+            self.let_go.popitem(last=False)
+
     def note(self, request: GenerateRequest, event: WorkerEvent) -> None:
-        """Queues news about a placement of `request` for the router's next poll."""
-        with self._events_lock:
-            self._events.append((request.request_id, request.attempt, event))
+        """Pushes news about a placement of `request` to the router. Before the first health
+        check there is no router to tell, and no request either."""
+        address = self._news_address
+        if address is not None:
+            self.sender.send(address, WorkerNews(self.worker_id, self.incarnation,
+                                                 request.request_id, request.attempt, event))
 
     def _abort_now(self, request_id: str) -> None:
         self.abort_transfers(request_id)

@@ -1,0 +1,161 @@
+"""Which workers the router serves with: RouterCore's collaborator for worker health.
+
+A monitor task checks every worker each `poll_interval_s` (`report`: alive, incarnation, free
+blocks; the news address rides along, router/worker_news.py). A worker that answers is
+admitted (its KV pairs set up, router/kv_pairs.py); one that stops answering, whose engine
+loop stopped, or that answers as a new incarnation (Ray restarted it) is lost: `on_lost`
+(RouterCore) lets its requests go on, migrate or end. A restarted worker is admitted again at
+its next answer. A second task hands each worker's pushed news to `on_news`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+
+from router.control_plane import ControlPlane
+from router.kv_pairs import KvPairs
+from router.router_state import RouterConfig, WorkerState
+from router.worker_client import WorkerClient
+from router.worker_handle import WorkerGone, WorkerHandle
+from router.worker_news import NewsReceiver
+from workers.errors import NoReadyWorker
+from workers.protocol import WorkerNews, WorkerReport
+
+log = logging.getLogger(__name__)
+
+OnLost = Callable[[str, list[str]], Awaitable[None]]
+OnNews = Callable[[WorkerNews], Awaitable[None]]
+
+
+class Membership:
+    """Registers, checks, admits and loses workers; see the module docstring."""
+
+    def __init__(self, config: RouterConfig, workers: dict[str, WorkerState],
+                 control_plane: ControlPlane, worker: Callable[[str], WorkerClient],
+                 on_lost: OnLost, on_news: OnNews):
+        self.config = config
+        self.workers = workers
+        self.control_plane = control_plane
+        self.prefix_stats: dict[str, dict[str, int]] = {}
+        """Per worker, its prefix cache's lookups (`queries`, `hits`) at its last report."""
+        self.kv_events_applied: Counter[str] = Counter()
+        """Per worker, KV events applied to the control plane."""
+        self._worker = worker
+        self._on_lost = on_lost
+        self._on_news = on_news
+        self.pairs = KvPairs(workers, worker)
+        self.news = NewsReceiver(config.news_host)
+        self._tasks: list[asyncio.Task] = []
+
+    def add(self, worker_id: str, role: str, handle: WorkerHandle) -> None:
+        """Registers a worker; it takes requests once it answered a health check."""
+        self.workers[worker_id] = WorkerState(handle, role)
+
+    @property
+    def started(self) -> bool:
+        return bool(self._tasks)
+
+    def start(self) -> None:
+        if not self._tasks:
+            loop = asyncio.get_running_loop()
+            self._tasks = [loop.create_task(self._monitor_loop()),
+                           loop.create_task(self._news_loop())]
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()  # a no-op for tasks their loop already ended
+        self._tasks = []
+        self.news.close()
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        """Checks until every registered worker answered once (or raises NoReadyWorker)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            await self.poll_all()
+            waiting = [w for w in self.workers.values() if not w.ready]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise NoReadyWorker(waiting[0].role, len(self.workers))
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    async def poll_all(self) -> None:
+        await asyncio.gather(*(self._check(wid) for wid in list(self.workers)))
+
+    async def lose(self, worker_id: str, why: str) -> None:
+        """Drops a worker: its requests continue elsewhere if they can, else end clearly."""
+        worker = self.workers[worker_id]
+        if worker.ready:
+            log.warning("worker %s (%s) lost: %s", worker_id, worker.role, why)
+        worker.ready = False
+        self.control_plane.drop_worker(worker_id)
+        request_ids = list(worker.requests)
+        worker.requests.clear()
+        await self._on_lost(worker_id, request_ids)
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            try:
+                await self.poll_all()
+            except Exception:  # the monitor must outlive any one bad check
+                log.exception("router health check failed")
+            await asyncio.sleep(self.config.poll_interval_s)
+
+    async def _news_loop(self) -> None:
+        while True:
+            news = await self.news.next()
+            worker = self.workers.get(news.worker_id)
+            if worker is None or news.incarnation != worker.incarnation:
+                continue  # of a worker (incarnation) the router no longer serves
+            try:
+                await self._on_news(news)
+            except Exception:  # one bad news must not stop the others
+                log.exception("news %s failed", news)
+
+    async def _check(self, worker_id: str) -> None:
+        worker = self.workers[worker_id]
+        try:
+            report = await asyncio.wait_for(self._worker(worker_id).report(self.news.bind()),
+                                            timeout=self.config.poll_timeout_s)
+        except WorkerGone:
+            return  # the call dropped it already
+        except asyncio.TimeoutError:
+            await self.lose(worker_id, "its health check timed out")
+            return
+        if not report.alive:
+            await self.lose(worker_id, "its engine loop stopped")
+            return
+        if worker.incarnation and report.incarnation != worker.incarnation:
+            await self.lose(worker_id, "restarted")
+        self._record(worker_id, worker.role, report)
+        admitted = not worker.ready
+        if admitted:
+            log.info("worker %s (%s) admitted", worker_id, worker.role)
+        worker.incarnation, worker.ready = report.incarnation, True
+        worker.kv_address = report.kv_address
+        if admitted:
+            await self.pairs.introduce(worker_id)
+        worker.free_blocks, worker.total_blocks = report.free_blocks, report.total_blocks
+
+    def _record(self, worker_id: str, role: str, report: WorkerReport) -> None:
+        """A report's facts into the control plane (heartbeat, load, KV events)."""
+        self.control_plane.heartbeat(worker_id, {
+            "role": role, "incarnation": report.incarnation, "free_blocks": report.free_blocks,
+            "total_blocks": report.total_blocks, "num_live": report.num_live})
+        if report.kv_events is not None:
+            self.control_plane.apply_kv_events(worker_id, report.kv_events)
+            self.kv_events_applied[worker_id] += len(report.kv_events["events"])
+        if report.prefix_cache is not None:
+            self.prefix_stats[worker_id] = report.prefix_cache
+
+    def health(self) -> dict:
+        roles: dict[str, dict[str, int]] = {}
+        for worker in self.workers.values():
+            counts = roles.setdefault(worker.role, {"ready": 0, "known": 0})
+            counts["known"] += 1
+            counts["ready"] += int(worker.ready)
+        return roles
