@@ -23,6 +23,7 @@ from tests.cluster.helpers import (
     wait_until,
 )
 from workers.config import CacheConfig, EngineConfig
+from workers.engine.sampling_params import SamplingParams
 from workers.protocol import GenerateRequest
 
 BLOCK = 8
@@ -51,7 +52,7 @@ def collector():
 
 
 def request(rid, prompt, address, max_tokens):
-    sampling = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
 
 
