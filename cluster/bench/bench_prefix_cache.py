@@ -157,7 +157,7 @@ def disagg_run(args: argparse.Namespace, caching: bool) -> dict[str, float]:
         (seed_prompt,), prompts = workload(args, prefill.ready()["vocab_size"])
         moved = []
         for i, prompt in enumerate([seed_prompt, *prompts]):
-            request = GenerateRequest(f"kv-{i}", prompt, params(args).to_dict(), address,
+            request = GenerateRequest(f"kv-{i}", prompt, params(args), address,
                                       arrival_time=time.time())
             prefill.prefill(request, decode_worker.reserve(request))
             final = wait_final(sink, request.request_id)
