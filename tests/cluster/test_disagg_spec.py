@@ -20,7 +20,6 @@ from workers.actors.decode_worker import DecodeWorker
 from workers.actors.prefill_worker import PrefillWorker
 from workers.config import SpeculativeConfig
 from workers.engine.engine import LLMEngine
-from workers.engine.sampling_params import SamplingParams
 
 
 def spec_spec(model_dir, worker_id: str, speculative: SpeculativeConfig):
@@ -52,7 +51,7 @@ def test_pd_speculation_matches_transformers_and_colocated_acceptance(
         reqs = [request(f"{method}-{i}", p, collector.address, 10) for i, p in enumerate(batch)]
         asyncio.run(run_requests(prefill, decode, collector, reqs))
         colocated = LLMEngine(dataclasses.replace(decode.spec.engine, role="colocated"))
-        params = SamplingParams(**{**reqs[0].sampling, "max_tokens": 10})
+        params = dataclasses.replace(reqs[0].sampling, max_tokens=10)
         expected = colocated.generate(batch, params)
         model = hf_reference(tiny_model_dir)
         drafts = 0
