@@ -4,7 +4,8 @@
 - paged_decode: split-KV decode attention for 1..8 query tokens per sequence (+ reduce)
 - attention_tile: the online-softmax KV tile loop both attention kernels share
 - attention_ref: the torch reference of paged causal attention
-- cache_write: scatter new K/V into cache slots (slot_mapping)
+- cache_write: scatter new K/V into cache slots (slot_mapping), quantizing for an fp8 cache
+- kv_quant: the fp8 (e4m3) KV cache format: per-layer K/V scales, torch quantize/dequantize
 - kv_pack: gather / scatter a sequence's blocks to / from one contiguous transfer buffer
 - rmsnorm, rotary, activation: fused residual+RMSNorm, in-place RoPE, SiLU-and-multiply
 - bench: `python -m kernels.bench.bench_kernels` on a GPU
