@@ -241,3 +241,31 @@ def test_medusa_heads_that_do_not_fit_fail_at_start_naming_the_field(spec_engine
     with pytest.raises(InvalidParameter) as err:
         spec_engine("medusa", 3, few)
     assert err.value.field == "num_speculative_tokens"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_verify_steps_replayed_from_cuda_graphs_match_eager_and_transformers(
+    method, tiny_model_dir, hf_greedy
+):
+    """Triton backend on CUDA: verification steps of 1 + K tokens per sequence replay the
+    verify graphs (n-gram proposals padded to K) and give transformers' tokens, as eager."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    prompts = repetitive_prompts(6, seed=17)
+    outs = {}
+    for eager in (False, True):
+        config = EngineConfig(
+            model=str(tiny_model_dir), dtype="float32", device="cuda",
+            attention_backend="triton", enforce_eager=eager,
+            cache=CacheConfig(block_size=16, num_blocks=128),
+            scheduler=SchedulerConfig(max_num_seqs=8),
+            speculative=SpeculativeConfig(method, 3,
+                                          str(tiny_model_dir) if method == "draft" else None),
+        )
+        engine = LLMEngine(config)
+        assert (engine.runner.verify_graph_runner is None) == eager
+        assert engine.spec.pad_to_k != eager
+        outs[eager] = [o.token_ids for o in engine.generate(prompts, greedy())]
+        assert engine.num_free_blocks == engine.num_total_blocks
+    assert outs[False] == outs[True] == hf_greedy(tiny_model_dir, prompts, NUM_NEW)

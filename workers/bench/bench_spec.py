@@ -131,9 +131,9 @@ def measure_tpot(engine, prompts: list[list[int]], output_len: int) -> tuple[flo
 
 
 def verify_step_costs(engine, batch: int, context: int, k: int) -> dict[str, float]:
-    """Seconds of one target forward: a decode step (1 token per sequence; graphed where
-    the engine graphs decode) and a verification step (1 + k tokens per sequence, eager),
-    over `batch` sequences of `context` tokens in the engine's own cache."""
+    """Seconds of one target forward over `batch` sequences of `context` tokens in the
+    engine's own cache: a decode step (1 token per sequence) and a verification step (1 + k
+    tokens per sequence), each eager and, where the engine has the graphs, replayed."""
     runner, bs = engine.runner, engine.runner.block_size
     per_seq = -(-(context + k + 1) // bs)
     assert batch * per_seq <= runner.num_blocks, "--num-blocks/--kv-cache-memory too small"
@@ -151,20 +151,30 @@ def verify_step_costs(engine, batch: int, context: int, k: int) -> dict[str, flo
         return StepInput([str(i) for i in range(batch)], ids, pos, slots, starts, lens,
                          [list(t) for t in tables], list(range(len(ids))))
 
+    def timed(s: StepInput) -> float:
+        runner.execute(s)
+        return min(_timed(lambda: runner.execute(s), runner.device) for _ in range(5))
+
     decode, verify = step(1), step(1 + k)
-    graph = runner.graph_runner
-
-    def timed(fn) -> float:
-        fn()
-        return min(_timed(fn, runner.device) for _ in range(5))
-
-    costs = {"verify": timed(lambda: runner.execute(verify))}
-    runner.graph_runner = None
-    costs["decode_eager"] = timed(lambda: runner.execute(decode))
-    runner.graph_runner = graph
-    if graph is not None:
-        costs["decode_graph"] = timed(lambda: runner.execute(decode))
+    costs = {}
+    if runner.graph_runner is not None:
+        costs["decode_graph"] = timed(decode)
+    if runner.verify_graph_runner is not None:
+        costs["verify_graph"] = timed(verify)
+    graphs = runner.graph_runner, runner.verify_graph_runner
+    runner.graph_runner = runner.verify_graph_runner = None
+    costs["decode_eager"], costs["verify_eager"] = timed(decode), timed(verify)
+    runner.graph_runner, runner.verify_graph_runner = graphs
     return costs
+
+
+def cost_line(batch: int, k: int, costs: dict[str, float]) -> str:
+    decode = costs.get("decode_graph", costs["decode_eager"])
+    verify = costs.get("verify_graph", costs["verify_eager"])
+    mode = "graphs" if "verify_graph" in costs else "eager"
+    return (f"batch {batch:>3}: decode step {decode * 1e3:7.2f} ms, verify 1+{k} tokens "
+            f"{verify * 1e3:7.2f} ms = {verify / decode:.2f}x ({mode}; eager "
+            f"{costs['decode_eager'] * 1e3:.2f} / {costs['verify_eager'] * 1e3:.2f} ms)")
 
 
 def prefill_cost(runner, length: int) -> float:
@@ -202,15 +212,11 @@ def main(argv: list[str]) -> int:
             prompts = repetitive_prompts(batch, args.input_len, vocab, seed=batch)
             tpot, per_step = measure_tpot(engine, prompts, args.output_len)
             rows.append((batch, method, tpot, per_step))
-        if method == "baseline":
+        if method == "self-draft":  # a speculating target: it has the verify graphs
             for batch in sizes:
-                costs = verify_step_costs(engine, batch, args.input_len, args.k)
-                base = costs.get("decode_graph", costs["decode_eager"])
-                extra.append(
-                    f"batch {batch:>3}: decode step {base * 1e3:7.2f} ms"
-                    f" ({'graph' if 'decode_graph' in costs else 'eager'}), eager "
-                    f"{costs['decode_eager'] * 1e3:7.2f} ms; verify 1+{args.k} tokens "
-                    f"{costs['verify'] * 1e3:7.2f} ms = {costs['verify'] / base:.2f}x")
+                extra.append(cost_line(batch, args.k,
+                                       verify_step_costs(engine, batch, args.input_len, args.k)))
+        if method == "baseline":
             target_prefill = prefill_cost(engine.runner, args.input_len)
         if method == "draft-small":
             draft_prefill = prefill_cost(engine.spec.proposer.runner, args.input_len)

@@ -13,8 +13,10 @@ host->device copy per step. Attention metadata inside the graphs uses max_seq_le
 max_model_len, so the Triton decode kernel's split count is fixed per bucket (the kernel is
 correct for any split count) and the torch backend's padded gather is static.
 
-Invariants: graphs are only used on CUDA, for steps where every sequence has exactly one new
-token; everything else (prefill, chunks, verification, CPU, `enforce_eager`) runs eagerly.
+Invariants: graphs are only used on CUDA, for steps where every sequence has exactly
+`query_len` new tokens (1: decode; 1 + K: a speculative verification step, a second runner
+built for the Triton backend, whose decode kernel masks by the device seq_lens); everything
+else (prefill, chunks, mixed verification, CPU, `enforce_eager`) runs eagerly.
 The caller keeps at most one step in flight (the engine samples on the host every step).
 """
 
@@ -28,7 +30,8 @@ from workers.attention.backend import AttentionMetadata
 from workers.engine.step_input import StepInput
 from workers.model.llama import KVCache, LlamaForCausalLM
 
-_FIELDS = ("input_ids", "positions", "slot_mapping", "seq_lens", "logits_indices")
+_TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "logits_indices")
+"""Per packed token (rows * query_len each); seq_lens follows, one per row."""
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -52,34 +55,44 @@ class CudaGraphRunner:
         max_num_seqs: int,
         max_model_len: int,
         scratch_block: int,
+        query_len: int = 1,
     ):
         self.model = model
+        self.query_len = query_len
         self.kv_caches = kv_caches
         self.buckets = batch_buckets(max_num_seqs)
         self.max_model_len = max_model_len
         self.block_size = kv_caches[0][0].shape[1]
         self.scratch_block = scratch_block
         self.device = kv_caches[0][0].device
+        assert query_len <= self.block_size, "padding rows live in one scratch block"
         rows = self.buckets[-1]
+        tokens = rows * query_len
         self.width = -(-max_model_len // self.block_size)
-        total = len(_FIELDS) * rows + rows * self.width
+        self._fields_end = len(_TOKEN_FIELDS) * tokens + rows
+        total = self._fields_end + rows * self.width
         self._device = torch.zeros(total, dtype=torch.int64, device=self.device)
         self._host = torch.zeros(total, dtype=torch.int64).pin_memory()
+        spans = {f: (i * tokens, (i + 1) * tokens) for i, f in enumerate(_TOKEN_FIELDS)}
+        spans["seq_lens"] = (len(_TOKEN_FIELDS) * tokens, self._fields_end)
         host = self._host.numpy()
-        self._host_fields = {f: host[i * rows : (i + 1) * rows] for i, f in enumerate(_FIELDS)}
-        self._host_tables = host[len(_FIELDS) * rows :].reshape(rows, self.width)
-        self._static = {
-            f: self._device[i * rows : (i + 1) * rows] for i, f in enumerate(_FIELDS)
-        }
-        self._block_tables = self._device[len(_FIELDS) * rows :].view(rows, self.width)
-        self._query_start_loc = torch.arange(rows + 1, dtype=torch.int32, device=self.device)
+        self._host_fields = {f: host[a:b] for f, (a, b) in spans.items()}
+        self._host_tables = host[self._fields_end :].reshape(rows, self.width)
+        self._static = {f: self._device[a:b] for f, (a, b) in spans.items()}
+        self._block_tables = self._device[self._fields_end :].view(rows, self.width)
+        self._query_start_loc = torch.arange(
+            0, (rows + 1) * query_len, query_len, dtype=torch.int32, device=self.device)
         self._copied = torch.cuda.Event()
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._capture_all()
 
     def can_run(self, step: StepInput) -> bool:
-        """Decode-only (one new token per sequence) and no larger than the largest bucket."""
-        return 0 < step.num_seqs <= self.buckets[-1] and step.num_tokens == step.num_seqs
+        """Every sequence has exactly query_len new tokens (decode: one), and the step is no
+        larger than the largest bucket."""
+        q = self.query_len
+        if not (0 < step.num_seqs <= self.buckets[-1] and step.num_tokens == step.num_seqs * q):
+            return False
+        return q == 1 or step.query_start_loc == list(range(0, step.num_tokens + 1, q))
 
     def bucket_for(self, num_seqs: int) -> int:
         return next(size for size in self.buckets if size >= num_seqs)
@@ -93,15 +106,16 @@ class CudaGraphRunner:
         graph, hidden = self._graphs[bucket]
         graph.replay()
         indices = self._static["logits_indices"][: len(step.logits_indices)]
-        return hidden[:num_seqs].index_select(0, indices)
+        return hidden[: num_seqs * self.query_len].index_select(0, indices)
 
     def _fill_host(self, step: StepInput, bucket: int) -> None:
         # The previous step's copy must have left the pinned mirror before it is rewritten.
         self._copied.synchronize()
         n, fields = step.num_seqs, self._host_fields
-        fields["input_ids"][:n] = step.token_ids
-        fields["positions"][:n] = step.positions
-        fields["slot_mapping"][:n] = step.slot_mapping
+        tokens = step.num_tokens
+        fields["input_ids"][:tokens] = step.token_ids
+        fields["positions"][:tokens] = step.positions
+        fields["slot_mapping"][:tokens] = step.slot_mapping
         fields["seq_lens"][:n] = step.seq_lens
         fields["logits_indices"][: len(step.logits_indices)] = step.logits_indices
         # Table columns past a sequence's own blocks keep stale (valid) block ids: attention
@@ -111,34 +125,36 @@ class CudaGraphRunner:
         self._fill_padding(n, bucket)
 
     def _fill_padding(self, start: int, end: int) -> None:
-        """Rows start..end-1 become one-token sequences living in the scratch block."""
-        fields = self._host_fields
-        fields["input_ids"][start:end] = 0
-        fields["positions"][start:end] = 0
-        fields["slot_mapping"][start:end] = self.scratch_block * self.block_size
-        fields["seq_lens"][start:end] = 1
+        """Rows start..end-1 become query_len-token sequences living in the scratch block."""
+        fields, q = self._host_fields, self.query_len
+        first, last = start * q, end * q
+        fields["input_ids"][first:last] = 0
+        fields["positions"][first:last] = list(range(q)) * (end - start)
+        fields["slot_mapping"][first:last] = [self.scratch_block * self.block_size + i
+                                              for i in range(q)] * (end - start)
+        fields["seq_lens"][start:end] = q
         self._host_tables[start:end, 0] = self.scratch_block
 
     def _upload(self, bucket: int) -> None:
-        rows = self.buckets[-1]
-        used = len(_FIELDS) * rows + bucket * self.width
+        used = self._fields_end + bucket * self.width
         self._device[:used].copy_(self._host[:used], non_blocking=True)
         self._copied.record()
 
     def _forward(self, bucket: int) -> torch.Tensor:
-        static = self._static
+        static, q = self._static, self.query_len
+        tokens = bucket * q
         meta = AttentionMetadata(
-            slot_mapping=static["slot_mapping"][:bucket],
+            slot_mapping=static["slot_mapping"][:tokens],
             query_start_loc=self._query_start_loc[: bucket + 1],
             seq_lens=static["seq_lens"][:bucket].to(torch.int32),
             block_tables=self._block_tables[:bucket].to(torch.int32),
-            max_query_len=1,
+            max_query_len=q,
             max_seq_len=self.max_model_len,
-            query_start_loc_host=tuple(range(bucket + 1)),
+            query_start_loc_host=tuple(range(0, tokens + 1, q)),
             seq_lens_host=(self.max_model_len,) * bucket,
         )
-        positions = static["positions"][:bucket]
-        return self.model(static["input_ids"][:bucket], positions, self.kv_caches, meta)
+        positions = static["positions"][:tokens]
+        return self.model(static["input_ids"][:tokens], positions, self.kv_caches, meta)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

@@ -175,6 +175,7 @@ class ModelRunner:
             (k[: self.num_blocks], v[: self.num_blocks]) for k, v in self._full_caches
         ]
         self.graph_runner = self._build_graph_runner()
+        self.verify_graph_runner = self._build_verify_graph_runner()
         self.last_hidden: torch.Tensor | None = None
         """The last stage's final hidden states of the latest step's logits rows (Medusa
         heads read them, workers/spec/medusa.py)."""
@@ -276,6 +277,20 @@ class ModelRunner:
             scratch_block=self.num_blocks,
         )
 
+    def _build_verify_graph_runner(self) -> CudaGraphRunner | None:
+        """Speculative verification steps (1 + K tokens for every sequence) replayed from
+        graphs like decode (workers/spec/): Triton backend only, whose decode kernel masks
+        by the device seq_lens (the torch reference's multi-token path reads host lengths)."""
+        spec = self.config.speculative
+        if (spec.method is None or spec.num_speculative_tokens == 0 or self.graph_runner is None
+                or self.config.attention_backend != "triton" or self.config.role == "prefill"):
+            return None
+        return CudaGraphRunner(
+            self.model, self._full_caches, max_num_seqs=self.config.scheduler.max_num_seqs,
+            max_model_len=self.max_model_len, scratch_block=self.num_blocks,
+            query_len=1 + spec.num_speculative_tokens,
+        )
+
     @torch.inference_mode()
     def execute(
         self, step: StepInput, layer_done: Callable[[int], None] | None = None,
@@ -327,9 +342,10 @@ class ModelRunner:
         hidden states for the next stage otherwise). Writes this step's KV into kv_caches,
         calling `layer_done(local_layer)` after each layer's (eager steps only). Decode-only
         steps replay a CUDA graph when there is a graph runner (and no `layer_done`)."""
-        if layer_done is None and self.graph_runner is not None and \
-                self.graph_runner.can_run(step):
-            self.last_hidden = self.graph_runner.run(step)
+        graphs = (self.graph_runner, self.verify_graph_runner) if layer_done is None else ()
+        graph = next((g for g in graphs if g is not None and g.can_run(step)), None)
+        if graph is not None:
+            self.last_hidden = graph.run(step)
             return self.model.compute_logits(self.last_hidden)
         tensors = build_step_tensors(step, self.device)
         out = self.model(

@@ -80,8 +80,12 @@ def check_speculative_config(config: SpeculativeConfig) -> None:
 
 class SpeculativeDecoder:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, pool: BlockPool,
-                 max_model_len: int):
+                 max_model_len: int, pad_to_k: bool = False):
+        """`pad_to_k`: the target replays verification steps of exactly 1 + K tokens per
+        sequence from CUDA graphs, so a shorter proposal is padded to K by repeating its last
+        token (a valid deterministic draft: verified like any other, rarely accepted)."""
         self.config = config
+        self.pad_to_k = pad_to_k
         self.proposer = proposer
         self.pool = pool
         self.max_model_len = max_model_len
@@ -111,7 +115,10 @@ class SpeculativeDecoder:
             ks.append(k)
         if not seqs:
             return
-        for seq, run in zip(seqs, self.proposer.propose(seqs, ks), strict=True):
+        for seq, k, run in zip(seqs, ks, self.proposer.propose(seqs, ks), strict=True):
+            if self.pad_to_k and len(run.token_ids) < k and run.probs is None:
+                last = run.token_ids[-1] if run.token_ids else seq.output_token_ids[-1]
+                run.token_ids = [*run.token_ids, *[last] * (k - len(run.token_ids))]
             seq.spec_token_ids = list(run.token_ids)
             self._draft_probs[seq.seq_id] = run.probs
             self.pool.rollback_slots(seq.block_table, seq.num_tokens + len(run.token_ids))

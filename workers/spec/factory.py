@@ -30,7 +30,8 @@ def build_speculative_decoder(
     check_speculative_config(spec)
     if spec.method is None or config.role == "prefill":
         return None
-    return SpeculativeDecoder(spec, _proposer(config, runner, tokenizer), pool, max_model_len)
+    return SpeculativeDecoder(spec, _proposer(config, runner, tokenizer), pool, max_model_len,
+                              pad_to_k=runner.verify_graph_runner is not None)
 
 
 def _proposer(config: EngineConfig, runner: ModelRunner, tokenizer: Tokenizer | None
