@@ -114,13 +114,13 @@ def test_per_request_num_speculative_tokens_is_range_checked():
 
 
 def test_openai_request_carries_num_speculative_tokens_and_checks_its_range():
-    from router.openai_protocol import sampling_fields
+    from router.openai_protocol import sampling_params
     from router.request_models import CompletionRequest
 
     ok = CompletionRequest(prompt="hi", max_tokens=4, num_speculative_tokens=2)
-    assert sampling_fields(ok, 3, 100)["num_speculative_tokens"] == 2
-    assert sampling_fields(CompletionRequest(prompt="hi"), 3, 100)[
-        "num_speculative_tokens"] is None
+    assert sampling_params(ok, 3, 100).num_speculative_tokens == 2
+    assert sampling_params(CompletionRequest(prompt="hi"), 3, 100).num_speculative_tokens \
+        is None
     with pytest.raises(InvalidParameter) as err:
-        sampling_fields(CompletionRequest(prompt="hi", num_speculative_tokens=8), 3, 100)
+        sampling_params(CompletionRequest(prompt="hi", num_speculative_tokens=8), 3, 100)
     assert err.value.field == "num_speculative_tokens"
