@@ -13,4 +13,4 @@ class ColocatedWorker(EngineWorker):
 
     def submit(self, request: GenerateRequest) -> None:
         """Queues `request`; its tokens stream to `request.output_address`."""
-        self.call_soon(lambda: self.add_to_engine(request))
+        self.loop.call_soon(lambda: self.add_to_engine(request))

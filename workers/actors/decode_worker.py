@@ -13,7 +13,8 @@ import logging
 import time
 
 from workers.actors.kv_endpoint import make_receiver
-from workers.actors.worker_base import EngineWorker, LiveRequest, WorkerSpec
+from workers.actors.live_request import LiveRequest
+from workers.actors.worker_base import EngineWorker, WorkerSpec
 from workers.errors import UnknownRequest
 from workers.kv_transfer.base import TransferState
 from workers.protocol import GenerateRequest, Reservation
@@ -28,8 +29,8 @@ class DecodeWorker(EngineWorker):
         super().__init__(spec)
         self.kv = make_receiver(
             self.engine, spec.kv_transport, spec.host,
-            on_done=lambda rid, extra: self.call_soon(lambda: self._landed(rid, extra)),
-            on_failed=lambda rid, state, why: self.call_soon(lambda: self._not_landed(
+            on_done=lambda rid, extra: self.loop.call_soon(lambda: self._landed(rid, extra)),
+            on_failed=lambda rid, state, why: self.loop.call_soon(lambda: self._not_landed(
                 rid, state, why)),
         )
 
@@ -54,17 +55,17 @@ class DecodeWorker(EngineWorker):
             self.kv.expect(key, block_ids[cached // self.engine.pool.block_size:])
             return Reservation(self.worker_id, list(block_ids), self.kv.address, cached)
 
-        return self.call(reserve_now)
+        return self.loop.call(reserve_now)
 
     def submit(self, request: GenerateRequest) -> None:
         """Conditional disaggregation: runs a short request whole here (prefill included)."""
-        self.call_soon(lambda: self.add_to_engine(request))
+        self.loop.call_soon(lambda: self.add_to_engine(request))
 
     def landed(self, attempt_ids: list[str]) -> list[str]:
         """Those of `attempt_ids` whose KV has fully arrived here (they need no prefill
         worker any more), for the router when a prefill worker dies."""
         # Finished ones count too: their final chunk is out (or on its way) from here.
-        return self.call(lambda: [rid for rid in attempt_ids
+        return self.loop.call(lambda: [rid for rid in attempt_ids
                                   if self.kv.state(rid) is TransferState.DONE])
 
     def _landed(self, rid: str, extra: dict) -> None:
@@ -100,7 +101,7 @@ class DecodeWorker(EngineWorker):
 
     def _free_when_quiet(self, rid: str) -> None:
         """Frees a reservation once no posted receive can write into its blocks."""
-        self.kv.when_quiet(rid, lambda: self.on_loop(lambda: self.engine.abort(rid)))
+        self.kv.when_quiet(rid, lambda: self.loop.on_loop(lambda: self.engine.abort(rid)))
 
     def _abort_now(self, request_id: str) -> None:
         self.kv.abort(request_id)

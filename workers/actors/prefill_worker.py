@@ -29,8 +29,8 @@ class PrefillWorker(EngineWorker):
         self.dests: dict[str, Reservation] = {}
         self.kv = make_sender(
             self.engine, spec.kv_transport, spec.host, f"{spec.worker_id}-{self.incarnation}",
-            on_done=lambda rid, extra: self.call_soon(lambda: self._shipped(rid)),
-            on_failed=lambda rid, state, why: self.call_soon(lambda: self._not_shipped(
+            on_done=lambda rid, extra: self.loop.call_soon(lambda: self._shipped(rid)),
+            on_failed=lambda rid, state, why: self.loop.call_soon(lambda: self._not_shipped(
                 rid, state, why)),
             max_pairs=spec.kv_max_pairs,
         )
@@ -63,7 +63,7 @@ class PrefillWorker(EngineWorker):
             else:
                 self.engine.skip_remote_prefix(rid, skip * self._block_size)
 
-        self.call_soon(admit)
+        self.loop.call_soon(admit)
 
     def on_output(self, output) -> None:
         rid = output.request_id
@@ -121,7 +121,7 @@ class PrefillWorker(EngineWorker):
             except UnknownRequest:
                 pass  # already freed
 
-        self.kv.when_quiet(rid, lambda: self.on_loop(release_now))
+        self.kv.when_quiet(rid, lambda: self.loop.on_loop(release_now))
 
     def abort_transfers(self, request_id: str) -> None:
         self.kv.abort(request_id)
@@ -137,7 +137,7 @@ class PrefillWorker(EngineWorker):
 
     def transfer_paths(self) -> dict[str, dict]:
         """Per decode address: the path (nccl, gloo, zmq) and the probe's GB/s."""
-        return self.call(lambda: {
+        return self.loop.call(lambda: {
             dest: {"path": self.kv.path(dest), "gbps": self.kv.bandwidth(dest)}
             for dest in self.kv.pairs()
         })

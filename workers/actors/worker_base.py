@@ -1,11 +1,11 @@
 """A worker: one LLMEngine driven by its own loop thread, streaming outputs over ZMQ.
 
-The engine is not thread-safe, so every engine call runs in the loop thread: public methods
-(called from Ray's actor threads or from a test) post closures to a queue and, where they need
-an answer, wait on a Future. Outputs leave as `OutputChunk`s PUSHed to the request's gateway
-address, never as Ray calls per token. The router checks health and load with `report()`
-and learns how each request goes from `WorkerNews` this worker pushes to it as it happens
-(`note`).
+The engine is not thread-safe, so every engine call runs in the loop thread
+(workers/actors/engine_loop.py): public methods (called from Ray's actor threads or from a
+test) post closures to it with `loop.call` / `loop.call_soon`. Outputs leave as
+`OutputChunk`s (workers/actors/live_request.py) PUSHed to the request's gateway address,
+never as Ray calls per token. The router checks health and load with `report()` and learns
+how each request goes from `WorkerNews` this worker pushes to it as it happens (`note`).
 
 A worker keys each placement by `GenerateRequest.attempt_id` (engine, transfers, `abort`): a
 request continued after a migration may come back to a worker still letting go of its
@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import queue
-import threading
 import time
 import traceback
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+from workers.actors.engine_loop import EngineLoop
 from workers.actors.host_memory import return_large_frees_to_os
 from workers.actors.kv_endpoint import kv_layout
 from workers.actors.kv_event_buffer import KvEventBuffer
+from workers.actors.live_request import LiveRequest, error_chunk
 from workers.actors.output_sender import OutputSender
 from workers.actors.rank_group import make_engine, shape_facts
 from workers.config import EngineConfig
@@ -52,11 +50,6 @@ from workers.protocol import (
 
 log = logging.getLogger(__name__)
 
-# How long the idle loop waits on its inbox before checking `_running` again. Commands and
-# KV-transfer callbacks post to the inbox, so they wake it at once.
-_IDLE_WAIT_S = 0.05
-# A command that takes longer than this in the loop thread is a bug (e.g. a deadlock).
-_CALL_TIMEOUT_S = 60.0
 # Attempts let go of that a worker remembers (for `abort`'s answer and late placements).
 _LET_GO_KEPT = 4096
 
@@ -74,24 +67,6 @@ class WorkerSpec:
     kv_max_pairs: int = 64
     """Prefill worker, torch transport: most decode workers it keeps a KV pair with (each
     NCCL communicator holds GPU memory); past it the least recently used idle pair goes."""
-
-
-@dataclass
-class LiveRequest:
-    """A request this worker currently owns the output stream of."""
-
-    request: GenerateRequest
-    submitted: float = field(default_factory=time.time)
-    first_token_at: float | None = None
-    num_output_tokens: int = field(init=False)
-    """Output tokens the client has (or will have) so far; starts at the request's
-    resume_index."""
-    timings: dict[str, float] = field(default_factory=dict)
-    last_index: int = -1
-    """Index of the last output token this worker streamed itself; -1: none yet."""
-
-    def __post_init__(self) -> None:
-        self.num_output_tokens = self.request.resume_index
 
 
 class EngineWorker:
@@ -115,13 +90,10 @@ class EngineWorker:
         self.live: dict[str, LiveRequest] = {}
         self.let_go: OrderedDict[str, LetGo] = OrderedDict()
         """Attempts this worker let go of, newest last (loop thread only)."""
-        self._inbox: queue.Queue[Callable[[], None]] = queue.Queue()
         self._news_address: str | None = None
         """Where the router takes this worker's news (from its last `report` call)."""
-        self._running = True
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.worker_id}")
-        self._thread.daemon = True
-        self._thread.start()
+        self.loop = EngineLoop(f"engine-{self.worker_id}", self._turn,
+                               self.engine.has_unfinished)
 
     # ---- called from outside the loop thread -------------------------------------------
 
@@ -153,7 +125,7 @@ class EngineWorker:
                 self.remember(attempt_id, LetGo(live.last_index if live else -1))
             return self.let_go[attempt_id]
 
-        return self.call(let_go_now)
+        return self.loop.call(let_go_now)
 
     def send_final(self, address: str, chunk: OutputChunk) -> None:
         """Sends a request's final chunk (built by the router) on this worker's connection to
@@ -168,7 +140,7 @@ class EngineWorker:
             worker_id=self.worker_id,
             incarnation=self.incarnation,
             role=self.role,
-            alive=self._thread.is_alive(),
+            alive=self.loop.alive,
             free_blocks=self.engine.num_free_blocks,
             total_blocks=self.engine.num_total_blocks,
             num_live=len(self.live),
@@ -186,61 +158,29 @@ class EngineWorker:
         return {"queries": cache.num_queries, "hits": cache.num_hits}
 
     def free_blocks(self) -> int:
-        return self.call(lambda: self.engine.num_free_blocks)
+        return self.loop.call(lambda: self.engine.num_free_blocks)
 
     def shutdown(self) -> None:
-        self._running = False
-        self._thread.join(timeout=5)
+        self.loop.stop()
         self.sender.close()
-
-    def call(self, fn: Callable[[], Any], timeout: float = _CALL_TIMEOUT_S) -> Any:
-        """Runs `fn` in the loop thread and returns its result (or raises its error)."""
-        future: Future = Future()
-
-        def run() -> None:
-            try:
-                future.set_result(fn())
-            except BaseException as exc:  # handed to the caller, not swallowed
-                future.set_exception(exc)
-
-        self._inbox.put(run)
-        return future.result(timeout=timeout)
-
-    def on_loop(self, fn: Callable[[], None]) -> None:
-        """Runs `fn` now if this is the loop thread, else soon in it (`call_soon`)."""
-        if threading.current_thread() is self._thread:
-            fn()
-        else:
-            self.call_soon(fn)
-
-    def call_soon(self, fn: Callable[[], None]) -> None:
-        """Runs `fn` in the loop thread later; an error is logged, never kills the loop."""
-
-        def run() -> None:
-            try:
-                fn()
-            except Exception:
-                log.exception("command failed on %s", self.worker_id)
-
-        self._inbox.put(run)
 
     # ---- loop thread ------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while self._running:
-            self.kv_events.collect()
-            self._drain_inbox(block=not self.engine.has_unfinished())
-            if not self.engine.has_unfinished():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # a failed step must not kill the worker silently
-                log.error("engine step failed on %s:\n%s", self.worker_id, traceback.format_exc())
-                self._fail_all(exc)
-                continue
-            for output in outputs:
-                if output.request_id in self.live:
-                    self._handle(output)
+    def _turn(self) -> None:
+        """One turn of the loop thread: the prefix cache's events out, one engine step, its
+        outputs handled."""
+        self.kv_events.collect()
+        if not self.engine.has_unfinished():
+            return
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # a failed step must not kill the worker silently
+            log.error("engine step failed on %s:\n%s", self.worker_id, traceback.format_exc())
+            self._fail_all(exc)
+            return
+        for output in outputs:
+            if output.request_id in self.live:
+                self._handle(output)
 
     def _handle(self, output: Any) -> None:
         try:
@@ -250,18 +190,6 @@ class EngineWorker:
             request = self.live[output.request_id].request
             self._abort_now(output.request_id)
             self.finish_with_error(output.request_id, exc, request)
-
-    def _drain_inbox(self, block: bool) -> None:
-        try:
-            fn = self._inbox.get(timeout=_IDLE_WAIT_S) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            fn()
-            try:
-                fn = self._inbox.get_nowait()
-            except queue.Empty:
-                return
 
     def add_to_engine(self, request: GenerateRequest) -> bool:
         """Admits `request` to the engine; a typed refusal ends it with an error chunk. An
@@ -293,27 +221,8 @@ class EngineWorker:
         """Sends the new tokens of `output`; ends the request if it finished."""
         live = self.live[output.request_id]
         now = time.time()
-        if output.new_token_ids and live.first_token_at is None:
-            live.first_token_at = now
-        index = live.num_output_tokens
-        live.num_output_tokens += len(output.new_token_ids)
-        if output.new_token_ids:
-            live.last_index = live.num_output_tokens - 1
         done = output.finished if finished is None else finished
-        chunk = OutputChunk(
-            request_id=live.request.request_id,
-            new_token_ids=list(output.new_token_ids),
-            text_delta=output.text_delta or "",
-            finished=done,
-            finish_reason=output.finish_reason if done else None,
-            logprobs=output.logprobs,
-            num_prompt_tokens=output.num_prompt_tokens,
-            num_output_tokens=live.num_output_tokens,
-            num_cached_tokens=output.num_cached_tokens,
-            index=index if output.new_token_ids else None,
-            worker_id=self.worker_id,
-            attempt=live.request.attempt,
-        )
+        chunk = live.chunk(output, done, self.worker_id, now)
         if done:
             # Speculative decoding's counters (spec_decode_*) ride with the phase times.
             chunk.timings = self.final_timings(live, now) | output.metrics.spec
@@ -343,20 +252,7 @@ class EngineWorker:
         self.live.pop(key, None)
         self.remember(key, LetGo(live.last_index if live else -1, ended=True))
         self.note(request, WorkerEvent.FAILED)
-        self.sender.send(
-            request.output_address,
-            OutputChunk(
-                request_id=request.request_id,
-                finished=True,
-                finish_reason="error",
-                error=str(exc),
-                error_type=type(exc).__name__,
-                error_param=getattr(exc, "field", None),
-                num_prompt_tokens=len(request.prompt_token_ids),
-                worker_id=self.worker_id,
-                attempt=request.attempt,
-            ),
-        )
+        self.sender.send(request.output_address, error_chunk(request, exc, self.worker_id))
 
     def end(self, key: str, event: WorkerEvent) -> None:
         """Forgets a placement here and tells the router how it ended."""
