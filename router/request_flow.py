@@ -3,7 +3,7 @@
 Validate and tokenize (router/openai_protocol.py), admit (router/admission.py), register the
 id on the one ZMQ PULL socket (router/output_receiver.py), `backend.submit`, then turn the
 worker's OutputChunks (gathered in a `Call`, router/gateway_call.py) into one JSON body or
-an SSE stream (router/sse.py). `_end` runs exactly once per admitted request, whatever
+an SSE stream (router/responses.py). `_end` runs exactly once per admitted request, whatever
 happened (done, error, deadline, client gone): it frees the admission slot and the receiver's
 queue, aborts the request on the backend unless it finished there, and records its metrics.
 """
@@ -15,34 +15,28 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from router import http_errors, sse
+from router import http_errors
 from router.admission import Admission
 from router.drain import CUT, Drain, ShuttingDown
 from router.gateway_call import Call
 from router.openai_protocol import (
-    ChatCompletionRequest,
     check_request,
-    logprobs_formatter,
     prompt_token_ids,
-    response_body,
     sampling_params,
 )
 from router.output_receiver import OutputReceiver
+from router.responses import Responses, cut_short, param_for
 from router.stream_resume import StreamResume
 from workers.errors import (
-    EmptyPrompt,
     KvrelayError,
-    PromptTooLong,
     RequestTimeout,
     UnknownModel,
-    UnknownTokenIds,
 )
 from workers.protocol import GenerateRequest, OutputChunk
 
@@ -70,6 +64,7 @@ class RequestFlow:
         # become a Python list (a 5 MB prompt's ~2M ids hold the GIL for ~0.1-0.25 s).
         self.tokenizer = tokenizer.limited(max_model_len - 1) if tokenizer else tokenizer
         self.names = names
+        self.responses = Responses(self.tokenizer, names)
         self.max_model_len = max_model_len
         self.config = config
         self.metrics = metrics
@@ -89,7 +84,7 @@ class RequestFlow:
             return self.error(endpoint, exc.http_error())
         except KvrelayError as exc:
             rid = call.request_id if call else None
-            param = _param_for(type(exc).__name__, body)
+            param = param_for(type(exc).__name__, body)
             return self.error(endpoint, http_errors.from_exception(exc, param, rid))
         except Exception as exc:  # a bug: 500 naming the request id, the details logged
             rid = call.request_id if call else new_request_id(endpoint)
@@ -98,21 +93,22 @@ class RequestFlow:
         try:
             chunk = await self._receive(call, request, whole=not body.stream)
         except (RequestTimeout, ShuttingDown) as exc:
-            mapped = _cut_short(exc)
+            mapped = cut_short(exc)
             self._end(call, mapped.status)
             return self.error(endpoint, mapped, count=False)
         if chunk is None:  # the client left; nginx's 499 "client closed request"
             self._end(call, 499)
             return Response(status_code=499)
         if call.failed:
-            mapped = self._chunk_error(call, chunk)
+            mapped = self.responses.chunk_error(call, chunk)
             self._end(call, mapped.status)
             return self.error(endpoint, mapped, count=False)
         if body.stream:
-            return StreamingResponse(self._events(call, chunk), media_type="text/event-stream",
+            events = self.responses.events(call, chunk, self._next, self._end)
+            return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         self._end(call, 200)
-        return JSONResponse(self._body(call))
+        return JSONResponse(self.responses.body(call))
 
     def close(self) -> None:
         """Stops the prepare threads (a tokenization under way finishes unseen)."""
@@ -199,61 +195,6 @@ class RequestFlow:
             return pumping.result()
         return None
 
-    async def _events(self, call: Call, first: OutputChunk) -> AsyncIterator[bytes]:
-        """The SSE body. Its `finally` runs on completion, on error and when the client
-        disconnects (Starlette cancels the stream), so `_end` always aborts what is left."""
-        body = call.body
-        stream = sse.StreamFormatter(
-            isinstance(body, ChatCompletionRequest), call.request_id, call.created,
-            self._model(call), bool(body.stream_options and body.stream_options.include_usage),
-            logprobs_formatter(body, self._token_text))
-        status = 499
-        try:
-            for payload in stream.opening():
-                yield sse.event(payload)
-            chunk = first
-            while not call.failed:
-                payload = stream.delta(chunk.text_delta, chunk.logprobs or [],
-                                       chunk.finish_reason if chunk.finished else None,
-                                       chunk.new_token_ids if body.return_token_ids else None)
-                if payload is not None:
-                    yield sse.event(payload)
-                if chunk.finished:
-                    status = 200
-                    if stream.include_usage:
-                        yield sse.event(stream.usage(call.usage()))
-                    break
-                chunk = await self._next(call)
-            else:
-                mapped = self._chunk_error(call, chunk)
-                status = mapped.status
-                yield sse.error_event(mapped.body)
-            yield sse.DONE
-        except (RequestTimeout, ShuttingDown) as exc:
-            mapped = _cut_short(exc)
-            status = mapped.status
-            yield sse.error_event(mapped.body)
-            yield sse.DONE
-        finally:
-            self._end(call, status)
-
-    def _chunk_error(self, call: Call, chunk: OutputChunk) -> http_errors.HttpError:
-        param = chunk.error_param or _param_for(chunk.error_type, call.body)
-        return http_errors.from_chunk(chunk.error_type, chunk.error or chunk.finish_reason,
-                                      param, call.request_id)
-
-    def _body(self, call: Call) -> dict[str, Any]:
-        """The non-streaming response of a finished request."""
-        assert call.final is not None
-        formatter = logprobs_formatter(call.body, self._token_text)
-        logprobs = formatter(call.logprobs, 0) if formatter else None
-        body = response_body(call.body, call.request_id, call.created, self._model(call),
-                             call.text, logprobs, call.final.finish_reason, call.usage(),
-                             time.time() - call.arrival)
-        if call.body.return_token_ids and body.get("choices"):
-            body["choices"][0]["token_ids"] = list(call.output_ids)
-        return body
-
     def _end(self, call: Call, status: int) -> None:
         """Releases everything the request held at the gateway, once; aborts it on the
         backend unless it finished there; records its metrics."""
@@ -296,31 +237,10 @@ class RequestFlow:
         if self.metrics is not None:
             self.metrics.set_in_flight(self.admission.in_flight)
 
-    def _model(self, call: Call) -> str:
-        return call.body.model or self.names[0]
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def _cut_short(exc: RequestTimeout | ShuttingDown) -> http_errors.HttpError:
-    """A request in flight ended by the gateway: its deadline (504) or a shutdown (503)."""
-    if isinstance(exc, ShuttingDown):
-        return exc.http_error()
-    return http_errors.from_exception(exc)
 
 
 def new_request_id(endpoint: str) -> str:
     return _ID_PREFIX.get(endpoint, "req-") + uuid.uuid4().hex
-
-
-def _param_for(error_type: str | None, body: Any) -> str | None:
-    """The request field an error (by class name) is about, where the error cannot know it."""
-    if error_type == UnknownModel.__name__:
-        return "model"
-    if error_type in (PromptTooLong.__name__, EmptyPrompt.__name__, UnknownTokenIds.__name__):
-        return "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
-    return None
 
 
 async def _disconnected(request: Request) -> None:
