@@ -16,7 +16,7 @@ from workers.actors.colocated_worker import ColocatedWorker
 from workers.actors.worker_base import WorkerSpec
 from workers.config import CacheConfig, EngineConfig
 from workers.engine.sampling_params import SamplingParams
-from workers.protocol import GenerateRequest
+from workers.protocol import GenerateRequest, LetGo
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +72,35 @@ def test_router_core_places_and_aborts_on_local_workers(worker, collector):
         collector.wait_tokens("long", 2)
         await core.abort("long")
         collector.wait_finished(["long"], timeout_s=5)
-        assert collector.final("long").finish_reason == "abort"
+        final = collector.final("long")
+        # The worker that streamed writes the router's final chunk, behind its last token.
+        assert final.finish_reason == "abort" and final.worker_id == "colocated-0"
+        assert collector.chunks["long"][-1] is final
         await core.submit(request("short", [5] * 10, collector.address, max_tokens=3))
         collector.wait_finished(["short"])
         deadline = time.monotonic() + 5
         while core.requests and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert not core.requests  # the poll reported 'short' finished
+        assert not core.requests  # the worker's news said 'short' finished
         await core.stop()
 
     asyncio.run(scenario())
+    assert worker.free_blocks() == worker.ready()["total_blocks"]
+
+
+def test_abort_answers_how_far_the_worker_streamed(worker, collector):
+    worker.submit(request("done", [6] * 10, collector.address, max_tokens=3))
+    collector.wait_finished(["done"])
+    assert worker.abort("done") == LetGo(last_index=2, ended=True)  # its own final is out
+
+
+def test_a_placement_that_comes_after_its_abort_is_refused(worker, collector):
+    """Ray does not order a threaded actor's calls: the router's abort can reach a worker
+    before the placement it aborts. The worker remembers it: the placement is refused, and
+    nothing of it is streamed or held."""
+    assert worker.abort("late") == LetGo(last_index=-1, ended=False)
+    worker.submit(request("late", [5] * 10, collector.address, max_tokens=50))
+    worker.submit(request("after", [5] * 10, collector.address, max_tokens=2))
+    collector.wait_finished(["after"])
+    assert "late" not in collector.chunks
     assert worker.free_blocks() == worker.ready()["total_blocks"]

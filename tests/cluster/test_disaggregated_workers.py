@@ -136,3 +136,34 @@ def test_conditional_disaggregation_prefills_short_prompts_on_the_decode_worker(
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+def test_an_abort_mid_stream_ends_with_one_final_chunk_from_the_decode_worker(tiny_model_dir,
+                                                                              collector):
+    """The prefill worker sent token 1, the decode worker the rest: after the abort, the
+    router's final chunk goes out from the decode worker, behind its last token."""
+    prefill = PrefillWorker(make_spec(tiny_model_dir, "prefill-0", "zmq"))
+    decode = DecodeWorker(make_spec(tiny_model_dir, "decode-0", "zmq"))
+
+    async def scenario() -> None:
+        core = RouterCore(RouterConfig(block_size=8, poll_interval_s=0.05))
+        core.add_worker("prefill-0", "prefill", LocalHandle(prefill))
+        core.add_worker("decode-0", "decode", LocalHandle(decode))
+        await core.wait_ready(10)
+        core.start()
+        await core.submit(request("ab", [7] * 12, collector.address, 300))
+        await asyncio.to_thread(collector.wait_tokens, "ab", 4)
+        await core.abort("ab")
+        await asyncio.to_thread(collector.wait_finished, ["ab"], 5)
+        await core.stop()
+
+    try:
+        asyncio.run(scenario())
+        time.sleep(0.3)  # anything late would be on the wire by now
+        final = collector.final("ab")
+        assert final.finish_reason == "abort" and final.worker_id == "decode-0"
+        assert collector.chunks["ab"][-1] is final
+        wait_all_free(prefill, decode)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
