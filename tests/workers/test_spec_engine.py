@@ -269,3 +269,16 @@ def test_verify_steps_replayed_from_cuda_graphs_match_eager_and_transformers(
         outs[eager] = [o.token_ids for o in engine.generate(prompts, greedy())]
         assert engine.num_free_blocks == engine.num_total_blocks
     assert outs[False] == outs[True] == hf_greedy(tiny_model_dir, prompts, NUM_NEW)
+
+
+def test_draft_memory_estimate_matches_what_the_draft_allocates(spec_engine, draft_model_dir):
+    """The start-up check's estimate (weights + KV of the target pool's block count) is
+    within 3% of the draft runner's real parameters and cache (norm weights aside)."""
+    from workers.spec.draft_model import draft_bytes
+
+    engine = spec_engine("draft", 2, draft_model_dir, num_blocks=64)
+    runner = engine.spec.proposer.runner
+    real = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    real += sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
+    estimate = draft_bytes(runner.model_config, 64, runner.block_size, runner.dtype.itemsize)
+    assert abs(estimate - real) <= 0.03 * real

@@ -45,6 +45,9 @@ from workers.engine.sampling_params import SamplingParams
 from workers.engine.step_input import StepInput
 from workers.model.presets import resolve_config_path
 
+NCCL_BPS = 278e9
+"""NCCL send/recv between two H200s at 16 MiB messages (DESIGN.md's performance budget)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench_spec", description=__doc__.split("\n")[0])
@@ -219,11 +222,17 @@ def main(argv: list[str]) -> int:
         if method == "baseline":
             target_prefill = prefill_cost(engine.runner, args.input_len)
         if method == "draft-small":
-            draft_prefill = prefill_cost(engine.spec.proposer.runner, args.input_len)
+            draft = engine.spec.proposer.runner
+            draft_prefill = prefill_cost(draft, args.input_len)
             extra.append(f"prefill of {args.input_len} tokens: draft-small "
                          f"{draft_prefill * 1e3:.2f} ms (decode worker, once per request)"
                          + (f" vs target {target_prefill * 1e3:.2f} ms"
                             if "baseline" in methods else ""))
+            kv = draft.kv_bytes_per_block * args.input_len / draft.block_size
+            extra.append(f"the alternative, shipping the draft's KV from the prefill worker: "
+                         f"{kv / 2**20:.3f} MiB per request, {kv / NCCL_BPS * 1e6:.1f} us at "
+                         f"{NCCL_BPS / 1e9:.0f} GB/s (NCCL, DESIGN.md) plus a draft on every "
+                         "prefill worker and a second KV layout in the handshake")
         del engine  # before the next one loads: two 8B models need not coexist
         gc.collect()
         if torch.cuda.is_available():

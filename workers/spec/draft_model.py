@@ -81,6 +81,32 @@ def check_draft_fits(target: ModelConfig, draft: ModelConfig,
                                                   "target's (ids of a probe text or EOS ids)")
 
 
+def draft_bytes(draft: ModelConfig, num_blocks: int, block_size: int, itemsize: int) -> int:
+    """What the draft needs on its device: weights (dense Llama shapes) plus a KV cache of
+    the target pool's block count."""
+    h, layers = draft.hidden_size, draft.num_layers
+    per_layer = h * (draft.q_size + 2 * draft.kv_size) + draft.q_size * h \
+        + 3 * h * draft.intermediate_size
+    embeddings = draft.vocab_size * h * (1 if draft.tie_word_embeddings else 2)
+    kv = 2 * layers * num_blocks * block_size * draft.kv_size
+    return (layers * per_layer + embeddings + kv) * itemsize
+
+
+def check_draft_memory(draft: ModelConfig, target: ModelRunner) -> None:
+    """On CUDA, fail at start-up (naming the field) rather than out of memory while loading
+    when the target's KV cache left no room for the draft."""
+    if target.device.type != "cuda":
+        return
+    needed = draft_bytes(draft, target.num_blocks, target.block_size, target.dtype.itemsize)
+    free, _ = torch.cuda.mem_get_info(target.device)
+    if needed > free:
+        raise InvalidParameter(
+            "draft_model", f"the draft needs ~{needed / 2**30:.1f} GiB (weights and a KV "
+                           f"cache of {target.num_blocks} blocks) but {free / 2**30:.1f} GiB "
+                           "are free after the target's KV cache: set --kv-cache-memory "
+                           "(or a lower gpu_memory_utilization) to leave room for it")
+
+
 class DraftModelProposer(Proposer):
     name = "draft"
 
@@ -88,8 +114,10 @@ class DraftModelProposer(Proposer):
                  target_tokenizer: Tokenizer | None, draft_tokenizer: Tokenizer | None):
         path = config.speculative.draft_model
         try:  # checked before the draft's weights load
-            check_draft_fits(target.model_config, ModelConfig.from_path(path),
-                             target_tokenizer, draft_tokenizer)
+            draft_config = ModelConfig.from_path(path)
+            check_draft_fits(target.model_config, draft_config, target_tokenizer,
+                             draft_tokenizer)
+            check_draft_memory(draft_config, target)
             self.runner = ModelRunner(
                 draft_engine_config(config, target.num_blocks, target.max_model_len))
         except InvalidParameter as exc:
