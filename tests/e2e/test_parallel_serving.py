@@ -5,11 +5,8 @@ leave every KV block free, and /metrics shows the worker's shape and each rank's
 
 from __future__ import annotations
 
-import dataclasses
-
 import httpx
 import pytest
-import ray
 
 from cluster.config import ClusterConfig
 from router.router_state import RouterConfig
@@ -19,24 +16,17 @@ from workers.config import CacheConfig, EngineConfig
 BLOCK = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def base_config(tiny_model_dir) -> ClusterConfig:
-    engine = EngineConfig(model=str(tiny_model_dir),
-                          cache=CacheConfig(block_size=BLOCK, num_blocks=96))
-    return ClusterConfig(engine=engine, model_name="tiny", num_colocated=1,
-                         router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1))
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_colocated_parallel_worker_greedy_matches_transformers(tp, pp, base_config, workload):
-    config = dataclasses.replace(base_config, name=f"tp{tp}pp{pp}", tp=tp, pp=pp)
+def test_colocated_parallel_worker_greedy_matches_transformers(tp, pp, tiny_model_dir,
+                                                               workload):
+    engine = EngineConfig(model=str(tiny_model_dir),
+                          cache=CacheConfig(block_size=BLOCK, num_blocks=96))
+    config = ClusterConfig(engine=engine, model_name="tiny", name=f"tp{tp}pp{pp}",
+                           num_colocated=1, tp=tp, pp=pp,
+                           router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1))
     with served(config) as (url, cluster):
         info = cluster.infos["colocated-0"]
         assert (info["tp"], info["pp"]) == (tp, pp)
