@@ -3,6 +3,8 @@
 router learns a request's progress without polling for it. The address travels with every
 health check (`WorkerClient.report`), so a restarted worker, or a restarted router, finds
 the other with no extra step; until a worker has it, that worker has no request to tell about.
+A worker tells every router that checked it lately; each ignores news of requests it does not
+own.
 """
 
 from __future__ import annotations

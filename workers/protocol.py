@@ -174,7 +174,7 @@ class WorkerEvent(str, enum.Enum):
 
 @dataclass
 class WorkerNews:
-    """Worker -> Router (ZMQ PUSH to the address the router gave in its last `report` call),
+    """Worker -> Router (ZMQ PUSH to the address each router gives in its `report` calls),
     pushed as it happens: `event` of placement `attempt` of `request_id`."""
 
     worker_id: str

@@ -104,3 +104,27 @@ def test_a_placement_that_comes_after_its_abort_is_refused(worker, collector):
     collector.wait_finished(["after"])
     assert "late" not in collector.chunks
     assert worker.free_blocks() == worker.ready()["total_blocks"]
+
+
+def test_two_routers_checking_one_worker_each_learn_how_their_requests_end(worker, collector):
+    """A worker pushes its news to every router that checks it; each router takes the news
+    of its own requests (and forgets them when they finish)."""
+
+    async def scenario() -> list[int]:
+        cores = [RouterCore(RouterConfig(block_size=8, poll_interval_s=0.05)) for _ in "ab"]
+        for core in cores:
+            core.add_worker("colocated-0", "colocated", LocalHandle(worker))
+            await core.wait_ready(5)
+            core.start()
+        for i, core in enumerate(cores):
+            await core.submit(request(f"two-{i}", [5] * 8, collector.address, max_tokens=3))
+        await asyncio.to_thread(collector.wait_finished, ["two-0", "two-1"])
+        deadline = time.monotonic() + 5
+        while any(core.requests for core in cores) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        finished = [core.num_finished for core in cores]
+        for core in cores:
+            await core.stop()
+        return finished
+
+    assert asyncio.run(scenario()) == [1, 1]

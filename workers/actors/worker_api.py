@@ -15,7 +15,7 @@ from workers.protocol import GenerateRequest, LetGo, OutputChunk, Reservation, W
 class WorkerApi(Protocol):
     def report(self, news_address: str) -> WorkerReport:
         """Health check and load (every poll interval); the worker pushes its `WorkerNews`
-        to `news_address` from now on."""
+        to `news_address` while this router keeps checking it."""
         ...
 
     def reserve(self, request: GenerateRequest) -> Reservation:

@@ -50,6 +50,8 @@ from workers.protocol import (
 
 log = logging.getLogger(__name__)
 
+# A router that has not checked this worker for this long gets no more of its news.
+_ROUTER_GONE_S = 10.0
 # Attempts let go of that a worker remembers (for `abort`'s answer and late placements).
 _LET_GO_KEPT = 4096
 
@@ -90,8 +92,8 @@ class EngineWorker:
         self.live: dict[str, LiveRequest] = {}
         self.let_go: OrderedDict[str, LetGo] = OrderedDict()
         """Attempts this worker let go of, newest last (loop thread only)."""
-        self._news_address: str | None = None
-        """Where the router takes this worker's news (from its last `report` call)."""
+        self._routers: dict[str, float] = {}
+        """News address -> when that router last checked this worker (time.monotonic())."""
         self.loop = EngineLoop(f"engine-{self.worker_id}", self._turn,
                                self.engine.has_unfinished)
 
@@ -135,7 +137,10 @@ class EngineWorker:
     def report(self, news_address: str) -> WorkerReport:
         """The router's health check: identity, liveness and load. From now on this worker
         pushes its news to `news_address`."""
-        self._news_address = news_address
+        now = time.monotonic()
+        # A new dict, swapped in whole: the loop thread reads it without a lock.
+        self._routers = {address: seen for address, seen in self._routers.items()
+                         if now - seen < _ROUTER_GONE_S} | {news_address: now}
         return WorkerReport(
             worker_id=self.worker_id,
             incarnation=self.incarnation,
@@ -269,12 +274,13 @@ class EngineWorker:
             self.let_go.popitem(last=False)
 
     def note(self, request: GenerateRequest, event: WorkerEvent) -> None:
-        """Pushes news about a placement of `request` to the router. Before the first health
-        check there is no router to tell, and no request either."""
-        address = self._news_address
-        if address is not None:
-            self.sender.send(address, WorkerNews(self.worker_id, self.incarnation,
-                                                 request.request_id, request.attempt, event))
+        """Pushes news about a placement of `request` to every router that checked this
+        worker lately (the one that placed it among them; the others ignore it). Before the
+        first health check there is no router to tell, and no request either."""
+        news = WorkerNews(self.worker_id, self.incarnation, request.request_id,
+                          request.attempt, event)
+        for address in self._routers:
+            self.sender.send(address, news)
 
     def _abort_now(self, request_id: str) -> None:
         self.abort_transfers(request_id)
