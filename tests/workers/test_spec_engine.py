@@ -171,20 +171,21 @@ def test_speculative_sampling_matches_the_target_distribution(spec_engine, tiny_
 
 
 def test_disaggregated_acceptance_equals_colocated(spec_engine, draft_model_dir):
-    """1P+1D in one process (KV copied block by block): the decode engine speculates from
-    its first step (the draft prefills itself there) and accepts exactly what the colocated
-    engine accepts, request by request."""
-    prompts = repetitive_prompts(6, seed=11)
+    """1P+1D in one process (KV copied block by block), 16 requests with mixed K: the decode
+    engine speculates from its first step (the draft prefills itself there) and accepts
+    exactly what the colocated engine accepts, request by request."""
+    prompts = repetitive_prompts(16, seed=11)
+    params = [greedy(i % 6 if i % 4 else None) for i in range(16)]  # mixed K, 0 included
     for method, k, draft in (("ngram", 4, None), ("draft", 3, draft_model_dir)):
         colocated = spec_engine(method, k, draft)
-        expected = {f"r{i}": o for i, o in enumerate(colocated.generate(prompts, greedy()))}
-        prefill = spec_engine(method, k, draft, role="prefill", num_blocks=64)
-        decode = spec_engine(method, k, draft, role="decode", num_blocks=96)
+        expected = {f"r{i}": o for i, o in enumerate(colocated.generate(prompts, params))}
+        prefill = spec_engine(method, k, draft, role="prefill", num_blocks=128)
+        decode = spec_engine(method, k, draft, role="decode", num_blocks=256)
         assert prefill.spec is None and decode.spec is not None
-        dest = {f"r{i}": decode.reserve_remote(f"r{i}", p, greedy())
+        dest = {f"r{i}": decode.reserve_remote(f"r{i}", p, params[i])
                 for i, p in enumerate(prompts)}
         for i, prompt in enumerate(prompts):
-            prefill.add_request(f"r{i}", prompt, greedy())
+            prefill.add_request(f"r{i}", prompt, params[i])
         while prefill.has_unfinished():
             for out in prefill.step():
                 held = prefill.held_block_ids(out.request_id)
@@ -282,3 +283,17 @@ def test_draft_memory_estimate_matches_what_the_draft_allocates(spec_engine, dra
     real += sum(k.numel() * k.element_size() * 2 for k, _ in runner.kv_caches)
     estimate = draft_bytes(runner.model_config, 64, runner.block_size, runner.dtype.itemsize)
     assert abs(estimate - real) <= 0.03 * real
+
+
+def test_penalties_and_min_tokens_apply_per_position_inside_a_verification_run(
+    spec_engine, tiny_model_dir
+):
+    """Each verification row sees the drafts before it as output (repetition, presence and
+    frequency penalties) and its own min_tokens ban: greedy output equals plain decoding."""
+    prompts = repetitive_prompts(6, seed=19)
+    params = SamplingParams(max_tokens=NUM_NEW, temperature=0, repetition_penalty=1.4,
+                            frequency_penalty=0.5, presence_penalty=0.3, min_tokens=6)
+    plain = [o.token_ids for o in spec_engine().generate(prompts, params)]
+    engine = spec_engine("draft", 4, tiny_model_dir)  # the unpenalized draft guesses wrong
+    assert [o.token_ids for o in engine.generate(prompts, params)] == plain
+    assert engine.spec.totals.num_accepted_tokens < engine.spec.totals.num_draft_tokens

@@ -379,7 +379,9 @@ class LLMEngine:
         return SamplingRow(
             params=seq.params,
             prompt_token_ids=seq.prompt_token_ids,
-            output_token_ids=seq.output_token_ids + drafts,
+            # Only penalties read the output; a copy per row costs O(output) per draft.
+            output_token_ids=seq.output_token_ids + drafts if seq.params.has_penalties
+            else seq.output_token_ids,
             generator=generator,
             seed=position_seed(seq.params.seed, position) if generator is not None else None,
             banned_token_ids=banned,
