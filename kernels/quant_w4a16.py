@@ -9,6 +9,9 @@ AWQ checkpoints into it at load):
     w[k, n] = (q[k, n] - zeros[k // group_size, n]) * scales[k // group_size, n]
     y = x @ w                   (x [M, K] float16 / bfloat16 / float32)
 
+or, with `min_form` (GGUF Q4_1, whose offset is not an integer zero point), `zeros` holds
+each group's minimum m and w[k, n] = q[k, n] * scales[g, n] + m[g, n].
+
 G = ceil(K / group_size): the last group may be shorter (K = 576, group 128). Dequantization
 is done in float32 and rounded once to x's dtype, so `dequantize_w4_ref(...).to(x.dtype)` is
 exactly the weight the kernel multiplies by.
@@ -34,7 +37,7 @@ def _w4a16_kernel(
     M, N, K, group_size, k_per_split,
     stride_xm, stride_qk, stride_sg, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_PER_TILE: tl.constexpr, PRECISION: tl.constexpr,
+    GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """GROUP_PER_TILE: every K tile lies inside one group (group_size % BLOCK_K == 0), so one
     row of scales/zeros serves the whole tile; otherwise each row finds its own group."""
@@ -65,7 +68,10 @@ def _w4a16_kernel(
             g_mask = k_ok[:, None] & n_ok[None, :]
             s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
-        w = ((q - z) * s).to(x.dtype)
+        if MIN_FORM:
+            w = (q * s + z).to(x.dtype)
+        else:
+            w = ((q - z) * s).to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
     store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om)
 
@@ -92,6 +98,7 @@ def w4a16_matmul(
     scales: torch.Tensor,  # [G, N]
     zeros: torch.Tensor,  # [G, N]
     group_size: int,
+    min_form: bool = False,
 ) -> torch.Tensor:
     """x @ dequantized weight, [M, N] in x's dtype (float32 accumulation)."""
     _check(x, qweight, scales, zeros, group_size)
@@ -107,7 +114,7 @@ def w4a16_matmul(
             x.stride(0), qweight.stride(0), scales.stride(0),
             out.stride(0) if splits > 1 else 0, out.stride(-2),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            GROUP_PER_TILE=group_size % block_k == 0,
+            GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form,
             PRECISION=dot_precision(x.dtype),
         )
     return split_k.reduce_splits(out, x.dtype)
@@ -121,15 +128,18 @@ def unpack_rows_ref(qweight: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_w4_ref(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    min_form: bool = False,
 ) -> torch.Tensor:
     """The float32 weight [K, N] the layout describes."""
     q = unpack_rows_ref(qweight).float()
     groups = torch.arange(q.shape[0], device=q.device) // group_size
+    if min_form:
+        return q * scales.float()[groups] + zeros.float()[groups]
     return (q - zeros.float()[groups]) * scales.float()[groups]
 
 
-def w4a16_matmul_ref(x, qweight, scales, zeros, group_size):
+def w4a16_matmul_ref(x, qweight, scales, zeros, group_size, min_form=False):
     """Plain-torch reference of `w4a16_matmul`."""
-    weight = dequantize_w4_ref(qweight, scales, zeros, group_size).to(x.dtype)
+    weight = dequantize_w4_ref(qweight, scales, zeros, group_size, min_form).to(x.dtype)
     return (x.float() @ weight.float()).to(x.dtype)

@@ -59,6 +59,18 @@ def test_w4a16_kernel_matches_reference(m, k, n, group_size, dtype, device):
     assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("m,k,n", [(1, 2048, 32), (3, 576, 96), (40, 256, 64)])
+def test_w4a16_kernel_in_min_form_matches_reference(m, k, n, dtype, device):
+    """GGUF Q4_1's form, w = q * scale + min, groups of 32."""
+    qweight, scales, _ = random_w4(k, n, 32, device)
+    mins = -scales * torch.rand(scales.shape, generator=torch.Generator().manual_seed(4)).to(
+        device).mul(15).half()
+    x = random_x(m, k, dtype, device)
+    out = w4a16_matmul(x, qweight, scales, mins, 32, min_form=True)
+    assert_close(out, w4a16_matmul_ref(x, qweight, scales, mins, 32, min_form=True))
+
+
 def test_w4a16_reference_dequantizes_the_layout_elementwise(device):
     """dequantize_w4_ref against the layout read one element at a time."""
     k, n, group_size = 48, 16, 16

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from workers.errors import InvalidModelConfig, InvalidTensor
-from workers.model.gguf_blocks import FORMATS, dequantize_rows, type_name
+from workers.model.gguf_blocks import FORMATS, BlockFormat, dequantize_rows, type_name
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -143,6 +143,14 @@ class GGUFFile:
     def dequantize(self, name: str) -> torch.Tensor:
         """The tensor `name` as float32 in its torch shape (CPU)."""
         info = self.tensors[name]
+        fmt, raw = self.blocks(name)
+        values = dequantize_rows(raw, fmt, raw.shape[0], raw.shape[1] * fmt.block_size)
+        return values.reshape(info.shape)
+
+    def blocks(self, name: str) -> tuple[BlockFormat, np.ndarray]:
+        """The tensor's format and its bytes as uint8 [rows, blocks per row, block_bytes]
+        (rows: every dim but the innermost), checked against its shape."""
+        info = self.tensors[name]
         fmt = FORMATS.get(info.type_id)
         if fmt is None:
             supported = ", ".join(f.name for f in FORMATS.values())
@@ -162,5 +170,4 @@ class GGUFFile:
                 name, fmt.name, f"{num_bytes} bytes for shape {list(info.shape)}",
                 f"{len(raw)} before the end of the file",
             )
-        values = dequantize_rows(np.frombuffer(raw, np.uint8), fmt, rows, cols)
-        return values.reshape(info.shape)
+        return fmt, np.frombuffer(raw, np.uint8).reshape(rows, -1, fmt.block_bytes)

@@ -122,18 +122,24 @@ def hf_tensor(gguf: GGUFFile, hf_name: str) -> torch.Tensor:
     """The float32 tensor for a Hugging Face name, its rows back in Hugging Face order.
     The caller has checked that `gguf_name(hf_name)` is in the file."""
     tensor = gguf.dequantize(gguf_name(hf_name))
+    heads = rotary_heads(gguf, hf_name)
+    return tensor if heads is None else unpermute_rotary(tensor, heads)
+
+
+def rotary_heads(gguf: GGUFFile, hf_name: str) -> int | None:
+    """The number of heads whose rows llama.cpp permuted in this tensor (q_proj, k_proj of
+    the `llama` architecture), None when its rows are in Hugging Face order."""
     if gguf.metadata.get("general.architecture") != "llama":
-        return tensor
+        return None
+    heads = int(gguf.require("llama.attention.head_count"))
     if ".self_attn.q_proj." in hf_name:
-        return _unpermute_rotary(tensor, int(gguf.require("llama.attention.head_count")))
+        return heads
     if ".self_attn.k_proj." in hf_name:
-        heads = gguf.require("llama.attention.head_count")
-        return _unpermute_rotary(tensor, int(gguf.metadata.get("llama.attention.head_count_kv",
-                                                               heads)))
-    return tensor
+        return int(gguf.metadata.get("llama.attention.head_count_kv", heads))
+    return None
 
 
-def _unpermute_rotary(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
+def unpermute_rotary(tensor: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Rows [head, pair, 2] (interleaved, GGUF) -> [head, 2, pair] (rotate-half, HF)."""
     rest = tensor.shape[1:]
     per_head = tensor.reshape(num_heads, -1, 2, *rest)

@@ -26,7 +26,7 @@ from workers.errors import CheckpointFileMissing, InvalidTensor, MissingTensor, 
 from workers.model.gguf_file import GGUFFile, is_gguf
 from workers.model.gguf_loader import gguf_name, hf_tensor
 from workers.model.llama import CheckpointSlot, LlamaForCausalLM
-from workers.model.quant.loading import load_dummy_quantized, load_quantized
+from workers.model.quant.loading import load_dummy_quantized, load_gguf_q4, load_quantized
 from workers.model.quant.scheme import QuantScheme, read_scheme
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,13 +53,16 @@ def checkpoint_files(folder: str | Path) -> dict[str, Path]:
     return files
 
 
-def load_checkpoint(model: LlamaForCausalLM, folder: str | Path) -> None:
+def load_checkpoint(
+    model: LlamaForCausalLM, folder: str | Path, keep_gguf_quantized: bool = False
+) -> None:
     """Fills every parameter of `model` from the checkpoint at `folder` (or GGUF file).
 
     Raises MissingTensor or TensorShapeMismatch naming the HF tensor (and both shapes); for a
-    GGUF file MissingTensor or InvalidTensor naming the GGUF tensor and its format."""
+    GGUF file MissingTensor or InvalidTensor naming the GGUF tensor and its format.
+    `keep_gguf_quantized`: see load_gguf."""
     if is_gguf(folder):
-        load_gguf(model, GGUFFile(folder))
+        load_gguf(model, GGUFFile(folder), keep_gguf_quantized)
         return
     slots = model.checkpoint_map()
     files = checkpoint_files(folder)
@@ -102,12 +105,17 @@ class _TensorReader:
         return self.handles[file].get_tensor(name)
 
 
-def load_gguf(model: LlamaForCausalLM, gguf: GGUFFile) -> None:
-    """Fills every parameter of `model` from a GGUF file, dequantized to float32 on the way."""
-    for hf_name, slot in model.checkpoint_map().items():
+def load_gguf(model: LlamaForCausalLM, gguf: GGUFFile, keep_quantized: bool = False) -> None:
+    """Fills every parameter of `model` from a GGUF file, dequantized to float32 on the way;
+    with `keep_quantized`, projections stored Q4_0 / Q4_1 stay 4-bit (W4A16)."""
+    slots = model.checkpoint_map()
+    for name in slots:
+        if gguf_name(name) not in gguf.tensors:
+            raise MissingTensor(gguf_name(name), str(gguf.path))
+    if keep_quantized:
+        slots = load_gguf_q4(slots, gguf)
+    for hf_name, slot in slots.items():
         name = gguf_name(hf_name)
-        if name not in gguf.tensors:
-            raise MissingTensor(name, str(gguf.path))
         tensor = hf_tensor(gguf, hf_name)
         if tuple(tensor.shape) != slot.full_shape:
             raise InvalidTensor(

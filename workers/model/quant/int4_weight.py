@@ -33,9 +33,12 @@ class Int4Weight(nn.Module):
         zeros: torch.Tensor,
         group_size: int,
         perm: torch.Tensor | None = None,
+        min_form: bool = False,
     ):
+        """`min_form`: `zeros` holds each group's minimum m, w = q * scale + m (GGUF Q4_1)."""
         super().__init__()
         self.group_size = group_size
+        self.min_form = min_form
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.to(SCALE_DTYPE).contiguous())
         self.register_buffer("zeros", zeros.to(SCALE_DTYPE).contiguous())
@@ -44,10 +47,10 @@ class Int4Weight(nn.Module):
     @classmethod
     def from_values(
         cls, values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-        perm: torch.Tensor | None = None,
+        perm: torch.Tensor | None = None, min_form: bool = False,
     ) -> Int4Weight:
         """From unpacked int values [K, N] (0..15) already in group order."""
-        return cls(pack_int4(values, dim=0), scales, zeros, group_size, perm)
+        return cls(pack_int4(values, dim=0), scales, zeros, group_size, perm, min_form)
 
     @property
     def in_features(self) -> int:
@@ -63,14 +66,15 @@ class Int4Weight(nn.Module):
             if self.perm is not None:
                 rows = rows[:, self.perm]
             out = w4a16_matmul(rows.contiguous(), self.qweight, self.scales, self.zeros,
-                               self.group_size)
+                               self.group_size, self.min_form)
         else:
             out = F.linear(rows, self.dequantize().to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [N, K], input columns in the checkpoint's order."""
-        weight = dequantize_w4_ref(self.qweight, self.scales, self.zeros, self.group_size)
+        weight = dequantize_w4_ref(self.qweight, self.scales, self.zeros, self.group_size,
+                                   self.min_form)
         if self.perm is not None:
             weight = torch.empty_like(weight).index_copy_(0, self.perm, weight)
         return weight.T
@@ -79,7 +83,7 @@ class Int4Weight(nn.Module):
         """Output columns [start, start + length) (a column-parallel shard)."""
         cols = slice(start, start + length)
         return Int4Weight(self.qweight[:, cols], self.scales[:, cols], self.zeros[:, cols],
-                          self.group_size, self.perm)
+                          self.group_size, self.perm, self.min_form)
 
     def in_slice(self, start: int, length: int) -> Int4Weight:
         """Input rows [start, start + length) (a row-parallel shard): whole groups only, and
@@ -98,7 +102,7 @@ class Int4Weight(nn.Module):
             )
         groups = slice(start // self.group_size, -(-end // self.group_size))
         return Int4Weight(self.qweight[start // 8 : end // 8], self.scales[groups],
-                          self.zeros[groups], self.group_size)
+                          self.zeros[groups], self.group_size, None, self.min_form)
 
     @staticmethod
     def cat_out(parts: list[Int4Weight]) -> Int4Weight:
@@ -107,11 +111,13 @@ class Int4Weight(nn.Module):
         for part in parts[1:]:
             same_perm = (part.perm is None) == (first.perm is None) and (
                 part.perm is None or torch.equal(part.perm, first.perm))
-            if part.group_size != first.group_size or not same_perm:
+            same_form = part.min_form == first.min_form
+            if part.group_size != first.group_size or not same_perm or not same_form:
                 raise InvalidParameter(
-                    "quantization", "merged projections must share group size and act-order"
+                    "quantization",
+                    "merged projections must share group size, act-order and zero-point form",
                 )
         return Int4Weight(
             torch.cat([p.qweight for p in parts], 1), torch.cat([p.scales for p in parts], 1),
-            torch.cat([p.zeros for p in parts], 1), first.group_size, first.perm,
+            torch.cat([p.zeros for p in parts], 1), first.group_size, first.perm, first.min_form,
         )

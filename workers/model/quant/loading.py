@@ -13,10 +13,12 @@ from collections.abc import Callable
 
 import torch
 
+from workers.model.gguf_file import GGUFFile
 from workers.model.linear import ColumnParallelLinear, RowParallelLinear
 from workers.model.llama import CheckpointSlot
 from workers.model.quant.checkpoint_tensors import ProjectionTensors
 from workers.model.quant.formats import FORMATS
+from workers.model.quant.gguf_q4 import is_kept_quantized, read_gguf_q4
 from workers.model.quant.scheme import QuantScheme
 
 TensorReader = Callable[[str], "torch.Tensor | None"]
@@ -76,3 +78,18 @@ def _load_projections(
         weight = read(ProjectionTensors(prefix, tensors, scheme, in_features, out_features))
         slot.module.load_quantized(slot.shard, weight)
     return rest
+
+
+def load_gguf_q4(slots: dict[str, CheckpointSlot], gguf: GGUFFile) -> dict[str, CheckpointSlot]:
+    """Loads, kept 4-bit, the projections of a GGUF file whose every merged part is stored
+    Q4_0 / Q4_1 (a layer with one part in another format, say Q6_K, stays dense); returns
+    the other slots."""
+    by_module: dict[int, list[str]] = {}
+    for name, slot in slots.items():
+        if is_quantized_slot(slot):
+            by_module.setdefault(id(slot.module), []).append(name)
+    kept = {name for names in by_module.values()
+            if all(is_kept_quantized(gguf, name) for name in names) for name in names}
+    for name in kept:
+        slots[name].module.load_quantized(slots[name].shard, read_gguf_q4(gguf, name))
+    return {name: slot for name, slot in slots.items() if name not in kept}
