@@ -67,6 +67,9 @@ class EngineConfig:
     model: str = ""
     """Path of a Hugging Face checkpoint folder; or a config.json when load_format='dummy'."""
     load_format: Literal["auto", "dummy"] = "auto"
+    keep_gguf_quantized: bool = False
+    """A GGUF model's Q4_0/Q4_1 projections stay 4-bit on the device (W4A16 kernel) instead of
+    being dequantized to `dtype` at load (workers/model/quant/gguf_q4.py)."""
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
     """auto: the checkpoint's torch_dtype on CUDA, float32 on CPU."""
     device: str = "auto"

@@ -211,7 +211,7 @@ class ModelRunner:
         if self.config.load_format == "dummy":
             load_dummy(model, seed=self.config.seed, scheme=read_scheme(self.config.model))
         else:
-            load_checkpoint(model, self.config.model)
+            load_checkpoint(model, self.config.model, self.config.keep_gguf_quantized)
         return model.eval()
 
     def _size_cache(self) -> int:
