@@ -3,14 +3,18 @@ one model's shapes with dummy weights, through the engine (CUDA graphs for decod
 
     python -m workers.bench.bench_quant [--config llama3-8b] [--formats bf16,int8,fp8,gptq,awq]
         [--input-len 128] [--output-len 64] [--batch 1 32] [--group-size 128]
+    python -m workers.bench.bench_quant --gguf smollm2      (a GGUF file's Q4_0/Q4_1
+        projections dequantized to --dtype at load vs kept 4-bit: EngineConfig
+        .keep_gguf_quantized)
 
 For each format a config.json (the preset plus that format's quantization_config) is loaded
 with load_format='dummy': the projections are the same random weights, rounded to the format
 (workers/model/weights.py load_dummy) and kept quantized. A decode step at batch B is timed as
 (time of O tokens - time of 1 token) / (O - 1) for B prompts of I tokens, so prefill cancels;
 batch 1 gives TPOT, batch 32 decode throughput (32 / step). Weight bytes are what one step
-reads of the projections, norms and LM head; the "vs bf16" ratios are of the step times
-measured in this run. Targets (issue 14): W4A16 batch-1 step <= 0.4x bf16's, FP8 <= 0.6x.
+reads of the projections, norms and LM head; the "vs base" ratios (to bf16, or to the
+dequantized GGUF) are of step times measured in this run. Targets (issue 14): W4A16
+batch-1 step <= 0.4x bf16's, FP8 <= 0.6x.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ import torch
 from workers.bench.bench_engine import batch1_tpot, make_prompts
 from workers.bench.bench_report import device_name
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.model.model_source import resolve_model_path
 from workers.model.presets import resolve_config_path
 from workers.model.quantize import quantization_config
 
 LABELS = {"bf16": "unquantized", "int8": "W8A16 int8", "fp8": "FP8 e4m3", "gptq": "W4A16 gptq",
-          "awq": "W4A16 awq"}
+          "awq": "W4A16 awq", "gguf": "GGUF dequant", "gguf-kept": "GGUF Q4 kept"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="llama3-8b", type=resolve_config_path,
                         help="config.json or preset name")
     parser.add_argument("--formats", default="bf16,int8,fp8,gptq")
+    parser.add_argument("--gguf", default=None,
+                        help="a GGUF file or packaged model (smollm2): dequantized vs kept 4-bit")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
@@ -71,11 +78,13 @@ def step_weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def measure(args: argparse.Namespace, model_path: str) -> dict[str, float]:
+def measure(args: argparse.Namespace, model_path: str, keep_gguf_quantized: bool = False
+            ) -> dict[str, float]:
     from workers.engine.engine import LLMEngine
 
     config = EngineConfig(
-        model=model_path, load_format="dummy", dtype=args.dtype, device=args.device,
+        model=model_path, load_format="auto" if args.gguf else "dummy",
+        keep_gguf_quantized=keep_gguf_quantized, dtype=args.dtype, device=args.device,
         attention_backend=args.attention_backend, max_model_len=args.max_model_len,
         cache=CacheConfig(num_blocks=args.num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=max(args.batch),
@@ -116,7 +125,8 @@ def format_table(args: argparse.Namespace, results: dict[str, dict[str, float]])
                                       args.device in ("auto", "cuda") else "cpu"))
     lines = [
         f"device:    {device}",
-        f"model:     {args.config} (dummy weights), activations {args.dtype}, "
+        f"model:     {args.gguf or args.config} ({'GGUF file' if args.gguf else 'dummy weights'}),"
+        f" activations {args.dtype}, "
         f"attention {args.attention_backend}, group size {args.group_size} (4-bit)",
         f"workload:  batch {args.batch} x {args.input_len} prompt tokens, decode step = "
         f"(t({args.output_len} tokens) - t(1)) / {args.output_len - 1}",
@@ -126,10 +136,10 @@ def format_table(args: argparse.Namespace, results: dict[str, dict[str, float]])
     ]
     head = f"{'format':<12}{'weights GB':>11}"
     for batch in args.batch:
-        head += f"{f'b{batch} step ms':>13}{'vs bf16':>9}{f'b{batch} tok/s':>12}"
+        head += f"{f'b{batch} step ms':>13}{'vs base':>9}{f'b{batch} tok/s':>12}"
     head += f"{'b1 weight GB/s':>16}"
     lines.append(head)
-    base = results.get("bf16")
+    base = results.get("bf16") or results.get("gguf")
     for fmt, r in results.items():
         row = f"{LABELS[fmt]:<12}{r['weight_bytes'] / 1e9:>11.2f}"
         for batch in args.batch:
@@ -146,8 +156,14 @@ def format_table(args: argparse.Namespace, results: dict[str, dict[str, float]])
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    base = json.loads(Path(args.config).read_text())
     results = {}
+    if args.gguf:
+        path = resolve_model_path(args.gguf)
+        results["gguf"] = measure(args, path)
+        results["gguf-kept"] = measure(args, path, keep_gguf_quantized=True)
+        print(format_table(args, results))
+        return 0
+    base = json.loads(Path(args.config).read_text())
     with tempfile.TemporaryDirectory() as folder:
         for fmt in args.formats.split(","):
             results[fmt] = measure(args, format_config(base, fmt, args.group_size, Path(folder)))
