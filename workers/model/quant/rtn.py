@@ -4,8 +4,8 @@ for the same layouts; these are correct inputs in those layouts, not replacement
 
 - 4-bit groups, symmetric (AutoGPTQ's quantizer with sym=True): scale = 2 * amax / 15,
   zero = 8, q = clamp(round(w / scale) + 8, 0, 15).
-- 4-bit groups, asymmetric (AutoAWQ's): scale = (max - min) / 15, zero = round(-min / scale),
-  q = clamp(round(w / scale) + zero, 0, 15).
+- 4-bit groups, asymmetric (AutoAWQ's pseudo_quantize_tensor): scale = (max - min) / 15,
+  zero = clamp(round(-min / scale), 0, 15), q = clamp(round(w / scale) + zero, 0, 15).
 - 8-bit per output channel: INT8 scale = amax / 127; FP8 (e4m3) scale = amax / 448.
 Scales are rounded to their stored dtype before q is computed, so dequantizing the stored
 values reproduces exactly what was rounded.
@@ -19,6 +19,8 @@ from kernels.quant_fp8 import FP8, FP8_MAX
 from workers.model.quant.int4_weight import SCALE_DTYPE
 
 INT4_MAX = 15
+AWQ_MIN_RANGE = 1e-5
+"""AutoAWQ's floor of a group's (max - min)."""
 INT8_MAX = 127
 
 
@@ -35,8 +37,8 @@ def int4_groups(
             scale = group.abs().amax(0) * 2 / INT4_MAX
             zero = torch.full_like(scale, 8)
         else:
-            high, low = group.amax(0).clamp(min=0), group.amin(0).clamp(max=0)
-            scale = (high - low) / INT4_MAX
+            low = group.amin(0)
+            scale = (group.amax(0) - low).clamp(min=AWQ_MIN_RANGE) / INT4_MAX
         scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(SCALE_DTYPE).float()
         if not symmetric:
             zero = (-low / scale).round().clamp(0, INT4_MAX)
