@@ -56,13 +56,15 @@ LABELS = {"reference": "reference (float32)", "bf16": "bfloat16 (dense)",
           "awq": "W4A16 AWQ (RTN)"}
 
 
-def perplexity(model: str, ids: list[int], dtype: str = "float32", device: str = "cpu"):
-    """exp(mean negative log-likelihood of ids[1:] given the prefix), one prefill."""
+def prompt_logits(model: str, ids: list[int], dtype: str = "float32", device: str = "cpu",
+                  keep_gguf_quantized: bool = False) -> torch.Tensor:
+    """Float32 logits [len(ids) - 1, vocab] of every next token of `ids`, one prefill."""
     from workers.engine.model_runner import ModelRunner
 
     block = 16
     blocks = -(-len(ids) // block)
     config = EngineConfig(model=model, dtype=dtype, device=device, enforce_eager=True,
+                          keep_gguf_quantized=keep_gguf_quantized,
                           cache=CacheConfig(block_size=block, num_blocks=blocks + 1))
     runner = ModelRunner(config)
     n = len(ids)
@@ -72,7 +74,12 @@ def perplexity(model: str, ids: list[int], dtype: str = "float32", device: str =
         logits_indices=list(range(n - 1)),
     )
     with torch.no_grad():
-        logits = runner.execute(step).float().cpu()
+        return runner.execute(step).float().cpu()
+
+
+def perplexity(model: str, ids: list[int], dtype: str = "float32", device: str = "cpu"):
+    """exp(mean negative log-likelihood of ids[1:] given the prefix), one prefill."""
+    logits = prompt_logits(model, ids, dtype, device)
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
     return math.exp(nll.item())
 
