@@ -202,3 +202,25 @@ def test_int8_weight_stored_as_float_is_refused_naming_the_dtype(tiny_model_dir,
     save_file(tensors, str(source / "model.safetensors"))
     with pytest.raises(InvalidTensor, match=r"expected int8 \[128, 64\].*found torch.float32"):
         load_into_fresh_model(source)
+
+
+def test_quantize_command_writes_a_checkpoint_that_loads_kept_quantized(tiny_model_dir, tmp_path,
+                                                                         capsys):
+    from cluster.cli import main as kvrelay
+
+    out = tmp_path / "awq"
+    argv = ["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--format", "awq",
+            "--group-size", "32"]
+    assert kvrelay(argv) == 0
+    assert "round-to-nearest" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == quantization_config("awq", 32, False)
+    assert (out / "tokenizer.json").is_file()
+    model = load_into_fresh_model(out)
+    assert model.layers["0"].mlp.down_proj.quantized.group_size == 32
+    # A quantized checkpoint is not quantized twice; act-order is GPTQ's option only.
+    assert kvrelay(["quantize", "--model", str(out), "--out", str(tmp_path / "again"),
+                    "--format", "int8"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        kvrelay(argv[:-2] + ["--act-order"])

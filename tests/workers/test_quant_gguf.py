@@ -90,3 +90,20 @@ def test_smollm2_kept_quantized_gives_the_dequantized_models_logits_exactly():
             assert isinstance(linear.quantized, Int4Weight) and linear.quantized.min_form
     kept = prompt_logits(path, ids, keep_gguf_quantized=True)
     assert torch.equal(kept, prompt_logits(path, ids))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.timeout(900)
+def test_smollm2_kept_quantized_on_the_gpu_greedy_equals_dequantized_in_float32():
+    """The W4A16 kernel (min form, groups of 32, ragged-free K = 576 / 1536) against cuBLAS on
+    the dequantized weights, float32, greedy."""
+    path = str(smollm2_path())
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outputs = []
+    for keep in (True, False):
+        engine = LLMEngine(EngineConfig(model=path, device="cuda", dtype="float32",
+                                     attention_backend="triton", keep_gguf_quantized=keep,
+                                     cache=CacheConfig(num_blocks=256)))
+        outputs.append([o.token_ids for o in engine.generate(list(PLAIN_PROMPTS), params)])
+    assert outputs[0] == outputs[1]

@@ -163,3 +163,12 @@ def test_dummy_weights_of_a_quantized_config_are_the_dense_dummy_weights_quantiz
         error = (layer.quantized.dequantize() - expected).abs().max().item()
         assert 0 < error < 0.05 * 3.5 / 7, (name, error)  # below one 4-bit step of ~3.5 std
     assert torch.equal(dense.embed_tokens.weight, quantized.embed_tokens.weight)
+
+
+def test_act_order_weight_cannot_be_split_across_tensor_parallel_input_rows(quantized_dirs):
+    """Row-parallel layers split the input rows; with act-order each rank would need the
+    other ranks' activations, so loading refuses and names the setting."""
+    from workers.errors import InvalidParameter
+
+    with pytest.raises(InvalidParameter, match="tp_size.*act-order"):
+        build_model(quantized_dirs["gptq_act_order"], ParallelContext(tp_rank=0, tp_size=2))
