@@ -96,8 +96,8 @@ def test_smollm2_kept_quantized_gives_the_dequantized_models_logits_exactly():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.timeout(900)
 def test_smollm2_kept_quantized_on_the_gpu_greedy_equals_dequantized_in_float32():
-    """The W4A16 kernel (min form, groups of 32, ragged-free K = 576 / 1536) against cuBLAS on
-    the dequantized weights, float32, greedy."""
+    """The W4A16 kernel in min form (groups of 32) against cuBLAS on the dequantized weights,
+    float32, greedy."""
     path = str(smollm2_path())
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     outputs = []

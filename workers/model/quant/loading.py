@@ -77,7 +77,15 @@ def _load_projections(
         tensors = tensors_of(prefix, slot)
         weight = read(ProjectionTensors(prefix, tensors, scheme, in_features, out_features))
         slot.module.load_quantized(slot.shard, weight)
+    release_dense_memory()
     return rest
+
+
+def release_dense_memory() -> None:
+    """Hands the freed dense weights back to the device, so the KV cache sizing that follows
+    (free memory after load) sees them; the caching allocator would keep them otherwise."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def load_gguf_q4(slots: dict[str, CheckpointSlot], gguf: GGUFFile) -> dict[str, CheckpointSlot]:
@@ -92,4 +100,5 @@ def load_gguf_q4(slots: dict[str, CheckpointSlot], gguf: GGUFFile) -> dict[str, 
             if all(is_kept_quantized(gguf, name) for name in names) for name in names}
     for name in kept:
         slots[name].module.load_quantized(slots[name].shard, read_gguf_q4(gguf, name))
+    release_dense_memory()
     return {name: slot for name, slot in slots.items() if name not in kept}
