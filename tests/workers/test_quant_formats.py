@@ -224,3 +224,28 @@ def test_quantize_command_writes_a_checkpoint_that_loads_kept_quantized(tiny_mod
     assert "already quantized" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         kvrelay(argv[:-2] + ["--act-order"])
+
+
+def autoawq_packing_utils():
+    """AutoAWQ's awq/utils/packing_utils.py (plain torch), loaded by path so that the awq
+    package's __init__ (models, kernels) is not imported; skips when AutoAWQ is absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("awq")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("AutoAWQ is not installed")
+    path = f"{list(spec.submodule_search_locations)[0]}/utils/packing_utils.py"
+    module_spec = importlib.util.spec_from_file_location("awq_packing_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_awq_dequantization_equals_autoawq_dequantize_gemm():
+    n, k, group = 48, 256, 64
+    tensors = write_awq(random_weight(n, k, seed=5), group)
+    theirs = autoawq_packing_utils().dequantize_gemm(
+        tensors["qweight"], tensors["qzeros"], tensors["scales"], 4, group)
+    ours = read_awq(projection(tensors, QuantScheme("awq", group), n, k)).dequantize()
+    assert theirs.dtype == torch.float16
+    assert torch.equal(ours.T.half(), theirs)
