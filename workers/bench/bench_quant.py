@@ -143,10 +143,11 @@ def format_table(args: argparse.Namespace, results: dict[str, dict[str, float]])
     for fmt, r in results.items():
         row = f"{LABELS[fmt]:<12}{r['weight_bytes'] / 1e9:>11.2f}"
         for batch in args.batch:
-            step = r[f"step_{batch}"]
-            ratio = f"{step / base[f'step_{batch}']:.2f}x" if base else "-"
-            row += f"{step * 1e3:>13.2f}{ratio:>9}{batch / step:>12.0f}"
-        first = r[f"step_{args.batch[0]}"]
+            # A step of 0 s: t(O tokens) came out below t(1) (noise; raise --output-len).
+            step = r[f"step_{batch}"] or float("nan")
+            base_step = base[f"step_{batch}"] or float("nan") if base else float("nan")
+            row += f"{step * 1e3:>13.2f}{step / base_step:>8.2f}x{batch / step:>12.0f}"
+        first = r[f"step_{args.batch[0]}"] or float("nan")
         row += f"{r['weight_bytes'] / first / 1e9:>16.0f}"
         lines.append(row)
     lines.append("")
