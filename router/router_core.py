@@ -243,8 +243,11 @@ class RouterCore:
         """Membership lost `worker_id`, which held `request_ids`."""
         lost = [self.requests[r] for r in request_ids if r in self.requests]
         landed = await self.membership.pairs.landed(worker_id, lost)
-        for entry in lost:
-            await self._apply(entry, LostWorker(worker_id, entry.request.attempt_id in landed))
+        # Concurrently: each request's aborts and Resume go out without waiting for the
+        # others' (a worker's loop takes the aborts queued together in one turn).
+        await asyncio.gather(*(
+            self._apply(entry, LostWorker(worker_id, entry.request.attempt_id in landed))
+            for entry in lost))
 
     def _cached_tokens(self, request: GenerateRequest, worker_ids: list[str]) -> dict[str, int]:
         """Placement's view of the KV index, in tokens."""
