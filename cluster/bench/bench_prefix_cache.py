@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-len", type=int, default=16)
     p.add_argument("--num-requests", type=int, default=32)
     p.add_argument("--kv-cache-memory", type=int, default=None,
-                   help="bytes of KV cache per engine (default: 8 GiB on CUDA, 256 MiB on CPU)")
+                   help="bytes of KV cache per engine (default: 12 GiB on CUDA, 256 MiB on CPU)")
     p.add_argument("--kv-transport", default="zmq", choices=["zmq", "gloo", "cuda_ipc"])
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -67,7 +67,7 @@ def engine_config(args: argparse.Namespace, caching: bool) -> EngineConfig:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    memory = args.kv_cache_memory or (8 << 30 if device.startswith("cuda") else 256 << 20)
+    memory = args.kv_cache_memory or (12 << 30 if device.startswith("cuda") else 256 << 20)
     return EngineConfig(
         model=args.model or args.dummy_config,
         load_format="dummy" if args.dummy_config else "auto",
