@@ -260,7 +260,8 @@ class RouterCore:
 
     def health(self) -> dict:
         return {"workers": self.membership.health(), "in_flight": len(self.requests),
-                "control_plane": self.control_plane.stats()}
+                "control_plane": {**self.control_plane.stats(),
+                                  "workers_heard": sorted(self.control_plane.workers())}}
 
     def worker_metrics(self) -> list[dict]:
         """One entry per worker, then one for the router itself (worker_id 'router': its

@@ -159,7 +159,9 @@ class Server:
                    "--served-model-name", MODEL_NAME, "--port", str(cfg.port),
                    "--device", cfg.device, "--dtype", cfg.dtype,
                    "--attention-backend", cfg.attention_backend,
-                   "--max-model-len", str(cfg.max_model_len), *mode_args,
+                   "--max-model-len", str(cfg.max_model_len),
+                   # Whole prompts' KV on the wire: the warm-up's prompt must not be cached.
+                   "--no-prefix-caching", *mode_args,
                    *cfg.extra_serve_args]
         self.process = subprocess.Popen(command, start_new_session=True)
         self._wait_ready(cfg.startup_timeout_s)

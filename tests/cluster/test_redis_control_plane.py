@@ -146,6 +146,7 @@ def test_redis_killed_mid_run_requests_succeed_and_health_says_load_only(
         final = collector.final(req.request_id)
         assert final.finish_reason == "length" and final.num_output_tokens == 3
     assert before["healthy"] and before["routing"] == "cache_aware"
+    assert before["workers_heard"] == ["w0", "w1"] and during["workers_heard"] == []
     assert not during["healthy"] and during["routing"] == "load_only"
     assert "unreachable" in during["error"]
     assert after["healthy"] and after["redis_round_trips"] > before["redis_round_trips"]
