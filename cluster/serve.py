@@ -171,7 +171,7 @@ def describe(config: ClusterConfig) -> str:
 
 def main(argv: list[str]) -> int:
     from cluster.graceful import stop_cluster
-    from cluster.launcher import launch
+    from cluster.launcher import check_shapes, launch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # a huge prompt's tokenization buffers (workers/actors/host_memory.py)
@@ -179,12 +179,13 @@ def main(argv: list[str]) -> int:
     try:
         config = build_config(parse_args(argv))
         check_model_path(config.engine.model)
+        check_shapes(config)
     except KvrelayError as error:  # before Ray starts: one line, no stack
         print(f"kvrelay serve: error: {error}", file=sys.stderr)
         return 2
     try:
         cluster = launch(config)
-    except KvrelayError as error:  # a shape it cannot serve, devices it cannot place
+    except KvrelayError as error:  # devices it cannot place
         print(f"kvrelay serve: error: {error}", file=sys.stderr)
         return 2
     code = 1
