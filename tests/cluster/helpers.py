@@ -264,10 +264,11 @@ def prompts(count: int, vocab: int, seed: int = 0, low: int = 3, high: int = 40)
 
 def tiny_ray_cluster(model_dir, name: str, *, num_decode: int, num_blocks: int, block: int,
                      max_worker_restarts: int, max_migrations: int,
-                     resume_timeout_s: float = 10.0):
+                     resume_timeout_s: float = 10.0, **layout: int):
     """Yields a 2-prefill gloo cluster of the tiny model on a local Ray (2 CPUs) whose router
     polls every 0.1 s and drops a worker after 1 s of silence; shuts both down after. For
-    module-scoped fixtures of the kill tests."""
+    module-scoped fixtures of the kill tests. `layout`: ClusterConfig fields that replace
+    the pools (e.g. num_colocated=2, tp=2)."""
     ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
     engine = EngineConfig(model=str(model_dir),
                           cache=CacheConfig(block_size=block, num_blocks=num_blocks))
@@ -276,7 +277,7 @@ def tiny_ray_cluster(model_dir, name: str, *, num_decode: int, num_blocks: int, 
                            max_worker_restarts=max_worker_restarts,
                            router=RouterConfig(block_size=block, poll_interval_s=0.1,
                                                poll_timeout_s=1.0, max_migrations=max_migrations,
-                                               resume_timeout_s=resume_timeout_s))
+                                               resume_timeout_s=resume_timeout_s), **layout)
     cluster = launch(config)
     yield cluster
     cluster.shutdown()

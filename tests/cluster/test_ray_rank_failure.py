@@ -12,17 +12,14 @@ import time
 import pytest
 import ray
 
-from cluster.config import ClusterConfig
-from cluster.launcher import launch
-from router.router_state import RouterConfig
 from tests.cluster.helpers import (
     ChunkCollector,
     all_blocks_free,
     hf_greedy,
+    tiny_ray_cluster,
     wait_readmitted,
     wait_until,
 )
-from workers.config import CacheConfig, EngineConfig
 from workers.engine.sampling_params import SamplingParams
 from workers.protocol import GenerateRequest
 
@@ -31,17 +28,9 @@ BLOCK = 8
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
-    engine = EngineConfig(model=str(tiny_model_dir),
-                          cache=CacheConfig(block_size=BLOCK, num_blocks=64))
-    config = ClusterConfig(engine=engine, model_name="tiny", name="rankfail", num_colocated=1,
-                           tp=2, max_worker_restarts=2,
-                           router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1,
-                                               poll_timeout_s=1.0, max_migrations=0))
-    cluster = launch(config)
-    yield cluster
-    cluster.shutdown()
-    ray.shutdown()
+    yield from tiny_ray_cluster(tiny_model_dir, "rankfail", num_decode=1, num_blocks=64,
+                                block=BLOCK, max_worker_restarts=2, max_migrations=0,
+                                num_colocated=1, tp=2)
 
 
 @pytest.fixture()
