@@ -307,12 +307,15 @@ class ModelRunner:
             self.step_channel.broken(exc)
             raise
 
+    @torch.inference_mode()
     def run_pipeline(
         self, step: StepInput, layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor | None:
         """This rank's part of one step: receive the previous stage's hidden states, run the
         owned layers, hand the result to the next stage. Returns the logits on rank 0 (sent
-        back by the last stage's TP rank 0) and on the last stage's ranks; None elsewhere."""
+        back by the last stage's TP rank 0) and on the last stage's ranks; None elsewhere.
+        In inference mode on every rank, not only under the driver's `execute`: the other
+        ranks call it directly, and their weights are inference tensors."""
         parallel = self.parallel
         if parallel.pp_size == 1:
             return self.forward_stage(step, None, layer_done)
