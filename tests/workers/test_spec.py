@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from workers.config import SpeculativeConfig
+from workers.engine.block_pool import BlockPool
 from workers.engine.sampler import Sampler, SamplingRow
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.sequence import Sequence, SequenceStatus, SequenceTimes
 from workers.errors import InvalidParameter
-from workers.spec.decoder import SpecStats, check_speculative_config
-from workers.spec.ngram import ngram_lookup
+from workers.spec.decoder import SpecStats, SpeculativeDecoder, check_speculative_config
+from workers.spec.ngram import NgramProposer, ngram_lookup
 from workers.spec.proposer import DraftRun
 from workers.spec.rejection import verify
 
@@ -124,3 +126,34 @@ def test_openai_request_carries_num_speculative_tokens_and_checks_its_range():
     with pytest.raises(InvalidParameter) as err:
         sampling_params(CompletionRequest(prompt="hi", num_speculative_tokens=8), 3, 100)
     assert err.value.field == "num_speculative_tokens"
+
+
+def _decode_seq(seq_id: str, tokens: list[int], pool) -> Sequence:
+    """A running decode sequence whose context is `tokens` (the last one its output)."""
+    seq = Sequence(seq_id, tokens[:-1], SamplingParams(max_tokens=32, temperature=0.0), 0,
+                   SequenceTimes(arrival=0.0), output_token_ids=[tokens[-1]],
+                   status=SequenceStatus.RUNNING)
+    seq.num_computed_tokens = seq.num_tokens - 1
+    seq.block_table = pool.allocate(-(-seq.num_tokens // pool.block_size))
+    return seq
+
+
+@pytest.mark.parametrize("matching", [False, True])
+def test_graph_padding_only_where_the_step_has_drafts(matching):
+    """With verify graphs (pad_to_k), a sequence without a match is padded to K only when
+    another sequence of the step has drafts; a step with no drafts at all stays a plain decode
+    step, and every slot taken for the lookahead is given back."""
+    config = SpeculativeConfig(method="ngram", num_speculative_tokens=3)
+    pool = BlockPool(num_blocks=16, block_size=4)
+    decoder = SpeculativeDecoder(config, NgramProposer(1, 3), pool, max_model_len=64,
+                                 pad_to_k=True)
+    repeating = [5, 6, 7, 8, 5, 6, 7] if matching else [1, 2, 3, 4, 9, 10, 11]
+    seqs = [_decode_seq("a", repeating, pool), _decode_seq("b", [20, 21, 22, 23, 24], pool)]
+    tables = [list(s.block_table) for s in seqs]
+    decoder.propose(seqs)
+    if matching:
+        assert seqs[0].spec_token_ids == [8, 5, 6]  # what followed the earlier "5 6 7"
+        assert seqs[1].spec_token_ids == [24, 24, 24]  # padded: the step is graphed
+    else:
+        assert [s.spec_token_ids for s in seqs] == [[], []]
+        assert [s.block_table for s in seqs] == tables

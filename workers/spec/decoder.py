@@ -82,8 +82,9 @@ class SpeculativeDecoder:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, pool: BlockPool,
                  max_model_len: int, pad_to_k: bool = False):
         """`pad_to_k`: the target replays verification steps of exactly 1 + K tokens per
-        sequence from CUDA graphs, so a shorter proposal is padded to K by repeating its last
-        token (a valid deterministic draft: verified like any other, rarely accepted)."""
+        sequence from CUDA graphs, so where any sequence of the step has drafts, a shorter
+        proposal is padded to K by repeating its last token (a valid deterministic draft:
+        verified like any other, rarely accepted)."""
         self.config = config
         self.pad_to_k = pad_to_k
         self.proposer = proposer
@@ -115,8 +116,12 @@ class SpeculativeDecoder:
             ks.append(k)
         if not seqs:
             return
-        for seq, k, run in zip(seqs, ks, self.proposer.propose(seqs, ks), strict=True):
-            if self.pad_to_k and len(run.token_ids) < k and run.probs is None:
+        runs = self.proposer.propose(seqs, ks)
+        # Padding keeps a batch with some drafts on the verify graph; a batch with none runs
+        # as a plain decode step (padding it would pay K wasted tokens per sequence).
+        pad = self.pad_to_k and any(run.token_ids for run in runs)
+        for seq, k, run in zip(seqs, ks, runs, strict=True):
+            if pad and len(run.token_ids) < k and run.probs is None:
                 last = run.token_ids[-1] if run.token_ids else seq.output_token_ids[-1]
                 run.token_ids = [*run.token_ids, *[last] * (k - len(run.token_ids))]
             seq.spec_token_ids = list(run.token_ids)
