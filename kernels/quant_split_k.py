@@ -13,6 +13,12 @@ TARGET_PROGRAMS = 264
 """About two programs per SM of an H100 (132 SMs)."""
 MIN_SPLIT_ROWS = 512
 """A split streams at least this many rows of K (fewer make the partial sums dominate)."""
+GEMV_MAX_ROWS = 4
+"""Up to this many rows of x the matmuls run as matrix-vector products (one program per row
+and column tile, broadcast multiply and a sum over K): tl.dot would pad M to 16 and send every
+dequantized weight tile through shared memory for 1/16 of the tensor cores' work."""
+GEMV_BLOCK_N = 64
+"""Columns per program of the matrix-vector forms."""
 
 
 def split_k_config(m: int, n: int, k: int, block_k: int) -> tuple[int, int, int, int]:
@@ -23,10 +29,27 @@ def split_k_config(m: int, n: int, k: int, block_k: int) -> tuple[int, int, int,
     if m > 64:
         return block_m, block_n, min(block_k, 64), 1
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    return block_m, block_n, block_k, splits_for(tiles, k)
+
+
+def splits_for(tiles: int, k: int) -> int:
+    """How many ways to split K so that `tiles` output tiles make about TARGET_PROGRAMS
+    programs, each streaming at least MIN_SPLIT_ROWS rows."""
     split = 1
     while tiles * split < TARGET_PROGRAMS and k // (split * 2) >= MIN_SPLIT_ROWS:
         split *= 2
-    return block_m, block_n, block_k, split
+    return split
+
+
+def gemv_launch(m: int, n: int, k: int, block_k: int, launch: dict | None = None) -> dict:
+    """Launch configuration of a matrix-vector form (m <= GEMV_MAX_ROWS; one program per row
+    of x and block_n columns): block_n, block_k, split, num_warps, num_stages, with any of
+    them taken from `launch` (the benchmark's --sweep); split from the others by default."""
+    config = {"block_n": GEMV_BLOCK_N, "block_k": block_k, "num_warps": 4, "num_stages": 3}
+    config.update(launch or {})
+    if "split" not in config:
+        config["split"] = splits_for(m * triton.cdiv(n, config["block_n"]), k)
+    return config
 
 
 def split_output(

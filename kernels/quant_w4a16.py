@@ -17,7 +17,11 @@ is done in float32 and rounded once to x's dtype, so `dequantize_w4_ref(...).to(
 exactly the weight the kernel multiplies by.
 
 Decode (M <= 16) is bandwidth-bound and has too few output tiles to fill the GPU, so K is
-split across programs (SPLIT_K) and the float32 partial sums are added afterwards.
+split across programs (SPLIT_K) and the float32 partial sums are added afterwards. Up to
+GEMV_MAX_ROWS rows run `_w4a16_gemv_kernel` instead: no tl.dot (which pads M to 16 and stages
+the dequantized tile through shared memory), each k's packed word loaded by offs_k // 8 and
+shifted by (offs_k % 8) * 4 (the 8 loads of one word hit L1), then a broadcast multiply by x
+and a sum over K, all in registers.
 """
 
 from __future__ import annotations
@@ -76,6 +80,48 @@ def _w4a16_kernel(
     store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om)
 
 
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    N, K, group_size, k_per_split,
+    stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr,
+):
+    """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K."""
+    row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+        packed = tl.load(
+            qw_ptr + (offs_k // 8)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+            mask=k_ok[:, None] & n_ok[None, :], other=0,
+        )
+        q = ((packed >> ((offs_k % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+        if GROUP_PER_TILE:
+            g_off = (k0 // group_size) * stride_sg + offs_n
+            s = tl.load(s_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            g_off = (offs_k // group_size)[:, None] * stride_sg + offs_n[None, :]
+            g_mask = k_ok[:, None] & n_ok[None, :]
+            s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
+        if MIN_FORM:
+            w = (q * s + z).to(x.dtype)
+        else:
+            w = ((q - z) * s).to(x.dtype)
+        acc += tl.sum(x.to(tl.float32)[:, None] * w.to(tl.float32), axis=0)
+    out = out_ptr + pid_k * stride_os + row.to(tl.int64) * stride_om + offs_n
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 def _check(x, qweight, scales, zeros, group_size) -> None:
     assert x.dim() == 2 and x.stride(1) == 1, f"x {tuple(x.shape)} stride {x.stride()}"
     k = x.shape[1]
@@ -99,11 +145,15 @@ def w4a16_matmul(
     zeros: torch.Tensor,  # [G, N]
     group_size: int,
     min_form: bool = False,
+    launch: dict | None = None,
 ) -> torch.Tensor:
     """x @ dequantized weight, [M, N] in x's dtype (float32 accumulation)."""
     _check(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[1]
     group_k = 128 if group_size % 128 == 0 else (64 if group_size % 64 == 0 else 32)
+    if 0 < m <= split_k.GEMV_MAX_ROWS:
+        return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
+                          **split_k.gemv_launch(m, n, k, group_k, launch))
     block_m, block_n, block_k, split = split_k.split_k_config(m, n, k, group_k)
     out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
     if m > 0:
@@ -117,6 +167,28 @@ def w4a16_matmul(
             GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form,
             PRECISION=dot_precision(x.dtype),
         )
+    return split_k.reduce_splits(out, x.dtype)
+
+
+def w4a16_gemv(
+    x, qweight, scales, zeros, group_size: int, min_form: bool, *,
+    block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
+) -> torch.Tensor:
+    """The matrix-vector form of `w4a16_matmul` with an explicit launch configuration (the
+    benchmark's --sweep times several); `block_k` at most the group size for one scale row per
+    tile."""
+    (m, k), n = x.shape, qweight.shape[1]
+    out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
+    grid = (m, triton.cdiv(n, block_n), splits)
+    _w4a16_gemv_kernel[grid](
+        x, qweight, scales, zeros, out,
+        n, k, group_size, k_per_split,
+        x.stride(0), qweight.stride(0), scales.stride(0),
+        out.stride(0) if splits > 1 else 0, out.stride(-2),
+        BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form,
+        num_warps=num_warps, num_stages=num_stages,
+    )
     return split_k.reduce_splits(out, x.dtype)
 
 

@@ -6,7 +6,10 @@
 
 int8 values are exact in float16 and bfloat16, so the kernel multiplies x by q converted to
 x's dtype, accumulates in float32 and applies the channel scale once at the end. Decode-sized
-M splits K across programs, as in kernels/quant_w4a16.py.
+M splits K across programs, as in kernels/quant_w4a16.py, and up to GEMV_MAX_ROWS rows run
+`_channel_gemv_kernel` (broadcast multiply and a sum over K in registers, no tl.dot padding M to
+16). That kernel takes any weight whose values convert exactly to x's dtype: int8 here, FP8
+e4m3 for kernels/quant_fp8.py's decode rows.
 """
 
 from __future__ import annotations
@@ -47,6 +50,57 @@ def _w8a16_kernel(
     store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om)
 
 
+@triton.jit
+def _channel_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, out_ptr,
+    N, K, k_per_split,
+    stride_xm, stride_wn, stride_os, stride_om,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One row of x (program axis 0) times BLOCK_N rows of the [N, K] weight over split
+    pid_k's columns of K; the weight tile is read along K, its contiguous axis."""
+    row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+        w = tl.load(
+            w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+            mask=n_ok[:, None] & k_ok[None, :], other=0,
+        )
+        acc += tl.sum(w.to(x.dtype).to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+    out = out_ptr + pid_k * stride_os + row.to(tl.int64) * stride_om + offs_n
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+def channel_gemv(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *,
+    block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
+) -> torch.Tensor:
+    """(x @ weight.T) * scales for a few rows of x (weight [N, K] int8 or FP8, scales float32
+    [N]), with an explicit launch configuration (the benchmark's --sweep times several)."""
+    (m, k), n = x.shape, weight.shape[0]
+    out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
+    grid = (m, triton.cdiv(n, block_n), splits)
+    _channel_gemv_kernel[grid](
+        x, weight, scales, out,
+        n, k, k_per_split,
+        x.stride(0), weight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )
+    return split_k.reduce_splits(out, x.dtype)
+
+
+CHANNEL_GEMV_BLOCK_K = 256
+"""K per tile of `_channel_gemv_kernel` (256 one-byte weights: 16-byte loads per thread)."""
+
+
 def _check(x, qweight, scales) -> None:
     assert x.dim() == 2 and x.stride(1) == 1, f"x {tuple(x.shape)} stride {x.stride()}"
     assert qweight.dtype == torch.int8 and qweight.dim() == 2, f"qweight {qweight.dtype}"
@@ -60,10 +114,14 @@ def w8a16_matmul(
     x: torch.Tensor,  # [M, K]
     qweight: torch.Tensor,  # int8 [N, K]
     scales: torch.Tensor,  # float32 [N]
+    launch: dict | None = None,
 ) -> torch.Tensor:
     """(x @ qweight.T) * scales, [M, N] in x's dtype (float32 accumulation)."""
     _check(x, qweight, scales)
     (m, k), n = x.shape, qweight.shape[0]
+    if 0 < m <= split_k.GEMV_MAX_ROWS:
+        return channel_gemv(x, qweight, scales,
+                            **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch))
     block_m, block_n, block_k, split = split_k.split_k_config(m, n, k, 128)
     out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
     if m > 0:
