@@ -8,6 +8,12 @@ own scale (amax / 448, "dynamic per-token"): y = (x_q @ weight.T) * x_scale * sc
 bfloat16 (the row-wise scaled matmul writes bfloat16; a float16 model gets it converted).
 `fp8_linear_ref` computes the same in float32 from the dequantized operands.
 
+Up to WEIGHT_ONLY_ROWS rows (decode) the activations are not quantized: the weight is streamed
+through kernels/quant_w8a16.py's kernels (e4m3 converts exactly to bfloat16 / float16), since a
+batch-1 matmul is bound by reading the weight, not by the tensor cores, and the row-wise
+scaled matmul plus the row quantization cost far more than the bandwidth at these sizes. There
+y = (x @ weight.T) * scales in float32, rounded once to x's dtype.
+
 The row quantization is one Triton kernel (`quantize_rows_fp8`; torch's five ops per call would
 cost each linear of a decode step several launches), bit-equal to `quantize_rows_fp8_ref`.
 """
@@ -21,10 +27,13 @@ import triton.language as tl
 from kernels.cache_write import quantize_fp8
 from kernels.kv_quant import FP8_DTYPE as FP8
 from kernels.kv_quant import FP8_MAX
+from kernels.quant_w8a16 import channel_matmul
 
 MIN_SCALE = 1e-12
 """Floor of a row's scale, so an all-zero row does not divide by zero."""
 ROW_BLOCK = 1024
+WEIGHT_ONLY_ROWS = 64
+"""Up to this many rows fp8_linear streams the FP8 weight against unquantized activations."""
 
 
 @triton.jit
@@ -77,9 +86,15 @@ def _check(x, weight, scales) -> None:
         f"FP8 matmul needs K and N multiples of 16, got K {x.shape[1]}, N {weight.shape[0]}")
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (weight * scales).T on the FP8 tensor cores, [M, N] in x's dtype."""
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+    weight_only_rows: int = WEIGHT_ONLY_ROWS,
+) -> torch.Tensor:
+    """x [M, K] @ (weight * scales).T, [M, N] in x's dtype: on the FP8 tensor cores above
+    `weight_only_rows` rows, weight-only (activations unquantized) up to it."""
     _check(x, weight, scales)
+    if x.shape[0] <= weight_only_rows:
+        return channel_matmul(x.contiguous(), weight, scales)
     x_q, x_scale = quantize_rows_fp8(x)
     out = torch._scaled_mm(
         x_q, weight.t(), scale_a=x_scale, scale_b=scales[None, :], out_dtype=torch.bfloat16
@@ -87,9 +102,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> t
     return out.to(x.dtype)
 
 
-def fp8_linear_ref(x, weight, scales):
-    """Plain-torch reference of `fp8_linear`: the same row quantization of x, then a float32
+def fp8_linear_ref(x, weight, scales, weight_only_rows: int = WEIGHT_ONLY_ROWS):
+    """Plain-torch reference of `fp8_linear`: up to `weight_only_rows` rows a float32 matmul of
+    x and the dequantized weight; above, the same row quantization of x first, then a float32
     matmul of the dequantized operands."""
+    if x.shape[0] <= weight_only_rows:
+        return ((x.float() @ weight.to(x.dtype).float().T) * scales).to(x.dtype)
     x_q, x_scale = quantize_rows_fp8_ref(x)
     w = weight.float() * scales[:, None]
     return ((x_q.float() * x_scale) @ w.T).to(torch.bfloat16).to(x.dtype)

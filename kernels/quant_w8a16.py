@@ -118,18 +118,27 @@ def w8a16_matmul(
 ) -> torch.Tensor:
     """(x @ qweight.T) * scales, [M, N] in x's dtype (float32 accumulation)."""
     _check(x, qweight, scales)
-    (m, k), n = x.shape, qweight.shape[0]
+    return channel_matmul(x, qweight, scales, launch)
+
+
+def channel_matmul(
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, launch: dict | None = None
+) -> torch.Tensor:
+    """(x @ weight.T) * scales for any [N, K] weight whose values x's dtype holds exactly
+    (int8; FP8 e4m3 from kernels/quant_fp8.py). `launch` overrides the matrix-vector form's
+    configuration (split_k.gemv_launch)."""
+    (m, k), n = x.shape, weight.shape[0]
     if 0 < m <= split_k.GEMV_MAX_ROWS:
-        return channel_gemv(x, qweight, scales,
+        return channel_gemv(x, weight, scales,
                             **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch))
     block_m, block_n, block_k, split = split_k.split_k_config(m, n, k, 128)
     out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
     if m > 0:
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
         _w8a16_kernel[grid](
-            x, qweight, scales, out,
+            x, weight, scales, out,
             m, n, k, k_per_split,
-            x.stride(0), qweight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
+            x.stride(0), weight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             PRECISION=dot_precision(x.dtype),
         )

@@ -1,7 +1,7 @@
 """The weight-quantized matmul kernels against their plain-torch references: W4A16
-(kernels/quant_w4a16.py), W8A16 (kernels/quant_w8a16.py) and the FP8 tensor-core linear
-(kernels/quant_fp8.py, GPU only). Small shapes on CPU under TRITON_INTERPRET=1 (float32,
-float16); Llama-3-8B's projection shapes in bfloat16 on the GPU."""
+(kernels/quant_w4a16.py), W8A16 (kernels/quant_w8a16.py) and the FP8 linear (kernels/quant_fp8.py,
+GPU only: weight-only up to 64 rows, FP8 tensor cores above). Small shapes on CPU under
+TRITON_INTERPRET=1 (float32, float16); Llama-3-8B's projection shapes in bfloat16 on the GPU."""
 
 from __future__ import annotations
 
@@ -78,6 +78,33 @@ def test_w4a16_kernel_in_min_form_matches_reference(m, k, n, dtype, device):
     assert_close(out, w4a16_matmul_ref(x, qweight, scales, mins, 32, min_form=True))
 
 
+SWEEP_LAUNCHES = [
+    {"block_n": 32, "block_k": 64, "split": 1, "num_warps": 2, "num_stages": 2},
+    {"block_n": 64, "block_k": 128, "split": 3, "num_warps": 4, "num_stages": 3},
+    {"block_n": 128, "block_k": 256, "split": 8, "num_warps": 8, "num_stages": 4},
+]
+"""Matrix-vector launch configurations as the benchmark's --sweep passes them: K tiles below,
+at and above the group size (one scale row per tile, or one per k), odd and many splits."""
+
+
+@pytest.mark.parametrize("launch", SWEEP_LAUNCHES)
+@pytest.mark.parametrize("m,k,n,group_size", [(1, 1024, 96, 128), (4, 576, 40, 64)])
+def test_w4a16_matrix_vector_launches_match_reference(m, k, n, group_size, launch, device):
+    qweight, scales, zeros = random_w4(k, n, group_size, device)
+    x = random_x(m, k, torch.float32, device)
+    out = w4a16_matmul(x, qweight, scales, zeros, group_size, launch=launch)
+    assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size))
+
+
+@pytest.mark.parametrize("launch", SWEEP_LAUNCHES)
+@pytest.mark.parametrize("m,k,n", [(1, 1024, 96), (4, 576, 40)])
+def test_w8a16_matrix_vector_launches_match_reference(m, k, n, launch, device):
+    qweight, scales = random_w8(k, n, device)
+    x = random_x(m, k, torch.float32, device)
+    assert_close(w8a16_matmul(x, qweight, scales, launch=launch),
+                 w8a16_matmul_ref(x, qweight, scales))
+
+
 def test_w4a16_reference_dequantizes_the_layout_elementwise(device):
     """dequantize_w4_ref against the layout read one element at a time."""
     k, n, group_size = 48, 16, 16
@@ -98,7 +125,9 @@ def test_w4a16_with_no_rows_returns_an_empty_result(device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("m,k,n", [(1, 256, 64), (1, 2048, 32), (3, 576, 96), (70, 192, 130)])
+@pytest.mark.parametrize(
+    "m,k,n", [(1, 256, 64), (1, 2048, 32), (3, 576, 96), (5, 2048, 48), (70, 192, 130)]
+)
 def test_w8a16_kernel_matches_reference(m, k, n, dtype, device):
     qweight, scales = random_w8(k, n, device)
     x = random_x(m, k, dtype, device)
@@ -130,7 +159,7 @@ def test_fp8_row_quantization_round_trips_within_e4m3_precision():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("m", [1, 32, 256])
+@pytest.mark.parametrize("m", [1, 4, 32, 256])
 @pytest.mark.parametrize("k,n", LLAMA3_8B_PROJECTIONS)
 def test_quantized_kernels_at_llama3_8b_shapes_in_bfloat16(m, k, n):
     x = random_x(m, k, torch.bfloat16, "cuda")
@@ -148,7 +177,7 @@ def test_quantized_kernels_at_llama3_8b_shapes_in_bfloat16(m, k, n):
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
     reason="needs FP8 tensor cores (sm_89+)",
 )
-@pytest.mark.parametrize("m", [1, 32, 256])
+@pytest.mark.parametrize("m", [1, 4, 32, 65, 256])
 @pytest.mark.parametrize("k,n", LLAMA3_8B_PROJECTIONS)
 def test_fp8_linear_at_llama3_8b_shapes_matches_reference(m, k, n):
     x = random_x(m, k, torch.bfloat16, "cuda")
