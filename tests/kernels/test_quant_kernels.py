@@ -16,6 +16,7 @@ from kernels.quant_fp8 import (
     quantize_rows_fp8,
     quantize_rows_fp8_ref,
 )
+from kernels.quant_split_k import reduce_splits, reduce_splits_ref
 from kernels.quant_w4a16 import dequantize_w4_ref, w4a16_matmul, w4a16_matmul_ref
 from kernels.quant_w8a16 import w8a16_matmul, w8a16_matmul_ref
 from tests.kernels.tolerances import assert_close
@@ -103,6 +104,15 @@ def test_w8a16_matrix_vector_launches_match_reference(m, k, n, launch, device):
     x = random_x(m, k, torch.float32, device)
     assert_close(w8a16_matmul(x, qweight, scales, launch=launch),
                  w8a16_matmul_ref(x, qweight, scales))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits,m,n", [(2, 1, 6144), (5, 3, 1000), (1, 2, 8)])
+def test_split_sum_kernel_matches_torch(splits, m, n, dtype, device):
+    parts = random_x(splits * m, n, torch.float32, device).reshape(splits, m, n)
+    out = reduce_splits(parts, dtype)
+    assert out.dtype == dtype
+    assert torch.equal(out, reduce_splits_ref(parts, dtype))
 
 
 def test_w4a16_reference_dequantizes_the_layout_elementwise(device):
