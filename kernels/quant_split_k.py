@@ -18,7 +18,7 @@ GEMV_MAX_ROWS = 4
 and column tile, broadcast multiply and a sum over K): tl.dot would pad M to 16 and send every
 dequantized weight tile through shared memory for 1/16 of the tensor cores' work."""
 GEMV_BLOCK_N = 64
-"""Columns per program of the matrix-vector forms."""
+"""Columns per program of the W4A16 matrix-vector form (the default of `gemv_launch`)."""
 
 
 def split_k_config(m: int, n: int, k: int, block_k: int) -> tuple[int, int, int, int]:
@@ -41,11 +41,14 @@ def splits_for(tiles: int, k: int) -> int:
     return split
 
 
-def gemv_launch(m: int, n: int, k: int, block_k: int, launch: dict | None = None) -> dict:
+def gemv_launch(
+    m: int, n: int, k: int, block_k: int, launch: dict | None = None,
+    block_n: int = GEMV_BLOCK_N,
+) -> dict:
     """Launch configuration of a matrix-vector form (m <= GEMV_MAX_ROWS; one program per row
     of x and block_n columns): block_n, block_k, split, num_warps, num_stages, with any of
     them taken from `launch` (the benchmark's --sweep); split from the others by default."""
-    config = {"block_n": GEMV_BLOCK_N, "block_k": block_k, "num_warps": 4, "num_stages": 3}
+    config = {"block_n": block_n, "block_k": block_k, "num_warps": 4, "num_stages": 3}
     config.update(launch or {})
     if "split" not in config:
         config["split"] = splits_for(m * triton.cdiv(n, config["block_n"]), k)
@@ -118,3 +121,30 @@ def store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om):
     out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gemv_program(N, K, k_per_split, BLOCK_N: tl.constexpr):
+    """A matrix-vector program's (row of x, split, column offsets, in-N mask, first and end
+    row of K): grid (rows, column tiles, splits)."""
+    row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = pid_k * k_per_split
+    return row, pid_k, offs_n, offs_n < N, k_start, tl.minimum(k_start + k_per_split, K)
+
+
+@triton.jit
+def load_x_row(x_ptr, row, k0, K, stride_xm, BLOCK_K: tl.constexpr):
+    """(columns [k0, k0 + BLOCK_K) of row `row` of x (zeros past K), their offsets, in-K mask)
+    for the matrix-vector kernels."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs_k, mask=k_ok, other=0.0)
+    return x, offs_k, k_ok
+
+
+@triton.jit
+def store_row(out_ptr, acc, pid_k, row, offs_n, N, stride_os, stride_om):
+    """Split pid_k's columns offs_n of output row `row` (the matrix-vector kernels)."""
+    out = out_ptr + pid_k * stride_os + row.to(tl.int64) * stride_om + offs_n
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)

@@ -21,7 +21,7 @@ split across programs (SPLIT_K) and the float32 partial sums are added afterward
 GEMV_MAX_ROWS rows run `_w4a16_gemv_kernel` instead: no tl.dot (which pads M to 16 and stages
 the dequantized tile through shared memory), each k's packed word loaded by offs_k // 8 and
 shifted by (offs_k % 8) * 4 (the 8 loads of one word hit L1), then a broadcast multiply by x
-and a sum over K, all in registers.
+accumulated elementwise in registers and summed over K once at the end.
 """
 
 from __future__ import annotations
@@ -32,7 +32,31 @@ import triton.language as tl
 
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
-from kernels.quant_split_k import load_x_tile, store_tile
+from kernels.quant_split_k import gemv_program, load_x_row, load_x_tile, store_row, store_tile
+
+
+@triton.jit
+def _dequantize_tile(q, s_ptr, z_ptr, k0, offs_n, N, K, group_size, stride_sg,
+                     BLOCK_K: tl.constexpr, GROUP_PER_TILE: tl.constexpr,
+                     MIN_FORM: tl.constexpr):
+    """The float32 nibbles q [BLOCK_K, BLOCK_N] of rows [k0, k0 + BLOCK_K) dequantized with
+    their groups' scales and zeros (or minimums), in float32. GROUP_PER_TILE: every K
+    tile lies inside one group (group_size % BLOCK_K == 0), so one row of scales/zeros serves
+    the whole tile; otherwise each row finds its own group."""
+    n_ok = offs_n < N
+    if GROUP_PER_TILE:
+        g_off = (k0 // group_size) * stride_sg + offs_n
+        s = tl.load(s_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(z_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        g_off = (offs_k // group_size)[:, None] * stride_sg + offs_n[None, :]
+        g_mask = (offs_k < K)[:, None] & n_ok[None, :]
+        s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
+    if MIN_FORM:
+        return q * s + z
+    return (q - z) * s
 
 
 @triton.jit
@@ -43,8 +67,7 @@ def _w4a16_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """GROUP_PER_TILE: every K tile lies inside one group (group_size % BLOCK_K == 0), so one
-    row of scales/zeros serves the whole tile; otherwise each row finds its own group."""
+    """BLOCK_M rows of x times BLOCK_N columns over split pid_k's rows of K (tl.dot)."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,21 +84,8 @@ def _w4a16_kernel(
         )
         # [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N]: row 8i + j is nibble j of row i.
         q = tl.reshape((packed[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
-        if GROUP_PER_TILE:
-            g_off = (k0 // group_size) * stride_sg + offs_n
-            s = tl.load(s_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            g_off = (offs_k // group_size)[:, None] * stride_sg + offs_n[None, :]
-            g_mask = k_ok[:, None] & n_ok[None, :]
-            s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
-        if MIN_FORM:
-            w = (q * s + z).to(x.dtype)
-        else:
-            w = ((q - z) * s).to(x.dtype)
+        w = _dequantize_tile(q, s_ptr, z_ptr, k0, offs_n, N, K, group_size, stride_sg,
+                             BLOCK_K, GROUP_PER_TILE, MIN_FORM).to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
     store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om)
 
@@ -89,37 +99,21 @@ def _w4a16_gemv_kernel(
     GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K."""
-    row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    x_row = x_ptr + row.to(tl.int64) * stride_xm
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+    row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
+    # Products summed elementwise across K tiles, reduced over K once after the loop (a
+    # reduction per tile would cross warps through shared memory every iteration).
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        x, offs_k, k_ok = load_x_row(x_ptr, row, k0, K, stride_xm, BLOCK_K)
         packed = tl.load(
             qw_ptr + (offs_k // 8)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
             mask=k_ok[:, None] & n_ok[None, :], other=0,
         )
         q = ((packed >> ((offs_k % 8) * 4)[:, None]) & 0xF).to(tl.float32)
-        if GROUP_PER_TILE:
-            g_off = (k0 // group_size) * stride_sg + offs_n
-            s = tl.load(s_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + g_off, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        else:
-            g_off = (offs_k // group_size)[:, None] * stride_sg + offs_n[None, :]
-            g_mask = k_ok[:, None] & n_ok[None, :]
-            s = tl.load(s_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g_off, mask=g_mask, other=0.0).to(tl.float32)
-        if MIN_FORM:
-            w = (q * s + z).to(x.dtype)
-        else:
-            w = ((q - z) * s).to(x.dtype)
-        acc += tl.sum(x.to(tl.float32)[:, None] * w.to(tl.float32), axis=0)
-    out = out_ptr + pid_k * stride_os + row.to(tl.int64) * stride_om + offs_n
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        w = _dequantize_tile(q, s_ptr, z_ptr, k0, offs_n, N, K, group_size, stride_sg,
+                             BLOCK_K, GROUP_PER_TILE, MIN_FORM).to(x.dtype)
+        acc += x.to(tl.float32)[:, None] * w.to(tl.float32)
+    store_row(out_ptr, tl.sum(acc, axis=0), pid_k, row, offs_n, N, stride_os, stride_om)
 
 
 def _check(x, qweight, scales, zeros, group_size) -> None:

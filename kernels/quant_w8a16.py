@@ -20,7 +20,7 @@ import triton.language as tl
 
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
-from kernels.quant_split_k import load_x_tile, store_tile
+from kernels.quant_split_k import gemv_program, load_x_row, load_x_tile, store_row, store_tile
 
 
 @triton.jit
@@ -59,24 +59,17 @@ def _channel_gemv_kernel(
 ):
     """One row of x (program axis 0) times BLOCK_N rows of the [N, K] weight over split
     pid_k's columns of K; the weight tile is read along K, its contiguous axis."""
-    row, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    x_row = x_ptr + row.to(tl.int64) * stride_xm
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < K
-        x = tl.load(x_row + offs_k, mask=k_ok, other=0.0)
+    row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K after the loop
+    for k0 in range(k_start, k_end, BLOCK_K):
+        x, offs_k, k_ok = load_x_row(x_ptr, row, k0, K, stride_xm, BLOCK_K)
         w = tl.load(
             w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
             mask=n_ok[:, None] & k_ok[None, :], other=0,
         )
-        acc += tl.sum(w.to(x.dtype).to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
-    out = out_ptr + pid_k * stride_os + row.to(tl.int64) * stride_om + offs_n
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        acc += w.to(x.dtype).to(tl.float32) * x.to(tl.float32)[None, :]
+    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+    store_row(out_ptr, y, pid_k, row, offs_n, N, stride_os, stride_om)
 
 
 def channel_gemv(
@@ -97,8 +90,9 @@ def channel_gemv(
     return split_k.reduce_splits(out, x.dtype)
 
 
+CHANNEL_GEMV_BLOCK_N = 32
 CHANNEL_GEMV_BLOCK_K = 256
-"""K per tile of `_channel_gemv_kernel` (256 one-byte weights: 16-byte loads per thread)."""
+"""Tile of `_channel_gemv_kernel`: 32 weight rows x 256 one-byte weights (16-byte loads)."""
 
 
 def _check(x, qweight, scales) -> None:
@@ -130,7 +124,8 @@ def channel_matmul(
     (m, k), n = x.shape, weight.shape[0]
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return channel_gemv(x, weight, scales,
-                            **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch))
+                            **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch,
+                                                        CHANNEL_GEMV_BLOCK_N))
     block_m, block_n, block_k, split = split_k.split_k_config(m, n, k, 128)
     out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
     if m > 0:

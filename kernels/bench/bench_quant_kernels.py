@@ -58,9 +58,9 @@ W4_SWEEP = [
      for s in (1, 2, 8, 16)]
 CHANNEL_SWEEP = [
     {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
-    for bn, bk, w, st in [(64, 256, 4, 3), (32, 256, 4, 3), (16, 512, 4, 3), (32, 512, 4, 3),
+    for bn, bk, w, st in [(32, 256, 4, 3), (64, 256, 4, 3), (16, 512, 4, 3), (32, 512, 4, 3),
                           (64, 512, 8, 3), (128, 128, 4, 3), (32, 256, 2, 4), (64, 256, 4, 4)]
-] + [{"block_n": 64, "block_k": 256, "num_warps": 4, "num_stages": 3, "split": s}
+] + [{"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3, "split": s}
      for s in (1, 2, 8)]
 
 
