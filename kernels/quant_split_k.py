@@ -32,6 +32,20 @@ def split_k_config(m: int, n: int, k: int, block_k: int) -> tuple[int, int, int,
     return block_m, block_n, block_k, splits_for(tiles, k)
 
 
+def dot_launch(m: int, n: int, k: int, block_k: int, launch: dict | None = None) -> dict:
+    """Launch configuration of a tl.dot form (m > GEMV_MAX_ROWS): block_m, block_n, block_k,
+    split, num_warps, num_stages from `split_k_config`, any of them taken from `launch` (the
+    benchmark's --sweep; split recomputed from the tiles unless given)."""
+    block_m, block_n, block_k, split = split_k_config(m, n, k, block_k)
+    config = {"block_m": block_m, "block_n": block_n, "block_k": block_k,
+              "num_warps": 4, "num_stages": 3}
+    config.update(launch or {})
+    if "split" not in config:
+        config["split"] = split if m > 64 else splits_for(
+            triton.cdiv(m, config["block_m"]) * triton.cdiv(n, config["block_n"]), k)
+    return config
+
+
 def splits_for(tiles: int, k: int) -> int:
     """How many ways to split K so that `tiles` output tiles make about TARGET_PROGRAMS
     programs, each streaming at least MIN_SPLIT_ROWS rows."""

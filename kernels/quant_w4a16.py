@@ -34,6 +34,10 @@ from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
 from kernels.quant_split_k import gemv_program, load_x_row, load_x_tile, store_row, store_tile
 
+ROW_UNPACK = False
+"""Default nibble unpacking of the tl.dot kernel (`_w4a16_kernel`'s ROW_UNPACK); the
+benchmark's --sweep times both."""
+
 
 @triton.jit
 def _dequantize_tile(q, s_ptr, z_ptr, k0, offs_n, N, K, group_size, stride_sg,
@@ -66,8 +70,12 @@ def _w4a16_kernel(
     stride_xm, stride_qk, stride_sg, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr, PRECISION: tl.constexpr,
+    ROW_UNPACK: tl.constexpr,
 ):
-    """BLOCK_M rows of x times BLOCK_N columns over split pid_k's rows of K (tl.dot)."""
+    """BLOCK_M rows of x times BLOCK_N columns over split pid_k's rows of K (tl.dot).
+    ROW_UNPACK: each k's packed word loaded by offs_k // 8 (L1 serves the repeats), as the
+    matrix-vector kernel does; otherwise [BLOCK_K / 8, BLOCK_N] words are loaded once and
+    their nibbles reshaped to [BLOCK_K, BLOCK_N]."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,13 +85,22 @@ def _w4a16_kernel(
     k_start = pid_k * k_per_split
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         x = load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, BLOCK_K)
-        offs_p = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        packed = tl.load(
-            qw_ptr + offs_p[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-            mask=(offs_p[:, None] < K // 8) & n_ok[None, :], other=0,
-        )
-        # [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N]: row 8i + j is nibble j of row i.
-        q = tl.reshape((packed[:, None, :] >> shifts) & 0xF, (BLOCK_K, BLOCK_N)).to(tl.float32)
+        if ROW_UNPACK:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            packed = tl.load(
+                qw_ptr + (offs_k // 8)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                mask=(offs_k < K)[:, None] & n_ok[None, :], other=0,
+            )
+            q = ((packed >> ((offs_k % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+        else:
+            offs_p = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            packed = tl.load(
+                qw_ptr + offs_p[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+                mask=(offs_p[:, None] < K // 8) & n_ok[None, :], other=0,
+            )
+            # [BLOCK_K / 8, 8, BLOCK_N] -> [BLOCK_K, BLOCK_N]: row 8i + j is nibble j of row i.
+            q = tl.reshape((packed[:, None, :] >> shifts) & 0xF,
+                           (BLOCK_K, BLOCK_N)).to(tl.float32)
         w = _dequantize_tile(q, s_ptr, z_ptr, k0, offs_n, N, K, group_size, stride_sg,
                              BLOCK_K, GROUP_PER_TILE, MIN_FORM).to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
@@ -141,15 +158,20 @@ def w4a16_matmul(
     min_form: bool = False,
     launch: dict | None = None,
 ) -> torch.Tensor:
-    """x @ dequantized weight, [M, N] in x's dtype (float32 accumulation)."""
+    """x @ dequantized weight, [M, N] in x's dtype (float32 accumulation). `launch` overrides
+    the launch configuration (split_k.gemv_launch up to GEMV_MAX_ROWS rows, else
+    split_k.dot_launch plus row_unpack), for the benchmark's --sweep."""
     _check(x, qweight, scales, zeros, group_size)
     (m, k), n = x.shape, qweight.shape[1]
     group_k = 128 if group_size % 128 == 0 else (64 if group_size % 64 == 0 else 32)
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
                           **split_k.gemv_launch(m, n, k, group_k, launch))
-    block_m, block_n, block_k, split = split_k.split_k_config(m, n, k, group_k)
-    out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
+    config = split_k.dot_launch(m, n, k, group_k, launch)
+    row_unpack = config.pop("row_unpack", ROW_UNPACK)
+    block_m, block_n, block_k = config.pop("block_m"), config.pop("block_n"), config["block_k"]
+    out, k_per_split, splits = split_k.split_output(m, n, k, config.pop("block_k"),
+                                                    config.pop("split"), x.dtype, x.device)
     if m > 0:
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
         _w4a16_kernel[grid](
@@ -159,7 +181,7 @@ def w4a16_matmul(
             out.stride(0) if splits > 1 else 0, out.stride(-2),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form,
-            PRECISION=dot_precision(x.dtype),
+            PRECISION=dot_precision(x.dtype), ROW_UNPACK=row_unpack, **config,
         )
     return split_k.reduce_splits(out, x.dtype)
 

@@ -119,15 +119,17 @@ def channel_matmul(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, launch: dict | None = None
 ) -> torch.Tensor:
     """(x @ weight.T) * scales for any [N, K] weight whose values x's dtype holds exactly
-    (int8; FP8 e4m3 from kernels/quant_fp8.py). `launch` overrides the matrix-vector form's
-    configuration (split_k.gemv_launch)."""
+    (int8; FP8 e4m3 from kernels/quant_fp8.py). `launch` overrides the launch configuration
+    (split_k.gemv_launch up to GEMV_MAX_ROWS rows, split_k.dot_launch above)."""
     (m, k), n = x.shape, weight.shape[0]
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return channel_gemv(x, weight, scales,
                             **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch,
                                                         CHANNEL_GEMV_BLOCK_N))
-    block_m, block_n, block_k, split = split_k.split_k_config(m, n, k, 128)
-    out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
+    config = split_k.dot_launch(m, n, k, 128, launch)
+    block_m, block_n, block_k = config.pop("block_m"), config.pop("block_n"), config["block_k"]
+    out, k_per_split, splits = split_k.split_output(m, n, k, config.pop("block_k"),
+                                                    config.pop("split"), x.dtype, x.device)
     if m > 0:
         grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
         _w8a16_kernel[grid](
@@ -135,7 +137,7 @@ def channel_matmul(
             m, n, k, k_per_split,
             x.stride(0), weight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            PRECISION=dot_precision(x.dtype),
+            PRECISION=dot_precision(x.dtype), **config,
         )
     return split_k.reduce_splits(out, x.dtype)
 

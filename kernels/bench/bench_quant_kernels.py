@@ -16,11 +16,12 @@ overhead), each call on another copy of the weights so that none is served from 
 layer's weight is read once per step). --eager times plain calls instead (triton's do_bench,
 L2 flushed), where host overhead shows wherever it exceeds the kernel.
 
---sweep times candidate launch configurations of the matrix-vector kernels (W4A16 and the
-channel kernel of W8A16 / FP8, up to split_k.GEMV_MAX_ROWS rows) per shape, and FP8's paths
-(weight-only, tensor cores, the row quantization alone), so the defaults in
-kernels/quant_split_k.py / quant_w8a16.py can be picked from one run; the best per shape is
-marked with *.
+--sweep times candidate launch configurations per shape and row count (default M = 1 and 32):
+the matrix-vector kernels up to split_k.GEMV_MAX_ROWS rows, the tl.dot kernels above (W4A16's
+with either nibble unpacking), for W4A16, W8A16 and FP8 weight-only (the channel kernels with
+FP8 weights), and FP8's other paths (tensor cores, the row quantization alone), so the
+defaults in kernels/quant_split_k.py, quant_w4a16.py and quant_w8a16.py can be picked from one
+run; the best of each group is marked with *.
 """
 
 from __future__ import annotations
@@ -62,6 +63,20 @@ CHANNEL_SWEEP = [
                           (64, 512, 8, 3), (128, 128, 4, 3), (32, 256, 2, 4), (64, 256, 4, 4)]
 ] + [{"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3, "split": s}
      for s in (1, 2, 8)]
+
+W4_DOT_SWEEP = [{"row_unpack": True}] + [
+    {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st,
+     "row_unpack": ru}
+    for bm, bn, bk, w, st, ru in [(32, 64, 128, 4, 4, False), (32, 128, 128, 4, 3, False),
+                                  (32, 64, 64, 4, 3, True), (32, 128, 64, 8, 3, True),
+                                  (16, 64, 128, 4, 3, True), (32, 32, 128, 4, 3, False)]
+]
+CHANNEL_DOT_SWEEP = [
+    {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
+    for bm, bn, bk, w, st in [(32, 64, 128, 4, 4), (32, 128, 128, 4, 3), (32, 64, 256, 4, 3),
+                              (32, 128, 64, 8, 3), (16, 64, 128, 4, 3), (32, 32, 256, 4, 3)]
+]
+"""tl.dot candidates (rows above GEMV_MAX_ROWS)."""
 
 
 def operands(k: int, n: int, device: str, copies: Callable[[int], int]) -> dict:
@@ -189,14 +204,13 @@ def sweep(rows: list[int], eager: bool) -> None:
             base = time_us(calls("bf16", ops), x, eager)
             print(f"{name:<8}{m:>4}  {'bf16 cuBLAS':<16}{'':<58}{base:>9.1f}{1:>8.2f}"
                   f"{ops['bytes']['bf16'] / base / 1e3:>8.0f}")
-            groups = [("w4a16", "w4a16", W4_SWEEP, "auto"),
-                      ("w8a16", "w8a16", CHANNEL_SWEEP, "auto"),
-                      ("fp8 weight-only", "fp8", CHANNEL_SWEEP, "weight_only")]
-            if m > GEMV_MAX_ROWS:
-                groups = [(label, fmt, [None], path) for label, fmt, _, path in groups]
+            gemv = m <= GEMV_MAX_ROWS
+            w4, channel = (W4_SWEEP, CHANNEL_SWEEP) if gemv else (W4_DOT_SWEEP, CHANNEL_DOT_SWEEP)
+            groups = [("w4a16", "w4a16", w4, "auto"), ("w8a16", "w8a16", channel, "auto"),
+                      ("fp8 weight-only", "fp8", channel, "weight_only")]
             for label, fmt, launches, path in groups:
                 results = []
-                for launch in [None] + [c for c in launches if c is not None]:
+                for launch in [None, *launches]:
                     try:
                         us = time_us(calls(fmt, ops, launch, path), x, eager)
                     except Exception as error:  # noqa: BLE001 - a config that fails to compile
@@ -219,7 +233,7 @@ def sweep(rows: list[int], eager: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=None,
-                        help="M values (default 1 32 512; 1 4 with --sweep)")
+                        help="M values (default 1 32 512; 1 32 with --sweep)")
     parser.add_argument("--eager", action="store_true",
                         help="time plain calls (host overhead included) instead of graph replay")
     parser.add_argument("--sweep", action="store_true",
@@ -227,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     header(args.eager)
     if args.sweep:
-        sweep(args.rows or [1, 4], args.eager)
+        sweep(args.rows or [1, 32], args.eager)
     else:
         table(args.rows or [1, 32, 512], args.eager)
     return 0

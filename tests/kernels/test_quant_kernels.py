@@ -115,6 +115,34 @@ def test_split_sum_kernel_matches_torch(splits, m, n, dtype, device):
     assert torch.equal(out, reduce_splits_ref(parts, dtype))
 
 
+DOT_LAUNCHES = [
+    {"row_unpack": True},
+    {"block_m": 16, "block_n": 32, "block_k": 64, "split": 3, "num_warps": 2, "num_stages": 2,
+     "row_unpack": True},
+    {"block_m": 32, "block_n": 128, "block_k": 32, "split": 1, "num_warps": 8, "num_stages": 4},
+]
+"""tl.dot launch configurations as the benchmark's --sweep passes them (row_unpack for W4A16
+only)."""
+
+
+@pytest.mark.parametrize("launch", DOT_LAUNCHES)
+@pytest.mark.parametrize("m,k,n,group_size", [(20, 1024, 96, 64), (70, 576, 40, 128)])
+def test_w4a16_dot_launches_match_reference(m, k, n, group_size, launch, device):
+    qweight, scales, zeros = random_w4(k, n, group_size, device)
+    x = random_x(m, k, torch.float32, device)
+    out = w4a16_matmul(x, qweight, scales, zeros, group_size, launch=launch)
+    assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size))
+
+
+@pytest.mark.parametrize("launch", DOT_LAUNCHES[1:])
+def test_w8a16_dot_launches_match_reference(launch, device):
+    launch = {key: value for key, value in launch.items() if key != "row_unpack"}
+    qweight, scales = random_w8(1024, 96, device)
+    x = random_x(20, 1024, torch.float32, device)
+    assert_close(w8a16_matmul(x, qweight, scales, launch=launch),
+                 w8a16_matmul_ref(x, qweight, scales))
+
+
 def test_w4a16_reference_dequantizes_the_layout_elementwise(device):
     """dequantize_w4_ref against the layout read one element at a time."""
     k, n, group_size = 48, 16, 16
