@@ -9,7 +9,8 @@ x's dtype, accumulates in float32 and applies the channel scale once at the end.
 M splits K across programs, as in kernels/quant_w4a16.py, and up to GEMV_MAX_ROWS rows run
 `_channel_gemv_kernel` (broadcast multiply and a sum over K in registers, no tl.dot padding M to
 16). That kernel takes any weight whose values convert exactly to x's dtype: int8 here, FP8
-e4m3 for kernels/quant_fp8.py's decode rows.
+e4m3 for kernels/quant_fp8.py's decode rows (both kernels do; masked weights load as 0.0,
+since Triton has no cast from an integer constant to FP8).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _w8a16_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(
             w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None],
-            mask=(offs_k[:, None] < K) & n_ok[None, :], other=0,
+            mask=(offs_k[:, None] < K) & n_ok[None, :], other=0.0,
         )
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
     s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
@@ -65,7 +66,7 @@ def _channel_gemv_kernel(
         x, offs_k, k_ok = load_x_row(x_ptr, row, k0, K, stride_xm, BLOCK_K)
         w = tl.load(
             w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-            mask=n_ok[:, None] & k_ok[None, :], other=0,
+            mask=n_ok[:, None] & k_ok[None, :], other=0.0,
         )
         acc += w.to(x.dtype).to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)

@@ -79,31 +79,37 @@ def test_w4a16_kernel_in_min_form_matches_reference(m, k, n, dtype, device):
     assert_close(out, w4a16_matmul_ref(x, qweight, scales, mins, 32, min_form=True))
 
 
-SWEEP_LAUNCHES = [
+GEMV_LAUNCHES = [
     {"block_n": 32, "block_k": 64, "split": 1, "num_warps": 2, "num_stages": 2},
     {"block_n": 64, "block_k": 128, "split": 3, "num_warps": 4, "num_stages": 3},
     {"block_n": 128, "block_k": 256, "split": 8, "num_warps": 8, "num_stages": 4},
 ]
 """Matrix-vector launch configurations as the benchmark's --sweep passes them: K tiles below,
 at and above the group size (one scale row per tile, or one per k), odd and many splits."""
+DOT_LAUNCHES = [
+    {"row_unpack": True},
+    {"block_m": 16, "block_n": 32, "block_k": 64, "split": 3, "num_warps": 2, "num_stages": 2,
+     "row_unpack": True},
+    {"block_m": 32, "block_n": 128, "block_k": 32, "split": 1, "num_warps": 8, "num_stages": 4},
+]
+"""tl.dot launch configurations (rows above GEMV_MAX_ROWS; row_unpack for W4A16 only)."""
+LAUNCH_CASES = [(launch, shape) for launch in GEMV_LAUNCHES
+                for shape in [(1, 1024, 96, 128), (4, 576, 40, 64)]] + [
+    (launch, shape) for launch in DOT_LAUNCHES for shape in [(20, 1024, 96, 64),
+                                                               (70, 576, 40, 128)]]
+"""(launch, (M, K, N, group size))."""
 
 
-@pytest.mark.parametrize("launch", SWEEP_LAUNCHES)
-@pytest.mark.parametrize("m,k,n,group_size", [(1, 1024, 96, 128), (4, 576, 40, 64)])
-def test_w4a16_matrix_vector_launches_match_reference(m, k, n, group_size, launch, device):
-    qweight, scales, zeros = random_w4(k, n, group_size, device)
+@pytest.mark.parametrize("launch,shape", LAUNCH_CASES)
+def test_launch_configurations_match_reference(launch, shape, device):
+    m, k, n, group_size = shape
     x = random_x(m, k, torch.float32, device)
+    qweight, scales, zeros = random_w4(k, n, group_size, device)
     out = w4a16_matmul(x, qweight, scales, zeros, group_size, launch=launch)
     assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size))
-
-
-@pytest.mark.parametrize("launch", SWEEP_LAUNCHES)
-@pytest.mark.parametrize("m,k,n", [(1, 1024, 96), (4, 576, 40)])
-def test_w8a16_matrix_vector_launches_match_reference(m, k, n, launch, device):
-    qweight, scales = random_w8(k, n, device)
-    x = random_x(m, k, torch.float32, device)
-    assert_close(w8a16_matmul(x, qweight, scales, launch=launch),
-                 w8a16_matmul_ref(x, qweight, scales))
+    q8, s8 = random_w8(k, n, device)
+    launch8 = {key: value for key, value in launch.items() if key != "row_unpack"}
+    assert_close(w8a16_matmul(x, q8, s8, launch=launch8), w8a16_matmul_ref(x, q8, s8))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -113,34 +119,6 @@ def test_split_sum_kernel_matches_torch(splits, m, n, dtype, device):
     out = reduce_splits(parts, dtype)
     assert out.dtype == dtype
     assert torch.equal(out, reduce_splits_ref(parts, dtype))
-
-
-DOT_LAUNCHES = [
-    {"row_unpack": True},
-    {"block_m": 16, "block_n": 32, "block_k": 64, "split": 3, "num_warps": 2, "num_stages": 2,
-     "row_unpack": True},
-    {"block_m": 32, "block_n": 128, "block_k": 32, "split": 1, "num_warps": 8, "num_stages": 4},
-]
-"""tl.dot launch configurations as the benchmark's --sweep passes them (row_unpack for W4A16
-only)."""
-
-
-@pytest.mark.parametrize("launch", DOT_LAUNCHES)
-@pytest.mark.parametrize("m,k,n,group_size", [(20, 1024, 96, 64), (70, 576, 40, 128)])
-def test_w4a16_dot_launches_match_reference(m, k, n, group_size, launch, device):
-    qweight, scales, zeros = random_w4(k, n, group_size, device)
-    x = random_x(m, k, torch.float32, device)
-    out = w4a16_matmul(x, qweight, scales, zeros, group_size, launch=launch)
-    assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size))
-
-
-@pytest.mark.parametrize("launch", DOT_LAUNCHES[1:])
-def test_w8a16_dot_launches_match_reference(launch, device):
-    launch = {key: value for key, value in launch.items() if key != "row_unpack"}
-    qweight, scales = random_w8(1024, 96, device)
-    x = random_x(20, 1024, torch.float32, device)
-    assert_close(w8a16_matmul(x, qweight, scales, launch=launch),
-                 w8a16_matmul_ref(x, qweight, scales))
 
 
 def test_w4a16_reference_dequantizes_the_layout_elementwise(device):
