@@ -12,6 +12,7 @@ import datetime
 import os
 import socket
 import tempfile
+import time
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ pytestmark = [
 ]
 
 BLOCK = 16
+RANKS_TIMEOUT_S = 120
 
 
 def _steps():
@@ -98,8 +100,14 @@ def test_two_gpu_group_matches_one_gpu(tp, pp):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = os.path.join(tempfile.mkdtemp(), "rank0.pt")
-    mp.start_processes(_rank, args=(model_dir, tp, pp, port, out), nprocs=2, join=True,
-                       start_method="spawn")
+    ranks = mp.start_processes(_rank, args=(model_dir, tp, pp, port, out), nprocs=2,
+                               join=False, start_method="spawn")
+    deadline = time.monotonic() + RANKS_TIMEOUT_S
+    while not ranks.join(timeout=1.0):
+        if time.monotonic() > deadline:  # ranks out of lockstep wait in NCCL forever
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f"tp={tp} pp={pp}: the two ranks did not finish in {RANKS_TIMEOUT_S} s")
     result = torch.load(out)
     assert result["graphs"] == (pp == 1)  # TP keeps CUDA graphs; a PP stage runs eager
     for got, want in zip(result["logits"], expected, strict=True):
