@@ -9,7 +9,6 @@ one clear typed error; every block is free afterwards."""
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import time
 
@@ -30,6 +29,7 @@ from tests.cluster.helpers import (
     wait_readmitted,
     wait_until,
 )
+from tests.e2e.served_cluster import sse_events
 from tests.served_app import serve
 from workers.engine.sampling_params import SamplingParams
 from workers.protocol import GenerateRequest
@@ -212,12 +212,7 @@ async def sse_streams(url: str, batch, max_tokens: int, watched: int, count: int
                 "return_token_ids": True}
         ids, times, _ = got[i]
         async with client.stream("POST", "/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[len("data: "):])
-                assert "error" not in event, event
+            async for event in sse_events(response):
                 choice = event["choices"][0]
                 if choice.get("token_ids"):
                     ids.extend(choice["token_ids"])

@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -68,6 +68,17 @@ def _wait_healthy(url: str, timeout_s: float = 60.0) -> None:
     raise TimeoutError(f"{url}/health not ready in {timeout_s} s")
 
 
+async def sse_events(response: httpx.Response) -> AsyncIterator[dict]:
+    """The JSON events of a 200 SSE response (no [DONE]), none of them an error."""
+    assert response.status_code == 200
+    async for line in response.aiter_lines():
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        event = json.loads(line[len("data: "):])
+        assert "error" not in event, event
+        yield event
+
+
 async def complete(client: httpx.AsyncClient, prompt, max_tokens: int, stream: bool,
                    **extra) -> tuple[str, int, str | None]:
     """(text, completion tokens, finish_reason) of one /v1/completions call."""
@@ -82,12 +93,7 @@ async def complete(client: httpx.AsyncClient, prompt, max_tokens: int, stream: b
     body["stream_options"] = {"include_usage": True}
     text, tokens, reason = "", 0, None
     async with client.stream("POST", "/v1/completions", json=body) as response:
-        assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: "):])
-            assert "error" not in event, event
+        async for event in sse_events(response):
             for choice in event.get("choices", []):
                 text += choice["text"]
                 reason = choice["finish_reason"] or reason
