@@ -46,6 +46,22 @@ def dot_launch(m: int, n: int, k: int, block_k: int, launch: dict | None = None)
     return config
 
 
+def dot_plan(
+    m: int, n: int, k: int, block_k: int, launch: dict | None,
+    dtype: torch.dtype, device: torch.device,
+) -> tuple[torch.Tensor, int, tuple[int, int, int], dict]:
+    """Everything a tl.dot form's launch needs from `dot_launch` and `split_output`: (output
+    buffer, rows of K per split, grid (m tiles, n tiles, splits), meta-parameters BLOCK_M,
+    BLOCK_N, BLOCK_K, num_warps, num_stages and any other key `launch` gave)."""
+    config = dot_launch(m, n, k, block_k, launch)
+    block_m, block_n = config.pop("block_m"), config.pop("block_n")
+    block_k = config.pop("block_k")
+    out, k_per_split, splits = split_output(m, n, k, block_k, config.pop("split"), dtype, device)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
+    return out, k_per_split, grid, {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                                    **config}
+
+
 def splits_for(tiles: int, k: int) -> int:
     """How many ways to split K so that `tiles` output tiles make about TARGET_PROGRAMS
     programs, each streaming at least MIN_SPLIT_ROWS rows."""

@@ -167,21 +167,16 @@ def w4a16_matmul(
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
                           **split_k.gemv_launch(m, n, k, group_k, launch))
-    config = split_k.dot_launch(m, n, k, group_k, launch)
-    row_unpack = config.pop("row_unpack", ROW_UNPACK)
-    block_m, block_n, block_k = config.pop("block_m"), config.pop("block_n"), config["block_k"]
-    out, k_per_split, splits = split_k.split_output(m, n, k, config.pop("block_k"),
-                                                    config.pop("split"), x.dtype, x.device)
+    out, k_per_split, grid, meta = split_k.dot_plan(m, n, k, group_k, launch, x.dtype, x.device)
+    row_unpack = meta.pop("row_unpack", ROW_UNPACK)
     if m > 0:
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
         _w4a16_kernel[grid](
             x, qweight, scales, zeros, out,
             m, n, k, group_size, k_per_split,
             x.stride(0), qweight.stride(0), scales.stride(0),
-            out.stride(0) if splits > 1 else 0, out.stride(-2),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form,
-            PRECISION=dot_precision(x.dtype), ROW_UNPACK=row_unpack, **config,
+            out.stride(0) if grid[2] > 1 else 0, out.stride(-2),
+            GROUP_PER_TILE=group_size % meta["BLOCK_K"] == 0, MIN_FORM=min_form,
+            PRECISION=dot_precision(x.dtype), ROW_UNPACK=row_unpack, **meta,
         )
     return split_k.reduce_splits(out, x.dtype)
 

@@ -127,18 +127,13 @@ def channel_matmul(
         return channel_gemv(x, weight, scales,
                             **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch,
                                                         CHANNEL_GEMV_BLOCK_N))
-    config = split_k.dot_launch(m, n, k, 128, launch)
-    block_m, block_n, block_k = config.pop("block_m"), config.pop("block_n"), config["block_k"]
-    out, k_per_split, splits = split_k.split_output(m, n, k, config.pop("block_k"),
-                                                    config.pop("split"), x.dtype, x.device)
+    out, k_per_split, grid, meta = split_k.dot_plan(m, n, k, 128, launch, x.dtype, x.device)
     if m > 0:
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
         _w8a16_kernel[grid](
             x, weight, scales, out,
             m, n, k, k_per_split,
-            x.stride(0), weight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            PRECISION=dot_precision(x.dtype), **config,
+            x.stride(0), weight.stride(0), out.stride(0) if grid[2] > 1 else 0, out.stride(-2),
+            PRECISION=dot_precision(x.dtype), **meta,
         )
     return split_k.reduce_splits(out, x.dtype)
 
