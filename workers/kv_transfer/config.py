@@ -22,7 +22,8 @@ class TransferConfig:
     connect_timeout_s: float = 20.0
     """Handshake plus communicator construction of a new pair."""
     idle_evict_s: float = 300.0
-    """A pair unused this long is torn down (its communicator freed); rebuilt on next use."""
+    """A pair unused this long is torn down by its sender (its communicator freed; the
+    receiver lets go after twice this); rebuilt on next use."""
     max_pairs: int = 64
     """torch transport: most pairs one sender keeps (each NCCL communicator holds GPU memory);
     one more evicts the least recently used pair with nothing in flight."""

@@ -114,10 +114,11 @@ class Receiver(KVReceiver):
             self._evict_idle()
 
     def _handle(self, identity: bytes, msg, data: list) -> None:
+        if identity in self._peers:
+            self._peers[identity].count(0)  # any message is use
         if isinstance(msg, Hello):
             self._hello(identity, msg)
         elif isinstance(msg, StreamPart) and identity in self._peers:
-            self._peers[identity].count(0)
             self._torch.part(self._peers[identity], msg)
         elif isinstance(msg, StreamEnd) and identity in self._peers:
             self._torch.end(self._peers[identity], msg)
@@ -157,7 +158,8 @@ class Receiver(KVReceiver):
         if hello.transport == "torch":
             store = host_store(self.config.host, self.config.connect_timeout_s)
             store_port = store.port
-            peer.executor.submit(self._torch.build, peer, store, hello)
+            peer.count(+1)  # set-up is use: an idle sweep never cuts a pair mid-build
+            peer.executor.submit(self._set_up, peer, store, hello)
         else:
             peer.path = IPC_PATH if ipc else "zmq"
         self._reply(identity, HelloReply(self.layout.to_dict(), [], store_port, peer.generation,
@@ -190,6 +192,12 @@ class Receiver(KVReceiver):
         self.table.start(rid)
         peer.executor.submit(self._guarded, peer, rid, transport.receive, peer, record, header,
                              plan, frame)
+
+    def _set_up(self, peer: ReceiverPair, store, hello: Hello) -> None:
+        try:
+            self._torch.build(peer, store, hello)
+        finally:
+            peer.count(-1)
 
     def _guarded(self, peer: ReceiverPair, request_id: str, job, *args) -> None:
         """Runs a pair job; any failure fails that transfer and tears the pair down (the sender
@@ -236,9 +244,11 @@ class Receiver(KVReceiver):
             peer.group = None
 
     def _evict_idle(self) -> None:
+        """Drops pairs idle for twice the sender's bound: the sender, which knows when it
+        uses a pair next, lets go first, so a part never reaches a pair evicted under it."""
         now = time.monotonic()
         for peer in list(self._peers.values()):
-            if peer.pending == 0 and now - peer.last_used > self.config.idle_evict_s \
+            if peer.pending == 0 and now - peer.last_used > 2 * self.config.idle_evict_s \
                     and not self._torch.pending():
                 log.info("kv pair with %s idle for %.0f s: evicted", peer.sender_id,
                          now - peer.last_used)

@@ -140,6 +140,7 @@ class TorchPairs:
             pair = self._pairs.get(dest)
             if pair is not None and pair.sock is not None:
                 pair.sock.send(encode(PairReport(pair.path or "", pair.gbps or 0.0)))
+                pair.last_used = time.monotonic()  # idle counts from set-up's end
                 pair.ready.set()
                 log.info("kv pair %s -> %s: path %s, %.2f GB/s", self.sender_id[:8], dest,
                          pair.path, pair.gbps or 0.0)
@@ -246,7 +247,8 @@ class TorchPairs:
         for pair in list(self._pairs.values()):
             if not pair.ready.is_set() and now > pair.deadline:
                 self._teardown(poller, pair.dest, "no handshake reply")
-            elif pair.dest not in busy and now - pair.last_used > self.config.idle_evict_s \
+            elif pair.ready.is_set() and pair.dest not in busy \
+                    and now - pair.last_used > self.config.idle_evict_s \
                     and not self._posted.pending(pair.dest):
                 self._teardown(poller, pair.dest, "idle")
         while len(self._pairs) > self.config.max_pairs and \
