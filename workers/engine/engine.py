@@ -26,42 +26,32 @@ import itertools
 import time
 from collections.abc import Sequence as Seq
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from workers.config import EngineConfig
 from workers.engine.block_pool import BlockPool, blocks_for
+from workers.engine.kv_stream import KVStreamCursor, KVStreamHook
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestMetrics, RequestOutput
 from workers.engine.prefix_cache import PrefixCache, cache_root
-from workers.engine.sampler import Sampler, SamplingRow, position_seed
+from workers.engine.request_check import RequestCheck
+from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.sampling_rows import SamplingRows
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus, SequenceTimes
 from workers.engine.stop_checker import StopChecker
 from workers.errors import (
     DuplicateRequest,
-    EmptyPrompt,
     InvalidParameter,
     KvrelayError,
     NoCapacity,
-    PromptTooLong,
     UnknownRequest,
-    UnknownTokenIds,
 )
-from workers.kv_transfer.stream_plan import PrefillSpan
 from workers.model.parallel import ParallelContext
 from workers.spec.factory import build_speculative_decoder
 from workers.text.request_text import RequestText, load_tokenizer
-
-
-class KVStreamHook(Protocol):
-    """What a streaming KV transport needs from the prefill engine's steps."""
-
-    def before_step(self, spans: list[PrefillSpan]) -> None: ...
-    def layer_done(self, local_layer: int) -> None: ...
-    def fence(self) -> None: ...
 
 
 class LLMEngine:
@@ -85,20 +75,19 @@ class LLMEngine:
         self.max_model_len = min(self.runner.max_model_len, pool_tokens)
         eos = self.tokenizer.eos_token_ids if self.tokenizer else self.model_config.eos_token_ids
         self.stop_checker = StopChecker(tuple(eos), self.max_model_len)
+        self.check = RequestCheck(self.model_config.vocab_size, self.max_model_len,
+                                  config.scheduler.policy, self.tokenizer is not None)
+        self.rows = SamplingRows(self.runner.device, self.stop_checker)
         self._seqs: dict[str, Sequence] = {}
         self._texts: dict[str, RequestText] = {}
-        self._generators: dict[str, torch.Generator] = {}
         self._arrivals = itertools.count()
         self._generate_ids = itertools.count()
         self.spec = build_speculative_decoder(config, self.runner, self.pool,
                                               self.max_model_len, self.tokenizer)
         """None unless this engine speculates (colocated or decode role with a method)."""
         self.kv_stream: KVStreamHook | None = None
-        self._kv_sent: dict[str, int] = {}
-        """Prefill role with a KV stream: the prompt position each request's stream has
-        reached (`_prefill_spans`)."""
-        """Prefill role with a streaming KV transport: told each step's prompt spans before
-        the forward pass and each layer's end during it (workers/kv_transfer/torch_sender.py)."""
+        """Prefill role with a streaming KV transport (workers/engine/kv_stream.py)."""
+        self._kv_cursor = KVStreamCursor()
 
     # ---- pool facts (leak tests, KV-aware routing) ---------------------------------------
 
@@ -214,7 +203,7 @@ class LLMEngine:
     def skip_remote_prefix(self, request_id: str, num_tokens: int) -> None:
         """Prefill role: the decode worker already holds the KV of the first `num_tokens`
         tokens (whole blocks), so the KV stream of `request_id` starts after them."""
-        self._kv_sent[request_id] = num_tokens
+        self._kv_cursor.skip(request_id, num_tokens)
 
     def release(self, request_id: str) -> None:
         """Prefill role: frees a held request's blocks once its KV transfer is done or
@@ -262,8 +251,7 @@ class LLMEngine:
         seq = self._seqs.get(request_id)
         if seq is None or seq.status is not SequenceStatus.RESERVED:
             raise UnknownRequest(request_id)
-        if not 0 <= first_token_id < self.model_config.vocab_size:
-            raise UnknownTokenIds([first_token_id], self.model_config.vocab_size)
+        self.check.first_token(first_token_id)
         now = time.monotonic()
         seq.times.first_scheduled = seq.times.first_token = now
         self.scheduler.cache_computed_blocks(seq, 0, seq.num_tokens)
@@ -285,24 +273,7 @@ class LLMEngine:
         """Validates a request (raising typed errors, changing nothing) into a Sequence."""
         if request_id in self._seqs:
             raise DuplicateRequest(request_id)
-        if not prompt_token_ids:
-            raise EmptyPrompt()
-        vocab = self.model_config.vocab_size
-        known = [*prompt_token_ids, *output_token_ids]
-        bad = [t for t in known if not (isinstance(t, int) and 0 <= t < vocab)]
-        if bad:
-            raise UnknownTokenIds(bad, vocab)
-        if len(known) > self.max_model_len:
-            raise PromptTooLong(length=len(known), max=self.max_model_len)
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidParameter("stop_token_ids", f"token ids {bad[:8]} are outside the "
-                                                     f"vocabulary of size {vocab}")
-        if priority != 0 and self.config.scheduler.policy != "priority":
-            raise InvalidParameter("priority", f"got {priority}, but this server schedules "
-                                               "first come first served (policy fcfs)")
-        if params.stop and self.tokenizer is None:
-            raise InvalidParameter("stop", "stop strings need a tokenizer; this model has none")
+        self.check(prompt_token_ids, params, priority, output_token_ids)
         return Sequence(
             seq_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
@@ -320,23 +291,7 @@ class LLMEngine:
             for token_id in seq.output_token_ids:  # a continuation: the text so far
                 text.add(token_id)
             text.sent = min(sent_text_len, len(text.text))
-        if seq.params.seed is not None:  # seeded per draw (`_seeded_generator`)
-            self._generators[seq.seq_id] = torch.Generator(device=self.runner.device)
-
-    def _prefill_spans(self, batch: ScheduledBatch) -> list[PrefillSpan]:
-        """The prompt tokens each sequence computes this step, with its block table."""
-        spans = []
-        starts = batch.step.query_start_loc
-        for i, (seq, count) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            start = batch.step.positions[starts[i]]
-            end = min(start + count, seq.num_tokens)  # a continuation: its known output too
-            # From where the stream stands: cached blocks the first step skipped computing
-            # go with it; blocks the receiver holds or already got do not go again.
-            sent = self._kv_sent.get(seq.seq_id, 0)
-            if sent < end:
-                spans.append(PrefillSpan(seq.seq_id, sent, end, list(seq.block_table)))
-                self._kv_sent[seq.seq_id] = end
-        return spans
+        self.rows.admit(seq)
 
     def _sample(self, batch: ScheduledBatch) -> tuple[list[list[int]], list[list[dict | None]]]:
         """Per sampled sequence: its new tokens (one; or a verification run's accepted drafts
@@ -345,55 +300,19 @@ class LLMEngine:
         if stream is not None:
             if batch.preempted:
                 stream.fence()  # freed blocks may be rewritten: after the sends reading them
-            stream.before_step(self._prefill_spans(batch))
+            stream.before_step(self._kv_cursor.spans(batch))
         logits = self.runner.execute(
             batch.step, layer_done=stream.layer_done if stream is not None else None
         )
         if not batch.sampled:
             return [], []
         if self.spec is not None and any(seq.spec_token_ids for seq in batch.sampled):
-            rows = [self._sampling_row(seq, seq.spec_token_ids[:i])
+            rows = [self.rows.after_drafts(seq, seq.spec_token_ids[:i])
                     for seq in batch.sampled for i in range(len(seq.spec_token_ids) + 1)]
             result = self.spec.verify(self.sampler, logits, batch.sampled, rows)
             return result.token_ids, result.logprobs
-        rows = [
-            SamplingRow(
-                params=seq.params,
-                prompt_token_ids=seq.prompt_token_ids,
-                output_token_ids=seq.output_token_ids,
-                generator=self._seeded_generator(seq),
-                banned_token_ids=self.stop_checker.banned_token_ids(seq),
-            )
-            for seq in batch.sampled
-        ]
-        out = self.sampler(logits, rows)
+        out = self.sampler(logits, [self.rows.plain(seq) for seq in batch.sampled])
         return [[t] for t in out.token_ids], [[lp] for lp in out.logprobs]
-
-    def _sampling_row(self, seq: Sequence, drafts: list[int]) -> SamplingRow:
-        """The row that samples seq's output token after `drafts` (a verification run's row),
-        with that position's seed and min_tokens ban."""
-        position = seq.num_output_tokens + len(drafts)
-        generator = self._generators.get(seq.seq_id)
-        banned = self.stop_checker.banned_token_ids(seq) \
-            if position < seq.params.min_tokens else ()
-        return SamplingRow(
-            params=seq.params,
-            prompt_token_ids=seq.prompt_token_ids,
-            # Only penalties read the output; a copy per row costs O(output) per draft.
-            output_token_ids=seq.output_token_ids + drafts if seq.params.has_penalties
-            else seq.output_token_ids,
-            generator=generator,
-            seed=position_seed(seq.params.seed, position) if generator is not None else None,
-            banned_token_ids=banned,
-        )
-
-    def _seeded_generator(self, seq: Sequence) -> torch.Generator | None:
-        """A seeded sequence's generator, seeded for the token it draws now (its output
-        position), so a continuation on another worker draws what the original would have."""
-        generator = self._generators.get(seq.seq_id)
-        if generator is not None:
-            generator.manual_seed(position_seed(seq.params.seed, seq.num_output_tokens))
-        return generator
 
     def _after_tokens(self, seq: Sequence, num_new: int, logprobs: list[dict | None]
                       ) -> RequestOutput:
@@ -450,8 +369,8 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.times.finished = time.monotonic()
         self._texts.pop(seq.seq_id, None)
-        self._generators.pop(seq.seq_id, None)
-        self._kv_sent.pop(seq.seq_id, None)
+        self.rows.forget(seq.seq_id)
+        self._kv_cursor.forget(seq.seq_id)
         if self.spec is not None:
             self.spec.forget(seq.seq_id)
         if free_blocks:
