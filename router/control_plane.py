@@ -8,7 +8,13 @@ several gateway/router replicas see one truth and a restarted router starts from
 
 A control plane that cannot reach its store says so (`healthy` False, and `stats()` for
 /health); meanwhile it answers "nothing cached", so routing falls back to load alone and
-serving goes on.
+serving goes on. When its index may have lost facts (the store came back, empty or not; a
+router started with an empty memory) `take_resync` says why, once: the router then asks its
+workers to re-publish every cached block (router/membership.py).
+
+Loads: each router publishes, per worker, the requests it has placed there and not seen end
+(`share_loads`), and gets back what the other routers published within a staleness bound,
+so placement counts every router's work on a worker, not only its own.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from router.kv_index import MemoryKvIndex
+
+Load = tuple[int, int]
+"""(outstanding tokens, requests) one router has placed on one worker."""
 
 
 class ControlPlane(Protocol):
@@ -49,6 +58,15 @@ class ControlPlane(Protocol):
         """Per worker, how many leading full blocks of `token_ids` it caches (absent: 0)."""
         ...
 
+    def share_loads(self, own: dict[str, Load]) -> dict[str, Load]:
+        """Publishes this router's load per worker; returns, per worker, the sum of what the
+        other routers published lately (absent: none; the store unreachable: {})."""
+        ...
+
+    def take_resync(self) -> str | None:
+        """Why the KV index must be rebuilt from the workers (once), else None."""
+        ...
+
     def stats(self) -> dict[str, Any]:
         """backend, healthy, routing ('cache_aware' or 'load_only'), events applied, ..."""
         ...
@@ -63,6 +81,8 @@ class MemoryControlPlane:
         self.index = MemoryKvIndex()
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self._beats: dict[str, dict[str, Any]] = {}
+        self._resync: str | None = "the router started with an empty KV index"
+        self.num_resyncs = 0
 
     @property
     def healthy(self) -> bool:
@@ -86,6 +106,15 @@ class MemoryControlPlane:
                 worker_ids: Iterable[str]) -> dict[str, int]:
         return self.index.overlap(token_ids, block_size, worker_ids)
 
+    def share_loads(self, own: dict[str, Load]) -> dict[str, Load]:
+        return {}  # no other router shares this memory
+
+    def take_resync(self) -> str | None:
+        why, self._resync = self._resync, None
+        self.num_resyncs += why is not None
+        return why
+
     def stats(self) -> dict[str, Any]:
         return {"backend": self.backend, "healthy": True, "routing": "cache_aware",
-                "kv_events_applied": self.index.num_events_applied}
+                "kv_events_applied": self.index.num_events_applied,
+                "resyncs": self.num_resyncs}

@@ -6,6 +6,14 @@ admitted (its KV pairs set up, router/kv_pairs.py); one that stops answering, wh
 loop stopped, or that answers as a new incarnation (Ray restarted it) is lost: `on_lost`
 (RouterCore) lets its requests go on, migrate or end. A restarted worker is admitted again at
 its next answer. A second task hands each worker's pushed news to `on_news`.
+
+After each round of checks, `after_poll` runs (RouterCore: publish and read the shared loads),
+then, if the control plane says its KV index lost facts (`take_resync`: Redis came back,
+perhaps empty; a router started with an empty index), every ready worker is asked to
+re-publish its cached blocks, which its next report carries. A worker registered here starts
+from the incarnation the control plane last heard of it (a restarted router rebuilds its view
+from Redis), so a worker that restarted while no router watched is still seen as restarted
+(its stale index dropped).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ log = logging.getLogger(__name__)
 
 OnLost = Callable[[str, list[str]], Awaitable[None]]
 OnNews = Callable[[WorkerNews], Awaitable[None]]
+AfterPoll = Callable[[], None]
 
 
 class Membership:
@@ -36,7 +45,7 @@ class Membership:
 
     def __init__(self, config: RouterConfig, workers: dict[str, WorkerState],
                  control_plane: ControlPlane, worker: Callable[[str], WorkerClient],
-                 on_lost: OnLost, on_news: OnNews):
+                 on_lost: OnLost, on_news: OnNews, after_poll: AfterPoll | None = None):
         self.config = config
         self.workers = workers
         self.control_plane = control_plane
@@ -47,13 +56,20 @@ class Membership:
         self._worker = worker
         self._on_lost = on_lost
         self._on_news = on_news
+        self._after_poll = after_poll
+        self._heard: dict[str, dict] | None = None
+        """The control plane's heartbeats when the first worker was registered."""
         self.pairs = KvPairs(workers, worker)
         self.news = NewsReceiver(config.news_host)
         self._tasks: list[asyncio.Task] = []
 
     def add(self, worker_id: str, role: str, handle: WorkerHandle) -> None:
         """Registers a worker; it takes requests once it answered a health check."""
-        self.workers[worker_id] = WorkerState(handle, role)
+        if self._heard is None:
+            self._heard = self.control_plane.workers()
+        heard = self._heard.get(worker_id, {})
+        incarnation = str(heard.get("incarnation", "")) if heard.get("role") == role else ""
+        self.workers[worker_id] = WorkerState(handle, role, incarnation=incarnation)
 
     @property
     def started(self) -> bool:
@@ -101,9 +117,28 @@ class Membership:
         while True:
             try:
                 await self.poll_all()
+                if self._after_poll is not None:
+                    self._after_poll()
+                await self._resync()
             except Exception:  # the monitor must outlive any one bad check
                 log.exception("router health check failed")
             await asyncio.sleep(self.config.poll_interval_s)
+
+    async def _resync(self) -> None:
+        """If the control plane's index lost facts: every ready worker re-publishes."""
+        why = self.control_plane.take_resync()
+        if why is None:
+            return
+        ready = [wid for wid, w in self.workers.items() if w.ready]
+        log.warning("%s: asking %d workers to re-publish their cached KV blocks (the KV "
+                    "index is rebuilt from their next reports)", why, len(ready))
+        await asyncio.gather(*(self._republish(wid) for wid in ready))
+
+    async def _republish(self, worker_id: str) -> None:
+        try:
+            await self._worker(worker_id).republish_kv()
+        except WorkerGone:
+            pass  # lost: a restarted worker's cache starts empty
 
     async def _news_loop(self) -> None:
         while True:

@@ -19,6 +19,7 @@ import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 
+from router.control_plane import ControlPlane, Load
 from router.lifecycle import Asking, Declined, Event, Placed, Reserved
 from router.policies import RoutingPolicy, WorkerLoad
 from router.router_state import InFlight, RouterConfig, WorkerState
@@ -40,8 +41,12 @@ class Placement:
     def __init__(self, config: RouterConfig, workers: dict[str, WorkerState],
                  requests: dict[str, InFlight], policies: dict[str, RoutingPolicy],
                  worker: Workers, took: Took, apply: Apply,
-                 cached_tokens: CachedTokens | None = None):
+                 cached_tokens: CachedTokens | None = None,
+                 control_plane: ControlPlane | None = None):
         self.config = config
+        self._plane = control_plane
+        self._others: dict[str, Load] = {}
+        """Per worker, what the other routers placed there (their last shared loads)."""
         self._cached_tokens = cached_tokens
         self.workers = workers
         self.requests = requests
@@ -171,15 +176,29 @@ class Placement:
         return policy.order(loads, entry.blocks)
 
     def load(self, worker_id: str) -> WorkerLoad:
+        """This router's requests on the worker plus the other routers' (shared loads)."""
         worker = self.workers[worker_id]
-        entries = [self.requests[r] for r in worker.requests if r in self.requests]
+        tokens, requests = self._own_load(worker_id)
+        other_tokens, other_requests = self._others.get(worker_id, (0, 0))
         return WorkerLoad(
             worker_id,
-            outstanding_tokens=sum(e.tokens for e in entries),
-            num_requests=len(entries),
+            outstanding_tokens=tokens + other_tokens,
+            num_requests=requests + other_requests,
             free_blocks=worker.free_blocks,
             total_blocks=worker.total_blocks,
         )
+
+    def _own_load(self, worker_id: str) -> Load:
+        entries = [self.requests[r] for r in self.workers[worker_id].requests
+                   if r in self.requests]
+        return sum(e.tokens for e in entries), len(entries)
+
+    def share_loads(self) -> None:
+        """Publishes this router's load per worker and keeps the other routers' (once per
+        poll interval, router/membership.py)."""
+        if self._plane is not None:
+            self._others = self._plane.share_loads(
+                {wid: self._own_load(wid) for wid in self.workers})
 
     def _attach(self, worker_id: str, entry: InFlight) -> None:
         worker = self.workers[worker_id]

@@ -78,11 +78,12 @@ class RouterCore:
             "colocated": make_policy(config.colocated_policy),
         }
         self.placement = Placement(config, self.workers, self.requests, policies, self.worker,
-                                   self._took, self._apply, self._cached_tokens)
+                                   self._took, self._apply, self._cached_tokens,
+                                   self.control_plane)
         self.migration = Migration(self.sender, self.placement, self._apply, config)
         self.finals = FinalChunks(self.sender, self.worker)
         self.membership = Membership(config, self.workers, self.control_plane, self.worker,
-                                     self._lost, self._on_news)
+                                     self._lost, self._on_news, self.placement.share_loads)
         self.num_finished = 0
         self.num_failed = 0
         self.aborted_in_phase: Counter[str] = Counter()

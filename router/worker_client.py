@@ -29,6 +29,10 @@ class WorkerClient:
         """The health check: identity, liveness and load; news goes to `news_address`."""
         return await self._call(WorkerApi.report, news_address)
 
+    async def republish_kv(self) -> None:
+        """Asks for every cached block name in the next report (the index was lost)."""
+        await self._call(WorkerApi.republish_kv)
+
     async def reserve(self, request: GenerateRequest) -> Reservation:
         """Decode worker: reserves blocks for the request's KV; returns where the prefill
         worker writes. Raises NoCapacity (or another typed refusal)."""

@@ -6,7 +6,13 @@ KV index is the union, and a restarted router reads it back at once. Keys (under
 - `{prefix}:held:{worker}`: SET of block names (16-byte hashes) the worker caches;
 - `{prefix}:root:{worker}`: the worker's hash-chain root, to name a prompt's blocks as it did;
 - `{prefix}:worker:{worker}`: HASH of its last heartbeat (role, incarnation, load, seen_at),
-  expiring `heartbeat_ttl_s` after the last poll that answered.
+  expiring `heartbeat_ttl_s` after the last poll that answered;
+- `{prefix}:load:{worker}`: HASH router id -> "tokens requests published_at" of the requests
+  each router has on that worker (`share_loads`, once per poll interval); a value older than
+  `load_ttl_s` is ignored and deleted (its router died or restarted: a restarted router has
+  a new id, so its predecessor's requests, still running, count until then);
+- `{prefix}:epoch`: set by the first router to publish loads; missing means Redis lost its
+  state (restarted empty).
 `overlap` is one round trip: SMISMEMBER of the prompt's block names per candidate.
 
 Redis going away must not take serving down: every call runs under short socket timeouts;
@@ -20,11 +26,13 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis
 
+from router.control_plane import Load
 from router.kv_index import leading_held
 from workers.engine.prefix_cache import block_hashes
 
@@ -37,11 +45,19 @@ class RedisControlPlane:
     backend = "redis"
 
     def __init__(self, url: str, prefix: str = "kvrelay", heartbeat_ttl_s: float = 10.0,
-                 timeout_s: float = 0.25, retry_s: float = 1.0):
+                 timeout_s: float = 0.25, retry_s: float = 1.0, load_ttl_s: float = 2.0,
+                 router_id: str | None = None):
         self.url = url
         self.prefix = prefix
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.retry_s = retry_s
+        self.load_ttl_s = load_ttl_s
+        self.router_id = router_id or uuid.uuid4().hex[:12]
+        """This router's name in the shared loads (fresh per construction, see above)."""
+        self._stale: dict[str, list[bytes]] = {}
+        """Per worker, load entries found stale at the last exchange (deleted at the next)."""
+        self._resync: str | None = None
+        self.num_resyncs = 0
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s,
                                            socket_connect_timeout=timeout_s)
         self._roots: dict[str, bytes] = {}
@@ -78,11 +94,17 @@ class RedisControlPlane:
         self.round_trip_seconds += elapsed
         self.max_round_trip_seconds = max(self.max_round_trip_seconds, elapsed)
         if self._down_since is not None:
+            down_s = time.time() - self._down_since
             log.warning("redis at %s answers again after %.1f s: cache-aware routing resumes "
-                        "(the KV index may lack what happened meanwhile)", self.url,
-                        time.time() - self._down_since)
+                        "once the workers re-publish their KV blocks", self.url, down_s)
+            self._resync = f"redis at {self.url} answers again after {down_s:.1f} s"
             self._down_since = None
         return result
+
+    def take_resync(self) -> str | None:
+        why, self._resync = self._resync, None
+        self.num_resyncs += why is not None
+        return why
 
     # ---- registry --------------------------------------------------------------------------
 
@@ -113,6 +135,47 @@ class RedisControlPlane:
 
         return self._run("workers", read, default={})
 
+    # ---- loads ---------------------------------------------------------------------------
+
+    def share_loads(self, own: dict[str, Load]) -> dict[str, Load]:
+        now = time.time()
+        epoch = f"{self.prefix}:epoch"
+        stale, self._stale = self._stale, {}
+
+        def exchange() -> list[Any]:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(epoch, now, nx=True)
+            for worker_id, (tokens, requests) in own.items():
+                key = self._key("load", worker_id)
+                if stale.get(worker_id):
+                    pipe.hdel(key, *stale[worker_id])
+                pipe.hset(key, self.router_id, f"{tokens} {requests} {now}")
+                pipe.pexpire(key, int(self.load_ttl_s * 1000))
+            for worker_id in own:
+                pipe.hgetall(self._key("load", worker_id))
+            return pipe.execute()
+
+        replies = self._run("share_loads", exchange)
+        if replies is None:
+            return {}
+        if replies[0] and self._resync is None:
+            self._resync = f"redis at {self.url} holds no kvrelay state (new, or restarted empty)"
+        return self._others(dict(zip(own, replies[-len(own):], strict=True)) if own else {}, now)
+
+    def _others(self, published: dict[str, dict[bytes, bytes]], now: float) -> dict[str, Load]:
+        """The other routers' fresh loads summed per worker; stale entries noted to delete."""
+        others: dict[str, Load] = {}
+        me = self.router_id.encode()
+        for worker_id, entries in published.items():
+            for router, value in entries.items():
+                tokens, requests, published_at = value.split()
+                if now - float(published_at) > self.load_ttl_s:
+                    self._stale.setdefault(worker_id, []).append(router)
+                elif router != me:
+                    had = others.get(worker_id, (0, 0))
+                    others[worker_id] = (had[0] + int(tokens), had[1] + int(requests))
+        return others
+
     # ---- KV index ------------------------------------------------------------------------
 
     def apply_kv_events(self, worker_id: str, news: dict[str, Any]) -> None:
@@ -133,7 +196,7 @@ class RedisControlPlane:
         self._run("apply_kv_events", write)
 
     def drop_worker(self, worker_id: str) -> None:
-        keys = [self._key(kind, worker_id) for kind in ("held", "root", "worker")]
+        keys = [self._key(kind, worker_id) for kind in ("held", "root", "worker", "load")]
         self._roots.pop(worker_id, None)
         self._run("drop_worker", lambda: self._redis.delete(*keys))
 
@@ -175,7 +238,7 @@ class RedisControlPlane:
             "backend": self.backend, "healthy": healthy,
             "routing": "cache_aware" if healthy else "load_only",
             "error": None if healthy else f"redis at {self.url} unreachable",
-            "kv_events_applied": self.num_events_applied,
+            "kv_events_applied": self.num_events_applied, "resyncs": self.num_resyncs,
             "redis_round_trips": self.num_round_trips,
             "redis_round_trip_mean_s": self.round_trip_seconds / max(1, self.num_round_trips),
             "redis_round_trip_max_s": self.max_round_trip_seconds,

@@ -34,6 +34,13 @@ class KvEventBuffer:
                 self._events, self._reset = [], True
             self._events += [[e.kind, e.block_hash] for e in drained.events]
 
+    def republish(self) -> None:
+        """Loop thread: the next take carries every block name the cache holds, with reset
+        (the router's index was lost: Redis came back empty, or a router started without it)."""
+        if self._cache is not None:
+            self._cache.request_snapshot()
+            self.collect()
+
     def take(self) -> dict[str, Any] | None:
         """Any thread: the events since the last take (None without a prefix cache)."""
         if self._cache is None:

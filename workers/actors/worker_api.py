@@ -18,6 +18,11 @@ class WorkerApi(Protocol):
         to `news_address` while this router keeps checking it."""
         ...
 
+    def republish_kv(self) -> None:
+        """The router lost its index of this worker's cached KV blocks: the next report
+        carries all of them (reset + stored)."""
+        ...
+
     def reserve(self, request: GenerateRequest) -> Reservation:
         """Decode worker: reserves blocks for the request's KV; raises NoCapacity (or another
         typed refusal)."""

@@ -154,6 +154,11 @@ class EngineWorker:
             prefix_cache=self.prefix_cache_stats(),
         )
 
+    def republish_kv(self) -> None:
+        """The router's index of this worker's cached blocks was lost (Redis came back
+        empty): the next report lists every block held, with reset. Returns at once."""
+        self.loop.call_soon(self.kv_events.republish)
+
     def prefix_cache_stats(self) -> dict[str, int] | None:
         """Tokens looked up in and found by the prefix cache (vLLM's prefix_cache_queries
         and prefix_cache_hits), None without one."""

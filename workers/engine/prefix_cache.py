@@ -149,6 +149,10 @@ class PrefixCache:
         events, self._events = self._events, []
         return KvEvents(events)
 
+    def request_snapshot(self) -> None:
+        """The next drain lists every name held, with reset (a router lost its index)."""
+        self._reset, self._events = True, []
+
     def _emit(self, event: KvEvent) -> None:
         if self._reset:
             return
