@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import pytest
+import redis
 
 from cluster.control_plane.redis_plane import RedisControlPlane
 from cluster.metrics import GatewayMetrics
@@ -72,9 +74,9 @@ def test_redis_and_memory_planes_answer_alike(backend, request):
     assert stats["kv_events_applied"] == 10 and stats["backend"] == backend
 
 
-def make_core(workers, plane) -> RouterCore:
+def make_core(workers, plane, policy: str = "cache_aware") -> RouterCore:
     core = RouterCore(RouterConfig(block_size=BLOCK, poll_interval_s=0.05,
-                                   colocated_policy="cache_aware"), plane)
+                                   colocated_policy=policy), plane)
     for worker in workers:
         core.add_worker(worker.worker_id, "colocated", LocalHandle(worker))
     return core
@@ -119,36 +121,110 @@ def test_a_second_router_sees_the_first_ones_index_and_heartbeats(workers, colle
     assert "kvrelay_router_kv_events_applied" in text
 
 
-def test_redis_killed_mid_run_requests_succeed_and_health_says_load_only(
-        workers, collector, redis_server, caplog):
-    vocab = workers[0].ready()["vocab_size"]
-    batch = prompts(6, vocab, seed=31, low=20, high=30)
-    reqs = [request(f"k{i}", p, collector.address, 3) for i, p in enumerate(batch)]
+def held_in_redis(server: RedisServer, worker_ids) -> dict[str, int]:
+    client = redis.Redis.from_url(server.url)
+    return {wid: client.scard(f"kvrelay:held:{wid}") for wid in worker_ids}
 
-    async def run() -> tuple[dict, dict, dict]:
+
+def test_redis_killed_mid_run_requests_succeed_then_restarted_empty_the_index_is_rebuilt(
+        workers, collector, redis_server, caplog):
+    """Redis gone: requests succeed, /health says load only. Redis back on the same port
+    with nothing in it: the workers re-publish their cached blocks (the logs say so), /health
+    says cache-aware again, and repeated prefixes cached before the outage go to their
+    holders (the index knows them although every event of theirs was lost)."""
+    vocab = workers[0].ready()["vocab_size"]
+    systems = prompts(2, vocab, seed=31, low=40, high=41)
+    first = [request(f"k{i}", systems[i] + [300 + i], collector.address, 3) for i in range(2)]
+    during = [request(f"d{i}", p, collector.address, 3)
+              for i, p in enumerate(prompts(2, vocab, seed=32, low=9, high=20))]
+    pattern = [1, 0, 1]
+    after = [request(f"a{i}", systems[p] + [400 + i], collector.address, 3)
+             for i, p in enumerate(pattern)]
+    ids = ["w0", "w1"]
+
+    async def wait_rebuilt(core: RouterCore) -> dict:
+        deadline = time.monotonic() + 30
+        while True:
+            plane, held = core.health()["control_plane"], held_in_redis(redis_server, ids)
+            if plane["routing"] == "cache_aware" and all(held.values()):
+                return plane
+            assert time.monotonic() < deadline, f"index not rebuilt: {plane} {held}"
+            await asyncio.sleep(0.1)
+
+    async def run() -> tuple[list[str], dict, dict, dict, list[str]]:
         core = make_core(workers, RedisControlPlane(redis_server.url, retry_s=0.2))
         await core.wait_ready(10)
         core.start()
-        await route_one_by_one(core, collector, reqs[:2])
+        placed_first = await route_one_by_one(core, collector, first)
         before = core.health()["control_plane"]
         redis_server.stop()
-        await route_one_by_one(core, collector, reqs[2:4])
-        during = core.health()["control_plane"]
+        await route_one_by_one(core, collector, during)
+        down = core.health()["control_plane"]
         redis_server.start()
-        await route_one_by_one(core, collector, reqs[4:])
-        after = core.health()["control_plane"]
+        rebuilt = await wait_rebuilt(core)
+        placed_after = await route_one_by_one(core, collector, after)
         await core.stop()
-        return before, during, after
+        return placed_first, before, down, rebuilt, placed_after
 
-    with caplog.at_level(logging.WARNING, logger="cluster.control_plane.redis_plane"):
-        before, during, after = asyncio.run(run())
-    for req in reqs:
+    with caplog.at_level(logging.WARNING):
+        placed_first, before, down, rebuilt, placed_after = asyncio.run(run())
+    for req in first + during + after:
         final = collector.final(req.request_id)
         assert final.finish_reason == "length" and final.num_output_tokens == 3
+    assert placed_first[0] != placed_first[1]
+    assert placed_after == [placed_first[p] for p in pattern]
     assert before["healthy"] and before["routing"] == "cache_aware"
-    assert before["workers_heard"] == ["w0", "w1"] and during["workers_heard"] == []
-    assert not during["healthy"] and during["routing"] == "load_only"
-    assert "unreachable" in during["error"]
-    assert after["healthy"] and after["redis_round_trips"] > before["redis_round_trips"]
+    assert before["workers_heard"] == ["w0", "w1"] and down["workers_heard"] == []
+    assert not down["healthy"] and down["routing"] == "load_only"
+    assert "unreachable" in down["error"]
+    assert rebuilt["healthy"] and rebuilt["redis_round_trips"] > before["redis_round_trips"]
+    assert rebuilt["resyncs"] > before["resyncs"] and rebuilt["workers_heard"] == ["w0", "w1"]
     text = caplog.text
     assert "falls back to load only" in text and "answers again" in text
+    assert "asking 2 workers to re-publish their cached KV blocks" in text
+
+
+def test_each_router_counts_the_requests_other_routers_put_on_a_worker(
+        workers, collector, redis_server):
+    """Least-tokens placement in router B sees router A's long request on worker X (shared
+    loads in Redis) and sends B's short requests to the other worker; once A stops
+    publishing, its entry goes stale and B no longer counts it."""
+    vocab = workers[0].ready()["vocab_size"]
+    long_one = request("long", prompts(1, vocab, seed=41, low=20, high=21)[0],
+                       collector.address, 400)
+    short = [request(f"s{i}", p, collector.address, 2)
+             for i, p in enumerate(prompts(4, vocab, seed=42, low=6, high=10))]
+
+    async def wait_for(predicate, what: str) -> None:
+        deadline = time.monotonic() + 20
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.02)
+
+    async def run() -> tuple[str, int, int]:
+        core_a, core_b = (make_core(workers, RedisControlPlane(redis_server.url, load_ttl_s=1.0),
+                                    "least_tokens") for _ in range(2))
+        for core in (core_a, core_b):
+            await core.wait_ready(10)
+            core.start()
+        await core_a.submit(long_one)
+        (worker_x,) = core_a.requests[long_one.request_id].life.holders
+        seen = long_one.sampling.max_tokens + len(long_one.prompt_token_ids)
+        await wait_for(lambda: core_b.placement.load(worker_x).outstanding_tokens == seen,
+                       "router B never saw router A's load")
+        for req in short:
+            await core_b.submit(req)
+        counted = core_b.placement.load(worker_x).outstanding_tokens
+        await core_a.stop()  # its last published load goes stale within load_ttl_s
+        await wait_for(lambda: core_b.placement.load(worker_x).outstanding_tokens == 0,
+                       "router A's stale load still counted")
+        await asyncio.to_thread(collector.wait_finished, [r.request_id for r in short], 60)
+        await core_b.stop()
+        return worker_x, counted, seen
+
+    worker_x, counted, seen = asyncio.run(run())
+    placed = [collector.final(r.request_id).worker_id for r in short]
+    assert all(p != worker_x for p in placed), (worker_x, placed)
+    assert counted == seen
+    for worker in workers:
+        worker.abort(long_one.attempt_id)
