@@ -28,6 +28,7 @@ from workers.config import CacheConfig, EngineConfig, SchedulerConfig, Speculati
 from workers.errors import KvrelayError
 from workers.model.model_source import check_model_path, resolve_model_path, served_model_name
 from workers.model.presets import resolve_config_path
+from workers.model.quant.load_mode import QUANTIZATION_CHOICES, QUANTIZATION_HELP, check_load_mode
 from workers.spec.decoder import check_speculative_config
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", default="auto",
                    choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
+                   help=QUANTIZATION_HELP)
     p.add_argument("--device", default="auto")
     p.add_argument("--gpu-share", action="store_true", help="two workers per GPU")
     p.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
@@ -119,6 +122,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     engine = EngineConfig(
         model=model,
         load_format="dummy" if args.dummy_config else "auto",
+        quantization=args.quantization,
         dtype=args.dtype,
         device=args.device,
         attention_backend=args.attention_backend,
@@ -179,6 +183,7 @@ def main(argv: list[str]) -> int:
     try:
         config = build_config(parse_args(argv))
         check_model_path(config.engine.model)
+        check_load_mode(config.engine.model, config.engine.quantization)
         check_shapes(config)
     except KvrelayError as error:  # before Ray starts: one line, no stack
         print(f"kvrelay serve: error: {error}", file=sys.stderr)

@@ -67,9 +67,11 @@ class EngineConfig:
     model: str = ""
     """Path of a Hugging Face checkpoint folder; or a config.json when load_format='dummy'."""
     load_format: Literal["auto", "dummy"] = "auto"
-    keep_gguf_quantized: bool = False
-    """A GGUF model's Q4_0/Q4_1 projections stay 4-bit on the device (W4A16 kernel) instead of
-    being dequantized to `dtype` at load (workers/model/quant/gguf_q4.py)."""
+    quantization: Literal["auto", "gguf", "none", "fp8", "int8"] = "auto"
+    """`--quantization` (workers/model/quant/load_mode.py). auto: a quantized checkpoint loads
+    kept quantized, a GGUF file's Q4_0/Q4_1 projections stay 4-bit on CUDA and are dequantized
+    on the CPU; gguf / none: a GGUF file kept 4-bit / dequantized on any device; fp8 / int8: an
+    unquantized checkpoint's projections quantized per output channel while loading."""
     dtype: Literal["float32", "float16", "bfloat16", "auto"] = "auto"
     """auto: the checkpoint's torch_dtype on CUDA, float32 on CPU."""
     device: str = "auto"

@@ -13,6 +13,7 @@ import sys
 from workers.config import CacheConfig, EngineConfig
 from workers.errors import KvrelayError
 from workers.model.model_source import check_model_path, resolve_model_path
+from workers.model.quant.load_mode import QUANTIZATION_CHOICES, QUANTIZATION_HELP, check_load_mode
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,12 +32,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
     )
+    parser.add_argument("--quantization", default="auto", choices=QUANTIZATION_CHOICES,
+                        help=QUANTIZATION_HELP)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     parser.add_argument("--num-blocks", type=int, default=None, help="fix the KV pool size")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
                         help="fp8: e4m3 KV cache (scales 1.0); auto: the model's dtype")
     return parser
+
+
+def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    """The engine configuration of parsed arguments (`model`: the resolved --model)."""
+    return EngineConfig(
+        model=model,
+        dtype=args.dtype,
+        quantization=args.quantization,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        seed=args.seed or 0,
+        cache=CacheConfig(num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype),
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -48,6 +64,7 @@ def main(argv: list[str]) -> int:
     try:
         model = resolve_model_path(args.model)
         check_model_path(model)
+        check_load_mode(model, args.quantization)
         params = SamplingParams(
             max_tokens=args.max_tokens,
             temperature=args.temperature,
@@ -56,15 +73,7 @@ def main(argv: list[str]) -> int:
             seed=args.seed,
             stop=tuple(args.stop),
         )
-        config = EngineConfig(
-            model=model,
-            dtype=args.dtype,
-            device=args.device,
-            attention_backend=args.attention_backend,
-            seed=args.seed or 0,
-            cache=CacheConfig(num_blocks=args.num_blocks, kv_cache_dtype=args.kv_cache_dtype),
-        )
-        engine = LLMEngine(config)
+        engine = LLMEngine(engine_config(args, model))
         prompt = args.prompt
         if args.chat:
             text = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])

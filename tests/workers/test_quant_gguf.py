@@ -1,4 +1,4 @@
-"""GGUF Q4_0 / Q4_1 projections kept 4-bit (EngineConfig.keep_gguf_quantized): the W4A16
+"""GGUF Q4_0 / Q4_1 projections kept 4-bit (`--quantization gguf`): the W4A16
 layout built from the file's blocks dequantizes to exactly the GGUF dequantization (tiny files
 written by the gguf package's quantizers, and SmolLM2's Q4_1 file), and greedy generation kept
 quantized equals transformers on the same file (tiny model), and SmolLM2 kept quantized gives
@@ -55,7 +55,7 @@ def test_kept_quantized_gguf_greedy_matches_transformers_on_the_same_file(
     reference_model = AutoModelForCausalLM.from_pretrained(
         str(tmp_path), gguf_file=path.name, dtype=torch.float32
     ).eval()
-    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", keep_gguf_quantized=True,
+    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", quantization="gguf",
                                     cache=CacheConfig(num_blocks=32)))
     qkv = engine.runner.model.layers["0"].self_attn.qkv_proj
     assert qkv.weight is None and isinstance(qkv.quantized, Int4Weight)
@@ -69,7 +69,7 @@ def test_a_layer_with_one_part_in_another_format_stays_dense(tiny_model_dir, tmp
     path = write_gguf(tiny_model_dir, tmp_path / "model.gguf", gguf.GGMLQuantizationType.Q4_0,
                       tensor_types={"blk.0.attn_v.weight": gguf.GGMLQuantizationType.Q8_0})
     model = LlamaForCausalLM(ModelConfig.from_path(path), TorchAttentionBackend())
-    load_checkpoint(model, path, keep_gguf_quantized=True)
+    load_checkpoint(model, path, quantization="gguf")
     assert model.layers["0"].self_attn.qkv_proj.quantized is None
     assert isinstance(model.layers["1"].self_attn.qkv_proj.quantized, Int4Weight)
     assert isinstance(model.layers["0"].mlp.gate_up_proj.quantized, Int4Weight)
@@ -84,11 +84,11 @@ def test_smollm2_kept_quantized_gives_the_dequantized_models_logits_exactly():
     path = str(smollm2_path())
     ids = Tokenizer(path).encode(PLAIN_PROMPTS[0])
     model = LlamaForCausalLM(ModelConfig.from_path(path), TorchAttentionBackend())
-    load_checkpoint(model, path, keep_gguf_quantized=True)
+    load_checkpoint(model, path, quantization="gguf")
     for layer in model.layers.values():
         for linear in (layer.self_attn.qkv_proj, layer.mlp.down_proj):
             assert isinstance(linear.quantized, Int4Weight) and linear.quantized.min_form
-    kept = prompt_logits(path, ids, keep_gguf_quantized=True)
+    kept = prompt_logits(path, ids, quantization="gguf")
     assert torch.equal(kept, prompt_logits(path, ids))
 
 
@@ -101,9 +101,9 @@ def test_smollm2_kept_quantized_on_the_gpu_greedy_equals_dequantized_in_float32(
     path = str(smollm2_path())
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     outputs = []
-    for keep in (True, False):
+    for keep in ("gguf", "none"):
         engine = LLMEngine(EngineConfig(model=path, device="cuda", dtype="float32",
-                                     attention_backend="triton", keep_gguf_quantized=keep,
+                                     attention_backend="triton", quantization=keep,
                                      cache=CacheConfig(num_blocks=256)))
         outputs.append([o.token_ids for o in engine.generate(list(PLAIN_PROMPTS), params)])
     assert outputs[0] == outputs[1]

@@ -4,8 +4,10 @@ one model's shapes with dummy weights, through the engine (CUDA graphs for decod
     python -m workers.bench.bench_quant [--config llama3-8b] [--formats bf16,int8,fp8,gptq,awq]
         [--input-len 128] [--output-len 64] [--batch 1 32] [--group-size 128]
     python -m workers.bench.bench_quant --gguf smollm2      (a GGUF file's Q4_0/Q4_1
-        projections dequantized to --dtype at load vs kept 4-bit: EngineConfig
-        .keep_gguf_quantized)
+        projections dequantized to --dtype at load vs kept 4-bit: --quantization none / gguf)
+    python -m workers.bench.bench_quant --formats bf16,fp8,fp8-load,int8-load
+        (fp8-load / int8-load: the unquantized config served with --quantization fp8 / int8,
+        quantized per output channel while loading; 'load s' is the engine's start-up)
 
 For each format a config.json (the preset plus that format's quantization_config) is loaded
 with load_format='dummy': the projections are the same random weights, rounded to the format
@@ -25,6 +27,7 @@ import gc
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,7 +40,10 @@ from workers.model.presets import resolve_config_path
 from workers.model.quantize import quantization_config
 
 LABELS = {"bf16": "unquantized", "int8": "W8A16 int8", "fp8": "FP8 e4m3", "gptq": "W4A16 gptq",
-          "awq": "W4A16 awq", "gguf": "GGUF dequant", "gguf-kept": "GGUF Q4 kept"}
+          "awq": "W4A16 awq", "gguf": "GGUF dequant", "gguf-kept": "GGUF Q4 kept",
+          "fp8-load": "FP8 at load", "int8-load": "INT8 at load"}
+AT_LOAD = {"fp8-load": "fp8", "int8-load": "int8"}
+"""Formats quantized while loading (--quantization) from the unquantized config."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def format_config(base: dict, fmt: str, group_size: int, folder: Path) -> str:
     config = dict(base)
-    if fmt != "bf16":
+    if fmt not in ("bf16", *AT_LOAD):
         config["quantization_config"] = quantization_config(fmt, group_size, False)
     path = folder / f"{fmt}.json"
     path.write_text(json.dumps(config))
@@ -78,20 +84,22 @@ def step_weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def measure(args: argparse.Namespace, model_path: str, keep_gguf_quantized: bool = False
+def measure(args: argparse.Namespace, model_path: str, quantization: str = "auto"
             ) -> dict[str, float]:
     from workers.engine.engine import LLMEngine
 
     config = EngineConfig(
         model=model_path, load_format="auto" if args.gguf else "dummy",
-        keep_gguf_quantized=keep_gguf_quantized, dtype=args.dtype, device=args.device,
+        quantization=quantization, dtype=args.dtype, device=args.device,
         attention_backend=args.attention_backend, max_model_len=args.max_model_len,
         cache=CacheConfig(num_blocks=args.num_blocks),
         scheduler=SchedulerConfig(max_num_seqs=max(args.batch),
                                   max_num_batched_tokens=max(args.batch) * args.input_len),
     )
+    start = time.perf_counter()
     engine = LLMEngine(config)
-    result = time_steps(engine, args)
+    load_s = time.perf_counter() - start
+    result = {**time_steps(engine, args), "load_s": load_s}
     device = engine.runner.device
     del engine
     gc.collect()
@@ -134,14 +142,14 @@ def format_table(args: argparse.Namespace, results: dict[str, dict[str, float]])
         f"torch {torch.__version__}",
         "",
     ]
-    head = f"{'format':<12}{'weights GB':>11}"
+    head = f"{'format':<13}{'load s':>7}{'weights GB':>11}"
     for batch in args.batch:
         head += f"{f'b{batch} step ms':>13}{'vs base':>9}{f'b{batch} tok/s':>12}"
     head += f"{'b1 weight GB/s':>16}"
     lines.append(head)
     base = results.get("bf16") or results.get("gguf")
     for fmt, r in results.items():
-        row = f"{LABELS[fmt]:<12}{r['weight_bytes'] / 1e9:>11.2f}"
+        row = f"{LABELS[fmt]:<13}{r['load_s']:>7.1f}{r['weight_bytes'] / 1e9:>11.2f}"
         for batch in args.batch:
             # A step of 0 s: t(O tokens) came out below t(1) (noise; raise --output-len).
             step = r[f"step_{batch}"] or float("nan")
@@ -160,14 +168,15 @@ def main(argv: list[str]) -> int:
     results = {}
     if args.gguf:
         path = resolve_model_path(args.gguf)
-        results["gguf"] = measure(args, path)
-        results["gguf-kept"] = measure(args, path, keep_gguf_quantized=True)
+        results["gguf"] = measure(args, path, "none")
+        results["gguf-kept"] = measure(args, path, "gguf")
         print(format_table(args, results))
         return 0
     base = json.loads(Path(args.config).read_text())
     with tempfile.TemporaryDirectory() as folder:
         for fmt in args.formats.split(","):
-            results[fmt] = measure(args, format_config(base, fmt, args.group_size, Path(folder)))
+            config = format_config(base, fmt, args.group_size, Path(folder))
+            results[fmt] = measure(args, config, AT_LOAD.get(fmt, "auto"))
             print(f"{fmt}: {results[fmt]}", file=sys.stderr)
     print(format_table(args, results))
     return 0

@@ -25,6 +25,7 @@ import torch
 
 from workers.config import CacheConfig, EngineConfig
 from workers.engine.step_input import StepInput
+from workers.model.gguf_file import is_gguf
 from workers.model.model_source import resolve_model_path
 from workers.model.quantize import quantize_checkpoint
 from workers.text.tokenizer import Tokenizer
@@ -57,14 +58,14 @@ LABELS = {"reference": "reference (float32)", "bf16": "bfloat16 (dense)",
 
 
 def prompt_logits(model: str, ids: list[int], dtype: str = "float32", device: str = "cpu",
-                  keep_gguf_quantized: bool = False) -> torch.Tensor:
+                  quantization: str = "auto") -> torch.Tensor:
     """Float32 logits [len(ids) - 1, vocab] of every next token of `ids`, one prefill."""
     from workers.engine.model_runner import ModelRunner
 
     block = 16
     blocks = -(-len(ids) // block)
     config = EngineConfig(model=model, dtype=dtype, device=device, enforce_eager=True,
-                          keep_gguf_quantized=keep_gguf_quantized,
+                          quantization=quantization,
                           cache=CacheConfig(block_size=block, num_blocks=blocks + 1))
     runner = ModelRunner(config)
     n = len(ids)
@@ -78,8 +79,9 @@ def prompt_logits(model: str, ids: list[int], dtype: str = "float32", device: st
 
 
 def perplexity(model: str, ids: list[int], dtype: str = "float32", device: str = "cpu"):
-    """exp(mean negative log-likelihood of ids[1:] given the prefix), one prefill."""
-    logits = prompt_logits(model, ids, dtype, device)
+    """exp(mean negative log-likelihood of ids[1:] given the prefix), one prefill; a GGUF
+    file dequantized at load (the reference)."""
+    logits = prompt_logits(model, ids, dtype, device, "none" if is_gguf(model) else "auto")
     nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))
     return math.exp(nll.item())
 

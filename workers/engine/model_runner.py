@@ -27,7 +27,7 @@ from workers.errors import InvalidParameter
 from workers.model.config import ModelConfig
 from workers.model.llama import IntermediateTensors, KVCache, LlamaForCausalLM
 from workers.model.parallel import SINGLE, ParallelContext, layer_range_for_stage
-from workers.model.quant.scheme import read_scheme
+from workers.model.quant.load_mode import dummy_scheme
 from workers.model.weights import load_checkpoint, load_dummy
 
 CPU_KV_CACHE_BYTES = 256 * 2**20
@@ -209,9 +209,10 @@ class ModelRunner:
                 fused_ops=fused, max_positions=self.max_model_len,
             )
         if self.config.load_format == "dummy":
-            load_dummy(model, seed=self.config.seed, scheme=read_scheme(self.config.model))
+            scheme = dummy_scheme(self.config.model, self.config.quantization)
+            load_dummy(model, seed=self.config.seed, scheme=scheme)
         else:
-            load_checkpoint(model, self.config.model, self.config.keep_gguf_quantized)
+            load_checkpoint(model, self.config.model, self.config.quantization)
         return model.eval()
 
     def _size_cache(self) -> int:

@@ -6,7 +6,8 @@ them in one or many *.safetensors files (through model.safetensors.index.json wh
 checks each full shape against the slot's and lets the slot cut out its TP shard. Tensors the
 model does not need (other pipeline stages' layers, rotary caches) are never read. A folder
 whose config.json has a quantization_config (GPTQ, AWQ, INT8/FP8 compressed-tensors) loads its
-projections kept quantized (workers/model/quant/loading.py).
+projections kept quantized (workers/model/quant/loading.py); `--quantization fp8|int8` quantizes
+an unquantized checkpoint's projections while loading (workers/model/quant/load_mode.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from workers.errors import CheckpointFileMissing, InvalidTensor, MissingTensor, 
 from workers.model.gguf_file import GGUFFile, is_gguf
 from workers.model.gguf_loader import gguf_name, hf_tensor
 from workers.model.llama import CheckpointSlot, LlamaForCausalLM
-from workers.model.quant.loading import load_dummy_quantized, load_gguf_q4, load_quantized
+from workers.model.quant.load_mode import LoadMode, resolve_load_mode
+from workers.model.quant.loading import load_gguf_q4, load_quantized, quantize_projections
 from workers.model.quant.scheme import QuantScheme, read_scheme
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -54,22 +56,28 @@ def checkpoint_files(folder: str | Path) -> dict[str, Path]:
 
 
 def load_checkpoint(
-    model: LlamaForCausalLM, folder: str | Path, keep_gguf_quantized: bool = False
+    model: LlamaForCausalLM, folder: str | Path, quantization: str = "auto"
 ) -> None:
     """Fills every parameter of `model` from the checkpoint at `folder` (or GGUF file).
 
-    Raises MissingTensor or TensorShapeMismatch naming the HF tensor (and both shapes); for a
-    GGUF file MissingTensor or InvalidTensor naming the GGUF tensor and its format.
-    `keep_gguf_quantized`: see load_gguf."""
+    `quantization`: the `--quantization` choice (workers/model/quant/load_mode.py): a GGUF
+    file's Q4 projections kept 4-bit or dequantized, dense projections quantized to FP8/INT8
+    while loading. Raises MissingTensor or TensorShapeMismatch naming the HF tensor (and both
+    shapes); for a GGUF file MissingTensor or InvalidTensor naming the GGUF tensor and its
+    format; InvalidModelConfig for a quantization the checkpoint cannot take."""
+    device = next(model.parameters()).device
+    mode = resolve_load_mode(folder, quantization, device.type)
     if is_gguf(folder):
-        load_gguf(model, GGUFFile(folder), keep_gguf_quantized)
+        load_gguf(model, GGUFFile(folder), mode)
         return
     slots = model.checkpoint_map()
     files = checkpoint_files(folder)
     scheme = read_scheme(folder)
-    if scheme is not None:
-        with _TensorReader(files) as read:
+    with _TensorReader(files) as read:
+        if scheme is not None:
             slots = load_quantized(slots, scheme, read)
+        elif mode.at_load is not None:
+            slots = quantize_projections(slots, mode.at_load, _dense_reader(read, folder, device))
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in slots:
         if name not in files:
@@ -79,6 +87,21 @@ def load_checkpoint(
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in names:
                 _load_one(name, slots[name], f.get_tensor(name))
+
+
+def _dense_reader(read: _TensorReader, folder: str | Path, device: torch.device):
+    """The dense weights to quantize at load, checked, on the model's device (the rounding
+    runs there: seconds for an 8B model on a GPU, minutes on two CPU cores)."""
+
+    def dense(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = read(name)
+        if tensor is None:
+            raise MissingTensor(name, str(folder))
+        if tuple(tensor.shape) != shape:
+            raise TensorShapeMismatch(name, shape, tuple(tensor.shape))
+        return tensor.to(device)
+
+    return dense
 
 
 class _TensorReader:
@@ -105,15 +128,21 @@ class _TensorReader:
         return self.handles[file].get_tensor(name)
 
 
-def load_gguf(model: LlamaForCausalLM, gguf: GGUFFile, keep_quantized: bool = False) -> None:
+def load_gguf(model: LlamaForCausalLM, gguf: GGUFFile, mode: LoadMode | None = None) -> None:
     """Fills every parameter of `model` from a GGUF file, dequantized to float32 on the way;
-    with `keep_quantized`, projections stored Q4_0 / Q4_1 stay 4-bit (W4A16)."""
+    with `mode.keep_gguf`, projections stored Q4_0 / Q4_1 stay 4-bit (W4A16); with
+    `mode.at_load` (an F32/F16/BF16 file), projections are quantized to FP8/INT8."""
+    mode = mode or LoadMode()
     slots = model.checkpoint_map()
     for name in slots:
         if gguf_name(name) not in gguf.tensors:
             raise MissingTensor(gguf_name(name), str(gguf.path))
-    if keep_quantized:
+    if mode.keep_gguf:
         slots = load_gguf_q4(slots, gguf)
+    if mode.at_load is not None:
+        device = next(model.parameters()).device
+        slots = quantize_projections(
+            slots, mode.at_load, lambda name, _: hf_tensor(gguf, name).to(device))
     for hf_name, slot in slots.items():
         name = gguf_name(hf_name)
         tensor = hf_tensor(gguf, hf_name)
@@ -162,7 +191,7 @@ def load_dummy(
     device = next(model.parameters()).device
     slots = model.checkpoint_map()
     if scheme is not None:
-        slots = load_dummy_quantized(
+        slots = quantize_projections(
             slots, scheme, lambda name, shape: random_tensor(name, shape, seed, std, device)
         )
     for name, slot in slots.items():

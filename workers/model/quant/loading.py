@@ -24,7 +24,8 @@ from workers.model.quant.scheme import QuantScheme
 TensorReader = Callable[[str], "torch.Tensor | None"]
 """Checkpoint tensor name -> the tensor, or None when the checkpoint lacks it."""
 DenseSource = Callable[[str, tuple[int, ...]], torch.Tensor]
-"""(HF weight name, full shape) -> a float weight to quantize (dummy weights)."""
+"""(HF weight name, full shape) -> the float weight to quantize, on the device to quantize on
+(the checkpoint's tensor, or a dummy weight)."""
 
 
 def is_quantized_slot(slot: CheckpointSlot) -> bool:
@@ -46,12 +47,13 @@ def load_quantized(
     return _load_projections(slots, scheme, stored)
 
 
-def load_dummy_quantized(
+def quantize_projections(
     slots: dict[str, CheckpointSlot], scheme: QuantScheme, dense: DenseSource
 ) -> dict[str, CheckpointSlot]:
-    """As load_quantized, for a checkpoint made up on the spot: each projection's dense weight
-    from `dense`, written in the scheme's format by round-to-nearest (no act-order). Dummy
-    weights at real shapes, for benchmarks of quantized models without a checkpoint."""
+    """As load_quantized, for a checkpoint quantized on the spot: each projection's dense
+    weight from `dense`, written in the scheme's format by round-to-nearest (no act-order),
+    exactly as `kvrelay quantize` writes it, then read back. Serves `--quantization fp8|int8`
+    on an unquantized checkpoint, and dummy weights at real shapes (benchmarks)."""
     write = FORMATS[scheme.method].write
 
     def made_up(prefix: str, slot: CheckpointSlot) -> dict[str, torch.Tensor]:
