@@ -8,19 +8,24 @@
   `generate(do_sample=False)` continuations, exactly `num_new` tokens each (EOS banned with
   min_new_tokens, as the engine's min_tokens does), cached.
 - `random_prompts(n, seed, lengths)`: token-id prompts clear of the special ids.
+- `spec_engine(method, k, draft, role, ...)`: `make_engine` with speculative decoding (same
+  no-leak check); `draft_model_dir` a second tiny checkpoint, `medusa_dir` random heads.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import random
 from collections.abc import Callable
 
 import pytest
 import torch
 
-from workers.config import CacheConfig, EngineConfig, SchedulerConfig
+from workers.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from workers.engine.engine import LLMEngine
+from workers.model.tiny_model import make_tiny_model
+from workers.spec.medusa import make_random_medusa
 
 
 @pytest.fixture
@@ -86,3 +91,38 @@ def random_prompts() -> Callable[..., list[list[int]]]:
         return [[rng.randrange(4, 512) for _ in range(rng.randint(*lengths))] for _ in range(n)]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def draft_model_dir(tmp_path_factory):
+    """A second tiny checkpoint: same tokenizer and vocab, other random weights."""
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-draft"), seed=1)
+
+
+@pytest.fixture
+def spec_engine(tiny_model_dir):
+    engines: list[LLMEngine] = []
+
+    def make(method=None, k=0, draft=None, role="colocated", num_blocks=256, block_size=4,
+             model_dir=None, **sched) -> LLMEngine:
+        config = EngineConfig(
+            model=str(model_dir or tiny_model_dir), dtype="float32", device="cpu", role=role,
+            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+            scheduler=SchedulerConfig(**sched),
+            speculative=SpeculativeConfig(method, k, None if draft is None else str(draft)),
+        )
+        engines.append(LLMEngine(config))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        assert not engine.has_unfinished()
+        assert engine.num_free_blocks == engine.num_total_blocks, "KV blocks leaked"
+
+
+@pytest.fixture(scope="session")
+def medusa_dir(tmp_path_factory, tiny_model_dir):
+    """Random Medusa heads (4 heads, 1 residual block each) of the tiny model's shape."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    return make_random_medusa(tmp_path_factory.mktemp("medusa"), config["hidden_size"],
+                              config["vocab_size"], num_heads=4)

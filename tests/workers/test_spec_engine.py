@@ -23,33 +23,6 @@ from workers.spec.medusa import make_random_medusa
 NUM_NEW = 12
 
 
-@pytest.fixture(scope="session")
-def draft_model_dir(tmp_path_factory):
-    """A second tiny checkpoint: same tokenizer and vocab, other random weights."""
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-draft"), seed=1)
-
-
-@pytest.fixture
-def spec_engine(tiny_model_dir):
-    engines: list[LLMEngine] = []
-
-    def make(method=None, k=0, draft=None, role="colocated", num_blocks=256, block_size=4,
-             model_dir=None, **sched) -> LLMEngine:
-        config = EngineConfig(
-            model=str(model_dir or tiny_model_dir), dtype="float32", device="cpu", role=role,
-            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
-            scheduler=SchedulerConfig(**sched),
-            speculative=SpeculativeConfig(method, k, None if draft is None else str(draft)),
-        )
-        engines.append(LLMEngine(config))
-        return engines[-1]
-
-    yield make
-    for engine in engines:
-        assert not engine.has_unfinished()
-        assert engine.num_free_blocks == engine.num_total_blocks, "KV blocks leaked"
-
-
 def repetitive_prompts(n: int, seed: int) -> list[list[int]]:
     """Prompts that repeat a phrase, so the n-gram proposer has something to propose."""
     rng = random.Random(seed)
@@ -211,14 +184,6 @@ def test_draft_with_another_vocabulary_fails_at_start_naming_the_field(spec_engi
     with pytest.raises(InvalidParameter) as err:
         spec_engine("draft", 4, other)
     assert err.value.field == "draft_model" and "vocab_size" in str(err.value)
-
-
-@pytest.fixture(scope="session")
-def medusa_dir(tmp_path_factory, tiny_model_dir):
-    """Random Medusa heads (4 heads, 1 residual block each) of the tiny model's shape."""
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    return make_random_medusa(tmp_path_factory.mktemp("medusa"), config["hidden_size"],
-                              config["vocab_size"], num_heads=4)
 
 
 def test_greedy_with_medusa_heads_equals_without_and_transformers(

@@ -5,7 +5,8 @@ Per engine step (workers/engine/engine.py):
    its request's num_speculative_tokens (default: the server's K), clipped to the context
    limit, to what max_tokens still allows and to the free blocks; the table grows to the
    verification run's num_tokens + k slots and the proposer fills `seq.spec_token_ids`
-   (slots it did not use are rolled back at once).
+   (slots it did not use are rolled back at once). Sequences in the middle of a chunked
+   prefill go to `proposer.follow_prefill`, so a draft model prefills along with the target.
 2. The scheduler runs 1 + k tokens for such a sequence and returns logits for all of them.
 3. `verify(...)` (workers/spec/rejection.py) keeps a prefix of the drafts plus one token;
    the scheduler's postprocess rolls the rejected slots back.
@@ -103,10 +104,14 @@ class SpeculativeDecoder:
                           seq.params.max_tokens - seq.num_output_tokens - 1))
 
     def propose(self, running: list[Sequence]) -> None:
-        seqs, ks = [], []
+        seqs, ks, prefilling = [], [], []
         for seq in running:
             seq.spec_token_ids = []
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if seq.num_uncomputed_tokens > 1:
+                if seq.num_computed_tokens > 0:
+                    prefilling.append(seq)
                 continue
             k = self.num_tokens_for(seq)
             if k == 0 or not self.pool.can_append_slots(seq.block_table, seq.num_tokens + k):
@@ -114,8 +119,11 @@ class SpeculativeDecoder:
             self.pool.append_slots(seq.block_table, seq.num_tokens + k)
             seqs.append(seq)
             ks.append(k)
-        if not seqs:
-            return
+        if seqs:
+            self._propose(seqs, ks)
+        self.proposer.follow_prefill(prefilling)
+
+    def _propose(self, seqs: list[Sequence], ks: list[int]) -> None:
         runs = self.proposer.propose(seqs, ks)
         # Padding keeps a batch with some drafts on the verify graph; a batch with none runs
         # as a plain decode step (padding it would pay K wasted tokens per sequence).

@@ -5,10 +5,18 @@ KV cache of exactly the target pool's block count, indexed by the target's block
 second block pool, and a block the target frees is the draft's to reuse too. Per sequence the
 draft remembers how many of its tokens have draft KV (`computed`) and the drafts it wrote KV
 for beyond them; after verification the accepted ones count as computed, the rest are
-overwritten. A sequence new to the draft (just prefilled, or, on a decode worker under
-disaggregation, just arrived with the target's KV) is prefilled by the draft in its first
-proposal step: the decode worker prefills the draft itself, so no draft KV crosses the wire
-and the prefill worker needs no draft (see the module doc of workers/spec/factory.py).
+overwritten.
+
+The draft's prefill follows the target's chunked prefill: each step, before scheduling, the
+draft runs over the prompt tokens the target computed in the previous step
+(`follow_prefill`), so it is one chunk behind and catches up in the sequence's first
+proposal. A sequence with more tokens missing than one step's budget (on a decode worker
+under disaggregation: the whole prompt, which arrived with the target's KV only) is prefilled
+by the draft in chunks, one per step, and drafts nothing until it has caught up. Every draft
+forward holds at most the target's step budget (max_num_batched_tokens) of tokens, so a long
+prompt neither stalls the other sequences' steps nor needs a prompt-sized activation buffer.
+The decode worker prefills the draft itself, so no draft KV crosses the wire and the prefill
+worker needs no draft (see the module doc of workers/spec/factory.py).
 
 A proposal of k tokens is k draft forwards: the first over the tokens the draft has not seen
 (usually 1-2), then one token per sequence. Greedy requests take the draft's argmax; sampling
@@ -126,26 +134,89 @@ class DraftModelProposer(Proposer):
         self.generator = torch.Generator(device=self.runner.device).manual_seed(config.seed + 1)
         self._row_generator = torch.Generator(device=self.runner.device)
         self._states: dict[str, _DraftState] = {}
+        self.step_budget = config.scheduler.max_num_batched_tokens
+        """Most tokens in one draft forward (the target's step budget): the draft's prefill
+        of a long prompt is chunked to it."""
+        self._budget_left = self.step_budget
 
     def forget(self, seq_id: str) -> None:
         self._states.pop(seq_id, None)
 
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[DraftRun]:
-        starts = [self._first_uncomputed(seq) for seq in seqs]
-        spans = [(seq, start, seq.token_range(start, seq.num_tokens))
-                 for seq, start in zip(seqs, starts, strict=True)]
+        spans, drafting = self._catch_up(seqs)
+        runs = [DraftRun([]) for _ in seqs]
+        if not spans:
+            return runs
+        logits = self.runner.execute(self._step(spans))
+        rows = [row for row, (seq, start, tokens) in enumerate(spans)
+                if start + len(tokens) == seq.num_tokens]
+        drafted = self._draft([seqs[i] for i in drafting], [max_tokens[i] for i in drafting],
+                              logits[rows] if len(rows) < len(spans) else logits)
+        for i, run in zip(drafting, drafted, strict=True):
+            runs[i] = run
+        return runs
+
+    def follow_prefill(self, seqs: list[Sequence]) -> None:
+        """Runs the draft over the prompt tokens the target has computed (its chunked prefill,
+        one step behind), in what is left of this step's draft budget."""
+        budget, self._budget_left = self._budget_left, self.step_budget
+        spans = []
+        for seq in seqs:
+            start = self._first_uncomputed(seq)
+            take = min(seq.num_computed_tokens - start, budget)
+            if take <= 0:
+                continue
+            spans.append((seq, start, seq.token_range(start, start + take)))
+            self._states[seq.seq_id].computed += take
+            budget -= take
+        if spans:
+            self.runner.execute(self._step(spans))
+
+    def _catch_up(self, seqs: list[Sequence]
+                  ) -> tuple[list[tuple[Sequence, int, list[int]]], list[int]]:
+        """The first draft forward's spans, at most `step_budget` tokens in all: each
+        sequence's tokens without draft KV, fewest first. A sequence whose whole span fits
+        drafts this step (its index is returned); one that does not (a long prompt new to the
+        draft, e.g. just arrived on a decode worker) gets a chunk of its draft prefill and no
+        drafts, so a long prompt never stalls the others' steps."""
+        starts = {seq.seq_id: self._first_uncomputed(seq) for seq in seqs}
+        budget = self.step_budget
+        spans, drafting = [], []
+        for i in sorted(range(len(seqs)),
+                        key=lambda i: seqs[i].num_tokens - starts[seqs[i].seq_id]):
+            seq, start = seqs[i], starts[seqs[i].seq_id]
+            take = min(seq.num_tokens - start, budget)
+            if take == 0:
+                continue
+            spans.append((seq, start, seq.token_range(start, start + take)))
+            budget -= take
+            if start + take == seq.num_tokens:
+                drafting.append(i)
+            else:
+                self._states[seq.seq_id].computed += take
+        self._budget_left = budget
+        return spans, drafting
+
+    def _draft(self, seqs: list[Sequence], max_tokens: list[int], logits: torch.Tensor
+               ) -> list[DraftRun]:
+        """k draft forwards for sequences whose draft KV is complete: `logits` (the first
+        forward's, one row each) gives the first draft, each further forward one more."""
         drafts: list[list[int]] = [[] for _ in seqs]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         active = list(range(len(seqs)))
-        for j in range(max(max_tokens)):
-            logits = self.runner.execute(self._step(spans))
+        for j in range(max(max_tokens, default=0)):
+            if j > 0:
+                spans = [(seqs[i], seqs[i].num_tokens + j - 1, [drafts[i][-1]])
+                         for i in active]
+                logits = self.runner.execute(self._step(spans))
             for i, (token, q) in zip(active, self._draw(seqs, active, drafts, logits),
                                      strict=True):
                 drafts[i].append(token)
                 if q is not None:
                     probs[i].append(q)
             active = [i for i in active if max_tokens[i] > j + 1]
-            spans = [(seqs[i], seqs[i].num_tokens + j, [drafts[i][-1]]) for i in active]
+            if not active:
+                break
         for seq, k, tokens in zip(seqs, max_tokens, drafts, strict=True):
             state = self._states[seq.seq_id]
             state.computed, state.pending = seq.num_tokens, tokens[: k - 1]

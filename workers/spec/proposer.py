@@ -38,6 +38,10 @@ class Proposer(ABC):
         """At most max_tokens[i] (>= 1) drafts continuing seqs[i]'s tokens; fewer (or none)
         where the proposer has nothing good to offer."""
 
+    def follow_prefill(self, seqs: list[Sequence]) -> None:  # noqa: B027 (draft model only)
+        """After `propose`, once per step: seqs are running sequences in the middle of a
+        chunked prefill; a proposer with its own KV may catch up on their computed tokens."""
+
     def forget(self, seq_id: str) -> None:  # noqa: B027 (stateless proposers keep nothing)
         """The sequence finished or was aborted: drop any state kept for it."""
 
