@@ -77,8 +77,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="every request computes (and ships) its whole prompt's KV instead of "
                         "sharing cached blocks of a prefix seen before")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                   help="fp8: e4m3 KV cache with per-layer scales of 1.0 (half of bf16's "
-                        "bytes per block, in memory and on the wire); auto: the model's dtype")
+                   help="fp8: e4m3 KV cache with per-layer scales from the checkpoint "
+                        "(self_attn.k_scale / v_scale), else 1.0 (half of bf16's bytes per "
+                        "block, in memory and on the wire); auto: the model's dtype")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight, then 429")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="larger request bodies get 413 before they are parsed (0: no limit)")

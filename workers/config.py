@@ -25,8 +25,9 @@ class CacheConfig:
     """Full blocks stay cached by the hash chain of their tokens and are shared by later
     requests with the same prefix (workers/engine/prefix_cache.py)."""
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
-    """auto: the model's dtype. fp8: e4m3 with per-layer K and V scales of 1.0 (vLLM's default
-    without checkpoint scales): half the bytes of bf16 per block, in memory and on the wire."""
+    """auto: the model's dtype. fp8: e4m3 with per-layer K and V scales, the checkpoint's
+    (self_attn.k_scale / v_scale, workers/model/kv_scales.py) or else 1.0 (vLLM's default):
+    half the bytes of bf16 per block, in memory and on the wire."""
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-backend", default="torch", choices=["torch", "triton"])
     parser.add_argument("--num-blocks", type=int, default=None, help="fix the KV pool size")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"],
-                        help="fp8: e4m3 KV cache (scales 1.0); auto: the model's dtype")
+                        help="fp8: e4m3 KV cache (the checkpoint's per-layer scales, else "
+                             "1.0); auto: the model's dtype")
     return parser
 
 

@@ -13,8 +13,9 @@ perplexity 12.21 with float32 KV, 12.66 with fp8 KV (+3.7%); mean |logit differe
 the tolerance is +8% and 0.3, and `kvrelay generate --kv-cache-dtype fp8` still answers
 " Paris." Scales of 1.0 (not calibrated): SmolLM2's K reach |16| and V |10| at most, far
 inside e4m3's 448, and per-layer amax/448 scales measured the same mean logit difference
-(0.21; perplexity 12.16) on this text, so calibration buys nothing measurable here while
-fixed scales need no agreement between prefill and decode workers.
+(0.21; perplexity 12.16) on this text, so calibration buys nothing measurable here. These
+runs use 1.0 (the GGUF file carries no scales); checkpoint scales, loaded when present:
+tests/workers/test_kv_cache_scales.py.
 """
 
 from __future__ import annotations

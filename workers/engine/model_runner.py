@@ -212,7 +212,8 @@ class ModelRunner:
             scheme = dummy_scheme(self.config.model, self.config.quantization)
             load_dummy(model, seed=self.config.seed, scheme=scheme)
         else:
-            load_checkpoint(model, self.config.model, self.config.quantization)
+            load_checkpoint(model, self.config.model, self.config.quantization,
+                            self.config.cache.kv_cache_dtype)
         return model.eval()
 
     def _size_cache(self) -> int:

@@ -75,8 +75,9 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
-        # FP8 KV cache scales (read only for an fp8 cache; kernels/kv_quant.py): 1.0, vLLM's
-        # default without checkpoint scales, fixed, so prefill and decode workers agree.
+        # FP8 KV cache scales (read only for an fp8 cache; kernels/kv_quant.py): the
+        # checkpoint's (workers/model/kv_scales.py) or 1.0, vLLM's default without them; both
+        # fixed at load, so prefill and decode workers loading one checkpoint agree.
         self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
         self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
         sizes = [cfg.q_size, cfg.kv_size, cfg.kv_size]

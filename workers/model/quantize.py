@@ -1,8 +1,8 @@
 """`kvrelay quantize`: writes a quantized copy of a checkpoint that `--model DIR` serves kept
 quantized.
 
-    kvrelay quantize --model SRC --out DIR --format gptq|awq|int8|fp8 [--group-size 128]
-                     [--act-order]
+    kvrelay quantize --model SRC --out DIR [--format gptq|awq|int8|fp8] [--group-size 128]
+                     [--act-order] [--kv-cache-scales]
 
 SRC is a checkpoint folder, a GGUF file or a packaged model (smollm2). The decoder layers'
 q/k/v/o/gate/up/down projections are quantized by ROUND-TO-NEAREST (no calibration data, no
@@ -13,6 +13,11 @@ compressed-tensors INT8 / FP8 (e4m3) with one scale per output channel. Other te
 copied unchanged, config.json gains the quantization_config, and the tokenizer files are
 copied (or, from a GGUF file, written from its metadata). The quality is what RTN gives, so
 these checkpoints are test and benchmark inputs, not a substitute for GPTQ or AWQ.
+
+--kv-cache-scales adds per-layer FP8 KV-cache scales (model.layers.N.self_attn.k_scale and
+v_scale, float32 [1]: max |K| / 448 and max |V| / 448 over a few built-in prompts run through
+the unquantized model; workers/model/kv_scales.py), which `--kv-cache-dtype fp8` then uses
+instead of 1.0. Without --format the weights are copied as stored.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from safetensors.torch import save_file
 from workers.errors import InvalidModelConfig, KvrelayError
 from workers.model.gguf_file import GGUFFile, is_gguf
 from workers.model.gguf_loader import config_dict, hf_tensor
+from workers.model.kv_scales import calibrate_kv_scales
 from workers.model.model_source import check_model_path, resolve_model_path
 from workers.model.quant.formats import FORMATS
 
@@ -47,6 +53,11 @@ SHARED_INPUTS = (
 statistics), so merged q/k/v and gate/up keep one permutation."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "chat_template.jinja")
+
+
+KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                   "symmetric": True}
+"""compressed-tensors' description of static per-tensor FP8 KV-cache scales."""
 
 
 def quantization_config(fmt: str, group_size: int, act_order: bool) -> dict[str, Any]:
@@ -136,15 +147,22 @@ def write_tokenizer(source: str, out: Path) -> None:
 
 
 def quantize_checkpoint(
-    source: str, out: str | Path, fmt: str, group_size: int = 128, act_order: bool = False
+    source: str, out: str | Path, fmt: str | None, group_size: int = 128,
+    act_order: bool = False, kv_cache_scales: bool = False,
 ) -> Path:
-    """Writes the quantized checkpoint of `source` to folder `out`; returns it."""
+    """Writes the quantized checkpoint of `source` to folder `out` (`fmt` None: weights as
+    stored), with calibrated KV-cache scales if `kv_cache_scales`; returns it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config, tensors = read_source(source)
-    config["quantization_config"] = quantization_config(fmt, group_size, act_order)
-    save_file(quantize_tensors(tensors, fmt, group_size, act_order), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    if fmt is not None:
+        config["quantization_config"] = quantization_config(fmt, group_size, act_order)
+        tensors = quantize_tensors(tensors, fmt, group_size, act_order)
+    if kv_cache_scales:
+        tensors.update(calibrate_kv_scales(source))
+        if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
+            config["quantization_config"]["kv_cache_scheme"] = KV_CACHE_SCHEME
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(source, out)
     return out
@@ -158,11 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True,
                         help="checkpoint folder, .gguf file or packaged model (smollm2)")
     parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--format", required=True, choices=sorted(FORMATS))
+    parser.add_argument("--format", default=None, choices=sorted(FORMATS),
+                        help="weight format (default: weights copied as stored)")
     parser.add_argument("--group-size", type=int, default=128,
                         help="input rows per scale group (gptq, awq; -1: one group)")
     parser.add_argument("--act-order", action="store_true",
                         help="gptq: group input rows by decreasing weight norm (writes g_idx)")
+    parser.add_argument("--kv-cache-scales", action="store_true",
+                        help="add per-layer FP8 KV-cache scales (self_attn.k_scale / v_scale: "
+                             "max |K|, |V| / 448 over a few prompts) for --kv-cache-dtype fp8")
     return parser
 
 
@@ -171,12 +193,17 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.act_order and args.format != "gptq":
         parser.error("--act-order is a GPTQ option")
+    if args.format is None and not args.kv_cache_scales:
+        parser.error("nothing to write: give --format and/or --kv-cache-scales")
     try:
         source = resolve_model_path(args.model)
         check_model_path(source)
-        out = quantize_checkpoint(source, args.out, args.format, args.group_size, args.act_order)
+        out = quantize_checkpoint(source, args.out, args.format, args.group_size, args.act_order,
+                                  args.kv_cache_scales)
     except KvrelayError as error:
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {args.format} checkpoint (round-to-nearest) to {out}")
+    what = [f"{args.format} weights (round-to-nearest)"] if args.format else ["weights as stored"]
+    what += ["calibrated FP8 KV-cache scales"] if args.kv_cache_scales else []
+    print(f"wrote {' and '.join(what)} to {out}")
     return 0

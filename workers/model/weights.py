@@ -26,6 +26,7 @@ from safetensors import safe_open
 from workers.errors import CheckpointFileMissing, InvalidTensor, MissingTensor, TensorShapeMismatch
 from workers.model.gguf_file import GGUFFile, is_gguf
 from workers.model.gguf_loader import gguf_name, hf_tensor
+from workers.model.kv_scales import load_kv_scales
 from workers.model.llama import CheckpointSlot, LlamaForCausalLM
 from workers.model.quant.load_mode import LoadMode, resolve_load_mode
 from workers.model.quant.loading import load_gguf_q4, load_quantized, quantize_projections
@@ -56,19 +57,25 @@ def checkpoint_files(folder: str | Path) -> dict[str, Path]:
 
 
 def load_checkpoint(
-    model: LlamaForCausalLM, folder: str | Path, quantization: str = "auto"
+    model: LlamaForCausalLM, folder: str | Path, quantization: str = "auto",
+    kv_cache_dtype: str = "auto",
 ) -> None:
     """Fills every parameter of `model` from the checkpoint at `folder` (or GGUF file).
 
     `quantization`: the `--quantization` choice (workers/model/quant/load_mode.py): a GGUF
     file's Q4 projections kept 4-bit or dequantized, dense projections quantized to FP8/INT8
-    while loading. Raises MissingTensor or TensorShapeMismatch naming the HF tensor (and both
-    shapes); for a GGUF file MissingTensor or InvalidTensor naming the GGUF tensor and its
-    format; InvalidModelConfig for a quantization the checkpoint cannot take."""
+    while loading. With `kv_cache_dtype` 'fp8', the checkpoint's per-layer KV-cache scales
+    (workers/model/kv_scales.py), if it has any, replace the default 1.0.
+    Raises MissingTensor or TensorShapeMismatch naming the HF tensor (and both shapes); for a
+    GGUF file MissingTensor or InvalidTensor naming the GGUF tensor and its format;
+    InvalidModelConfig for a quantization the checkpoint cannot take; InvalidTensor for a bad
+    KV-cache scale."""
     device = next(model.parameters()).device
     mode = resolve_load_mode(folder, quantization, device.type)
     if is_gguf(folder):
         load_gguf(model, GGUFFile(folder), mode)
+        if kv_cache_dtype == "fp8":
+            load_kv_scales(model, lambda name: None, str(folder))
         return
     slots = model.checkpoint_map()
     files = checkpoint_files(folder)
@@ -78,6 +85,8 @@ def load_checkpoint(
             slots = load_quantized(slots, scheme, read)
         elif mode.at_load is not None:
             slots = quantize_projections(slots, mode.at_load, _dense_reader(read, folder, device))
+        if kv_cache_dtype == "fp8":
+            load_kv_scales(model, read, str(folder))
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in slots:
         if name not in files:
