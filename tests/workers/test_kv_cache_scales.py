@@ -243,17 +243,24 @@ def test_1p1d_fp8_with_loaded_scales_equals_colocated_fp8(scaled_dir):
     prefill = PrefillWorker(_fp8_spec(scaled_dir, "prefill-0"))
     decode = DecodeWorker(_fp8_spec(scaled_dir, "decode-0"))
     try:
-        for worker in (prefill, decode):
-            layer = worker.engine.runner.model.layers["0"].self_attn
-            assert float(layer.k_scale) != 1.0
+        scales = [[(layer.self_attn.k_scale, layer.self_attn.v_scale)
+                   for layer in worker.engine.runner.model.layers.values()]
+                  for worker in (prefill, decode)]
+        assert all(float(k) != 1.0 for k, _ in scales[0])
+        assert all(torch.equal(p, d) for ps, ds in zip(*scales, strict=True)
+                   for p, d in zip(ps, ds, strict=True))
         engine = LLMEngine(dataclasses.replace(_fp8_spec(scaled_dir, "x").engine,
                                                role="colocated"))
-        batch = prompts(4, prefill.ready()["vocab_size"], seed=8, low=9, high=40)
-        greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-        colocated = [o.token_ids for o in engine.generate(batch, greedy)]
-        reqs = [request(f"scaled-{i}", p, collector.address, 8) for i, p in enumerate(batch)]
+        # Prompts of 3..29 tokens (partial and several blocks), 3..12 new tokens each.
+        workload = list(zip(prompts(5, prefill.ready()["vocab_size"], seed=21, low=3, high=30),
+                            (3, 12, 7, 10, 5), strict=True))
+        reqs = [request(f"scaled-{i}", ids, collector.address, n)
+                for i, (ids, n) in enumerate(workload)]
         asyncio.run(run_requests(prefill, decode, collector, reqs))
-        assert [collector.tokens(r.request_id) for r in reqs] == colocated
+        for req, (ids, n) in zip(reqs, workload, strict=True):
+            greedy = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            (alone,) = engine.generate([ids], greedy)
+            assert collector.tokens(req.request_id) == alone.token_ids, req.request_id
         wait_all_free(prefill, decode)
     finally:
         prefill.shutdown()
