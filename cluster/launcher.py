@@ -8,9 +8,10 @@ restarts a dead one (`max_restarts`) and the router admits it again when it answ
 from __future__ import annotations
 
 import functools
+import math
 import logging
 import signal
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -29,7 +30,8 @@ from router.router import NAMESPACE, ROUTER_SUFFIX, Router
 from workers.actors.worker_actor import WorkerActor
 from workers.actors.worker_base import WorkerSpec
 from workers.errors import HandshakeMismatch, InvalidParameter
-from workers.kv_transfer.layout import KVLayout, group_layouts, plan_group_transfers
+from workers.kv_transfer.layout import KVLayout, plan_group_transfers
+from workers.kv_transfer.rank_routes import RankShape
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +176,12 @@ def check_shapes(config: ClusterConfig) -> None:
         name = "" if role == "colocated" else f"{role}_"
         if tp < 1 or pp < 1:
             raise InvalidParameter(f"{name}tp", f"tp {tp} x pp {pp}: both must be >= 1")
-        if role != "colocated" and tp * pp > 1:
-            raise InvalidParameter(f"{name}tp", f"tp {tp} x pp {pp}: KV transfer between "
-                                   "TP/PP ranks of prefill and decode workers is not built "
-                                   "yet; use --colocated K --tp T --pp P")
+    ranked = [math.prod(config.shape(role)) > 1 for role in ("prefill", "decode")]
+    if not config.colocated and any(ranked) and \
+            kv_transport(config) not in ("auto", "nccl", "gloo", "torch"):
+        raise InvalidParameter("kv_transport", f"{kv_transport(config)}: KV transfer between "
+                               "workers of several TP/PP ranks runs rank to rank over "
+                               "torch.distributed (auto, nccl or gloo)")
 
 
 def check_pairs(infos: dict[str, dict]) -> None:
@@ -194,9 +198,8 @@ def check_pairs(infos: dict[str, dict]) -> None:
 
 def _rank_layouts(info: dict) -> list[KVLayout]:
     """Every rank's KV slice of a worker, from its driver rank's layout and its shape."""
-    whole = replace(KVLayout.from_dict(info["kv_layout"]), layer_start=0,
-                                layer_end=None, kv_head_start=0, kv_head_end=None)
-    return group_layouts(whole, info.get("tp", 1), info.get("pp", 1))
+    return RankShape(info.get("tp", 1), info.get("pp", 1)).layouts(
+        KVLayout.from_dict(info["kv_layout"]))
 
 
 def control_plane_factory(redis_url: str | None):

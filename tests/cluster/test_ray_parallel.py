@@ -39,8 +39,9 @@ def test_stage_bundles_hold_a_stages_tp_devices():
 
 def test_unservable_shapes_are_refused_by_flag_name():
     engine = EngineConfig(model="/m/x")
-    with pytest.raises(InvalidParameter, match="'decode_tp'.*not built yet"):
-        check_shapes(ClusterConfig(engine=engine, model_name="x", decode_tp=2))
+    with pytest.raises(InvalidParameter, match="'kv_transport'.*rank to rank"):
+        check_shapes(ClusterConfig(engine=engine, model_name="x", decode_tp=2,
+                                   kv_transport="zmq"))
     with pytest.raises(InvalidParameter, match="'tp'"):
         check_shapes(ClusterConfig(engine=engine, model_name="x", num_colocated=1, tp=0))
 

@@ -32,6 +32,7 @@ class DecodeWorker(EngineWorker):
             on_done=lambda rid, extra: self.loop.call_soon(lambda: self._landed(rid, extra)),
             on_failed=lambda rid, state, why: self.loop.call_soon(lambda: self._not_landed(
                 rid, state, why)),
+            on_loop=self.loop.on_loop,
         )
 
     def reserve(self, request: GenerateRequest) -> Reservation:

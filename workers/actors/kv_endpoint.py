@@ -6,11 +6,13 @@ so two workers whose configs disagree (block size, dtype, model) refuse each oth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from workers.kv_transfer.base import OnDone, OnFailed
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout
+from workers.kv_transfer.rank_routes import RankShape
 
 # `--kv-transport` names -> the transfer layer's transports: NCCL and gloo are both the
 # torch.distributed path (the device of the caches picks which); zmq is raw TCP frames;
@@ -28,7 +30,11 @@ def transfer_config(kv_transport: str, host: str,
 
 def kv_layout(engine) -> KVLayout:
     """The layout of `engine`'s KV caches (this rank's layers and kv heads)."""
-    runner = engine.runner
+    return runner_layout(engine.runner)
+
+
+def runner_layout(runner) -> KVLayout:
+    """The layout of a ModelRunner's KV caches (its rank's layers and kv heads)."""
     model = runner.model_config
     k_cache = runner.kv_caches[0][0]
     start, end = runner.layer_range
@@ -46,17 +52,50 @@ def kv_layout(engine) -> KVLayout:
     )
 
 
+def runner_shape(runner) -> RankShape:
+    return RankShape(runner.parallel.tp_size, runner.parallel.pp_size)
+
+
 def make_sender(engine, kv_transport: str, host: str, sender_id: str,
-                on_done: OnDone, on_failed: OnFailed, max_pairs: int = TransferConfig.max_pairs):
+                on_done: OnDone, on_failed: OnFailed, max_pairs: int = TransferConfig.max_pairs,
+                on_loop: Callable | None = None):
+    """The prefill worker's sender; a worker of several ranks gets the driver's GroupSender
+    (each rank sends its own slice), `on_loop` running its broadcasts on the engine thread."""
     from workers.kv_transfer import make_sender as make
+    from workers.kv_transfer.rank_driver import GroupSender
 
     config = transfer_config(kv_transport, host, max_pairs)
-    return make(kv_layout(engine), engine.runner.kv_caches, config, on_done=on_done,
+    runner = engine.runner
+    shape = runner_shape(runner)
+    if shape.tp * shape.pp > 1:
+        return GroupSender(kv_layout(engine), runner.kv_caches, config, shape,
+                           runner.step_channel, on_loop, kv_transport, on_done, on_failed,
+                           sender_id)
+    return make(kv_layout(engine), runner.kv_caches, config, on_done=on_done,
                 on_failed=on_failed, sender_id=sender_id)
 
 
-def make_receiver(engine, kv_transport: str, host: str, on_done: OnDone, on_failed: OnFailed):
+def make_receiver(engine, kv_transport: str, host: str, on_done: OnDone, on_failed: OnFailed,
+                  on_loop: Callable | None = None):
+    """The decode worker's receiver; a worker of several ranks gets the driver's
+    GroupReceiver (a receiver per rank, one group address)."""
+    from workers.kv_transfer.rank_driver import GroupReceiver
     from workers.kv_transfer.receiver import Receiver
 
-    return Receiver(kv_layout(engine), engine.runner.kv_caches,
-                    transfer_config(kv_transport, host), on_done=on_done, on_failed=on_failed)
+    config = transfer_config(kv_transport, host)
+    runner = engine.runner
+    shape = runner_shape(runner)
+    if shape.tp * shape.pp > 1:
+        return GroupReceiver(kv_layout(engine), runner.kv_caches, config, shape,
+                             runner.step_channel, on_loop, kv_transport, on_done, on_failed)
+    return Receiver(kv_layout(engine), runner.kv_caches, config, on_done=on_done,
+                    on_failed=on_failed)
+
+
+def rank_follower(rank: int, runner):
+    """A non-driver rank's end of its worker's KV transfers (set up by the driver's first
+    command)."""
+    from workers.kv_transfer.rank_follower import RankFollower
+
+    return RankFollower(rank, runner_layout(runner), runner_shape(runner), runner.kv_caches,
+                        transfer_config)

@@ -32,7 +32,7 @@ class PrefillWorker(EngineWorker):
             on_done=lambda rid, extra: self.loop.call_soon(lambda: self._shipped(rid)),
             on_failed=lambda rid, state, why: self.loop.call_soon(lambda: self._not_shipped(
                 rid, state, why)),
-            max_pairs=spec.kv_max_pairs,
+            max_pairs=spec.kv_max_pairs, on_loop=self.loop.on_loop,
         )
         self.engine.kv_stream = self.kv.stream_hook()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from workers.actors.kv_endpoint import rank_follower
 from workers.actors.rank_group import Rendezvous, join_group, leave_group, rank_facts
 from workers.actors.step_broadcast import StepBroadcast
 from workers.config import EngineConfig
@@ -26,16 +27,20 @@ class RankActor:
         self.rank = rank
         self.parallel = join_group(config, rendezvous, rank)
         self.runner = ModelRunner(config, self.parallel)
-        self.channel = StepBroadcast()
+        # Its end of KV transfer (prefill/decode workers), driven by the driver's commands
+        # that ride in the step broadcast.
+        self.kv = rank_follower(rank, self.runner)
+        self.channel = StepBroadcast(on_side=self.kv.handle)
         self.steps = 0
 
     def serve(self) -> int:
         """Runs the driver's steps until it stops the group; returns the number of steps."""
         try:
             while (step := self.channel.recv()) is not None:
-                self.runner.run_pipeline(step)
+                self.runner.run_pipeline(step, self.kv.layer_hook)
                 self.steps += 1
         finally:
+            self.kv.close()
             leave_group()
         return self.steps
 

@@ -156,10 +156,21 @@ class RankGroup:
         self._watcher.start()
         self.parallel = join_group(config, rendezvous, 0, store)
         self.channel = StepBroadcast()
+        self._attached: list[bytes] = []
 
     def send(self, step) -> None:
-        """The runner's step channel: every other rank runs this step with the driver."""
-        self.channel.send(step)
+        """The runner's step channel: every other rank runs this step with the driver (after
+        the side payload `attach`ed for it)."""
+        side, self._attached = self._attached, []
+        self.channel.send(step, side)
+
+    def attach(self, side: list[bytes]) -> None:
+        """Side payload (KV transfer commands) that goes with the next step (engine thread)."""
+        self._attached += side
+
+    def post(self, side: list[bytes]) -> None:
+        """Side payload sent now, between steps (engine thread)."""
+        self.channel.post(side)
 
     def broken(self, error: Exception) -> None:
         """The driver's step failed in a collective (a rank died, or its step raised): the

@@ -4,11 +4,16 @@ One broadcast per step over the group's CPU (gloo) backend, not a Ray call per r
 the StepInput's integers travel as one int64 tensor behind a fixed-size header (so a
 receiver knows the payload's length). Sequence ids stay on the driver (the model never
 reads them); the other ranks get placeholders. A header with op STOP ends the followers'
-loops.
+loops. Either role may carry a side payload (`side`, a list of byte strings: the KV transfer
+commands the other ranks must run in order with the steps, workers/kv_transfer/rank_*.py):
+with a step, the ranks handle it before running the step; alone (op KV), between steps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import msgpack
 import torch
 import torch.distributed as dist
 
@@ -16,8 +21,9 @@ from workers.engine.step_input import StepInput
 
 OP_STEP = 1
 OP_STOP = 2
-_HEADER = 5
-"""op, num_tokens, num_seqs, num_logits, total block-table entries."""
+OP_KV = 3
+_HEADER = 6
+"""op, num_tokens, num_seqs, num_logits, total block-table entries, side payload bytes."""
 
 
 def encode_step(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,18 +36,18 @@ def encode_step(step: StepInput) -> tuple[torch.Tensor, torch.Tensor]:
     for table in step.block_tables:
         payload += table
     header = [OP_STEP, step.num_tokens, step.num_seqs, len(step.logits_indices),
-              sum(table_lens)]
+              sum(table_lens), 0]
     return torch.tensor(header, dtype=torch.int64), torch.tensor(payload, dtype=torch.int64)
 
 
 def payload_size(header: list[int]) -> int:
-    _, tokens, seqs, logits, tables = header
+    _, tokens, seqs, logits, tables = header[:5]
     return 3 * tokens + (seqs + 1) + seqs + logits + seqs + tables
 
 
 def decode_step(header: list[int], payload: torch.Tensor) -> StepInput:
     """The StepInput `encode_step` packed (seq ids are '0', '1', ...)."""
-    _, tokens, seqs, logits, _ = header
+    _, tokens, seqs, logits, _ = header[:5]
     values = payload.tolist()
     sizes = [tokens, tokens, tokens, seqs + 1, seqs, logits, seqs]
     fields, at = [], 0
@@ -61,30 +67,60 @@ def decode_step(header: list[int], payload: torch.Tensor) -> StepInput:
 
 
 class StepBroadcast:
-    """Rank `src` calls `send(step)` (or `stop()`); every other rank of `group` calls `recv()`
-    in the same order. `group`: a process group whose backend takes CPU tensors (gloo); None
-    is the default group."""
+    """Rank `src` calls `send(step)` (or `post(side)`, `stop()`); every other rank of `group`
+    calls `recv()` in the same order, which hands side payloads to `on_side`. `group`: a
+    process group whose backend takes CPU tensors (gloo); None is the default group."""
 
-    def __init__(self, group=None, src: int = 0):
+    def __init__(self, group=None, src: int = 0,
+                 on_side: Callable[[list[bytes]], None] | None = None):
         self.group = group
         self.src = src
+        self.on_side = on_side
 
-    def send(self, step: StepInput) -> None:
+    def send(self, step: StepInput, side: list[bytes] | None = None) -> None:
         header, payload = encode_step(step)
+        packed = msgpack.packb(side) if side else b""
+        header[5] = len(packed)
         dist.broadcast(header, self.src, group=self.group)
         dist.broadcast(payload, self.src, group=self.group)
+        self._send_side(packed)
+
+    def post(self, side: list[bytes]) -> None:
+        """The side payload alone, between steps."""
+        packed = msgpack.packb(side)
+        dist.broadcast(torch.tensor([OP_KV, 0, 0, 0, 0, len(packed)], dtype=torch.int64),
+                       self.src, group=self.group)
+        self._send_side(packed)
+
+    def _send_side(self, packed: bytes) -> None:
+        if packed:
+            dist.broadcast(torch.frombuffer(bytearray(packed), dtype=torch.uint8), self.src,
+                           group=self.group)
 
     def stop(self) -> None:
-        dist.broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0], dtype=torch.int64), self.src,
+        dist.broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0, 0], dtype=torch.int64), self.src,
                        group=self.group)
 
     def recv(self) -> StepInput | None:
         """The next step, or None once the driver stopped the group."""
-        header = torch.empty(_HEADER, dtype=torch.int64)
-        dist.broadcast(header, self.src, group=self.group)
-        values = header.tolist()
-        if values[0] == OP_STOP:
-            return None
-        payload = torch.empty(payload_size(values), dtype=torch.int64)
-        dist.broadcast(payload, self.src, group=self.group)
-        return decode_step(values, payload)
+        while True:
+            header = torch.empty(_HEADER, dtype=torch.int64)
+            dist.broadcast(header, self.src, group=self.group)
+            values = header.tolist()
+            if values[0] == OP_STOP:
+                return None
+            if values[0] == OP_KV:
+                self._recv_side(values[5])
+                continue
+            payload = torch.empty(payload_size(values), dtype=torch.int64)
+            dist.broadcast(payload, self.src, group=self.group)
+            self._recv_side(values[5])
+            return decode_step(values, payload)
+
+    def _recv_side(self, size: int) -> None:
+        if not size:
+            return
+        buf = torch.empty(size, dtype=torch.uint8)
+        dist.broadcast(buf, self.src, group=self.group)
+        if self.on_side is not None:
+            self.on_side(msgpack.unpackb(buf.numpy().tobytes()))

@@ -99,3 +99,98 @@ class StreamEnd:
     parts: int
     cells: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- the driver rank and the other ranks of one worker (workers/kv_transfer/rank_*.py) ----
+# Commands go driver -> ranks inside the worker's step broadcast (in order with the steps);
+# notices go ranks -> driver over one ZMQ PUSH -> PULL.
+
+
+@register
+@dataclass
+class RankSetup:
+    """Builds the rank's end (role 'prefill': a TorchSender; 'decode': a Receiver) and tells
+    it where to push notices."""
+
+    role: str
+    kv_transport: str
+    host: str
+    max_pairs: int
+    notice_address: str
+    sender_id: str
+
+
+@register
+@dataclass
+class RankOpen:
+    """Prefill: a transfer opened on the driver (`TorchSender.open` on each rank)."""
+
+    request_id: str
+    dest: str
+    dest_block_ids: list[int]
+    num_tokens: int | None
+    timeout_s: float | None
+
+
+@register
+@dataclass
+class RankSpans:
+    """Prefill: the step that follows writes these prompt spans ([request_id, start, end,
+    block_table] each); `fence` first orders the step after the posted sends."""
+
+    spans: list[Any]
+    fence: bool = False
+
+
+@register
+@dataclass
+class RankFinish:
+    """Prefill: token 1 is sampled: StreamEnd (with `extra`) on every pair of the request."""
+
+    request_id: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@register
+@dataclass
+class RankExpect:
+    """Decode: the driver reserved these blocks (each rank's receiver expects its slice)."""
+
+    request_id: str
+    block_ids: list[int]
+    timeout_s: float | None
+
+
+@register
+@dataclass
+class RankAbort:
+    """Either role: abort (and, prefill, forget) the request's transfer on the rank."""
+
+    request_id: str
+    forget_only: bool = False
+
+
+@register
+@dataclass
+class RankConnect:
+    """Prefill: set up the pairs with (group) address `dest` now."""
+
+    dest: str
+
+
+@register
+@dataclass
+class RankNotice:
+    """Rank -> driver. kind 'ready' (set up; `address`: a decode rank's receiver), 'expected'
+    (a RankExpect is registered), 'ended' (the rank's transfer is terminal: `state`,
+    `reason`, its bytes and wire seconds) or 'quiet' (nothing touches its blocks any more)."""
+
+    rank: int
+    kind: str
+    request_id: str = ""
+    state: str = ""
+    reason: str = ""
+    num_bytes: int = 0
+    seconds: float = 0.0
+    address: str = ""
+    peer_bytes: dict[str, int] = field(default_factory=dict)

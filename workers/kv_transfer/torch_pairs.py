@@ -88,8 +88,9 @@ class TorchPairs:
 
     def _least_recently_used(self) -> str | None:
         """The idle pair to evict for a new one (None: every pair is busy)."""
-        busy = {r.peer for r in self.table.live()}
-        idle = [p for p in self._pairs.values() if p.dest not in busy and p.ready.is_set()
+        live = self.table.live()
+        idle = [p for p in self._pairs.values() if p.ready.is_set()
+                and not any(r.touches(p.dest) for r in live)
                 and not self._posted.pending(p.dest)]
         return min(idle, key=lambda p: p.last_used).dest if idle else None
 
@@ -168,8 +169,8 @@ class TorchPairs:
     def _incoming(self, poller: zmq.Poller, pair: TorchPair, msg) -> None:
         if isinstance(msg, HelloReply):
             self._hello_reply(poller, pair, msg)
-        elif isinstance(msg, Reply) and msg.ok:
-            self.table.finish(msg.request_id, TransferState.DONE)
+        elif isinstance(msg, Reply) and msg.ok:  # DONE once every receiver it feeds acked
+            self.table.add_part(msg.request_id, pair.dest, 1, 0, 0.0, {})
         elif isinstance(msg, Reply):
             self.table.end(msg.request_id, TransferState.FAILED, msg.reason)
             if msg.reason.startswith("stale pair"):
@@ -232,7 +233,7 @@ class TorchPairs:
         if pair.group is not None:
             pair.group.close()
         for record in self.table.live():
-            if record.peer == dest:
+            if record.touches(dest):
                 self.table.end(record.request_id, TransferState.FAILED, f"pair lost: {why}")
         if pair.sock is not None:
             poller.unregister(pair.sock)
@@ -243,11 +244,12 @@ class TorchPairs:
 
     def _evict_idle(self, poller: zmq.Poller) -> None:
         now = time.monotonic()
-        busy = {r.peer for r in self.table.live()}
+        live = self.table.live()
         for pair in list(self._pairs.values()):
+            busy = any(r.touches(pair.dest) for r in live)
             if not pair.ready.is_set() and now > pair.deadline:
                 self._teardown(poller, pair.dest, "no handshake reply")
-            elif pair.ready.is_set() and pair.dest not in busy \
+            elif pair.ready.is_set() and not busy \
                     and now - pair.last_used > self.config.idle_evict_s \
                     and not self._posted.pending(pair.dest):
                 self._teardown(poller, pair.dest, "idle")

@@ -16,12 +16,14 @@ its sends.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
+from workers.errors import HandshakeMismatch
 from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferState, blocks_to_send
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, TransferPlan
@@ -29,6 +31,7 @@ from workers.kv_transfer.messages import StreamEnd, StreamPart
 from workers.kv_transfer.packing import KVCaches, pack
 from workers.kv_transfer.pair_group import op_timeout
 from workers.kv_transfer.posted import Posted, PostedOps
+from workers.kv_transfer.rank_routes import RankShape, routes
 from workers.kv_transfer.stream_plan import (
     PrefillSpan,
     block_runs,
@@ -40,12 +43,15 @@ from workers.kv_transfer.torch_pairs import TorchPair, TorchPairs
 from workers.kv_transfer.transfer_table import TransferTable
 from workers.protocol import encode
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Stream:
-    """An open transfer, engine thread only."""
+    """An open transfer, engine thread only: the receiver ranks it feeds (one, unless the
+    decode worker has several ranks) and the reserved blocks, the same on each of them."""
 
-    dest: str
+    dests: list[str]
     dest_block_ids: list[int]
     parts: int = 0
 
@@ -64,8 +70,13 @@ class TorchSender(KVSender):
 
     def __init__(self, layout: KVLayout, kv_caches: KVCaches, config: TransferConfig,
                  on_done: OnDone | None = None, on_failed: OnFailed | None = None,
-                 sender_id: str | None = None):
+                 sender_id: str | None = None, shape: RankShape = RankShape(),
+                 rank: int = 0):
         self.layout = layout
+        self.shape = shape
+        """This worker's TP/PP shape; `rank` is this sender's place in it (routes)."""
+        self.rank = rank
+        self._routes: dict[str, list[str]] = {}
         self.kv_caches = kv_caches
         self.config = config
         self.sender_id = sender_id or uuid.uuid4().hex
@@ -79,11 +90,31 @@ class TorchSender(KVSender):
 
     # ---- engine thread ---------------------------------------------------------------------
 
+    def routes(self, dest: str) -> list[str]:
+        """The receiver ranks of (group) address `dest` this rank sends to; [] for none.
+        Raises HandshakeMismatch where the two workers' shapes cannot work together."""
+        if dest not in self._routes:
+            self._routes[dest] = routes(self.layout, self.shape, dest).get(self.rank, [])
+        return self._routes[dest]
+
     def open(self, request_id: str, dest: str, dest_block_ids: list[int],
              num_tokens: int | None = None, timeout_s: float | None = None) -> None:
-        self.table.add(request_id, timeout_s or self.config.timeout_s, peer=dest)
-        self._streams[request_id] = _Stream(dest, list(dest_block_ids))
-        self.connect(dest)
+        """Opens the transfer to every receiver rank of `dest` this rank feeds (none: no
+        transfer here); DONE once each of them acked."""
+        timeout_s = timeout_s or self.config.timeout_s
+        try:
+            dests = self.routes(dest)
+        except HandshakeMismatch as err:
+            self.table.add(request_id, timeout_s, peer=dest)
+            self.table.finish(request_id, TransferState.FAILED, str(err), err)
+            return
+        if not dests:
+            return
+        self.table.add(request_id, timeout_s, peer=dests[0], peers=tuple(dests),
+                       cells_needed=len(dests))
+        self._streams[request_id] = _Stream(dests, list(dest_block_ids))
+        for address in dests:
+            self._pairs.connect(address)
 
     def stream_hook(self) -> TorchSender:
         return self
@@ -95,8 +126,8 @@ class TorchSender(KVSender):
             stream = self._streams.get(span.request_id)
             if stream is None or not self.table.in_flight(span.request_id):
                 continue
-            pair = self._pairs.ready(span.request_id, stream.dest)
-            if pair is None:
+            pairs = [self._pairs.ready(span.request_id, dest) for dest in stream.dests]
+            if None in pairs:
                 continue
             index = touched_blocks(span.start, span.end, self.layout.block_size)
             if index.stop > len(stream.dest_block_ids) or index.stop > len(span.block_table):
@@ -105,8 +136,9 @@ class TorchSender(KVSender):
                 continue
             runs = block_runs([span.block_table[i] for i in index],
                               [stream.dest_block_ids[i] for i in index])
-            step = by_pair.setdefault(stream.dest, _PairStep(pair, []))
-            step.entries.append((span.request_id, runs))
+            for pair in pairs:
+                by_pair.setdefault(pair.dest, _PairStep(pair, [])).entries.append(
+                    (span.request_id, runs))
             stream.parts += 1
         for step in by_pair.values():
             step.packed = use_packed(step.pair.direct, sum(len(r) for _, r in step.entries))
@@ -162,7 +194,10 @@ class TorchSender(KVSender):
         for rid, runs in step.entries:
             record = self.table.get(rid)
             if record is not None:
-                record.num_bytes += per_block * sum(n for _, _, n in runs)
+                moved = per_block * sum(n for _, _, n in runs)
+                record.num_bytes += moved
+                dest = step.pair.dest
+                record.peer_bytes[dest] = record.peer_bytes.get(dest, 0) + moved
         self._posted.add(Posted(step.pair.dest, works, rids))
 
     def finish(self, request_id: str, src_block_ids: list[int] | None = None,
@@ -172,13 +207,14 @@ class TorchSender(KVSender):
         record = self.table.get(request_id)
         if stream is None or record is None or record.state.terminal:
             return
-        pair = self._pairs.get(stream.dest)
-        if pair is None or pair.plan is None:
+        pairs = [self._pairs.get(dest) for dest in stream.dests]
+        if any(pair is None or pair.plan is None for pair in pairs):
             self.table.finish(request_id, TransferState.FAILED, "pair gone before StreamEnd")
             return
         record.extra = dict(extra or {})
-        self._pairs.command(stream.dest, encode(StreamEnd(
-            request_id, pair.generation, stream.parts, pair.plan.num_cells, record.extra)))
+        for pair in pairs:
+            self._pairs.command(pair.dest, encode(StreamEnd(
+                request_id, pair.generation, stream.parts, pair.plan.num_cells, record.extra)))
 
     def forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -204,7 +240,14 @@ class TorchSender(KVSender):
     # ---- pairs -----------------------------------------------------------------------------
 
     def connect(self, dest: str) -> None:
-        self._pairs.connect(dest)
+        """Sets up the pairs with the receiver ranks of `dest` this rank feeds."""
+        try:
+            dests = self.routes(dest)
+        except HandshakeMismatch as err:
+            log.warning("kv sender %s: no route to %s: %s", self.sender_id[:8], dest, err)
+            return
+        for address in dests:
+            self._pairs.connect(address)
 
     def pairs(self) -> list[str]:
         return self._pairs.pairs()

@@ -25,6 +25,9 @@ class TransferRecord:
     timeout_s: float
     created: float
     peer: str = ""
+    peers: tuple[str, ...] = ()
+    """Sender: every receiver address this transfer sends to (a decode worker of several
+    ranks: the ones this rank feeds); () means just `peer`."""
     block_ids: list[int] = field(default_factory=list)
     cells_needed: int = 0
     """Receiver: (layer, kv head) cells its slice has; DONE once all have landed."""
@@ -54,6 +57,12 @@ class TransferRecord:
     """Receiver, torch stream: senders told their parts landed."""
     first_posted: float = 0.0
     """perf_counter() of the first data posted for this transfer (wire time starts)."""
+    peer_bytes: dict = field(default_factory=dict)
+    """Sender: bytes posted to each receiver address (per rank pair, for tests and logs)."""
+
+    def touches(self, peer: str) -> bool:
+        """Whether this transfer uses the pair with `peer`."""
+        return peer == self.peer or peer in self.peers
 
 
 class TransferTable:
@@ -70,12 +79,12 @@ class TransferTable:
 
     def add(self, request_id: str, timeout_s: float, *, peer: str = "",
             block_ids: list[int] | None = None, cells_needed: int = 0,
-            extra: dict | None = None) -> TransferRecord:
+            extra: dict | None = None, peers: tuple[str, ...] = ()) -> TransferRecord:
         """A new in-flight (RESERVED) transfer; a terminal one of the same id is replaced."""
         now = time.monotonic()
         record = TransferRecord(request_id, TransferState.RESERVED, now + timeout_s, timeout_s,
-                                now, peer, list(block_ids or []), cells_needed,
-                                extra=dict(extra or {}))
+                                now, peer, tuple(peers), list(block_ids or []),
+                                cells_needed, extra=dict(extra or {}))
         with self._lock:
             old = self._records.get(request_id)
             if old is not None and not old.state.terminal:
