@@ -8,8 +8,8 @@ restarts a dead one (`max_restarts`) and the router admits it again when it answ
 from __future__ import annotations
 
 import functools
-import math
 import logging
+import math
 import signal
 from dataclasses import dataclass, field
 from typing import Any

@@ -59,6 +59,9 @@ class RankShape:
         return group_layouts(whole_model(layout), self.tp, self.pp)
 
 
+SINGLE_RANK = RankShape()
+
+
 def routes(layout: KVLayout, shape: RankShape, dest: str) -> dict[int, list[str]]:
     """Prefill rank -> the decode ranks' addresses it sends to (ranks that send nothing, e.g.
     a second holder of a replicated kv head, are absent). Raises HandshakeMismatch where the

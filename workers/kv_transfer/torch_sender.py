@@ -31,7 +31,7 @@ from workers.kv_transfer.messages import StreamEnd, StreamPart
 from workers.kv_transfer.packing import KVCaches, pack
 from workers.kv_transfer.pair_group import op_timeout
 from workers.kv_transfer.posted import Posted, PostedOps
-from workers.kv_transfer.rank_routes import RankShape, routes
+from workers.kv_transfer.rank_routes import SINGLE_RANK, RankShape, routes
 from workers.kv_transfer.stream_plan import (
     PrefillSpan,
     block_runs,
@@ -70,7 +70,7 @@ class TorchSender(KVSender):
 
     def __init__(self, layout: KVLayout, kv_caches: KVCaches, config: TransferConfig,
                  on_done: OnDone | None = None, on_failed: OnFailed | None = None,
-                 sender_id: str | None = None, shape: RankShape = RankShape(),
+                 sender_id: str | None = None, shape: RankShape = SINGLE_RANK,
                  rank: int = 0):
         self.layout = layout
         self.shape = shape
