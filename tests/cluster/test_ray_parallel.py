@@ -67,7 +67,7 @@ def test_missing_devices_fail_start_up_within_the_timeout(tiny_model_dir):
 def test_serve_refuses_an_unservable_shape_before_ray_starts(capsys):
     from cluster.serve import main
 
-    assert main(["--model", "smollm2", "--decode-tp", "2"]) == 2
+    assert main(["--model", "smollm2", "--decode-tp", "2", "--kv-transport", "zmq"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("kvrelay serve: error: invalid parameter 'decode_tp'")
+    assert err.startswith("kvrelay serve: error: invalid parameter 'kv_transport'")
     assert not ray.is_initialized()
