@@ -2,7 +2,8 @@
 worker one placement group of rank actors joined over gloo, KV moved rank to rank over gloo
 pairs (each prefill rank sends its slice's intersection with each decode rank's straight into
 that rank's reserved blocks), greedy text identical to transformers' in float32 under
-concurrent mixed-length requests, and every KV block free on both workers afterwards.
+concurrent mixed-length requests, every KV block free on both workers afterwards, and
+/metrics showing each rank's KV cache of both workers.
 
 Shapes: P TP2 -> D TP1, P TP1 -> D TP2 (16 concurrent requests each), P PP2 -> D PP1,
 P TP1/PP2 -> D TP2/PP1, and an MQA model (1 kv head) at P TP2 -> D TP2, where the head is
@@ -11,6 +12,7 @@ replicated on both ranks of each worker and goes once from prefill rank 0 to eac
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from cluster.config import ClusterConfig
@@ -84,3 +86,11 @@ def test_prefill_and_decode_of_different_shapes_match_transformers(
         paths = cluster.call("prefill-0", "transfer_paths")
         assert sorted(paths) == sorted(expected)
         assert {p["path"] for p in paths.values()} == {"gloo"}
+        metrics = httpx.get(f"{url}/metrics").text
+        for wid in ("prefill-0", "decode-0"):
+            for rank in cluster.infos[wid]["ranks"]:
+                labels = (f'pp_rank="{rank["pp_rank"]}",rank="{rank["rank"]}",'
+                          f'tp_rank="{rank["tp_rank"]}",worker="{wid}"')
+                capacity = rank["num_blocks"] * rank["kv_bytes_per_block"]
+                assert f"kvrelay_rank_kv_capacity_bytes{{{labels}}} {float(capacity)}" in \
+                    metrics
