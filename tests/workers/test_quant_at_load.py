@@ -7,6 +7,7 @@ naming `quantization_config`; dummy weights take the same path (the GPU benchmar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -129,6 +130,18 @@ def test_dummy_weights_with_quantization_at_load_are_kept_quantized(method, tiny
     model = LlamaForCausalLM(ModelConfig.from_path(config), TorchAttentionBackend())
     load_dummy(model, seed=1, scheme=scheme)
     assert isinstance(model.layers["0"].self_attn.o_proj.quantized, LAYOUTS[method])
+
+
+def test_serve_dummy_config_with_quantization_fp8_runs_fp8_weights(tiny_model_dir):
+    """`kvrelay serve --dummy-config ... --quantization fp8` (the GPU benchmark's path): the
+    runner's random weights are FP8 per channel."""
+    from cluster.serve import build_config, parse_args
+    from workers.engine.model_runner import ModelRunner
+
+    config = build_config(parse_args(["--dummy-config", str(tiny_model_dir / "config.json"),
+                                      "--quantization", "fp8", "--num-blocks", "8"]))
+    runner = ModelRunner(dataclasses.replace(config.engine_for("decode"), device="cpu"))
+    assert isinstance(runner.model.layers["1"].mlp.gate_up_proj.quantized, Fp8Weight)
 
 
 @pytest.mark.gpu

@@ -6,6 +6,9 @@ the model cannot take fails before anything loads, naming it."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+
 import pytest
 import torch
 
@@ -41,6 +44,54 @@ def test_generate_quantization_gguf_keeps_smollm2_4bit_and_prints_the_dequantize
         texts[choice] = capsys.readouterr().out
     assert texts["gguf"] == texts["none"]
     assert "Paris" in texts["gguf"]
+
+
+@pytest.mark.timeout(900)
+def test_1p1d_smollm2_kept_4bit_serves_the_dequantized_models_greedy_tokens():
+    """The serve path: `--quantization gguf` reaches both workers (their engine configs are
+    `ClusterConfig.engine_for(role)`), each holds the Q4_1 projections 4-bit, and the pair's
+    greedy tokens equal a colocated engine's on the dequantized file."""
+    from tests.cluster.helpers import ChunkCollector
+    from tests.cluster.test_disaggregated_workers import (
+        make_spec,
+        request,
+        run_requests,
+        wait_all_free,
+    )
+    from tests.smollm2 import PLAIN_PROMPTS
+    from workers.actors.decode_worker import DecodeWorker
+    from workers.actors.prefill_worker import PrefillWorker
+    from workers.engine.engine import LLMEngine
+    from workers.engine.sampling_params import SamplingParams
+    from workers.text.tokenizer import Tokenizer
+
+    path = smollm2_path()
+    cluster = build_config(parse_args(["--model", str(path), "--quantization", "gguf"]))
+    specs = {}
+    for role in ("prefill", "decode"):
+        spec = make_spec(path, f"{role}-0", "gloo")
+        specs[role] = dataclasses.replace(spec, engine=dataclasses.replace(
+            cluster.engine_for(role), cache=spec.engine.cache))
+    collector = ChunkCollector()
+    prefill, decode = PrefillWorker(specs["prefill"]), DecodeWorker(specs["decode"])
+    try:
+        for worker in (prefill, decode):
+            qkv = worker.engine.runner.model.layers["0"].self_attn.qkv_proj
+            assert isinstance(qkv.quantized, Int4Weight)
+        tokenizer = Tokenizer(path)
+        batch = [tokenizer.encode(text) for text in PLAIN_PROMPTS]
+        reqs = [request(f"kept-{i}", ids, collector.address, 6) for i, ids in enumerate(batch)]
+        asyncio.run(run_requests(prefill, decode, collector, reqs))
+        dequantized = LLMEngine(dataclasses.replace(specs["prefill"].engine, role="colocated",
+                                                    quantization="none"))
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        expected = [o.token_ids for o in dequantized.generate(batch, params)]
+        assert [collector.tokens(r.request_id) for r in reqs] == expected
+        wait_all_free(prefill, decode)
+    finally:
+        prefill.shutdown()
+        decode.shutdown()
+        collector.close()
 
 
 def test_quantization_gguf_loads_int4_weights_and_none_dense(tiny_model_dir, tmp_path):
