@@ -37,6 +37,9 @@ class ClusterConfig:
     redis_url: str | None = None
     """The router's control plane (heartbeats, loads, KV index) in this Redis, shared by
     router replicas and kept across a router's restart; None: in the router's memory."""
+    join: bool = False
+    """`kvrelay serve --join`: start no workers; serve with a Router of this gateway's own over
+    the running cluster's (cluster/join.py); needs `redis_url`."""
     gpu_share: bool = False
     """Two workers per GPU (num_gpus=0.5 each), e.g. 1P+1D on one GPU."""
     max_queue: int = 1024

@@ -55,6 +55,8 @@ class Cluster:
     started_ray: bool
     groups: list[Any] = field(default_factory=list)
     """Placement groups of the TP/PP workers (removed with the cluster)."""
+    joined: bool = False
+    """A gateway that joined another's workers (cluster/join.py): it stops its Router only."""
 
     @property
     def ranks(self) -> dict[str, list[dict]]:
@@ -71,7 +73,7 @@ class Cluster:
         return ray.get(self.workers[worker_id].execute.remote(method, *args))
 
     def kill_actors(self) -> None:
-        for actor in [self.router, *self.workers.values()]:
+        for actor in [self.router, *([] if self.joined else self.workers.values())]:
             ray.kill(actor, no_restart=True)
         remove_groups(self.groups)
 
@@ -209,13 +211,15 @@ def control_plane_factory(redis_url: str | None):
     return functools.partial(RedisControlPlane, redis_url)
 
 
-def start_router(config: ClusterConfig, workers: dict[str, Any]) -> Any:
-    """Starts the named Router actor and waits until it sees every worker ready."""
-    roles = dict(config.worker_roles())
+def start_router(config: ClusterConfig, workers: dict[str, Any],
+                 roles: dict[str, str] | None = None, name: str | None = None) -> Any:
+    """Starts the named Router actor (`name`, default `<cluster>-router`) over `workers` (of
+    `roles`, default the config's) and waits until it sees every worker ready."""
+    roles = roles or dict(config.worker_roles())
     members = [(wid, roles[wid], actor) for wid, actor in workers.items()]
     router_cls = ray.remote(Router)
     router = router_cls.options(
-        name=f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
+        name=name or f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
         max_concurrency=_ROUTER_CONCURRENCY, max_restarts=-1, enable_task_events=False,
     ).remote(config.router, members, control_plane_factory(config.redis_url))
     health = ray.get(router.start.remote(config.startup_timeout_s),

@@ -4,6 +4,7 @@
     kvrelay serve --model DIR --colocated 2
     kvrelay serve --model DIR --colocated 1 --tp 2 --pp 2
     kvrelay serve --dummy-config config.json --prefill 1 --decode 1 --gpu-share
+    kvrelay serve --model DIR --join --redis-url redis://HOST:6379/0 --port 8001
 
 The gateway (FastAPI on uvicorn) runs in this process; Ray shuts down with it if this process
 started Ray. SIGTERM or SIGINT (to this process or its process group) drains the requests in
@@ -73,6 +74,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="keep the router's control plane (worker heartbeats, loads, the KV "
                         "cache index) in this Redis, e.g. redis://127.0.0.1:6379/0; default: "
                         "in the router's memory")
+    p.add_argument("--join", action="store_true",
+                   help="start no workers: serve a second gateway (with its own router) over "
+                        "the running cluster on this Ray (--ray-address, default auto), "
+                        "sharing its state through --redis-url (cluster/join.py)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="every request computes (and ships) its whole prompt's KV instead of "
                         "sharing cached blocks of a prefix seen before")
@@ -98,6 +103,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "decode queues; fcfs refuses a non-zero one")
     p.add_argument("--prefill-policy", default="least_tokens")
     p.add_argument("--decode-policy", default="kv_capacity")
+    p.add_argument("--colocated-policy", default="least_tokens")
     p.add_argument("--local-prefill-max-tokens", type=int, default=0,
                    help="prompts this short (or whose part not cached on a decode worker is "
                         "this short) skip remote prefill (conditional disaggregation)")
@@ -139,6 +145,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
     check_speculative_config(engine.speculative)
     router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,
                           decode_policy=args.decode_policy, block_size=args.block_size,
+                          colocated_policy=args.colocated_policy,
                           local_prefill_max_tokens=args.local_prefill_max_tokens,
                           max_prefill_queue_tokens=args.max_prefill_queue_tokens,
                           max_migrations=0 if args.no_migration else RouterConfig.max_migrations)
@@ -147,7 +154,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,
         num_colocated=args.colocated, host=args.host, port=args.port,
         ray_address=args.ray_address, kv_transport=args.kv_transport,
-        kv_max_pairs=args.kv_max_pairs, redis_url=args.redis_url,
+        kv_max_pairs=args.kv_max_pairs, redis_url=args.redis_url, join=args.join,
         tp=args.tp, pp=args.pp, prefill_tp=args.prefill_tp,
         prefill_pp=args.prefill_pp, decode_tp=args.decode_tp, decode_pp=args.decode_pp,
         placement_timeout_s=args.placement_timeout,
@@ -167,6 +174,8 @@ def describe(config: ClusterConfig) -> str:
     layout = (shaped(config.num_colocated, "colocated") if config.colocated
               else f"{shaped(config.num_prefill, 'prefill')} + "
                    f"{shaped(config.num_decode, 'decode')}")
+    if config.join:
+        layout = f"joined cluster {config.name!r}"
     body = json.dumps({"model": config.model_name, "prompt": "The capital of France is",
                        "max_tokens": 16, "temperature": 0})
     return (f"kvrelay serving {config.model_name!r} ({layout}, kv transport "
@@ -176,6 +185,7 @@ def describe(config: ClusterConfig) -> str:
 
 def main(argv: list[str]) -> int:
     from cluster.graceful import stop_cluster
+    from cluster.join import check_join, join
     from cluster.launcher import check_shapes, launch
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -186,12 +196,13 @@ def main(argv: list[str]) -> int:
         check_model_path(config.engine.model)
         check_load_mode(config.engine.model, config.engine.quantization)
         check_shapes(config)
+        check_join(config)
     except KvrelayError as error:  # before Ray starts: one line, no stack
         print(f"kvrelay serve: error: {error}", file=sys.stderr)
         return 2
     try:
-        cluster = launch(config)
-    except KvrelayError as error:  # devices it cannot place
+        cluster = join(config) if config.join else launch(config)
+    except KvrelayError as error:  # devices it cannot place, no cluster to join
         print(f"kvrelay serve: error: {error}", file=sys.stderr)
         return 2
     code = 1

@@ -1,0 +1,193 @@
+"""Two real gateways on one Ray cluster sharing a real Redis, over HTTP: `kvrelay serve` (A:
+two colocated workers, cache-aware routing, `--redis-url`) and `kvrelay serve --join` (B: its
+own Router over A's workers). One cluster serves every test below, in order:
+- both serve concurrently (greedy text equal to transformers), and B's cache-aware routing
+  sends a prefix that A's requests cached to the worker holding it (one KV index);
+- A's Router actor killed: Ray restarts it, it rebuilds from Redis, requests succeed again
+  and still hit the worker holding their prefix;
+- redis-server killed: requests through both keep succeeding, /health says load only;
+  restarted empty on the same port: the workers re-publish their cached blocks (the logs
+  say so), /health says cache-aware again and prefixes cached before the outage hit;
+- B stopped: A and its workers go on.
+Plus the CLI's refusals: --join without --redis-url, and with no cluster to join."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+import ray
+import redis
+
+from cluster.config import ClusterConfig
+from cluster.join import NoClusterToJoin, join
+from cluster.serve import main as serve_main
+from tests.cluster.helpers import hf_greedy, prompts
+from tests.cluster.redis_server import RedisServer
+from tests.e2e.served_process import ServeProcess
+from workers.config import EngineConfig
+from workers.text.tokenizer import Tokenizer
+
+BLOCK = 8
+PREFIX = 40  # five full blocks
+WORKERS = ["colocated-0", "colocated-1"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    """(A, B, redis server): two gateways on one Ray, B joined to A's workers."""
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
+    server = RedisServer().start()
+    logs = tmp_path_factory.mktemp("gateways")
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--colocated", "2",
+            "--colocated-policy", "cache_aware", "--block-size", str(BLOCK), "--num-blocks",
+            "256", "--served-model-name", "tiny", "--redis-url", server.url,
+            "--ray-address", ray.get_runtime_context().gcs_address]
+    gateways: list[ServeProcess] = []
+    try:
+        gateways.append(ServeProcess(args, logs / "a.log", ready_timeout_s=240))
+        gateways.append(ServeProcess([*args, "--join"], logs / "b.log", ready_timeout_s=240))
+        yield gateways[0], gateways[1], server
+    finally:
+        for gateway in gateways:
+            gateway.close()
+        server.stop()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def systems(tiny_model_dir) -> list[list[int]]:
+    """Three prompt prefixes of five full blocks each."""
+    return prompts(3, 500, seed=71, low=PREFIX, high=PREFIX + 1)
+
+
+def complete(url: str, prompt: list[int], max_tokens: int = 2) -> dict:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True}
+    response = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def cached(url: str, prompt: list[int]) -> int:
+    return complete(url, prompt)["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def control_plane(url: str, want: str, timeout_s: float = 30.0) -> dict:
+    """/health's control_plane once its routing is `want` (the gateway caches /health ~1 s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = httpx.get(f"{url}/health", timeout=30).json()
+        if state.get("control_plane", {}).get("routing") == want:
+            return state
+        assert time.monotonic() < deadline, f"{url}: routing not {want}: {state}"
+        time.sleep(0.3)
+
+
+def wait_log(gateway: ServeProcess, text: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in gateway.log():
+        assert time.monotonic() < deadline, f"{text!r} not in {gateway.log_path}"
+        time.sleep(0.3)
+
+
+def test_join_without_redis_url_or_without_a_cluster_is_refused(cluster, tiny_model_dir,
+                                                                capsys):
+    assert serve_main(["--model", str(tiny_model_dir), "--join"]) == 2
+    assert "--join needs --redis-url" in capsys.readouterr().err
+    # Workers of cluster 'kvrelay' are heard of in this Redis, none of 'nobody-here'.
+    config = ClusterConfig(engine=EngineConfig(model=str(tiny_model_dir)), join=True,
+                           model_name="tiny", name="nobody-here", redis_url=cluster[2].url,
+                           ray_address=ray.get_runtime_context().gcs_address)
+    with pytest.raises(NoClusterToJoin, match="no kvrelay cluster 'nobody-here' to join"):
+        join(config)
+
+
+def test_two_gateways_serve_at_once_and_share_one_kv_index(cluster, systems, tiny_model_dir,
+                                                           hf_reference):
+    a, b, _ = cluster
+    for i, system in enumerate(systems):  # cached on the workers through A
+        assert cached(a.url, [*system, 300 + i]) == 0
+    time.sleep(1.0)  # a poll or two: their KV events are in Redis
+    for i, system in enumerate(systems):  # B routes each to its holder
+        assert cached(b.url, [*system, 400 + i]) == PREFIX, f"prefix {i} missed"
+    tokenizer, model = Tokenizer(tiny_model_dir), hf_reference(tiny_model_dir)
+    batch = prompts(8, 500, seed=72, low=3, high=30)
+
+    async def both() -> list[dict]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(i: int, prompt: list[int]) -> dict:
+                url = (a if i % 2 else b).url
+                body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                        "ignore_eos": True}
+                response = await client.post(f"{url}/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                return response.json()
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(batch)))
+
+    for prompt, answer in zip(batch, asyncio.run(both()), strict=True):
+        assert answer["choices"][0]["text"] == tokenizer.decode(hf_greedy(model, prompt, 6))
+    state = control_plane(b.url, "cache_aware")
+    assert state["workers"]["colocated"] == {"ready": 2, "known": 2}
+    assert state["control_plane"]["backend"] == "redis"
+    assert state["control_plane"]["workers_heard"] == WORKERS
+
+
+def test_a_killed_router_rebuilds_from_redis_and_routing_still_hits(cluster, systems):
+    a, b, _ = cluster
+    ray.kill(ray.get_actor("kvrelay-router", namespace="kvrelay"), no_restart=False)
+    deadline = time.monotonic() + 120
+    while True:  # calls fail (503) until Ray has restarted the Router
+        body = {"model": "tiny", "prompt": [*systems[0], 500], "max_tokens": 2,
+                "temperature": 0}
+        response = httpx.post(f"{a.url}/v1/completions", json=body, timeout=120)
+        if response.status_code == 200:
+            break
+        assert response.status_code == 503, response.text
+        assert time.monotonic() < deadline, "the router did not come back"
+        time.sleep(0.5)
+    # The restarted router never saw these prefixes stored: its index is Redis's.
+    assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == PREFIX
+    for i, system in enumerate(systems[1:]):
+        assert cached(a.url, [*system, 510 + i]) == PREFIX
+    assert cached(b.url, [*systems[0], 520]) == PREFIX  # B served on meanwhile
+    assert control_plane(a.url, "cache_aware")["workers"]["colocated"]["ready"] == 2
+
+
+def test_redis_outage_serving_goes_on_and_the_index_is_rebuilt(cluster, systems):
+    a, b, server = cluster
+    server.stop()
+    fresh = prompts(4, 500, seed=73, low=5, high=20)
+    for i, prompt in enumerate(fresh):
+        complete((a if i % 2 else b).url, prompt)
+    for gateway in (a, b):
+        state = control_plane(gateway.url, "load_only")
+        assert not state["control_plane"]["healthy"]
+    server.start()  # same port, nothing in it
+    for gateway in (a, b):
+        control_plane(gateway.url, "cache_aware")
+    client = redis.Redis.from_url(server.url)
+    deadline = time.monotonic() + 30
+    while not all(client.scard(f"kvrelay:held:{wid}") for wid in WORKERS):
+        assert time.monotonic() < deadline, "the workers' blocks never reached the new Redis"
+        time.sleep(0.2)
+    # Prefixes cached before the outage (whose events Redis never kept) hit their holders.
+    for i, system in enumerate(systems):
+        assert cached(b.url, [*system, 600 + i]) == PREFIX, f"prefix {i} missed"
+    for gateway in (a, b):
+        wait_log(gateway, "asking 2 workers to re-publish their cached KV blocks")
+        wait_log(gateway, "falls back to load only")
+
+
+def test_stopping_the_joined_gateway_leaves_the_workers_serving(cluster, systems):
+    a, b, _ = cluster
+    b.send(signal.SIGTERM, group=False)
+    b.wait_exit(60)
+    assert b.process.returncode == 0, b.log()[-2000:]
+    for wid in WORKERS:
+        ray.get_actor(f"kvrelay-{wid}", namespace="kvrelay")  # still there
+    assert cached(a.url, [*systems[1], 700]) == PREFIX
+    assert control_plane(a.url, "cache_aware")["workers"]["colocated"]["ready"] == 2
