@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -34,6 +33,7 @@ from workers.attention.backend import AttentionMetadata
 from workers.errors import InvalidTensor, MissingTensor
 from workers.model.gguf_file import is_gguf
 from workers.model.llama import LlamaForCausalLM
+from workers.model.quant.loading import TensorReader
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ CALIBRATION_PROMPTS = (
     "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
     "Water boils at one hundred degrees Celsius at sea level and freezes at zero.",
 )
-TensorReader = Callable[[str], "torch.Tensor | None"]
 
 
 def scale_names(layer: int | str) -> dict[str, str]:

@@ -99,8 +99,8 @@ def load_checkpoint(
 
 
 def _dense_reader(read: _TensorReader, folder: str | Path, device: torch.device):
-    """The dense weights to quantize at load, checked, on the model's device (the rounding
-    runs there: seconds for an 8B model on a GPU, minutes on two CPU cores)."""
+    """The dense weights to quantize at load, checked, moved to the model's device first so
+    the rounding runs there (on the GPU when serving on one)."""
 
     def dense(name: str, shape: tuple[int, ...]) -> torch.Tensor:
         tensor = read(name)

@@ -21,16 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from workers.errors import InvalidModelConfig, InvalidParameter
 from workers.model.gguf_file import GGUFFile, is_gguf
 from workers.model.quant.scheme import FIELD, QuantScheme, read_scheme
 
-Quantization = Literal["auto", "gguf", "none", "fp8", "int8"]
 QUANTIZATION_CHOICES = ("auto", "gguf", "none", "fp8", "int8")
-AT_LOAD = ("fp8", "int8")
-"""Methods that quantize an unquantized checkpoint while it loads."""
 QUANTIZATION_HELP = (
     "auto (default): a quantized checkpoint (GPTQ, AWQ, compressed-tensors) stays quantized; a "
     ".gguf file's Q4_0/Q4_1 weights stay 4-bit on CUDA, dequantized to --dtype on the CPU. "
