@@ -204,11 +204,13 @@ def _rank_layouts(info: dict) -> list[KVLayout]:
         KVLayout.from_dict(info["kv_layout"]))
 
 
-def control_plane_factory(redis_url: str | None):
-    """What the Router actor builds its control plane with (again after a restart)."""
+def control_plane_factory(redis_url: str | None, poll_interval_s: float = 0.2):
+    """What the Router actor builds its control plane with (again after a restart). A router
+    shares its loads once per poll: another's stays fresh for ten polls (at least 2 s)."""
     if redis_url is None:
         return None
-    return functools.partial(RedisControlPlane, redis_url)
+    return functools.partial(RedisControlPlane, redis_url,
+                             load_ttl_s=max(2.0, 10 * poll_interval_s))
 
 
 def start_router(config: ClusterConfig, workers: dict[str, Any],
@@ -221,7 +223,8 @@ def start_router(config: ClusterConfig, workers: dict[str, Any],
     router = router_cls.options(
         name=name or f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
         max_concurrency=_ROUTER_CONCURRENCY, max_restarts=-1, enable_task_events=False,
-    ).remote(config.router, members, control_plane_factory(config.redis_url))
+    ).remote(config.router, members, control_plane_factory(config.redis_url,
+                                                        config.router.poll_interval_s))
     health = ray.get(router.start.remote(config.startup_timeout_s),
                      timeout=config.startup_timeout_s + 10)
     log.info("router ready: %s", health)

@@ -24,6 +24,8 @@ import redis
 
 from cluster.config import ClusterConfig
 from cluster.join import NoClusterToJoin, join
+from cluster.launcher import control_plane_factory
+from cluster.serve import build_config, describe, parse_args
 from cluster.serve import main as serve_main
 from tests.cluster.helpers import hf_greedy, prompts
 from tests.cluster.redis_server import RedisServer
@@ -92,6 +94,18 @@ def wait_log(gateway: ServeProcess, text: str, timeout_s: float = 30.0) -> None:
     while text not in gateway.log():
         assert time.monotonic() < deadline, f"{text!r} not in {gateway.log_path}"
         time.sleep(0.3)
+
+
+def test_join_flags_reach_the_config(tiny_model_dir):
+    config = build_config(parse_args([
+        "--model", str(tiny_model_dir), "--join", "--redis-url", "redis://127.0.0.1:1/0",
+        "--colocated-policy", "cache_aware"]))
+    assert config.join and config.redis_url == "redis://127.0.0.1:1/0"
+    assert config.router.colocated_policy == "cache_aware"
+    assert "joined cluster 'kvrelay'" in describe(config)
+    # Another router's shared load stays fresh for ten of its polls (at least 2 s).
+    assert control_plane_factory(config.redis_url, 0.5)().load_ttl_s == 5.0
+    assert control_plane_factory(config.redis_url)().load_ttl_s == 2.0
 
 
 def test_join_without_redis_url_or_without_a_cluster_is_refused(cluster, tiny_model_dir,
