@@ -228,3 +228,35 @@ def test_each_router_counts_the_requests_other_routers_put_on_a_worker(
     assert counted == seen
     for worker in workers:
         worker.abort(long_one.attempt_id)
+
+
+def test_a_worker_restarted_while_no_router_watched_loses_its_index(
+        workers, collector, redis_server, tiny_model_dir):
+    """A router starts from the incarnation Redis last heard of each worker: one that is a
+    new incarnation (restarted meanwhile, its cache empty) has its stale index dropped."""
+    vocab = workers[0].ready()["vocab_size"]
+    system = prompts(1, vocab, seed=51, low=40, high=41)[0]
+
+    async def first() -> str:
+        core = make_core(workers, RedisControlPlane(redis_server.url))
+        await core.wait_ready(10)
+        core.start()
+        (placed,) = await route_one_by_one(core, collector, [request(
+            "old", system + [5], collector.address, 2)])
+        await core.stop()
+        return placed
+
+    placed = asyncio.run(first())
+    assert held_in_redis(redis_server, [placed])[placed] > 0
+    index = [w.worker_id for w in workers].index(placed)
+    workers[index].shutdown()
+    workers[index] = ColocatedWorker(make_spec(tiny_model_dir, placed, "inproc"))
+
+    async def second() -> dict[str, int]:
+        core = make_core(workers, RedisControlPlane(redis_server.url))
+        await core.wait_ready(10)
+        overlap = core.control_plane.overlap(system, BLOCK, [placed])
+        await core.stop()
+        return overlap
+
+    assert asyncio.run(second()).get(placed, 0) == 0

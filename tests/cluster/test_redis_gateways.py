@@ -1,8 +1,9 @@
 """Two real gateways on one Ray cluster sharing a real Redis, over HTTP: `kvrelay serve` (A:
 two colocated workers, cache-aware routing, `--redis-url`) and `kvrelay serve --join` (B: its
 own Router over A's workers). One cluster serves every test below, in order:
-- both serve concurrently (greedy text equal to transformers), and B's cache-aware routing
-  sends a prefix that A's requests cached to the worker holding it (one KV index);
+- both serve concurrently (greedy text equal to transformers), B's cache-aware routing
+  sends a prefix that A's requests cached to the worker holding it (one KV index), and B
+  counts A's request in flight on its worker (shared loads);
 - A's Router actor killed: Ray restarts it, it rebuilds from Redis, requests succeed again
   and still hit the worker holding their prefix;
 - redis-server killed: requests through both keep succeeding, /health says load only;
@@ -144,6 +145,19 @@ def test_two_gateways_serve_at_once_and_share_one_kv_index(cluster, systems, tin
 
     for prompt, answer in zip(batch, asyncio.run(both()), strict=True):
         assert answer["choices"][0]["text"] == tokenizer.decode(hf_greedy(model, prompt, 6))
+    # One truth on loads: a long request through A counts in B's view of its worker.
+    long_prompt = prompts(1, 500, seed=74, low=10, high=11)[0]
+    want = len(long_prompt) + 1500
+    body = {"model": "tiny", "prompt": long_prompt, "max_tokens": 1500, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{a.url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        deadline = time.monotonic() + 30
+        while not any(w.get("outstanding_tokens") == want for w in
+                      httpx.get(f"{b.url}/v1/metrics", timeout=30).json()["workers"]):
+            assert time.monotonic() < deadline, "B never counted A's request"
+            time.sleep(0.1)
+    # Leaving the stream: the client is gone, A aborts the request.
     state = control_plane(b.url, "cache_aware")
     assert state["workers"]["colocated"] == {"ready": 2, "known": 2}
     assert state["control_plane"]["backend"] == "redis"
