@@ -117,6 +117,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--draft-model", default=None,
                    help="--speculative draft: the draft checkpoint (same tokenizer); medusa: "
                         "the Medusa heads folder")
+    p.add_argument("--medusa-tree", default="chain", choices=["chain", "tree"],
+                   help="--speculative medusa: verify the heads' top chain, or a tree of their "
+                        "top-k candidates (greedy requests) in one forward")
     p.add_argument("--no-migration", action="store_true",
                    help="a request whose worker is lost ends with an error (WorkerLost) instead "
                         "of continuing on a live worker")
@@ -140,7 +143,8 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         scheduler=SchedulerConfig(policy=args.scheduling_policy),
         speculative=SpeculativeConfig(method=args.speculative,
                                       num_speculative_tokens=args.num_speculative_tokens,
-                                      draft_model=args.draft_model),
+                                      draft_model=args.draft_model,
+                                      medusa_tree=args.medusa_tree),
     )
     check_speculative_config(engine.speculative)
     router = RouterConfig(max_queue=args.max_queue, prefill_policy=args.prefill_policy,

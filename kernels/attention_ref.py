@@ -5,6 +5,12 @@ of its block table. Query j of a sequence with q_len new tokens sits at position
 seq_len - q_len + j and attends to keys 0..that position. GQA: query head h reads kv head
 h // (num_heads // num_kv_heads). Math in float32; output in q's dtype. An fp8 cache reads as
 stored * scale (kernels/kv_quant.py).
+
+Tree verification (speculative decoding with a tree of candidates): `tree_masks` gives each
+query token a bitmask over its sequence's query tokens, bit a set where query a is visible
+to it (its ancestors and itself); the context before the first query token stays visible to
+all. A mask of 0 means plain causal, so chain runs, decodes and prefill chunks mix freely
+with tree runs in one step.
 """
 
 from __future__ import annotations
@@ -22,6 +28,22 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     return rows[:seq_len]
 
 
+def visible_keys(seq_len: int, q_len: int, tree_masks: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """[q_len, seq_len] bool: which keys each of the last q_len positions attends to (causal,
+    or by the query tokens' tree masks where nonzero; see the module doc)."""
+    device = tree_masks.device if tree_masks is not None else None
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device)[:, None]
+    k_pos = torch.arange(seq_len, device=device)[None, :]
+    visible = k_pos <= q_pos
+    if tree_masks is not None:
+        offset = k_pos - (seq_len - q_len)
+        bit = (tree_masks.long()[:, None] >> offset.clamp(0, 62)) & 1
+        tree = (offset < 0) | bit.bool()
+        visible = torch.where(tree_masks[:, None] != 0, tree, visible)
+    return visible
+
+
 def paged_attention_ref(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -32,6 +54,7 @@ def paged_attention_ref(
     scale: float,
     k_scale: torch.Tensor | None = None,  # [1] float32, fp8 caches only
     v_scale: torch.Tensor | None = None,
+    tree_masks: torch.Tensor | None = None,  # [num_tokens] int32, 0: causal
 ) -> torch.Tensor:
     out = torch.empty_like(q)
     group = q.shape[1] // k_cache.shape[2]
@@ -45,8 +68,8 @@ def paged_attention_ref(
         k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, seq_len, D]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         scores = (q_i @ k.transpose(1, 2)) * scale
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-        k_pos = torch.arange(seq_len, device=q.device)[None, :]
-        scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+        masks = None if tree_masks is None else tree_masks[cu_q[i]:cu_q[i + 1]].to(q.device)
+        visible = visible_keys(seq_len, q_len, masks).to(q.device)
+        scores = scores.masked_fill(~visible, float("-inf"))
         out[cu_q[i]:cu_q[i + 1]] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
     return out

@@ -61,6 +61,12 @@ class SpeculativeConfig:
     ngram_max: int = 4
     """method 'ngram': the longest suffix of 1..ngram_max tokens found earlier in the context
     proposes the tokens that followed it."""
+    medusa_tree: Literal["chain", "tree"] = "chain"
+    """method 'medusa': propose the heads' top chain, or a static tree of top-k candidates
+    verified with a tree attention mask (greedy requests; sampling ones keep the chain).
+    Default chain: which is faster on a GPU is not measured yet (workers/bench/bench_spec.py)."""
+    medusa_tree_size: int = 7
+    """Nodes of the Medusa tree, K..7 (the top chain to depth K plus the likeliest others)."""
 
 
 @dataclass(frozen=True)

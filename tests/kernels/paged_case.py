@@ -96,18 +96,20 @@ def prefill_ref(c: PagedCase) -> torch.Tensor:
                              c.seq_lens_host, c.scale, c.k_scale, c.v_scale)
 
 
-def run_decode(c: PagedCase, max_q_len: int, num_splits: int | None) -> torch.Tensor:
+def run_decode(c: PagedCase, max_q_len: int, num_splits: int | None,
+               tree_masks: torch.Tensor | None = None) -> torch.Tensor:
     """`paged_decode` of the case into a NaN-poisoned output."""
     out = poisoned_like(c.q)
     paged_decode(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
                  max(c.seq_lens_host), c.scale, max_q_len=max_q_len, out=out,
-                 num_splits=num_splits, k_scale=c.k_scale, v_scale=c.v_scale)
+                 num_splits=num_splits, k_scale=c.k_scale, v_scale=c.v_scale,
+                 tree_masks=tree_masks)
     return out
 
 
-def decode_ref(c: PagedCase) -> torch.Tensor:
+def decode_ref(c: PagedCase, tree_masks: torch.Tensor | None = None) -> torch.Tensor:
     return paged_decode_ref(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q_host,
-                            c.seq_lens_host, c.scale, c.k_scale, c.v_scale)
+                            c.seq_lens_host, c.scale, c.k_scale, c.v_scale, tree_masks)
 
 
 def replace_nan_with_garbage(case: PagedCase, seed: int) -> None:

@@ -104,12 +104,15 @@ def spec_engine(tiny_model_dir):
     engines: list[LLMEngine] = []
 
     def make(method=None, k=0, draft=None, role="colocated", num_blocks=256, block_size=4,
-             model_dir=None, **sched) -> LLMEngine:
+             model_dir=None, medusa_tree="chain", attention_backend="torch",
+             **sched) -> LLMEngine:
         config = EngineConfig(
             model=str(model_dir or tiny_model_dir), dtype="float32", device="cpu", role=role,
+            attention_backend=attention_backend,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
             scheduler=SchedulerConfig(**sched),
-            speculative=SpeculativeConfig(method, k, None if draft is None else str(draft)),
+            speculative=SpeculativeConfig(method, k, None if draft is None else str(draft),
+                                          medusa_tree=medusa_tree),
         )
         engines.append(LLMEngine(config))
         return engines[-1]

@@ -34,6 +34,10 @@ class AttentionMetadata:
     # Host copies, for backends that loop per sequence (the torch reference).
     query_start_loc_host: tuple[int, ...]
     seq_lens_host: tuple[int, ...]
+    tree_masks: torch.Tensor | None = None
+    """[num_tokens] int32, tree verification only (workers/spec/tree.py): each query token's
+    bitmask of the query tokens of its sequence it sees (its ancestors and itself) besides
+    the context; 0: causal (kernels/attention_ref.py)."""
 
 
 class AttentionBackend(ABC):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.attention_ref import gather_kv
+from kernels.attention_ref import gather_kv, visible_keys
 from kernels.kv_quant import dequantize_kv, put_rows, take_rows, to_cache
 from workers.attention.backend import AttentionBackend, AttentionMetadata
 
@@ -34,18 +34,23 @@ def write_kv_cache(
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    tree_masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [q_len, H, d] are the last q_len positions of k/v [seq_len, kvh, d] (float32, or
-    widened here); fp32 softmax."""
+    widened here); fp32 softmax. `tree_masks` [q_len]: tree verification (see
+    kernels/attention_ref.py), else causal."""
     q_len, num_heads, head_dim = q.shape
     seq_len, num_kv_heads, _ = k.shape
     # Query heads grouped under their kv head: GQA without copying K/V per query head.
     grouped = q.float().view(q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("qkgd,lkd->kgql", grouped, k.float()) * scale
-    query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
-    key_pos = torch.arange(seq_len, device=q.device)[None, :]
-    scores.masked_fill_(key_pos > query_pos, float("-inf"))
+    if tree_masks is None:
+        query_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
+        key_pos = torch.arange(seq_len, device=q.device)[None, :]
+        scores.masked_fill_(key_pos > query_pos, float("-inf"))
+    else:
+        scores.masked_fill_(~visible_keys(seq_len, q_len, tree_masks), float("-inf"))
     out = torch.einsum("kgql,lkd->qkgd", torch.softmax(scores, dim=-1), v.float())
     return out.reshape(q_len, num_heads, head_dim).to(q.dtype)
 
@@ -131,7 +136,8 @@ class TorchAttentionBackend(AttentionBackend):
             table, seq_len = meta.block_tables[i], meta.seq_lens_host[i]
             keys = dequantize_kv(gather_kv(k_cache, table, seq_len), k_scale)
             values = dequantize_kv(gather_kv(v_cache, table, seq_len), v_scale)
+            tree = None if meta.tree_masks is None else meta.tree_masks[starts[i] : starts[i + 1]]
             out[starts[i] : starts[i + 1]] = causal_attention(
-                q[starts[i] : starts[i + 1]], keys, values, scale
+                q[starts[i] : starts[i + 1]], keys, values, scale, tree
             )
         return out

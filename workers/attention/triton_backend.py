@@ -45,6 +45,7 @@ class TritonAttentionBackend(AttentionBackend):
             k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         scales = {"k_scale": k_scale, "v_scale": v_scale}
+        tree = {} if meta.tree_masks is None else {"tree_masks": _int32(meta.tree_masks)}
         out = torch.empty_like(q)
         cu_q = _int32(meta.query_start_loc)
         seq_lens = _int32(meta.seq_lens)
@@ -52,13 +53,13 @@ class TritonAttentionBackend(AttentionBackend):
         if meta.max_query_len <= MAX_DECODE_QUERY:
             return paged_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens,
                                 meta.max_seq_len, scale, max_q_len=meta.max_query_len, out=out,
-                                **scales)
+                                **scales, **tree)
         starts = meta.query_start_loc_host
         has_short = any(
             starts[i + 1] - starts[i] <= MAX_DECODE_QUERY for i in range(len(starts) - 1))
         if has_short:
             paged_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, meta.max_seq_len,
-                         scale, max_q_len=MAX_DECODE_QUERY, out=out, **scales)
+                         scale, max_q_len=MAX_DECODE_QUERY, out=out, **scales, **tree)
         return flash_prefill(q, k_cache, v_cache, block_tables, cu_q, seq_lens,
                              meta.max_query_len, scale, out=out,
                              min_q_len=MAX_DECODE_QUERY + 1 if has_short else 1, **scales)

@@ -90,6 +90,8 @@ class CudaGraphRunner:
         """Every sequence has exactly query_len new tokens (decode: one), and the step is no
         larger than the largest bucket."""
         q = self.query_len
+        if step.tree_masks is not None:  # tree verification runs eagerly
+            return False
         if not (0 < step.num_seqs <= self.buckets[-1] and step.num_tokens == step.num_seqs * q):
             return False
         return q == 1 or step.query_start_loc == list(range(0, step.num_tokens + 1, q))

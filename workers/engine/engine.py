@@ -307,8 +307,8 @@ class LLMEngine:
         if not batch.sampled:
             return [], []
         if self.spec is not None and any(seq.spec_token_ids for seq in batch.sampled):
-            rows = [self.rows.after_drafts(seq, seq.spec_token_ids[:i])
-                    for seq in batch.sampled for i in range(len(seq.spec_token_ids) + 1)]
+            rows = [self.rows.after_drafts(seq, drafts)
+                    for seq in batch.sampled for drafts in self.spec.draft_prefixes(seq)]
             result = self.spec.verify(self.sampler, logits, batch.sampled, rows)
             return result.token_ids, result.logprobs
         out = self.sampler(logits, [self.rows.plain(seq) for seq in batch.sampled])

@@ -132,6 +132,8 @@ def build_step_tensors(step: StepInput, device: torch.device) -> StepTensors:
         max_seq_len=max(step.seq_lens, default=0),
         query_start_loc_host=tuple(step.query_start_loc),
         seq_lens_host=tuple(step.seq_lens),
+        tree_masks=None if step.tree_masks is None else torch.tensor(
+            step.tree_masks, dtype=torch.int32).to(device),
     )
     return StepTensors(ids, positions, logits, meta)
 

@@ -30,6 +30,7 @@ from workers.engine.block_pool import BlockPool
 from workers.engine.prefix_cache import block_hashes
 from workers.engine.sequence import Sequence, SequenceStatus
 from workers.engine.step_input import StepInput
+from workers.spec.tree import ancestor_masks, tree_positions
 
 
 @dataclass(frozen=True)
@@ -183,12 +184,17 @@ class Scheduler:
         seq_lens: list[int] = []
         logits_indices: list[int] = []
         sampled: list[Sequence] = []
+        tree_masks: list[int] = []
         block_size = self.pool.block_size
         for seq, num_new in scheduled:
             start = seq.num_computed_tokens
             stop = start + num_new
             token_ids += seq.token_range(start, stop)
-            positions += range(start, stop)
+            tree = seq.spec_tree[: len(seq.spec_token_ids)]
+            positions += tree_positions(start, tree) if tree else range(start, stop)
+            if tree or tree_masks:
+                tree_masks = tree_masks or [0] * (len(token_ids) - num_new)
+                tree_masks += ancestor_masks(tree) if tree else [0] * num_new
             slot_mapping += [
                 seq.block_table[p // block_size] * block_size + p % block_size
                 for p in range(start, stop)
@@ -210,6 +216,7 @@ class Scheduler:
             seq_lens=seq_lens,
             block_tables=[list(seq.block_table) for seq, _ in scheduled],
             logits_indices=logits_indices,
+            tree_masks=tree_masks or None,
         )
         return ScheduledBatch(
             step=step,

@@ -57,6 +57,9 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)
     """Speculative decoding: draft tokens proposed for this step, after the last token (a
     decode sequence verifies 1 + len(spec_token_ids) tokens); empty otherwise."""
+    spec_tree: list[int] = field(default_factory=list)
+    """Tree verification (workers/spec/tree.py): the parent of each draft (-1: the last
+    token); empty for a chain. Read for the first len(spec_token_ids) drafts only."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -36,6 +36,9 @@ class StepInput:
     """Indices into the packed tokens whose logits are returned, in this order. Usually the
     last token of each sequence whose prompt is complete after this step; every token of a
     verification run for speculative decoding."""
+    tree_masks: list[int] | None = None
+    """Tree verification only: per packed token, the bitmask of its sequence's new tokens it
+    attends to (0: causal); see workers/spec/tree.py."""
 
     @property
     def num_tokens(self) -> int:

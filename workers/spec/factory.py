@@ -31,7 +31,8 @@ def build_speculative_decoder(
     if spec.method is None or config.role == "prefill":
         return None
     return SpeculativeDecoder(spec, _proposer(config, runner, tokenizer), pool, max_model_len,
-                              pad_to_k=runner.verify_graph_runner is not None)
+                              pad_to_k=runner.verify_graph_runner is not None,
+                              kv_caches=runner.kv_caches)
 
 
 def _proposer(config: EngineConfig, runner: ModelRunner, tokenizer: Tokenizer | None

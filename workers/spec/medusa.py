@@ -10,9 +10,13 @@ shape.
 Head i on the hidden state that produced token t+1 predicts token t+2+i, so after each step
 the engine hands the proposer the hidden row of every sequence's newest token
 (`observe`); the next proposal is the top chain, each head's argmax (deterministic: the
-rejection sampler treats it as one-hot, so sampling stays exact). A sequence without a
-current hidden row (its first step on a decode worker: its prompt's hidden state stayed on
-the prefill worker) gets no drafts that step.
+rejection sampler treats it as one-hot, so sampling stays exact). With `medusa_tree='tree'`
+a greedy request gets a static tree of the heads' top-k candidates instead
+(workers/spec/tree.py), verified in one forward under a tree attention mask; sampling
+requests keep the top chain (we do not implement typical acceptance over a tree, so the
+target's distribution stays exact through the chain's rejection sampling). A sequence
+without a current hidden row (its first step on a decode worker: its prompt's hidden state
+stayed on the prefill worker) gets no drafts that step.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from workers.engine.model_runner import ModelRunner
 from workers.engine.sequence import Sequence
 from workers.errors import InvalidParameter
 from workers.spec.proposer import DraftRun, Proposer
+from workers.spec.tree import build_tree
 
 WEIGHTS_FILE = "medusa_lm_head.safetensors"
 
@@ -97,6 +102,11 @@ class MedusaProposer(Proposer):
         if target.parallel.pp_size > 1:
             raise InvalidParameter("speculative", "medusa reads the last stage's hidden "
                                                   "states: pipeline parallelism is not supported")
+        self.tree_size = spec.medusa_tree_size if spec.medusa_tree == "tree" else None
+        if self.tree_size is not None and target.parallel.tp_size > 1:
+            raise InvalidParameter("medusa_tree", "a tree's accepted KV is compacted in the "
+                                                  "driver's cache only: tensor parallelism "
+                                                  "needs --medusa-tree chain")
         model = target.model_config
         self.target = target
         with torch.random.fork_rng(devices=[]):  # dummy heads: seeded, random
@@ -140,6 +150,9 @@ class MedusaProposer(Proposer):
     def forget(self, seq_id: str) -> None:
         self._hidden.pop(seq_id, None)
 
+    def max_drafts(self, k: int) -> int:
+        return k if self.tree_size is None else build_tree(k, self.tree_size).num_nodes
+
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[DraftRun]:
         ready = [i for i, seq in enumerate(seqs)
@@ -149,7 +162,16 @@ class MedusaProposer(Proposer):
             return runs
         hidden = torch.stack([self._hidden[seqs[i].seq_id][1] for i in ready])
         k = max(max_tokens[i] for i in ready)
-        chain = torch.stack([head(hidden).argmax(dim=-1) for head in self.heads[:k]], dim=1)
-        for row, i in enumerate(chain.tolist()):
-            runs[ready[row]] = DraftRun(i[: max_tokens[ready[row]]])
+        width = 1 if self.tree_size is None else max(
+            build_tree(max_tokens[i], self.tree_size).width for i in ready)
+        # [ready, head, width]: each head's top candidates, best first.
+        top = torch.stack([head(hidden).topk(width, dim=-1).indices for head in self.heads[:k]],
+                          dim=1).tolist()
+        for row, i in enumerate(ready):
+            if self.tree_size is None or not seqs[i].params.greedy:
+                runs[i] = DraftRun([head[0] for head in top[row][: max_tokens[i]]])
+                continue
+            tree = build_tree(max_tokens[i], self.tree_size)
+            runs[i] = DraftRun([top[row][len(path) - 1][path[-1]] for path in tree.paths],
+                               parents=list(tree.parents))
         return runs

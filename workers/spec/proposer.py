@@ -22,10 +22,12 @@ from workers.engine.sequence import Sequence
 @dataclass
 class DraftRun:
     """One sequence's drafts: `token_ids` (k of them) and, for a sampling proposer, the
-    probabilities it drew them from ([k, vocab]); None: a deterministic proposal."""
+    probabilities it drew them from ([k, vocab]); None: a deterministic proposal. `parents`:
+    a tree of candidates (workers/spec/tree.py), greedy requests only; None: a chain."""
 
     token_ids: list[int]
     probs: torch.Tensor | None = None
+    parents: list[int] | None = None
 
 
 class Proposer(ABC):
@@ -37,6 +39,11 @@ class Proposer(ABC):
     def propose(self, seqs: list[Sequence], max_tokens: list[int]) -> list[DraftRun]:
         """At most max_tokens[i] (>= 1) drafts continuing seqs[i]'s tokens; fewer (or none)
         where the proposer has nothing good to offer."""
+
+    def max_drafts(self, k: int) -> int:
+        """Most drafts (verification slots) a proposal of depth k may hold: k for a chain,
+        the tree's size for a tree."""
+        return k
 
     def follow_prefill(self, seqs: list[Sequence]) -> None:  # noqa: B027 (draft model only)
         """After `propose`, once per step: seqs are running sequences in the middle of a

@@ -14,6 +14,10 @@ plus one token, so every verification step emits between 1 and k + 1 tokens.
   emitted token is then distributed exactly as p. A deterministic proposer (n-gram, Medusa's
   top chain) has q one-hot at its draft: accept with probability p(d), else draw from p
   without d.
+- A tree of candidates (greedy only; Medusa with --medusa-tree tree): row 0 is the root's,
+  row j + 1 node j's. From the root, the child whose token equals the current row's argmax
+  is accepted and the walk moves to its row; the first row with no such child emits its
+  argmax. That is the longest path plain greedy decoding would also take.
 
 Rows are processed in one batch: every row gets a uniform u and a candidate token
 (argmax(r / E), E ~ Exp(1), r the residual, or p itself on the bonus row); the host then
@@ -39,6 +43,9 @@ class VerifyResult:
     """Per sequence, per emitted token (entries None unless the request asks)."""
     num_accepted: list[int]
     """Per sequence: how many of its drafts were accepted."""
+    rows: list[list[int]]
+    """Per sequence, per emitted token: the row (within its run) whose logits produced it;
+    a chain's are 0, 1, ..; a tree's follow the accepted path."""
 
 
 def verify(
@@ -70,21 +77,49 @@ def verify(
         accept_p[idx] = torch.where(has_draft, (p_d / q_d).clamp(max=1.0) - uniform, 1.0)
     chosen_host = chosen.tolist()
     accepts = (accept_p > 0).tolist()  # sampled: u < p/q; greedy rows are checked below
-    tokens, logprobs, num_accepted = [], [], []
+    tokens, logprobs, num_accepted, used_rows = [], [], [], []
     for run, start in zip(runs, starts, strict=True):
-        out: list[int] = []
-        for i, draft in enumerate(run.token_ids):
-            row = start + i
-            greedy = rows[row].params.greedy
-            if (greedy and chosen_host[row] != draft) or (not greedy and not accepts[row]):
-                break
-            out.append(draft)
+        if run.parents is None:
+            out = _accept_chain(run, start, rows, chosen_host, accepts)
+            path = list(range(len(out) + 1))
+        else:
+            path = _accept_tree(run, start, rows, chosen_host)
+            out = [run.token_ids[row - 1] for row in path[1:]]
         num_accepted.append(len(out))
-        out.append(chosen_host[start + len(out)])
+        out.append(chosen_host[start + path[-1]])
         tokens.append(out)
-        logprobs.append([logprobs_of(raw_logprobs, start + j, t, rows[start + j])
-                         for j, t in enumerate(out)])
-    return VerifyResult(tokens, logprobs, num_accepted)
+        used_rows.append(path)
+        logprobs.append([logprobs_of(raw_logprobs, start + row, t, rows[start + row])
+                         for row, t in zip(path, out, strict=True)])
+    return VerifyResult(tokens, logprobs, num_accepted, used_rows)
+
+
+def _accept_chain(run: DraftRun, start: int, rows: list[SamplingRow], chosen: list[int],
+                  accepts: list[bool]) -> list[int]:
+    """The accepted prefix of a chain's drafts."""
+    out: list[int] = []
+    for i, draft in enumerate(run.token_ids):
+        row = start + i
+        greedy = rows[row].params.greedy
+        if (greedy and chosen[row] != draft) or (not greedy and not accepts[row]):
+            break
+        out.append(draft)
+    return out
+
+
+def _accept_tree(run: DraftRun, start: int, rows: list[SamplingRow], chosen: list[int]
+                 ) -> list[int]:
+    """Rows of the accepted path from the root (row 0), greedy."""
+    assert run.parents is not None and rows[start].params.greedy, "trees are greedy only"
+    path = [0]
+    while True:
+        target = chosen[start + path[-1]]
+        child = next((j for j, (parent, token) in enumerate(
+            zip(run.parents, run.token_ids, strict=True))
+            if parent == path[-1] - 1 and token == target), None)
+        if child is None:
+            return path
+        path.append(child + 1)
 
 
 def _draft_per_row(runs: list[DraftRun], device: torch.device) -> tuple[torch.Tensor, list[int]]:
