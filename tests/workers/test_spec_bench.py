@@ -18,6 +18,7 @@ def test_bench_spec_prints_one_table_with_every_method(tiny_model_dir, tmp_path,
     table = capsys.readouterr().out
     assert "device:    cpu" in table and "date:" in table and "K: 3" in table
     assert "verify 1+3 tokens" in table and "(eager; eager" in table
+    assert "medusa tree 1+7 tokens (eager, tree mask)" in table
     assert "prefill of 16 tokens: draft-small" in table
     rows = [line.split() for line in table.splitlines() if line.split()[1:2]
             and line.split()[1] in ("baseline", "ngram", "self-draft", "draft-small")]

@@ -16,9 +16,11 @@ Random weights accept almost nothing from an unrelated draft, so the rows are:
   model for Llama-3-8B, or --draft-config): its cost per step with ~0% acceptance.
 TPOT per batch size = (time of O tokens - time of 1 token) / (O - 1), so prefill cancels.
 Beside the table: one target forward of a verification step (1 + K tokens per sequence)
-against a plain decode step (eager, and graphed where the engine graphs decode), and the
-draft's prefill of one prompt against the target's (what the decode worker pays under
-disaggregation, where it prefills the draft itself: workers/spec/factory.py).
+against a plain decode step (eager, and graphed where the engine graphs decode), a Medusa
+tree verification step (1 + --tree-size tokens per sequence under the tree attention mask,
+always eager: workers/spec/tree.py) against the chain's, and the draft's prefill of one
+prompt against the target's (what the decode worker pays under disaggregation, where it
+prefills the draft itself: workers/spec/factory.py).
 Targets (issue 16): ngram batch-1 TPOT >= 2x lower on the repetitive workload; verify K=4
 <= 1.3x a plain decode step at batch 1. Runs on CPU at tiny shapes (--dummy-config a tiny
 config.json --device cpu).
@@ -44,6 +46,7 @@ from workers.config import CacheConfig, EngineConfig, SchedulerConfig, Speculati
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.step_input import StepInput
 from workers.model.presets import resolve_config_path
+from workers.spec.tree import ancestor_masks, build_tree, tree_positions
 
 NCCL_BPS = 278e9
 """NCCL send/recv between two H200s at 16 MiB messages (DESIGN.md's performance budget)."""
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--methods", default="baseline,ngram,self-draft,draft-small")
+    parser.add_argument("--tree-size", type=int, default=7,
+                        help="nodes of the Medusa tree whose verification step is timed")
     return parser
 
 
@@ -133,33 +138,38 @@ def measure_tpot(engine, prompts: list[list[int]], output_len: int) -> tuple[flo
     return max(full - one, 0.0) / (output_len - 1), per_step
 
 
-def verify_step_costs(engine, batch: int, context: int, k: int) -> dict[str, float]:
+def verify_step_costs(engine, batch: int, context: int, k: int, tree_size: int
+                      ) -> dict[str, float]:
     """Seconds of one target forward over `batch` sequences of `context` tokens in the
-    engine's own cache: a decode step (1 token per sequence) and a verification step (1 + k
-    tokens per sequence), each eager and, where the engine has the graphs, replayed."""
+    engine's own cache: a decode step (1 token per sequence), a verification step (1 + k
+    tokens per sequence), each eager and, where the engine has the graphs, replayed, and a
+    tree verification step (1 + the tree's nodes, tree-masked, eager)."""
     runner, bs = engine.runner, engine.runner.block_size
-    per_seq = -(-(context + k + 1) // bs)
+    tree = build_tree(k, tree_size)
+    per_seq = -(-(context + max(k, tree.num_nodes) + 1) // bs)
     assert batch * per_seq <= runner.num_blocks, "--num-blocks/--kv-cache-memory too small"
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
 
-    def step(q: int) -> StepInput:
-        ids, pos, slots, starts, lens = [], [], [], [0], []
+    def step(q: int, parents: list[int] | None = None) -> StepInput:
+        ids, pos, slots, starts, lens, masks = [], [], [], [0], [], []
         for table in tables:
             for p in range(context - q, context):
                 ids.append(5)
-                pos.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
+            pos += (tree_positions(context - q, parents) if parents is not None
+                    else range(context - q, context))
+            masks += ancestor_masks(parents) if parents is not None else []
             starts.append(len(ids))
             lens.append(context)
         return StepInput([str(i) for i in range(batch)], ids, pos, slots, starts, lens,
-                         [list(t) for t in tables], list(range(len(ids))))
+                         [list(t) for t in tables], list(range(len(ids))), masks or None)
 
     def timed(s: StepInput) -> float:
         runner.execute(s)
         return min(_timed(lambda: runner.execute(s), runner.device) for _ in range(5))
 
     decode, verify = step(1), step(1 + k)
-    costs = {}
+    costs = {"tree_eager": timed(step(1 + tree.num_nodes, list(tree.parents)))}
     if runner.graph_runner is not None:
         costs["decode_graph"] = timed(decode)
     if runner.verify_graph_runner is not None:
@@ -178,6 +188,15 @@ def cost_line(batch: int, k: int, costs: dict[str, float]) -> str:
     return (f"batch {batch:>3}: decode step {decode * 1e3:7.2f} ms, verify 1+{k} tokens "
             f"{verify * 1e3:7.2f} ms = {verify / decode:.2f}x ({mode}; eager "
             f"{costs['decode_eager'] * 1e3:.2f} / {costs['verify_eager'] * 1e3:.2f} ms)")
+
+
+def tree_cost_line(batch: int, k: int, tree_size: int, costs: dict[str, float]) -> str:
+    chain = costs.get("verify_graph", costs["verify_eager"])
+    nodes = build_tree(k, tree_size).num_nodes
+    return (f"batch {batch:>3}: medusa tree 1+{nodes} tokens (eager, tree mask) "
+            f"{costs['tree_eager'] * 1e3:7.2f} ms = {costs['tree_eager'] / chain:.2f}x the "
+            f"chain's 1+{k} verify, {costs['tree_eager'] / costs['verify_eager']:.2f}x its "
+            "eager one")
 
 
 def prefill_cost(runner, length: int) -> float:
@@ -216,9 +235,12 @@ def main(argv: list[str]) -> int:
             tpot, per_step = measure_tpot(engine, prompts, args.output_len)
             rows.append((batch, method, tpot, per_step))
         if method == "self-draft":  # a speculating target: it has the verify graphs
+            tree_lines = []
             for batch in sizes:
-                extra.append(cost_line(batch, args.k,
-                                       verify_step_costs(engine, batch, args.input_len, args.k)))
+                costs = verify_step_costs(engine, batch, args.input_len, args.k, args.tree_size)
+                extra.append(cost_line(batch, args.k, costs))
+                tree_lines.append(tree_cost_line(batch, args.k, args.tree_size, costs))
+            extra += tree_lines
         if method == "baseline":
             target_prefill = prefill_cost(engine.runner, args.input_len)
         if method == "draft-small":
