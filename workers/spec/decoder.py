@@ -223,6 +223,8 @@ class SpeculativeDecoder:
         for caches in self.kv_caches:
             for cache in caches:
                 flat = cache.view(-1, *cache.shape[2:])
+                if flat.element_size() == 1:  # fp8: move the bytes (no fp8 index_put on CPU)
+                    flat = flat.view(torch.uint8)
                 flat[dst_index] = flat[src_index]  # gathers first: overlapping moves are safe
 
     def request_stats(self, seq_id: str) -> SpecStats | None:
