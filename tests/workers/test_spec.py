@@ -101,6 +101,12 @@ def test_spec_stats_rates():
     (SpeculativeConfig("draft", 4), "draft_model"),
     (SpeculativeConfig("medusa", 2), "draft_model"),
     (SpeculativeConfig("ngram", 2, ngram_min=3, ngram_max=2), "ngram_min"),
+    (SpeculativeConfig("ngram", 2, medusa_tree="tree"), "medusa_tree"),
+    (SpeculativeConfig("medusa", 2, "heads", medusa_tree="bush"), "medusa_tree"),
+    (SpeculativeConfig("medusa", 4, "heads", medusa_tree="tree", medusa_tree_size=3),
+     "medusa_tree_size"),
+    (SpeculativeConfig("medusa", 2, "heads", medusa_tree="tree", medusa_tree_size=8),
+     "medusa_tree_size"),
 ])
 def test_bad_speculative_config_names_the_field(config, field):
     with pytest.raises(InvalidParameter) as err:

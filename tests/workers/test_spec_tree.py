@@ -184,3 +184,50 @@ def test_aborts_in_the_middle_of_tree_verification_free_every_block(spec_engine,
         engine.abort(f"r{i}")
     assert not engine.has_unfinished()
     assert engine.num_free_blocks == engine.num_total_blocks
+
+
+def test_sampling_requests_keep_the_chain_under_a_tree(spec_engine, echo_medusa_dir):
+    """Temperature > 0 falls back to the top chain (exact rejection sampling); greedy
+    requests in the same steps get trees. Seeded sampled outputs equal chain mode's."""
+    prompts = repetitive_prompts(6, seed=41)
+    params = [greedy() if i % 2 else SamplingParams(max_tokens=NUM_NEW, temperature=0.8,
+                                                    seed=i, ignore_eos=True)
+              for i in range(6)]
+    outs = {}
+    for mode in ("chain", "tree"):
+        engine = spec_engine("medusa", 3, echo_medusa_dir, medusa_tree=mode)
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params[i])
+        finals, trees = {}, {}
+        while engine.has_unfinished():
+            engine.spec.propose(engine.scheduler.running)
+            for seq in engine.scheduler.running:
+                if seq.spec_token_ids:
+                    trees.setdefault(seq.seq_id, set()).add(bool(seq.spec_tree))
+            finals.update({o.request_id: o.token_ids for o in engine.step() if o.finished})
+        outs[mode] = finals
+        for rid, kinds in trees.items():
+            greedy_request = int(rid[1:]) % 2 == 1
+            assert kinds == {mode == "tree" and greedy_request}, (mode, rid, kinds)
+    assert outs["tree"] == outs["chain"]
+
+
+@pytest.mark.gpu
+def test_medusa_tree_on_cuda_with_triton_equals_transformers(tiny_model_dir, echo_medusa_dir,
+                                                             hf_greedy):
+    """Tree steps run eagerly (the verify graphs hold no tree mask) beside graphed decode
+    steps; the Triton kernel compiled for real."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from workers.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+    from workers.engine.engine import LLMEngine
+
+    prompts = repetitive_prompts(6, seed=43)
+    engine = LLMEngine(EngineConfig(
+        model=str(tiny_model_dir), dtype="float32", device="cuda", attention_backend="triton",
+        cache=CacheConfig(block_size=16, num_blocks=128),
+        scheduler=SchedulerConfig(max_num_seqs=8),
+        speculative=SpeculativeConfig("medusa", 3, str(echo_medusa_dir), medusa_tree="tree")))
+    outs = [o.token_ids for o in engine.generate(prompts, greedy())]
+    assert outs == hf_greedy(tiny_model_dir, prompts, NUM_NEW)
+    assert engine.num_free_blocks == engine.num_total_blocks
