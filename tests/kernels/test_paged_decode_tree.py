@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from paged_case import decode_ref, make_case, run_decode
+from paged_case import decode_ref, make_case, run_decode, with_fp8_cache
 from tolerances import assert_close
 
 from kernels.attention_ref import visible_keys
@@ -66,3 +66,16 @@ def test_visible_keys_of_a_tree() -> None:
         [True, True, True, False, True, False],
         [True, True, True, True, False, True],
     ]
+
+
+def test_tree_masked_decode_over_an_fp8_cache(device: str) -> None:
+    """The tree tile dequantizes like the context tiles (head_dim 40: the masked-D path)."""
+    rng = random.Random(5)
+    q_lens, seq_lens = [7, 1, 4], [30, 9, 21]
+    masks = ancestor_masks(random_tree(7, rng)) + [0] + ancestor_masks(random_tree(4, rng))
+    tree_masks = torch.tensor(masks, dtype=torch.int32, device=device)
+    c = make_case(q_lens, seq_lens, num_heads=8, num_kv_heads=2, head_dim=40, block_size=8,
+                  dtype=torch.float32, device=device, seed=11)
+    c = with_fp8_cache(c, k_scale=0.05, v_scale=3.0)
+    for num_splits in (1, 3):
+        assert_close(run_decode(c, 8, num_splits, tree_masks), decode_ref(c, tree_masks))
