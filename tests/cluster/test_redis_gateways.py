@@ -4,8 +4,9 @@ own Router over A's workers). One cluster serves every test below, in order:
 - both serve concurrently (greedy text equal to transformers), B's cache-aware routing
   sends a prefix that A's requests cached to the worker holding it (one KV index), and B
   counts A's request in flight on its worker (shared loads);
-- A's Router actor killed: Ray restarts it, it rebuilds from Redis, requests succeed again
-  and still hit the worker holding their prefix;
+- A's Router actor killed mid-stream: the stream finishes (the same text as the request run
+  with no router dying), Ray restarts the Router, it rebuilds from Redis, requests succeed
+  again and still hit the worker holding their prefix;
 - redis-server killed: requests through both keep succeeding, /health says load only;
   restarted empty on the same port: the workers re-publish their cached blocks (the logs
   say so), /health says cache-aware again and prefixes cached before the outage hit;
@@ -15,7 +16,9 @@ Plus the CLI's refusals: --join without --redis-url, and with no cluster to join
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import threading
 import time
 
 import httpx
@@ -164,8 +167,42 @@ def test_two_gateways_serve_at_once_and_share_one_kv_index(cluster, systems, tin
     assert state["control_plane"]["workers_heard"] == WORKERS
 
 
+def stream_in_background(url: str, prompt: list[int], max_tokens: int,
+                         first_token: threading.Event) -> tuple[threading.Thread, dict]:
+    """A streamed completion in a thread: sets `first_token`, fills the dict when done."""
+    result: dict = {}
+
+    def run() -> None:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        text, reason = "", None
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: "):])
+                result.setdefault("errors", []).extend([event["error"]] if "error" in event
+                                                       else [])
+                for choice in event.get("choices", []):
+                    text += choice["text"]
+                    reason = choice["finish_reason"] or reason
+                    first_token.set()
+                result["usage"] = event.get("usage") or result.get("usage")
+        result.update(text=text, finish_reason=reason)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
 def test_a_killed_router_rebuilds_from_redis_and_routing_still_hits(cluster, systems):
     a, b, _ = cluster
+    # Mid-run: a stream through A is under way when its Router dies; it finishes on its
+    # worker (whose own final chunk ends it) while Ray restarts the Router.
+    running = prompts(1, 500, seed=75, low=12, high=13)[0]
+    first_token = threading.Event()
+    thread, streamed = stream_in_background(a.url, running, 200, first_token)
+    assert first_token.wait(60), "the stream never started"
     ray.kill(ray.get_actor("kvrelay-router", namespace="kvrelay"), no_restart=False)
     deadline = time.monotonic() + 120
     while True:  # calls fail (503) until Ray has restarted the Router
@@ -183,6 +220,11 @@ def test_a_killed_router_rebuilds_from_redis_and_routing_still_hits(cluster, sys
         assert cached(a.url, [*system, 460 + i]) == PREFIX
     assert cached(b.url, [*systems[0], 470]) == PREFIX  # B served on meanwhile
     assert control_plane(a.url, "cache_aware")["workers"]["colocated"]["ready"] == 2
+    thread.join(120)
+    assert not streamed.get("errors") and streamed["finish_reason"] == "length"
+    assert streamed["usage"]["completion_tokens"] == 200
+    # The same greedy text as the request run whole with no router dying under it.
+    assert streamed["text"] == complete(b.url, running, 200)["choices"][0]["text"]
 
 
 def test_redis_outage_serving_goes_on_and_the_index_is_rebuilt(cluster, systems):
