@@ -176,11 +176,29 @@ class RankedEnd:
     def abort_local(self, rid: str) -> None:
         raise NotImplementedError
 
-    def close_ranked(self) -> None:
+    # ---- the driver's own end (rank 0) -----------------------------------------------------
+
+    def local_done(self, rid: str, extra: dict) -> None:
+        """The local end's on_done: rank 0's part of the transfer is terminal."""
+        record = self.local.table.get(rid)
+        moved = (record.num_bytes, record.seconds, dict(record.peer_bytes)) if record else ()
+        self.rank_ended(0, rid, TransferState.DONE, "", *moved, extra=extra)
+
+    def local_failed(self, rid: str, state: TransferState, reason: str) -> None:
+        self.rank_ended(0, rid, state, reason)
+
+    def path(self, peer: str) -> str | None:
+        return self.local.path(peer)
+
+    def bandwidth(self, peer: str) -> float | None:
+        return self.local.bandwidth(peer)
+
+    def close(self) -> None:
         self._closed.set()
         self._thread.join(timeout=5)
         self.table.fail_all("closed")
         self._pull.close(linger=0)
+        self.local.close()
 
 
 class GroupSender(RankedEnd, KVSender):
@@ -191,20 +209,11 @@ class GroupSender(RankedEnd, KVSender):
                  on_done: OnDone | None = None, on_failed: OnFailed | None = None,
                  sender_id: str = "prefill"):
         self.layout = layout
-        self.local = TorchSender(
-            layout, kv_caches, config,
-            on_done=lambda rid, extra: self.rank_ended(0, rid, TransferState.DONE, "",
-                                                       *self._local_bytes(rid)),
-            on_failed=lambda rid, state, why: self.rank_ended(0, rid, state, why),
-            sender_id=f"{sender_id}-r0", shape=shape, rank=0)
+        self.local = TorchSender(layout, kv_caches, config, self.local_done, self.local_failed,
+                                 f"{sender_id}-r0", shape, 0)
         self._fence = False
         super().__init__("prefill", shape, channel, on_loop, config, kv_transport, sender_id,
                          on_done, on_failed)
-
-    def _local_bytes(self, rid: str) -> tuple[int, float, dict]:
-        record = self.local.table.get(rid)
-        return (record.num_bytes, record.seconds, dict(record.peer_bytes)) if record else \
-            (0, 0.0, {})
 
     def open(self, request_id: str, dest: str, dest_block_ids: list[int],
              num_tokens: int | None = None, timeout_s: float | None = None) -> None:
@@ -267,16 +276,6 @@ class GroupSender(RankedEnd, KVSender):
     def pairs(self) -> list[str]:
         return self.local.pairs()
 
-    def path(self, peer: str) -> str | None:
-        return self.local.path(peer)
-
-    def bandwidth(self, peer: str) -> float | None:
-        return self.local.bandwidth(peer)
-
-    def close(self) -> None:
-        self.close_ranked()
-        self.local.close()
-
 
 class GroupReceiver(RankedEnd, KVReceiver):
     """Decode worker of several ranks (driver side): `address` is the group address of every
@@ -286,20 +285,12 @@ class GroupReceiver(RankedEnd, KVReceiver):
                  shape: RankShape, channel, on_loop: Callable, kv_transport: str,
                  on_done: OnDone | None = None, on_failed: OnFailed | None = None):
         self.layout = layout
-        self.local = Receiver(
-            layout, kv_caches, config,
-            on_done=lambda rid, extra: self.rank_ended(0, rid, TransferState.DONE, "",
-                                                       *self._local_bytes(rid), extra=extra),
-            on_failed=lambda rid, state, why: self.rank_ended(0, rid, state, why))
+        self.local = Receiver(layout, kv_caches, config, self.local_done, self.local_failed)
         super().__init__("decode", shape, channel, on_loop, config, kv_transport, "decode",
                          on_done, on_failed)
         self.address = GroupAddress(shape.tp, shape.pp,
                                     (self.local.address, *self.rank_addresses)).encode()
         self.refusals = self.local.refusals
-
-    def _local_bytes(self, rid: str) -> tuple[int, float, dict]:
-        record = self.local.table.get(rid)
-        return (record.num_bytes, record.seconds, {}) if record else (0, 0.0, {})
 
     def expect(self, request_id: str, block_ids: list[int],
                timeout_s: float | None = None) -> None:
@@ -324,13 +315,3 @@ class GroupReceiver(RankedEnd, KVReceiver):
 
     def peers(self) -> list[str]:
         return self.local.peers()
-
-    def path(self, peer: str) -> str | None:
-        return self.local.path(peer)
-
-    def bandwidth(self, peer: str) -> float | None:
-        return self.local.bandwidth(peer)
-
-    def close(self) -> None:
-        self.close_ranked()
-        self.local.close()

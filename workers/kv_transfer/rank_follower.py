@@ -17,19 +17,10 @@ from collections.abc import Callable
 
 import zmq
 
+from workers.kv_transfer import messages as msg
 from workers.kv_transfer.base import TransferState, _TransferEnd
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout
-from workers.kv_transfer.messages import (
-    RankAbort,
-    RankConnect,
-    RankExpect,
-    RankFinish,
-    RankNotice,
-    RankOpen,
-    RankSetup,
-    RankSpans,
-)
 from workers.kv_transfer.packing import KVCaches
 from workers.kv_transfer.rank_routes import RankShape
 from workers.kv_transfer.receiver import Receiver
@@ -68,29 +59,29 @@ class RankFollower:
                 log.exception("rank %d: kv command %s failed", self.rank, type(command).__name__)
 
     def _run(self, command) -> None:
-        if isinstance(command, RankSetup):
+        if isinstance(command, msg.RankSetup):
             self._setup(command)
-        elif isinstance(command, RankOpen):
+        elif isinstance(command, msg.RankOpen):
             self._open(command)
-        elif isinstance(command, RankSpans):
+        elif isinstance(command, msg.RankSpans):
             if command.fence:
                 self.end.fence()
             self.end.before_step([PrefillSpan(rid, start, end, table)
                                   for rid, start, end, table in command.spans])
-        elif isinstance(command, RankFinish):
+        elif isinstance(command, msg.RankFinish):
             self.end.finish(command.request_id, extra=command.extra)
-        elif isinstance(command, RankExpect):
+        elif isinstance(command, msg.RankExpect):
             self.end.expect(command.request_id, command.block_ids, command.timeout_s)
             self._when_quiet(command.request_id)
-            self._notice(RankNotice(self.rank, "expected", command.request_id))
-        elif isinstance(command, RankAbort):
+            self._notice(msg.RankNotice(self.rank, "expected", command.request_id))
+        elif isinstance(command, msg.RankAbort):
             self.end.abort(command.request_id)
             if isinstance(self.end, TorchSender):
                 self.end.forget(command.request_id)
-        elif isinstance(command, RankConnect):
+        elif isinstance(command, msg.RankConnect):
             self.end.connect(command.dest)
 
-    def _setup(self, setup: RankSetup) -> None:
+    def _setup(self, setup: msg.RankSetup) -> None:
         if self.end is not None:
             self.end.close()
         config = self._config_for(setup.kv_transport, setup.host, setup.max_pairs)
@@ -105,29 +96,29 @@ class RankFollower:
             self._push = zmq.Context.instance().socket(zmq.PUSH)
             self._push.setsockopt(zmq.LINGER, 0)
         self._push.connect(setup.notice_address)
-        self._notice(RankNotice(self.rank, "ready",
+        self._notice(msg.RankNotice(self.rank, "ready",
                                 address=getattr(self.end, "address", "")))
 
-    def _open(self, command: RankOpen) -> None:
+    def _open(self, command: msg.RankOpen) -> None:
         self.end.open(command.request_id, command.dest, command.dest_block_ids,
                       command.num_tokens, command.timeout_s)
         if self.end.table.get(command.request_id) is not None:  # this rank feeds the dest
             self._when_quiet(command.request_id)
 
     def _when_quiet(self, rid: str) -> None:
-        self.end.when_quiet(rid, lambda: self._notice(RankNotice(self.rank, "quiet", rid)))
+        self.end.when_quiet(rid, lambda: self._notice(msg.RankNotice(self.rank, "quiet", rid)))
 
     def _ended_ok(self, rid: str, extra: dict) -> None:
         self._ended(rid, TransferState.DONE, "")
 
     def _ended(self, rid: str, state: TransferState, reason: str) -> None:
         record = self.end.table.get(rid)
-        self._notice(RankNotice(
+        self._notice(msg.RankNotice(
             self.rank, "ended", rid, state.value, reason,
             record.num_bytes if record else 0, record.seconds if record else 0.0,
             peer_bytes=dict(record.peer_bytes) if record else {}))
 
-    def _notice(self, notice: RankNotice) -> None:
+    def _notice(self, notice: msg.RankNotice) -> None:
         """Any thread (table callbacks run on the transfer threads)."""
         with self._push_lock:
             if self._push is not None:
