@@ -44,16 +44,32 @@ _DETOKENIZER_EDGE = 5
 
 
 def _workload(model_dir, hf_reference, count: int):
+    """`count` cases of the shared prompt set. The tiny MQA model's greedy choice is
+    sometimes EOS, which hf_greedy bans (min_new_tokens) and ignore_eos serving does not: only
+    prompts whose greedy continuation never picks EOS are kept, so both agree."""
     tokenizer = Tokenizer(model_dir)
     model = hf_reference(model_dir)
     cases = []
-    for i, prompt in enumerate(prompts(max(count, 16), 500, seed=11, low=2, high=48)):
+    for i, prompt in enumerate(prompts(64, 500, seed=11, low=2, high=48)):
         if len(cases) == count or (count < 16 and i == _DETOKENIZER_EDGE):
             continue
         max_tokens = 1 + (i * 5) % 14
-        cases.append((prompt, max_tokens, i % 2 == 0,
-                      tokenizer.decode(hf_greedy(model, prompt, max_tokens))))
+        tokens = hf_greedy(model, prompt, max_tokens)
+        if tokens != _greedy_with_eos(model, prompt, max_tokens):
+            continue
+        cases.append((prompt, max_tokens, i % 2 == 0, tokenizer.decode(tokens)))
+    assert len(cases) == count
     return cases
+
+
+def _greedy_with_eos(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy continuation where EOS may be chosen (and does not stop it)."""
+    import torch
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+    out = model.generate(torch.tensor([prompt]), generation_config=config)
+    return out[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("variant,prefill,decode,count", SHAPES.values(), ids=SHAPES.keys())
