@@ -7,10 +7,13 @@ reads them); the other ranks get placeholders. A header with op STOP ends the fo
 loops. Either role may carry a side payload (`side`, a list of byte strings: the KV transfer
 commands the other ranks must run in order with the steps, workers/kv_transfer/rank_*.py):
 with a step, the ranks handle it before running the step; alone (op KV), between steps.
+The driver does not wait for the other ranks to take what it sends (pipeline stages still
+busy with earlier micro-batches take it later).
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 
 import msgpack
@@ -76,30 +79,43 @@ class StepBroadcast:
         self.group = group
         self.src = src
         self.on_side = on_side
+        self._pending: list = []
+        """The driver's broadcasts not yet taken by every rank (with their tensors)."""
 
     def send(self, step: StepInput, side: list[bytes] | None = None) -> None:
+        """Returns without waiting for the other ranks to take the step: with pipeline
+        micro-batches in flight the last stage is still busy with earlier ones, and the
+        driver must go on running its own stage meanwhile."""
         header, payload = encode_step(step)
         packed = msgpack.packb(side) if side else b""
         header[5] = len(packed)
-        dist.broadcast(header, self.src, group=self.group)
-        dist.broadcast(payload, self.src, group=self.group)
+        self._broadcast(header)
+        self._broadcast(payload)
         self._send_side(packed)
 
     def post(self, side: list[bytes]) -> None:
         """The side payload alone, between steps."""
         packed = msgpack.packb(side)
-        dist.broadcast(torch.tensor([OP_KV, 0, 0, 0, 0, len(packed)], dtype=torch.int64),
-                       self.src, group=self.group)
+        self._broadcast(torch.tensor([OP_KV, 0, 0, 0, 0, len(packed)], dtype=torch.int64))
         self._send_side(packed)
 
     def _send_side(self, packed: bytes) -> None:
         if packed:
-            dist.broadcast(torch.frombuffer(bytearray(packed), dtype=torch.uint8), self.src,
-                           group=self.group)
+            self._broadcast(torch.frombuffer(bytearray(packed), dtype=torch.uint8))
 
-    def stop(self) -> None:
-        dist.broadcast(torch.tensor([OP_STOP, 0, 0, 0, 0, 0], dtype=torch.int64), self.src,
-                       group=self.group)
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        """Starts the broadcast and keeps it (with its tensor) until every rank took it."""
+        self._pending = [(work, kept) for work, kept in self._pending
+                         if not work.is_completed()]
+        work = dist.broadcast(tensor, self.src, group=self.group, async_op=True)
+        self._pending.append((work, tensor))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ends the other ranks' loops; waits at most `timeout_s` for them to take it (a rank
+        stuck in a step never will: the caller kills it)."""
+        stop = torch.tensor([OP_STOP, 0, 0, 0, 0, 0], dtype=torch.int64)
+        work = dist.broadcast(stop, self.src, group=self.group, async_op=True)
+        work.wait(datetime.timedelta(seconds=timeout_s))
 
     def recv(self) -> StepInput | None:
         """The next step, or None once the driver stopped the group."""

@@ -9,6 +9,7 @@ KV transfer reads and writes `kv_caches` directly.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -148,9 +149,9 @@ class ModelRunner:
     - `graph_runner`: the CudaGraphRunner replaying decode-only steps (None on CPU, with
       `enforce_eager`, on a pipeline stage that is not the whole model, or for the torch
       backend where its padded decode gather exceeds TORCH_GRAPH_GATHER_LIMIT).
-    `execute(step)` is the only method that changes anything (the cache slots it writes); the
-    other ranks of a TP/PP group call `run_pipeline(step)` with the steps the driver's
-    `step_channel` hands them.
+    `execute(step)` (or, for pipeline micro-batches, `submit(step)` and later `collect()`) is
+    what changes anything (the cache slots a step writes); the other ranks of a TP/PP group
+    call `run_pipeline(step)` with the steps the driver's `step_channel` hands them.
 
     Each layer's cache tensor has one block more than `num_blocks`: the scratch block where
     CUDA-graph padding rows write. `kv_caches` are views without it, so the block pool, KV
@@ -178,6 +179,8 @@ class ModelRunner:
         ]
         self.graph_runner = self._build_graph_runner()
         self.verify_graph_runner = self._build_verify_graph_runner()
+        self._in_flight: deque[StepInput] = deque()
+        self._held_hidden: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None
         """The last stage's final hidden states of the latest step's logits rows (Medusa
         heads read them, workers/spec/medusa.py)."""
@@ -295,49 +298,104 @@ class ModelRunner:
             query_len=1 + spec.num_speculative_tokens,
         )
 
+    @property
+    def pipeline_depth(self) -> int:
+        """Most steps in flight at once through `submit`/`collect`: one per pipeline stage."""
+        return self.parallel.pp_size
+
     @torch.inference_mode()
     def execute(
         self, step: StepInput, layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor | None:
         """The engine's entry point (on the driver rank): float32 logits
-        [len(step.logits_indices), vocab] of the whole model. With a step channel (a TP/PP
-        group) the step goes to the other ranks first, which run `run_pipeline` in step."""
-        if self.step_channel is None:
-            return self.run_pipeline(step, layer_done)
+        [len(step.logits_indices), vocab] of the whole model, one step at a time. With a step
+        channel (a TP/PP group) the step goes to the other ranks first, which run
+        `run_pipeline` in step. Requires no step in flight (see `submit`)."""
+        if self.step_channel is None and self.parallel.pp_size == 1:
+            return self.forward_stage(step, None, layer_done)
+        if self.parallel.pp_size == 1:
+            with self._group_step():
+                self.step_channel.send(step)
+                return self.forward_stage(step, None, layer_done)
+        if self._in_flight:
+            raise RuntimeError(f"execute with {len(self._in_flight)} steps in flight")
+        self.submit(step, layer_done)
+        return self.collect()
+
+    @torch.inference_mode()
+    def submit(self, step: StepInput, layer_done: Callable[[int], None] | None = None) -> None:
+        """Driver of a pipeline (pp_size > 1): starts `step` (a micro-batch) without waiting
+        for its logits. The step goes to the other ranks, this rank runs the first stage, and
+        the hidden states go to the next stage at once, unless `pipeline_depth` steps are now
+        in flight: then they wait for the next `collect`, which first takes the oldest
+        step's logits. So on the link between the driver and the last stage (the same pair of
+        ranks at pp_size 2) the driver's sends and receives come in the order the last stage
+        makes them (receive step n, send its logits, receive step n + 1): blocking
+        point-to-point calls never wait on each other in a cycle. The caller collects
+        whenever `pipeline_depth` steps are in flight, before the next submit."""
+        if len(self._in_flight) == self.pipeline_depth:
+            raise RuntimeError(f"{self.pipeline_depth} steps in flight: collect one first")
+        with self._group_step():
+            if self.step_channel is not None:
+                self.step_channel.send(step)
+            hidden = self.forward_stage(step, None, layer_done).hidden
+            self._in_flight.append(step)
+            if len(self._in_flight) < self.pipeline_depth:
+                self.parallel.send_to_next_stage(hidden)
+            else:
+                self._held_hidden = hidden
+
+    @torch.inference_mode()
+    def collect(self) -> torch.Tensor:
+        """Float32 logits [len(step.logits_indices), vocab] of the oldest step in flight
+        (sent back by the last stage's TP rank 0); then hands the held step, if any, to the
+        next stage (see `submit`)."""
+        step = self._in_flight.popleft()
+        with self._group_step():
+            logits = torch.empty(len(step.logits_indices), self.model_config.vocab_size,
+                                 dtype=torch.float32, device=self.device)
+            if step.logits_indices:
+                self.parallel.recv_from_last_stage(logits)
+            if self._held_hidden is not None:
+                hidden, self._held_hidden = self._held_hidden, None
+                self.parallel.send_to_next_stage(hidden)
+        return logits
+
+    @property
+    def num_in_flight(self) -> int:
+        """Steps submitted whose logits were not collected yet."""
+        return len(self._in_flight)
+
+    @contextlib.contextmanager
+    def _group_step(self) -> Iterator[None]:
+        """A collective failed: the ranks are out of step for good (the group goes whole)."""
         try:
-            self.step_channel.send(step)
-            return self.run_pipeline(step, layer_done)
-        except RuntimeError as exc:  # a collective failed: the ranks are out of step for good
-            self.step_channel.broken(exc)
+            yield
+        except RuntimeError as exc:
+            if self.step_channel is not None:
+                self.step_channel.broken(exc)
             raise
 
     @torch.inference_mode()
-    def run_pipeline(
-        self, step: StepInput, layer_done: Callable[[int], None] | None = None,
-    ) -> torch.Tensor | None:
-        """This rank's part of one step: receive the previous stage's hidden states, run the
-        owned layers, hand the result to the next stage. Returns the logits on rank 0 (sent
-        back by the last stage's TP rank 0) and on the last stage's ranks; None elsewhere.
-        In inference mode on every rank, not only under the driver's `execute`: the other
-        ranks call it directly, and their weights are inference tensors."""
+    def run_pipeline(self, step: StepInput) -> torch.Tensor | None:
+        """A non-driver rank's part of one step (the driver's is `execute` or `submit`):
+        receive the previous stage's hidden states, run the owned layers, hand the result to
+        the next stage, or the logits to the driver from the last stage's TP rank 0. Returns
+        the logits on the last stage's ranks; None elsewhere. Steps come in the driver's
+        order, each stage takes them one after the other, so a later micro-batch always
+        sees the KV an earlier one wrote. In inference mode: the other ranks call it
+        directly, and their weights are inference tensors."""
         parallel = self.parallel
-        if parallel.pp_size == 1:
-            return self.forward_stage(step, None, layer_done)
         intermediate = None
         if not parallel.is_first_stage:
             hidden = torch.empty(step.num_tokens, self.model_config.hidden_size,
                                  dtype=self.dtype, device=self.device)
             intermediate = IntermediateTensors(parallel.recv_from_prev_stage(hidden))
-        out = self.forward_stage(step, intermediate, layer_done)
-        num_logits = len(step.logits_indices)
+        out = self.forward_stage(step, intermediate)
         if isinstance(out, IntermediateTensors):
             parallel.send_to_next_stage(out.hidden)
-            if parallel.rank != 0:
-                return None
-            out = torch.empty(num_logits, self.model_config.vocab_size, dtype=torch.float32,
-                              device=self.device)
-            return parallel.recv_from_last_stage(out) if num_logits else out
-        if parallel.tp_rank == 0 and num_logits:
+            return None
+        if parallel.pp_size > 1 and parallel.tp_rank == 0 and step.logits_indices:
             parallel.send_to_driver(out)
         return out
 

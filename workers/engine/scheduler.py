@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from collections.abc import Set
 from dataclasses import dataclass
 
 from workers.config import SchedulerConfig
@@ -87,18 +88,27 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, in_flight: Set[str] = frozenset(),
+                 num_microbatches: int = 1) -> ScheduledBatch:
+        """The next batch. Pipeline micro-batches (workers/engine/micro_batches.py): the
+        sequences named in `in_flight` are in a batch whose tokens are not back yet, so they
+        are neither scheduled nor preempted; and one batch takes at most
+        ceil(running / num_microbatches) running sequences, so that batches in flight share
+        the work about evenly."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
+        share = -(-len(self.running) // num_microbatches)
         order = sorted(self.running, key=self._rank)
         decodes = [s for s in order if s.num_uncomputed_tokens == 1]
         prefills = [s for s in order if s.num_uncomputed_tokens > 1]
         for seq in decodes + prefills:
-            if seq in preempted or budget == 0:
+            if seq in preempted or budget == 0 or seq.seq_id in in_flight:
                 continue
+            if len(scheduled) == share:
+                break
             num_new = self._chunk(seq, budget)
-            if not self._make_room(seq, num_new, scheduled, preempted):
+            if not self._make_room(seq, num_new, scheduled, preempted, in_flight):
                 continue
             scheduled.append((seq, num_new))
             budget -= num_new
@@ -124,13 +134,15 @@ class Scheduler:
         num_new: int,
         scheduled: list[tuple[Sequence, int]],
         preempted: list[Sequence],
+        in_flight: Set[str],
     ) -> bool:
-        """Grows seq's table by preempting lower-ranked unscheduled sequences; False if seq
-        itself had to be preempted."""
+        """Grows seq's table by preempting lower-ranked unscheduled sequences (never one in
+        flight); False if seq itself had to be preempted."""
         target = seq.num_computed_tokens + num_new
         while not self.pool.can_append_slots(seq.block_table, target):
             busy = {id(s) for s, _ in scheduled}
-            candidates = [s for s in self.running if s is not seq and id(s) not in busy]
+            candidates = [s for s in self.running if s is not seq and id(s) not in busy
+                          and s.seq_id not in in_flight]
             victim = max(candidates, key=self._rank, default=None)
             if victim is None or self._rank(victim) < self._rank(seq):
                 victim = seq
