@@ -41,6 +41,7 @@ class RankActor:
                 self.steps += 1
         finally:
             self.kv.close()
+            self.runner.close()
             leave_group()
         return self.steps
 

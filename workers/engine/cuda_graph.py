@@ -96,6 +96,15 @@ class CudaGraphRunner:
             return False
         return q == 1 or step.query_start_loc == list(range(0, step.num_tokens + 1, q))
 
+    def close(self) -> None:
+        """Frees the graphs. Graphs holding captured NCCL calls keep
+        `destroy_process_group` waiting forever (pytorch/pytorch#115388), so a rank of a TP
+        group closes its runner before it leaves the group. The runner replays nothing after."""
+        for graph, _ in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        torch.cuda.synchronize(self.device)
+
     def bucket_for(self, num_seqs: int) -> int:
         return next(size for size in self.buckets if size >= num_seqs)
 

@@ -298,6 +298,14 @@ class ModelRunner:
             query_len=1 + spec.num_speculative_tokens,
         )
 
+    def close(self) -> None:
+        """Frees the CUDA graphs: call before leaving a TP group (see CudaGraphRunner.close);
+        later steps run eagerly."""
+        for graphs in (self.graph_runner, self.verify_graph_runner):
+            if graphs is not None:
+                graphs.close()
+        self.graph_runner = self.verify_graph_runner = None
+
     @property
     def pipeline_depth(self) -> int:
         """Most steps in flight at once through `submit`/`collect`: one per pipeline stage."""
