@@ -10,6 +10,10 @@ token with finish_reason 'prefill_done' and holds its blocks until `release`; a
 decode-role engine `reserve_remote`s blocks before the prefill starts and `commit_remote`s
 the sequence once the prompt's KV has landed in them.
 
+Pipeline parallel (pp_size > 1, no speculation, no per-layer KV stream): `step()` keeps up
+to pp_size micro-batches in flight (workers/engine/micro_batches.py); it submits one and
+returns the outputs of the oldest once the pipeline is full.
+
 Speculative decoding (EngineConfig.speculative, workers/spec/): before each schedule the
 proposer drafts tokens for the decoding sequences; the step verifies them in the same target
 forward and a sequence may gain several tokens (one RequestOutput with all of them).
@@ -32,6 +36,7 @@ import torch
 from workers.config import EngineConfig
 from workers.engine.block_pool import BlockPool, blocks_for
 from workers.engine.kv_stream import KVStreamCursor, KVStreamHook
+from workers.engine.micro_batches import MicroBatches
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestMetrics, RequestOutput
 from workers.engine.prefix_cache import PrefixCache, cache_root
@@ -85,6 +90,9 @@ class LLMEngine:
         self.spec = build_speculative_decoder(config, self.runner, self.pool,
                                               self.max_model_len, self.tokenizer)
         """None unless this engine speculates (colocated or decode role with a method)."""
+        self.micro = (MicroBatches(self.scheduler, self.runner, self._mark_scheduled)
+                      if self.runner.pipeline_depth > 1 and self.spec is None else None)
+        """Pipeline parallel: micro-batches in flight (workers/engine/micro_batches.py)."""
         self.kv_stream: KVStreamHook | None = None
         """Prefill role with a streaming KV transport (workers/engine/kv_stream.py)."""
         self._kv_cursor = KVStreamCursor()
@@ -104,7 +112,7 @@ class LLMEngine:
         return self.runner.kv_caches
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or (self.micro is not None and self.micro.busy)
 
     @property
     def prefix_cache(self) -> PrefixCache | None:
@@ -151,14 +159,18 @@ class LLMEngine:
         """Runs one scheduled batch; returns an output per sequence that sampled a token."""
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
-        batch = self.scheduler.schedule()
-        if batch.is_empty:
-            return []
-        now = time.monotonic()
-        for seq in batch.seqs:
-            if seq.times.first_scheduled is None:
-                seq.times.first_scheduled = now
-        token_ids, logprobs = self._sample(batch)
+        if self.micro is not None and self.kv_stream is None:
+            done = self.micro.advance()
+            if done is None:
+                return []
+            batch, logits = done
+        else:
+            batch = self.scheduler.schedule()
+            if batch.is_empty:
+                return []
+            self._mark_scheduled(batch)
+            logits = self._execute(batch)
+        token_ids, logprobs = self._sample(batch, logits)
         if self.spec is not None:
             self.spec.observe(batch.sampled, token_ids, self.runner.last_hidden)
         self.scheduler.postprocess(batch, token_ids)
@@ -293,17 +305,27 @@ class LLMEngine:
             text.sent = min(sent_text_len, len(text.text))
         self.rows.admit(seq)
 
-    def _sample(self, batch: ScheduledBatch) -> tuple[list[list[int]], list[list[dict | None]]]:
-        """Per sampled sequence: its new tokens (one; or a verification run's accepted drafts
-        plus one) and their logprob entries."""
+    def _mark_scheduled(self, batch: ScheduledBatch) -> None:
+        now = time.monotonic()
+        for seq in batch.seqs:
+            if seq.times.first_scheduled is None:
+                seq.times.first_scheduled = now
+
+    def _execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """The batch's logits, its KV streamed layer by layer where a KV stream is set."""
         stream = self.kv_stream
         if stream is not None:
             if batch.preempted:
                 stream.fence()  # freed blocks may be rewritten: after the sends reading them
             stream.before_step(self._kv_cursor.spans(batch))
-        logits = self.runner.execute(
+        return self.runner.execute(
             batch.step, layer_done=stream.layer_done if stream is not None else None
         )
+
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor
+                ) -> tuple[list[list[int]], list[list[dict | None]]]:
+        """Per sampled sequence: its new tokens (one; or a verification run's accepted drafts
+        plus one) and their logprob entries."""
         if not batch.sampled:
             return [], []
         if self.spec is not None and any(seq.spec_token_ids for seq in batch.sampled):
