@@ -385,11 +385,14 @@ class ModelRunner:
             raise
 
     @torch.inference_mode()
-    def run_pipeline(self, step: StepInput) -> torch.Tensor | None:
+    def run_pipeline(
+        self, step: StepInput, layer_done: Callable[[int], None] | None = None,
+    ) -> torch.Tensor | None:
         """A non-driver rank's part of one step (the driver's is `execute` or `submit`):
         receive the previous stage's hidden states, run the owned layers, hand the result to
         the next stage, or the logits to the driver from the last stage's TP rank 0. Returns
-        the logits on the last stage's ranks; None elsewhere. Steps come in the driver's
+        the logits on the last stage's ranks; None elsewhere. `layer_done`: as in
+        `forward_stage` (this rank's end of a per-layer KV stream). Steps come in the driver's
         order, each stage takes them one after the other, so a later micro-batch always
         sees the KV an earlier one wrote. In inference mode: the other ranks call it
         directly, and their weights are inference tensors."""
@@ -399,7 +402,7 @@ class ModelRunner:
             hidden = torch.empty(step.num_tokens, self.model_config.hidden_size,
                                  dtype=self.dtype, device=self.device)
             intermediate = IntermediateTensors(parallel.recv_from_prev_stage(hidden))
-        out = self.forward_stage(step, intermediate)
+        out = self.forward_stage(step, intermediate, layer_done)
         if isinstance(out, IntermediateTensors):
             parallel.send_to_next_stage(out.hidden)
             return None
