@@ -1,7 +1,8 @@
 """The engine of a PP=2 (and TP 2 x PP 2) worker keeps two micro-batches in flight (a
 RankGroup over gloo, the other ranks as Ray actors): 16 mixed-length requests with chunked
 prefill and preemption give transformers' greedy tokens; aborting sequences while their
-micro-batch is in flight ends them, leaves the others exact, and frees every block."""
+micro-batch is in flight ends them, leaves the others exact, and frees their blocks once the
+batch is back (every block free at the end)."""
 
 from __future__ import annotations
 
@@ -91,8 +92,10 @@ def test_aborts_in_flight_free_every_block_and_leave_the_rest_exact(
         in_flight = engine.micro.in_flight_ids
         if not aborted and in_flight and len(finals) >= 2:
             aborted = set(sorted(in_flight)[::2])  # decoding sequences, mid-stream
+            free = engine.num_free_blocks
             for request_id in aborted:
                 engine.abort(request_id)
+            assert engine.num_free_blocks == free  # freed only once their batch is back
     assert aborted and not aborted & finals.keys()
     expected = _expected(hf_greedy, tiny_model_dir, requests)
     for i in range(NUM_REQUESTS):

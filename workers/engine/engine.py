@@ -396,7 +396,10 @@ class LLMEngine:
         if self.spec is not None:
             self.spec.forget(seq.seq_id)
         if free_blocks:
-            self.pool.release(seq.block_table)
+            if self.micro is not None:  # in flight: freed once its batch is back
+                self.micro.release_blocks(seq)
+            else:
+                self.pool.release(seq.block_table)
             seq.status = SequenceStatus.FINISHED
             self._seqs.pop(seq.seq_id, None)
         else:

@@ -17,10 +17,11 @@ running sequences while the other stage holds the other half. It needs no knob: 
 pp_size.
 
 Correctness rests on order: every stage takes the steps in the order the driver submitted
-them, so a later micro-batch sees every KV slot an earlier one wrote. Blocks of a sequence
-aborted in flight go back to the pool at once: only later micro-batches can get them, and
-those write after. The collected batch leaves out the sequences that finished meanwhile
-(aborts), with their logits rows.
+them, so a later micro-batch sees every KV slot an earlier one wrote. A sequence aborted in
+flight keeps its blocks until its batch is collected (`release_blocks`): a later step would
+write after it anyway, but a KV transfer into blocks reserved meanwhile (decode role) is not
+ordered after the stages' writes. The collected batch leaves out the sequences that finished
+meanwhile, with their logits rows.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from workers.engine.model_runner import ModelRunner
 from workers.engine.scheduler import ScheduledBatch, Scheduler
-from workers.engine.sequence import SequenceStatus
+from workers.engine.sequence import Sequence, SequenceStatus
 
 
 class MicroBatches:
@@ -46,6 +47,8 @@ class MicroBatches:
         self.runner = runner
         self.on_scheduled = on_scheduled
         self._in_flight: deque[ScheduledBatch] = deque()
+        self._released: dict[str, list[int]] = {}
+        """Blocks of sequences finished in flight, freed when their batch is collected."""
         self.in_flight_ids: set[str] = set()
         """Ids of the sequences in a submitted batch whose logits are not collected."""
 
@@ -70,8 +73,19 @@ class MicroBatches:
             return None
         done = self._in_flight.popleft()
         logits = self.runner.collect()
-        self.in_flight_ids.difference_update(seq.seq_id for seq in done.seqs)
+        for seq in done.seqs:
+            self.in_flight_ids.discard(seq.seq_id)
+            self.scheduler.pool.release(self._released.pop(seq.seq_id, []))
         return still_running(done, logits)
+
+    def release_blocks(self, seq: Sequence) -> None:
+        """Frees a finished sequence's blocks: now, or once its batch is collected if it is
+        in flight (see the module doc)."""
+        if seq.seq_id not in self.in_flight_ids:
+            self.scheduler.pool.release(seq.block_table)
+            return
+        self._released[seq.seq_id] = list(seq.block_table)
+        seq.block_table.clear()
 
 
 def still_running(batch: ScheduledBatch, logits: torch.Tensor
