@@ -19,6 +19,16 @@ from workers.model.presets import load_preset
 from workers.model.tiny_model import make_variant
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """A module's own local Ray (2 CPUs, as CI has)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def make_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     folders: dict[str, Path] = {}

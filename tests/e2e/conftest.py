@@ -1,10 +1,9 @@
-"""Fixtures of the e2e tests: the shared 16-request workload and its transformers reference;
-`local_ray`, a module's own local Ray (2 CPUs, as CI has)."""
+"""Fixtures of the e2e tests: the shared 16-request workload and its transformers reference
+(`local_ray`, a module's own local Ray, is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-import ray
 
 from tests.cluster.helpers import hf_greedy, prompts
 from workers.text.tokenizer import Tokenizer
@@ -24,10 +23,3 @@ def workload(tiny_model_dir, hf_reference):
         expected = tokenizer.decode(hf_greedy(model, prompt, max_tokens))
         cases.append((prompt, max_tokens, i % 2 == 0, expected))
     return cases
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
-    yield
-    ray.shutdown()

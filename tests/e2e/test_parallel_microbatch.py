@@ -10,14 +10,10 @@ import asyncio
 import httpx
 import pytest
 
-from cluster.config import ClusterConfig
-from router.router_state import RouterConfig
 from tests.cluster.helpers import prompts
 from tests.e2e.served_cluster import complete, run_workload, served, wait_blocks_free
 from tests.e2e.test_http_serving import disconnect_after
-from workers.config import CacheConfig, EngineConfig
-
-BLOCK = 8
+from tests.e2e.test_parallel_serving import colocated_config
 
 pytestmark = pytest.mark.usefixtures("local_ray")
 
@@ -36,11 +32,7 @@ async def _workload_with_hang_ups(url: str, workload) -> list:
 @pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 2)], ids=["pp2", "tp2xpp2"])
 def test_micro_batches_over_http_exact_and_hang_ups_free_every_block(tp, pp, tiny_model_dir,
                                                                    workload):
-    engine = EngineConfig(model=str(tiny_model_dir),
-                          cache=CacheConfig(block_size=BLOCK, num_blocks=128))
-    config = ClusterConfig(engine=engine, model_name="tiny", name=f"mb-tp{tp}pp{pp}",
-                           num_colocated=1, tp=tp, pp=pp,
-                           router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1))
+    config = colocated_config(tiny_model_dir, tp, pp, f"mb-tp{tp}pp{pp}", num_blocks=128)
     with served(config) as (url, cluster):
         results = asyncio.run(_workload_with_hang_ups(url, workload))
         for (prompt, max_tokens, stream, expected), (text, tokens, reason) in zip(

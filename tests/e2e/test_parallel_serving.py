@@ -19,14 +19,18 @@ BLOCK = 8
 pytestmark = pytest.mark.usefixtures("local_ray")
 
 
+def colocated_config(model_dir, tp: int, pp: int, name: str, num_blocks: int) -> ClusterConfig:
+    """One colocated worker of tp x pp ranks on the tiny model."""
+    engine = EngineConfig(model=str(model_dir),
+                          cache=CacheConfig(block_size=BLOCK, num_blocks=num_blocks))
+    return ClusterConfig(engine=engine, model_name="tiny", name=name, num_colocated=1,
+                         tp=tp, pp=pp, router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1))
+
+
 @pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
 def test_colocated_parallel_worker_greedy_matches_transformers(tp, pp, tiny_model_dir,
                                                                workload):
-    engine = EngineConfig(model=str(tiny_model_dir),
-                          cache=CacheConfig(block_size=BLOCK, num_blocks=96))
-    config = ClusterConfig(engine=engine, model_name="tiny", name=f"tp{tp}pp{pp}",
-                           num_colocated=1, tp=tp, pp=pp,
-                           router=RouterConfig(block_size=BLOCK, poll_interval_s=0.1))
+    config = colocated_config(tiny_model_dir, tp, pp, f"tp{tp}pp{pp}", num_blocks=96)
     with served(config) as (url, cluster):
         info = cluster.infos["colocated-0"]
         assert (info["tp"], info["pp"]) == (tp, pp)

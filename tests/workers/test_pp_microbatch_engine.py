@@ -7,7 +7,6 @@ batch is back (every block free at the end)."""
 from __future__ import annotations
 
 import pytest
-import ray
 
 from tests.cluster.helpers import prompts
 from workers.actors.rank_group import RankGroup
@@ -19,11 +18,7 @@ from workers.engine.sampling_params import SamplingParams
 NUM_REQUESTS = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("local_ray")
 
 
 @pytest.fixture
