@@ -2,8 +2,9 @@
 worker one placement group of rank actors joined over gloo, KV moved rank to rank over gloo
 pairs (each prefill rank sends its slice's intersection with each decode rank's straight into
 that rank's reserved blocks), greedy text identical to transformers' in float32 under
-concurrent mixed-length requests, every KV block free on both workers afterwards, and
-/metrics showing each rank's KV cache of both workers.
+concurrent mixed-length requests (then again, their prefixes cached on both workers), every
+KV block free on both workers afterwards, and /metrics showing each rank's KV cache of both
+workers.
 
 Shapes: P TP2 -> D TP1, P TP1 -> D TP2 (16 concurrent requests each), P PP2 -> D PP1,
 P TP1/PP2 -> D TP2/PP1, and an MQA model (1 kv head) at P TP2 -> D TP2, where the head is
@@ -95,6 +96,11 @@ def test_prefill_and_decode_of_different_shapes_match_transformers(
             assert len({r["pid"] for r in info["ranks"]}) == shape[0] * shape[1]
         run_workload(url, workload)
         wait_blocks_free(cluster)
+        # Again: the prompts' full blocks are now cached on both workers, so each prefill
+        # rank sends only the blocks after the decode worker's cached prefix.
+        run_workload(url, workload)
+        wait_blocks_free(cluster)
+        assert cluster.call("decode-0", "prefix_cache_stats")["hits"] > 0
         # The driver's own pairs go to exactly the decode ranks its slice feeds.
         decode_address = cluster.call("decode-0", "report", "tcp://127.0.0.1:1").kv_address
         layout = KVLayout.from_dict(cluster.infos["prefill-0"]["kv_layout"])
