@@ -116,12 +116,13 @@ def build_step_tensors(step: StepInput, device: torch.device) -> StepTensors:
     for table in step.block_tables:
         packed += table
         packed += [0] * (width - len(table))
+    packed += step.tree_masks or []
     host = torch.tensor(packed, dtype=torch.int64)
     if device.type == "cuda":
         host = host.pin_memory().to(device, non_blocking=True)
     n, s = step.num_tokens, step.num_seqs
-    sizes = [n, n, n, len(step.logits_indices), s + 1, s, s * width]
-    ids, positions, slots, logits, starts, seq_lens, tables = host.split(sizes)
+    sizes = [n, n, n, len(step.logits_indices), s + 1, s, s * width, len(step.tree_masks or [])]
+    ids, positions, slots, logits, starts, seq_lens, tables, tree_masks = host.split(sizes)
     starts_host = step.query_start_loc
     query_lens = [starts_host[i + 1] - starts_host[i] for i in range(s)]
     meta = AttentionMetadata(
@@ -133,8 +134,7 @@ def build_step_tensors(step: StepInput, device: torch.device) -> StepTensors:
         max_seq_len=max(step.seq_lens, default=0),
         query_start_loc_host=tuple(step.query_start_loc),
         seq_lens_host=tuple(step.seq_lens),
-        tree_masks=None if step.tree_masks is None else torch.tensor(
-            step.tree_masks, dtype=torch.int32).to(device),
+        tree_masks=None if step.tree_masks is None else tree_masks.to(torch.int32),
     )
     return StepTensors(ids, positions, logits, meta)
 
