@@ -62,7 +62,20 @@ def _config(model_dir: str, device: str, tp: int, pp: int):
                         scheduler=SchedulerConfig(max_num_seqs=4))
 
 
-def _rank(rank: int, model_dir: str, tp: int, pp: int, port: int, out: str) -> None:
+def _pipelined(runner, steps) -> list:
+    """Rank 0 of a pipeline with two micro-batches in flight (the engine's order: submit,
+    submit, collect, submit, collect, ...); logits in step order."""
+    logits = []
+    runner.submit(steps[0])
+    for step in steps[1:]:
+        runner.submit(step)
+        logits.append(runner.collect().cpu())
+    logits.append(runner.collect().cpu())
+    return logits
+
+
+def _rank(rank: int, model_dir: str, tp: int, pp: int, port: int, out: str,
+          micro: bool) -> None:
     from torch.distributed import TCPStore
 
     from workers.actors.rank_group import Rendezvous, group_backend, join_group, leave_group
@@ -77,7 +90,10 @@ def _rank(rank: int, model_dir: str, tp: int, pp: int, port: int, out: str) -> N
     channel = StepBroadcast()
     runner = ModelRunner(config, parallel, step_channel=channel if rank == 0 else None)
     if rank == 0:
-        logits = [runner.execute(step).cpu() for step in _steps()]
+        if micro:
+            logits = _pipelined(runner, _steps())
+        else:
+            logits = [runner.execute(step).cpu() for step in _steps()]
         channel.stop()
         torch.save({"logits": logits, "graphs": runner.graph_runner is not None}, out)
     else:
@@ -87,8 +103,12 @@ def _rank(rank: int, model_dir: str, tp: int, pp: int, port: int, out: str) -> N
     leave_group()
 
 
-@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (1, 2)], ids=["tp2-graphs", "pp2"])
-def test_two_gpu_group_matches_one_gpu(tp, pp):
+@pytest.mark.parametrize(("tp", "pp", "micro"), [(2, 1, False), (1, 2, False), (1, 2, True)],
+                         ids=["tp2-graphs", "pp2", "pp2-microbatches"])
+def test_two_gpu_group_matches_one_gpu(tp, pp, micro):
+    """pp2-microbatches: the driver keeps two steps in flight over NCCL (stage 0 runs step
+    n + 1 while stage 1 runs n); the steps' inputs are known ahead, so this is the engine's
+    order without sampling."""
     from workers.engine.model_runner import ModelRunner
     from workers.model.tiny_model import make_variant
 
@@ -101,7 +121,7 @@ def test_two_gpu_group_matches_one_gpu(tp, pp):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = os.path.join(tempfile.mkdtemp(), "rank0.pt")
-    ranks = mp.start_processes(_rank, args=(model_dir, tp, pp, port, out), nprocs=2,
+    ranks = mp.start_processes(_rank, args=(model_dir, tp, pp, port, out, micro), nprocs=2,
                                join=False, start_method="spawn")
     deadline = time.monotonic() + RANKS_TIMEOUT_S
     while not ranks.join(timeout=1.0):
