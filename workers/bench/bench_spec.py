@@ -234,7 +234,9 @@ def main(argv: list[str]) -> int:
             prompts = repetitive_prompts(batch, args.input_len, vocab, seed=batch)
             tpot, per_step = measure_tpot(engine, prompts, args.output_len)
             rows.append((batch, method, tpot, per_step))
-        if method == "self-draft":  # a speculating target: it has the verify graphs
+        # The first speculating target (it has the verify graphs) times the verify steps:
+        # --methods ngram alone measures them without loading a second model.
+        if method == next((m for m in methods if m in ("ngram", "self-draft")), None):
             tree_lines = []
             for batch in sizes:
                 costs = verify_step_costs(engine, batch, args.input_len, args.k, args.tree_size)
