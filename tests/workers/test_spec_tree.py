@@ -231,3 +231,31 @@ def test_medusa_tree_on_cuda_with_triton_equals_transformers(tiny_model_dir, ech
     outs = [o.token_ids for o in engine.generate(prompts, greedy())]
     assert outs == hf_greedy(tiny_model_dir, prompts, NUM_NEW)
     assert engine.num_free_blocks == engine.num_total_blocks
+
+
+def test_medusa_tree_on_a_decode_worker_equals_transformers(spec_engine, echo_medusa_dir,
+                                                            tiny_model_dir, hf_greedy):
+    """1P+1D in one process: the decode worker proposes trees from its second step on (the
+    prompt's hidden state stayed on the prefill worker) and gives transformers' tokens."""
+    from tests.workers.test_engine_disagg import copy_kv_blocks
+
+    prompts = repetitive_prompts(6, seed=47)
+    ids = [f"r{i}" for i in range(len(prompts))]
+    prefill = spec_engine("medusa", 3, echo_medusa_dir, role="prefill", medusa_tree="tree")
+    decode = spec_engine("medusa", 3, echo_medusa_dir, role="decode", medusa_tree="tree")
+    paths = record_accepted_rows(decode)
+    dest = {rid: decode.reserve_remote(rid, p, greedy()) for rid, p in zip(ids, prompts,
+                                                                          strict=True)}
+    for rid, prompt in zip(ids, prompts, strict=True):
+        prefill.add_request(rid, prompt, greedy())
+    while prefill.has_unfinished():
+        for out in prefill.step():
+            copy_kv_blocks(prefill, prefill.held_block_ids(out.request_id), decode,
+                           dest[out.request_id])
+            prefill.release(out.request_id)
+            decode.commit_remote(out.request_id, out.token_ids[0])
+    finals = {}
+    while decode.has_unfinished():
+        finals.update({o.request_id: o.token_ids for o in decode.step() if o.finished})
+    assert [finals[rid] for rid in ids] == hf_greedy(tiny_model_dir, prompts, NUM_NEW)
+    assert decode.spec.totals.num_drafts > 0 and paths
