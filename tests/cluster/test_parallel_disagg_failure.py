@@ -21,9 +21,8 @@ from tests.cluster.helpers import (
     wait_readmitted,
     wait_until,
 )
-from workers.engine.sampling_params import SamplingParams
+from tests.cluster.test_ray_rank_failure import request
 from workers.kv_transfer.rank_routes import GroupAddress
-from workers.protocol import GenerateRequest
 
 BLOCK = 8
 
@@ -35,21 +34,17 @@ def cluster(tiny_model_dir):
                                 decode_tp=2)
 
 
-@pytest.fixture()
-def collector():
-    collector = ChunkCollector()
-    yield collector
-    collector.close()
-
-
-def request(rid, prompt, address, max_tokens):
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
-
-
 def test_decode_rank_killed_mid_stream_then_the_new_group_receives_rank_to_rank(
-    cluster, collector, tiny_model_dir, hf_reference
+    cluster, tiny_model_dir, hf_reference
 ):
+    collector = ChunkCollector()
+    try:
+        _kill_a_rank_then_serve(cluster, collector, tiny_model_dir, hf_reference)
+    finally:
+        collector.close()
+
+
+def _kill_a_rank_then_serve(cluster, collector, tiny_model_dir, hf_reference) -> None:
     ranks = cluster.call("decode-0", "ready")["ranks"]
     old_address = GroupAddress.parse(cluster.call("decode-0", "kv_address"))
     assert len(old_address.addresses) == 2
