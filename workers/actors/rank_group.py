@@ -199,7 +199,9 @@ class RankGroup:
         return ray.get([actor.info.remote() for actor in self.ranks], timeout=10)
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stops the other ranks' loops and leaves the group. Idempotent."""
+        """Stops the other ranks' loops and leaves the group. Idempotent. Close the driver's
+        runner first (`ModelRunner.close`): NCCL calls captured in its CUDA graphs would keep
+        the group's teardown waiting (pytorch#115388)."""
         import ray
 
         if self._closing.is_set():
