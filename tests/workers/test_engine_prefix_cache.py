@@ -12,7 +12,6 @@ import random
 import pytest
 
 from tests.workers.test_engine_disagg import copy_kv_blocks
-from tests.workers.test_spec_engine import draft_model_dir, spec_engine  # noqa: F401
 from workers.engine.sampling_params import SamplingParams
 from workers.errors import NoCapacity
 
