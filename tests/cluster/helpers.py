@@ -245,6 +245,24 @@ def wait_readmitted(cluster, worker_id: str, timeout_s: float = 120,
     wait_until(admitted, timeout_s, f"{worker_id} re-admitted")
 
 
+def wait_pairs_ready(cluster, timeout_s: float = 60) -> None:
+    """Until every prefill worker's KV pair with every decode worker is set up (a decode
+    worker restarted by an earlier test gets new pairs in the background after its
+    readmission; until they are up its requests wait in transfer, not in decode)."""
+    prefill = [w for w in cluster.workers if w.startswith("prefill")]
+    decode = [w for w in cluster.workers if w.startswith("decode")]
+
+    def ready() -> bool:
+        addresses = [cluster.call(d, "kv_address") for d in decode]
+        for p in prefill:
+            paths = cluster.call(p, "transfer_paths")
+            if any(paths.get(a, {}).get("path") is None for a in addresses):
+                return False
+        return True
+
+    wait_until(ready, timeout_s, "every prefill -> decode KV pair set up")
+
+
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy continuation by transformers (float32, no EOS stop: compare with ignore_eos)."""

@@ -26,6 +26,7 @@ from tests.cluster.helpers import (
     prompts,
     tiny_ray_cluster,
     wait_all_ready,
+    wait_pairs_ready,
     wait_readmitted,
     wait_until,
 )
@@ -71,6 +72,13 @@ def kill(cluster, worker_id: str) -> str:
     old = incarnation(cluster, worker_id)
     ray.kill(cluster.workers[worker_id], no_restart=False)
     return old
+
+
+def kill_placed(cluster, worker_id: str) -> tuple[str, dict[str, int]]:
+    """`kill`, with the number of requests the router had placed on each worker just before."""
+    placed = {m["worker_id"]: m.get("num_requests", 0)
+              for m in ray.get(cluster.router.worker_metrics.remote())}
+    return kill(cluster, worker_id), placed
 
 
 def assert_exact(streams, reqs, model, max_tokens: int) -> None:
@@ -241,27 +249,30 @@ def test_http_streams_continue_token_exact_when_the_decode_worker_is_killed(
     number of tokens: every stream ends with exactly the tokens transformers gives, no wait
     between two of its tokens reaches MAX_STALL_S, and every block is free afterwards."""
     wait_all_ready(cluster)
+    wait_pairs_ready(cluster)  # else decode-0's requests may all still be in transfer
     rng = random.Random(21)
     vocab = cluster.infos["prefill-0"]["vocab_size"]
     max_tokens = 40
     batch = prompts(16, vocab, seed=11, low=16, high=64)
     model = hf_reference(tiny_model_dir)
     before = stats(cluster)
-    killed: list[str] = []
+    killed: list[tuple[str, dict[str, int]]] = []
     app = build_app(cluster.config, cluster.router, cluster.max_model_len)
     with serve(app) as url:
         got = asyncio.run(sse_streams(url, batch, max_tokens, rng.randrange(len(batch)),
                                       rng.randint(1, 12),
-                                      lambda: killed.append(kill(cluster, "decode-0"))))
+                                      lambda: killed.append(kill_placed(cluster, "decode-0"))))
     gaps = []
     for prompt, (ids, times, reason) in zip(batch, got, strict=True):
         assert reason == "length" and ids == hf_greedy(model, prompt, max_tokens)
         gaps.append(max(b - a for a, b in zip(times, times[1:], strict=False)))
     after = stats(cluster)
-    assert after["migrations"] > before["migrations"], after
+    assert after["migrations"] > before["migrations"], (
+        f"no stream migrated: (incarnation, this router's requests per decode worker) at the "
+        f"kill {killed}; router stats {after}")
     assert after["migrations_failed"] == before["migrations_failed"], after
     assert max(gaps) < MAX_STALL_S, gaps
     print(f"{after['migrations'] - before['migrations']} migrations; longest wait between tokens "
           f"{max(gaps):.2f} s")
-    wait_readmitted(cluster, "decode-0", old=killed[0])
+    wait_readmitted(cluster, "decode-0", old=killed[0][0])
     wait_until(lambda: all_blocks_free(cluster), 10, "blocks free after the migrations")
