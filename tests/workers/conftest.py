@@ -28,6 +28,13 @@ from workers.model.tiny_model import make_tiny_model
 from workers.spec.medusa import make_random_medusa
 
 
+def assert_drained(engines) -> None:
+    """A fixture's engines at teardown: nothing left running, every KV block free."""
+    for engine in engines:
+        assert not engine.has_unfinished()
+        assert engine.num_free_blocks == engine.num_total_blocks, "KV blocks leaked"
+
+
 @pytest.fixture
 def make_engine(tiny_model_dir) -> Callable[..., LLMEngine]:
     engines: list[LLMEngine] = []
@@ -56,9 +63,7 @@ def make_engine(tiny_model_dir) -> Callable[..., LLMEngine]:
         return engines[-1]
 
     yield make
-    for engine in engines:
-        assert not engine.has_unfinished()
-        assert engine.num_free_blocks == engine.num_total_blocks, "KV blocks leaked"
+    assert_drained(engines)
 
 
 @pytest.fixture(scope="session")
@@ -118,9 +123,7 @@ def spec_engine(tiny_model_dir):
         return engines[-1]
 
     yield make
-    for engine in engines:
-        assert not engine.has_unfinished()
-        assert engine.num_free_blocks == engine.num_total_blocks, "KV blocks leaked"
+    assert_drained(engines)
 
 
 @pytest.fixture(scope="session")

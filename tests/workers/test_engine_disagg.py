@@ -23,6 +23,28 @@ def copy_kv_blocks(src: LLMEngine, src_ids: list[int], dst: LLMEngine, dst_ids: 
             v_dst[d].copy_(v_src[s])
 
 
+def hand_over(prefill: LLMEngine, decode: LLMEngine, dest: dict[str, list[int]]) -> list:
+    """Runs `prefill` to the end; each request's KV goes into the blocks `decode` reserved
+    for it (`dest`), then decode commits it. The prefill side's outputs, in order."""
+    outs = []
+    while prefill.has_unfinished():
+        for out in prefill.step():
+            outs.append(out)
+            copy_kv_blocks(prefill, prefill.held_block_ids(out.request_id), decode,
+                           dest[out.request_id])
+            prefill.release(out.request_id)
+            decode.commit_remote(out.request_id, out.token_ids[0])
+    return outs
+
+
+def decode_to_end(decode: LLMEngine) -> dict:
+    """Steps `decode` until nothing is left; the final output of each request by id."""
+    finals = {}
+    while decode.has_unfinished():
+        finals.update({o.request_id: o for o in decode.step() if o.finished})
+    return finals
+
+
 def test_disaggregated_prefill_then_decode_equals_colocated_greedy(make_engine, random_prompts):
     prompts = random_prompts(5, seed=12)
     colocated_outs = make_engine().generate(prompts, GREEDY)
@@ -36,17 +58,11 @@ def test_disaggregated_prefill_then_decode_equals_colocated_greedy(make_engine, 
     assert len(decoy) == 3 and all(
         len(dest[f"r{i}"]) == len(p) // 4 + 1 for i, p in enumerate(prompts)
     )
-    texts: dict[str, str] = {}
     for i, prompt in enumerate(prompts):
         prefill.add_request(f"r{i}", prompt, GREEDY)
-    while prefill.has_unfinished():
-        for out in prefill.step():
-            assert out.finished and out.finish_reason == "prefill_done"
-            texts[out.request_id] = out.text_delta
-            held = prefill.held_block_ids(out.request_id)
-            copy_kv_blocks(prefill, held, decode, dest[out.request_id])
-            prefill.release(out.request_id)
-            decode.commit_remote(out.request_id, out.token_ids[0])
+    handed = hand_over(prefill, decode, dest)
+    assert all(out.finished and out.finish_reason == "prefill_done" for out in handed)
+    texts = {out.request_id: out.text_delta for out in handed}
     assert prefill.num_free_blocks == prefill.num_total_blocks
     finals = {}
     while decode.has_unfinished():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from tests.workers.test_engine_disagg import copy_kv_blocks
+from tests.workers.test_engine_disagg import decode_to_end, hand_over
 from tests.workers.test_spec_engine import NUM_NEW, greedy
 from workers.engine.engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
@@ -103,15 +103,8 @@ def test_decode_worker_prefills_the_draft_in_budgeted_chunks(spec_engine, tiny_m
     dest = {rid: decode.reserve_remote(rid, p, params) for rid, p in zip(ids, prompts, strict=True)}
     for rid, prompt in zip(ids, prompts, strict=True):
         prefill.add_request(rid, prompt, params)
-    while prefill.has_unfinished():
-        for out in prefill.step():
-            copy_kv_blocks(prefill, prefill.held_block_ids(out.request_id), decode,
-                           dest[out.request_id])
-            prefill.release(out.request_id)
-            decode.commit_remote(out.request_id, out.token_ids[0])
-    finals = {}
-    while decode.has_unfinished():
-        finals.update({o.request_id: o for o in decode.step() if o.finished})
+    hand_over(prefill, decode, dest)
+    finals = decode_to_end(decode)
     expected = hf_greedy(tiny_model_dir, prompts, 3 * NUM_NEW)
     assert [finals[rid].token_ids for rid in ids] == expected
     totals = decode.spec.totals

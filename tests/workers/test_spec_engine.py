@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from tests.workers.test_engine_disagg import copy_kv_blocks
+from tests.workers.test_engine_disagg import decode_to_end, hand_over
 from tests.workers.test_spec import chi_square_p_value
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from workers.engine.engine import LLMEngine
@@ -159,15 +159,8 @@ def test_disaggregated_acceptance_equals_colocated(spec_engine, draft_model_dir)
                 for i, p in enumerate(prompts)}
         for i, prompt in enumerate(prompts):
             prefill.add_request(f"r{i}", prompt, params[i])
-        while prefill.has_unfinished():
-            for out in prefill.step():
-                held = prefill.held_block_ids(out.request_id)
-                copy_kv_blocks(prefill, held, decode, dest[out.request_id])
-                prefill.release(out.request_id)
-                decode.commit_remote(out.request_id, out.token_ids[0])
-        finals = {}
-        while decode.has_unfinished():
-            finals.update({o.request_id: o for o in decode.step() if o.finished})
+        hand_over(prefill, decode, dest)
+        finals = decode_to_end(decode)
         for rid, out in expected.items():
             assert finals[rid].token_ids == out.token_ids
             assert finals[rid].metrics.spec == out.metrics.spec

@@ -237,7 +237,7 @@ def test_medusa_tree_on_a_decode_worker_equals_transformers(spec_engine, echo_me
                                                             tiny_model_dir, hf_greedy):
     """1P+1D in one process: the decode worker proposes trees from its second step on (the
     prompt's hidden state stayed on the prefill worker) and gives transformers' tokens."""
-    from tests.workers.test_engine_disagg import copy_kv_blocks
+    from tests.workers.test_engine_disagg import decode_to_end, hand_over
 
     prompts = repetitive_prompts(6, seed=47)
     ids = [f"r{i}" for i in range(len(prompts))]
@@ -248,14 +248,7 @@ def test_medusa_tree_on_a_decode_worker_equals_transformers(spec_engine, echo_me
                                                                           strict=True)}
     for rid, prompt in zip(ids, prompts, strict=True):
         prefill.add_request(rid, prompt, greedy())
-    while prefill.has_unfinished():
-        for out in prefill.step():
-            copy_kv_blocks(prefill, prefill.held_block_ids(out.request_id), decode,
-                           dest[out.request_id])
-            prefill.release(out.request_id)
-            decode.commit_remote(out.request_id, out.token_ids[0])
-    finals = {}
-    while decode.has_unfinished():
-        finals.update({o.request_id: o.token_ids for o in decode.step() if o.finished})
-    assert [finals[rid] for rid in ids] == hf_greedy(tiny_model_dir, prompts, NUM_NEW)
+    hand_over(prefill, decode, dest)
+    finals = decode_to_end(decode)
+    assert [finals[rid].token_ids for rid in ids] == hf_greedy(tiny_model_dir, prompts, NUM_NEW)
     assert decode.spec.totals.num_drafts > 0 and paths
