@@ -329,11 +329,11 @@ class LLMEngine:
         if not batch.sampled:
             return [], []
         if self.spec is not None and any(seq.spec_token_ids for seq in batch.sampled):
-            rows = [self.rows.after_drafts(seq, drafts)
+            rows = [self.rows.row(seq, drafts)
                     for seq in batch.sampled for drafts in self.spec.draft_prefixes(seq)]
             result = self.spec.verify(self.sampler, logits, batch.sampled, rows)
             return result.token_ids, result.logprobs
-        out = self.sampler(logits, [self.rows.plain(seq) for seq in batch.sampled])
+        out = self.sampler(logits, [self.rows.row(seq) for seq in batch.sampled])
         return [[t] for t in out.token_ids], [[lp] for lp in out.logprobs]
 
     def _after_tokens(self, seq: Sequence, num_new: int, logprobs: list[dict | None]

@@ -7,6 +7,8 @@ verification run that accepts a draft, draws what a plain decode of that positio
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
+
 import torch
 
 from workers.engine.sampler import SamplingRow, position_seed
@@ -27,22 +29,9 @@ class SamplingRows:
     def forget(self, seq_id: str) -> None:
         self._generators.pop(seq_id, None)
 
-    def plain(self, seq: Sequence) -> SamplingRow:
-        """The row that samples seq's next token (a plain decode or a prefill's last step)."""
-        generator = self._generators.get(seq.seq_id)
-        if generator is not None:
-            generator.manual_seed(position_seed(seq.params.seed, seq.num_output_tokens))
-        return SamplingRow(
-            params=seq.params,
-            prompt_token_ids=seq.prompt_token_ids,
-            output_token_ids=seq.output_token_ids,
-            generator=generator,
-            banned_token_ids=self.stop_checker.banned_token_ids(seq),
-        )
-
-    def after_drafts(self, seq: Sequence, drafts: list[int]) -> SamplingRow:
-        """The row that samples seq's output token after `drafts` (a verification run's row),
-        with that position's seed and min_tokens ban."""
+    def row(self, seq: Sequence, drafts: Seq[int] = ()) -> SamplingRow:
+        """The row that samples seq's next output token, or the one after `drafts` (a
+        verification run's row), with that position's seed and min_tokens ban."""
         position = seq.num_output_tokens + len(drafts)
         generator = self._generators.get(seq.seq_id)
         banned = self.stop_checker.banned_token_ids(seq) \
@@ -51,8 +40,8 @@ class SamplingRows:
             params=seq.params,
             prompt_token_ids=seq.prompt_token_ids,
             # Only penalties read the output; a copy per row costs O(output) per draft.
-            output_token_ids=seq.output_token_ids + drafts if seq.params.has_penalties
-            else seq.output_token_ids,
+            output_token_ids=seq.output_token_ids + list(drafts)
+            if drafts and seq.params.has_penalties else seq.output_token_ids,
             generator=generator,
             seed=position_seed(seq.params.seed, position) if generator is not None else None,
             banned_token_ids=banned,
