@@ -107,6 +107,13 @@ def _w4a16_kernel(
     store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om)
 
 
+MAGIC: tl.constexpr = tl.constexpr(0x4B000000)
+"""float32 bits of 2**23: OR-ing a nibble q into its low mantissa bits gives the float
+2**23 + q, so `bits.to(float32, bitcast=True) - 2**23` is q exactly, in two full-rate ALU ops
+where an int -> float conversion runs at a quarter of their rate."""
+MAGIC_F: tl.constexpr = tl.constexpr(8388608.0)
+
+
 @triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
@@ -115,10 +122,64 @@ def _w4a16_gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr,
 ):
-    """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K."""
+    """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K.
+
+    Each packed word [BLOCK_K / 8, BLOCK_N] is loaded once; nibble j of every word (input row
+    8i + j) is widened with the 2**23 trick (MAGIC) and multiplied by x[8i + j], accumulated per
+    word row in float32 without rounding the weight; the group scale is applied once per word
+    (a packed row lies inside one group: group sizes are multiples of 8), and the sum over K
+    is taken once after the loop."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
-    # Products summed elementwise across K tiles, reduced over K once after the loop (a
-    # reduction per tile would cross warps through shared memory every iteration).
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_w = k0 + offs_w * 8  # first input row of each packed row
+        w_ok = k_w < K
+        packed = tl.load(
+            qw_ptr + (k_w // 8)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+            mask=w_ok[:, None] & n_ok[None, :], other=0,
+        )
+        if GROUP_PER_TILE:
+            g_off = (k0 // group_size) * stride_sg + offs_n[None, :]
+            g_ok = n_ok[None, :]
+        else:
+            g_off = (k_w // group_size)[:, None] * stride_sg + offs_n[None, :]
+            g_ok = w_ok[:, None] & n_ok[None, :]
+        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+        # q - z (or q alone in min form) exactly: (2**23 + q) - (2**23 + z).
+        if MIN_FORM:
+            offset = tl.zeros_like(z) + MAGIC_F
+        else:
+            offset = z + MAGIC_F
+        part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + k_w + j, mask=w_ok, other=0.0).to(tl.float32)
+            q = (((packed >> (4 * j)) & 0xF) | MAGIC).to(tl.float32, bitcast=True) - offset
+            part += xj[:, None] * q
+            if MIN_FORM:
+                x_sum += xj
+        if MIN_FORM:  # sum x (q s + m) = s sum x q + m sum x
+            acc += part * s + x_sum[:, None] * z
+        else:
+            acc += part * s
+    store_row(out_ptr, tl.sum(acc, axis=0), pid_k, row, offs_n, N, stride_os, stride_om)
+
+
+@triton.jit
+def _w4a16_gemv_rows_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    N, K, group_size, k_per_split,
+    stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr,
+):
+    """The previous matrix-vector form (each k's word loaded by offs_k // 8, the weight
+    dequantized and rounded to x's dtype), kept for the benchmark's --sweep (launch
+    unpack='rows') until the GPU run picks one."""
+    row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         x, offs_k, k_ok = load_x_row(x_ptr, row, k0, K, stride_xm, BLOCK_K)
@@ -137,6 +198,7 @@ def _check(x, qweight, scales, zeros, group_size) -> None:
     assert x.dim() == 2 and x.stride(1) == 1, f"x {tuple(x.shape)} stride {x.stride()}"
     k = x.shape[1]
     assert k % 8 == 0, f"K {k} is not a multiple of 8"
+    assert group_size % 8 == 0, f"group size {group_size} is not a multiple of 8"
     assert qweight.dtype == torch.int32 and qweight.shape[0] == k // 8, (
         f"qweight {qweight.dtype} {tuple(qweight.shape)} vs K {k}")
     assert qweight.stride(1) == 1, f"qweight stride {qweight.stride()}"
@@ -184,6 +246,7 @@ def w4a16_matmul(
 def w4a16_gemv(
     x, qweight, scales, zeros, group_size: int, min_form: bool, *,
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
+    unpack: str = "words",
 ) -> torch.Tensor:
     """The matrix-vector form of `w4a16_matmul` with an explicit launch configuration (the
     benchmark's --sweep times several); `block_k` at most the group size for one scale row per
@@ -191,7 +254,8 @@ def w4a16_gemv(
     (m, k), n = x.shape, qweight.shape[1]
     out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
     grid = (m, triton.cdiv(n, block_n), splits)
-    _w4a16_gemv_kernel[grid](
+    kernel = {"words": _w4a16_gemv_kernel, "rows": _w4a16_gemv_rows_kernel}[unpack]
+    kernel[grid](
         x, qweight, scales, zeros, out,
         n, k, group_size, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0),

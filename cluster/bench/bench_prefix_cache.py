@@ -60,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="bytes of KV cache per engine (default: 12 GiB on CUDA, 256 MiB on CPU)")
     p.add_argument("--kv-transport", default="zmq", choices=["zmq", "gloo", "cuda_ipc"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true",
+                   help="with caching on, profile 4 more cached requests (one at a time) and "
+                        "print where their TTFT goes: GPU kernels and host ops")
     return p.parse_args(argv)
 
 
@@ -123,6 +126,8 @@ def engine_run(args: argparse.Namespace, caching: bool) -> dict[str, Any]:
                 first = time.perf_counter() - start
                 cached.append(outputs[0].num_cached_tokens)
         ttfts.append(first)
+    if caching and args.profile:
+        profile_ttft(engine, prompts[:4], sampling)
     start = time.perf_counter()
     engine.generate(batch, sampling)  # new tails: only the shared prefix is cached
     seconds = time.perf_counter() - start
@@ -135,6 +140,29 @@ def engine_run(args: argparse.Namespace, caching: bool) -> dict[str, Any]:
     del engine
     release_memory()
     return result
+
+
+def profile_ttft(engine: LLMEngine, prompts: list[list[int]], sampling: SamplingParams) -> None:
+    """Prints torch.profiler's GPU-kernel and host-op tables over `prompts` served one at a
+    time up to their first token (then aborted, so decode steps do not mix in)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"profile-{i}", prompt, sampling)
+            while not engine.step():
+                pass
+            engine.abort(f"profile-{i}")
+            while engine.has_unfinished():
+                engine.step()
+    averages = prof.key_averages()
+    if torch.cuda.is_available():
+        print(f"profile of {len(prompts)} cached TTFTs, by GPU time:")
+        print(averages.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
+    print(f"profile of {len(prompts)} cached TTFTs, by host time:")
+    print(averages.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60))
 
 
 def release_memory() -> None:

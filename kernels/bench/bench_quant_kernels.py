@@ -51,18 +51,28 @@ GRAPH_CALLS = 64
 """Calls per CUDA graph replay."""
 
 W4_SWEEP = [
+    {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st, "unpack": "rows"}
+    for bn, bk, w, st in [(64, 128, 4, 3), (128, 128, 8, 3)]
+] + [
     {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
-    for bn, bk, w, st in [(32, 128, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 3),
-                          (128, 128, 4, 3), (128, 128, 8, 3), (64, 64, 2, 3), (32, 128, 2, 4),
-                          (64, 256, 8, 3)]
-] + [{"block_n": 64, "block_k": 128, "num_warps": 4, "num_stages": 3, "split": s}
-     for s in (1, 2, 8, 16)]
+    for bn, bk, w, st in [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
+                          (256, 64, 4, 3), (128, 256, 8, 3), (64, 256, 4, 3), (512, 64, 8, 3),
+                          (128, 128, 4, 1), (256, 128, 8, 1)]
+] + [{"block_n": bn, "block_k": 128, "num_warps": w, "num_stages": 3, "split": sp}
+     for bn, w, sp in [(128, 4, 4), (128, 4, 8), (128, 8, 16), (256, 8, 8), (64, 4, 16)]]
 CHANNEL_SWEEP = [
+    {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st, "words": False}
+    for bn, bk, w, st in [(32, 256, 4, 3), (64, 256, 4, 3)]
+] + [
     {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
     for bn, bk, w, st in [(32, 256, 4, 3), (64, 256, 4, 3), (16, 512, 4, 3), (32, 512, 4, 3),
-                          (64, 512, 8, 3), (128, 128, 4, 3), (32, 256, 2, 4), (64, 256, 4, 4)]
-] + [{"block_n": 32, "block_k": 256, "num_warps": 4, "num_stages": 3, "split": s}
-     for s in (1, 2, 8)]
+                          (64, 512, 8, 3), (128, 256, 8, 3), (8, 1024, 4, 3), (32, 256, 4, 1),
+                          (64, 256, 8, 1)]
+] + [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 3, "split": sp}
+     for bn, bk, w, sp in [(32, 256, 4, 4), (32, 256, 4, 8), (64, 256, 4, 8), (32, 512, 4, 8),
+                           (16, 512, 4, 16)]]
+"""Matrix-vector candidates (rows up to GEMV_MAX_ROWS): the previous kernels (unpack='rows',
+words=False) beside the bit-widening ones, tiles, warps, pipelining and explicit splits."""
 
 W4_DOT_SWEEP = [{"row_unpack": True}] + [
     {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st,
@@ -236,9 +246,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="M values (default 1 32 512; 1 32 with --sweep)")
     parser.add_argument("--eager", action="store_true",
                         help="time plain calls (host overhead included) instead of graph replay")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                        help="projections to time (default all)")
     parser.add_argument("--sweep", action="store_true",
                         help="time candidate launch configurations per shape")
     args = parser.parse_args(argv)
+    for name in set(SHAPES) - set(args.shapes):
+        del SHAPES[name]
     header(args.eager)
     if args.sweep:
         sweep(args.rows or [1, 32], args.eager)

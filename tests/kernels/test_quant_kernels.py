@@ -18,7 +18,7 @@ from kernels.quant_fp8 import (
 )
 from kernels.quant_split_k import reduce_splits, reduce_splits_ref
 from kernels.quant_w4a16 import dequantize_w4_ref, w4a16_matmul, w4a16_matmul_ref
-from kernels.quant_w8a16 import w8a16_matmul, w8a16_matmul_ref
+from kernels.quant_w8a16 import channel_matmul, w8a16_matmul, w8a16_matmul_ref
 from tests.kernels.tolerances import assert_close
 
 LLAMA3_8B_PROJECTIONS = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
@@ -204,3 +204,33 @@ def test_fp8_linear_at_llama3_8b_shapes_matches_reference(m, k, n):
     assert out.dtype == torch.bfloat16 and out.shape == (m, n)
     expected = fp8_linear_ref(x, weight, scales)
     torch.testing.assert_close(out.float(), expected.float(), atol=0.05, rtol=0.02)
+
+
+
+def every_byte_weight(n: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """[N, K] one-byte weights holding every bit pattern (FP8: all but NaN's two, subnormals
+    and -0.0 included) in shuffled order, repeated to fill N x K."""
+    patterns = torch.arange(256, dtype=torch.int32)
+    if dtype == FP8:
+        patterns = patterns[(patterns & 0x7F) != 0x7F]
+    order = torch.randperm(n * k, generator=torch.Generator().manual_seed(3))
+    picks = patterns[order % len(patterns)].reshape(n, k)
+    return picks.to(torch.uint8).view(dtype).to(device)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.int8, FP8], ids=["int8", "fp8"])
+def test_channel_matrix_vector_form_widens_every_byte_exactly(weight_dtype, device):
+    """The matrix-vector form reads the weight as int32 words and widens bytes with bit
+    operations (kernels/quant_w8a16.py): with one-hot rows of x every output is one weight
+    times its scale, which must equal torch's value of that byte bit for bit."""
+    n, k = 16, 64
+    weight = every_byte_weight(n, k, weight_dtype, device)
+    scales = torch.rand(n, generator=torch.Generator().manual_seed(5)).to(device) + 0.5
+    expected = (weight.float() * scales[:, None]).T  # [K, N]: row k is one-hot x at k
+    launch = {"block_n": 16, "block_k": 32, "split": 2, "num_warps": 2, "num_stages": 2}
+    for first in range(0, k, 4):
+        x = torch.zeros(4, k, device=device)
+        x[torch.arange(4), first + torch.arange(4)] = 1.0
+        for config in (None, launch):
+            out = channel_matmul(x, weight, scales, launch=config)
+            assert torch.equal(out, expected[first:first + 4]), (first, config)
