@@ -70,7 +70,9 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch reference of `quantize_rows_fp8`."""
     amax = x.abs().amax(dim=-1, keepdim=True).float()
-    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE)
+    # A tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal,
+    # which is not the IEEE quotient the kernel computes.
+    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=MIN_SCALE)
     x_q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return x_q, scale
 

@@ -164,16 +164,6 @@ def gemv_program(N, K, k_per_split, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def load_x_row(x_ptr, row, k0, K, stride_xm, BLOCK_K: tl.constexpr):
-    """(columns [k0, k0 + BLOCK_K) of row `row` of x (zeros past K), their offsets, in-K mask)
-    for the matrix-vector kernels."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < K
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs_k, mask=k_ok, other=0.0)
-    return x, offs_k, k_ok
-
-
-@triton.jit
 def store_row(out_ptr, acc, pid_k, row, offs_n, N, stride_os, stride_om):
     """Split pid_k's columns offs_n of output row `row` (the matrix-vector kernels)."""
     out = out_ptr + pid_k * stride_os + row.to(tl.int64) * stride_om + offs_n

@@ -12,16 +12,18 @@ AWQ checkpoints into it at load):
 or, with `min_form` (GGUF Q4_1, whose offset is not an integer zero point), `zeros` holds
 each group's minimum m and w[k, n] = q[k, n] * scales[g, n] + m[g, n].
 
-G = ceil(K / group_size): the last group may be shorter (K = 576, group 128). Dequantization
-is done in float32 and rounded once to x's dtype, so `dequantize_w4_ref(...).to(x.dtype)` is
-exactly the weight the kernel multiplies by.
+G = ceil(K / group_size): the last group may be shorter (K = 576, group 128). The tl.dot
+form dequantizes in float32 and rounds once to x's dtype (the tensor cores' operand), so
+`dequantize_w4_ref(...).to(x.dtype)` is exactly the weight it multiplies by; the
+matrix-vector form multiplies by the float32 weight unrounded (`w4a16_matmul_ref` follows).
 
 Decode (M <= 16) is bandwidth-bound and has too few output tiles to fill the GPU, so K is
 split across programs (SPLIT_K) and the float32 partial sums are added afterwards. Up to
 GEMV_MAX_ROWS rows run `_w4a16_gemv_kernel` instead: no tl.dot (which pads M to 16 and stages
-the dequantized tile through shared memory), each k's packed word loaded by offs_k // 8 and
-shifted by (offs_k % 8) * 4 (the 8 loads of one word hit L1), then a broadcast multiply by x
-accumulated elementwise in registers and summed over K once at the end.
+the dequantized tile through shared memory). It reads each packed word once and widens its
+nibbles with bit operations rather than int -> float conversions, which run at a quarter of
+the ALU rate and made the previous form (one conversion per weight, ~0.5 TB/s on an H100)
+compute-bound; see its docstring.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import triton.language as tl
 
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
-from kernels.quant_split_k import gemv_program, load_x_row, load_x_tile, store_row, store_tile
+from kernels.quant_split_k import gemv_program, load_x_tile, store_row, store_tile
 
 ROW_UNPACK = False
 """Default nibble unpacking of the tl.dot kernel (`_w4a16_kernel`'s ROW_UNPACK); the
@@ -115,12 +117,36 @@ MAGIC_F: tl.constexpr = tl.constexpr(8388608.0)
 
 
 @triton.jit
+def _load_w4_words(qw_ptr, s_ptr, z_ptr, k0, k_end, offs_w, offs_n, n_ok, group_size,
+                   stride_qk, stride_sg, GROUP_PER_TILE: tl.constexpr):
+    """Packed rows [k0 / 8, k0 / 8 + BLOCK_K / 8) of the weight's columns offs_n (zeros at or
+    past k_end), their groups' scales and zeros as float32 ([1, BLOCK_N] when the tile lies in
+    one group, else one row per packed row), the tile's first input row per packed row, and
+    which packed rows are real."""
+    k_w = k0 + offs_w * 8
+    w_ok = k_w < k_end
+    packed = tl.load(
+        qw_ptr + (k_w // 8)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
+        mask=w_ok[:, None] & n_ok[None, :], other=0,
+    )
+    if GROUP_PER_TILE:
+        g_off = (k0 // group_size) * stride_sg + offs_n[None, :]
+        g_ok = n_ok[None, :]
+    else:
+        g_off = (k_w // group_size)[:, None] * stride_sg + offs_n[None, :]
+        g_ok = w_ok[:, None] & n_ok[None, :]
+    s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+    return packed, s, z, k_w, w_ok
+
+
+@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
     N, K, group_size, k_per_split,
     stride_xm, stride_qk, stride_sg, stride_os, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr,
+    GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K.
 
@@ -128,26 +154,21 @@ def _w4a16_gemv_kernel(
     8i + j) is widened with the 2**23 trick (MAGIC) and multiplied by x[8i + j], accumulated per
     word row in float32 without rounding the weight; the group scale is applied once per word
     (a packed row lies inside one group: group sizes are multiples of 8), and the sum over K
-    is taken once after the loop."""
+    is taken once after the loop. PREFETCH: the next tile's loads are issued before this
+    tile's arithmetic (two tiles in flight per program; Triton pipelines only loads that
+    feed tl.dot)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 8)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
+    packed, s, z, k_w, w_ok = _load_w4_words(qw_ptr, s_ptr, z_ptr, k_start, k_end, offs_w,
+                                             offs_n, n_ok, group_size, stride_qk, stride_sg,
+                                             GROUP_PER_TILE)
     for k0 in range(k_start, k_end, BLOCK_K):
-        k_w = k0 + offs_w * 8  # first input row of each packed row
-        w_ok = k_w < K
-        packed = tl.load(
-            qw_ptr + (k_w // 8)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-            mask=w_ok[:, None] & n_ok[None, :], other=0,
-        )
-        if GROUP_PER_TILE:
-            g_off = (k0 // group_size) * stride_sg + offs_n[None, :]
-            g_ok = n_ok[None, :]
-        else:
-            g_off = (k_w // group_size)[:, None] * stride_sg + offs_n[None, :]
-            g_ok = w_ok[:, None] & n_ok[None, :]
-        s = tl.load(s_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g_off, mask=g_ok, other=0.0).to(tl.float32)
+        if PREFETCH:
+            n_packed, n_s, n_z, n_k_w, n_w_ok = _load_w4_words(
+                qw_ptr, s_ptr, z_ptr, k0 + BLOCK_K, k_end, offs_w, offs_n, n_ok, group_size,
+                stride_qk, stride_sg, GROUP_PER_TILE)
         # q - z (or q alone in min form) exactly: (2**23 + q) - (2**23 + z).
         if MIN_FORM:
             offset = tl.zeros_like(z) + MAGIC_F
@@ -165,32 +186,12 @@ def _w4a16_gemv_kernel(
             acc += part * s + x_sum[:, None] * z
         else:
             acc += part * s
-    store_row(out_ptr, tl.sum(acc, axis=0), pid_k, row, offs_n, N, stride_os, stride_om)
-
-
-@triton.jit
-def _w4a16_gemv_rows_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
-    N, K, group_size, k_per_split,
-    stride_xm, stride_qk, stride_sg, stride_os, stride_om,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr,
-):
-    """The previous matrix-vector form (each k's word loaded by offs_k // 8, the weight
-    dequantized and rounded to x's dtype), kept for the benchmark's --sweep (launch
-    unpack='rows') until the GPU run picks one."""
-    row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
-    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        x, offs_k, k_ok = load_x_row(x_ptr, row, k0, K, stride_xm, BLOCK_K)
-        packed = tl.load(
-            qw_ptr + (offs_k // 8)[:, None].to(tl.int64) * stride_qk + offs_n[None, :],
-            mask=k_ok[:, None] & n_ok[None, :], other=0,
-        )
-        q = ((packed >> ((offs_k % 8) * 4)[:, None]) & 0xF).to(tl.float32)
-        w = _dequantize_tile(q, s_ptr, z_ptr, k0, offs_n, N, K, group_size, stride_sg,
-                             BLOCK_K, GROUP_PER_TILE, MIN_FORM).to(x.dtype)
-        acc += x.to(tl.float32)[:, None] * w.to(tl.float32)
+        if PREFETCH:
+            packed, s, z, k_w, w_ok = n_packed, n_s, n_z, n_k_w, n_w_ok
+        else:
+            packed, s, z, k_w, w_ok = _load_w4_words(
+                qw_ptr, s_ptr, z_ptr, k0 + BLOCK_K, k_end, offs_w, offs_n, n_ok, group_size,
+                stride_qk, stride_sg, GROUP_PER_TILE)
     store_row(out_ptr, tl.sum(acc, axis=0), pid_k, row, offs_n, N, stride_os, stride_om)
 
 
@@ -246,7 +247,7 @@ def w4a16_matmul(
 def w4a16_gemv(
     x, qweight, scales, zeros, group_size: int, min_form: bool, *,
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
-    unpack: str = "words",
+    prefetch: bool = True,
 ) -> torch.Tensor:
     """The matrix-vector form of `w4a16_matmul` with an explicit launch configuration (the
     benchmark's --sweep times several); `block_k` at most the group size for one scale row per
@@ -254,14 +255,13 @@ def w4a16_gemv(
     (m, k), n = x.shape, qweight.shape[1]
     out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
     grid = (m, triton.cdiv(n, block_n), splits)
-    kernel = {"words": _w4a16_gemv_kernel, "rows": _w4a16_gemv_rows_kernel}[unpack]
-    kernel[grid](
+    _w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros, out,
         n, k, group_size, k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0),
         out.stride(0) if splits > 1 else 0, out.stride(-2),
         BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form,
+        GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form, PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )
     return split_k.reduce_splits(out, x.dtype)
@@ -287,6 +287,9 @@ def dequantize_w4_ref(
 
 
 def w4a16_matmul_ref(x, qweight, scales, zeros, group_size, min_form=False):
-    """Plain-torch reference of `w4a16_matmul`."""
-    weight = dequantize_w4_ref(qweight, scales, zeros, group_size, min_form).to(x.dtype)
+    """Plain-torch reference of `w4a16_matmul`: the weight rounded to x's dtype above
+    GEMV_MAX_ROWS rows (the tl.dot form's operand), kept in float32 up to it."""
+    weight = dequantize_w4_ref(qweight, scales, zeros, group_size, min_form)
+    if x.shape[0] > split_k.GEMV_MAX_ROWS:
+        weight = weight.to(x.dtype)
     return (x.float() @ weight.float()).to(x.dtype)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
-from kernels.quant_split_k import gemv_program, load_x_row, load_x_tile, store_row, store_tile
+from kernels.quant_split_k import gemv_program, load_x_tile, store_row, store_tile
 
 
 @triton.jit
@@ -52,110 +52,66 @@ def _w8a16_kernel(
 
 
 @triton.jit
+def _load_channel_tile(x_ptr, w_ptr, row, k0, k_end, offs_n, n_ok, stride_xm, stride_wn,
+                       BLOCK_K: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) (zeros at or past k_end) of row `row` of x as float32 and of
+    the weight's rows offs_n, widened to float32 through x's dtype (exact for int8 and e4m3)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < k_end
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs_k, mask=k_ok, other=0.0)
+    w = tl.load(
+        w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
+        mask=n_ok[:, None] & k_ok[None, :], other=0.0,
+    )
+    return x.to(tl.float32), w.to(x.dtype).to(tl.float32)
+
+
+@triton.jit
 def _channel_gemv_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr,
     N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N rows of the [N, K] weight over split
-    pid_k's columns of K; the weight tile is read along K, its contiguous axis."""
+    pid_k's columns of K; the weight tile is read along K, its contiguous axis. PREFETCH: the
+    next tile's loads are issued before this tile's arithmetic (Triton pipelines only loads
+    that feed tl.dot)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K after the loop
+    x, w = _load_channel_tile(x_ptr, w_ptr, row, k_start, k_end, offs_n, n_ok, stride_xm,
+                              stride_wn, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        x, offs_k, k_ok = load_x_row(x_ptr, row, k0, K, stride_xm, BLOCK_K)
-        w = tl.load(
-            w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-            mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-        )
-        acc += w.to(x.dtype).to(tl.float32) * x.to(tl.float32)[None, :]
+        if PREFETCH:
+            n_x, n_w = _load_channel_tile(x_ptr, w_ptr, row, k0 + BLOCK_K, k_end, offs_n, n_ok,
+                                          stride_xm, stride_wn, BLOCK_K)
+        acc += w * x[None, :]
+        if PREFETCH:
+            x, w = n_x, n_w
+        else:
+            x, w = _load_channel_tile(x_ptr, w_ptr, row, k0 + BLOCK_K, k_end, offs_n, n_ok,
+                                      stride_xm, stride_wn, BLOCK_K)
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
     store_row(out_ptr, y, pid_k, row, offs_n, N, stride_os, stride_om)
-
-
-BYTE_MAGIC: tl.constexpr = tl.constexpr(0x4B000080)
-"""XOR-ed into a byte b: the float32 bits of 2**23 + (b ^ 0x80), and b ^ 0x80 is the int8 value
-v + 128, so the float minus BYTE_OFFSET is v exactly (two full-rate ALU ops instead of an int ->
-float conversion)."""
-BYTE_OFFSET: tl.constexpr = tl.constexpr(8388736.0)
-FP8_X_SCALE: tl.constexpr = tl.constexpr(2.0**60)
-"""An e4m3 byte placed in float32 bits as (sign << 31) | (exponent and mantissa << 20) is the
-weight times 2**-120 (exact, subnormals included); x is scaled by 2**60 and the sum by 2**60 so
-that the products stay in float32's normal range."""
-
-
-@triton.jit
-def _channel_gemv_words_kernel(
-    x_ptr, w_ptr, s_ptr, out_ptr,
-    N, K, k_per_split,
-    stride_xm, stride_wn, stride_os, stride_om,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
-):
-    """`_channel_gemv_kernel` reading the one-byte weight as int32 words [N, K / 4] (byte j of
-    word i is input column 4i + j) and widening each byte with bit operations (BYTE_MAGIC for
-    int8, FP8_X_SCALE's placement for e4m3) instead of conversions."""
-    row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
-    offs_w = tl.arange(0, BLOCK_K // 4)
-    x_row = x_ptr + row.to(tl.int64) * stride_xm
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_w = k0 + offs_w * 4  # first input column of each word
-        w_ok = k_w < K
-        words = tl.load(
-            w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k_w // 4)[None, :],
-            mask=n_ok[:, None] & w_ok[None, :], other=0,
-        )
-        for j in tl.static_range(4):
-            xj = tl.load(x_row + k_w + j, mask=w_ok, other=0.0).to(tl.float32)
-            if FP8:
-                top = words << (24 - 8 * j)  # byte j in bits 24..31
-                bits = (top & -2147483648) | ((top >> 4) & 0x07F00000)
-                w = bits.to(tl.float32, bitcast=True)
-                acc += w * (xj * FP8_X_SCALE)[None, :]
-            else:
-                w = (((words >> (8 * j)) & 0xFF) ^ BYTE_MAGIC).to(tl.float32, bitcast=True)
-                acc += (w - BYTE_OFFSET) * xj[None, :]
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
-    if FP8:
-        y = y * FP8_X_SCALE
-    store_row(out_ptr, y, pid_k, row, offs_n, N, stride_os, stride_om)
-
-
-def as_words(weight: torch.Tensor) -> torch.Tensor | None:
-    """The one-byte [N, K] weight viewed as int32 [N, K / 4], or None where its rows are not
-    whole aligned words."""
-    if weight.shape[1] % 4 or weight.stride(0) % 4 or weight.storage_offset() % 4:
-        return None
-    return weight.view(torch.int32)
 
 
 def channel_gemv(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *,
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
-    words: bool = True,
+    prefetch: bool = True,
 ) -> torch.Tensor:
     """(x @ weight.T) * scales for a few rows of x (weight [N, K] int8 or FP8, scales float32
-    [N]), with an explicit launch configuration (the benchmark's --sweep times several);
-    `words`: read the weight as int32 words where its layout allows."""
+    [N]), with an explicit launch configuration (the benchmark's --sweep times several)."""
     (m, k), n = x.shape, weight.shape[0]
     out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
     grid = (m, triton.cdiv(n, block_n), splits)
-    packed = as_words(weight) if words else None
-    if packed is not None:
-        _channel_gemv_words_kernel[grid](
-            x, packed, scales, out,
-            n, k, k_per_split,
-            x.stride(0), packed.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
-            BLOCK_N=block_n, BLOCK_K=block_k, FP8=weight.dtype != torch.int8,
-            num_warps=num_warps, num_stages=num_stages,
-        )
-    else:
-        _channel_gemv_kernel[grid](
-            x, weight, scales, out,
-            n, k, k_per_split,
-            x.stride(0), weight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-        )
+    _channel_gemv_kernel[grid](
+        x, weight, scales, out,
+        n, k, k_per_split,
+        x.stride(0), weight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
+        BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
+        num_warps=num_warps, num_stages=num_stages,
+    )
     return split_k.reduce_splits(out, x.dtype)
 
 

@@ -51,28 +51,22 @@ GRAPH_CALLS = 64
 """Calls per CUDA graph replay."""
 
 W4_SWEEP = [
-    {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st, "unpack": "rows"}
-    for bn, bk, w, st in [(64, 128, 4, 3), (128, 128, 8, 3)]
-] + [
-    {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
-    for bn, bk, w, st in [(64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
-                          (256, 64, 4, 3), (128, 256, 8, 3), (64, 256, 4, 3), (512, 64, 8, 3),
-                          (128, 128, 4, 1), (256, 128, 8, 1)]
-] + [{"block_n": bn, "block_k": 128, "num_warps": w, "num_stages": 3, "split": sp}
-     for bn, w, sp in [(128, 4, 4), (128, 4, 8), (128, 8, 16), (256, 8, 8), (64, 4, 16)]]
+    {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "prefetch": pf}
+    for bn, bk, w in [(64, 128, 4), (64, 256, 4), (128, 256, 8), (32, 256, 4), (64, 512, 8),
+                      (128, 128, 8)]
+    for pf in (True, False)
+] + [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "split": sp}
+     for bn, bk, w, sp in [(64, 128, 4, 16), (64, 256, 4, 8), (64, 256, 4, 16), (32, 256, 4, 16),
+                           (128, 256, 8, 16), (64, 128, 4, 32)]]
 CHANNEL_SWEEP = [
-    {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st, "words": False}
-    for bn, bk, w, st in [(32, 256, 4, 3), (64, 256, 4, 3)]
-] + [
-    {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
-    for bn, bk, w, st in [(32, 256, 4, 3), (64, 256, 4, 3), (16, 512, 4, 3), (32, 512, 4, 3),
-                          (64, 512, 8, 3), (128, 256, 8, 3), (8, 1024, 4, 3), (32, 256, 4, 1),
-                          (64, 256, 8, 1)]
-] + [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 3, "split": sp}
-     for bn, bk, w, sp in [(32, 256, 4, 4), (32, 256, 4, 8), (64, 256, 4, 8), (32, 512, 4, 8),
-                           (16, 512, 4, 16)]]
-"""Matrix-vector candidates (rows up to GEMV_MAX_ROWS): the previous kernels (unpack='rows',
-words=False) beside the bit-widening ones, tiles, warps, pipelining and explicit splits."""
+    {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "prefetch": pf}
+    for bn, bk, w in [(32, 256, 4), (16, 512, 4), (8, 1024, 4), (16, 256, 4), (32, 512, 8),
+                      (64, 256, 8)]
+    for pf in (True, False)
+] + [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "split": sp}
+     for bn, bk, w, sp in [(32, 256, 4, 4), (32, 256, 4, 8), (16, 512, 4, 8), (16, 256, 4, 16)]]
+"""Matrix-vector candidates (rows up to GEMV_MAX_ROWS): tiles, warps, next-tile prefetch on
+and off, explicit splits."""
 
 W4_DOT_SWEEP = [{"row_unpack": True}] + [
     {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st,
