@@ -22,6 +22,14 @@ FP8_MAX = 448.0
 """Largest finite e4m3fn magnitude; values beyond saturate to it."""
 
 
+def divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """x / divisor as the IEEE quotient on every device: CUDA divides a tensor by a Python
+    scalar as a multiply by the scalar's reciprocal (off by an ulp at times), so scales computed
+    on a GPU would differ from the same scales computed on the CPU and from the kernels' div_rn.
+    """
+    return x / torch.full_like(x, divisor)
+
+
 def is_fp8(dtype: torch.dtype) -> bool:
     return dtype == FP8_DTYPE
 

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from kernels.cache_write import quantize_fp8
 from kernels.kv_quant import FP8_DTYPE as FP8
-from kernels.kv_quant import FP8_MAX
+from kernels.kv_quant import FP8_MAX, divide
 from kernels.quant_w8a16 import channel_matmul
 
 MIN_SCALE = 1e-12
@@ -70,9 +70,7 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch reference of `quantize_rows_fp8`."""
     amax = x.abs().amax(dim=-1, keepdim=True).float()
-    # A tensor divisor: CUDA divides by a Python scalar as a multiply by its reciprocal,
-    # which is not the IEEE quotient the kernel computes.
-    scale = (amax / torch.full_like(amax, FP8_MAX)).clamp(min=MIN_SCALE)
+    scale = divide(amax, FP8_MAX).clamp(min=MIN_SCALE)
     x_q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return x_q, scale
 

@@ -131,7 +131,7 @@ def _load_w4_words(qw_ptr, s_ptr, z_ptr, k0, k_end, offs_w, offs_n, n_ok, group_
     )
     if GROUP_PER_TILE:
         g_off = (k0 // group_size) * stride_sg + offs_n[None, :]
-        g_ok = n_ok[None, :]
+        g_ok = (n_ok & (offs_n * 0 + k0 < k_end))[None, :]  # no read past the last tile
     else:
         g_off = (k_w // group_size)[:, None] * stride_sg + offs_n[None, :]
         g_ok = w_ok[:, None] & n_ok[None, :]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from kernels.kv_quant import divide
 from kernels.quant_fp8 import FP8, FP8_MAX
 from workers.model.quant.int4_weight import SCALE_DTYPE
 
@@ -34,11 +35,11 @@ def int4_groups(
     for start in range(0, k, group_size):
         group = weight[start : start + group_size].float()
         if symmetric:
-            scale = group.abs().amax(0) * 2 / INT4_MAX
+            scale = divide(group.abs().amax(0) * 2, INT4_MAX)
             zero = torch.full_like(scale, 8)
         else:
             low = group.amin(0)
-            scale = (group.amax(0) - low).clamp(min=AWQ_MIN_RANGE) / INT4_MAX
+            scale = divide((group.amax(0) - low).clamp(min=AWQ_MIN_RANGE), INT4_MAX)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(SCALE_DTYPE).float()
         if not symmetric:
             zero = (-low / scale).round().clamp(0, INT4_MAX)
@@ -63,5 +64,5 @@ def fp8_channels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _channel_scale(weight: torch.Tensor, qmax: float) -> torch.Tensor:
-    scale = weight.float().abs().amax(1) / qmax
+    scale = divide(weight.float().abs().amax(1), qmax)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
