@@ -62,15 +62,15 @@ def _config(model_dir: str, device: str, tp: int, pp: int):
                         scheduler=SchedulerConfig(max_num_seqs=4))
 
 
-def _pipelined(runner, steps) -> list:
+def _pipelined(driver, steps) -> list:
     """Rank 0 of a pipeline with two micro-batches in flight (the engine's order: submit,
     submit, collect, submit, collect, ...); logits in step order."""
     logits = []
-    runner.submit(steps[0])
+    driver.submit(steps[0])
     for step in steps[1:]:
-        runner.submit(step)
-        logits.append(runner.collect().cpu())
-    logits.append(runner.collect().cpu())
+        driver.submit(step)
+        logits.append(driver.collect().cpu())
+    logits.append(driver.collect().cpu())
     return logits
 
 
@@ -81,6 +81,7 @@ def _rank(rank: int, model_dir: str, tp: int, pp: int, port: int, out: str,
     from workers.actors.rank_group import Rendezvous, group_backend, join_group, leave_group
     from workers.actors.step_broadcast import StepBroadcast
     from workers.engine.model_runner import ModelRunner
+    from workers.engine.stage_driver import StageDriver
 
     config = _config(model_dir, f"cuda:{rank}", tp, pp)
     store = TCPStore("127.0.0.1", port, 2, rank == 0, timeout=datetime.timedelta(seconds=120),
@@ -88,12 +89,13 @@ def _rank(rank: int, model_dir: str, tp: int, pp: int, port: int, out: str,
     backend = group_backend(torch.device(config.device))  # NCCL for CUDA tensors
     parallel = join_group(config, Rendezvous("127.0.0.1", port, 2, backend), rank, store)
     channel = StepBroadcast()
-    runner = ModelRunner(config, parallel, step_channel=channel if rank == 0 else None)
+    runner = ModelRunner(config, parallel)
     if rank == 0:
+        driver = StageDriver(runner, channel)
         if micro:
-            logits = _pipelined(runner, _steps())
+            logits = _pipelined(driver, _steps())
         else:
-            logits = [runner.execute(step).cpu() for step in _steps()]
+            logits = [driver.execute(step).cpu() for step in _steps()]
         channel.stop()
         torch.save({"logits": logits, "graphs": runner.graph_runner is not None}, out)
     else:

@@ -1,9 +1,10 @@
 """Fixtures of the engine tests (tests/workers/test_engine*.py).
 
-- `make_engine(**overrides)`: an LLMEngine on the tiny model (CPU, float32, small pool);
-  after the test, every engine it built must have no unfinished request and every KV block
-  free again (the no-leak invariant: no block referenced; blocks kept by the prefix cache
-  for later requests are referenced by nobody, so they count as free).
+- `make_engine(**overrides)`: the engine of a role (`build_engine`) on the tiny model (CPU,
+  float32, small pool); after the test, every engine it built must have no unfinished
+  request and every KV block free again (the no-leak invariant: no block referenced;
+  blocks kept by the prefix cache for later requests are referenced by nobody, so they
+  count as free).
 - `hf_greedy(model_dir, prompts, num_new, **generate_kwargs)`: transformers'
   `generate(do_sample=False)` continuations, exactly `num_new` tokens each (EOS banned with
   min_new_tokens, as the engine's min_tokens does), cached.
@@ -24,6 +25,7 @@ import torch
 
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from workers.engine.engine import LLMEngine
+from workers.engine.role_engines import build_engine
 from workers.model.tiny_model import make_tiny_model
 from workers.spec.medusa import make_random_medusa
 
@@ -59,7 +61,7 @@ def make_engine(tiny_model_dir) -> Callable[..., LLMEngine]:
                               enable_prefix_caching=prefix_caching),
             scheduler=SchedulerConfig(**sched),
         )
-        engines.append(LLMEngine(config))
+        engines.append(build_engine(config))
         return engines[-1]
 
     yield make
@@ -119,7 +121,7 @@ def spec_engine(tiny_model_dir):
             speculative=SpeculativeConfig(method, k, None if draft is None else str(draft),
                                           medusa_tree=medusa_tree),
         )
-        engines.append(LLMEngine(config))
+        engines.append(build_engine(config))
         return engines[-1]
 
     yield make

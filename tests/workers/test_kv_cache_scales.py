@@ -29,8 +29,9 @@ from workers.actors.prefill_worker import PrefillWorker
 from workers.attention.torch_backend import TorchAttentionBackend
 from workers.config import CacheConfig, EngineConfig
 from workers.engine.engine import LLMEngine
-from workers.engine.model_runner import ModelRunner, build_step_tensors
+from workers.engine.model_runner import ModelRunner
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.step_tensors import build_step_tensors
 from workers.errors import InvalidTensor, MissingTensor
 from workers.model.config import ModelConfig
 from workers.model.kv_scales import CALIBRATION_PROMPTS, scale_names

@@ -19,6 +19,7 @@ from workers.engine.model_runner import ModelRunner
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.sequence import Sequence, SequenceTimes
+from workers.engine.stage_driver import StageDriver
 from workers.model.parallel import ParallelContext
 
 NUM_STEPS = 4
@@ -108,13 +109,14 @@ def _pp_rank(rank: int, model_dir: str, steps, folder: str) -> None:
         runner = RecordingRunner(config, ParallelContext(pp_rank=rank, pp_size=2), folder)
         if rank == 0:
             # The engine's order (MicroBatches.advance): submit, submit, collect, submit, ...
+            driver = StageDriver(runner)
             logits, depths = [], []
-            runner.submit(steps[0])
+            driver.submit(steps[0])
             for step in steps[1:]:
-                runner.submit(step)
-                depths.append(runner.num_in_flight)
-                logits.append(runner.collect())
-            logits.append(runner.collect())
+                driver.submit(step)
+                depths.append(driver.num_in_flight)
+                logits.append(driver.collect())
+            logits.append(driver.collect())
             torch.save({"logits": logits, "depths": depths}, f"{folder}/driver.pt")
         else:
             for step in steps:

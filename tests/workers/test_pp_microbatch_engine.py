@@ -14,6 +14,7 @@ from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.engine.engine import LLMEngine
 from workers.engine.model_runner import ModelRunner
 from workers.engine.sampling_params import SamplingParams
+from workers.engine.stage_driver import StageDriver
 
 NUM_REQUESTS = 16
 
@@ -33,7 +34,7 @@ def group_engine(tiny_model_dir):
             scheduler=SchedulerConfig(max_num_seqs=NUM_REQUESTS, max_num_batched_tokens=40))
         group = RankGroup(config, on_lost=lambda reason: pytest.fail(reason))
         groups.append(group)
-        return LLMEngine(config, runner=ModelRunner(config, group.parallel, step_channel=group))
+        return LLMEngine(config, driver=StageDriver(ModelRunner(config, group.parallel), group))
 
     yield make
     for group in groups:
@@ -65,7 +66,7 @@ def test_micro_batches_greedy_matches_transformers_with_chunks_and_preemption(
         finals.update({o.request_id: o.token_ids for o in outputs if o.finished})
         # Outputs with a batch still in flight: collected while the next one was submitted.
         collected += bool(outputs)
-        overlapped += bool(outputs) and engine.runner.num_in_flight == 1
+        overlapped += bool(outputs) and engine.driver.num_in_flight == 1
     assert overlapped > collected // 2, (overlapped, collected)
     assert engine.scheduler.num_preemptions > 0
     expected = _expected(hf_greedy, tiny_model_dir, requests)

@@ -15,6 +15,7 @@ from workers.actors.rank_group import RankGroup
 from workers.actors.step_broadcast import decode_step, encode_step, payload_size
 from workers.config import CacheConfig, EngineConfig
 from workers.engine.model_runner import ModelRunner
+from workers.engine.stage_driver import StageDriver
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,10 +54,11 @@ def test_group_logits_match_single_rank(variant, tp, pp, make_model_dir, make_st
     config = config_for(model_dir, tp, pp)
     group = RankGroup(config, on_lost=lost.append)
     try:
-        runner = ModelRunner(config, group.parallel, step_channel=group)
+        runner = ModelRunner(config, group.parallel)
         assert runner.layer_range == (0, 2 // pp)
+        driver = StageDriver(runner, group)
         for step, want in zip([prefill, decode], expected, strict=True):
-            torch.testing.assert_close(runner.execute(step), want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(driver.execute(step), want, atol=1e-5, rtol=0)
         ranks = group.rank_info()
         assert [(r["pp_rank"], r["tp_rank"]) for r in ranks] == \
             [divmod(rank, tp) for rank in range(1, tp * pp)]
@@ -72,7 +74,7 @@ def test_a_dead_rank_is_reported_at_once(tiny_model_dir):
     config = config_for(tiny_model_dir, tp=2)
     group = RankGroup(config, on_lost=lost.append)
     try:
-        ModelRunner(config, group.parallel, step_channel=group)
+        ModelRunner(config, group.parallel)
         ray.kill(group.ranks[0], no_restart=True)
         deadline = time.monotonic() + 10
         while not lost and time.monotonic() < deadline:

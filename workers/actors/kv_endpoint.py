@@ -69,7 +69,7 @@ def make_sender(engine, kv_transport: str, host: str, sender_id: str,
     shape = runner_shape(runner)
     if shape.tp * shape.pp > 1:
         return GroupSender(kv_layout(engine), runner.kv_caches, config, shape,
-                           runner.step_channel, on_loop, kv_transport, on_done, on_failed,
+                           engine.driver.channel, on_loop, kv_transport, on_done, on_failed,
                            sender_id)
     return make(kv_layout(engine), runner.kv_caches, config, on_done=on_done,
                 on_failed=on_failed, sender_id=sender_id)
@@ -87,7 +87,7 @@ def make_receiver(engine, kv_transport: str, host: str, on_done: OnDone, on_fail
     shape = runner_shape(runner)
     if shape.tp * shape.pp > 1:
         return GroupReceiver(kv_layout(engine), runner.kv_caches, config, shape,
-                             runner.step_channel, on_loop, kv_transport, on_done, on_failed)
+                             engine.driver.channel, on_loop, kv_transport, on_done, on_failed)
     return Receiver(kv_layout(engine), runner.kv_caches, config, on_done=on_done,
                     on_failed=on_failed)
 

@@ -34,7 +34,9 @@ class PrefillWorker(EngineWorker):
                 rid, state, why)),
             max_pairs=spec.kv_max_pairs, on_loop=self.loop.on_loop,
         )
-        self.engine.kv_stream = self.kv.stream_hook()
+        hook = self.kv.stream_hook()
+        if hook is not None:
+            self.engine.attach_kv_stream(hook)
 
     def connect(self, kv_addresses: list[str]) -> None:
         """Sets up KV pairs with these decode workers now (they started or joined), so no

@@ -30,6 +30,8 @@ from workers.actors.step_broadcast import StepBroadcast
 from workers.config import EngineConfig
 from workers.engine.engine import LLMEngine
 from workers.engine.model_runner import ModelRunner, resolve_device
+from workers.engine.role_engines import build_engine
+from workers.engine.stage_driver import StageDriver
 from workers.model.parallel import ParallelContext
 
 log = logging.getLogger(__name__)
@@ -159,8 +161,8 @@ class RankGroup:
         self._attached: list[bytes] = []
 
     def send(self, step) -> None:
-        """The runner's step channel: every other rank runs this step with the driver (after
-        the side payload `attach`ed for it)."""
+        """The StageDriver's step channel: every other rank runs this step with the driver
+        (after the side payload `attach`ed for it)."""
         side, self._attached = self._attached, []
         self.channel.send(step, side)
 
@@ -229,7 +231,8 @@ def rank_facts(rank: int, runner: ModelRunner) -> dict:
 def shape_facts(engine: LLMEngine) -> dict:
     """A worker's shape and every rank's facts (rank 0 first), for `ready()`."""
     runner = engine.runner
-    group = runner.step_channel if isinstance(runner.step_channel, RankGroup) else None
+    channel = engine.driver.channel
+    group = channel if isinstance(channel, RankGroup) else None
     others = group.rank_info() if group is not None else []
     return {"tp": runner.parallel.tp_size, "pp": runner.parallel.pp_size,
             "ranks": [rank_facts(0, runner), *others]}
@@ -237,8 +240,8 @@ def shape_facts(engine: LLMEngine) -> dict:
 
 def make_engine(config: EngineConfig) -> LLMEngine:
     """The engine of a worker: one process when tp_size x pp_size is 1, else this process is
-    the driver rank of a RankGroup (its runner broadcasts each step to the others)."""
+    the driver rank of a RankGroup (its StageDriver hands each step to the others)."""
     if config.tp_size * config.pp_size == 1:
-        return LLMEngine(config)
+        return build_engine(config)
     group = RankGroup(config)
-    return LLMEngine(config, runner=ModelRunner(config, group.parallel, step_channel=group))
+    return build_engine(config, driver=StageDriver(ModelRunner(config, group.parallel), group))

@@ -103,15 +103,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_steps(runner, step: StepInput, steps: int) -> float:
+def _time_steps(driver, step: StepInput, steps: int) -> float:
     """Median seconds of one driver step (logits on the driver, host synchronized)."""
     for _ in range(3):
-        runner.execute(step)
-    _sync(runner.device)
+        driver.execute(step)
+    _sync(driver.runner.device)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        logits = runner.execute(step)
+        logits = driver.execute(step)
         logits.sum().item()  # the engine's sampler waits on the logits like this
         times.append(time.perf_counter() - start)
     return statistics.median(times)
@@ -132,18 +132,18 @@ def split_step(step: StepInput, parts: int) -> list[StepInput]:
     return out
 
 
-def _time_micro_batches(runner, step: StepInput, steps: int) -> float:
+def _time_micro_batches(driver, step: StepInput, steps: int) -> float:
     """Median seconds per whole batch when its micro-batches (one per stage) stay in flight:
     submit the next, collect the oldest and read its logits, as the engine's loop does."""
-    micro = split_step(step, runner.pipeline_depth)
+    micro = split_step(step, driver.pipeline_depth)
     rounds = []
-    runner.submit(micro[0])
+    driver.submit(micro[0])
     for i in range(1, (steps + 4) * len(micro) + 1):
         if i % len(micro) == 0:
             rounds.append(time.perf_counter())
-        runner.submit(micro[i % len(micro)])
-        runner.collect().sum().item()
-    runner.collect().sum().item()
+        driver.submit(micro[i % len(micro)])
+        driver.collect().sum().item()
+    driver.collect().sum().item()
     per_round = [b - a for a, b in zip(rounds[3:], rounds[4:], strict=False)]
     return statistics.median(per_round)
 
@@ -184,8 +184,7 @@ def _build(rank: int, world: int, config: EngineConfig, port: int):
     parallel = join_group(config, Rendezvous("127.0.0.1", port, world, group_backend(device)),
                           rank, store)
     channel = StepBroadcast()
-    runner = ModelRunner(config, parallel, step_channel=channel if rank == 0 else None)
-    return runner, channel
+    return ModelRunner(config, parallel), channel
 
 
 def _rank_entry(rank: int, world: int, config: EngineConfig, batches: list[int], args,
@@ -193,16 +192,18 @@ def _rank_entry(rank: int, world: int, config: EngineConfig, batches: list[int],
     """Rank 0 times the steps (the others follow its broadcast), then every TP rank times
     the collectives alone; rank 0 writes the result."""
     from workers.actors.rank_group import leave_group
+    from workers.engine.stage_driver import StageDriver
 
     runner, channel = _build(rank, world, config, port)
     rows = []
     if rank == 0:
+        driver = StageDriver(runner, channel)
         for batch in batches:
             step = decode_step(batch, args.context, args.block_size)
-            rows.append({"batch": batch, "step_s": _time_steps(runner, step, args.steps)})
+            rows.append({"batch": batch, "step_s": _time_steps(driver, step, args.steps)})
             if config.pp_size > 1:
                 rows.append({"batch": batch, "step_s": _time_micro_batches(
-                    runner, step, args.steps), "micro_batches": runner.pipeline_depth})
+                    driver, step, args.steps), "micro_batches": driver.pipeline_depth})
         if channel is not None:
             channel.stop()
     else:

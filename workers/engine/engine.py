@@ -1,18 +1,19 @@
 """`LLMEngine`: one worker's engine — scheduler, model runner, sampler, stop checks.
 
-`step()` is three calls (nano-vllm): `scheduler.schedule()` -> `runner.execute(step)` ->
+`step()` is three calls (nano-vllm): `scheduler.schedule()` -> `driver.execute(step)` ->
 sample + `scheduler.postprocess`, then each sampled sequence is checked for a stop and
 reported as a `RequestOutput`. The public surface is the "Engine API" of docs/contracts.md,
 which the cluster's worker actors call; everything here runs in-process without Ray.
+`driver` is a StageDriver (workers/engine/stage_driver.py): the runner of this rank, which
+hands each step to the other ranks of a TP/PP group.
 
-Disaggregation (EngineConfig.role): a prefill-role engine ends a request after its first
-token with finish_reason 'prefill_done' and holds its blocks until `release`; a
-decode-role engine `reserve_remote`s blocks before the prefill starts and `commit_remote`s
-the sequence once the prompt's KV has landed in them.
+Disaggregation (EngineConfig.role): the prefill and decode roles' engines add the hooks of
+KV transfer to this one (workers/engine/role_engines.py, `build_engine`).
 
 Pipeline parallel (pp_size > 1, no speculation, no per-layer KV stream): `step()` keeps up
 to pp_size micro-batches in flight (workers/engine/micro_batches.py); it submits one and
-returns the outputs of the oldest once the pipeline is full.
+returns the outputs of the oldest once the pipeline is full. Which way a step runs is fixed
+when the engine is built (or a KV stream attached): `_next_batch`.
 
 Speculative decoding (EngineConfig.speculative, workers/spec/): before each schedule the
 proposer drafts tokens for the decoding sequences; the step verifies them in the same target
@@ -28,14 +29,14 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from pathlib import Path
 
 import torch
 
 from workers.config import EngineConfig
-from workers.engine.block_pool import BlockPool, blocks_for
-from workers.engine.kv_stream import KVStreamCursor, KVStreamHook
+from workers.engine.block_pool import BlockPool
 from workers.engine.micro_batches import MicroBatches
 from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestMetrics, RequestOutput
@@ -46,14 +47,9 @@ from workers.engine.sampling_params import SamplingParams
 from workers.engine.sampling_rows import SamplingRows
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus, SequenceTimes
+from workers.engine.stage_driver import StageDriver
 from workers.engine.stop_checker import StopChecker
-from workers.errors import (
-    DuplicateRequest,
-    InvalidParameter,
-    KvrelayError,
-    NoCapacity,
-    UnknownRequest,
-)
+from workers.errors import DuplicateRequest, InvalidParameter, KvrelayError, UnknownRequest
 from workers.model.parallel import ParallelContext
 from workers.spec.factory import build_speculative_decoder
 from workers.text.request_text import RequestText, load_tokenizer
@@ -64,11 +60,12 @@ class LLMEngine:
     (the worker's loop thread) drives add_request/step/abort."""
 
     def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None,
-                 runner: ModelRunner | None = None):
-        """`runner`: a runner built by the caller (a TP/PP group's driver rank,
-        workers/actors/rank_group.py); by default one is built from `config`."""
+                 driver: StageDriver | None = None):
+        """`driver`: built by the caller (a TP/PP group's driver rank, its runner and step
+        channel, workers/actors/rank_group.py); by default one runner built from `config`."""
         self.config = config
-        self.runner = runner or ModelRunner(config, parallel)
+        self.driver = driver or StageDriver(ModelRunner(config, parallel))
+        self.runner = self.driver.runner
         self.model_config = self.runner.model_config
         self.tokenizer = load_tokenizer(config)
         self.pool = BlockPool(self.runner.num_blocks, self.runner.block_size,
@@ -90,12 +87,12 @@ class LLMEngine:
         self.spec = build_speculative_decoder(config, self.runner, self.pool,
                                               self.max_model_len, self.tokenizer)
         """None unless this engine speculates (colocated or decode role with a method)."""
-        self.micro = (MicroBatches(self.scheduler, self.runner, self._mark_scheduled)
-                      if self.runner.pipeline_depth > 1 and self.spec is None else None)
+        self.micro = (MicroBatches(self.scheduler, self.driver, self._mark_scheduled)
+                      if self.driver.pipeline_depth > 1 and self.spec is None else None)
         """Pipeline parallel: micro-batches in flight (workers/engine/micro_batches.py)."""
-        self.kv_stream: KVStreamHook | None = None
-        """Prefill role with a streaming KV transport (workers/engine/kv_stream.py)."""
-        self._kv_cursor = KVStreamCursor()
+        self._next_batch: Callable[[], tuple[ScheduledBatch, torch.Tensor] | None] = (
+            self.micro.advance if self.micro is not None else self._run_batch)
+        """The next batch run and its logits (None: nothing to run yet), for `step`."""
 
     # ---- pool facts (leak tests, KV-aware routing) ---------------------------------------
 
@@ -159,17 +156,10 @@ class LLMEngine:
         """Runs one scheduled batch; returns an output per sequence that sampled a token."""
         if self.spec is not None:
             self.spec.propose(self.scheduler.running)
-        if self.micro is not None and self.kv_stream is None:
-            done = self.micro.advance()
-            if done is None:
-                return []
-            batch, logits = done
-        else:
-            batch = self.scheduler.schedule()
-            if batch.is_empty:
-                return []
-            self._mark_scheduled(batch)
-            logits = self._execute(batch)
+        done = self._next_batch()
+        if done is None:
+            return []
+        batch, logits = done
         token_ids, logprobs = self._sample(batch, logits)
         if self.spec is not None:
             self.spec.observe(batch.sampled, token_ids, self.runner.last_hidden)
@@ -203,79 +193,6 @@ class LLMEngine:
             finals.update({o.request_id: o for o in self.step() if o.finished})
         return [finals[request_id] for request_id in ids]
 
-    # ---- disaggregation hooks -------------------------------------------------------------
-
-    def held_block_ids(self, request_id: str) -> list[int]:
-        """Prefill role: the blocks holding a prefill_done request's prompt KV, in order."""
-        seq = self._seqs.get(request_id)
-        if seq is None or seq.status is not SequenceStatus.HELD:
-            raise UnknownRequest(request_id)
-        return list(seq.block_table)
-
-    def skip_remote_prefix(self, request_id: str, num_tokens: int) -> None:
-        """Prefill role: the decode worker already holds the KV of the first `num_tokens`
-        tokens (whole blocks), so the KV stream of `request_id` starts after them."""
-        self._kv_cursor.skip(request_id, num_tokens)
-
-    def release(self, request_id: str) -> None:
-        """Prefill role: frees a held request's blocks once its KV transfer is done or
-        failed. Idempotent, like abort."""
-        self.abort(request_id)
-
-    def reserve_remote(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        priority: int = 0, output_token_ids: Seq[int] = (), sent_text_len: int = 0,
-    ) -> list[int]:
-        """Decode role: allocates blocks for the prompt (and a continuation's known output)
-        plus the next token's slot and returns their ids (the prefill worker writes the KV
-        there). Raises NoCapacity when the pool is short, or the typed input errors of
-        add_request. `priority` ranks the sequence once it runs (preemption order).
-
-        With prefix caching, the leading blocks already cached here are shared, not
-        reserved: `reserved_cached_tokens` says how many tokens they hold (the prefill
-        worker sends only the blocks after them)."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, priority,
-                                 output_token_ids)
-        self.scheduler.share_cached_prefix(seq)
-        if not self.pool.can_append_slots(seq.block_table, seq.num_tokens + 1):
-            needed = blocks_for(seq.num_tokens + 1, self.pool.block_size)
-            self.pool.release(seq.block_table)
-            raise NoCapacity(needed_blocks=needed, free_blocks=self.pool.num_free)
-        self._admit(seq, sent_text_len)
-        self.pool.append_slots(seq.block_table, seq.num_tokens + 1)
-        self.scheduler.count_reserved_lookup(seq)
-        seq.status = SequenceStatus.RESERVED
-        return list(seq.block_table)
-
-    def reserved_cached_tokens(self, request_id: str) -> int:
-        """Decode role: leading tokens of a reservation whose KV this engine already holds
-        (a multiple of the block size; the KV transfer skips them)."""
-        seq = self._seqs.get(request_id)
-        if seq is None or seq.status is not SequenceStatus.RESERVED:
-            raise UnknownRequest(request_id)
-        return seq.num_computed_tokens
-
-    def commit_remote(self, request_id: str, first_token_id: int,
-                      num_cached_tokens: int = 0) -> None:
-        """Decode role: the prompt's KV is in the reserved blocks; the sequence joins the
-        running batch and its next step decodes from `first_token_id`. `num_cached_tokens`:
-        what the prefill worker found in its cache (reported in this engine's outputs)."""
-        seq = self._seqs.get(request_id)
-        if seq is None or seq.status is not SequenceStatus.RESERVED:
-            raise UnknownRequest(request_id)
-        self.check.first_token(first_token_id)
-        now = time.monotonic()
-        seq.times.first_scheduled = seq.times.first_token = now
-        self.scheduler.cache_computed_blocks(seq, 0, seq.num_tokens)
-        seq.num_computed_tokens = seq.num_tokens
-        seq.num_cached_tokens = num_cached_tokens
-        seq.output_token_ids.append(first_token_id)
-        text = self._texts.get(request_id)
-        if text is not None:
-            text.add(first_token_id)
-            text.mark_sent()  # the prefill worker already streamed token 1's text
-        self.scheduler.join_running(seq)
-
     # ---- internals ------------------------------------------------------------------------
 
     def _new_sequence(
@@ -296,6 +213,13 @@ class LLMEngine:
             output_token_ids=list(output_token_ids),
         )
 
+    def _seq_in(self, request_id: str, status: SequenceStatus) -> Sequence:
+        """The sequence of `request_id`, which must be in `status` (UnknownRequest if not)."""
+        seq = self._seqs.get(request_id)
+        if seq is None or seq.status is not status:
+            raise UnknownRequest(request_id)
+        return seq
+
     def _admit(self, seq: Sequence, sent_text_len: int = 0) -> None:
         self._seqs[seq.seq_id] = seq
         if self.tokenizer is not None:
@@ -311,16 +235,18 @@ class LLMEngine:
             if seq.times.first_scheduled is None:
                 seq.times.first_scheduled = now
 
-    def _execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """The batch's logits, its KV streamed layer by layer where a KV stream is set."""
-        stream = self.kv_stream
-        if stream is not None:
-            if batch.preempted:
-                stream.fence()  # freed blocks may be rewritten: after the sends reading them
-            stream.before_step(self._kv_cursor.spans(batch))
-        return self.runner.execute(
-            batch.step, layer_done=stream.layer_done if stream is not None else None
-        )
+    def _schedule(self) -> ScheduledBatch | None:
+        """The next batch scheduled (over every sequence: no micro-batches), or None."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return None
+        self._mark_scheduled(batch)
+        return batch
+
+    def _run_batch(self) -> tuple[ScheduledBatch, torch.Tensor] | None:
+        """One step at a time: the next batch and its logits."""
+        batch = self._schedule()
+        return None if batch is None else (batch, self.driver.execute(batch.step))
 
     def _sample(self, batch: ScheduledBatch, logits: torch.Tensor
                 ) -> tuple[list[list[int]], list[list[dict | None]]]:
@@ -392,7 +318,6 @@ class LLMEngine:
         seq.times.finished = time.monotonic()
         self._texts.pop(seq.seq_id, None)
         self.rows.forget(seq.seq_id)
-        self._kv_cursor.forget(seq.seq_id)
         if self.spec is not None:
             self.spec.forget(seq.seq_id)
         if free_blocks:

@@ -32,19 +32,19 @@ from collections.abc import Callable
 
 import torch
 
-from workers.engine.model_runner import ModelRunner
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus
+from workers.engine.stage_driver import StageDriver
 
 
 class MicroBatches:
     """The engine's pipelined step (pp_size > 1, no speculative decoding, no per-layer KV
     stream). `on_scheduled(batch)` runs for each batch as it is submitted."""
 
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner,
+    def __init__(self, scheduler: Scheduler, driver: StageDriver,
                  on_scheduled: Callable[[ScheduledBatch], None]):
         self.scheduler = scheduler
-        self.runner = runner
+        self.driver = driver
         self.on_scheduled = on_scheduled
         self._in_flight: deque[ScheduledBatch] = deque()
         self._released: dict[str, list[int]] = {}
@@ -62,17 +62,17 @@ class MicroBatches:
         once `pipeline_depth` batches are in flight, or nothing new could be scheduled,
         collects the oldest. Returns it (its sequences still running only) with their
         logits rows, or None while the pipeline fills."""
-        depth = self.runner.pipeline_depth
+        depth = self.driver.pipeline_depth
         batch = self.scheduler.schedule(self.in_flight_ids, depth)
         if not batch.is_empty:
-            self.runner.submit(batch.step)
+            self.driver.submit(batch.step)
             self._in_flight.append(batch)
             self.in_flight_ids.update(seq.seq_id for seq in batch.seqs)
             self.on_scheduled(batch)
         if not self._in_flight or (not batch.is_empty and len(self._in_flight) < depth):
             return None
         done = self._in_flight.popleft()
-        logits = self.runner.collect()
+        logits = self.driver.collect()
         for seq in done.seqs:
             self.in_flight_ids.discard(seq.seq_id)
             self.scheduler.pool.release(self._released.pop(seq.seq_id, []))

@@ -2,28 +2,25 @@
 
 Built from an EngineConfig (and a ParallelContext for TP/PP ranks). It resolves device and
 dtype, loads the model (checkpoint or dummy weights), sizes and allocates the paged KV cache,
-and turns each StepInput into float32 logits. Called by the engine (workers/engine/engine.py);
-KV transfer reads and writes `kv_caches` directly.
+and turns each StepInput into float32 logits. Called by the engine through its StageDriver
+(workers/engine/stage_driver.py); KV transfer reads and writes `kv_caches` directly.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from kernels.kv_quant import FP8_DTYPE
-from workers.attention.backend import AttentionMetadata
 from workers.attention.registry import get_attention_backend
 from workers.attention.torch_backend import padded_decode_bytes
 from workers.config import EngineConfig
 from workers.engine.cuda_graph import CudaGraphRunner
 from workers.engine.step_input import StepInput
+from workers.engine.step_tensors import build_step_tensors
 from workers.errors import InvalidParameter
 from workers.model.config import ModelConfig
 from workers.model.llama import IntermediateTensors, KVCache, LlamaForCausalLM
@@ -84,61 +81,6 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-class StepChannel(Protocol):
-    """How the driver rank of a TP/PP group hands each step to the other ranks
-    (workers/actors/step_broadcast.py)."""
-
-    def send(self, step: StepInput) -> None: ...
-
-    def broken(self, error: Exception) -> None:
-        """A step failed on this rank: the group can never run in step again."""
-
-
-@dataclass(frozen=True)
-class StepTensors:
-    """One step's device tensors (eager path)."""
-
-    input_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
-    logits_indices: torch.Tensor  # [num_logits] int64
-    meta: AttentionMetadata
-
-
-def build_step_tensors(step: StepInput, device: torch.device) -> StepTensors:
-    """All of a step's integers packed into one tensor and moved with ONE host->device copy
-    (pinned, non-blocking on CUDA): per-field copies each cost a launch and, from pageable
-    memory, a host wait. Block tables are padded with block 0."""
-    width = max((len(table) for table in step.block_tables), default=0)
-    packed = [
-        *step.token_ids, *step.positions, *step.slot_mapping, *step.logits_indices,
-        *step.query_start_loc, *step.seq_lens,
-    ]
-    for table in step.block_tables:
-        packed += table
-        packed += [0] * (width - len(table))
-    packed += step.tree_masks or []
-    host = torch.tensor(packed, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory().to(device, non_blocking=True)
-    n, s = step.num_tokens, step.num_seqs
-    sizes = [n, n, n, len(step.logits_indices), s + 1, s, s * width, len(step.tree_masks or [])]
-    ids, positions, slots, logits, starts, seq_lens, tables, tree_masks = host.split(sizes)
-    starts_host = step.query_start_loc
-    query_lens = [starts_host[i + 1] - starts_host[i] for i in range(s)]
-    meta = AttentionMetadata(
-        slot_mapping=slots,
-        query_start_loc=starts.to(torch.int32),
-        seq_lens=seq_lens.to(torch.int32),
-        block_tables=tables.to(torch.int32).view(s, width),
-        max_query_len=max(query_lens, default=0),
-        max_seq_len=max(step.seq_lens, default=0),
-        query_start_loc_host=tuple(step.query_start_loc),
-        seq_lens_host=tuple(step.seq_lens),
-        tree_masks=None if step.tree_masks is None else tree_masks.to(torch.int32),
-    )
-    return StepTensors(ids, positions, logits, meta)
-
-
 class ModelRunner:
     """Public state, fixed after construction:
     - `model_config` (ModelConfig), `device`, `dtype`, `kv_cache_dtype`, `max_model_len`;
@@ -149,19 +91,17 @@ class ModelRunner:
     - `graph_runner`: the CudaGraphRunner replaying decode-only steps (None on CPU, with
       `enforce_eager`, on a pipeline stage that is not the whole model, or for the torch
       backend where its padded decode gather exceeds TORCH_GRAPH_GATHER_LIMIT).
-    `execute(step)` (or, for pipeline micro-batches, `submit(step)` and later `collect()`) is
-    what changes anything (the cache slots a step writes); the other ranks of a TP/PP group
-    call `run_pipeline(step)` with the steps the driver's `step_channel` hands them.
+    `execute(step)` is what changes anything (the cache slots a step writes); in a TP/PP
+    group the driver rank runs steps through its StageDriver (workers/engine/stage_driver.py)
+    and the other ranks call `run_pipeline(step)` with the steps it hands them.
 
     Each layer's cache tensor has one block more than `num_blocks`: the scratch block where
     CUDA-graph padding rows write. `kv_caches` are views without it, so the block pool, KV
     transfer and everything else see exactly `num_blocks` blocks."""
 
-    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None,
-                 step_channel: StepChannel | None = None):
+    def __init__(self, config: EngineConfig, parallel: ParallelContext | None = None):
         self.config = config
         self.parallel = parallel or SINGLE
-        self.step_channel = step_channel
         self.device = resolve_device(config.device)
         self.model_config = ModelConfig.from_path(config.model)
         self.dtype = resolve_dtype(config.dtype, self.model_config, self.device)
@@ -179,8 +119,6 @@ class ModelRunner:
         ]
         self.graph_runner = self._build_graph_runner()
         self.verify_graph_runner = self._build_verify_graph_runner()
-        self._in_flight: deque[StepInput] = deque()
-        self._held_hidden: torch.Tensor | None = None
         self.last_hidden: torch.Tensor | None = None
         """The last stage's final hidden states of the latest step's logits rows (Medusa
         heads read them, workers/spec/medusa.py)."""
@@ -306,89 +244,23 @@ class ModelRunner:
                 graphs.close()
         self.graph_runner = self.verify_graph_runner = None
 
-    @property
-    def pipeline_depth(self) -> int:
-        """Most steps in flight at once through `submit`/`collect`: one per pipeline stage."""
-        return self.parallel.pp_size
-
     @torch.inference_mode()
     def execute(
         self, step: StepInput, layer_done: Callable[[int], None] | None = None,
-    ) -> torch.Tensor | None:
-        """The engine's entry point (on the driver rank): float32 logits
-        [len(step.logits_indices), vocab] of the whole model, one step at a time. With a step
-        channel (a TP/PP group) the step goes to the other ranks first, which run
-        `run_pipeline` in step. Requires no step in flight (see `submit`)."""
-        if self.step_channel is None and self.parallel.pp_size == 1:
-            return self.forward_stage(step, None, layer_done)
-        if self.parallel.pp_size == 1:
-            with self._group_step():
-                self.step_channel.send(step)
-                return self.forward_stage(step, None, layer_done)
-        if self._in_flight:
-            raise RuntimeError(f"execute with {len(self._in_flight)} steps in flight")
-        self.submit(step, layer_done)
-        return self.collect()
-
-    @torch.inference_mode()
-    def submit(self, step: StepInput, layer_done: Callable[[int], None] | None = None) -> None:
-        """Driver of a pipeline (pp_size > 1): starts `step` (a micro-batch) without waiting
-        for its logits. The step goes to the other ranks, this rank runs the first stage, and
-        the hidden states go to the next stage at once, unless `pipeline_depth` steps are now
-        in flight: then they wait for the next `collect`, which first takes the oldest
-        step's logits. So on the link between the driver and the last stage (the same pair of
-        ranks at pp_size 2) the driver's sends and receives come in the order the last stage
-        makes them (receive step n, send its logits, receive step n + 1): blocking
-        point-to-point calls never wait on each other in a cycle. The caller collects
-        whenever `pipeline_depth` steps are in flight, before the next submit."""
-        if len(self._in_flight) == self.pipeline_depth:
-            raise RuntimeError(f"{self.pipeline_depth} steps in flight: collect one first")
-        with self._group_step():
-            if self.step_channel is not None:
-                self.step_channel.send(step)
-            hidden = self.forward_stage(step, None, layer_done).hidden
-            self._in_flight.append(step)
-            if len(self._in_flight) < self.pipeline_depth:
-                self.parallel.send_to_next_stage(hidden)
-            else:
-                self._held_hidden = hidden
-
-    @torch.inference_mode()
-    def collect(self) -> torch.Tensor:
-        """Float32 logits [len(step.logits_indices), vocab] of the oldest step in flight
-        (sent back by the last stage's TP rank 0); then hands the held step, if any, to the
-        next stage (see `submit`)."""
-        step = self._in_flight.popleft()
-        with self._group_step():
-            logits = torch.empty(len(step.logits_indices), self.model_config.vocab_size,
-                                 dtype=torch.float32, device=self.device)
-            if step.logits_indices:
-                self.parallel.recv_from_last_stage(logits)
-            if self._held_hidden is not None:
-                hidden, self._held_hidden = self._held_hidden, None
-                self.parallel.send_to_next_stage(hidden)
-        return logits
-
-    @property
-    def num_in_flight(self) -> int:
-        """Steps submitted whose logits were not collected yet."""
-        return len(self._in_flight)
-
-    @contextlib.contextmanager
-    def _group_step(self) -> Iterator[None]:
-        """A collective failed: the ranks are out of step for good (the group goes whole)."""
-        try:
-            yield
-        except RuntimeError as exc:
-            if self.step_channel is not None:
-                self.step_channel.broken(exc)
-            raise
+    ) -> torch.Tensor:
+        """Float32 logits [len(step.logits_indices), vocab] of a step through every layer on
+        this rank (pp_size 1; the ranks of a TP group run it in step). The driver rank of a
+        TP/PP group runs its steps through a StageDriver (workers/engine/stage_driver.py),
+        which hands them to the other ranks first."""
+        if self.parallel.pp_size > 1:
+            raise RuntimeError("a pipeline stage runs steps through StageDriver or run_pipeline")
+        return self.forward_stage(step, None, layer_done)
 
     @torch.inference_mode()
     def run_pipeline(
         self, step: StepInput, layer_done: Callable[[int], None] | None = None,
     ) -> torch.Tensor | None:
-        """A non-driver rank's part of one step (the driver's is `execute` or `submit`):
+        """A non-driver rank's part of one step (the driver's goes through StageDriver):
         receive the previous stage's hidden states, run the owned layers, hand the result to
         the next stage, or the logits to the driver from the last stage's TP rank 0. Returns
         the logits on the last stage's ranks; None elsewhere. `layer_done`: as in
