@@ -102,7 +102,7 @@ def test_priority_reaches_both_roles_and_is_refused_under_fcfs(make_engine):
     assert decode._seqs["r1"].priority == prefill._seqs["r1"].priority == -4
     decode.abort("r1")
     prefill.abort("r1")
-    fcfs = make_engine()
+    fcfs = make_engine(role="decode")  # both admissions: add_request and reserve_remote
     for admit in (fcfs.add_request, fcfs.reserve_remote):
         with pytest.raises(InvalidParameter) as refused:
             admit("r2", [5, 6], GREEDY, priority=1)
