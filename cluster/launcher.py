@@ -18,6 +18,7 @@ import ray
 import torch
 
 from cluster.config import ClusterConfig
+from cluster.control_plane.discovery import find_workers
 from cluster.control_plane.redis_plane import RedisControlPlane
 from cluster.rank_metrics import describe_ranks
 from cluster.worker_groups import (
@@ -216,7 +217,8 @@ def control_plane_factory(redis_url: str | None, poll_interval_s: float = 0.2):
 def start_router(config: ClusterConfig, workers: dict[str, Any],
                  roles: dict[str, str] | None = None, name: str | None = None) -> Any:
     """Starts the named Router actor (`name`, default `<cluster>-router`) over `workers` (of
-    `roles`, default the config's) and waits until it sees every worker ready."""
+    `roles`, default the config's) and waits until it sees every worker ready. With a shared
+    control plane (`redis_url`) it rescans the cluster's workers (router/membership.py)."""
     roles = roles or dict(config.worker_roles())
     members = [(wid, roles[wid], actor) for wid, actor in workers.items()]
     router_cls = ray.remote(Router)
@@ -224,7 +226,8 @@ def start_router(config: ClusterConfig, workers: dict[str, Any],
         name=name or f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
         max_concurrency=_ROUTER_CONCURRENCY, max_restarts=-1, enable_task_events=False,
     ).remote(config.router, members, control_plane_factory(config.redis_url,
-                                                        config.router.poll_interval_s))
+                                                        config.router.poll_interval_s),
+              functools.partial(find_workers, config.name) if config.redis_url else None)
     health = ray.get(router.start.remote(config.startup_timeout_s),
                      timeout=config.startup_timeout_s + 10)
     log.info("router ready: %s", health)

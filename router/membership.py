@@ -14,6 +14,19 @@ re-publish its cached blocks, which its next report carries. A worker registered
 from the incarnation the control plane last heard of it (a restarted router rebuilds its view
 from Redis), so a worker that restarted while no router watched is still seen as restarted
 (its stale index dropped).
+
+Workers that come and go (`watch`, with a shared control plane): a third task rescans the
+cluster's live workers every `rescan_s` (a periodic rescan, not a Redis-driven watch: the
+workers write nothing to Redis themselves; their heartbeats there are what routers polled,
+so a worker no router polled yet, one started after this router or restarted under a new
+actor, exists only as a named Ray actor, cluster/control_plane/discovery.py; and keyspace
+notifications are a server setting we cannot count on). `sync` applies one scan: a new
+worker is registered (its next answer admits it and sets up its KV pairs, router/kv_pairs.py,
+as at start); a worker found under a new actor gets the new handle (its next answer, a new
+incarnation, is a restart: lost, then admitted again); a worker no longer found is lost at
+once and no longer checked, and forgotten at the next scan that still misses it (by then the
+calls in flight to it have failed and its requests moved on); found again, it is checked
+and admitted again.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from router.control_plane import ControlPlane
 from router.kv_pairs import KvPairs
@@ -38,6 +52,9 @@ log = logging.getLogger(__name__)
 OnLost = Callable[[str, list[str]], Awaitable[None]]
 OnNews = Callable[[WorkerNews], Awaitable[None]]
 AfterPoll = Callable[[], None]
+Found = dict[str, tuple[str, Any, WorkerHandle]]
+"""One rescan: worker_id -> (role, identity (equal while it is the same actor), handle)."""
+Find = Callable[[], Awaitable[Found]]
 
 
 class Membership:
@@ -62,6 +79,16 @@ class Membership:
         self.pairs = KvPairs(workers, worker)
         self.news = NewsReceiver(config.news_host)
         self._tasks: list[asyncio.Task] = []
+        self._find: Find | None = None
+        self._rescan_s = 0.0
+        self._identity: dict[str, Any] = {}
+        """Per worker found by a rescan, which actor it was."""
+        self._missing: set[str] = set()
+        """Workers the last rescan did not find (lost; forgotten if the next misses them)."""
+
+    def watch(self, find: Find, rescan_s: float = 2.0) -> None:
+        """Rescans the cluster's workers with `find` every `rescan_s` once started."""
+        self._find, self._rescan_s = find, rescan_s
 
     def add(self, worker_id: str, role: str, handle: WorkerHandle) -> None:
         """Registers a worker; it takes requests once it answered a health check."""
@@ -80,6 +107,8 @@ class Membership:
             loop = asyncio.get_running_loop()
             self._tasks = [loop.create_task(self._monitor_loop()),
                            loop.create_task(self._news_loop())]
+            if self._find is not None:
+                self._tasks.append(loop.create_task(self._watch_loop()))
 
     def stop(self) -> None:
         for task in self._tasks:
@@ -100,11 +129,44 @@ class Membership:
             await asyncio.sleep(self.config.poll_interval_s)
 
     async def poll_all(self) -> None:
-        await asyncio.gather(*(self._check(wid) for wid in list(self.workers)))
+        """Checks every registered worker but those the last rescan missed (lost, left)."""
+        await asyncio.gather(*(self._check(wid) for wid in list(self.workers)
+                               if wid not in self._missing))
+
+    async def sync(self, found: Found) -> None:
+        """Applies one rescan of the cluster's live workers (see the module docstring)."""
+        new = [wid for wid in found if wid not in self.workers]
+        if new:
+            self._heard = None  # registered from the heartbeats of now
+        for worker_id, (role, identity, handle) in found.items():
+            self._missing.discard(worker_id)
+            worker = self.workers.get(worker_id)
+            if worker is None:
+                log.info("worker %s (%s) found: registered", worker_id, role)
+                self.add(worker_id, role, handle)
+            elif self._identity.get(worker_id) != identity:
+                worker.handle = handle  # the same actor, or its successor under the name
+            self._identity[worker_id] = identity
+        for worker_id in [wid for wid in self.workers if wid not in found]:
+            if worker_id not in self._missing:
+                self._missing.add(worker_id)
+                await self.lose(worker_id, "its actor is gone from the cluster")
+            elif not self.workers[worker_id].ready and not self.workers[worker_id].requests:
+                self._forget(worker_id)
+
+    def _forget(self, worker_id: str) -> None:
+        log.info("worker %s (%s) left the cluster: forgotten", worker_id,
+                 self.workers[worker_id].role)
+        del self.workers[worker_id]
+        self._missing.discard(worker_id)
+        self._identity.pop(worker_id, None)
+        self.prefix_stats.pop(worker_id, None)
 
     async def lose(self, worker_id: str, why: str) -> None:
         """Drops a worker: its requests continue elsewhere if they can, else end clearly."""
-        worker = self.workers[worker_id]
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return  # forgotten meanwhile (a call to it failed late)
         if worker.ready:
             log.warning("worker %s (%s) lost: %s", worker_id, worker.role, why)
         worker.ready = False
@@ -123,6 +185,15 @@ class Membership:
             except Exception:  # the monitor must outlive any one bad check
                 log.exception("router health check failed")
             await asyncio.sleep(self.config.poll_interval_s)
+
+    async def _watch_loop(self) -> None:
+        assert self._find is not None
+        while True:
+            await asyncio.sleep(self._rescan_s)
+            try:
+                await self.sync(await self._find())
+            except Exception:  # a failed scan (Ray's GCS busy) changes nothing; try again
+                log.exception("rescanning the cluster's workers failed")
 
     async def _resync(self) -> None:
         """If the control plane's index lost facts: every ready worker re-publishes."""
@@ -152,7 +223,9 @@ class Membership:
                 log.exception("news %s failed", news)
 
     async def _check(self, worker_id: str) -> None:
-        worker = self.workers[worker_id]
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return  # forgotten since this round of checks began
         try:
             report = await asyncio.wait_for(self._worker(worker_id).report(self.news.bind()),
                                             timeout=self.config.poll_timeout_s)

@@ -7,7 +7,9 @@ One named actor per cluster (`<cluster name>-router` in namespace `NAMESPACE`): 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +18,7 @@ import ray
 from ray import exceptions as ray_errors
 
 from router.control_plane import ControlPlane
+from router.membership import Found
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import RayHandle, raise_typed
@@ -33,15 +36,21 @@ class Router:
     """Ray actor body: owns a RouterCore whose worker handles are Ray actors."""
 
     def __init__(self, config: RouterConfig, workers: list[tuple[str, str, Any]],
-                 control_plane: Callable[[], ControlPlane] | None = None):
+                 control_plane: Callable[[], ControlPlane] | None = None,
+                 find_workers: Callable[[], dict[str, tuple[str, Any]]] | None = None):
         """`control_plane`: makes the shared one (Redis, cluster/control_plane/); None: in
-        memory. A factory, so a restarted actor reconnects and starts from what it holds."""
+        memory. A factory, so a restarted actor reconnects and starts from what it holds.
+        `find_workers`: the cluster's live workers, id -> (role, actor)
+        (cluster/control_plane/discovery.py), rescanned so that workers coming or going later
+        are admitted or leave (router/membership.py); None: `workers` are all there is."""
         # Workers on other nodes push their news to this node's own address.
         self.core = RouterCore(dataclasses.replace(
             config, news_host=ray.util.get_node_ip_address()),
             control_plane() if control_plane else None)
         for worker_id, role, actor in workers:
             self.core.add_worker(worker_id, role, RayHandle(actor))
+        if find_workers is not None:
+            self.core.membership.watch(functools.partial(_found, find_workers))
 
     async def start(self, timeout_s: float) -> dict:
         """Waits until every worker answered a poll, then starts the health monitor."""
@@ -123,6 +132,13 @@ class RayBackend:
 
     async def worker_metrics(self) -> list[dict]:
         return await _unwrap(self.router.worker_metrics.remote())
+
+
+async def _found(find_workers: Callable[[], dict[str, tuple[str, Any]]]) -> Found:
+    """The cluster's live workers as Membership takes them: role, identity (the actor handle,
+    which compares by actor id), handle. Ray's GCS calls block: off the actor's loop."""
+    actors = await asyncio.to_thread(find_workers)
+    return {wid: (role, actor, RayHandle(actor)) for wid, (role, actor) in actors.items()}
 
 
 async def _unwrap(ref: ray.ObjectRef) -> Any:

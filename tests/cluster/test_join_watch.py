@@ -1,0 +1,109 @@
+"""A router's rescan of the cluster's workers (router/membership.py, `watch`) with real
+in-process prefill and decode workers over gloo KV pairs (set up eagerly at admission): a
+decode worker that appears after the router started is registered, admitted and paired with
+the prefill worker as at start;
+a decode worker no longer found is lost and forgotten, and its requests' successors run on
+the new one with greedy output equal to transformers; a worker found under a new identity
+(restarted as a new actor) is admitted again as a new incarnation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from router.membership import Found
+from router.router_core import RouterCore
+from router.router_state import RouterConfig
+from router.worker_handle import LocalHandle
+from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
+from tests.cluster.test_disaggregated_workers import make_spec, request, wait_all_free
+from workers.actors.decode_worker import DecodeWorker
+from workers.actors.prefill_worker import PrefillWorker
+
+
+@pytest.fixture()
+def collector():
+    collector = ChunkCollector()
+    yield collector
+    collector.close()
+
+
+async def until(predicate, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not within {timeout_s} s"
+        await asyncio.sleep(0.02)
+
+
+def found(workers: dict) -> Found:
+    """A rescan's answer: each worker object is its own identity (as an actor handle is)."""
+    return {wid: (wid.split("-")[0], worker, LocalHandle(worker))
+            for wid, worker in workers.items()}
+
+
+def paired(prefill: PrefillWorker, decode: DecodeWorker) -> bool:
+    """The prefill worker's KV pair with `decode` is set up (its path known)."""
+    return prefill.transfer_paths().get(decode.kv_address(), {}).get("path") is not None
+
+
+def serving(core: RouterCore) -> dict[str, str]:
+    """The incarnation the router serves of each worker it knows."""
+    return {m["worker_id"]: m["incarnation"] for m in core.worker_metrics()
+            if m["role"] != "router"}
+
+
+def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_dir,
+                                                                    hf_reference, collector):
+    prefill = PrefillWorker(make_spec(tiny_model_dir, "prefill-0", "gloo"))
+    made = [DecodeWorker(make_spec(tiny_model_dir, f"decode-{i}", "gloo")) for i in (0, 1, 1)]
+    old, late, successor = made
+    model = hf_reference(tiny_model_dir)
+    batch = prompts(4, prefill.ready()["vocab_size"], seed=31, low=4, high=30)
+    live = {"prefill-0": prefill, "decode-0": old}
+
+    async def find() -> Found:
+        return found(live)
+
+    async def run() -> tuple[list, dict, dict]:
+        core = RouterCore(RouterConfig(block_size=8, poll_interval_s=0.05))
+        core.add_worker("prefill-0", "prefill", LocalHandle(prefill))
+        core.add_worker("decode-0", "decode", LocalHandle(old))
+        core.membership.watch(find, rescan_s=0.05)
+        await core.wait_ready(10)
+        core.start()
+        decodes = lambda: core.health()["workers"]["decode"]  # noqa: E731
+        live["decode-1"] = late  # started after the router: registered, admitted, paired
+        await until(lambda: decodes() == {"ready": 2, "known": 2}, "decode-1 admitted")
+        await until(lambda: paired(prefill, late), "prefill-0 -> decode-1 KV pair")
+        del live["decode-0"]  # gone: lost, then forgotten
+        await until(lambda: decodes() == {"ready": 1, "known": 1}, "decode-0 forgotten")
+        reqs = [request(f"r{i}", p, collector.address, 5) for i, p in enumerate(batch)]
+        await asyncio.gather(*(core.submit(r) for r in reqs))
+        await asyncio.to_thread(collector.wait_finished, [r.request_id for r in reqs], 120)
+        first = serving(core)
+        live["decode-1"] = successor  # restarted under a new actor: a new incarnation
+        await until(lambda: decodes()["ready"] == 1 and serving(core)["decode-1"]
+                    not in ("", first["decode-1"]), "decode-1's successor admitted")
+        await until(lambda: paired(prefill, successor), "prefill-0 -> successor KV pair")
+        again = request("again", batch[0], collector.address, 5)
+        await core.submit(again)
+        await asyncio.to_thread(collector.wait_finished, ["again"], 60)
+        await until(lambda: not core.requests, "requests done")
+        await core.stop()
+        return reqs, first, serving(core)
+
+    try:
+        reqs, first, then = asyncio.run(run())
+        for req in reqs:
+            assert collector.final(req.request_id).worker_id == "decode-1"
+            assert collector.tokens(req.request_id) == hf_greedy(model, req.prompt_token_ids, 5)
+        assert list(then) == ["prefill-0", "decode-1"]
+        assert then["decode-1"] == successor.incarnation != late.incarnation
+        assert first["decode-1"] == late.incarnation
+        assert collector.tokens("again") == collector.tokens("r0")
+        wait_all_free(prefill, late, successor)
+    finally:
+        for worker in [prefill, *made]:
+            worker.shutdown()
