@@ -23,8 +23,8 @@ import torch
 from cluster.launcher import worker_options, worker_spec
 from cluster.serve import build_config, parse_args
 from tests.cluster.helpers import hf_greedy, prompts
-from tests.cluster.redis_server import RedisServer
-from tests.e2e.served_process import ServeProcess, tiny_serve_args
+from tests.cluster.test_redis_gateways import joined_gateways
+from tests.e2e.served_process import tiny_serve_args
 from workers.actors.worker_actor import WorkerActor
 from workers.text.tokenizer import Tokenizer
 
@@ -33,22 +33,10 @@ MAX_TOKENS = 6
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir, tmp_path_factory):
-    """(A, B, the CLI arguments they share): B joined to A's 1P+1D cluster."""
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
-    server = RedisServer().start()
-    logs = tmp_path_factory.mktemp("joined")
-    args = tiny_serve_args(tiny_model_dir, "--redis-url", server.url,
-                           "--ray-address", ray.get_runtime_context().gcs_address)
-    gateways: list[ServeProcess] = []
-    try:
-        gateways.append(ServeProcess(args, logs / "a.log", ready_timeout_s=240))
-        gateways.append(ServeProcess([*args, "--join"], logs / "b.log", ready_timeout_s=240))
-        yield gateways[0], gateways[1], args
-    finally:
-        for gateway in gateways:
-            gateway.close()
-        server.stop()
-        ray.shutdown()
+    """(A, B, A's flags): B joined to A's 1P+1D cluster."""
+    with joined_gateways(tiny_serve_args(tiny_model_dir),
+                         tmp_path_factory.mktemp("joined")) as (a, b, _, args):
+        yield a, b, args
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,13 @@ Plus the CLI's refusals: --join without --redis-url, and with no cluster to join
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -42,26 +45,35 @@ PREFIX = 40  # five full blocks
 WORKERS = ["colocated-0", "colocated-1"]
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_dir, tmp_path_factory):
-    """(A, B, redis server): two gateways on one Ray, B joined to A's workers."""
+@contextlib.contextmanager
+def joined_gateways(args: list[str], logs: Path) -> Iterator[tuple[ServeProcess, ServeProcess,
+                                                                   RedisServer, list[str]]]:
+    """(A, B, redis server, A's flags): `kvrelay serve ARGS` with `--redis-url` to a real
+    redis-server on a local Ray, and B, the same with `--join`; all stopped after."""
     ray.init(num_cpus=2, include_dashboard=False, namespace="kvrelay", ignore_reinit_error=True)
     server = RedisServer().start()
-    logs = tmp_path_factory.mktemp("gateways")
-    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--colocated", "2",
-            "--colocated-policy", "cache_aware", "--block-size", str(BLOCK), "--num-blocks",
-            "256", "--served-model-name", "tiny", "--redis-url", server.url,
+    args = [*args, "--redis-url", server.url,
             "--ray-address", ray.get_runtime_context().gcs_address]
     gateways: list[ServeProcess] = []
     try:
         gateways.append(ServeProcess(args, logs / "a.log", ready_timeout_s=240))
         gateways.append(ServeProcess([*args, "--join"], logs / "b.log", ready_timeout_s=240))
-        yield gateways[0], gateways[1], server
+        yield gateways[0], gateways[1], server, args
     finally:
         for gateway in gateways:
             gateway.close()
         server.stop()
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    """(A, B, redis server): two gateways on one Ray, B joined to A's workers."""
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--colocated", "2",
+            "--colocated-policy", "cache_aware", "--block-size", str(BLOCK), "--num-blocks",
+            "256", "--served-model-name", "tiny"]
+    with joined_gateways(args, tmp_path_factory.mktemp("gateways")) as (a, b, server, _):
+        yield a, b, server
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +230,13 @@ def test_a_killed_router_rebuilds_from_redis_and_routing_still_hits(cluster, sys
     assert response.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == PREFIX
     for i, system in enumerate(systems[1:]):
         assert cached(a.url, [*system, 460 + i]) == PREFIX
+    # B's view of the stream's worker: the killed router's last published load counts until
+    # it is stale (2 s), and outweighs the cached prefix meanwhile.
+    deadline = time.monotonic() + 30
+    while any(w.get("outstanding_tokens") for w in
+              httpx.get(f"{b.url}/v1/metrics", timeout=30).json()["workers"]):
+        assert time.monotonic() < deadline, "the killed router's loads never went stale"
+        time.sleep(0.2)
     assert cached(b.url, [*systems[0], 470]) == PREFIX  # B served on meanwhile
     assert control_plane(a.url, "cache_aware")["workers"]["colocated"]["ready"] == 2
     thread.join(120)
