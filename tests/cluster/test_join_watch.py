@@ -1,10 +1,10 @@
 """A router's rescan of the cluster's workers (router/membership.py, `watch`) with real
 in-process prefill and decode workers over gloo KV pairs (set up eagerly at admission): a
-decode worker that appears after the router started is registered, admitted and paired with
-the prefill worker as at start;
-a decode worker no longer found is lost and forgotten, and its requests' successors run on
-the new one with greedy output equal to transformers; a worker found under a new identity
-(restarted as a new actor) is admitted again as a new incarnation."""
+prefill and a decode worker that appear after the router started are registered, admitted
+and paired with the others as at start; a decode worker no longer found is lost and
+forgotten, and requests then run on the new one with greedy output equal to transformers; a
+worker found under a new identity (restarted as a new actor) is admitted again as a new
+incarnation and paired again."""
 
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def serving(core: RouterCore) -> dict[str, str]:
 
 def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_dir,
                                                                     hf_reference, collector):
-    prefill = PrefillWorker(make_spec(tiny_model_dir, "prefill-0", "gloo"))
+    prefill, scaled = (PrefillWorker(make_spec(tiny_model_dir, f"prefill-{i}", "gloo"))
+                       for i in (0, 1))
     made = [DecodeWorker(make_spec(tiny_model_dir, f"decode-{i}", "gloo")) for i in (0, 1, 1)]
     old, late, successor = made
     model = hf_reference(tiny_model_dir)
@@ -74,9 +75,11 @@ def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_d
         await core.wait_ready(10)
         core.start()
         decodes = lambda: core.health()["workers"]["decode"]  # noqa: E731
-        live["decode-1"] = late  # started after the router: registered, admitted, paired
+        # Started after the router: registered, admitted, paired with the others.
+        live.update({"decode-1": late, "prefill-1": scaled})
         await until(lambda: decodes() == {"ready": 2, "known": 2}, "decode-1 admitted")
-        await until(lambda: paired(prefill, late), "prefill-0 -> decode-1 KV pair")
+        await until(lambda: all(paired(p, d) for p in (prefill, scaled) for d in (old, late)),
+                    "every prefill -> decode KV pair")
         del live["decode-0"]  # gone: lost, then forgotten
         await until(lambda: decodes() == {"ready": 1, "known": 1}, "decode-0 forgotten")
         reqs = [request(f"r{i}", p, collector.address, 5) for i, p in enumerate(batch)]
@@ -86,7 +89,8 @@ def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_d
         live["decode-1"] = successor  # restarted under a new actor: a new incarnation
         await until(lambda: decodes()["ready"] == 1 and serving(core)["decode-1"]
                     not in ("", first["decode-1"]), "decode-1's successor admitted")
-        await until(lambda: paired(prefill, successor), "prefill-0 -> successor KV pair")
+        await until(lambda: paired(prefill, successor) and paired(scaled, successor),
+                    "prefill -> successor KV pairs")
         again = request("again", batch[0], collector.address, 5)
         await core.submit(again)
         await asyncio.to_thread(collector.wait_finished, ["again"], 60)
@@ -99,11 +103,11 @@ def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_d
         for req in reqs:
             assert collector.final(req.request_id).worker_id == "decode-1"
             assert collector.tokens(req.request_id) == hf_greedy(model, req.prompt_token_ids, 5)
-        assert list(then) == ["prefill-0", "decode-1"]
+        assert list(then) == ["prefill-0", "decode-1", "prefill-1"]
         assert then["decode-1"] == successor.incarnation != late.incarnation
         assert first["decode-1"] == late.incarnation
         assert collector.tokens("again") == collector.tokens("r0")
-        wait_all_free(prefill, late, successor)
+        wait_all_free(prefill, scaled, late, successor)
     finally:
-        for worker in [prefill, *made]:
+        for worker in [prefill, scaled, *made]:
             worker.shutdown()
