@@ -89,6 +89,9 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     """Never capture CUDA graphs (the escape hatch); graphs are used only on CUDA anyway."""
+    cuda_graph_prefill_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    """Token buckets of the CUDA graphs that replay one sequence's prefill step of 9..512 new
+    tokens (workers/engine/prefill_graph.py; Triton backend); () turns them off."""
     role: Role = "colocated"
     tp_size: int = 1
     """Tensor-parallel ranks of this worker (one process each; workers/actors/rank_group.py)."""

@@ -38,6 +38,12 @@ class AttentionMetadata:
     """[num_tokens] int32, tree verification only (workers/spec/tree.py): each query token's
     bitmask of the query tokens of its sequence it sees (its ancestors and itself) besides
     the context; 0: causal (kernels/attention_ref.py)."""
+    device_query_lens: bool = False
+    """The rows' query lengths are known only on the device: a CUDA-graphed prefill step
+    (workers/engine/prefill_graph.py), replayed for any split of its tokens between its rows.
+    max_query_len is then an upper bound and query_start_loc_host only the captured layout;
+    the Triton backend runs every row through the prefill kernel. The torch backend, which
+    slices rows on the host, never gets such a step."""
 
 
 class AttentionBackend(ABC):

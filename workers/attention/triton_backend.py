@@ -5,8 +5,9 @@ chunks. Sequences with at most 8 new tokens go to the split-KV decode kernel (on
 GQA group); longer ones to the flash prefill kernel. Both read the same cache and write
 disjoint rows of one output, so a mixed step is two launches and no gather/scatter.
 No host syncs: every decision uses the host-side fields of AttentionMetadata, so decode steps
-can be captured in CUDA graphs. An fp8 cache is quantized by the cache write and dequantized
-inside both attention kernels, with the layer's scales.
+and single-sequence prefill steps (`device_query_lens`) can be captured in CUDA graphs. An fp8
+cache is quantized by the cache write and dequantized inside both attention kernels, with the
+layer's scales.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class TritonAttentionBackend(AttentionBackend):
                                 meta.max_seq_len, scale, max_q_len=meta.max_query_len, out=out,
                                 **scales, **tree)
         starts = meta.query_start_loc_host
-        has_short = any(
+        # Row lengths known only on the device: the prefill kernel takes every row (it
+        # reads each row's length and context from the device; a zero-length row is skipped).
+        has_short = not meta.device_query_lens and any(
             starts[i + 1] - starts[i] <= MAX_DECODE_QUERY for i in range(len(starts) - 1))
         if has_short:
             paged_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, meta.max_seq_len,

@@ -1,29 +1,38 @@
-"""`CudaGraphRunner`: decode-only steps replayed from CUDA graphs (STYLE.md #9).
+"""CUDA-graph runners: steps replayed from graphs captured at fixed bucket shapes (STYLE.md #9).
 
 A decode step of Llama-3-8B launches ~10 kernels per layer; at batch 1 the GPU finishes each
-in microseconds, so launching them from Python would cost more than the work. One graph per
-batch-size bucket (1, 2, 4, ..., max_num_seqs) replays the whole model from static input
-buffers this runner owns. A step of n sequences runs in the smallest bucket >= n; the padding
-rows are fake one-token sequences whose K/V go to a reserved scratch block that the block pool
-never hands out (the runner allocates it after the pool's blocks), so they touch nothing real.
+in microseconds, so launching them from Python would cost more than the work. A graph runner
+owns static input buffers and one graph per bucket that replays the whole model from them.
+A step runs in the smallest bucket that holds it; the padding rows are fake sequences whose
+K/V go to a reserved scratch block that the block pool never hands out (the runner allocates
+it after the pool's blocks), so they touch nothing real.
 
-Static buffers: one int64 device tensor holding input ids, positions, slot mapping, seq lens,
-logits indices and block tables (max_model_len wide), filled from a pinned host mirror with ONE
-host->device copy per step. Attention metadata inside the graphs uses max_seq_len =
-max_model_len, so the Triton decode kernel's split count is fixed per bucket (the kernel is
-correct for any split count) and the torch backend's padded gather is static.
+`GraphRunner` is what every runner shares: the static buffers (one int64 device tensor
+holding input ids, positions, slot mapping, logits indices, seq lens, query starts and block
+tables, max_model_len wide), filled from a pinned host mirror with ONE host->device copy per
+step; the scratch-block padding; the capture loop; `close`. A subclass says which steps it
+takes, the shape (rows, tokens) of each bucket, and what the attention backend may assume on
+the host. Attention metadata inside the graphs uses max_seq_len = max_model_len, so the Triton
+decode kernel's split count is fixed per bucket (the kernel is correct for any split count)
+and the torch backend's padded gather is static.
 
-Invariants: graphs are only used on CUDA, for steps where every sequence has exactly
-`query_len` new tokens (1: decode; 1 + K: a speculative verification step, a second runner
-built for the Triton backend, whose decode kernel masks by the device seq_lens); everything
-else (prefill, chunks, mixed verification, CPU, `enforce_eager`) runs eagerly.
+`CudaGraphRunner` (this file): steps where every sequence has exactly `query_len` new tokens
+(1: decode; 1 + K: a speculative verification step, a second runner built for the Triton
+backend, whose decode kernel masks by the device seq_lens), one graph per batch-size bucket.
+`PrefillGraphRunner` (workers/engine/prefill_graph.py): one sequence's prefill chunk.
+Everything else (mixed steps, CPU, `enforce_eager`) runs eagerly.
 The caller keeps at most one step in flight (the engine samples on the host every step).
+
+`capture=False` builds a runner that runs the same padded forward eagerly (no graphs, any
+device): how the CPU tests check the padding logic the graphs replay.
 """
 
 from __future__ import annotations
 
 import gc
+from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 
 from workers.attention.backend import AttentionMetadata
@@ -31,7 +40,8 @@ from workers.engine.step_input import StepInput
 from workers.model.llama import KVCache, LlamaForCausalLM
 
 _TOKEN_FIELDS = ("input_ids", "positions", "slot_mapping", "logits_indices")
-"""Per packed token (rows * query_len each); seq_lens follows, one per row."""
+"""One entry per packed token each; seq_lens (one per row) and query_start_loc (rows + 1)
+follow, then the block tables."""
 
 
 def batch_buckets(max_num_seqs: int) -> list[int]:
@@ -43,7 +53,7 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     return buckets + [max_num_seqs]
 
 
-class CudaGraphRunner:
+class GraphRunner(ABC):
     """Owns the static buffers and one captured graph per bucket. Built once by ModelRunner
     after the KV cache exists (graphs capture the cache's addresses); `run` replaces the
     model's forward for steps `can_run` accepts."""
@@ -52,49 +62,57 @@ class CudaGraphRunner:
         self,
         model: LlamaForCausalLM,
         kv_caches: list[KVCache],
-        max_num_seqs: int,
+        buckets: list[int],
         max_model_len: int,
         scratch_block: int,
-        query_len: int = 1,
+        capture: bool = True,
     ):
         self.model = model
-        self.query_len = query_len
         self.kv_caches = kv_caches
-        self.buckets = batch_buckets(max_num_seqs)
+        self.buckets = buckets
         self.max_model_len = max_model_len
         self.block_size = kv_caches[0][0].shape[1]
         self.scratch_block = scratch_block
         self.device = kv_caches[0][0].device
-        assert query_len <= self.block_size, "padding rows live in one scratch block"
-        rows = self.buckets[-1]
-        tokens = rows * query_len
+        rows, tokens = self._shape(buckets[-1])
         self.width = -(-max_model_len // self.block_size)
-        self._fields_end = len(_TOKEN_FIELDS) * tokens + rows
+        sizes = {f: tokens for f in _TOKEN_FIELDS} | {"seq_lens": rows, "query_start_loc": rows + 1}
+        offsets = [int(x) for x in np.cumsum([0, *sizes.values()])]
+        self._fields_end = offsets[-1]
         total = self._fields_end + rows * self.width
+        cuda = self.device.type == "cuda"
         self._device = torch.zeros(total, dtype=torch.int64, device=self.device)
-        self._host = torch.zeros(total, dtype=torch.int64).pin_memory()
-        spans = {f: (i * tokens, (i + 1) * tokens) for i, f in enumerate(_TOKEN_FIELDS)}
-        spans["seq_lens"] = (len(_TOKEN_FIELDS) * tokens, self._fields_end)
+        self._host = torch.zeros(total, dtype=torch.int64)
+        self._host = self._host.pin_memory() if cuda else self._host
         host = self._host.numpy()
+        spans = dict(zip(sizes, zip(offsets[:-1], offsets[1:], strict=True), strict=True))
         self._host_fields = {f: host[a:b] for f, (a, b) in spans.items()}
         self._host_tables = host[self._fields_end :].reshape(rows, self.width)
         self._static = {f: self._device[a:b] for f, (a, b) in spans.items()}
         self._block_tables = self._device[self._fields_end :].view(rows, self.width)
-        self._query_start_loc = torch.arange(
-            0, (rows + 1) * query_len, query_len, dtype=torch.int32, device=self.device)
-        self._copied = torch.cuda.Event()
+        self._copied = torch.cuda.Event() if cuda else None
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._capture_all()
+        self.captured = capture
+        if capture:
+            self._capture_all()
 
+    @abstractmethod
     def can_run(self, step: StepInput) -> bool:
-        """Every sequence has exactly query_len new tokens (decode: one), and the step is no
-        larger than the largest bucket."""
-        q = self.query_len
-        if step.tree_masks is not None:  # tree verification runs eagerly
-            return False
-        if not (0 < step.num_seqs <= self.buckets[-1] and step.num_tokens == step.num_seqs * q):
-            return False
-        return q == 1 or step.query_start_loc == list(range(0, step.num_tokens + 1, q))
+        """Whether `run` takes this step (its shape fits a bucket)."""
+
+    @abstractmethod
+    def bucket_for_step(self, step: StepInput) -> int:
+        """The smallest bucket that holds the step."""
+
+    @abstractmethod
+    def _shape(self, bucket: int) -> tuple[int, int]:
+        """(rows, tokens) of a bucket's graph: a step fills its rows and tokens first, the
+        padding rows share the rest equally (the last one takes any remainder)."""
+
+    @abstractmethod
+    def _query_layout(self, bucket: int) -> tuple[int, tuple[int, ...], bool]:
+        """(max_query_len, query_start_loc_host, device_query_lens) of a bucket's metadata:
+        what the attention backend may decide on the host, valid for every step replayed."""
 
     def close(self) -> None:
         """Frees the graphs. Graphs holding captured NCCL calls keep
@@ -103,76 +121,89 @@ class CudaGraphRunner:
         for graph, _ in self._graphs.values():
             graph.reset()
         self._graphs.clear()
-        torch.cuda.synchronize(self.device)
-
-    def bucket_for(self, num_seqs: int) -> int:
-        return next(size for size in self.buckets if size >= num_seqs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> torch.Tensor:
         """Final hidden states of the rows step.logits_indices names, in that order."""
-        num_seqs, bucket = step.num_seqs, self.bucket_for(step.num_seqs)
+        bucket = self.bucket_for_step(step)
         self._fill_host(step, bucket)
-        self._upload(bucket)
-        graph, hidden = self._graphs[bucket]
-        graph.replay()
+        self._upload(self._shape(bucket)[0])
+        if self.captured:
+            graph, hidden = self._graphs[bucket]
+            graph.replay()
+        else:
+            hidden = self._forward(bucket)
         indices = self._static["logits_indices"][: len(step.logits_indices)]
-        return hidden[: num_seqs * self.query_len].index_select(0, indices)
+        return hidden.index_select(0, indices)
 
     def _fill_host(self, step: StepInput, bucket: int) -> None:
         # The previous step's copy must have left the pinned mirror before it is rewritten.
-        self._copied.synchronize()
-        n, fields = step.num_seqs, self._host_fields
-        tokens = step.num_tokens
+        if self._copied is not None:
+            self._copied.synchronize()
+        n, tokens, fields = step.num_seqs, step.num_tokens, self._host_fields
         fields["input_ids"][:tokens] = step.token_ids
         fields["positions"][:tokens] = step.positions
         fields["slot_mapping"][:tokens] = step.slot_mapping
         fields["seq_lens"][:n] = step.seq_lens
+        fields["query_start_loc"][: n + 1] = step.query_start_loc
         fields["logits_indices"][: len(step.logits_indices)] = step.logits_indices
         # Table columns past a sequence's own blocks keep stale (valid) block ids: attention
         # never reads past seq_len, so rewriting the whole width would only cost time.
         for row, table in enumerate(step.block_tables):
-            self._host_tables[row, : len(table)] = table
-        self._fill_padding(n, bucket)
+            self._host_tables[row, : len(table)] = table[: self.width]
+        self._fill_padding(n, tokens, *self._shape(bucket))
 
-    def _fill_padding(self, start: int, end: int) -> None:
-        """Rows start..end-1 become query_len-token sequences living in the scratch block."""
-        fields, q = self._host_fields, self.query_len
-        first, last = start * q, end * q
-        fields["input_ids"][first:last] = 0
-        fields["positions"][first:last] = list(range(q)) * (end - start)
-        fields["slot_mapping"][first:last] = [self.scratch_block * self.block_size + i
-                                              for i in range(q)] * (end - start)
-        fields["seq_lens"][start:end] = q
-        self._host_tables[start:end, 0] = self.scratch_block
+    def _fill_padding(self, first_row: int, first_token: int, rows: int, tokens: int) -> None:
+        """Rows first_row..rows-1 become sequences of the tokens first_token..tokens-1 (split
+        equally, the last row takes the remainder), each at positions 0.. of its own, living
+        in the scratch block: every slot and every table column they read is the scratch
+        block's (a row longer than a block wraps around in it)."""
+        num_rows = rows - first_row
+        if num_rows == 0:
+            return
+        fields, count = self._host_fields, tokens - first_token
+        lens = np.full(num_rows, count // num_rows)
+        lens[-1] += count % num_rows
+        ends = first_token + np.cumsum(lens)
+        positions = np.arange(count) - np.repeat(ends - lens - first_token, lens)
+        fields["input_ids"][first_token:tokens] = 0
+        fields["positions"][first_token:tokens] = positions
+        fields["slot_mapping"][first_token:tokens] = (
+            self.scratch_block * self.block_size + positions % self.block_size)
+        fields["seq_lens"][first_row:rows] = lens
+        fields["query_start_loc"][first_row + 1 : rows + 1] = ends
+        columns = max(1, -(-int(lens.max()) // self.block_size))
+        self._host_tables[first_row:rows, :columns] = self.scratch_block
 
-    def _upload(self, bucket: int) -> None:
-        used = self._fields_end + bucket * self.width
-        self._device[:used].copy_(self._host[:used], non_blocking=True)
-        self._copied.record()
+    def _upload(self, rows: int) -> None:
+        used = self._fields_end + rows * self.width
+        self._device[:used].copy_(self._host[:used], non_blocking=self._copied is not None)
+        if self._copied is not None:
+            self._copied.record()
 
     def _forward(self, bucket: int) -> torch.Tensor:
-        static, q = self._static, self.query_len
-        tokens = bucket * q
+        static = self._static
+        rows, tokens = self._shape(bucket)
+        max_query_len, starts_host, device_query_lens = self._query_layout(bucket)
         meta = AttentionMetadata(
             slot_mapping=static["slot_mapping"][:tokens],
-            query_start_loc=self._query_start_loc[: bucket + 1],
-            seq_lens=static["seq_lens"][:bucket].to(torch.int32),
-            block_tables=self._block_tables[:bucket].to(torch.int32),
-            max_query_len=q,
+            query_start_loc=static["query_start_loc"][: rows + 1].to(torch.int32),
+            seq_lens=static["seq_lens"][:rows].to(torch.int32),
+            block_tables=self._block_tables[:rows].to(torch.int32),
+            max_query_len=max_query_len,
             max_seq_len=self.max_model_len,
-            query_start_loc_host=tuple(range(0, tokens + 1, q)),
-            seq_lens_host=(self.max_model_len,) * bucket,
+            query_start_loc_host=starts_host,
+            seq_lens_host=(self.max_model_len,) * rows,
+            device_query_lens=device_query_lens,
         )
         positions = static["positions"][:tokens]
         return self.model(static["input_ids"][:tokens], positions, self.kv_caches, meta)
 
     @torch.inference_mode()
     def _capture_all(self) -> None:
-        rows = self.buckets[-1]
         self._host_tables[:] = self.scratch_block
-        self._fill_padding(0, rows)
-        self._upload(rows)
         pool = None
         # A garbage collection during capture may destroy an older runner's graphs, which
         # CUDA forbids while a stream captures (it invalidates this capture): collect now,
@@ -183,6 +214,9 @@ class CudaGraphRunner:
         try:
             # Largest first: smaller graphs then fit in the memory pool the first one made.
             for bucket in reversed(self.buckets):
+                rows, tokens = self._shape(bucket)
+                self._fill_padding(0, 0, rows, tokens)
+                self._upload(rows)
                 self._forward(bucket)  # warm-up: Triton compiles, cuBLAS picks its kernels
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
@@ -194,3 +228,46 @@ class CudaGraphRunner:
             if was_enabled:
                 gc.enable()
         torch.cuda.synchronize(self.device)
+
+
+class CudaGraphRunner(GraphRunner):
+    """Steps where every sequence has exactly `query_len` new tokens (decode: one), one graph
+    per batch-size bucket (1, 2, 4, ..., max_num_seqs)."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[KVCache],
+        max_num_seqs: int,
+        max_model_len: int,
+        scratch_block: int,
+        query_len: int = 1,
+        capture: bool = True,
+    ):
+        self.query_len = query_len
+        assert query_len <= kv_caches[0][0].shape[1], "padding rows live in one scratch block"
+        super().__init__(model, kv_caches, batch_buckets(max_num_seqs), max_model_len,
+                         scratch_block, capture)
+
+    def can_run(self, step: StepInput) -> bool:
+        """Every sequence has exactly query_len new tokens (decode: one), and the step is no
+        larger than the largest bucket."""
+        q = self.query_len
+        if step.tree_masks is not None:  # tree verification runs eagerly
+            return False
+        if not (0 < step.num_seqs <= self.buckets[-1] and step.num_tokens == step.num_seqs * q):
+            return False
+        return q == 1 or step.query_start_loc == list(range(0, step.num_tokens + 1, q))
+
+    def bucket_for(self, num_seqs: int) -> int:
+        return next(size for size in self.buckets if size >= num_seqs)
+
+    def bucket_for_step(self, step: StepInput) -> int:
+        return self.bucket_for(step.num_seqs)
+
+    def _shape(self, bucket: int) -> tuple[int, int]:
+        return bucket, bucket * self.query_len
+
+    def _query_layout(self, bucket: int) -> tuple[int, tuple[int, ...], bool]:
+        q = self.query_len
+        return q, tuple(range(0, bucket * q + 1, q)), False

@@ -19,6 +19,7 @@ from workers.attention.registry import get_attention_backend
 from workers.attention.torch_backend import padded_decode_bytes
 from workers.config import EngineConfig
 from workers.engine.cuda_graph import CudaGraphRunner
+from workers.engine.prefill_graph import build_prefill_graph_runner
 from workers.engine.step_input import StepInput
 from workers.engine.step_tensors import build_step_tensors
 from workers.errors import InvalidParameter
@@ -90,7 +91,9 @@ class ModelRunner:
     - `num_blocks`, `block_size`, `kv_bytes_per_block`;
     - `graph_runner`: the CudaGraphRunner replaying decode-only steps (None on CPU, with
       `enforce_eager`, on a pipeline stage that is not the whole model, or for the torch
-      backend where its padded decode gather exceeds TORCH_GRAPH_GATHER_LIMIT).
+      backend where its padded decode gather exceeds TORCH_GRAPH_GATHER_LIMIT);
+      `prefill_graph_runner`: one sequence's 9..512-token prefill steps (Triton backend,
+      where there is a graph_runner; workers/engine/prefill_graph.py).
     `execute(step)` is what changes anything (the cache slots a step writes); in a TP/PP
     group the driver rank runs steps through its StageDriver (workers/engine/stage_driver.py)
     and the other ranks call `run_pipeline(step)` with the steps it hands them.
@@ -119,6 +122,9 @@ class ModelRunner:
         ]
         self.graph_runner = self._build_graph_runner()
         self.verify_graph_runner = self._build_verify_graph_runner()
+        self.prefill_graph_runner = build_prefill_graph_runner(
+            config, self.model, self._full_caches, self.max_model_len, self.num_blocks,
+            decode_graphs=self.graph_runner is not None)
         self.last_hidden: torch.Tensor | None = None
         """The last stage's final hidden states of the latest step's logits rows (Medusa
         heads read them, workers/spec/medusa.py)."""
@@ -239,10 +245,10 @@ class ModelRunner:
     def close(self) -> None:
         """Frees the CUDA graphs: call before leaving a TP group (see CudaGraphRunner.close);
         later steps run eagerly."""
-        for graphs in (self.graph_runner, self.verify_graph_runner):
+        for graphs in (self.graph_runner, self.verify_graph_runner, self.prefill_graph_runner):
             if graphs is not None:
                 graphs.close()
-        self.graph_runner = self.verify_graph_runner = None
+        self.graph_runner = self.verify_graph_runner = self.prefill_graph_runner = None
 
     @torch.inference_mode()
     def execute(
@@ -289,8 +295,10 @@ class ModelRunner:
         """Float32 logits [len(step.logits_indices), vocab] on the last pipeline stage (the
         hidden states for the next stage otherwise). Writes this step's KV into kv_caches,
         calling `layer_done(local_layer)` after each layer's (eager steps only). Decode-only
-        steps replay a CUDA graph when there is a graph runner (and no `layer_done`)."""
-        graphs = (self.graph_runner, self.verify_graph_runner) if layer_done is None else ()
+        and single-sequence prefill steps replay a CUDA graph when there is a graph runner
+        for them (and no `layer_done`)."""
+        graphs = (self.graph_runner, self.verify_graph_runner, self.prefill_graph_runner)
+        graphs = graphs if layer_done is None else ()
         graph = next((g for g in graphs if g is not None and g.can_run(step)), None)
         if graph is not None:
             self.last_hidden = graph.run(step)
