@@ -17,7 +17,7 @@ GEMV_MAX_ROWS = 4
 """Up to this many rows of x the matmuls run as matrix-vector products (one program per row
 and column tile, broadcast multiply and a sum over K): tl.dot would pad M to 16 and send every
 dequantized weight tile through shared memory for 1/16 of the tensor cores' work."""
-GEMV_BLOCK_N = 64
+GEMV_BLOCK_N = 32
 """Columns per program of the W4A16 matrix-vector form (the default of `gemv_launch`)."""
 
 

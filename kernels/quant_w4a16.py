@@ -36,6 +36,12 @@ from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
 from kernels.quant_split_k import gemv_program, load_x_tile, store_row, store_tile
 
+GEMV_BLOCK_K = 256
+GEMV_PREFETCH = False
+"""Default K tile (input rows) and prefetch of the matrix-vector form: the best sum over
+Llama-3-8B's four projections at M = 1 on an H100 (kernels.bench.bench_quant_kernels --sweep,
+2026-11-27: 83.4 us vs 86.2 with prefetch and 90.4 for 64 x 128 tiles)."""
+
 ROW_UNPACK = False
 """Default nibble unpacking of the tl.dot kernel (`_w4a16_kernel`'s ROW_UNPACK); the
 benchmark's --sweep times both."""
@@ -229,7 +235,7 @@ def w4a16_matmul(
     group_k = 128 if group_size % 128 == 0 else (64 if group_size % 64 == 0 else 32)
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
-                          **split_k.gemv_launch(m, n, k, group_k, launch))
+                          **split_k.gemv_launch(m, n, k, GEMV_BLOCK_K, launch))
     out, k_per_split, grid, meta = split_k.dot_plan(m, n, k, group_k, launch, x.dtype, x.device)
     row_unpack = meta.pop("row_unpack", ROW_UNPACK)
     if m > 0:
@@ -247,7 +253,7 @@ def w4a16_matmul(
 def w4a16_gemv(
     x, qweight, scales, zeros, group_size: int, min_form: bool, *,
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
-    prefetch: bool = True,
+    prefetch: bool = GEMV_PREFETCH,
 ) -> torch.Tensor:
     """The matrix-vector form of `w4a16_matmul` with an explicit launch configuration (the
     benchmark's --sweep times several); `block_k` at most the group size for one scale row per
