@@ -177,3 +177,21 @@ def test_padded_decode_equals_eager(tiny_model_dir, make_step, backend, query_le
         logits.append(runner.execute(decode))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     _assert_same_prefill(eager, padded, sum(tables, []), logits)
+
+
+@needs_triton
+def test_a_kv_stream_hook_keeps_prefill_eager(tiny_model_dir):
+    """With a `layer_done` hook (a per-layer KV stream) the step runs eagerly: the hook sees
+    every layer and the padding row never runs (the scratch block keeps its noise)."""
+    runner = _runner(tiny_model_dir)
+    runner.prefill_graph_runner = _padded(runner)
+    before = [t.clone() for t in _scratch(runner)]
+    prompt = list(range(4, 24))
+    step = _chunk(prompt, list(range(5)), 0, 20)
+    assert runner.prefill_graph_runner.can_run(step)
+    done: list[int] = []
+    runner.execute(step, layer_done=done.append)
+    assert done == list(range(runner.num_local_layers))
+    assert all(torch.equal(a, b) for a, b in zip(_scratch(runner), before, strict=True))
+    runner.execute(step)  # the same step without the hook: padded, the scratch block written
+    assert not all(torch.equal(a, b) for a, b in zip(_scratch(runner), before, strict=True))

@@ -102,7 +102,11 @@ class GraphRunner(ABC):
 
     @abstractmethod
     def bucket_for_step(self, step: StepInput) -> int:
-        """The smallest bucket that holds the step."""
+        """The smallest bucket that holds the step (`bucket_for` its size)."""
+
+    def bucket_for(self, size: int) -> int:
+        """The smallest bucket >= size (sequences or tokens, as the runner counts them)."""
+        return next(bucket for bucket in self.buckets if bucket >= size)
 
     @abstractmethod
     def _shape(self, bucket: int) -> tuple[int, int]:
@@ -258,9 +262,6 @@ class CudaGraphRunner(GraphRunner):
         if not (0 < step.num_seqs <= self.buckets[-1] and step.num_tokens == step.num_seqs * q):
             return False
         return q == 1 or step.query_start_loc == list(range(0, step.num_tokens + 1, q))
-
-    def bucket_for(self, num_seqs: int) -> int:
-        return next(size for size in self.buckets if size >= num_seqs)
 
     def bucket_for_step(self, step: StepInput) -> int:
         return self.bucket_for(step.num_seqs)

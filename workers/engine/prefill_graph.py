@@ -29,9 +29,14 @@ from workers.engine.step_input import StepInput
 from workers.model.llama import KVCache, LlamaForCausalLM
 
 
+def prefill_buckets(token_buckets: tuple[int, ...]) -> list[int]:
+    """The configured buckets above MAX_DECODE_QUERY, ascending (a step of at most that many
+    tokens is decode-shaped: never a prefill graph's)."""
+    return sorted({b for b in token_buckets if b > MAX_DECODE_QUERY})
+
+
 class PrefillGraphRunner(GraphRunner):
-    """Single-sequence prefill steps, one graph per token bucket (buckets <= MAX_DECODE_QUERY
-    are dropped: such steps are never prefill-shaped)."""
+    """Single-sequence prefill steps, one graph per token bucket (`prefill_buckets`)."""
 
     def __init__(
         self,
@@ -42,7 +47,7 @@ class PrefillGraphRunner(GraphRunner):
         scratch_block: int,
         capture: bool = True,
     ):
-        buckets = sorted({b for b in token_buckets if b > MAX_DECODE_QUERY})
+        buckets = prefill_buckets(token_buckets)
         assert buckets, f"no prefill bucket above {MAX_DECODE_QUERY} in {token_buckets}"
         super().__init__(model, kv_caches, buckets, max_model_len, scratch_block, capture)
 
@@ -51,7 +56,7 @@ class PrefillGraphRunner(GraphRunner):
                 and MAX_DECODE_QUERY < step.num_tokens <= self.buckets[-1])
 
     def bucket_for_step(self, step: StepInput) -> int:
-        return next(size for size in self.buckets if size >= step.num_tokens)
+        return self.bucket_for(step.num_tokens)
 
     def _shape(self, bucket: int) -> tuple[int, int]:
         return 2, bucket
@@ -67,7 +72,7 @@ def build_prefill_graph_runner(
     """The runner ModelRunner uses, or None: graphs only where decode steps are graphed
     (`decode_graphs`: CUDA, not `enforce_eager`, the whole model on this rank), with the
     Triton backend and at least one bucket configured."""
-    buckets = [b for b in config.cuda_graph_prefill_tokens if b > MAX_DECODE_QUERY]
-    if not decode_graphs or config.attention_backend != "triton" or not buckets:
+    buckets = config.cuda_graph_prefill_tokens
+    if not decode_graphs or config.attention_backend != "triton" or not prefill_buckets(buckets):
         return None
-    return PrefillGraphRunner(model, kv_caches, tuple(buckets), max_model_len, scratch_block)
+    return PrefillGraphRunner(model, kv_caches, buckets, max_model_len, scratch_block)
