@@ -25,7 +25,7 @@ needs_triton = pytest.mark.skipif(not TRITON_ON_CPU, reason="Triton on CPU: TRIT
 BLOCK = 4
 NUM_BLOCKS = 48
 MAX_MODEL_LEN = 192
-BUCKETS = (8, 16, 32, 64)  # 8 is dropped: a step of <= 8 tokens is decode-shaped
+BUCKETS = (8, 16, 32, 64, 256)  # 8: decode-shaped, 256: over max_model_len, both dropped
 
 
 def _runner(model_dir, backend: str = "triton") -> ModelRunner:
@@ -148,7 +148,7 @@ def test_prefill_graphs_only_for_triton_where_decode_is_graphed(tiny_model_dir):
     triton = dataclasses.replace(runner.config, attention_backend="triton")
     assert build_prefill_graph_runner(runner.config, *args, decode_graphs=True) is None
     assert build_prefill_graph_runner(triton, *args, decode_graphs=False) is None
-    none = dataclasses.replace(triton, cuda_graph_prefill_tokens=(4, 8))
+    none = dataclasses.replace(triton, cuda_graph_prefill_tokens=(4, 8, MAX_MODEL_LEN + 1))
     assert build_prefill_graph_runner(none, *args, decode_graphs=True) is None
     assert runner.prefill_graph_runner is None  # CPU: never graphs
 

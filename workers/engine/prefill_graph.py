@@ -29,10 +29,11 @@ from workers.engine.step_input import StepInput
 from workers.model.llama import KVCache, LlamaForCausalLM
 
 
-def prefill_buckets(token_buckets: tuple[int, ...]) -> list[int]:
-    """The configured buckets above MAX_DECODE_QUERY, ascending (a step of at most that many
-    tokens is decode-shaped: never a prefill graph's)."""
-    return sorted({b for b in token_buckets if b > MAX_DECODE_QUERY})
+def prefill_buckets(token_buckets: tuple[int, ...], max_model_len: int) -> list[int]:
+    """The configured buckets above MAX_DECODE_QUERY (a step of at most that many tokens is
+    decode-shaped: never a prefill graph's) and up to max_model_len (no step is longer, and
+    a padding row must stay within the rotary table and a block table's width), ascending."""
+    return sorted({b for b in token_buckets if MAX_DECODE_QUERY < b <= max_model_len})
 
 
 class PrefillGraphRunner(GraphRunner):
@@ -47,7 +48,7 @@ class PrefillGraphRunner(GraphRunner):
         scratch_block: int,
         capture: bool = True,
     ):
-        buckets = prefill_buckets(token_buckets)
+        buckets = prefill_buckets(token_buckets, max_model_len)
         assert buckets, f"no prefill bucket above {MAX_DECODE_QUERY} in {token_buckets}"
         super().__init__(model, kv_caches, buckets, max_model_len, scratch_block, capture)
 
@@ -71,8 +72,9 @@ def build_prefill_graph_runner(
 ) -> PrefillGraphRunner | None:
     """The runner ModelRunner uses, or None: graphs only where decode steps are graphed
     (`decode_graphs`: CUDA, not `enforce_eager`, the whole model on this rank), with the
-    Triton backend and at least one bucket configured."""
+    Triton backend and at least one usable bucket (`prefill_buckets`)."""
     buckets = config.cuda_graph_prefill_tokens
-    if not decode_graphs or config.attention_backend != "triton" or not prefill_buckets(buckets):
+    if (not decode_graphs or config.attention_backend != "triton"
+            or not prefill_buckets(buckets, max_model_len)):
         return None
     return PrefillGraphRunner(model, kv_caches, buckets, max_model_len, scratch_block)
