@@ -30,5 +30,13 @@ class TransferConfig:
     probe_bytes: int = 4 << 20
     """Size of the bandwidth probe each new pair runs (0: no probe)."""
     probe_rounds: int = 2
+    coalesce_below_bytes: int = 32 << 20
+    """torch transport: a direct message (one block run's K or V of one layer) below this
+    goes staged instead, K and V of whole layers in one message (0: never for size). NCCL
+    messages are latency-bound below tens of MiB (DESIGN.md, 2x H200: 1 MiB ~12 GB/s, 16 MiB
+    ~278 GB/s, 1 GiB ~368 GB/s): an fp8 cache's half-size messages would not halve the time."""
+    message_bytes: int = 32 << 20
+    """torch transport: what one staged message of a request sent whole fills up to with
+    whole layers (a layer-wise stream sends one layer per message, after its compute)."""
     tick_s: float = 0.02
     """Watchdog period: deadlines fire at most this late."""

@@ -75,15 +75,18 @@ class StreamPart:
     """Sender -> receiver (torch transport), before the sends of one prefill step: which
     blocks of which requests this pair's sends carry, so the receiver pre-posts its receives
     in the same order. Per layer of the pair's plan, in layer order, the sends are each
-    entry's runs (workers/kv_transfer/stream_plan.py), K then V per run; or one packed
-    buffer of all entries' blocks (`packed`)."""
+    entry's runs (workers/kv_transfer/stream_plan.py), K then V per run; or staged packed
+    buffers of all entries' blocks, `layers_per_message` layers each (`packed`)."""
 
     generation: int
     entries: list[Any]
     """[request_id, [[dest_first_block, num_blocks], ...]] per request in this step."""
     packed: bool = False
-    """One packed buffer per layer instead of the runs' views: the sender chose it (the plan
-    is a head slice of either end, or the blocks are too scattered for one message per run)."""
+    """Staged messages (packed K and V of every entry's blocks) instead of the runs' views:
+    the sender chose it (the plan is a head slice of either end, the blocks are too scattered
+    for one message per run, or the runs' messages would be small; stream_plan.wire_plan)."""
+    layers_per_message: int = 1
+    """Packed: whole layers per staged message, in layer order (the last may hold fewer)."""
 
 
 @register

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,8 @@ class Posted:
     the requests are unpinned, so it may still read or write their blocks."""
     posted_at: float = 0.0
     cancelled: bool = False
+    staging: list = field(default_factory=list)
+    """Staging buffers the works read or write: held until they end."""
 
 
 class PostedOps:

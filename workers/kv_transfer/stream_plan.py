@@ -5,8 +5,11 @@ block indices of the decode worker's reservation. Blocks are coalesced into runs
 BOTH ends, so each run of each layer is one contiguous K view and one V view of the cache:
 the sender sends straight from its cache and the receiver receives straight into its reserved
 blocks, with no pack, no staging and no allocation. Where the pair's plan is a head slice of
-either end (TP ranks of different sizes) or the blocks are scattered into many runs, one
-layer's blocks are packed into one buffer (one kernel each side).
+either end (TP ranks of different sizes), the blocks are scattered into many runs, or the
+runs' messages would be small (latency-bound: TransferConfig.coalesce_below_bytes), the
+blocks are packed (one kernel each side) into staged messages of K and V together: one per
+layer while streaming, several layers per message (up to TransferConfig.message_bytes) for a
+request sent whole (`wire_plan`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, TransferPlan
 
 
@@ -51,9 +55,52 @@ MAX_DIRECT_RUNS = 16
 per-message latency (~10 us each with NCCL) than the pack kernel's copy."""
 
 
-def use_packed(direct: bool, runs_per_layer: int) -> bool:
-    """Whether one step's layers travel packed (one message per layer)."""
-    return not direct or runs_per_layer > MAX_DIRECT_RUNS
+STAGING_SLOTS = 4
+"""CUDA: staged messages of one post cycle through this many buffers (stream-ordered reuse),
+so staging memory stays at STAGING_SLOTS x message_bytes per post, whatever the request."""
+
+
+@dataclass(frozen=True)
+class WirePlan:
+    """How one step's layers of one pair go on the wire: the runs' K and V views straight
+    from the cache (`packed` False), or staged messages of `layers_per_message` whole layers
+    (K and V of every block of the step) each."""
+
+    packed: bool
+    layers_per_message: int = 1
+
+    def messages(self, layers: range) -> list[range]:
+        """The layer ranges of the staged messages that carry `layers`, in wire order."""
+        step = self.layers_per_message
+        return [range(first, min(first + step, layers.stop))
+                for first in range(layers.start, layers.stop, step)]
+
+
+def wire_plan(config: TransferConfig, direct: bool, runs_per_layer: int, layer_bytes: int,
+              whole: bool) -> WirePlan:
+    """The wire plan of one step: `layer_bytes` is one layer's K and V of the step's blocks;
+    `whole`: every layer is posted at once (a prefilled request sent whole), so messages may
+    span layers (up to `config.message_bytes`); a layer-wise stream posts each layer after
+    its compute, one layer per message. Direct runs when their messages are large enough
+    (`config.coalesce_below_bytes`), few enough and whole-head."""
+    small = layer_bytes < 2 * runs_per_layer * config.coalesce_below_bytes
+    if direct and runs_per_layer <= MAX_DIRECT_RUNS and not small:
+        return WirePlan(False)
+    per_message = max(1, config.message_bytes // max(1, layer_bytes)) if whole else 1
+    return WirePlan(True, per_message)
+
+
+def message_sizes(layout: KVLayout, plan: TransferPlan, runs: list[tuple[int, int, int]],
+                  wire: WirePlan) -> list[int]:
+    """Bytes of each message one step of `runs` puts on the wire under `wire` (for the
+    benchmark's table and the tests)."""
+    block_bytes = staged_bytes(layout, plan, 1) // 2
+    layers = range(plan.layer_start, plan.layer_end)
+    if not wire.packed:
+        return [n * block_bytes for _ in layers for _, _, n in runs for _ in range(2)]
+    num_blocks = sum(n for _, _, n in runs)
+    return [len(group) * staged_bytes(layout, plan, num_blocks)
+            for group in wire.messages(layers)]
 
 
 def is_direct(plan: TransferPlan, sender: KVLayout, receiver: KVLayout) -> bool:

@@ -24,7 +24,7 @@ from workers.kv_transfer.packing import CopyStream, KVCaches, unpack
 from workers.kv_transfer.pair_group import RECEIVER_RANK, PairGroup, op_timeout
 from workers.kv_transfer.pair_state import ReceiverPair
 from workers.kv_transfer.posted import Posted, PostedOps
-from workers.kv_transfer.stream_plan import run_views, staged_bytes
+from workers.kv_transfer.stream_plan import STAGING_SLOTS, WirePlan, run_views, staged_bytes
 from workers.kv_transfer.transfer_table import TransferTable
 
 log = logging.getLogger(__name__)
@@ -83,16 +83,12 @@ class TorchReceiving:
         accepted = [rid for rid, _, ok in entries if ok and self.table.pin(rid)]
         if self._stream is None:
             self._stream = CopyStream(self.device)
-        works, thens, num_bytes, error = [], [], 0, None
+        works, thens, num_bytes, staging, error = [], [], 0, [], None
         with self._stream:
             try:
                 if msg.packed:
-                    for layer in range(plan.layer_start, plan.layer_end):
-                        layer_works, then, layer_bytes = self._post_packed(
-                            peer, plan, layer, entries, accepted)
-                        works += layer_works
-                        thens += [then] if then is not None else []
-                        num_bytes += layer_bytes
+                    works, thens, num_bytes, staging = self._post_staged(
+                        peer, plan, entries, accepted, msg.layers_per_message)
                 else:
                     works, num_bytes = self._post_runs(peer, plan, entries, accepted)
             except Exception as err:  # noqa: BLE001 - a broken communicator fails them
@@ -100,7 +96,8 @@ class TorchReceiving:
         # One wait for the whole part: only its end matters (the request's KV is ready), and
         # one wake-up per layer would add up to milliseconds.
         landed = self._landed(accepted, num_bytes, len(entries), thens, peer, error)
-        self._posted.add(Posted(peer.sender_id, works, accepted, landed, time.monotonic()))
+        self._posted.add(Posted(peer.sender_id, works, accepted, landed, time.monotonic(),
+                                staging=staging))
 
     def _accepts(self, rid: str, runs: list) -> bool:
         record = self.table.get(rid)
@@ -128,26 +125,55 @@ class TorchReceiving:
         works = peer.group.post_many(views(), send=False)
         return works, num_bytes
 
-    def _post_packed(self, peer: ReceiverPair, plan: TransferPlan, layer: int, entries: list,
-                     accepted: list[str]):
-        """One packed layer's receive; (works, a gloo unpack to run after them, bytes)."""
+    def _post_staged(self, peer: ReceiverPair, plan: TransferPlan, entries: list,
+                     accepted: list[str], layers_per_message: int):
+        """The staged messages' receives (`layers_per_message` layers each, in the sender's
+        order), each scattered into the blocks once it landed; (works, gloo unpacks to run
+        after them, bytes, staging buffers).
+
+        CUDA: the scatters queue on this pair's copy stream right behind their receives, and
+        the messages cycle through STAGING_SLOTS buffers: a receive posted once the scatter
+        of the buffer's last message is queued waits for it (the receive orders after the
+        copy stream), so staging stays bounded with no host round trip on the KV-ready path;
+        the scatter of message m is queued only after receive m + STAGING_SLOTS - 1 is
+        posted, so no receive waits for its predecessor's scatter."""
         blocks = [(rid, first + i) for rid, runs, _ in entries for first, n in runs
                   for i in range(n)]
-        staging = torch.empty(staged_bytes(self.layout, plan, len(blocks)), dtype=torch.uint8,
-                              device=self.device)
-        works = peer.group.post_many([staging], send=False)
-        one = TransferPlan(layer, layer + 1, plan.kv_head_start, plan.kv_head_end)
-        if self.device.type != "cuda":
-            return works, self._unpacker(staging, one, blocks, set(accepted)), staging.numel()
-        # Scatter right behind the receive, in stream order: the blocks stay pinned until
-        # the scatter is done, so no host round trip sits on the KV-ready path.
-        for work in works:
-            work.wait()
-        unpack_rows(staging, self.kv_caches, self.layout, one, blocks, set(accepted))
-        return [EventWork(self.device)], None, staging.numel()
+        layer_bytes = staged_bytes(self.layout, plan, len(blocks))
+        messages = WirePlan(True, layers_per_message).messages(
+            range(plan.layer_start, plan.layer_end))
+        cuda = self.device.type == "cuda"
+        ring = STAGING_SLOTS if cuda else len(messages)
+        slots = [torch.empty(layer_bytes * len(messages[0]), dtype=torch.uint8,
+                             device=self.device) for _ in range(min(ring, len(messages)))]
+        keep = set(accepted)
+        posted, works, thens = [], [], []
+
+        def scatter(m: int) -> None:
+            message_works, buf, one = posted[m]
+            for work in message_works:
+                work.wait()  # orders the copy stream after the receive
+            unpack_rows(buf, self.kv_caches, self.layout, one, blocks, keep)
+
+        for m, message in enumerate(messages):
+            if cuda and m >= ring:
+                scatter(m - ring)
+            buf = slots[m % ring][:layer_bytes * len(message)]
+            message_works = peer.group.post_many([buf], send=False)
+            one = TransferPlan(message.start, message.stop, plan.kv_head_start,
+                               plan.kv_head_end)
+            posted.append((message_works, buf, one))
+            works += message_works
+            if not cuda:
+                thens.append(self._unpacker(buf, one, blocks, keep))
+        if cuda:
+            for m in range(max(0, len(messages) - ring), len(messages)):
+                scatter(m)
+            works.append(EventWork(self.device))
+        return works, thens, layer_bytes * plan.num_layers, slots
 
     def _unpacker(self, staging: torch.Tensor, one: TransferPlan, blocks: list, accepted: set):
-        """gloo: after a packed layer landed, scatter it into the blocks of live requests."""
+        """gloo: after a staged message landed, scatter it into the blocks of live requests."""
 
         def unpack_live(ok: bool) -> None:
             live = set()
@@ -224,12 +250,12 @@ class TorchReceiving:
 
 def unpack_rows(staging: torch.Tensor, kv_caches: KVCaches, layout: KVLayout,
                 one: TransferPlan, blocks: list[tuple[str, int]], keep: set[str]) -> None:
-    """Scatters one packed layer into the blocks of the requests in `keep` (the others'
-    rows are dropped: their reservations are gone)."""
+    """Scatters one staged message (the layers of `one`) into the blocks of the requests in
+    `keep` (the others' rows are dropped: their reservations are gone)."""
     rows = [i for i, (owner, _) in enumerate(blocks) if owner in keep]
     if not rows:
         return
-    view = staging.view(2, len(blocks), -1)
+    view = staging.view(2 * one.num_layers, len(blocks), -1)
     if len(rows) < len(blocks):
         view = view[:, rows]
     unpack(view.contiguous(), kv_caches, layout, one, [blocks[i][1] for i in rows])

@@ -7,7 +7,9 @@ thread
 - `before_step`: announces the step's blocks to each receiver (StreamPart), which pre-posts
   its receives straight into the reserved blocks;
 - `layer_done(i)`: posts layer i's sends as one grouped call, ordered after layer i's
-  compute on the engine's stream, so the wire time hides under the remaining layers;
+  compute on the engine's stream, so the wire time hides under the remaining layers; where
+  the runs' messages would be small (or scattered, or a head slice), K and V of the layer go
+  as one staged message instead, packed on a side stream (stream_plan.wire_plan);
 - `finish`: after token 1, sends StreamEnd (token 1 rides in it); the receiver acks DONE.
 The pairs' control thread turns acks into transfer states and watches the posted sends
 (blocks stay pinned until they end) and the deadlines; a stuck pair is torn down, which ends
@@ -18,8 +20,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,16 +29,19 @@ from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferState, 
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, TransferPlan
 from workers.kv_transfer.messages import StreamEnd, StreamPart
-from workers.kv_transfer.packing import KVCaches, pack
-from workers.kv_transfer.pair_group import op_timeout
+from workers.kv_transfer.packing import CopyStream, KVCaches, as_bytes, pack, record_event
+from workers.kv_transfer.pair_group import PairGroup, op_timeout
 from workers.kv_transfer.posted import Posted, PostedOps
 from workers.kv_transfer.rank_routes import SINGLE_RANK, RankShape, routes
 from workers.kv_transfer.stream_plan import (
+    STAGING_SLOTS,
     PrefillSpan,
+    WirePlan,
     block_runs,
     run_views,
+    staged_bytes,
     touched_blocks,
-    use_packed,
+    wire_plan,
 )
 from workers.kv_transfer.torch_pairs import TorchPair, TorchPairs
 from workers.kv_transfer.transfer_table import TransferTable
@@ -62,7 +66,12 @@ class _PairStep:
 
     pair: TorchPair
     entries: list[tuple[str, list[tuple[int, int, int]]]]
-    packed: bool = False
+    wire: WirePlan = field(default_factory=lambda: WirePlan(False))
+
+    @property
+    def src_blocks(self) -> list[int]:
+        """The step's source blocks in wire order (a staged message's rows)."""
+        return [src + i for _, runs in self.entries for src, _, n in runs for i in range(n)]
 
 
 class TorchSender(KVSender):
@@ -85,6 +94,9 @@ class TorchSender(KVSender):
         self._streams: dict[str, _Stream] = {}
         self._step: list[_PairStep] = []
         self._posted = PostedOps(self.table, self.device, op_timeout(config, self.device))
+        self._copy = CopyStream(self.device)
+        """Where staged messages are packed (CUDA): off the engine's stream, so a staging
+        buffer waiting for its last send never holds up the next layer's compute."""
         self._pairs = TorchPairs(layout, config, self.sender_id, self.device, self.table,
                                  self._posted)
 
@@ -121,6 +133,11 @@ class TorchSender(KVSender):
 
     def before_step(self, spans: list[PrefillSpan]) -> None:
         """Announces this step's blocks per pair (StreamPart); layer_done posts them."""
+        self._announce(spans, whole=False)
+
+    def _announce(self, spans: list[PrefillSpan], whole: bool) -> None:
+        """StreamPart per pair for these spans; `whole`: every layer is posted right after
+        (a prefilled request), so staged messages may span layers."""
         by_pair: dict[str, _PairStep] = {}
         for span in spans:
             stream = self._streams.get(span.request_id)
@@ -141,10 +158,13 @@ class TorchSender(KVSender):
                     (span.request_id, runs))
             stream.parts += 1
         for step in by_pair.values():
-            step.packed = use_packed(step.pair.direct, sum(len(r) for _, r in step.entries))
+            runs = sum(len(r) for _, r in step.entries)
+            layer_bytes = staged_bytes(self.layout, step.pair.plan, len(step.src_blocks))
+            step.wire = wire_plan(self.config, step.pair.direct, runs, layer_bytes, whole)
             entries = [[rid, [[dest, n] for _, dest, n in runs]] for rid, runs in step.entries]
-            self._pairs.command(step.pair.dest, encode(StreamPart(step.pair.generation, entries,
-                                                            step.packed)))
+            self._pairs.command(step.pair.dest, encode(StreamPart(
+                step.pair.generation, entries, step.wire.packed,
+                step.wire.layers_per_message)))
         self._step = list(by_pair.values())
 
     def layer_done(self, local_layer: int) -> None:
@@ -152,39 +172,72 @@ class TorchSender(KVSender):
         self._post_layers([local_layer])
 
     def _post_layers(self, local_layers: list[int]) -> None:
-        """Posts these layers' sends per pair (several layers: a prefilled request sent
-        whole, its views built while the first groups are on the wire)."""
+        """Posts these (consecutive) layers' sends per pair (several layers: a prefilled
+        request sent whole, its views built while the first groups are on the wire)."""
         for step in self._step:
             plan = step.pair.plan
-            layers = [(local, self.layout.layer_start + local) for local in local_layers]
-            layers = [(local, layer) for local, layer in layers
-                      if plan.layer_start <= layer < plan.layer_end]
-            if layers:
-                self._post(step, (buf for local, layer in layers
-                                  for buf in self._layer_bufs(step, local, layer)))
+            layers = [self.layout.layer_start + local for local in local_layers]
+            layers = [layer for layer in layers if plan.layer_start <= layer < plan.layer_end]
+            if not layers:
+                continue
+            if step.wire.packed:
+                self._post(step, lambda group, step=step, layers=layers: self._send_staged(
+                    group, step, range(layers[0], layers[-1] + 1)))
+            else:
+                self._post(step, lambda group, step=step, layers=layers: self._send_runs(
+                    group, step, layers))
 
-    def _layer_bufs(self, step: _PairStep, local: int, layer: int) -> list[torch.Tensor]:
-        if not step.packed:
-            k_cache, v_cache = self.kv_caches[local]
-            return run_views(k_cache, v_cache,
-                             [(src, n) for _, runs in step.entries for src, _, n in runs])
-        plan = step.pair.plan
-        one = TransferPlan(layer, layer + 1, plan.kv_head_start, plan.kv_head_end)
-        ids = [src + i for _, runs in step.entries for src, _, n in runs for i in range(n)]
-        return [pack(self.kv_caches, self.layout, one, ids).reshape(-1)]
-
-    def _post(self, step: _PairStep, bufs: Iterable[torch.Tensor]) -> None:
-        rids = [rid for rid, _ in step.entries if self.table.pin(rid)]
+    def _send_runs(self, group: PairGroup, step: _PairStep, layers: list[int]):
+        """The runs' K and V views of these layers, straight from the cache, ordered after
+        the engine's stream; (works, bytes, no staging)."""
         num_bytes = 0
 
-        def counted():
+        def views():
             nonlocal num_bytes
-            for buf in bufs:
-                num_bytes += buf.numel() * buf.element_size()
-                yield buf
+            runs = [(src, n) for _, runs in step.entries for src, _, n in runs]
+            for layer in layers:
+                k_cache, v_cache = self.kv_caches[layer - self.layout.layer_start]
+                for view in run_views(k_cache, v_cache, runs):
+                    num_bytes += view.numel() * view.element_size()
+                    yield view
 
+        works = group.post_many(views(), send=True)
+        return works, num_bytes, []
+
+    def _send_staged(self, group: PairGroup, step: _PairStep, layers: range):
+        """Staged messages of `step.wire` covering `layers`, each packed then sent on the
+        side stream (after the engine's stream has written the KV). CUDA: the messages
+        cycle through STAGING_SLOTS buffers, a buffer packed again once its last send has
+        ended (stream-ordered, no host wait); (works, bytes, staging buffers)."""
+        plan, ids = step.pair.plan, step.src_blocks
+        messages = step.wire.messages(layers)
+        layer_elems = staged_bytes(self.layout, plan, len(ids)) // self.layout.element_size
+        ring = STAGING_SLOTS if self.device.type == "cuda" else len(messages)
+        dtype = self.kv_caches[0][0].dtype
+        slots = [torch.empty(layer_elems * len(messages[0]), dtype=dtype, device=self.device)
+                 for _ in range(min(ring, len(messages)))]
+        sent: list[list] = []
+        event = record_event(self.device)
+        with self._copy:
+            self._copy.wait_event(event)
+            for m, message in enumerate(messages):
+                if m >= ring:
+                    for work in sent[m - ring]:
+                        work.wait()  # CUDA: the side stream waits for that send's end
+                one = TransferPlan(message.start, message.stop, plan.kv_head_start,
+                                   plan.kv_head_end)
+                buf = pack(self.kv_caches, self.layout, one, ids,
+                           out=slots[m % ring][:layer_elems * len(message)])
+                sent.append(group.post_many([as_bytes(buf)], send=True))
+        num_bytes = layer_elems * self.layout.element_size * len(layers)
+        return [work for works in sent for work in works], num_bytes, slots
+
+    def _post(self, step: _PairStep, send) -> None:
+        """Posts one batch of sends (`send(group)` -> (works, bytes, staging)) for the
+        step's requests, pinned until the works end."""
+        rids = [rid for rid, _ in step.entries if self.table.pin(rid)]
         try:
-            works = step.pair.group.post_many(counted(), send=True)
+            works, num_bytes, staging = send(step.pair.group)
         except Exception as err:  # noqa: BLE001 - a broken communicator fails its transfers
             for rid in rids:
                 self.table.unpin(rid)
@@ -198,7 +251,7 @@ class TorchSender(KVSender):
                 record.num_bytes += moved
                 dest = step.pair.dest
                 record.peer_bytes[dest] = record.peer_bytes.get(dest, 0) + moved
-        self._posted.add(Posted(step.pair.dest, works, rids))
+        self._posted.add(Posted(step.pair.dest, works, rids, staging=staging))
 
     def finish(self, request_id: str, src_block_ids: list[int] | None = None,
                extra: dict | None = None, num_tokens: int | None = None) -> None:
@@ -227,7 +280,7 @@ class TorchSender(KVSender):
                                     dest_block_ids)
         tokens = num_tokens or num_blocks * self.layout.block_size
         self.open(request_id, dest, dest_block_ids, tokens, timeout_s)
-        self.before_step([PrefillSpan(request_id, 0, tokens, list(src_block_ids))])
+        self._announce([PrefillSpan(request_id, 0, tokens, list(src_block_ids))], whole=True)
         self._post_layers(list(range(len(self.kv_caches))))
         self._step = []
         self.finish(request_id, extra=extra)
