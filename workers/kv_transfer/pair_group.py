@@ -69,6 +69,10 @@ class PairGroup:
         self.peer = 1 - rank
         self.generation = generation
         self.device = device
+        self.sends = 0
+        self.sent_bytes = 0
+        """Sends posted on this pair so far, and their bytes (warm-up and probe included):
+        how many messages a transfer put on the wire is the difference around it."""
         prefix = PrefixStore(f"kvrelay/pair/{generation}", store)
         op_timeout = datetime.timedelta(seconds=op_timeout_s)
         if device.type == "cuda":
@@ -114,6 +118,8 @@ class PairGroup:
         by posting order alone (one tag), so the two ends may group differently.
         """
         post = self._group.send if send else self._group.recv
+        if send:
+            bufs = self._counted(bufs)
         if self.backend != "nccl":
             return [post([buf], self.peer, 0) for buf in bufs]
         # Always grouped, even one buffer: ProcessGroupNCCL runs grouped P2P on the group's
@@ -132,6 +138,12 @@ class PairGroup:
         if in_group:
             works.append(self._group._end_coalescing())
         return works
+
+    def _counted(self, bufs: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
+        for buf in bufs:
+            self.sends += 1
+            self.sent_bytes += buf.numel() * buf.element_size()
+            yield buf
 
     def wait(self, work, timeout_s: float) -> None:
         """Raises (RuntimeError) if `work` is not done within timeout_s."""

@@ -271,6 +271,12 @@ class TorchPairs:
         pair = self._pairs.get(peer)
         return pair.gbps if pair and pair.ready.is_set() else None
 
+    def sends(self, peer: str) -> tuple[int, int]:
+        """(messages, bytes) sent on the pair with `peer` so far; (0, 0) without one."""
+        pair = self._pairs.get(peer)
+        group = pair.group if pair is not None else None
+        return (group.sends, group.sent_bytes) if group is not None else (0, 0)
+
     def wait_ready(self, dest: str, timeout_s: float) -> bool:
         """Blocks until the pair with `dest` is set up (True) or failed / timed out."""
         deadline = time.monotonic() + timeout_s

@@ -311,6 +311,11 @@ class TorchSender(KVSender):
     def bandwidth(self, peer: str) -> float | None:
         return self._pairs.bandwidth(peer)
 
+    def sends(self, peer: str) -> tuple[int, int]:
+        """(messages, bytes) this sender has put on the wire to `peer` (warm-up and probe
+        included): the difference around a transfer is what it sent."""
+        return self._pairs.sends(peer)
+
     def wait_ready(self, dest: str, timeout_s: float) -> bool:
         """Blocks until the pair with `dest` is set up (True) or failed / timed out."""
         return self._pairs.wait_ready(dest, timeout_s)

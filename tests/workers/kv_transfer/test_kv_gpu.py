@@ -93,3 +93,34 @@ def test_nccl_receiver_killed_mid_transfer_fails_the_sender_which_stays_healthy(
     worker stays healthy, a new pair works, and close returns within 10 s."""
     with torch.cuda.device("cuda:1"):
         receiver_killed_mid_stream(LAYOUT, "cuda:1", "cuda:0")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_nccl_staged_messages_cycle_their_buffers_and_land_byte_equal(dtype):
+    """A request sent whole as more staged messages than STAGING_SLOTS (one layer each), so
+    both ends reuse their staging buffers in stream order: every layer lands byte-equal."""
+    layout = KVLayout("gpu-staged", dtype, 16, num_layers=12, num_kv_heads=8, head_dim=128)
+    src_ids, dst_ids = list(range(3, 40)), list(range(20, 57))
+    layer_bytes = 2 * len(src_ids) * 16 * 8 * 128 * layout.element_size
+    config = TransferConfig(probe_bytes=8 << 20, message_bytes=layer_bytes)
+    src = [(k.to(getattr(torch, dtype)), v.to(getattr(torch, dtype)))
+           for k, v in _caches(layout, "cuda:1", 5)]
+    dst = [(k.to(getattr(torch, dtype)), v.to(getattr(torch, dtype)))
+           for k, v in _caches(layout, "cuda:0", 6)]
+    receiver, sender = Receiver(layout, dst, config), make_sender(layout, src, config)
+    try:
+        with torch.cuda.device("cuda:1"):
+            receiver.expect("r", dst_ids)
+            sender.send("r", receiver.address, src_ids, dst_ids)
+            assert sender.wait("r", 60) is TransferState.DONE, sender.table.get("r").reason
+        assert receiver.wait("r", 10) is TransferState.DONE
+        torch.cuda.synchronize("cuda:0")
+        for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
+            assert torch.equal(dk[dst_ids].cpu().view(torch.uint8),
+                               sk[src_ids].cpu().view(torch.uint8))
+            assert torch.equal(dv[dst_ids].cpu().view(torch.uint8),
+                               sv[src_ids].cpu().view(torch.uint8))
+    finally:
+        sender.close()
+        receiver.close()
