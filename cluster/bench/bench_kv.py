@@ -8,6 +8,9 @@
 (c) With `--kv-cache-dtype fp8`: (a) and (b) move an e4m3 cache, and the same request is
     also sent with the `--dtype` cache (bf16) over the same path in the same run: the time per
     request of each and their ratio (fp8 moves half the bytes: the target is ~0.5x).
+(a) and (c) also print the messages one transfer put on the wire and MiB per message, as the
+    pair counted them (torch transport; small messages are latency-bound, so the transport
+    coalesces them: TransferConfig.coalesce_below_bytes / message_bytes).
 Sizes: one request's KV at each `--tokens` prompt length with Llama-3-8B's KV shape (32
 layers, 8 kv heads, head_dim 128, bf16, block 16) unless overridden. GB/s = payload bytes / s.
 """
@@ -161,30 +164,46 @@ def _sender_main(cfg: BenchConfig, transport: str, device: str, raw: bool, conn,
     config = TransferConfig(transport, cfg.host, timeout_s=600, probe_bytes=cfg.probe_bytes)
     sender = make_sender(cfg.layout, _caches(cfg, device, seed=3), config)
     address = conn.recv()
-    acked, starts = {}, {}
+    acked, starts, messages = {}, {}, {}
     for tokens in cfg.tokens:
         conn.recv()
         src, dst = _block_ids(cfg, tokens, seed=4), _block_ids(cfg, tokens, seed=2)
         seconds = []
         for i in range(cfg.warmup + cfg.iters):
+            sent = _sends(sender, address)
             start = starts[f"{tokens}-{i}"] = time.perf_counter()
             sender.send(f"{tokens}-{i}", address, src, dst, num_tokens=tokens)
             state = sender.wait(f"{tokens}-{i}", 600)
             if state is not TransferState.DONE:
                 raise RuntimeError(f"transfer {tokens}-{i}: {sender.table.get(f'{tokens}-{i}')}")
             seconds.append(time.perf_counter() - start)
+            messages[tokens] = [b - a for a, b in zip(sent, _sends(sender, address),
+                                                      strict=True)]
         acked[tokens] = cfg.num_bytes(tokens) / statistics.median(seconds[cfg.warmup:]) / 1e9
         conn.send("done")
     out.put(("sender", {"acked": acked, "starts": starts, "path": sender.path(address),
-                        "probe_gbps": sender.bandwidth(address)}))
+                        "probe_gbps": sender.bandwidth(address), "messages": messages}))
     sender.close()
     conn.send("closed")
+
+
+def _sends(sender, address: str) -> tuple[int, int]:
+    """(messages, bytes) the sender has put on the wire to `address` (torch transport;
+    (0, 0) for others, which do not count)."""
+    return sender.sends(address) if hasattr(sender, "sends") else (0, 0)
+
+
+def _per_message(report: dict, tokens: int) -> tuple[int, float]:
+    """(messages of one transfer, MiB per message) as counted on the wire."""
+    count, num_bytes = report.get("messages", {}).get(tokens, (0, 0))
+    return count, num_bytes / max(1, count) / 2**20
 
 
 def run_pair(cfg: BenchConfig, transport: str, devices: tuple[str, str], raw: bool) -> dict:
     """Runs receiver and sender in two spawned processes (talking over a pipe); returns
     {'raw': {tokens: GB/s}, 'ours': {tokens: GB/s}, 'acked': {tokens: GB/s}, 'path': ...,
-    'probe_gbps': ...}. 'ours' times send() on the sender to the KV having landed on the
+    'probe_gbps': ..., 'messages': {tokens: [messages, bytes] of one transfer}}.
+    'ours' times send() on the sender to the KV having landed on the
     receiver (its transfer DONE: what a decode worker waits for; both processes read one
     host's monotonic clock); 'acked' times send() to the sender holding the receiver's ack."""
     ctx = mp.get_context("spawn")
@@ -287,7 +306,7 @@ def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) ->
     lines.append(f"(b) one device: pack/unpack vs copy; ZMQ path between two processes "
                  f"(probe {zmq['probe_gbps'] or 0:.2f} GB/s)")
     header = (f"{'tokens':>7} {'MiB':>8} | {'raw p2p':>8} {'ours':>8} {'ratio':>6} "
-              f"{'acked':>8} | "
+              f"{'acked':>8} {'msgs':>5} {'MiB/msg':>7} | "
               f"{'pack':>8} {'unpack':>8} {'copy':>8} {'pk/cp':>6} | {'zmq':>8}")
     lines += [header, "-" * len(header)]
     for tokens in cfg.tokens:
@@ -295,9 +314,11 @@ def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) ->
         ours = pair["ours"][tokens] if pair else float("nan")
         acked = pair["acked"][tokens] if pair else float("nan")
         row = local[tokens]
+        count, mib = _per_message(pair, tokens) if pair else (0, float("nan"))
         lines.append(
             f"{tokens:>7} {cfg.num_bytes(tokens) / 2**20:>8.1f} | {raw:>8.2f} {ours:>8.2f} "
-            f"{ours / raw:>6.2f} {acked:>8.2f} | {row['pack']:>8.2f} {row['unpack']:>8.2f} "
+            f"{ours / raw:>6.2f} {acked:>8.2f} {count:>5} {mib:>7.1f} | "
+            f"{row['pack']:>8.2f} {row['unpack']:>8.2f} "
             f"{row['copy']:>8.2f} {row['pack'] / row['copy']:>6.2f} | {zmq['ours'][tokens]:>8.2f}")
     return "\n".join(lines)
 
@@ -335,15 +356,18 @@ def format_dtype_table(cfg: BenchConfig, fp8: dict, base: dict, path: str) -> st
     lines = [f"(c) {cfg.layout.dtype} vs {cfg.baseline_dtype} KV, path {path}, same run: "
              f"ms per request, ratio = {cfg.layout.dtype} / {cfg.baseline_dtype} (target ~0.5)"]
     header = (f"{'tokens':>7} {'MiB fp8':>8} {'MiB base':>8} | {'ms fp8':>8} {'ms base':>8} "
-              f"{'ratio':>6}")
+              f"{'ratio':>6} | {'msgs fp8':>8} {'MiB/msg':>7} {'msgs base':>9} {'MiB/msg':>7}")
     lines += [header, "-" * len(header)]
     base_cfg = replace(cfg, layout=replace(cfg.layout, dtype=cfg.baseline_dtype))
     for tokens in cfg.tokens:
         sizes = [c.num_bytes(tokens) for c in (cfg, base_cfg)]
         ms = [size / (report["ours"][tokens] * 1e9) * 1e3
               for size, report in zip(sizes, (fp8, base), strict=True)]
+        (fp8_count, fp8_mib), (base_count, base_mib) = (_per_message(fp8, tokens),
+                                                        _per_message(base, tokens))
         lines.append(f"{tokens:>7} {sizes[0] / 2**20:>8.1f} {sizes[1] / 2**20:>8.1f} | "
-                     f"{ms[0]:>8.3f} {ms[1]:>8.3f} {ms[0] / ms[1]:>6.2f}")
+                     f"{ms[0]:>8.3f} {ms[1]:>8.3f} {ms[0] / ms[1]:>6.2f} | "
+                     f"{fp8_count:>8} {fp8_mib:>7.1f} {base_count:>9} {base_mib:>7.1f}")
     return "\n".join(lines)
 
 

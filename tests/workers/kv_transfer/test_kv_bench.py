@@ -45,3 +45,6 @@ def test_bench_kv_fp8_moves_half_the_bytes_and_times_the_bf16_baseline_in_one_ru
     assert (float(row[1]), float(row[2])) == (round(32 * 2 * 2 * 8 * 128 / 2**20, 1),
                                               round(32 * 2 * 2 * 8 * 128 * 2 / 2**20, 1))
     assert float(row[6]) == pytest.approx(float(row[4]) / float(row[5]), abs=0.02)
+    # Messages per transfer as counted on the wire: both requests fit one staged message.
+    assert (int(row[8]), int(row[10])) == (1, 1)
+    assert (float(row[9]), float(row[11])) == (float(row[1]), float(row[2]))
