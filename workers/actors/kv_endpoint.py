@@ -13,6 +13,7 @@ from workers.kv_transfer.base import OnDone, OnFailed
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout
 from workers.kv_transfer.rank_routes import RankShape
+from workers.model.kv_scales import model_kv_scales
 
 # `--kv-transport` names -> the transfer layer's transports: NCCL and gloo are both the
 # torch.distributed path (the device of the caches picks which); zmq is raw TCP frames;
@@ -49,6 +50,8 @@ def runner_layout(runner) -> KVLayout:
         layer_end=end,
         kv_head_start=runner.kv_head_range.start,
         kv_head_end=runner.kv_head_range.stop,
+        # fp8 caches: the per-layer scales their bytes are read with (the handshake compares).
+        kv_scales=model_kv_scales(runner.model) if k_cache.element_size() == 1 else (),
     )
 
 

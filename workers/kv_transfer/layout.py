@@ -44,9 +44,15 @@ class KVLayout:
     """Exclusive; None: num_kv_heads."""
     version: str = ""
     """kvrelay version; '' means this process's `kvrelay_version()`."""
+    kv_scales: tuple[tuple[int, float, float], ...] = ()
+    """fp8 caches: (layer, k_scale, v_scale) of each owned layer (global index), the scales
+    the cache holds values divided by (workers/model/kv_scales.py); () when not given (not
+    compared). Two ends that both give them must agree on every layer they share."""
 
     def __post_init__(self) -> None:
-        # Normalized once so two layouts compare field by field.
+        # Normalized once so two layouts compare field by field (the wire gives lists).
+        object.__setattr__(self, "kv_scales", tuple(
+            (int(layer), float(k), float(v)) for layer, k, v in self.kv_scales))
         if self.layer_end is None:
             object.__setattr__(self, "layer_end", self.num_layers)
         if self.kv_head_end is None:
@@ -73,7 +79,8 @@ class KVLayout:
         return _DTYPE_BYTES[self.dtype]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain fields, as they come back off the wire (kv_scales as lists)."""
+        return {**asdict(self), "kv_scales": [list(s) for s in self.kv_scales]}
 
     @classmethod
     def from_dict(cls, fields: dict) -> KVLayout:
@@ -91,12 +98,27 @@ def check_compatible(local: KVLayout, remote: KVLayout) -> None:
     """Raises `HandshakeMismatch` naming the first field on which the two ends differ.
 
     The owned slices may differ (that is what the plan is for); everything that fixes the byte
-    layout of one block of one (layer, head) may not.
+    layout of one block of one (layer, head), or what its bytes mean (fp8 KV scales), may not.
     """
     for name in _HANDSHAKE_FIELDS:
         mine, theirs = getattr(local, name), getattr(remote, name)
         if mine != theirs:
             raise HandshakeMismatch(name, mine, theirs)
+    _check_scales(local, remote)
+
+
+def _check_scales(local: KVLayout, remote: KVLayout) -> None:
+    """Raises `HandshakeMismatch('kv_scales', ...)` naming the first shared layer whose K or
+    V scale differs: the receiver would read the sender's fp8 values with other scales."""
+    theirs = {layer: (k, v) for layer, k, v in remote.kv_scales}
+    for layer, k, v in sorted(local.kv_scales):
+        if layer in theirs and theirs[layer] != (k, v):
+            raise HandshakeMismatch("kv_scales", _scale_text(layer, k, v),
+                                    _scale_text(layer, *theirs[layer]))
+
+
+def _scale_text(layer: int, k: float, v: float) -> str:
+    return f"layer {layer}: k_scale {k!r}, v_scale {v!r}"
 
 
 @dataclass(frozen=True)
@@ -157,9 +179,10 @@ def slice_for_rank(layout: KVLayout, tp_rank: int, tp_size: int, pp_rank: int = 
     ranges, split as evenly as possible (earlier ranks take the remainder)."""
     heads = _split(layout.num_kv_heads, tp_size, tp_rank)
     layers = _split(layout.num_layers, pp_size, pp_rank)
+    scales = tuple(s for s in layout.kv_scales if s[0] in layers)
     return KVLayout(layout.model, layout.dtype, layout.block_size, layout.num_layers,
                     layout.num_kv_heads, layout.head_dim, layers.start, layers.stop,
-                    heads.start, heads.stop, layout.version)
+                    heads.start, heads.stop, layout.version, scales)
 
 
 def _split(total: int, parts: int, index: int) -> range:

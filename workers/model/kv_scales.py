@@ -80,6 +80,14 @@ def load_kv_scales(model: LlamaForCausalLM, read: TensorReader, checkpoint: str)
     return bool(found)
 
 
+def model_kv_scales(model: LlamaForCausalLM) -> tuple[tuple[int, float, float], ...]:
+    """(layer, k_scale, v_scale) of each of `model`'s layers: what a KV-transfer pair's
+    handshake compares (workers/kv_transfer/layout.py), so two workers that quantize the
+    cache with different scales refuse each other."""
+    return tuple((int(index), float(layer.self_attn.k_scale), float(layer.self_attn.v_scale))
+                 for index, layer in model.layers.items())
+
+
 def _checked_scale(name: str, tensor: torch.Tensor) -> torch.Tensor:
     expected = "one positive finite float per layer, shape [] or [1]"
     found = f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}"

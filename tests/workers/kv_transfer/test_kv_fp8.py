@@ -3,8 +3,9 @@ counted by the transfer itself), bit-exact; a pair whose KV dtypes differ is ref
 handshake naming both dtypes; and a 1P+1D pair of real workers (gloo, layer-wise streaming)
 with `kv_cache_dtype="fp8"` generates exactly the colocated fp8 engine's greedy tokens.
 
-The scales need no message of their own: they are 1.0 by construction on every worker
-(workers/model/llama.py), and the handshake already compares dtype and kvrelay version.
+The per-layer K/V scales an fp8 cache's values are read with (1.0, or the checkpoint's:
+workers/model/kv_scales.py) ride in the layout each end sends at the handshake: a pair whose
+scales differ on a shared layer is refused naming `kv_scales` and the first such layer.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from workers.kv_transfer import (
     KVLayout,
     TransferConfig,
     TransferState,
+    check_compatible,
     plan_transfer,
     slice_for_rank,
 )
@@ -125,6 +127,54 @@ def test_kv_dtype_mismatch_is_refused_naming_both_dtypes(ends, layout):
     refusal = receiver.refusals[-1]
     assert (refusal.field, refusal.local, refusal.remote) == ("dtype", "bfloat16", FP8)
     receiver.abort("r")
+
+
+def _scaled(layout: KVLayout, **changed: tuple[float, float]) -> KVLayout:
+    """`layout` in fp8 with scales (layer, 0.5, 0.25) per layer, except `changed` ones
+    (given as layer_N=(k, v))."""
+    scales = [(layer, *changed.get(f"layer_{layer}", (0.5, 0.25))) for layer in layout.layers]
+    return KVLayout(**{**layout.to_dict(), "dtype": FP8, "kv_scales": scales})
+
+
+@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
+def test_kv_scale_mismatch_is_refused_naming_the_first_differing_layer(ends, layout):
+    receiver_layout = _scaled(layout, layer_1=(0.5, 0.125), layer_2=(1.0, 0.25))
+    sender_layout = _scaled(layout)
+    receiver = ends.receiver(receiver_layout, random_caches(receiver_layout, 4, seed=5))
+    sender = ends.sender(sender_layout, random_caches(sender_layout, 4, seed=6))
+    receiver.expect("r", [0, 1])
+    sender.send("r", receiver.address, [0], [0, 1])
+    assert sender.wait("r", 20) is TransferState.FAILED
+    reason = sender.table.get("r").reason
+    assert "kv_scales" in reason and "layer 1" in reason and "0.125" in reason, reason
+    assert isinstance(sender.error("r"), HandshakeMismatch)
+    refusal = receiver.refusals[-1]
+    assert (refusal.field, refusal.local, refusal.remote) == (
+        "kv_scales", "layer 1: k_scale 0.5, v_scale 0.125", "layer 1: k_scale 0.5, v_scale 0.25")
+    receiver.abort("r")
+
+
+@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
+def test_equal_kv_scales_shake_hands_and_move_fp8_bit_exact(ends, layout):
+    _move(ends, _scaled(layout), [3, 9, 4], [7, 0, 12])
+
+
+def test_an_fp8_worker_layout_carries_its_models_kv_scales(tiny_model_dir):
+    """What a worker hands its KV end: its layers' scales for an fp8 cache (a layer whose
+    scale changes is then refused by a peer with the old ones), none for a float cache."""
+    from workers.actors.kv_endpoint import kv_layout
+
+    engine = LLMEngine(dataclasses.replace(_fp8_spec(tiny_model_dir, "x").engine,
+                                           role="colocated"))
+    layout = kv_layout(engine)
+    assert [s[0] for s in layout.kv_scales] == list(layout.layers)
+    assert all((k, v) == (1.0, 1.0) for _, k, v in layout.kv_scales)  # no checkpoint scales
+    engine.runner.model.layers["1"].self_attn.v_scale.fill_(0.375)
+    with pytest.raises(HandshakeMismatch, match="layer 1: k_scale 1.0, v_scale 0.375"):
+        check_compatible(kv_layout(engine), layout)
+    float_engine = LLMEngine(dataclasses.replace(
+        _fp8_spec(tiny_model_dir, "y", "auto").engine, role="colocated"))
+    assert kv_layout(float_engine).kv_scales == ()
 
 
 def _fp8_spec(model_dir, worker_id: str, kv_cache_dtype: str = "fp8"):

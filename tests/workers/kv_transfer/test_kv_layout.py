@@ -12,6 +12,7 @@ from workers.kv_transfer import (
     plan_transfer,
     slice_for_rank,
 )
+from workers.kv_transfer.messages import Hello
 from workers.protocol import decode, encode
 
 MODEL = KVLayout("llama-3-8b", "bfloat16", 16, num_layers=32, num_kv_heads=8, head_dim=128)
@@ -69,6 +70,34 @@ def test_handshake_mismatch_names_the_field_and_both_values(field, value):
 
 def test_handshake_accepts_different_slices():
     check_compatible(slice_for_rank(MODEL, 0, 2), slice_for_rank(MODEL, 0, 1, 1, 2))
+
+
+FP8_SCALES = tuple((layer, 0.01 * (layer + 1), 0.02 * (layer + 1)) for layer in range(32))
+FP8_MODEL = KVLayout("llama-3-8b", "float8_e4m3fn", 16, 32, 8, 128, kv_scales=FP8_SCALES)
+
+
+def test_kv_scale_mismatch_names_the_field_and_the_first_differing_layer():
+    scales = [list(s) for s in FP8_SCALES]
+    scales[9][2] = 0.5  # layer 9's V scale
+    scales[20][1] = 0.25  # a later layer's K: not the first
+    remote = KVLayout(**{**FP8_MODEL.to_dict(), "kv_scales": scales})
+    with pytest.raises(HandshakeMismatch) as info:
+        check_compatible(FP8_MODEL, remote)
+    assert info.value.field == "kv_scales"
+    assert info.value.local == f"layer 9: k_scale {0.1!r}, v_scale {0.2!r}"
+    assert info.value.remote == f"layer 9: k_scale {0.1!r}, v_scale 0.5"
+    assert "'kv_scales'" in str(info.value) and "layer 9" in str(info.value)
+
+
+def test_kv_scales_compare_on_shared_layers_and_survive_the_wire_and_slicing():
+    stage = slice_for_rank(FP8_MODEL, 0, 2, 1, 2)  # layers 16..31, the first 4 kv heads
+    assert [s[0] for s in stage.kv_scales] == list(range(16, 32))
+    other_stage = KVLayout(**{**FP8_MODEL.to_dict(), "kv_scales": [(0, 9.0, 9.0)]})
+    check_compatible(stage, other_stage)  # no layer in common: nothing to disagree on
+    wired = KVLayout.from_dict(decode(encode(Hello("s", stage.to_dict(), "torch"))).layout)
+    assert wired == stage
+    check_compatible(stage, wired)
+    check_compatible(FP8_MODEL, KVLayout(**{**FP8_MODEL.to_dict(), "kv_scales": ()}))
 
 
 def test_layout_rejects_slices_outside_the_model():
