@@ -28,9 +28,10 @@ from workers.kv_transfer.transfer_table import TransferTable
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class Posted:
-    """The works of one grouped post to one pair, and the requests whose blocks they use."""
+    """The works of one grouped post to one pair, and the requests whose blocks they use.
+    Compared by identity: two posts of equal fields are still two posts to end."""
 
     peer: str
     works: list

@@ -222,19 +222,27 @@ class TorchPairs:
         return all(r is None or (r.state.terminal and r.deadline < now) for r in records)
 
     def _teardown(self, poller: zmq.Poller, dest: str, why: str) -> None:
-        """Drops a pair: aborts its communicator (its posted sends end), fails its transfers.
-        The next `connect` or `open` builds it afresh."""
+        """Drops a pair: fails the transfers on it, aborts its communicator (its posted sends
+        end). The next `connect` or `open` builds it afresh.
+
+        The transfers failed are those open when the pair goes (taken with it, under the
+        lock `connect` takes): one opened afterwards is on the next pair. The abort runs on
+        its own thread: a gloo group's can block until its pending operations time out
+        (tens of seconds), which on this thread would stall every pair's acks and deadlines
+        and, once it returned, fail transfers already on the next pair (it did, under load).
+        """
         with self._lock:
             pair = self._pairs.pop(dest, None)
+            lost = [r.request_id for r in self.table.live() if r.touches(dest)]
         if pair is None:
             return
         log.warning("kv pair %s -> %s torn down: %s", self.sender_id[:8], dest, why)
         self._posted.cancel(dest)  # before the abort: what it ends counts as failed
+        for request_id in lost:
+            self.table.end(request_id, TransferState.FAILED, f"pair lost: {why}")
         if pair.group is not None:
-            pair.group.close()
-        for record in self.table.live():
-            if record.touches(dest):
-                self.table.end(record.request_id, TransferState.FAILED, f"pair lost: {why}")
+            threading.Thread(target=pair.group.close, name=f"kv-close-{dest}",
+                             daemon=True).start()
         if pair.sock is not None:
             poller.unregister(pair.sock)
             pair.sock.close(linger=0)
