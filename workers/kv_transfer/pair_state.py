@@ -77,6 +77,9 @@ class ReceiverPair:
         self.generation = generation
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"kv-recv-{generation}")
         self.group: PairGroup | None = None
+        self.built = threading.Event()
+        """torch: set once the pair thread's communicator set-up has ended (`group` is then
+        final). The sender may be ready a moment before (its warm-up ends first)."""
         self.stream: CopyStream | None = None
         self.path: str | None = None
         self.gbps: float | None = None

@@ -119,7 +119,11 @@ class Receiver(KVReceiver):
         if isinstance(msg, Hello):
             self._hello(identity, msg)
         elif isinstance(msg, StreamPart) and identity in self._peers:
-            self._torch.part(self._peers[identity], msg)
+            peer = self._peers[identity]
+            # The sender's first part can overtake this end's set-up by a thread switch:
+            # wait for it rather than refuse the part as stale.
+            peer.built.wait(self.config.connect_timeout_s if peer.transport == "torch" else 0)
+            self._torch.part(peer, msg)
         elif isinstance(msg, StreamEnd) and identity in self._peers:
             self._torch.end(self._peers[identity], msg)
         elif isinstance(msg, StreamPart | StreamEnd):
@@ -197,6 +201,7 @@ class Receiver(KVReceiver):
         try:
             self._torch.build(peer, store, hello)
         finally:
+            peer.built.set()
             peer.count(-1)
 
     def _guarded(self, peer: ReceiverPair, request_id: str, job, *args) -> None:

@@ -16,7 +16,7 @@ import dataclasses
 import pytest
 import torch
 from kv_peer_process import random_caches
-from test_kv_network import Ends
+from test_kv_network import Ends, refused_send
 
 from tests.cluster.helpers import ChunkCollector, prompts
 from tests.cluster.test_disaggregated_workers import (
@@ -116,14 +116,8 @@ def test_cuda_ipc_block_copy_moves_fp8_blocks(layout):
 @pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
 def test_kv_dtype_mismatch_is_refused_naming_both_dtypes(ends, layout):
     fp8 = KVLayout(**{**layout.to_dict(), "dtype": FP8})
-    receiver = ends.receiver(layout, random_caches(layout, 4, seed=5))
-    sender = ends.sender(fp8, random_caches(fp8, 4, seed=6))
-    receiver.expect("r", [0, 1])
-    sender.send("r", receiver.address, [0], [0, 1])
-    assert sender.wait("r", 20) is TransferState.FAILED
-    reason = sender.table.get("r").reason
+    reason, receiver = refused_send(ends, layout, fp8, random_caches)
     assert "dtype" in reason and FP8 in reason and "bfloat16" in reason, reason
-    assert isinstance(sender.error("r"), HandshakeMismatch)
     refusal = receiver.refusals[-1]
     assert (refusal.field, refusal.local, refusal.remote) == ("dtype", "bfloat16", FP8)
     receiver.abort("r")
@@ -138,16 +132,10 @@ def _scaled(layout: KVLayout, **changed: tuple[float, float]) -> KVLayout:
 
 @pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
 def test_kv_scale_mismatch_is_refused_naming_the_first_differing_layer(ends, layout):
-    receiver_layout = _scaled(layout, layer_1=(0.5, 0.125), layer_2=(1.0, 0.25))
-    sender_layout = _scaled(layout)
-    receiver = ends.receiver(receiver_layout, random_caches(receiver_layout, 4, seed=5))
-    sender = ends.sender(sender_layout, random_caches(sender_layout, 4, seed=6))
-    receiver.expect("r", [0, 1])
-    sender.send("r", receiver.address, [0], [0, 1])
-    assert sender.wait("r", 20) is TransferState.FAILED
-    reason = sender.table.get("r").reason
+    reason, receiver = refused_send(ends, _scaled(layout, layer_1=(0.5, 0.125),
+                                                  layer_2=(1.0, 0.25)), _scaled(layout),
+                                    random_caches)
     assert "kv_scales" in reason and "layer 1" in reason and "0.125" in reason, reason
-    assert isinstance(sender.error("r"), HandshakeMismatch)
     refusal = receiver.refusals[-1]
     assert (refusal.field, refusal.local, refusal.remote) == (
         "kv_scales", "layer 1: k_scale 0.5, v_scale 0.125", "layer 1: k_scale 0.5, v_scale 0.25")

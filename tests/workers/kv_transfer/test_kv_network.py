@@ -50,6 +50,18 @@ class Ends:
         return sender
 
 
+def refused_send(ends: Ends, receiver_layout: KVLayout, sender_layout: KVLayout, make_caches):
+    """One send of request 'r' between new ends of these layouts, which the handshake
+    refuses (the sender's error a HandshakeMismatch); returns (failure reason, receiver)."""
+    receiver = ends.receiver(receiver_layout, make_caches(receiver_layout, 4, seed=5))
+    sender = ends.sender(sender_layout, make_caches(sender_layout, 4, seed=6))
+    receiver.expect("r", [0, 1])
+    sender.send("r", receiver.address, [0], [0, 1])
+    assert sender.wait("r", 20) is TransferState.FAILED
+    assert isinstance(sender.error("r"), HandshakeMismatch)
+    return sender.table.get("r").reason, receiver
+
+
 @pytest.fixture
 def ends(request):
     config = getattr(request, "param", None) or TransferConfig(probe_bytes=1 << 16)
@@ -117,15 +129,8 @@ def test_two_prefill_tp_ranks_fill_one_decode_rank(ends, layout, make_caches):
 @pytest.mark.parametrize("ends", [_config(t) for t in TRANSPORTS], indirect=True, ids=TRANSPORTS)
 def test_block_size_mismatch_is_refused_naming_the_field(ends, layout, make_caches):
     other = KVLayout(**{**layout.to_dict(), "block_size": 8})
-    receiver = ends.receiver(layout, make_caches(layout, 4, seed=5))
-    sender = ends.sender(other, make_caches(other, 4, seed=6))
-    receiver.expect("r", [0, 1])
-    sender.send("r", receiver.address, [0], [0, 1])
-    assert sender.wait("r", 20) is TransferState.FAILED
-    reason = sender.table.get("r").reason
+    reason, receiver = refused_send(ends, layout, other, make_caches)
     assert "block_size" in reason and "8" in reason and "4" in reason
-    assert isinstance(sender.error("r"), HandshakeMismatch)
-    assert sender.error("r").field == "block_size"
     assert receiver.refusals[-1].field == "block_size"
     assert (receiver.refusals[-1].local, receiver.refusals[-1].remote) == (4, 8)
     assert receiver.in_flight("r")  # the decode side frees it by abort or by its deadline
