@@ -49,6 +49,13 @@ class BenchConfig:
     scattered: bool = False
     baseline_dtype: str | None = None
     """With an fp8 cache: the cache dtype (c) compares against, in the same run."""
+    coalesce_below_bytes: int = TransferConfig.coalesce_below_bytes
+    message_bytes: int = TransferConfig.message_bytes
+
+    def transfer_config(self, transport: str) -> TransferConfig:
+        return TransferConfig(transport, self.host, timeout_s=600, probe_bytes=self.probe_bytes,
+                              coalesce_below_bytes=self.coalesce_below_bytes,
+                              message_bytes=self.message_bytes)
 
     def num_bytes(self, tokens: int) -> int:
         plan = plan_transfer(self.layout, self.layout)
@@ -73,6 +80,13 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
                         help="fp8: move an e4m3 cache, and compare with --dtype's (c)")
+    parser.add_argument("--coalesce-below-mib", type=float,
+                        default=TransferConfig.coalesce_below_bytes / 2**20,
+                        help="torch transport: block-run messages below this go staged, "
+                        "several layers per message (0: never for size; the old path)")
+    parser.add_argument("--message-mib", type=float,
+                        default=TransferConfig.message_bytes / 2**20,
+                        help="torch transport: what a staged message fills up to")
     parser.add_argument("--scattered", action="store_true",
                         help="random block ids (every block its own run: the packed path)")
     args = parser.parse_args(argv)
@@ -83,7 +97,9 @@ def _parse(argv: list[str] | None) -> BenchConfig:
     return BenchConfig(args.device, tuple(int(t) for t in tokens.split(",")), args.iters,
                        args.warmup, layout, probe_bytes=(64 << 20) if args.device == "cuda"
                        else (4 << 20), scattered=args.scattered,
-                       baseline_dtype=args.dtype if fp8 else None)
+                       baseline_dtype=args.dtype if fp8 else None,
+                       coalesce_below_bytes=int(args.coalesce_below_mib * 2**20),
+                       message_bytes=int(args.message_mib * 2**20))
 
 
 def _caches(cfg: BenchConfig, device: torch.device, seed: int):
@@ -131,7 +147,7 @@ def _receiver_main(cfg: BenchConfig, transport: str, device: str, raw: bool, con
                 group.wait(group.post_recv(buf), 120)
             results[tokens] = buf.numel() * cfg.iters / (time.perf_counter() - start) / 1e9
         group.close()
-    config = TransferConfig(transport, cfg.host, timeout_s=600, probe_bytes=cfg.probe_bytes)
+    config = cfg.transfer_config(transport)
     landed = {}  # request id -> perf_counter() when its KV landed here (a decode step could run)
     receiver = Receiver(cfg.layout, _caches(cfg, device, seed=1), config,
                         on_done=lambda rid, extra: landed.setdefault(rid, time.perf_counter()))
@@ -161,7 +177,7 @@ def _sender_main(cfg: BenchConfig, transport: str, device: str, raw: bool, conn,
             for _ in range(cfg.warmup + cfg.iters):
                 group.send(buf, 120)
         group.close()
-    config = TransferConfig(transport, cfg.host, timeout_s=600, probe_bytes=cfg.probe_bytes)
+    config = cfg.transfer_config(transport)
     sender = make_sender(cfg.layout, _caches(cfg, device, seed=3), config)
     address = conn.recv()
     acked, starts, messages = {}, {}, {}
@@ -299,6 +315,9 @@ def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) ->
         f"{lay.dtype}, block {lay.block_size}; one request per size; median of {cfg.iters} "
         f"after {cfg.warmup} warm-up; GB/s = payload bytes / s; ours: send() to the KV "
         f"landed on the receiver (DONE there), acked: send() to the receiver's ack back",
+        f"torch transport: block-run messages under {cfg.coalesce_below_bytes / 2**20:g} MiB "
+        f"go staged, up to {cfg.message_bytes / 2**20:g} MiB a message (msgs, MiB/msg: as "
+        f"counted on the wire, one transfer)",
     ]
     if pair:
         lines.append(f"(a) two processes, two devices, path {pair['path']} (start-up probe "
