@@ -99,7 +99,7 @@ def test_priority_reaches_both_roles_and_is_refused_under_fcfs(make_engine):
     decode = make_engine(role="decode", policy="priority")
     decode.reserve_remote("r1", [5, 6, 7], GREEDY, priority=-4)
     prefill.add_request("r1", [5, 6, 7], GREEDY, priority=-4)
-    assert decode._seqs["r1"].priority == prefill._seqs["r1"].priority == -4
+    assert decode.requests.get("r1").priority == prefill.requests.get("r1").priority == -4
     decode.abort("r1")
     prefill.abort("r1")
     fcfs = make_engine(role="decode")  # both admissions: add_request and reserve_remote

@@ -42,17 +42,18 @@ from workers.engine.model_runner import ModelRunner
 from workers.engine.outputs import RequestMetrics, RequestOutput
 from workers.engine.prefix_cache import PrefixCache, cache_root
 from workers.engine.request_check import RequestCheck
+from workers.engine.request_table import RequestTable
 from workers.engine.sampler import Sampler
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.sampling_rows import SamplingRows
 from workers.engine.scheduler import ScheduledBatch, Scheduler
-from workers.engine.sequence import Sequence, SequenceStatus, SequenceTimes
+from workers.engine.sequence import Sequence, SequenceStatus
 from workers.engine.stage_driver import StageDriver
 from workers.engine.stop_checker import StopChecker
-from workers.errors import DuplicateRequest, InvalidParameter, KvrelayError, UnknownRequest
+from workers.errors import InvalidParameter, KvrelayError
 from workers.model.parallel import ParallelContext
 from workers.spec.factory import build_speculative_decoder
-from workers.text.request_text import RequestText, load_tokenizer
+from workers.text.request_text import load_tokenizer
 
 
 class LLMEngine:
@@ -80,9 +81,7 @@ class LLMEngine:
         self.check = RequestCheck(self.model_config.vocab_size, self.max_model_len,
                                   config.scheduler.policy, self.tokenizer is not None)
         self.rows = SamplingRows(self.runner.device, self.stop_checker)
-        self._seqs: dict[str, Sequence] = {}
-        self._texts: dict[str, RequestText] = {}
-        self._arrivals = itertools.count()
+        self.requests = RequestTable(self.check, self.tokenizer, self.rows)
         self._generate_ids = itertools.count()
         self.spec = build_speculative_decoder(config, self.runner, self.pool,
                                               self.max_model_len, self.tokenizer)
@@ -137,16 +136,16 @@ class LLMEngine:
     ) -> None:
         """Queues a request (a continuation: with the output the client already got, see
         the module doc). Raises a typed error (nothing is queued) for bad input."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, priority,
-                                 output_token_ids)
-        self._admit(seq, sent_text_len)
+        seq = self.requests.new(request_id, prompt_token_ids, params, priority,
+                                output_token_ids)
+        self.requests.admit(seq, sent_text_len)
         self.scheduler.add(seq)
 
     def abort(self, request_id: str, hold_blocks: bool = False) -> None:
         """Ends a request in any phase (waiting, running, reserved, held) and frees its
         blocks; with `hold_blocks` it stops running but keeps them (HELD) until `release`,
         for blocks a KV transfer still touches. Unknown or finished ids are ignored."""
-        seq = self._seqs.get(request_id)
+        seq = self.requests.get(request_id)
         if seq is None or (hold_blocks and seq.status is SequenceStatus.HELD):
             return
         self.scheduler.remove(seq)
@@ -195,40 +194,6 @@ class LLMEngine:
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _new_sequence(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-        priority: int, output_token_ids: Seq[int] = (),
-    ) -> Sequence:
-        """Validates a request (raising typed errors, changing nothing) into a Sequence."""
-        if request_id in self._seqs:
-            raise DuplicateRequest(request_id)
-        self.check(prompt_token_ids, params, priority, output_token_ids)
-        return Sequence(
-            seq_id=request_id,
-            prompt_token_ids=list(prompt_token_ids),
-            params=params,
-            arrival_index=next(self._arrivals),
-            times=SequenceTimes(arrival=time.monotonic()),
-            priority=priority,
-            output_token_ids=list(output_token_ids),
-        )
-
-    def _seq_in(self, request_id: str, status: SequenceStatus) -> Sequence:
-        """The sequence of `request_id`, which must be in `status` (UnknownRequest if not)."""
-        seq = self._seqs.get(request_id)
-        if seq is None or seq.status is not status:
-            raise UnknownRequest(request_id)
-        return seq
-
-    def _admit(self, seq: Sequence, sent_text_len: int = 0) -> None:
-        self._seqs[seq.seq_id] = seq
-        if self.tokenizer is not None:
-            text = self._texts[seq.seq_id] = RequestText(self.tokenizer, seq)
-            for token_id in seq.output_token_ids:  # a continuation: the text so far
-                text.add(token_id)
-            text.sent = min(sent_text_len, len(text.text))
-        self.rows.admit(seq)
-
     def _mark_scheduled(self, batch: ScheduledBatch) -> None:
         now = time.monotonic()
         for seq in batch.seqs:
@@ -268,7 +233,7 @@ class LLMEngine:
         its tokens dropped), text, and the role's finish rule for seq's newest tokens."""
         if seq.times.first_token is None:
             seq.times.first_token = time.monotonic()
-        text = self._texts.get(seq.seq_id)
+        text = self.requests.text(seq.seq_id)
         new = seq.output_token_ids[-num_new:]
         del seq.output_token_ids[-num_new:]
         kept = 0
@@ -316,8 +281,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, free_blocks: bool) -> None:
         seq.finish_reason = reason
         seq.times.finished = time.monotonic()
-        self._texts.pop(seq.seq_id, None)
-        self.rows.forget(seq.seq_id)
+        self.requests.finish(seq.seq_id, held=not free_blocks)
         if self.spec is not None:
             self.spec.forget(seq.seq_id)
         if free_blocks:
@@ -326,7 +290,6 @@ class LLMEngine:
             else:
                 self.pool.release(seq.block_table)
             seq.status = SequenceStatus.FINISHED
-            self._seqs.pop(seq.seq_id, None)
         else:
             seq.status = SequenceStatus.HELD
 

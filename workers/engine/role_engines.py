@@ -53,7 +53,7 @@ class PrefillEngine(LLMEngine):
 
     def held_block_ids(self, request_id: str) -> list[int]:
         """The blocks holding a prefill_done request's prompt KV, in order."""
-        return list(self._seq_in(request_id, SequenceStatus.HELD).block_table)
+        return list(self.requests.in_status(request_id, SequenceStatus.HELD).block_table)
 
     def skip_remote_prefix(self, request_id: str, num_tokens: int) -> None:
         """The decode worker already holds the KV of the first `num_tokens` tokens (whole
@@ -96,14 +96,14 @@ class DecodeEngine(LLMEngine):
         With prefix caching, the leading blocks already cached here are shared, not
         reserved: `reserved_cached_tokens` says how many tokens they hold (the prefill
         worker sends only the blocks after them)."""
-        seq = self._new_sequence(request_id, prompt_token_ids, params, priority,
-                                 output_token_ids)
+        seq = self.requests.new(request_id, prompt_token_ids, params, priority,
+                                output_token_ids)
         self.scheduler.share_cached_prefix(seq)
         if not self.pool.can_append_slots(seq.block_table, seq.num_tokens + 1):
             needed = blocks_for(seq.num_tokens + 1, self.pool.block_size)
             self.pool.release(seq.block_table)
             raise NoCapacity(needed_blocks=needed, free_blocks=self.pool.num_free)
-        self._admit(seq, sent_text_len)
+        self.requests.admit(seq, sent_text_len)
         self.pool.append_slots(seq.block_table, seq.num_tokens + 1)
         self.scheduler.count_reserved_lookup(seq)
         seq.status = SequenceStatus.RESERVED
@@ -112,14 +112,14 @@ class DecodeEngine(LLMEngine):
     def reserved_cached_tokens(self, request_id: str) -> int:
         """Leading tokens of a reservation whose KV this engine already holds (a multiple of
         the block size; the KV transfer skips them)."""
-        return self._seq_in(request_id, SequenceStatus.RESERVED).num_computed_tokens
+        return self.requests.in_status(request_id, SequenceStatus.RESERVED).num_computed_tokens
 
     def commit_remote(self, request_id: str, first_token_id: int,
                       num_cached_tokens: int = 0) -> None:
         """The prompt's KV is in the reserved blocks; the sequence joins the running batch
         and its next step decodes from `first_token_id`. `num_cached_tokens`: what the
         prefill worker found in its cache (reported in this engine's outputs)."""
-        seq = self._seq_in(request_id, SequenceStatus.RESERVED)
+        seq = self.requests.in_status(request_id, SequenceStatus.RESERVED)
         self.check.first_token(first_token_id)
         now = time.monotonic()
         seq.times.first_scheduled = seq.times.first_token = now
@@ -127,7 +127,7 @@ class DecodeEngine(LLMEngine):
         seq.num_computed_tokens = seq.num_tokens
         seq.num_cached_tokens = num_cached_tokens
         seq.output_token_ids.append(first_token_id)
-        text = self._texts.get(request_id)
+        text = self.requests.text(request_id)
         if text is not None:
             text.add(first_token_id)
             text.mark_sent()  # the prefill worker already streamed token 1's text
