@@ -19,10 +19,10 @@ Speculative decoding (EngineConfig.speculative, workers/spec/): before each sche
 proposer drafts tokens for the decoding sequences; the step verifies them in the same target
 forward and a sequence may gain several tokens (one RequestOutput with all of them).
 
-Continuation (a request migrated after its worker was lost): `add_request` and
-`reserve_remote` take the output the client already got; the sequence starts with those
-tokens as output (prefilled with the prompt, counted for stop strings, max_tokens, penalties
-and the seeded sampler's position) and its text as already sent.
+Continuation (a request migrated after its worker was lost): `add_request` and the decode
+role's `reserve_remote` take the output the client already got; the sequence starts with
+those tokens as output (prefilled with the prompt, counted for stop strings, max_tokens,
+penalties and the seeded sampler's position) and its text as already sent.
 """
 
 from __future__ import annotations

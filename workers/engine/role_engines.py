@@ -5,7 +5,8 @@ hooks of the "Engine API" (docs/contracts.md) that the prefill and decode worker
 call. `build_engine` builds the engine of a config's role (an LLMEngine when colocated).
 
 - Prefill role: a request ends after its first token with finish_reason 'prefill_done' and
-  its blocks are held (`held_block_ids`) until `release`. With a streaming KV transport
+  its blocks are held (`held_block_ids`) until `release` (LLMEngine's finish rule, by
+  `config.role`). With a streaming KV transport
   (`attach_kv_stream`) each step's KV goes out layer by layer while the step runs.
 - Decode role: `reserve_remote` allocates blocks before the prefill starts (the prefill
   worker writes the prompt's KV there) and `commit_remote` joins the sequence to the
