@@ -5,9 +5,9 @@
     python -m workers.bench.bench_parallel --tiny          # CPU, gloo, tiny shapes: a check
 
 Every configuration runs the product's path: ModelRunner shards built with the worker's
-group (workers/actors/rank_group.py: join_group, the driver's StepBroadcast to the other
-ranks, CUDA graphs where the runner uses them), one process per rank (spawned here, no Ray),
-dummy weights. Rows:
+group (workers/actors/rank_group.py: join_group; the driver's StageDriver hands each step
+to the other ranks over a StepBroadcast; CUDA graphs where the runner uses them), one
+process per rank (spawned here, no Ray), dummy weights. Rows:
 - decode step at TP=1 and TP=2 for each batch: ms per step (driver's host waits for the
   logits, as the engine does before sampling), ratio to TP=1 (target at batch 1: <= 0.6),
   and the all-reduce share: the step's collectives (2 per layer, the embedding's and the
