@@ -89,7 +89,8 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     """Never capture CUDA graphs (the escape hatch); graphs are used only on CUDA anyway."""
-    cuda_graph_prefill_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
+    cuda_graph_prefill_tokens: tuple[int, ...] = (16, 32, 48, 64, 96, 128, 160, 192, 224, 256,
+                                                  320, 384, 448, 512)
     """Token buckets of the CUDA graphs that replay one sequence's prefill step of 9..512 new
     tokens (workers/engine/prefill_graph.py; Triton backend); () turns them off."""
     role: Role = "colocated"

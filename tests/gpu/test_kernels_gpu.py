@@ -45,6 +45,16 @@ def test_prefill_real_shapes(head_dim: int, dtype: torch.dtype) -> None:
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("new_tokens", [200, 24])
+def test_prefill_of_a_cached_prefix_tail_in_smaller_query_blocks(new_tokens, dtype) -> None:
+    """A short prefill after a long cached context, beside a padding-like second row (the
+    prefill CUDA graphs' shape), at real head counts."""
+    c = make_case([new_tokens, 8], [2048 + new_tokens, 8], num_heads=32, num_kv_heads=8,
+                  head_dim=128, block_size=16, dtype=dtype, device="cuda", seed=new_tokens)
+    assert_close(run_prefill(c), prefill_ref(c))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("q_len", [1, 4])
 def test_decode_real_shapes(q_len: int, dtype: torch.dtype) -> None:
