@@ -138,3 +138,29 @@ def test_two_gpu_group_matches_one_gpu(tp, pp, micro):
     assert result["graphs"] == (pp == 1)  # TP keeps CUDA graphs; a PP stage runs eager
     for got, want in zip(result["logits"], expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_graphs_of_a_runner_whose_device_is_not_the_current_one():
+    """A process that touched another GPU (the in-process KV pair tests bind cuda:1) keeps
+    that device current: a runner on cuda:0 must still capture its CUDA graphs on cuda:0
+    (torch.cuda.graph captures the current device's stream; Triton launches there too), or
+    its graphs capture nothing and replay stale logits."""
+    from dataclasses import replace
+
+    from workers.engine.model_runner import ModelRunner
+    from workers.model.tiny_model import make_variant
+
+    model_dir = str(make_variant(tempfile.mkdtemp(prefix="kvrelay-gpu-dev-"), "llama"))
+    eager = ModelRunner(replace(_config(model_dir, "cuda:0", 1, 1), enforce_eager=True))
+    expected = [eager.execute(step).cpu() for step in _steps()]
+    del eager
+    previous = torch.cuda.current_device()
+    torch.cuda.set_device(1)
+    try:
+        graphed = ModelRunner(_config(model_dir, "cuda:0", 1, 1))
+        assert graphed.graph_runner is not None
+        got = [graphed.execute(step).cpu() for step in _steps()]
+    finally:
+        torch.cuda.set_device(previous)
+    for g, want in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, want, atol=1e-4, rtol=0)

@@ -29,6 +29,7 @@ device): how the CPU tests check the padding logic the graphs replay.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from abc import ABC, abstractmethod
 
@@ -51,6 +52,11 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
         buckets.append(size)
         size *= 2
     return buckets + [max_num_seqs]
+
+
+def on_device(device: torch.device):
+    """`torch.cuda.device(device)` for a CUDA device, a no-op context elsewhere."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class GraphRunner(ABC):
@@ -136,7 +142,8 @@ class GraphRunner(ABC):
         self._upload(self._shape(bucket)[0])
         if self.captured:
             graph, hidden = self._graphs[bucket]
-            graph.replay()
+            with on_device(self.device):  # replays on the current stream of the current device
+                graph.replay()
         else:
             hidden = self._forward(bucket)
         indices = self._static["logits_indices"][: len(step.logits_indices)]
@@ -208,7 +215,6 @@ class GraphRunner(ABC):
     @torch.inference_mode()
     def _capture_all(self) -> None:
         self._host_tables[:] = self.scratch_block
-        pool = None
         # A garbage collection during capture may destroy an older runner's graphs, which
         # CUDA forbids while a stream captures (it invalidates this capture): collect now,
         # and keep the collector off until the last graph is captured.
@@ -216,22 +222,30 @@ class GraphRunner(ABC):
         was_enabled = gc.isenabled()
         gc.disable()
         try:
-            # Largest first: smaller graphs then fit in the memory pool the first one made.
-            for bucket in reversed(self.buckets):
-                rows, tokens = self._shape(bucket)
-                self._fill_padding(0, 0, rows, tokens)
-                self._upload(rows)
-                self._forward(bucket)  # warm-up: Triton compiles, cuBLAS picks its kernels
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    hidden = self._forward(bucket)
-                pool = graph.pool() if pool is None else pool
-                self._graphs[bucket] = (graph, hidden)
+            # Capture follows the current device's stream while the kernels go to the
+            # tensors' device: with another device current (a process that touched a second
+            # GPU) the graphs would capture nothing and replay stale outputs.
+            with on_device(self.device):
+                self._capture_buckets()
         finally:
             if was_enabled:
                 gc.enable()
         torch.cuda.synchronize(self.device)
+
+    def _capture_buckets(self) -> None:
+        pool = None
+        # Largest first: smaller graphs then fit in the memory pool the first one made.
+        for bucket in reversed(self.buckets):
+            rows, tokens = self._shape(bucket)
+            self._fill_padding(0, 0, rows, tokens)
+            self._upload(rows)
+            self._forward(bucket)  # warm-up: Triton compiles, cuBLAS picks its kernels
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                hidden = self._forward(bucket)
+            pool = graph.pool() if pool is None else pool
+            self._graphs[bucket] = (graph, hidden)
 
 
 class CudaGraphRunner(GraphRunner):

@@ -18,7 +18,7 @@ from kernels.kv_quant import FP8_DTYPE
 from workers.attention.registry import get_attention_backend
 from workers.attention.torch_backend import padded_decode_bytes
 from workers.config import EngineConfig
-from workers.engine.cuda_graph import CudaGraphRunner
+from workers.engine.cuda_graph import CudaGraphRunner, on_device
 from workers.engine.prefill_graph import build_prefill_graph_runner
 from workers.engine.step_input import StepInput
 from workers.engine.step_tensors import build_step_tensors
@@ -297,18 +297,21 @@ class ModelRunner:
         calling `layer_done(local_layer)` after each layer's (eager steps only). Decode-only
         and single-sequence prefill steps replay a CUDA graph when there is a graph runner
         for them (and no `layer_done`)."""
-        graphs = (self.graph_runner, self.verify_graph_runner, self.prefill_graph_runner)
-        graphs = graphs if layer_done is None else ()
-        graph = next((g for g in graphs if g is not None and g.can_run(step)), None)
-        if graph is not None:
-            self.last_hidden = graph.run(step)
+        # Triton launches on the current device, not the tensors': pin it to this runner's
+        # (a process may drive several GPUs, e.g. a test with a KV pair on two).
+        with on_device(self.device):
+            graphs = (self.graph_runner, self.verify_graph_runner, self.prefill_graph_runner)
+            graphs = graphs if layer_done is None else ()
+            graph = next((g for g in graphs if g is not None and g.can_run(step)), None)
+            if graph is not None:
+                self.last_hidden = graph.run(step)
+                return self.model.compute_logits(self.last_hidden)
+            tensors = build_step_tensors(step, self.device)
+            out = self.model(
+                tensors.input_ids, tensors.positions, self._full_caches, tensors.meta,
+                intermediate, layer_done,
+            )
+            if isinstance(out, IntermediateTensors):
+                return out
+            self.last_hidden = out.index_select(0, tensors.logits_indices)
             return self.model.compute_logits(self.last_hidden)
-        tensors = build_step_tensors(step, self.device)
-        out = self.model(
-            tensors.input_ids, tensors.positions, self._full_caches, tensors.meta, intermediate,
-            layer_done,
-        )
-        if isinstance(out, IntermediateTensors):
-            return out
-        self.last_hidden = out.index_select(0, tensors.logits_indices)
-        return self.model.compute_logits(self.last_hidden)
