@@ -9,8 +9,9 @@
     also sent with the `--dtype` cache (bf16) over the same path in the same run: the time per
     request of each and their ratio (fp8 moves half the bytes: the target is ~0.5x).
 (a) and (c) also print the messages one transfer put on the wire and MiB per message, as the
-    pair counted them (torch transport; small messages are latency-bound, so the transport
-    coalesces them: TransferConfig.coalesce_below_bytes / message_bytes).
+    pair counted them (torch transport; small messages are latency-bound, and
+    `--coalesce-below-mib N` stages them into larger ones: TransferConfig.coalesce_below_bytes /
+    message_bytes; off by default, it measured slower on 2x H200).
 Sizes: one request's KV at each `--tokens` prompt length with Llama-3-8B's KV shape (32
 layers, 8 kv heads, head_dim 128, bf16, block 16) unless overridden. GB/s = payload bytes / s.
 """
@@ -315,9 +316,11 @@ def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) ->
         f"{lay.dtype}, block {lay.block_size}; one request per size; median of {cfg.iters} "
         f"after {cfg.warmup} warm-up; GB/s = payload bytes / s; ours: send() to the KV "
         f"landed on the receiver (DONE there), acked: send() to the receiver's ack back",
-        f"torch transport: block-run messages under {cfg.coalesce_below_bytes / 2**20:g} MiB "
-        f"go staged, up to {cfg.message_bytes / 2**20:g} MiB a message (msgs, MiB/msg: as "
-        f"counted on the wire, one transfer)",
+        ("torch transport: block-run messages under "
+         f"{cfg.coalesce_below_bytes / 2**20:g} MiB go staged, up to "
+         f"{cfg.message_bytes / 2**20:g} MiB a message" if cfg.coalesce_below_bytes else
+         "torch transport: direct messages (each block run's K, V of each layer; staging off)")
+        + " (msgs, MiB/msg: as counted on the wire, one transfer)",
     ]
     if pair:
         lines.append(f"(a) two processes, two devices, path {pair['path']} (start-up probe "

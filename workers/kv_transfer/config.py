@@ -30,11 +30,14 @@ class TransferConfig:
     probe_bytes: int = 4 << 20
     """Size of the bandwidth probe each new pair runs (0: no probe)."""
     probe_rounds: int = 2
-    coalesce_below_bytes: int = 32 << 20
+    coalesce_below_bytes: int = 0
     """torch transport: a direct message (one block run's K or V of one layer) below this
-    goes staged instead, K and V of whole layers in one message (0: never for size). NCCL
-    messages are latency-bound below tens of MiB (DESIGN.md, 2x H200: 1 MiB ~12 GB/s, 16 MiB
-    ~278 GB/s, 1 GiB ~368 GB/s): an fp8 cache's half-size messages would not halve the time."""
+    goes staged instead, K and V of whole layers in one message (0: never for size). Off by
+    default: staging costs a pack and an unpack (~0.85-1.4 TB/s each on an H200) and its
+    buffers are reused in turn, which on 2x H200 (cluster.bench.bench_kv, 2026-11-27) made
+    one request's KV slower than the direct messages it replaces: bf16 4096 tokens 5.48 vs
+    2.68 ms, fp8 16384 tokens 15.0 vs 4.47 ms. Small messages are latency-bound (DESIGN.md:
+    1 MiB ~12 GB/s, 16 MiB ~278 GB/s), but not by enough to pay for the staging."""
     message_bytes: int = 32 << 20
     """torch transport: what one staged message of a request sent whole fills up to with
     whole layers (a layer-wise stream sends one layer per message, after its compute)."""

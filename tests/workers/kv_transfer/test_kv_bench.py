@@ -45,6 +45,16 @@ def test_bench_kv_fp8_moves_half_the_bytes_and_times_the_bf16_baseline_in_one_ru
     assert (float(row[1]), float(row[2])) == (round(32 * 2 * 2 * 8 * 128 / 2**20, 1),
                                               round(32 * 2 * 2 * 8 * 128 * 2 / 2**20, 1))
     assert float(row[6]) == pytest.approx(float(row[4]) / float(row[5]), abs=0.02)
-    # Messages per transfer as counted on the wire: both requests fit one staged message.
-    assert (int(row[8]), int(row[10])) == (1, 1)
-    assert (float(row[9]), float(row[11])) == (float(row[1]), float(row[2]))
+    # Messages per transfer as counted on the wire: direct by default, K and V of each of
+    # the 2 layers (one contiguous run), a quarter of the request each.
+    assert (int(row[8]), int(row[10])) == (4, 4)
+    assert (float(row[9]), float(row[11])) == pytest.approx(
+        (float(row[1]) / 4, float(row[2]) / 4), abs=0.06)
+    staged = bench_kv._parse(["--device", "cpu", "--tokens", "32", "--layers", "2", "--iters",
+                              "1", "--warmup", "1", "--kv-cache-dtype", "fp8",
+                              "--coalesce-below-mib", "32"])
+    pair, zmq, _ = bench_kv.collect(staged)
+    fp8, base, path = bench_kv.compare_baseline(staged, pair, zmq)
+    table = bench_kv.format_dtype_table(staged, fp8, base, path)
+    (row,) = [line.split() for line in table.splitlines() if line.lstrip().startswith("32 ")]
+    assert (int(row[8]), int(row[10])) == (1, 1)  # staged: each request in one message
