@@ -21,6 +21,7 @@ speculative tokens and rolled back is never named (the rollback seam stays in th
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -30,10 +31,18 @@ _MAX_PENDING_EVENTS = 50_000
 
 def chain_hash(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
     """Identity of a full block: its tokens and, through the parent, every earlier block."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(parent_hash or b"")
-    digest.update(b",".join(str(t).encode() for t in token_ids))
-    return digest.digest()
+    return _chain(parent_hash or b"", _token_bytes(token_ids))
+
+
+def _token_bytes(token_ids: list[int]) -> bytes:
+    """Token ids as int64 machine words: one C-level conversion for a whole prompt (a
+    per-token str() join cost ~1 ms of host time for a 2k-token prompt, paid before its
+    prefill step launches)."""
+    return array("q", token_ids).tobytes()
+
+
+def _chain(parent_hash: bytes, block: bytes) -> bytes:
+    return hashlib.blake2b(parent_hash + block, digest_size=16).digest()
 
 
 def cache_root(model: str, dtype: str, block_size: int) -> bytes:
@@ -45,10 +54,14 @@ def block_hashes(root: bytes, token_ids: list[int], block_size: int,
                  parent: bytes | None = None) -> list[bytes]:
     """Names of the full blocks of `token_ids` (a trailing partial block has none); `parent`:
     the name of the block before them, None when they start at token 0."""
+    full = len(token_ids) // block_size
+    data = _token_bytes(token_ids[: full * block_size])
+    width = len(data) // full if full else 0
     hashes: list[bytes] = []
-    for i in range(len(token_ids) // block_size):
-        previous = hashes[-1] if hashes else parent or root
-        hashes.append(chain_hash(previous, token_ids[i * block_size:(i + 1) * block_size]))
+    previous = parent or root
+    for i in range(full):
+        previous = _chain(previous, data[i * width:(i + 1) * width])
+        hashes.append(previous)
     return hashes
 
 
