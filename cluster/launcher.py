@@ -19,6 +19,7 @@ import torch
 
 from cluster.config import ClusterConfig
 from cluster.control_plane.discovery import find_workers
+from cluster.control_plane.redis_keys import RedisKeys
 from cluster.control_plane.redis_plane import RedisControlPlane
 from cluster.rank_metrics import describe_ranks
 from cluster.worker_groups import (
@@ -205,13 +206,15 @@ def _rank_layouts(info: dict) -> list[KVLayout]:
         KVLayout.from_dict(info["kv_layout"]))
 
 
-def control_plane_factory(redis_url: str | None, poll_interval_s: float = 0.2):
-    """What the Router actor builds its control plane with (again after a restart). A router
-    shares its loads once per poll: another's stays fresh for ten polls (at least 2 s)."""
-    if redis_url is None:
+def control_plane_factory(config: ClusterConfig):
+    """What the Router actor builds its control plane with (again after a restart): Redis,
+    its keys under the cluster's name, or None (in memory). A router shares its loads once per
+    poll: another's stays fresh for ten polls (at least 2 s)."""
+    if config.redis_url is None:
         return None
-    return functools.partial(RedisControlPlane, redis_url,
-                             load_ttl_s=max(2.0, 10 * poll_interval_s))
+    RedisKeys(config.name)  # a name Redis keys cannot carry fails here, not in the actor
+    return functools.partial(RedisControlPlane, config.redis_url, config.name,
+                             load_ttl_s=max(2.0, 10 * config.router.poll_interval_s))
 
 
 def start_router(config: ClusterConfig, workers: dict[str, Any],
@@ -225,8 +228,7 @@ def start_router(config: ClusterConfig, workers: dict[str, Any],
     router = router_cls.options(
         name=name or f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
         max_concurrency=_ROUTER_CONCURRENCY, max_restarts=-1, enable_task_events=False,
-    ).remote(config.router, members, control_plane_factory(config.redis_url,
-                                                        config.router.poll_interval_s),
+    ).remote(config.router, members, control_plane_factory(config),
               functools.partial(find_workers, config.name) if config.redis_url else None)
     health = ray.get(router.start.remote(config.startup_timeout_s),
                      timeout=config.startup_timeout_s + 10)

@@ -78,6 +78,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="start no workers: serve a second gateway (with its own router) over "
                         "the running cluster on this Ray (--ray-address, default auto), "
                         "sharing its state through --redis-url (cluster/join.py)")
+    p.add_argument("--rescan-interval", type=float, default=RouterConfig.rescan_interval_s,
+                   help="with --redis-url: seconds between the router's rescans of the "
+                        "cluster's workers (ones started later are admitted, gone ones leave)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    help="every request computes (and ships) its whole prompt's KV instead of "
                         "sharing cached blocks of a prefix seen before")
@@ -152,7 +155,8 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
                           colocated_policy=args.colocated_policy,
                           local_prefill_max_tokens=args.local_prefill_max_tokens,
                           max_prefill_queue_tokens=args.max_prefill_queue_tokens,
-                          max_migrations=0 if args.no_migration else RouterConfig.max_migrations)
+                          max_migrations=0 if args.no_migration else RouterConfig.max_migrations,
+                          rescan_interval_s=args.rescan_interval)
     name = args.served_model_name or served_model_name(args.model or args.dummy_config)
     return ClusterConfig(
         engine=engine, model_name=name, num_prefill=args.prefill, num_decode=args.decode,

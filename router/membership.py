@@ -16,17 +16,17 @@ from Redis), so a worker that restarted while no router watched is still seen as
 (its stale index dropped).
 
 Workers that come and go (`watch`, with a shared control plane): a third task rescans the
-cluster's live workers every `rescan_s` (a periodic rescan, not a Redis-driven watch: the
-workers write nothing to Redis themselves; their heartbeats there are what routers polled,
-so a worker no router polled yet, one started after this router or restarted under a new
-actor, exists only as a named Ray actor, cluster/control_plane/discovery.py; and keyspace
-notifications are a server setting we cannot count on). `sync` applies one scan: a new
-worker is registered (its next answer admits it and sets up its KV pairs, router/kv_pairs.py,
-as at start); a worker found under a new actor gets the new handle (its next answer, a new
-incarnation, is a restart: lost, then admitted again); a worker no longer found is lost at
-once and no longer checked, and forgotten at the next scan that still misses it (by then the
-calls in flight to it have failed and its requests moved on); found again, it is checked
-and admitted again.
+cluster's live workers every `rescan_interval_s` (RouterConfig; a periodic rescan, not a
+Redis-driven watch: the workers write nothing to Redis; their heartbeats there are what
+routers polled, so a worker no router polled yet, one started after this router or restarted
+under a new actor, exists only as a named Ray actor, cluster/control_plane/discovery.py;
+and keyspace notifications are a server setting we cannot count on). `sync` applies one
+scan: a new worker is registered (its next answer admits it and sets up its KV pairs,
+router/kv_pairs.py, as at start); a worker found under a new actor gets the new handle (its
+next answer, a new incarnation, is a restart: lost, then admitted again); a worker no longer
+found is lost at once and no longer checked, and forgotten at the next scan that still
+misses it (by then the calls in flight to it have failed and its requests moved on); found
+again, it is checked and admitted again.
 """
 
 from __future__ import annotations
@@ -80,15 +80,15 @@ class Membership:
         self.news = NewsReceiver(config.news_host)
         self._tasks: list[asyncio.Task] = []
         self._find: Find | None = None
-        self._rescan_s = 0.0
         self._identity: dict[str, Any] = {}
         """Per worker found by a rescan, which actor it was."""
         self._missing: set[str] = set()
         """Workers the last rescan did not find (lost; forgotten if the next misses them)."""
 
-    def watch(self, find: Find, rescan_s: float = 2.0) -> None:
-        """Rescans the cluster's workers with `find` every `rescan_s` once started."""
-        self._find, self._rescan_s = find, rescan_s
+    def watch(self, find: Find) -> None:
+        """Rescans the cluster's workers with `find` every `config.rescan_interval_s` once
+        started."""
+        self._find = find
 
     def add(self, worker_id: str, role: str, handle: WorkerHandle) -> None:
         """Registers a worker; it takes requests once it answered a health check."""
@@ -189,7 +189,7 @@ class Membership:
     async def _watch_loop(self) -> None:
         assert self._find is not None
         while True:
-            await asyncio.sleep(self._rescan_s)
+            await asyncio.sleep(self.config.rescan_interval_s)
             try:
                 await self.sync(await self._find())
             except Exception:  # a failed scan (Ray's GCS busy) changes nothing; try again

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from router.lifecycle import Event, RequestLife
 from router.worker_handle import WorkerHandle
+from workers.errors import InvalidParameter
 from workers.protocol import GenerateRequest
 
 
@@ -42,6 +43,15 @@ class RouterConfig:
     resume_timeout_s: float = 10.0
     """How long a migrating request waits for its gateway's continuation before it fails
     (the Resume, or the gateway, was lost)."""
+    rescan_interval_s: float = 2.0
+    """With a shared control plane: how often the router rescans the cluster's live workers
+    to admit new ones and let gone ones leave (router/membership.py, `watch`)."""
+
+    def __post_init__(self) -> None:
+        if not self.rescan_interval_s > 0:
+            raise InvalidParameter("rescan_interval_s", f"{self.rescan_interval_s}: the "
+                                   "interval between rescans of the workers (--rescan-interval) "
+                                   "must be > 0 s")
 
 
 @dataclass

@@ -2,17 +2,19 @@
 
 Several gateway/router replicas (e.g. two `kvrelay serve --join` gateways on one Ray cluster)
 each poll the workers; whatever events one of them drains it writes here, so every replica's
-KV index is the union, and a restarted router reads it back at once. Keys (under `prefix`):
-- `{prefix}:held:{worker}`: SET of block names (16-byte hashes) the worker caches;
-- `{prefix}:root:{worker}`: the worker's hash-chain root, to name a prompt's blocks as it did;
-- `{prefix}:worker:{worker}`: HASH of its last heartbeat (role, incarnation, load, seen_at),
+KV index is the union, and a restarted router reads it back at once. Keys, all under the
+cluster's name (`kvrelay:{<name>}:`, built in one place: redis_keys.py), so clusters that
+share one Redis never see each other's facts:
+- `held:<worker>`: SET of block names (16-byte hashes) the worker caches;
+- `root:<worker>`: the worker's hash-chain root, to name a prompt's blocks as it did;
+- `worker:<worker>`: HASH of its last heartbeat (role, incarnation, load, seen_at),
   expiring `heartbeat_ttl_s` after the last poll that answered;
-- `{prefix}:load:{worker}`: HASH router id -> "tokens requests published_at" of the requests
+- `load:<worker>`: HASH router id -> "tokens requests published_at" of the requests
   each router has on that worker (`share_loads`, once per poll interval); a value older than
   `load_ttl_s` is ignored and deleted (its router died or restarted: a restarted router has
   a new id, so its predecessor's requests, still running, count until then);
-- `{prefix}:epoch`: set by the first router to publish loads; missing means Redis lost its
-  state (restarted empty).
+- `epoch`: set by the cluster's first router to publish loads; missing means Redis lost its
+  state (restarted empty, or flushed).
 `overlap` is one round trip: SMISMEMBER of the prompt's block names per candidate.
 
 Redis going away must not take serving down: every call runs under short socket timeouts;
@@ -32,6 +34,7 @@ from typing import Any
 
 import redis
 
+from cluster.control_plane.redis_keys import WORKER_KINDS, RedisKeys
 from router.control_plane import Load
 from router.kv_index import leading_held
 from workers.engine.prefix_cache import block_hashes
@@ -44,11 +47,12 @@ _ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 class RedisControlPlane:
     backend = "redis"
 
-    def __init__(self, url: str, prefix: str = "kvrelay", heartbeat_ttl_s: float = 10.0,
+    def __init__(self, url: str, cluster: str, heartbeat_ttl_s: float = 10.0,
                  timeout_s: float = 0.25, retry_s: float = 1.0, load_ttl_s: float = 2.0,
                  router_id: str | None = None):
+        """`cluster`: the cluster's name (ClusterConfig.name), which every key is under."""
         self.url = url
-        self.prefix = prefix
+        self.keys = RedisKeys(cluster)
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self.retry_s = retry_s
         self.load_ttl_s = load_ttl_s
@@ -108,11 +112,8 @@ class RedisControlPlane:
 
     # ---- registry --------------------------------------------------------------------------
 
-    def _key(self, kind: str, worker_id: str) -> str:
-        return f"{self.prefix}:{kind}:{worker_id}"
-
     def heartbeat(self, worker_id: str, facts: dict[str, Any]) -> None:
-        key = self._key("worker", worker_id)
+        key = self.keys.worker_key("worker", worker_id)
         mapping = {k: str(v) for k, v in {**facts, "seen_at": time.time()}.items()}
 
         def write() -> None:
@@ -125,12 +126,13 @@ class RedisControlPlane:
 
     def workers(self) -> dict[str, dict[str, Any]]:
         def read() -> dict[str, dict[str, Any]]:
-            keys = list(self._redis.scan_iter(match=self._key("worker", "*"), count=500))
+            keys = list(self._redis.scan_iter(match=self.keys.worker_pattern("worker"),
+                                              count=500))
             pipe = self._redis.pipeline(transaction=False)
             for key in keys:
                 pipe.hgetall(key)
-            start = len(self._key("worker", ""))
-            return {key.decode()[start:]: {k.decode(): v.decode() for k, v in facts.items()}
+            return {self.keys.worker_id("worker", key):
+                    {k.decode(): v.decode() for k, v in facts.items()}
                     for key, facts in zip(keys, pipe.execute(), strict=True) if facts}
 
         return self._run("workers", read, default={})
@@ -139,27 +141,28 @@ class RedisControlPlane:
 
     def share_loads(self, own: dict[str, Load]) -> dict[str, Load]:
         now = time.time()
-        epoch = f"{self.prefix}:epoch"
+        epoch = self.keys.epoch
         stale, self._stale = self._stale, {}
 
         def exchange() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(epoch, now, nx=True)
             for worker_id, (tokens, requests) in own.items():
-                key = self._key("load", worker_id)
+                key = self.keys.worker_key("load", worker_id)
                 if stale.get(worker_id):
                     pipe.hdel(key, *stale[worker_id])
                 pipe.hset(key, self.router_id, f"{tokens} {requests} {now}")
                 pipe.pexpire(key, int(self.load_ttl_s * 1000))
             for worker_id in own:
-                pipe.hgetall(self._key("load", worker_id))
+                pipe.hgetall(self.keys.worker_key("load", worker_id))
             return pipe.execute()
 
         replies = self._run("share_loads", exchange)
         if replies is None:
             return {}
         if replies[0] and self._resync is None:
-            self._resync = f"redis at {self.url} holds no kvrelay state (new, or restarted empty)"
+            self._resync = (f"redis at {self.url} holds no state of kvrelay cluster "
+                            f"{self.keys.cluster!r} (new, or restarted empty)")
         return self._others(dict(zip(own, replies[-len(own):], strict=True)) if own else {}, now)
 
     def _others(self, published: dict[str, dict[bytes, bytes]], now: float) -> dict[str, Load]:
@@ -181,13 +184,13 @@ class RedisControlPlane:
     def apply_kv_events(self, worker_id: str, news: dict[str, Any]) -> None:
         root = bytes.fromhex(news["root"])
         self._roots[worker_id] = root
-        held = self._key("held", worker_id)
+        held = self.keys.worker_key("held", worker_id)
 
         def write() -> None:
             pipe = self._redis.pipeline(transaction=True)
             if news.get("reset"):
                 pipe.delete(held)
-            pipe.set(self._key("root", worker_id), root)
+            pipe.set(self.keys.worker_key("root", worker_id), root)
             for kind, name in news["events"]:  # in order: stored then removed is removed
                 (pipe.sadd if kind == "stored" else pipe.srem)(held, name)
             pipe.execute()
@@ -196,7 +199,7 @@ class RedisControlPlane:
         self._run("apply_kv_events", write)
 
     def drop_worker(self, worker_id: str) -> None:
-        keys = [self._key(kind, worker_id) for kind in ("held", "root", "worker", "load")]
+        keys = [self.keys.worker_key(kind, worker_id) for kind in WORKER_KINDS]
         self._roots.pop(worker_id, None)
         self._run("drop_worker", lambda: self._redis.delete(*keys))
 
@@ -213,7 +216,7 @@ class RedisControlPlane:
         def read() -> list[list[int]]:
             pipe = self._redis.pipeline(transaction=False)
             for wid in asked:
-                pipe.smismember(self._key("held", wid), names[roots[wid]])
+                pipe.smismember(self.keys.worker_key("held", wid), names[roots[wid]])
             return pipe.execute()
 
         found = self._run("overlap", read, default=None)
@@ -225,7 +228,7 @@ class RedisControlPlane:
         """Each worker's chain root: remembered, else read (written by another replica)."""
         missing = [wid for wid in worker_ids if wid not in self._roots]
         if missing:
-            keys = [self._key("root", wid) for wid in missing]
+            keys = [self.keys.worker_key("root", wid) for wid in missing]
             values = self._run("roots", lambda: self._redis.mget(keys), default=None) or []
             for wid, value in zip(missing, values, strict=False):
                 if value is not None:

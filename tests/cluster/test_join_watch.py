@@ -68,10 +68,11 @@ def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_d
         return found(live)
 
     async def run() -> tuple[list, dict, dict]:
-        core = RouterCore(RouterConfig(block_size=8, poll_interval_s=0.05))
+        core = RouterCore(RouterConfig(block_size=8, poll_interval_s=0.05,
+                                       rescan_interval_s=0.05))
         core.add_worker("prefill-0", "prefill", LocalHandle(prefill))
         core.add_worker("decode-0", "decode", LocalHandle(old))
-        core.membership.watch(find, rescan_s=0.05)
+        core.membership.watch(find)
         await core.wait_ready(10)
         core.start()
         decodes = lambda: core.health()["workers"]["decode"]  # noqa: E731

@@ -13,6 +13,7 @@ import time
 import pytest
 import redis
 
+from cluster.control_plane.redis_keys import RedisKeys
 from cluster.control_plane.redis_plane import RedisControlPlane
 from cluster.metrics import GatewayMetrics
 from router.control_plane import MemoryControlPlane
@@ -25,6 +26,10 @@ from tests.cluster.test_disaggregated_workers import make_spec, request
 from tests.router.test_cache_aware_routing import BLOCK, route_one_by_one
 from workers.actors.colocated_worker import ColocatedWorker
 from workers.engine.prefix_cache import block_hashes, cache_root
+from workers.errors import InvalidParameter
+
+CLUSTER = "kvrelay"
+"""ClusterConfig.name's default, which `kvrelay serve` uses."""
 
 
 @pytest.fixture()
@@ -52,7 +57,7 @@ def workers(tiny_model_dir):
 @pytest.mark.parametrize("backend", ["memory", "redis"])
 def test_redis_and_memory_planes_answer_alike(backend, request):
     plane = (MemoryControlPlane() if backend == "memory"
-             else RedisControlPlane(request.getfixturevalue("redis_server").url))
+             else RedisControlPlane(request.getfixturevalue("redis_server").url, CLUSTER))
     root = cache_root("tiny", "float32", 4)
     tokens = list(range(4, 24))
     names = block_hashes(root, tokens, 4)
@@ -74,6 +79,55 @@ def test_redis_and_memory_planes_answer_alike(backend, request):
     assert stats["kv_events_applied"] == 10 and stats["backend"] == backend
 
 
+def test_clusters_sharing_one_redis_see_only_their_own_workers_loads_and_blocks(redis_server):
+    """Keys are under the cluster's name: two clusters (alpha, beta) on one Redis, with the
+    same worker ids, keep apart their heartbeats, shared loads, KV index, drops and Redis
+    epoch; a second plane of alpha (another router of it) sees alpha's. A name with glob
+    characters scans only its own keys; a name with braces is refused."""
+    url = redis_server.url
+    alpha, alpha2, beta = (RedisControlPlane(url, name) for name in ("alpha", "alpha", "beta"))
+    root = cache_root("tiny", "float32", 4)
+    tokens = list(range(4, 24))
+    names = block_hashes(root, tokens, 4)
+    alpha.heartbeat("w0", {"role": "colocated", "incarnation": "a0"})
+    beta.heartbeat("w0", {"role": "decode", "incarnation": "b0"})
+    beta.heartbeat("w1", {"role": "decode", "incarnation": "b1"})
+    assert {w: f["incarnation"] for w, f in alpha2.workers().items()} == {"w0": "a0"}
+    assert {w: f["incarnation"] for w, f in beta.workers().items()} == {"w0": "b0", "w1": "b1"}
+
+    alpha.apply_kv_events("w0", {"root": root.hex(), "reset": False,
+                                 "events": [["stored", n] for n in names[:3]]})
+    assert beta.overlap(tokens, 4, ["w0"]) == {}  # no root, no blocks of beta's w0
+    beta.apply_kv_events("w0", {"root": root.hex(), "reset": False,
+                                "events": [["stored", names[0]]]})
+    assert alpha2.overlap(tokens, 4, ["w0"]) == {"w0": 3}
+    assert beta.overlap(tokens, 4, ["w0"]) == {"w0": 1}
+
+    assert alpha.share_loads({"w0": (100, 1)}) == {}
+    assert "'alpha'" in alpha.take_resync()  # alpha's epoch was missing
+    assert beta.share_loads({"w0": (7, 1)}) == {}  # alpha's load is not beta's
+    assert "'beta'" in beta.take_resync()  # alpha's epoch is not beta's
+    assert alpha2.share_loads({"w0": (0, 0)}) == {"w0": (100, 1)}
+    assert alpha2.take_resync() is None
+    assert beta.share_loads({"w0": (7, 1)}) == {}  # its only entry is its own
+
+    beta.drop_worker("w0")
+    assert RedisControlPlane(url, "alpha").overlap(tokens, 4, ["w0"]) == {"w0": 3}
+    assert list(alpha2.workers()) == ["w0"] and list(beta.workers()) == ["w1"]
+    assert alpha2.share_loads({"w0": (0, 0)}) == {"w0": (100, 1)}
+    client = redis.Redis.from_url(url)
+    assert {key.split(b"}")[0] for key in client.keys("*")} == {b"kvrelay:{alpha",
+                                                                 b"kvrelay:{beta"}
+
+    starred, plain = RedisControlPlane(url, "x*"), RedisControlPlane(url, "xy")
+    plain.heartbeat("w2", {"role": "prefill"})
+    assert starred.workers() == {} and list(plain.workers()) == ["w2"]
+    starred.heartbeat("w3", {"role": "prefill"})
+    assert list(starred.workers()) == ["w3"] and list(plain.workers()) == ["w2"]
+    with pytest.raises(InvalidParameter, match="without braces"):
+        RedisControlPlane(url, "a}:worker:{b")
+
+
 def make_core(workers, plane, policy: str = "cache_aware") -> RouterCore:
     core = RouterCore(RouterConfig(block_size=BLOCK, poll_interval_s=0.05,
                                    colocated_policy=policy), plane)
@@ -91,12 +145,12 @@ def test_a_second_router_sees_the_first_ones_index_and_heartbeats(workers, colle
              for i, p in enumerate([1, 1, 0, 1])]
 
     async def run() -> tuple[list[str], list[str], dict, list[dict]]:
-        core_a = make_core(workers, RedisControlPlane(redis_server.url))
+        core_a = make_core(workers, RedisControlPlane(redis_server.url, CLUSTER))
         await core_a.wait_ready(10)
         core_a.start()
         placed_a = await route_one_by_one(core_a, collector, first)
         await core_a.stop()  # this router is gone; its events are in Redis
-        plane_b = RedisControlPlane(redis_server.url)
+        plane_b = RedisControlPlane(redis_server.url, CLUSTER)
         seen = plane_b.workers()
         core_b = make_core(workers, plane_b)
         await core_b.wait_ready(10)
@@ -123,7 +177,8 @@ def test_a_second_router_sees_the_first_ones_index_and_heartbeats(workers, colle
 
 def held_in_redis(server: RedisServer, worker_ids) -> dict[str, int]:
     client = redis.Redis.from_url(server.url)
-    return {wid: client.scard(f"kvrelay:held:{wid}") for wid in worker_ids}
+    keys = RedisKeys(CLUSTER)
+    return {wid: client.scard(keys.worker_key("held", wid)) for wid in worker_ids}
 
 
 def test_redis_killed_mid_run_requests_succeed_then_restarted_empty_the_index_is_rebuilt(
@@ -152,7 +207,7 @@ def test_redis_killed_mid_run_requests_succeed_then_restarted_empty_the_index_is
             await asyncio.sleep(0.1)
 
     async def run() -> tuple[list[str], dict, dict, dict, list[str]]:
-        core = make_core(workers, RedisControlPlane(redis_server.url, retry_s=0.2))
+        core = make_core(workers, RedisControlPlane(redis_server.url, CLUSTER, retry_s=0.2))
         await core.wait_ready(10)
         core.start()
         placed_first = await route_one_by_one(core, collector, first)
@@ -202,7 +257,8 @@ def test_each_router_counts_the_requests_other_routers_put_on_a_worker(
             await asyncio.sleep(0.02)
 
     async def run() -> tuple[str, int, int]:
-        core_a, core_b = (make_core(workers, RedisControlPlane(redis_server.url, load_ttl_s=1.0),
+        core_a, core_b = (make_core(workers, RedisControlPlane(redis_server.url, CLUSTER,
+                                                               load_ttl_s=1.0),
                                     "least_tokens") for _ in range(2))
         for core in (core_a, core_b):
             await core.wait_ready(10)
@@ -238,7 +294,7 @@ def test_a_worker_restarted_while_no_router_watched_loses_its_index(
     system = prompts(1, vocab, seed=51, low=40, high=41)[0]
 
     async def first() -> str:
-        core = make_core(workers, RedisControlPlane(redis_server.url))
+        core = make_core(workers, RedisControlPlane(redis_server.url, CLUSTER))
         await core.wait_ready(10)
         core.start()
         (placed,) = await route_one_by_one(core, collector, [request(
@@ -253,7 +309,7 @@ def test_a_worker_restarted_while_no_router_watched_loses_its_index(
     workers[index] = ColocatedWorker(make_spec(tiny_model_dir, placed, "inproc"))
 
     async def second() -> dict[str, int]:
-        core = make_core(workers, RedisControlPlane(redis_server.url))
+        core = make_core(workers, RedisControlPlane(redis_server.url, CLUSTER))
         await core.wait_ready(10)
         overlap = core.control_plane.overlap(system, BLOCK, [placed])
         await core.stop()

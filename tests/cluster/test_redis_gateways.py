@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 import threading
@@ -30,14 +31,17 @@ import ray
 import redis
 
 from cluster.config import ClusterConfig
+from cluster.control_plane.redis_keys import RedisKeys
 from cluster.join import NoClusterToJoin, join
 from cluster.launcher import control_plane_factory
 from cluster.serve import build_config, describe, parse_args
 from cluster.serve import main as serve_main
+from router.router_state import RouterConfig
 from tests.cluster.helpers import hf_greedy, prompts
 from tests.cluster.redis_server import RedisServer
 from tests.e2e.served_process import ServeProcess
 from workers.config import EngineConfig
+from workers.errors import InvalidParameter
 from workers.text.tokenizer import Tokenizer
 
 BLOCK = 8
@@ -120,8 +124,23 @@ def test_join_flags_reach_the_config(tiny_model_dir):
     assert config.router.colocated_policy == "cache_aware"
     assert "joined cluster 'kvrelay'" in describe(config)
     # Another router's shared load stays fresh for ten of its polls (at least 2 s).
-    assert control_plane_factory(config.redis_url, 0.5)().load_ttl_s == 5.0
-    assert control_plane_factory(config.redis_url)().load_ttl_s == 2.0
+    slow = dataclasses.replace(config, router=dataclasses.replace(config.router,
+                                                                  poll_interval_s=0.5))
+    assert control_plane_factory(slow)().load_ttl_s == 5.0
+    assert control_plane_factory(config)().load_ttl_s == 2.0
+
+
+def test_rescan_interval_flag_reaches_the_router_config_and_must_be_positive(tiny_model_dir,
+                                                                             capsys):
+    args = ["--model", str(tiny_model_dir), "--redis-url", "redis://127.0.0.1:1/0"]
+    assert build_config(parse_args(args)).router.rescan_interval_s == 2.0
+    config = build_config(parse_args([*args, "--rescan-interval", "0.5"]))
+    assert config.router.rescan_interval_s == 0.5
+    for bad in (0.0, -1.0):
+        with pytest.raises(InvalidParameter, match="rescan_interval_s.*must be > 0"):
+            RouterConfig(rescan_interval_s=bad)
+    assert serve_main([*args, "--rescan-interval", "0"]) == 2  # before Ray starts
+    assert "--rescan-interval) must be > 0 s" in capsys.readouterr().err
 
 
 def test_join_without_redis_url_or_without_a_cluster_is_refused(cluster, tiny_model_dir,
@@ -260,7 +279,8 @@ def test_redis_outage_serving_goes_on_and_the_index_is_rebuilt(cluster, systems)
         control_plane(gateway.url, "cache_aware")
     client = redis.Redis.from_url(server.url)
     deadline = time.monotonic() + 30
-    while not all(client.scard(f"kvrelay:held:{wid}") for wid in WORKERS):
+    keys = RedisKeys(ClusterConfig.name)  # `kvrelay serve`'s cluster name
+    while not all(client.scard(keys.worker_key("held", wid)) for wid in WORKERS):
         assert time.monotonic() < deadline, "the workers' blocks never reached the new Redis"
         time.sleep(0.2)
     # Prefixes cached before the outage (whose events Redis never kept) hit their holders.

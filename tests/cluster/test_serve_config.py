@@ -98,11 +98,12 @@ def test_prefix_caching_and_redis_flags_reach_their_configs():
 
     default = build_config(parse_args(["--model", "/m/x"]))
     assert default.engine.cache.enable_prefix_caching and default.redis_url is None
-    assert control_plane_factory(default.redis_url) is None
+    assert control_plane_factory(default) is None
     config = build_config(parse_args(["--model", "/m/x", "--no-prefix-caching", "--redis-url",
                                       "redis://127.0.0.1:1/0", "--decode-policy",
                                       "cache_aware"]))
     assert not config.engine.cache.enable_prefix_caching
     assert config.router.decode_policy == "cache_aware"
-    plane = control_plane_factory(config.redis_url)()  # what the Router actor calls
+    plane = control_plane_factory(config)()  # what the Router actor calls
     assert plane.backend == "redis" and plane.url == "redis://127.0.0.1:1/0"
+    assert plane.keys.cluster == config.name
