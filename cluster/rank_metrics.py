@@ -2,8 +2,10 @@
 
 Every rank of a worker holds the same block ids (the driver's pool) over its own slice of
 (layers x kv heads), so a rank's KV in use is the worker's used blocks times that rank's
-bytes per block. The ranks' facts come from the workers' `ready()` answers at launch
-(`Cluster.ranks`); the used blocks from the router's latest poll, at each scrape.
+bytes per block. The ranks' facts come from the workers' `ready()` answers: the router's,
+asked when it admits a worker (its `worker_metrics` carry them: a worker found after start-up
+has them too), else those of launch (`Cluster.ranks`); the used blocks from the router's
+latest poll, at each scrape.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class RankGauges:
             gauge.clear()
         for values in worker_metrics:
             worker_id = str(values.get("worker_id", "?"))
-            ranks = self.ranks.get(worker_id)
+            ranks = values.get("ranks") or self.ranks.get(worker_id)
             if not ranks:
                 continue
             self.tp.labels(worker=worker_id).set(1 + max(r["tp_rank"] for r in ranks))

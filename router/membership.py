@@ -68,6 +68,9 @@ class Membership:
         self.control_plane = control_plane
         self.prefix_stats: dict[str, dict[str, int]] = {}
         """Per worker, its prefix cache's lookups (`queries`, `hits`) at its last report."""
+        self.ranks: dict[str, list[dict]] = {}
+        """Per worker admitted, its ranks' facts from its `ready()` (cluster/rank_metrics.py):
+        learnt by the router, so a worker a rescan found has them as those of start-up do."""
         self.kv_events_applied: Counter[str] = Counter()
         """Per worker, KV events applied to the control plane."""
         self._worker = worker
@@ -161,6 +164,8 @@ class Membership:
         self._missing.discard(worker_id)
         self._identity.pop(worker_id, None)
         self.prefix_stats.pop(worker_id, None)
+        self.ranks.pop(worker_id, None)
+        self.kv_events_applied.pop(worker_id, None)
 
     async def lose(self, worker_id: str, why: str) -> None:
         """Drops a worker: its requests continue elsewhere if they can, else end clearly."""
@@ -246,8 +251,16 @@ class Membership:
         worker.incarnation, worker.ready = report.incarnation, True
         worker.kv_address = report.kv_address
         if admitted:
+            await self._learn_ranks(worker_id)
             await self.pairs.introduce(worker_id)
         worker.free_blocks, worker.total_blocks = report.free_blocks, report.total_blocks
+
+    async def _learn_ranks(self, worker_id: str) -> None:
+        """An admitted worker's ranks (a restarted one may come back of another shape)."""
+        try:
+            self.ranks[worker_id] = (await self._worker(worker_id).ready()).get("ranks", [])
+        except WorkerGone:
+            pass  # lost meanwhile: admitted again, and asked again, when it answers
 
     def _record(self, worker_id: str, role: str, report: WorkerReport) -> None:
         """A report's facts into the control plane (heartbeat, load, KV events)."""

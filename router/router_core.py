@@ -270,7 +270,8 @@ class RouterCore:
         workers = [
             {"worker_id": wid, "role": w.role, "ready": w.ready, "incarnation": w.incarnation,
              **self.placement.load(wid).__dict__, **self._prefix_metrics(wid),
-             "kv_events_applied": self.membership.kv_events_applied[wid]}
+             "kv_events_applied": self.membership.kv_events_applied[wid],
+             "ranks": self.membership.ranks.get(wid, [])}
             for wid, w in self.workers.items()
         ]
         plane = self.control_plane.stats()

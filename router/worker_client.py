@@ -29,6 +29,10 @@ class WorkerClient:
         """The health check: identity, liveness and load; news goes to `news_address`."""
         return await self._call(WorkerApi.report, news_address)
 
+    async def ready(self) -> dict[str, Any]:
+        """Identity, model and shape facts (its `ranks`, for the per-rank /metrics)."""
+        return await self._call(WorkerApi.ready)
+
     async def republish_kv(self) -> None:
         """Asks for every cached block name in the next report (the index was lost)."""
         await self._call(WorkerApi.republish_kv)

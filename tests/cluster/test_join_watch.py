@@ -4,7 +4,9 @@ prefill and a decode worker that appear after the router started are registered,
 and paired with the others as at start; a decode worker no longer found is lost and
 forgotten, and requests then run on the new one with greedy output equal to transformers; a
 worker found under a new identity (restarted as a new actor) is admitted again as a new
-incarnation and paired again."""
+incarnation and paired again. The gateway's /metrics, rendered from the router's
+worker_metrics, has the per-rank KV gauges of the workers found later (their ranks learnt by
+the router) and no label of a forgotten one."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ import asyncio
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.metrics import GatewayMetrics
 from router.membership import Found
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
@@ -54,6 +58,20 @@ def serving(core: RouterCore) -> dict[str, str]:
             if m["role"] != "router"}
 
 
+def labelled(core: RouterCore) -> dict[str, dict[str, float]]:
+    """The gateway's /metrics (no ranks known at its start-up) over the router's
+    worker_metrics: per metric family, its value per `worker` label."""
+    text = GatewayMetrics().render(core.worker_metrics()).decode()
+    return {family.name: {sample.labels["worker"]: sample.value
+                          for sample in family.samples if "worker" in sample.labels}
+            for family in text_string_to_metric_families(text)}
+
+
+def kv_capacity(worker) -> float:
+    (rank,) = worker.ready()["ranks"]
+    return float(rank["num_blocks"] * rank["kv_bytes_per_block"])
+
+
 def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_dir,
                                                                     hf_reference, collector):
     prefill, scaled = (PrefillWorker(make_spec(tiny_model_dir, f"prefill-{i}", "gloo"))
@@ -81,8 +99,10 @@ def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_d
         await until(lambda: decodes() == {"ready": 2, "known": 2}, "decode-1 admitted")
         await until(lambda: all(paired(p, d) for p in (prefill, scaled) for d in (old, late)),
                     "every prefill -> decode KV pair")
+        admitted = labelled(core)
         del live["decode-0"]  # gone: lost, then forgotten
         await until(lambda: decodes() == {"ready": 1, "known": 1}, "decode-0 forgotten")
+        forgotten = labelled(core)
         reqs = [request(f"r{i}", p, collector.address, 5) for i, p in enumerate(batch)]
         await asyncio.gather(*(core.submit(r) for r in reqs))
         await asyncio.to_thread(collector.wait_finished, [r.request_id for r in reqs], 120)
@@ -97,10 +117,18 @@ def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_d
         await asyncio.to_thread(collector.wait_finished, ["again"], 60)
         await until(lambda: not core.requests, "requests done")
         await core.stop()
-        return reqs, first, serving(core)
+        return reqs, first, serving(core), admitted, forgotten
 
     try:
-        reqs, first, then = asyncio.run(run())
+        reqs, first, then, admitted, forgotten = asyncio.run(run())
+        capacity = {wid: kv_capacity(w) for wid, w in
+                    [("prefill-0", prefill), ("decode-0", old), ("decode-1", late),
+                     ("prefill-1", scaled)]}
+        assert admitted["kvrelay_rank_kv_capacity_bytes"] == capacity
+        assert admitted["kvrelay_worker_tp_size"] == dict.fromkeys(capacity, 1.0)
+        assert all("decode-0" not in values for values in forgotten.values())
+        assert forgotten["kvrelay_rank_kv_capacity_bytes"] == {
+            wid: c for wid, c in capacity.items() if wid != "decode-0"}
         for req in reqs:
             assert collector.final(req.request_id).worker_id == "decode-1"
             assert collector.tokens(req.request_id) == hf_greedy(model, req.prompt_token_ids, 5)

@@ -13,6 +13,11 @@ from workers.protocol import GenerateRequest, LetGo, OutputChunk, Reservation, W
 
 
 class WorkerApi(Protocol):
+    def ready(self) -> dict:
+        """Identity, model and shape facts once the engine is loaded (its ranks' KV caches
+        among them: the gateway's per-rank /metrics)."""
+        ...
+
     def report(self, news_address: str) -> WorkerReport:
         """Health check and load (every poll interval); the worker pushes its `WorkerNews`
         to `news_address` while this router keeps checking it."""
