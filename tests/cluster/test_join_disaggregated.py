@@ -5,7 +5,8 @@ redis-server) and B (`--join`: its own Router over A's workers). In order:
 - a decode worker started after B joined (a pool scaled up) is admitted by B's Router with no
   restart of B; once the first decode worker is killed for good, B forgets it and serves
   every request through the new one (its KV pair with the prefill worker set up at
-  admission), token-exact;
+  admission), token-exact; B's /metrics has the new worker's per-rank KV gauges and none of
+  the gone one;
 - a decode worker restarted under a new actor of the old name: B admits it, and serves
   through it alone when the other decode worker is gone too.
 """
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import ray
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.launcher import worker_options, worker_spec
 from cluster.serve import build_config, parse_args
@@ -128,14 +130,23 @@ def test_joined_gateway_serves_the_disaggregated_cluster_token_exact(cluster, ca
     assert complete_all([a.url, b.url], cases) == [text for _, text in cases]
 
 
+def rank_kv_workers(url: str, timeout_s: float = 30) -> set[str]:
+    """The workers with a per-rank KV capacity gauge in the gateway's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=timeout_s).text
+    return {sample.labels["worker"] for family in text_string_to_metric_families(text)
+            if family.name == "kvrelay_rank_kv_capacity_bytes" for sample in family.samples}
+
+
 def test_a_worker_started_after_the_join_is_used_by_the_joined_gateway(cluster, cases):
     a, b, args = cluster
     old = workers_seen(b.url)["decode-0"]["incarnation"]
     start_decode_worker(args, "decode-1")
     wait_seen(b.url, {"prefill-0": True, "decode-0": True, "decode-1": True},
               "decode-1 admitted by B")
+    assert rank_kv_workers(b.url) == {"prefill-0", "decode-0", "decode-1"}
     kill_for_good("decode-0")
     wait_seen(b.url, {"prefill-0": True, "decode-1": True}, "decode-0 gone from B")
+    assert rank_kv_workers(b.url) == {"prefill-0", "decode-1"}
     assert complete_all([b.url], cases) == [text for _, text in cases]
     # Restarted under a new actor of its old name: admitted again, as a new incarnation.
     start_decode_worker(args, "decode-0")
