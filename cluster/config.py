@@ -22,7 +22,8 @@ class ClusterConfig:
     model_name: str
     """The name clients put in `model` (OpenAI API)."""
     name: str = "kvrelay"
-    """Prefix of this cluster's actor names (several clusters can share one Ray)."""
+    """Prefix of this cluster's actor names (several clusters can share one Ray) and, with
+    `redis_url`, of its Redis keys (several can share one Redis); `--cluster-name`."""
     num_prefill: int = 1
     num_decode: int = 1
     num_colocated: int = 0

@@ -25,6 +25,7 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.control_plane.discovery import find_workers
+from cluster.control_plane.redis_keys import RedisKeys
 from cluster.launcher import Cluster, connect_ray, start_router
 from router.router import ROUTER_SUFFIX
 from workers.errors import InvalidParameter, KvrelayError
@@ -44,10 +45,13 @@ class NoClusterToJoin(KvrelayError):
 
 
 def check_join(config: ClusterConfig) -> None:
-    """Refuses `--join` without the control plane it shares (before Ray starts)."""
+    """Refuses, before Ray starts, `--join` without the control plane it shares and a cluster
+    name its Redis keys cannot carry (cluster/control_plane/redis_keys.py)."""
     if config.join and config.redis_url is None:
         raise InvalidParameter("join", "--join needs --redis-url: gateways share their "
                                "routers' state (heartbeats, loads, KV index) through Redis")
+    if config.redis_url is not None:
+        RedisKeys(config.name)
 
 
 def join(config: ClusterConfig) -> Cluster:

@@ -74,6 +74,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="keep the router's control plane (worker heartbeats, loads, the KV "
                         "cache index) in this Redis, e.g. redis://127.0.0.1:6379/0; default: "
                         "in the router's memory")
+    p.add_argument("--cluster-name", default=ClusterConfig.name,
+                   help="names this cluster's Ray actors and, with --redis-url, its Redis keys "
+                        "(clusters sharing one Ray or one Redis need distinct names); with "
+                        "--join: the cluster to join")
     p.add_argument("--join", action="store_true",
                    help="start no workers: serve a second gateway (with its own router) over "
                         "the running cluster on this Ray (--ray-address, default auto), "
@@ -168,7 +172,7 @@ def build_config(args: argparse.Namespace) -> ClusterConfig:
         placement_timeout_s=args.placement_timeout,
         gpu_share=args.gpu_share, max_queue=args.max_queue,
         max_request_bytes=args.max_request_bytes, drain_timeout_s=args.drain_timeout,
-        router=router,
+        router=router, name=args.cluster_name,
     )
 
 

@@ -130,6 +130,17 @@ def test_join_flags_reach_the_config(tiny_model_dir):
     assert control_plane_factory(config)().load_ttl_s == 2.0
 
 
+def test_cluster_name_flag_names_the_redis_keys_and_a_brace_is_refused_before_ray(
+        tiny_model_dir, capsys):
+    args = ["--model", str(tiny_model_dir), "--redis-url", "redis://127.0.0.1:1/0"]
+    assert build_config(parse_args(args)).name == "kvrelay"
+    config = build_config(parse_args([*args, "--cluster-name", "blue", "--join"]))
+    assert config.name == "blue" and "joined cluster 'blue'" in describe(config)
+    assert control_plane_factory(config)().keys.prefix == "kvrelay:{blue}"
+    assert serve_main([*args, "--cluster-name", "a{b}"]) == 2  # before Ray starts
+    assert "cluster name 'a{b}'" in capsys.readouterr().err
+
+
 def test_rescan_interval_flag_reaches_the_router_config_and_must_be_positive(tiny_model_dir,
                                                                              capsys):
     args = ["--model", str(tiny_model_dir), "--redis-url", "redis://127.0.0.1:1/0"]
