@@ -251,16 +251,19 @@ class Membership:
         worker.incarnation, worker.ready = report.incarnation, True
         worker.kv_address = report.kv_address
         if admitted:
-            await self._learn_ranks(worker_id)
             await self.pairs.introduce(worker_id)
+            await self._learn_ranks(worker_id)
         worker.free_blocks, worker.total_blocks = report.free_blocks, report.total_blocks
 
     async def _learn_ranks(self, worker_id: str) -> None:
-        """An admitted worker's ranks (a restarted one may come back of another shape)."""
+        """An admitted worker's ranks (a restarted one may come back of another shape); for
+        /metrics only, so a failure is logged and changes nothing else."""
         try:
             self.ranks[worker_id] = (await self._worker(worker_id).ready()).get("ranks", [])
         except WorkerGone:
             pass  # lost meanwhile: admitted again, and asked again, when it answers
+        except Exception:  # e.g. a TP rank that did not answer in time
+            log.exception("worker %s: its ranks (for /metrics) are unknown", worker_id)
 
     def _record(self, worker_id: str, role: str, report: WorkerReport) -> None:
         """A report's facts into the control plane (heartbeat, load, KV events)."""
