@@ -113,7 +113,7 @@ def test_engine_failing_to_admit_ends_the_request_at_once_with_a_500(gateway, mo
     def broken_admit(*args) -> None:
         raise RuntimeError(f"CUDA error: {LEAK}")
 
-    monkeypatch.setattr(gateway.worker.engine, "_admit", broken_admit)
+    monkeypatch.setattr(gateway.worker.engine.requests, "admit", broken_admit)
     started = time.monotonic()
     response = post(gateway, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
     assert response.status_code == 500 and time.monotonic() - started < 30
