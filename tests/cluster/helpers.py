@@ -6,6 +6,8 @@ in-process RouterCore (`CoreBackend`), and greedy references computed with trans
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections import defaultdict
@@ -23,6 +25,7 @@ from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.stream_resume import StreamResume
 from workers.config import CacheConfig, EngineConfig
+from workers.engine.sampling_params import SamplingParams
 from workers.protocol import GenerateRequest, OutputChunk, Resume, decode
 
 
@@ -261,6 +264,25 @@ def wait_pairs_ready(cluster, timeout_s: float = 60) -> None:
         return True
 
     wait_until(ready, timeout_s, "every prefill -> decode KV pair set up")
+
+
+def request(rid: str, prompt: list[int], address: str, max_tokens: int = 6) -> GenerateRequest:
+    """A greedy request (EOS ignored) whose chunks go to the collector at `address`."""
+    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
+
+
+def kill_rank_mid_stream(cluster, collector: ChunkCollector, ranks: list[dict],
+                         rid: str = "doomed") -> tuple[OutputChunk, float]:
+    """Starts a long request, SIGKILLs rank 1 of the worker whose `ranks` (its ready() facts)
+    are given once the request streams, and waits (5 s at most) for its final chunk: (that
+    chunk, seconds from the kill to the client being told)."""
+    ray.get(cluster.router.submit.remote(request(rid, [7] * 12, collector.address, 2000)))
+    collector.wait_tokens(rid, 3)
+    killed_at = time.monotonic()
+    os.kill(ranks[1]["pid"], signal.SIGKILL)
+    collector.wait_finished([rid], timeout_s=5)
+    return collector.final(rid), time.monotonic() - killed_at
 
 
 @torch.no_grad()

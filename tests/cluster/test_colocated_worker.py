@@ -11,12 +11,11 @@ import pytest
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
-from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
+from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts, request
 from workers.actors.colocated_worker import ColocatedWorker
 from workers.actors.worker_base import WorkerSpec
 from workers.config import CacheConfig, EngineConfig
-from workers.engine.sampling_params import SamplingParams
-from workers.protocol import GenerateRequest, LetGo
+from workers.protocol import LetGo
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +33,6 @@ def collector():
     yield collector
     collector.close()
 
-
-def request(rid: str, prompt: list[int], address: str, max_tokens: int = 6) -> GenerateRequest:
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
 
 
 def test_greedy_stream_matches_transformers(worker, collector, tiny_model_dir, hf_reference):

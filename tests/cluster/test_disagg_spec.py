@@ -14,8 +14,8 @@ import pytest
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
-from tests.cluster.helpers import ChunkCollector, hf_greedy
-from tests.cluster.test_disaggregated_workers import make_spec, request, run_requests, wait_all_free
+from tests.cluster.helpers import ChunkCollector, hf_greedy, request
+from tests.cluster.test_disaggregated_workers import make_spec, run_requests, wait_all_free
 from workers.actors.decode_worker import DecodeWorker
 from workers.actors.prefill_worker import PrefillWorker
 from workers.config import SpeculativeConfig

@@ -12,13 +12,11 @@ import pytest
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
-from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
+from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts, request
 from workers.actors.decode_worker import DecodeWorker
 from workers.actors.prefill_worker import PrefillWorker
 from workers.actors.worker_base import WorkerSpec
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
-from workers.engine.sampling_params import SamplingParams
-from workers.protocol import GenerateRequest
 
 
 def make_spec(model_dir, worker_id: str, transport: str, block_size: int = 8,
@@ -29,10 +27,6 @@ def make_spec(model_dir, worker_id: str, transport: str, block_size: int = 8,
                           scheduler=SchedulerConfig(long_prefill_token_threshold=chunk))
     return WorkerSpec(worker_id, engine, kv_transport=transport)
 
-
-def request(rid: str, prompt: list[int], address: str, max_tokens: int) -> GenerateRequest:
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
 
 
 async def run_requests(prefill, decode, collector, reqs, block_size=8,

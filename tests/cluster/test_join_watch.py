@@ -21,8 +21,8 @@ from router.membership import Found
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
-from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts
-from tests.cluster.test_disaggregated_workers import make_spec, request, wait_all_free
+from tests.cluster.helpers import ChunkCollector, hf_greedy, prompts, request
+from tests.cluster.test_disaggregated_workers import make_spec, wait_all_free
 from workers.actors.decode_worker import DecodeWorker
 from workers.actors.prefill_worker import PrefillWorker
 

@@ -6,10 +6,6 @@ new ranks, token-exact, with every block free."""
 
 from __future__ import annotations
 
-import os
-import signal
-import time
-
 import pytest
 import ray
 
@@ -17,11 +13,12 @@ from tests.cluster.helpers import (
     ChunkCollector,
     all_blocks_free,
     hf_greedy,
+    kill_rank_mid_stream,
+    request,
     tiny_ray_cluster,
     wait_readmitted,
     wait_until,
 )
-from tests.cluster.test_ray_rank_failure import request
 from workers.kv_transfer.rank_routes import GroupAddress
 
 BLOCK = 8
@@ -48,13 +45,7 @@ def _kill_a_rank_then_serve(cluster, collector, tiny_model_dir, hf_reference) ->
     ranks = cluster.call("decode-0", "ready")["ranks"]
     old_address = GroupAddress.parse(cluster.call("decode-0", "kv_address"))
     assert len(old_address.addresses) == 2
-    ray.get(cluster.router.submit.remote(request("doomed", [7] * 12, collector.address, 2000)))
-    collector.wait_tokens("doomed", 3)
-    killed_at = time.monotonic()
-    os.kill(ranks[1]["pid"], signal.SIGKILL)
-    collector.wait_finished(["doomed"], timeout_s=5)
-    told = time.monotonic() - killed_at
-    final = collector.final("doomed")
+    final, told = kill_rank_mid_stream(cluster, collector, ranks)
     assert final.finish_reason == "error" and final.error_type == "WorkerLost", final
     wait_readmitted(cluster, "decode-0")
     new_address = GroupAddress.parse(cluster.call("decode-0", "kv_address"))

@@ -18,12 +18,12 @@ from tests.cluster.helpers import (
     all_blocks_free,
     hf_greedy,
     prompts,
+    request,
     tiny_ray_cluster,
     wait_all_ready,
     wait_readmitted,
     wait_until,
 )
-from workers.engine.sampling_params import SamplingParams
 from workers.errors import NoReadyWorker
 from workers.protocol import GenerateRequest
 
@@ -50,10 +50,6 @@ def submit(cluster, req: GenerateRequest) -> None:
     except ray.exceptions.RayTaskError as exc:
         raise_typed(exc, "router")
 
-
-def request(rid, prompt, address, max_tokens):
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
 
 
 def test_aborts_at_every_phase_free_all_blocks(cluster, collector):

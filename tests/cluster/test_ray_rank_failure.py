@@ -6,8 +6,6 @@ serves token-exact with every block free."""
 from __future__ import annotations
 
 import os
-import signal
-import time
 
 import pytest
 import ray
@@ -16,12 +14,12 @@ from tests.cluster.helpers import (
     ChunkCollector,
     all_blocks_free,
     hf_greedy,
+    kill_rank_mid_stream,
+    request,
     tiny_ray_cluster,
     wait_readmitted,
     wait_until,
 )
-from workers.engine.sampling_params import SamplingParams
-from workers.protocol import GenerateRequest
 
 BLOCK = 8
 
@@ -40,10 +38,6 @@ def collector():
     collector.close()
 
 
-def request(rid, prompt, address, max_tokens):
-    sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    return GenerateRequest(rid, prompt, sampling, address, arrival_time=time.time())
-
 
 def worker_ranks(cluster) -> list[dict]:
     return cluster.call("colocated-0", "ready")["ranks"]
@@ -53,13 +47,7 @@ def test_rank_killed_mid_stream_takes_the_worker_out_then_it_is_readmitted(
     cluster, collector, tiny_model_dir, hf_reference
 ):
     ranks = worker_ranks(cluster)
-    ray.get(cluster.router.submit.remote(request("doomed", [7] * 12, collector.address, 2000)))
-    collector.wait_tokens("doomed", 3)
-    killed_at = time.monotonic()
-    os.kill(ranks[1]["pid"], signal.SIGKILL)
-    collector.wait_finished(["doomed"], timeout_s=5)
-    told = time.monotonic() - killed_at
-    final = collector.final("doomed")
+    final, told = kill_rank_mid_stream(cluster, collector, ranks)
     assert final.finish_reason == "error" and final.error_type == "WorkerLost", final
     assert "colocated-0" in final.error
     wait_until(lambda: not _alive(ranks[0]["pid"]), 10, "the driver rank exits with its group")

@@ -20,9 +20,9 @@ from router.control_plane import MemoryControlPlane
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
-from tests.cluster.helpers import ChunkCollector, prompts
+from tests.cluster.helpers import ChunkCollector, prompts, request
 from tests.cluster.redis_server import RedisServer
-from tests.cluster.test_disaggregated_workers import make_spec, request
+from tests.cluster.test_disaggregated_workers import make_spec
 from tests.router.test_cache_aware_routing import BLOCK, route_one_by_one
 from workers.actors.colocated_worker import ColocatedWorker
 from workers.engine.prefix_cache import block_hashes, cache_root

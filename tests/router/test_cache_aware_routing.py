@@ -15,8 +15,8 @@ from router.policies import CacheAware, WorkerLoad, make_policy
 from router.router_core import RouterCore
 from router.router_state import RouterConfig
 from router.worker_handle import LocalHandle
-from tests.cluster.helpers import ChunkCollector, prompts
-from tests.cluster.test_disaggregated_workers import make_spec, request
+from tests.cluster.helpers import ChunkCollector, prompts, request
+from tests.cluster.test_disaggregated_workers import make_spec
 from workers.actors.colocated_worker import ColocatedWorker
 from workers.engine.prefix_cache import block_hashes, cache_root
 

@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kernels.kv_quant import FP8_MAX, dequantize_kv, quantize_kv
-from tests.cluster.helpers import ChunkCollector, prompts
-from tests.cluster.test_disaggregated_workers import make_spec, request, run_requests, wait_all_free
+from tests.cluster.helpers import ChunkCollector, prompts, request
+from tests.cluster.test_disaggregated_workers import make_spec, run_requests, wait_all_free
 from workers.actors.decode_worker import DecodeWorker
 from workers.actors.prefill_worker import PrefillWorker
 from workers.attention.torch_backend import TorchAttentionBackend
