@@ -179,12 +179,12 @@ def copies_for(eager: bool) -> Callable[[int], int]:
     return lambda nbytes: 1 if eager else max(1, math.ceil(ROTATE_BYTES / nbytes))
 
 
-def table(rows: list[int], eager: bool) -> None:
+def table(rows: list[int], eager: bool, shapes: list[str]) -> None:
     formats = ["bf16", "w8a16", "fp8", "w4a16"]
     print(f"{'proj':<8}{'K x N':>12}{'M':>5}" + "".join(f"{f + ' us':>11}" for f in formats)
           + "".join(f"{f + ' x':>9}" for f in formats[1:])
           + "".join(f"{f + ' GB/s':>12}" for f in formats))
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in ((name, SHAPES[name]) for name in shapes):
         ops = operands(k, n, "cuda", copies_for(eager))
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -198,10 +198,10 @@ def table(rows: list[int], eager: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep(rows: list[int], eager: bool) -> None:
+def sweep(rows: list[int], eager: bool, shapes: list[str]) -> None:
     """Every candidate per shape and row count: one line each, best per group starred."""
     print(f"{'proj':<8}{'M':>4}  {'kernel':<16}{'launch':<58}{'us':>9}{'x bf16':>8}{'GB/s':>8}")
-    for name, (k, n) in SHAPES.items():
+    for name, (k, n) in ((name, SHAPES[name]) for name in shapes):
         ops = operands(k, n, "cuda", copies_for(eager))
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -245,13 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", action="store_true",
                         help="time candidate launch configurations per shape")
     args = parser.parse_args(argv)
-    for name in set(SHAPES) - set(args.shapes):
-        del SHAPES[name]
     header(args.eager)
     if args.sweep:
-        sweep(args.rows or [1, 32], args.eager)
+        sweep(args.rows or [1, 32], args.eager, args.shapes)
     else:
-        table(args.rows or [1, 32, 512], args.eager)
+        table(args.rows or [1, 32, 512], args.eager, args.shapes)
     return 0
 
 

@@ -142,8 +142,7 @@ class GraphRunner(ABC):
         self._upload(self._shape(bucket)[0])
         if self.captured:
             graph, hidden = self._graphs[bucket]
-            with on_device(self.device):  # replays on the current stream of the current device
-                graph.replay()
+            graph.replay()  # on the runner's device: ModelRunner.forward_stage makes it current
         else:
             hidden = self._forward(bucket)
         indices = self._static["logits_indices"][: len(step.logits_indices)]

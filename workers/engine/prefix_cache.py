@@ -34,11 +34,14 @@ def chain_hash(parent_hash: bytes | None, token_ids: list[int]) -> bytes:
     return _chain(parent_hash or b"", _token_bytes(token_ids))
 
 
+_TOKEN_WORD = array("q")
+
+
 def _token_bytes(token_ids: list[int]) -> bytes:
     """Token ids as int64 machine words: one C-level conversion for a whole prompt (a
     per-token str() join cost ~1 ms of host time for a 2k-token prompt, paid before its
     prefill step launches)."""
-    return array("q", token_ids).tobytes()
+    return array(_TOKEN_WORD.typecode, token_ids).tobytes()
 
 
 def _chain(parent_hash: bytes, block: bytes) -> bytes:
@@ -56,7 +59,7 @@ def block_hashes(root: bytes, token_ids: list[int], block_size: int,
     the name of the block before them, None when they start at token 0."""
     full = len(token_ids) // block_size
     data = _token_bytes(token_ids[: full * block_size])
-    width = len(data) // full if full else 0
+    width = _TOKEN_WORD.itemsize * block_size
     hashes: list[bytes] = []
     previous = parent or root
     for i in range(full):
