@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kv_peer_process import random_caches
+from test_kv_processes import PeerProcess
 from test_kv_stream import receiver_killed_mid_stream
 
 from workers.kv_transfer import (
@@ -99,28 +101,26 @@ def test_nccl_receiver_killed_mid_transfer_fails_the_sender_which_stays_healthy(
 @pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
 def test_nccl_staged_messages_cycle_their_buffers_and_land_byte_equal(dtype):
     """A request sent whole as more staged messages than STAGING_SLOTS (one layer each), so
-    both ends reuse their staging buffers in stream order: every layer lands byte-equal."""
+    both ends reuse their staging buffers in stream order: every layer lands byte-equal. The
+    receiver runs in its own process, as in serving (both ends of an NCCL pair built at once
+    by two threads of one process crashed inside ProcessGroupNCCL on 2x H200, 2026-11-28)."""
     layout = KVLayout("gpu-staged", dtype, 16, num_layers=12, num_kv_heads=8, head_dim=128)
     src_ids, dst_ids = list(range(3, 40)), list(range(20, 57))
     layer_bytes = 2 * len(src_ids) * 16 * 8 * 128 * layout.element_size
     config = TransferConfig(probe_bytes=8 << 20, message_bytes=layer_bytes)
-    src = [(k.to(getattr(torch, dtype)), v.to(getattr(torch, dtype)))
-           for k, v in _caches(layout, "cuda:1", 5)]
-    dst = [(k.to(getattr(torch, dtype)), v.to(getattr(torch, dtype)))
-           for k, v in _caches(layout, "cuda:0", 6)]
-    receiver, sender = Receiver(layout, dst, config), make_sender(layout, src, config)
+    peer = PeerProcess(layout, config, num_blocks=64, seed=6, device="cuda:0")
+    src = random_caches(layout, 64, seed=5, device="cuda:1")
+    sender = make_sender(layout, src, config)
     try:
+        peer.call("expect", "r", dst_ids, 60)
         with torch.cuda.device("cuda:1"):
-            receiver.expect("r", dst_ids)
-            sender.send("r", receiver.address, src_ids, dst_ids)
+            sender.send("r", peer.address, src_ids, dst_ids)
             assert sender.wait("r", 60) is TransferState.DONE, sender.table.get("r").reason
-        assert receiver.wait("r", 10) is TransferState.DONE
-        torch.cuda.synchronize("cuda:0")
-        for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
-            assert torch.equal(dk[dst_ids].cpu().view(torch.uint8),
-                               sk[src_ids].cpu().view(torch.uint8))
-            assert torch.equal(dv[dst_ids].cpu().view(torch.uint8),
-                               sv[src_ids].cpu().view(torch.uint8))
+        state, reason = peer.call("wait", "r", 10)
+        assert state == TransferState.DONE.value, reason
+        for (sk, sv), (dk, dv) in zip(src, peer.call("blocks", dst_ids), strict=True):
+            assert torch.equal(dk.view(torch.uint8), sk[src_ids].cpu().view(torch.uint8))
+            assert torch.equal(dv.view(torch.uint8), sv[src_ids].cpu().view(torch.uint8))
     finally:
         sender.close()
-        receiver.close()
+        peer.close()
