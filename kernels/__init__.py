@@ -1,8 +1,10 @@
 """Triton kernels, each beside its plain-torch reference. Imports only torch and triton.
 
-- flash_prefill: varlen causal flash attention reading K/V through block tables
-- paged_decode: split-KV decode attention for 1..8 query tokens per sequence (+ reduce)
-- attention_tile: the online-softmax KV tile loop both attention kernels share
+- flash_prefill: varlen causal flash attention reading K/V through block tables (split-KV
+  when few query blocks cannot fill the GPU)
+- paged_decode: split-KV decode attention for 1..8 query tokens per sequence
+- attention_tile: the online-softmax KV tile loop both attention kernels share, and the
+  split-KV store and combine (log-sum-exp merge) both use
 - attention_ref: the torch reference of paged causal attention
 - cache_write: scatter new K/V into cache slots (slot_mapping), quantizing for an fp8 cache
 - kv_quant: the fp8 (e4m3) KV cache format: per-layer K/V scales, torch quantize/dequantize

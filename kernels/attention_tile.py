@@ -1,5 +1,7 @@
 """The inner loop shared by the prefill and decode kernels: online softmax over KV tiles
-read from the paged cache through a block table.
+read from the paged cache through a block table; and their split-KV pieces: `store_split`
+(one program's normalized output, or its partial and log-sum-exp), `combine_splits` (the
+log-sum-exp-weighted merge of the partials) and the scratch they share.
 
 A tile is BLOCK_N consecutive key positions of one sequence; key n lives in block
 block_table[n // PAGE], slot n % PAGE. Scores are kept in base 2 (qk_scale includes log2(e))
@@ -109,3 +111,101 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def head_dim_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
+
+
+@triton.jit
+def store_split(out_ptr, part_out_ptr, part_lse_ptr, acc, l_i, m_i, tok, head, split,
+                row_ok, v_scale, stride_ot, stride_oh, head_dim, num_heads, num_splits,
+                FP8: tl.constexpr, SINGLE_SPLIT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Normalize one program's (acc, l_i, m_i) of rows `tok` x heads `head` (both [rows]) and
+    store it: into `out` when the keys were not split; otherwise as split `split`'s partial
+    output and base-2 log-sum-exp (-inf for a row that saw no key: an empty split) into the
+    float32 scratch of `split_scratch`, for `combine_splits`. An fp8 cache's V scale is
+    applied here, to the output or to each partial (the combine is linear in them)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    empty = l_i == 0.0
+    acc = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if FP8:
+        acc = acc * v_scale
+    if SINGLE_SPLIT:
+        tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
+                 + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
+    else:
+        part_row = (tok * num_heads + head) * num_splits + split
+        tl.store(part_out_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], acc,
+                 mask=row_ok[:, None])
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    out_ptr, part_out_ptr, part_lse_ptr, cu_q_ptr,
+    stride_ot, stride_oh, head_dim, num_heads, num_splits, min_q_len, max_q_len,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    t_start = tl.program_id(2) * BLOCK_T
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if (q_len >= min_q_len) & (q_len <= max_q_len) & (t_start < q_len):
+        rows = t_start + tl.arange(0, BLOCK_T)
+        splits = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        tok = (q_start + rows).to(tl.int64)
+        ok = (rows < q_len)[:, None] & (splits < num_splits)[None, :]  # [T, S]
+        part_row = (tok * num_heads + head)[:, None] * num_splits + splits[None, :]
+        lse = tl.load(part_lse_ptr + part_row, mask=ok, other=float("-inf"))
+        # Every real row saw its own key in some split, so its max is finite; a padding row
+        # (-inf everywhere) gets weights of 0 instead of NaN and is never stored.
+        lse_max = tl.max(lse, 1)
+        weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max)[:, None])
+        weight = weight / tl.where(lse_max == float("-inf"), 1.0, tl.sum(weight, 1))[:, None]
+        part = tl.load(part_out_ptr + part_row[:, :, None] * BLOCK_D + offs_d[None, None, :],
+                       mask=ok[:, :, None], other=0.0)
+        # An empty split has weight 0 and its stored partial is 0 too, never NaN.
+        out = tl.sum(part * weight[:, :, None], 1)
+        tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty),
+                 mask=(rows < q_len)[:, None] & (offs_d[None, :] < head_dim))
+
+
+def split_scratch(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 partial outputs [tokens, heads, splits, padded head dim] and log-sum-exps
+    [tokens, heads, splits] of `store_split` / `combine_splits`."""
+    tokens, heads = q.shape[0], q.shape[1]
+    part_out = torch.empty((tokens, heads, num_splits, head_dim_block(q.shape[2])),
+                           dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((tokens, heads, num_splits), dtype=torch.float32, device=q.device)
+    return part_out, part_lse
+
+
+def combine_splits(out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Tensor,
+                   cu_q: torch.Tensor, min_q_len: int, max_q_len: int) -> None:
+    """out rows of every sequence with min_q_len <= q_len <= max_q_len new tokens = the
+    log-sum-exp-weighted sum of their split partials; other rows are left untouched."""
+    num_seqs, num_heads, num_splits = cu_q.shape[0] - 1, part_lse.shape[1], part_lse.shape[2]
+    block_s = triton.next_power_of_2(num_splits)
+    # ~64 (row, split) pairs per program: one row per program for decode's many splits.
+    block_t = min(triton.next_power_of_2(max_q_len), max(1, 64 // block_s))
+    _combine_kernel[(num_seqs, num_heads, triton.cdiv(max_q_len, block_t))](
+        out, part_out, part_lse, cu_q, out.stride(0), out.stride(1), out.shape[2], num_heads,
+        num_splits, min_q_len, max_q_len,
+        BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=part_out.shape[3],
+    )
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors (cached per device); 4 off CUDA, so the split
+    choices are exercised at small shapes under the interpreter."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]

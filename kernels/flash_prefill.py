@@ -7,6 +7,15 @@ sequence. KV tiles left of the block's causal diagonal run without masks; the di
 masked; tiles right of it are never visited. Query blocks are launched longest-first (the
 causal ones at the end of a sequence do the most work) to balance the tail.
 
+Split-KV: a step with few query blocks (a short tail after a long cached prefix: 2 blocks x 32
+heads = 64 programs on a 132-SM H100) leaves the GPU half idle while each program walks the
+whole context. Then a third grid axis splits each block's keys into `num_splits` tile-aligned
+ranges, computed in the kernel from the device's seq_len (a CUDA graph replays one launch at
+any context length); each split stores a normalized partial and its log-sum-exp to float32
+scratch and `combine_splits` (kernels/attention_tile.py, shared with paged decode) merges
+them. The split count is a launch constant (`choose_prefill_splits`); with one split the kernel
+writes `out` directly, exactly as without splitting.
+
 Sequences with fewer than `min_q_len` new tokens are skipped, so the decode kernel can take them
 in the same step. An fp8 cache is dequantized in the kernel (kernels/kv_quant.py).
 """
@@ -20,7 +29,17 @@ import triton
 import triton.language as tl
 
 from kernels.attention_ref import paged_attention_ref
-from kernels.attention_tile import LOG2E, attend_causal, dot_precision, head_dim_block, kv_scales
+from kernels.attention_tile import (
+    LOG2E,
+    attend_causal,
+    combine_splits,
+    dot_precision,
+    head_dim_block,
+    kv_scales,
+    num_sms,
+    split_scratch,
+    store_split,
+)
 from kernels.kv_quant import check_scales, is_fp8
 
 
@@ -49,17 +68,19 @@ def default_tiles(head_dim: int, device: torch.device) -> PrefillTiles:
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, bt_ptr, cu_q_ptr, seq_lens_ptr,
-    k_scale_ptr, v_scale_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    bt_ptr, cu_q_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
-    num_heads, qk_scale, min_q_len, head_dim,
+    num_heads, qk_scale, min_q_len, head_dim, num_splits,
     GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
 ):
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
+    split = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     m_start = m_block * BLOCK_M
@@ -71,24 +92,31 @@ def _prefill_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         row_ok = offs_m < q_len
         tok = (q_start + offs_m).to(tl.int64)
-        io_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
         q = tl.load(q_ptr + tok[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=io_mask, other=0.0)
+                    mask=row_ok[:, None] & (offs_d[None, :] < head_dim), other=0.0)
         q_pos = context + offs_m
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
         bt = bt_ptr + seq.to(tl.int64) * stride_bt
-        n_diag_end = tl.minimum(seq_len, context + m_start + BLOCK_M)
+        n_hi = tl.minimum(seq_len, context + m_start + BLOCK_M)
+        if SINGLE_SPLIT:
+            n_lo = 0
+        else:
+            # The block's keys [0, n_hi) in num_splits tile-aligned ranges, from the device's
+            # seq_len (a graph replays one launch at any context length); the last ranges may
+            # be empty (m_i, l_i stay at their start: the split stores lse -inf).
+            split_len = tl.cdiv(tl.cdiv(n_hi, BLOCK_N), num_splits) * BLOCK_N
+            n_lo = tl.minimum(split * split_len, n_hi)
+            n_hi = tl.minimum(n_lo + split_len, n_hi)
         acc, l_i, m_i = attend_causal(
             acc, l_i, m_i, q, q_pos, context + m_start, k_cache_ptr, v_cache_ptr, bt,
-            head // GROUP, 0, n_diag_end, seq_len, qk_scale, head_dim,
+            head // GROUP, n_lo, n_hi, seq_len, qk_scale, head_dim,
             stride_cb, stride_cs, stride_ch, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
-        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        if FP8:
-            acc = acc * v_scale
-        tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=io_mask)
+        store_split(out_ptr, part_out_ptr, part_lse_ptr, acc, l_i, m_i, tok,
+                    head + tl.zeros([BLOCK_M], dtype=tl.int32), split, row_ok, v_scale,
+                    stride_ot, stride_oh, head_dim, num_heads, num_splits,
+                    FP8, SINGLE_SPLIT, BLOCK_D)
 
 
 def check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out,
@@ -118,6 +146,17 @@ def check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out,
     assert page & (page - 1) == 0, f"block_size {page} must be a power of two"
 
 
+def choose_prefill_splits(programs: int, max_context: int, num_sms: int, block_n: int) -> int:
+    """KV splits per (query block, head): 1 when the `programs` (query blocks x sequences x
+    heads) already fill the GPU or the context is short; else enough for ~2 programs per SM,
+    each split keeping >= 4 KV tiles of the longest context, at most 8."""
+    if programs >= num_sms:
+        return 1
+    want = triton.cdiv(2 * num_sms, programs)
+    most = max_context // (4 * block_n)
+    return int(max(1, min(want, most, 8)))
+
+
 def flash_prefill(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -132,9 +171,13 @@ def flash_prefill(
     tiles: PrefillTiles | None = None,
     k_scale: torch.Tensor | None = None,  # [1] float32, fp8 caches only
     v_scale: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of every sequence with >= min_q_len new tokens; writes those rows of
-    `out` (allocated if None) and leaves the others untouched."""
+    `out` (allocated if None) and leaves the others untouched. `num_splits` None: chosen by
+    `choose_prefill_splits` from launch constants only (the grid, the SM count and the block
+    table's width as the longest context), so a CUDA graph captured with it stays right for
+    any context its block table holds; the split ranges come from the device's seq_lens."""
     out = torch.empty_like(q) if out is None else out
     check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, k_scale, v_scale)
     fp8 = is_fp8(k_cache.dtype)
@@ -143,18 +186,26 @@ def flash_prefill(
         return out
     tiles = tiles or default_tiles(head_dim, q.device)
     block_d = head_dim_block(head_dim)
-    grid = (triton.cdiv(max_q_len, tiles.block_m), num_seqs * num_heads)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_q, seq_lens,
+    m_blocks = triton.cdiv(max_q_len, tiles.block_m)
+    if num_splits is None:
+        num_splits = choose_prefill_splits(m_blocks * num_seqs * num_heads,
+                                           block_tables.shape[1] * k_cache.shape[1],
+                                           num_sms(q.device), tiles.block_n)
+    single = num_splits == 1
+    part_out, part_lse = (out, out) if single else split_scratch(q, num_splits)
+    _prefill_kernel[(m_blocks, num_seqs * num_heads, num_splits)](
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, cu_q, seq_lens,
         k_scale if fp8 else cu_q, v_scale if fp8 else cu_q,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        num_heads, scale * LOG2E, min_q_len, head_dim,
+        num_heads, scale * LOG2E, min_q_len, head_dim, num_splits,
         GROUP=num_heads // k_cache.shape[2], PAGE=k_cache.shape[1],
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
         EVEN_D=block_d == head_dim, PRECISION=dot_precision(q.dtype), FP8=fp8,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        SINGLE_SPLIT=single, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
+    if not single:
+        combine_splits(out, part_out, part_lse, cu_q, max(min_q_len, 1), max_q_len)
     return out
 
 

@@ -28,7 +28,17 @@ import triton
 import triton.language as tl
 
 from kernels.attention_ref import paged_attention_ref
-from kernels.attention_tile import LOG2E, attend_range, dot_precision, head_dim_block, kv_scales
+from kernels.attention_tile import (
+    LOG2E,
+    attend_range,
+    combine_splits,
+    dot_precision,
+    head_dim_block,
+    kv_scales,
+    num_sms,
+    split_scratch,
+    store_split,
+)
 from kernels.flash_prefill import check_paged_inputs
 from kernels.kv_quant import is_fp8
 
@@ -102,19 +112,9 @@ def _decode_kernel(
                 acc, l_i, m_i, q, q_pos, k_cache_ptr, v_cache_ptr, seq_bt_ptr, kvh,
                 n_lo, n_hi, seq_len, qk_scale, head_dim, stride_cb, stride_cs, stride_ch,
                 True, PAGE, BLOCK_N, BLOCK_D, EVEN_D, PRECISION)
-        empty = l_i == 0.0
-        acc = acc / tl.where(empty, 1.0, l_i)[:, None]
-        if FP8:
-            acc = acc * v_scale
-        if SINGLE_SPLIT:
-            tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
-                     + offs_d[None, :], acc.to(out_ptr.dtype.element_ty), mask=io_mask)
-        else:
-            part_row = (tok * num_heads + head) * num_splits + split
-            tl.store(part_out_ptr + part_row[:, None] * BLOCK_D + offs_d[None, :], acc,
-                     mask=row_ok[:, None])
-            lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
-            tl.store(part_lse_ptr + part_row, lse, mask=row_ok)
+        store_split(out_ptr, part_out_ptr, part_lse_ptr, acc, l_i, m_i, tok, head, split,
+                    row_ok, v_scale, stride_ot, stride_oh, head_dim, num_heads, num_splits,
+                    FP8, SINGLE_SPLIT, BLOCK_D)
 
 
 @triton.jit
@@ -151,33 +151,6 @@ def _attend_tree(
     return acc, l_i, m_new
 
 
-@triton.jit
-def _reduce_kernel(
-    out_ptr, part_out_ptr, part_lse_ptr, cu_q_ptr,
-    stride_ot, stride_oh, head_dim, num_heads, num_splits, max_q_len,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    j = tl.program_id(2)
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    if (q_len <= max_q_len) & (j < q_len):
-        tok = (q_start + j).to(tl.int64)
-        splits = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        row = (tok * num_heads + head) * num_splits + splits
-        lse = tl.load(part_lse_ptr + row, mask=splits < num_splits, other=float("-inf"))
-        weight = tl.exp2(lse - tl.max(lse, 0))
-        weight = weight / tl.sum(weight, 0)
-        part = tl.load(part_out_ptr + row[:, None] * BLOCK_D + offs_d[None, :],
-                       mask=(splits < num_splits)[:, None], other=0.0)
-        # An empty split has weight 0 but its stored partial is 0 too, never NaN.
-        out = tl.sum(part * weight[:, None], 0)
-        tl.store(out_ptr + tok * stride_ot + head * stride_oh + offs_d, out.to(
-            out_ptr.dtype.element_ty), mask=offs_d < head_dim)
-
-
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int,
                       num_sms: int, block_n: int) -> int:
     """Enough (sequence, kv head, split) programs for ~2 waves of the GPU, but each split keeps
@@ -196,12 +169,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_s
     block_d = head_dim_block(head_dim)
     single = num_splits == 1
     fp8 = is_fp8(k_cache.dtype)
-    part_out = part_lse = out  # placeholders, unused when single
-    if not single:
-        part_out = torch.empty((q.shape[0], num_heads, num_splits, block_d),
-                               dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((q.shape[0], num_heads, num_splits),
-                               dtype=torch.float32, device=q.device)
+    part_out, part_lse = (out, out) if single else split_scratch(q, num_splits)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, block_tables, cu_q, seq_lens,
         k_scale if fp8 else cu_q, v_scale if fp8 else cu_q,
@@ -217,23 +185,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_s
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if not single:
-        _reduce_kernel[(num_seqs, num_heads, max_q_len)](
-            out, part_out, part_lse, cu_q, out.stride(0), out.stride(1),
-            head_dim, num_heads, num_splits, max_q_len,
-            BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
-        )
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+        combine_splits(out, part_out, part_lse, cu_q, 0, max_q_len)
 
 
 def paged_decode(
@@ -266,7 +218,7 @@ def paged_decode(
     tiles = tiles or (_GPU_TILES if q.device.type == "cuda" else _CPU_TILES)
     if num_splits is None:
         num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_seq_len,
-                                       _num_sms(q.device), tiles.block_n)
+                                       num_sms(q.device), tiles.block_n)
     _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_splits,
                    max_q_len, scale, tiles, k_scale, v_scale, tree_masks)
     return out
