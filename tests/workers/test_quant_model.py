@@ -5,13 +5,12 @@ a quantized model); tensor-parallel ranks hold exactly their shard of the quanti
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
+from tests.workers.quant_checkpoints import build_model, dequantized_copy
 from workers.attention.torch_backend import TorchAttentionBackend
 from workers.engine.sampling_params import SamplingParams
 from workers.model.config import ModelConfig
@@ -19,12 +18,8 @@ from workers.model.linear import ColumnParallelLinear, RowParallelLinear
 from workers.model.llama import LlamaForCausalLM
 from workers.model.parallel import ParallelContext
 from workers.model.quant.channel_weight import Fp8Weight, Int8Weight
-from workers.model.quant.checkpoint_tensors import ProjectionTensors
 from workers.model.quant.int4_weight import Int4Weight
-from workers.model.quant.loading import FORMATS, is_quantized_slot
-from workers.model.quant.scheme import read_scheme
 from workers.model.quantize import quantize_checkpoint
-from workers.model.weights import load_checkpoint
 
 CASES = {  # name -> (format, group size, act-order, layout class)
     "gptq": ("gptq", 32, False, Int4Weight),
@@ -46,37 +41,6 @@ def quantized_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
     return out
 
 
-def build_model(folder: Path, parallel: ParallelContext | None = None) -> LlamaForCausalLM:
-    config = ModelConfig.from_path(folder)
-    model = LlamaForCausalLM(config, TorchAttentionBackend(), parallel or ParallelContext())
-    load_checkpoint(model, folder)
-    return model
-
-
-def dequantized_copy(quantized: Path, out: Path) -> Path:
-    """A plain checkpoint whose projections are the quantized ones dequantized (float32),
-    decoded by the formats' readers from the checkpoint tensors themselves."""
-    out.mkdir()
-    scheme = read_scheme(quantized)
-    stored = load_file(str(quantized / "model.safetensors"))
-    slots = build_model(quantized).checkpoint_map()
-    tensors = {name: stored[name] for name, slot in slots.items() if not is_quantized_slot(slot)}
-    fmt = FORMATS[scheme.method]
-    for name, slot in slots.items():
-        if is_quantized_slot(slot):
-            prefix = name.removesuffix(".weight")
-            parts = {s: stored[f"{prefix}.{s}"] for s in fmt.suffixes if f"{prefix}.{s}" in stored}
-            n, k = slot.full_shape
-            tensors[name] = fmt.read(ProjectionTensors(prefix, parts, scheme, k, n)).dequantize()
-    save_file({n: t.contiguous() for n, t in tensors.items()}, str(out / "model.safetensors"))
-    config = json.loads((quantized / "config.json").read_text())
-    del config["quantization_config"]
-    (out / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        (out / name).write_bytes((quantized / name).read_bytes())
-    return out
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_projections_load_kept_quantized(case, quantized_dirs):
     model = build_model(quantized_dirs[case])
@@ -87,6 +51,7 @@ def test_projections_load_kept_quantized(case, quantized_dirs):
         assert isinstance(linear.quantized, CASES[case][3])
     names = {name for name, _ in model.named_parameters()}
     assert not any("proj" in name for name in names), names
+    assert model.lm_head.quantized is None and model.lm_head.weight is not None  # no --lm-head
     has_perm = isinstance(layer.mlp.down_proj.quantized, Int4Weight) and any(
         linear.quantized.perm is not None for linear in (layer.self_attn.qkv_proj,
                                                          layer.mlp.gate_up_proj))

@@ -3,15 +3,21 @@ one model's shapes with dummy weights, through the engine (CUDA graphs for decod
 
     python -m workers.bench.bench_quant [--config llama3-8b] [--formats bf16,int8,fp8,gptq,awq]
         [--input-len 128] [--output-len 64] [--batch 1 32] [--group-size 128]
+        [--quantize-lm-head]
     python -m workers.bench.bench_quant --gguf smollm2      (a GGUF file's Q4_0/Q4_1
         projections dequantized to --dtype at load vs kept 4-bit: --quantization none / gguf)
     python -m workers.bench.bench_quant --formats bf16,fp8,fp8-load,int8-load
         (fp8-load / int8-load: the unquantized config served with --quantization fp8 / int8,
         quantized per output channel while loading; 'load s' is the engine's start-up)
 
+--quantize-lm-head adds, for each quantized checkpoint format (int8, fp8, gptq, awq), a second
+row with the LM head quantized in that format too (the config's lm_head flag, as
+`kvrelay quantize --lm-head` writes it); the `lm head` column says which rows have it.
+
 For each format a config.json (the preset plus that format's quantization_config) is loaded
 with load_format='dummy': the projections are the same random weights, rounded to the format
-(workers/model/weights.py load_dummy) and kept quantized. A decode step at batch B is timed as
+(workers/model/weights.py load_dummy; the LM head too where the row says so) and kept
+quantized. A decode step at batch B is timed as
 (time of O tokens - time of 1 token) / (O - 1) for B prompts of I tokens, so prefill cancels;
 batch 1 gives TPOT, batch 32 decode throughput (32 / step). Weight bytes are what one step
 reads of the projections, norms and LM head; the "vs base" ratios (to bf16, or to the
@@ -44,6 +50,10 @@ LABELS = {"bf16": "unquantized", "int8": "W8A16 int8", "fp8": "FP8 e4m3", "gptq"
           "fp8-load": "FP8 at load", "int8-load": "INT8 at load"}
 AT_LOAD = {"fp8-load": "fp8", "int8-load": "int8"}
 """Formats quantized while loading (--quantization) from the unquantized config."""
+HEAD_FORMATS = ("int8", "fp8", "gptq", "awq")
+"""Checkpoint formats whose config can say the LM head is quantized."""
+HEAD_SUFFIX = "+head"
+"""Row key suffix of a format measured with its LM head quantized ('gptq+head')."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--quantize-lm-head", action="store_true",
+                        help="also measure int8/fp8/gptq/awq with the LM head quantized")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention-backend", default="triton", choices=["torch", "triton"])
@@ -66,11 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_config(base: dict, fmt: str, group_size: int, folder: Path) -> str:
+def format_config(base: dict, fmt: str, group_size: int, folder: Path,
+                  lm_head: bool = False) -> str:
     config = dict(base)
     if fmt not in ("bf16", *AT_LOAD):
-        config["quantization_config"] = quantization_config(fmt, group_size, False)
-    path = folder / f"{fmt}.json"
+        config["quantization_config"] = quantization_config(fmt, group_size, False, lm_head)
+    path = folder / f"{fmt}{HEAD_SUFFIX if lm_head else ''}.json"
     path.write_text(json.dumps(config))
     return str(path)
 
@@ -142,14 +155,16 @@ def format_table(args: argparse.Namespace, results: dict[str, dict[str, float]])
         f"torch {torch.__version__}",
         "",
     ]
-    head = f"{'format':<13}{'load s':>7}{'weights GB':>11}"
+    head = f"{'format':<13}{'lm head':>8}{'load s':>7}{'weights GB':>11}"
     for batch in args.batch:
         head += f"{f'b{batch} step ms':>13}{'vs base':>9}{f'b{batch} tok/s':>12}"
     head += f"{'b1 weight GB/s':>16}"
     lines.append(head)
     base = results.get("bf16") or results.get("gguf")
-    for fmt, r in results.items():
-        row = f"{LABELS[fmt]:<13}{r['load_s']:>7.1f}{r['weight_bytes'] / 1e9:>11.2f}"
+    for key, r in results.items():
+        fmt = key.removesuffix(HEAD_SUFFIX)
+        lm_head = "quant" if key.endswith(HEAD_SUFFIX) else "dense"
+        row = f"{LABELS[fmt]:<13}{lm_head:>8}{r['load_s']:>7.1f}{r['weight_bytes'] / 1e9:>11.2f}"
         for batch in args.batch:
             # A step of 0 s: t(O tokens) came out below t(1) (noise; raise --output-len).
             step = r[f"step_{batch}"] or float("nan")
@@ -175,9 +190,12 @@ def main(argv: list[str]) -> int:
     base = json.loads(Path(args.config).read_text())
     with tempfile.TemporaryDirectory() as folder:
         for fmt in args.formats.split(","):
-            config = format_config(base, fmt, args.group_size, Path(folder))
-            results[fmt] = measure(args, config, AT_LOAD.get(fmt, "auto"))
-            print(f"{fmt}: {results[fmt]}", file=sys.stderr)
+            heads = (False, True) if args.quantize_lm_head and fmt in HEAD_FORMATS else (False,)
+            for lm_head in heads:
+                key = fmt + (HEAD_SUFFIX if lm_head else "")
+                config = format_config(base, fmt, args.group_size, Path(folder), lm_head)
+                results[key] = measure(args, config, AT_LOAD.get(fmt, "auto"))
+                print(f"{key}: {results[key]}", file=sys.stderr)
     print(format_table(args, results))
     return 0
 

@@ -123,13 +123,14 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.parallel = parallel
         self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
         padded = -(-vocab_size // parallel.tp_size) * parallel.tp_size
         self.local_vocab = padded // parallel.tp_size
         self.vocab_start = parallel.tp_rank * self.local_vocab
         self.weight = nn.Parameter(torch.zeros(self.local_vocab, hidden_size))
 
     def full_shape(self, param_name: str, shard: int) -> tuple[int, ...]:
-        return (self.vocab_size, self.weight.shape[1])
+        return (self.vocab_size, self.hidden_size)
 
     def load(self, param_name: str, shard: int, full: torch.Tensor) -> None:
         _copy_shard(self.weight.data, full, 0, self.vocab_start)
@@ -145,9 +146,29 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Vocab-parallel output projection; may share its weight with the embedding (tied)."""
+    """Vocab-parallel output projection; may share its weight with the embedding (tied), or
+    hold it quantized (untied only)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: ParallelContext):
+        super().__init__(vocab_size, hidden_size, parallel)
+        self.quantized: QuantizedWeight | None = None
+
+    def load_quantized(self, shard: int, full: QuantizedWeight) -> None:
+        """Keeps vocab rows [vocab_start, vocab_start + local_vocab) of the full quantized head
+        (fewer on the last rank when TP does not divide the vocabulary: its logits are padded
+        back to local_vocab, as the dense head's zero rows give)."""
+        rows = min(self.local_vocab, self.vocab_size - self.vocab_start)
+        _install_quantized(self, full.out_slice(self.vocab_start, rows))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocab float32 logits on every TP rank."""
-        logits = self.parallel.tp_all_gather_last_dim(F.linear(hidden, self.weight))
+        logits = self.parallel.tp_all_gather_last_dim(self.local_logits(hidden))
         return logits[..., : self.vocab_size].float()
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's local_vocab columns of the logits, in hidden's dtype."""
+        if self.quantized is None:
+            return F.linear(hidden, self.weight)
+        local = self.quantized(hidden)
+        missing = self.local_vocab - local.shape[-1]
+        return F.pad(local, (0, missing)) if missing else local

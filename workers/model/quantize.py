@@ -2,7 +2,7 @@
 quantized.
 
     kvrelay quantize --model SRC --out DIR [--format gptq|awq|int8|fp8] [--group-size 128]
-                     [--act-order] [--kv-cache-scales]
+                     [--act-order] [--lm-head] [--kv-cache-scales]
 
 SRC is a checkpoint folder, a GGUF file or a packaged model (smollm2). The decoder layers'
 q/k/v/o/gate/up/down projections are quantized by ROUND-TO-NEAREST (no calibration data, no
@@ -13,6 +13,11 @@ compressed-tensors INT8 / FP8 (e4m3) with one scale per output channel. Other te
 copied unchanged, config.json gains the quantization_config, and the tokenizer files are
 copied (or, from a GGUF file, written from its metadata). The quality is what RTN gives, so
 these checkpoints are test and benchmark inputs, not a substitute for GPTQ or AWQ.
+
+--lm-head quantizes the LM head (lm_head.weight) too, in the same format, and says so as the
+real tools do: GPTQ and AWQ `"lm_head": true` (GPTQModel's flag, which vLLM reads), compressed-
+tensors an `ignore` list without lm_head. A model with tied embeddings is refused (its head is
+the input embedding, which stays dense; workers/model/quant/scheme.py).
 
 --kv-cache-scales adds per-layer FP8 KV-cache scales (model.layers.N.self_attn.k_scale and
 v_scale, float32 [1]: max |K| / 448 and max |V| / 448 over a few built-in prompts run through
@@ -41,10 +46,13 @@ from workers.model.gguf_loader import config_dict, hf_tensor
 from workers.model.kv_scales import calibrate_kv_scales
 from workers.model.model_source import check_model_path, resolve_model_path
 from workers.model.quant.formats import FORMATS
+from workers.model.quant.scheme import LM_HEAD, check_head_untied
 
 PROJECTION = re.compile(
     r"(model\.layers\.\d+\.)(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj)\.weight"
 )
+HEAD = re.compile(r"()(lm_head)\.weight")
+"""The LM head's weight, matched like a projection (no prefix) under --lm-head."""
 SHARED_INPUTS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     ("mlp.gate_proj", "mlp.up_proj"),
@@ -60,32 +68,39 @@ KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynami
 """compressed-tensors' description of static per-tensor FP8 KV-cache scales."""
 
 
-def quantization_config(fmt: str, group_size: int, act_order: bool) -> dict[str, Any]:
-    """The config.json entry transformers (and workers/model/quant/scheme.py) read."""
+def quantization_config(
+    fmt: str, group_size: int, act_order: bool, lm_head: bool = False
+) -> dict[str, Any]:
+    """The config.json entry transformers (and workers/model/quant/scheme.py) read;
+    `lm_head`: the LM head is quantized too."""
     if fmt == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": group_size,
-                "desc_act": act_order, "sym": True, "checkpoint_format": "gptq"}
+                "desc_act": act_order, "sym": True, "checkpoint_format": "gptq",
+                LM_HEAD: lm_head}
     if fmt == "awq":
+        head = {LM_HEAD: True} if lm_head else {}
         return {"quant_method": "awq", "bits": 4, "group_size": group_size,
-                "zero_point": True, "version": "gemm"}
+                "zero_point": True, "version": "gemm", **head}
     weights = {"num_bits": 8, "type": "int" if fmt == "int8" else "float", "symmetric": True,
                "strategy": "channel", "dynamic": False}
     return {
         "quant_method": "compressed-tensors",
         "format": "naive-quantized" if fmt == "int8" else "float-quantized",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}},
-        "ignore": ["lm_head"],
+        "ignore": [] if lm_head else [LM_HEAD],
         "quantization_status": "compressed",
     }
 
 
 def quantize_tensors(
-    tensors: dict[str, torch.Tensor], fmt: str, group_size: int, act_order: bool = False
+    tensors: dict[str, torch.Tensor], fmt: str, group_size: int, act_order: bool = False,
+    lm_head: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """HF-named tensors -> the quantized checkpoint's tensors (projections replaced)."""
+    """HF-named tensors -> the quantized checkpoint's tensors (projections, and the LM head if
+    `lm_head`, replaced)."""
     out = {}
     for name, tensor in tensors.items():
-        match = PROJECTION.fullmatch(name)
+        match = PROJECTION.fullmatch(name) or (HEAD.fullmatch(name) if lm_head else None)
         if match is None:
             out[name] = tensor
             continue
@@ -148,16 +163,18 @@ def write_tokenizer(source: str, out: Path) -> None:
 
 def quantize_checkpoint(
     source: str, out: str | Path, fmt: str | None, group_size: int = 128,
-    act_order: bool = False, kv_cache_scales: bool = False,
+    act_order: bool = False, kv_cache_scales: bool = False, lm_head: bool = False,
 ) -> Path:
     """Writes the quantized checkpoint of `source` to folder `out` (`fmt` None: weights as
-    stored), with calibrated KV-cache scales if `kv_cache_scales`; returns it."""
+    stored), with calibrated KV-cache scales if `kv_cache_scales`, the LM head quantized too
+    if `lm_head`; returns it."""
+    config, tensors = read_source(source)
+    check_head_untied(config, lm_head)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config, tensors = read_source(source)
     if fmt is not None:
-        config["quantization_config"] = quantization_config(fmt, group_size, act_order)
-        tensors = quantize_tensors(tensors, fmt, group_size, act_order)
+        config["quantization_config"] = quantization_config(fmt, group_size, act_order, lm_head)
+        tensors = quantize_tensors(tensors, fmt, group_size, act_order, lm_head)
     if kv_cache_scales:
         tensors.update(calibrate_kv_scales(source))
         if config.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
@@ -182,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input rows per scale group (gptq, awq; -1: one group)")
     parser.add_argument("--act-order", action="store_true",
                         help="gptq: group input rows by decreasing weight norm (writes g_idx)")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="quantize the LM head too (untied models; the config says so)")
     parser.add_argument("--kv-cache-scales", action="store_true",
                         help="add per-layer FP8 KV-cache scales (self_attn.k_scale / v_scale: "
                              "max |K|, |V| / 448 over a few prompts) for --kv-cache-dtype fp8")
@@ -193,17 +212,21 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.act_order and args.format != "gptq":
         parser.error("--act-order is a GPTQ option")
+    if args.lm_head and args.format is None:
+        parser.error("--lm-head needs --format")
     if args.format is None and not args.kv_cache_scales:
         parser.error("nothing to write: give --format and/or --kv-cache-scales")
     try:
         source = resolve_model_path(args.model)
         check_model_path(source)
         out = quantize_checkpoint(source, args.out, args.format, args.group_size, args.act_order,
-                                  args.kv_cache_scales)
+                                  args.kv_cache_scales, args.lm_head)
     except KvrelayError as error:
         print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
-    what = [f"{args.format} weights (round-to-nearest)"] if args.format else ["weights as stored"]
+    head = " and LM head" if args.lm_head else ""
+    what = ([f"{args.format} weights{head} (round-to-nearest)"] if args.format
+            else ["weights as stored"])
     what += ["calibrated FP8 KV-cache scales"] if args.kv_cache_scales else []
     print(f"wrote {' and '.join(what)} to {out}")
     return 0

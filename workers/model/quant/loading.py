@@ -1,8 +1,10 @@
 """Loading a quantized checkpoint's projections into the model's linear layers, kept
 quantized: each q/k/v/o/gate/up/down projection's tensors are read in its format
 (workers/model/quant/gptq.py, awq.py, compressed.py), converted to the device layout on the
-CPU, cut to this rank's TP shard and handed to the layer (`load_quantized`). Everything else
-(embeddings, norms, biases, LM head) loads as in an unquantized checkpoint.
+CPU, cut to this rank's TP shard and handed to the layer (`load_quantized`); so is the LM head
+when the scheme quantizes it (`QuantScheme.lm_head`: lm_head.qweight/..., lm_head.weight +
+weight_scale). Everything else (embeddings, norms, biases, a dense LM head) loads as in an
+unquantized checkpoint.
 
 Called by workers/model/weights.py when config.json has a quantization_config.
 """
@@ -14,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from workers.model.gguf_file import GGUFFile
-from workers.model.linear import ColumnParallelLinear, RowParallelLinear
+from workers.model.linear import ColumnParallelLinear, ParallelLMHead, RowParallelLinear
 from workers.model.llama import CheckpointSlot
 from workers.model.quant.checkpoint_tensors import ProjectionTensors
 from workers.model.quant.formats import FORMATS
@@ -28,17 +30,22 @@ DenseSource = Callable[[str, tuple[int, ...]], torch.Tensor]
 (the checkpoint's tensor, or a dummy weight)."""
 
 
-def is_quantized_slot(slot: CheckpointSlot) -> bool:
-    """The slots a quantized checkpoint stores quantized: the projections' weights."""
-    linear = (ColumnParallelLinear, RowParallelLinear)
-    return isinstance(slot.module, linear) and slot.param_name == "weight"
+def is_quantized_slot(slot: CheckpointSlot, lm_head: bool = False) -> bool:
+    """The slots a quantized checkpoint stores quantized: the projections' weights, and the
+    LM head's if `lm_head`."""
+    if slot.param_name != "weight":
+        return False
+    if isinstance(slot.module, ParallelLMHead):
+        return lm_head
+    return isinstance(slot.module, (ColumnParallelLinear, RowParallelLinear))
 
 
 def load_quantized(
     slots: dict[str, CheckpointSlot], scheme: QuantScheme, read: TensorReader
 ) -> dict[str, CheckpointSlot]:
-    """Loads every projection weight among `slots` from the checkpoint, quantized; returns the
-    other slots, for the caller to load as plain tensors."""
+    """Loads every projection weight (and the LM head, if the scheme quantizes it) among
+    `slots` from the checkpoint, quantized; returns the other slots, for the caller to load as
+    plain tensors."""
     suffixes = FORMATS[scheme.method].suffixes
 
     def stored(prefix: str, slot: CheckpointSlot) -> dict[str, torch.Tensor]:
@@ -71,7 +78,7 @@ def _load_projections(
     read = FORMATS[scheme.method].read
     rest = {}
     for name, slot in slots.items():
-        if not is_quantized_slot(slot):
+        if not is_quantized_slot(slot, scheme.lm_head):
             rest[name] = slot
             continue
         prefix = name.removesuffix(".weight")

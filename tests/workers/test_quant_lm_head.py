@@ -1,0 +1,196 @@
+"""A quantized LM head (`kvrelay quantize --lm-head`; GPTQ/AWQ `"lm_head": true`,
+compressed-tensors without lm_head in `ignore`): it is written as the real tools write it,
+loads kept quantized while the input embedding stays a dense table, and the logits (CPU: the
+torch reference, dequantize then matmul) equal, bit for bit, those of the checkpoint with every
+quantized weight dequantized; so do the greedy tokens. Vocab-parallel ranks hold their rows of
+the quantized head (padded when TP does not divide the vocabulary) and TP 2 over gloo gives the
+single rank's logits. Tied embeddings with a quantized head are refused, naming the field; a
+head claimed quantized but missing a tensor fails naming the tensor and the format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from tests.workers.quant_checkpoints import build_model, dequantized_copy
+from workers.bench.quant_quality import prompt_logits
+from workers.engine.sampling_params import SamplingParams
+from workers.errors import InvalidModelConfig, InvalidTensor
+from workers.model.linear import ParallelLMHead
+from workers.model.parallel import ParallelContext
+from workers.model.quant.channel_weight import Fp8Weight, Int8Weight
+from workers.model.quant.checkpoint_tensors import ProjectionTensors
+from workers.model.quant.formats import FORMATS
+from workers.model.quant.int4_weight import Int4Weight
+from workers.model.quant.scheme import QuantScheme, parse_scheme
+from workers.model.quantize import quantize_checkpoint
+
+CASES = {"gptq": (32, Int4Weight), "awq": (32, Int4Weight), "int8": (0, Int8Weight),
+         "fp8": (0, Fp8Weight)}
+IDS = [5, 17, 42, 99, 7, 300, 12, 8, 250, 77, 41, 63, 19, 180]
+PROMPTS = [IDS[:5], IDS[4:]]
+
+
+@pytest.fixture(scope="module")
+def head_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    return {fmt: quantize_checkpoint(str(tiny_model_dir), tmp_path_factory.mktemp(f"{fmt}-head"),
+                                     fmt, group, lm_head=True)
+            for fmt, (group, _) in CASES.items()}
+
+
+@pytest.mark.parametrize("fmt", sorted(CASES))
+def test_head_is_written_as_the_tools_do_and_loads_kept_quantized(fmt, head_dirs,
+                                                                  tiny_model_dir):
+    folder = head_dirs[fmt]
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    if fmt in ("gptq", "awq"):
+        assert config["lm_head"] is True
+    else:
+        assert config["ignore"] == [] and config["config_groups"]["group_0"]["targets"] == [
+            "Linear"]
+    stored = load_file(str(folder / "model.safetensors"))
+    assert {n for n in stored if n.startswith("lm_head.")} == {
+        f"lm_head.{s}" for s in FORMATS[fmt].suffixes}
+    model = build_model(folder)
+    assert model.lm_head.weight is None and isinstance(model.lm_head.quantized, CASES[fmt][1])
+    dense = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert torch.equal(model.embed_tokens.weight, dense["model.embed_tokens.weight"])
+    error = (model.lm_head.quantized.dequantize() - dense["lm_head.weight"]).abs().max()
+    assert 0 < error < 0.1 * dense["lm_head.weight"].abs().max()  # rounded: under a 4-bit step
+
+
+@pytest.mark.parametrize("fmt", sorted(CASES))
+def test_logits_and_greedy_tokens_equal_the_dequantized_checkpoint(fmt, head_dirs, make_engine,
+                                                                   tmp_path):
+    reference = dequantized_copy(head_dirs[fmt], tmp_path / "dequantized")
+    assert torch.equal(prompt_logits(str(head_dirs[fmt]), IDS), prompt_logits(str(reference), IDS))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    quantized = make_engine(model_dir=head_dirs[fmt]).generate(PROMPTS, params)
+    expected = make_engine(model_dir=reference).generate(PROMPTS, params)
+    assert [o.token_ids for o in quantized] == [o.token_ids for o in expected]
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "int8"])
+def test_vocab_parallel_ranks_hold_their_rows_of_the_quantized_head(fmt, head_dirs):
+    full = build_model(head_dirs[fmt]).lm_head.quantized.dequantize()
+    for rank in range(2):
+        part = build_model(head_dirs[fmt], ParallelContext(tp_rank=rank, tp_size=2))
+        assert torch.equal(part.lm_head.quantized.dequantize(), full.chunk(2)[rank])
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "int8"])
+def test_a_vocab_tp_does_not_divide_is_padded_on_the_last_rank(fmt):
+    """40 rows over 3 ranks: 14 a rank (42 padded), the last holds 12 and pads its logits,
+    as the dense head's zero rows do; the ranks' logits side by side are the full head's."""
+    vocab, hidden = 40, 32
+    weight = torch.randn(vocab, hidden, generator=torch.Generator().manual_seed(0))
+    tensors = FORMATS[fmt].write(weight, 16, None)
+    scheme = QuantScheme(fmt, 16, 1 if fmt == "gptq" else 0, lm_head=True)
+    full = FORMATS[fmt].read(ProjectionTensors("lm_head", tensors, scheme, hidden, vocab))
+    x = torch.randn(3, hidden, generator=torch.Generator().manual_seed(1))
+    parts = []
+    for rank in range(3):
+        head = ParallelLMHead(vocab, hidden, ParallelContext(tp_rank=rank, tp_size=3))
+        head.load_quantized(0, full)
+        assert head.quantized.out_features == (12 if rank == 2 else 14)
+        parts.append(head.local_logits(x))
+    assert [p.shape[-1] for p in parts] == [14, 14, 14]
+    assert torch.equal(parts[-1][:, 12:], torch.zeros(3, 2))
+    torch.testing.assert_close(torch.cat(parts, -1)[:, :vocab], F.linear(x, full.dequantize()))
+
+
+def test_tp2_over_gloo_gives_the_single_rank_logits(head_dirs, make_step, local_ray):
+    """The real vocab-parallel path: two ranks (the second a Ray actor), each its half of the
+    4-bit head, logits all-gathered over gloo."""
+    from workers.actors.rank_group import RankGroup
+    from workers.config import CacheConfig, EngineConfig
+    from workers.engine.model_runner import ModelRunner
+    from workers.engine.stage_driver import StageDriver
+
+    config = EngineConfig(model=str(head_dirs["gptq"]), device="cpu",
+                          cache=CacheConfig(block_size=4, num_blocks=8))
+    steps = [make_step([(IDS[:9], 9, [5, 1, 3])], 4, "all"),
+             make_step([(IDS[:10], 1, [5, 1, 3])], 4)]
+    single = ModelRunner(config)
+    expected = [single.execute(step) for step in steps]
+    lost: list[str] = []
+    tp_config = dataclasses.replace(config, tp_size=2)
+    group = RankGroup(tp_config, on_lost=lost.append)
+    try:
+        runner = ModelRunner(tp_config, group.parallel)
+        assert isinstance(runner.model.lm_head.quantized, Int4Weight)
+        driver = StageDriver(runner, group)
+        for step, want in zip(steps, expected, strict=True):
+            torch.testing.assert_close(driver.execute(step), want, atol=1e-5, rtol=0)
+    finally:
+        group.close()
+    assert lost == []
+
+
+def test_a_quantized_head_with_tied_embeddings_is_refused(make_model_dir, head_dirs, tmp_path):
+    """vLLM skips a tied checkpoint's lm_head.* tensors (its head is the embedding), so a
+    quantized head is never what it serves; kvrelay refuses, writing and loading alike."""
+    tied = make_model_dir("tied")
+    with pytest.raises(InvalidModelConfig, match="tie_word_embeddings") as error:
+        quantize_checkpoint(str(tied), tmp_path / "tied-gptq", "gptq", 32, lm_head=True)
+    assert error.value.field == "quantization_config.lm_head"
+    model = build_model(quantize_checkpoint(str(tied), tmp_path / "tied-ok", "gptq", 32))
+    assert model.lm_head.weight is model.embed_tokens.weight  # without --lm-head: tied, dense
+    claimed = tmp_path / "claimed"
+    claimed.mkdir()
+    for file in head_dirs["gptq"].iterdir():
+        (claimed / file.name).write_bytes(file.read_bytes())
+    config = json.loads((claimed / "config.json").read_text())
+    (claimed / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(InvalidModelConfig, match="quantization_config.lm_head"):
+        build_model(claimed)
+
+
+@pytest.mark.parametrize(("fmt", "suffix", "label"), [
+    ("gptq", "scales", "GPTQ 4-bit, group size 32"),
+    ("int8", "weight_scale", "INT8 per-channel"),
+])
+def test_a_claimed_quantized_head_missing_a_tensor_fails_naming_it(fmt, suffix, label,
+                                                                   head_dirs, tmp_path):
+    folder = tmp_path / fmt
+    folder.mkdir()
+    for file in head_dirs[fmt].iterdir():
+        if file.suffix != ".safetensors":
+            (folder / file.name).write_bytes(file.read_bytes())
+    stored = load_file(str(head_dirs[fmt] / "model.safetensors"))
+    del stored[f"lm_head.{suffix}"]
+    save_file(stored, str(folder / "model.safetensors"))
+    with pytest.raises(InvalidTensor, match=f"lm_head.{suffix}.*no such tensor") as error:
+        build_model(folder)
+    assert error.value.name == f"lm_head.{suffix}" and label in error.value.format
+
+
+@pytest.mark.parametrize(("targets", "ignore", "quantized"), [
+    (["Linear"], ["lm_head"], False),
+    (["Linear"], [], True),
+    (["Linear"], ["re:.*lm_head$"], False),
+    (["re:.*proj$"], [], False),
+    (["re:.*proj$", "lm_head"], [], True),
+])
+def test_compressed_tensors_head_follows_targets_and_ignore(targets, ignore, quantized):
+    weights = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}
+    raw = {"quant_method": "compressed-tensors", "format": "naive-quantized", "ignore": ignore,
+           "config_groups": {"group_0": {"targets": targets, "weights": weights}}}
+    assert parse_scheme(raw).lm_head is quantized
+
+
+def test_gptq_and_awq_read_the_lm_head_flag():
+    gptq = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False}
+    assert not parse_scheme(gptq).lm_head
+    assert parse_scheme({**gptq, "lm_head": True}).lm_head
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+           "version": "gemm"}
+    assert not parse_scheme(awq).lm_head and parse_scheme({**awq, "lm_head": True}).lm_head
+    with pytest.raises(InvalidModelConfig, match="lm_head"):
+        parse_scheme({**gptq, "lm_head": "yes"})
