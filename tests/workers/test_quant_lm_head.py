@@ -76,6 +76,24 @@ def test_logits_and_greedy_tokens_equal_the_dequantized_checkpoint(fmt, head_dir
     assert [o.token_ids for o in quantized] == [o.token_ids for o in expected]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "int8"])
+def test_greedy_tokens_with_the_gpu_kernels_equal_the_dequantized_checkpoint(
+    fmt, head_dirs, make_engine, tmp_path
+):
+    """float32 on the GPU: the head's logits through the W4A16 / W8A16 Triton kernels, against
+    cuBLAS on the dequantized weights (FP8 left out: its tensor cores round activations)."""
+    reference = dequantized_copy(head_dirs[fmt], tmp_path / "dequantized")
+    torch.testing.assert_close(prompt_logits(str(head_dirs[fmt]), IDS, device="cuda"),
+                               prompt_logits(str(reference), IDS, device="cuda"),
+                               atol=1e-4, rtol=1e-4)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    quantized = make_engine(model_dir=head_dirs[fmt], device="cuda").generate(PROMPTS, params)
+    expected = make_engine(model_dir=reference, device="cuda").generate(PROMPTS, params)
+    assert [o.token_ids for o in quantized] == [o.token_ids for o in expected]
+
+
 @pytest.mark.parametrize("fmt", ["gptq", "int8"])
 def test_vocab_parallel_ranks_hold_their_rows_of_the_quantized_head(fmt, head_dirs):
     full = build_model(head_dirs[fmt]).lm_head.quantized.dequantize()
