@@ -13,5 +13,6 @@
   quantized, split-K at decode sizes (quant_split_k); quant_fp8: FP8 weights on the tensor
   cores with per-row activation quantization
 - rmsnorm, rotary, activation: fused residual+RMSNorm, in-place RoPE, SiLU-and-multiply
-- bench: `python -m kernels.bench.bench_kernels` on a GPU
+- bench: `python -m kernels.bench.bench_kernels` on a GPU; bench_prefix_attention: split-KV
+  prefill of a short tail after a cached prefix vs SDPA
 """

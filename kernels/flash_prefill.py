@@ -146,15 +146,19 @@ def check_paged_inputs(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out,
     assert page & (page - 1) == 0, f"block_size {page} must be a power of two"
 
 
-def choose_prefill_splits(programs: int, max_context: int, num_sms: int, block_n: int) -> int:
-    """KV splits per (query block, head): 1 when the `programs` (query blocks x sequences x
-    heads) already fill the GPU or the context is short; else enough for ~2 programs per SM,
-    each split keeping >= 4 KV tiles of the longest context, at most 8."""
-    if programs >= num_sms:
+def choose_prefill_splits(m_blocks: int, num_seqs: int, num_heads: int, max_context: int,
+                          num_sms: int, block_n: int) -> int:
+    """KV splits per (query block, head): 1 when the m_blocks x num_seqs x num_heads programs
+    already fill the GPU or the context is short. Else as many as keep ONE sequence's programs
+    within ~2 per SM (rounded down: a third, mostly idle wave would cost a whole split's time
+    where one program per SM fits; a prefill graph launches its sequence beside a padding row
+    that may be empty, so counting that row would halve the split), each split keeping >= 4
+    KV tiles of the longest context, at most 8."""
+    if m_blocks * num_seqs * num_heads >= num_sms:
         return 1
-    want = triton.cdiv(2 * num_sms, programs)
+    fit = 2 * num_sms // (m_blocks * num_heads)
     most = max_context // (4 * block_n)
-    return int(max(1, min(want, most, 8)))
+    return int(max(1, min(fit, most, 8)))
 
 
 def flash_prefill(
@@ -188,7 +192,7 @@ def flash_prefill(
     block_d = head_dim_block(head_dim)
     m_blocks = triton.cdiv(max_q_len, tiles.block_m)
     if num_splits is None:
-        num_splits = choose_prefill_splits(m_blocks * num_seqs * num_heads,
+        num_splits = choose_prefill_splits(m_blocks, num_seqs, num_heads,
                                            block_tables.shape[1] * k_cache.shape[1],
                                            num_sms(q.device), tiles.block_n)
     single = num_splits == 1

@@ -7,13 +7,19 @@ choice matches one split."""
 from __future__ import annotations
 
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
 from paged_case import make_case, prefill_ref, run_prefill, with_fp8_cache
 from tolerances import assert_close
 
-from kernels.flash_prefill import PrefillTiles, choose_prefill_splits, default_tiles
+from kernels.flash_prefill import (
+    PrefillTiles,
+    choose_prefill_splits,
+    default_tiles,
+    flash_prefill,
+)
 
 # (q_lens, seq_lens); the interpreter's tiles are 32 queries x 16 keys (kernels/flash_prefill).
 CASES = {
@@ -75,7 +81,7 @@ def test_automatic_split_count_matches_one_split(device: str) -> None:
     tiles = default_tiles(16, torch.device(device))
     if device == "cpu":
         width = c.block_tables.shape[1] * c.k_cache.shape[1]
-        assert choose_prefill_splits(2, width, 4, tiles.block_n) == 4
+        assert choose_prefill_splits(1, 1, 2, width, 4, tiles.block_n) == 4
     auto = run_prefill(c)
     assert_close(auto, run_prefill(c, num_splits=1))
     assert_close(auto, prefill_ref(c))
@@ -83,11 +89,12 @@ def test_automatic_split_count_matches_one_split(device: str) -> None:
 
 def test_split_count_fills_the_gpu_only_when_needed() -> None:
     # H100 (132 SMs), Llama-3-8B heads, 64-key tiles: 208 new tokens after 2048 cached.
-    assert choose_prefill_splits(2 * 32, 2256, 132, 64) == 5
-    assert choose_prefill_splits(1 * 32, 2072, 132, 64) == 8  # 24 tokens: capped at 8
-    assert choose_prefill_splits(1 * 32, 512, 132, 64) == 2  # >= 4 tiles per split
-    assert choose_prefill_splits(1 * 32, 200, 132, 64) == 1  # short context
-    assert choose_prefill_splits(16 * 32, 16384, 132, 64) == 1  # the GPU is already full
+    assert choose_prefill_splits(2, 1, 32, 2256, 132, 64) == 4  # 256 programs, not 5 x 64
+    assert choose_prefill_splits(2, 2, 32, 8192, 132, 64) == 4  # a graph's padding row
+    assert choose_prefill_splits(1, 1, 32, 2072, 132, 64) == 8  # 24 tokens: capped at 8
+    assert choose_prefill_splits(1, 1, 32, 512, 132, 64) == 2  # >= 4 tiles per split
+    assert choose_prefill_splits(1, 1, 32, 200, 132, 64) == 1  # short context
+    assert choose_prefill_splits(2, 3, 32, 8192, 132, 64) == 1  # the GPU is already full
 
 
 @pytest.mark.gpu
@@ -100,3 +107,28 @@ def test_split_prefill_gpu_cached_tail(q_len: int, num_splits: int | None) -> No
                   block_size=16, dtype=torch.bfloat16, device="cuda", seed=q_len)
     tiles = PrefillTiles(128, 64, 4, 3)
     assert_close(run_prefill(c, num_splits=num_splits, tiles=tiles), prefill_ref(c))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_split_prefill_gpu_graph_replays_other_contexts() -> None:
+    """One launch captured in a CUDA graph with 4 splits, replayed at other context lengths
+    (as the prefill graphs do): the split ranges follow the device's seq_lens."""
+    c = make_case([208], [2048 + 208], num_heads=32, num_kv_heads=8, head_dim=128,
+                  block_size=16, dtype=torch.bfloat16, device="cuda", seed=3)
+    out = torch.empty_like(c.q)
+
+    def launch() -> None:
+        flash_prefill(c.q, c.k_cache, c.v_cache, c.block_tables, c.cu_q, c.seq_lens,
+                      c.max_q_len, c.scale, out=out, num_splits=4)
+
+    launch()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    for context in (2048, 700, 0):
+        c.seq_lens.fill_(context + 208)
+        out.fill_(float("nan"))
+        graph.replay()
+        assert_close(out, prefill_ref(replace(c, seq_lens_host=[context + 208])))
