@@ -21,7 +21,7 @@ the matrix-vector kernels up to split_k.GEMV_MAX_ROWS rows, the tl.dot kernels a
 with either nibble unpacking), for W4A16, W8A16 and FP8 weight-only (the channel kernels with
 FP8 weights), and FP8's other paths (tensor cores, the row quantization alone), so the
 defaults in kernels/quant_split_k.py, quant_w4a16.py and quant_w8a16.py can be picked from one
-run; the best of each group is marked with *.
+run; the best of each group is marked with *. --sweep-formats limits it to some of the formats.
 """
 
 from __future__ import annotations
@@ -198,7 +198,8 @@ def table(rows: list[int], eager: bool, shapes: list[str]) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep(rows: list[int], eager: bool, shapes: list[str]) -> None:
+def sweep(rows: list[int], eager: bool, shapes: list[str],
+          formats: tuple[str, ...] = ("w4a16", "w8a16", "fp8")) -> None:
     """Every candidate per shape and row count: one line each, best per group starred."""
     print(f"{'proj':<8}{'M':>4}  {'kernel':<16}{'launch':<58}{'us':>9}{'x bf16':>8}{'GB/s':>8}")
     for name, (k, n) in ((name, SHAPES[name]) for name in shapes):
@@ -213,6 +214,8 @@ def sweep(rows: list[int], eager: bool, shapes: list[str]) -> None:
             groups = [("w4a16", "w4a16", w4, "auto"), ("w8a16", "w8a16", channel, "auto"),
                       ("fp8 weight-only", "fp8", channel, "weight_only")]
             for label, fmt, launches, path in groups:
+                if fmt not in formats:
+                    continue
                 results = []
                 for launch in [None, *launches]:
                     try:
@@ -227,7 +230,7 @@ def sweep(rows: list[int], eager: bool, shapes: list[str]) -> None:
                     print(f"{name:<8}{m:>4}  {label:<16}{str(launch):<58}{us:>9.1f}"
                           f"{us / base:>8.2f}{ops['bytes'][fmt] / us / 1e3:>8.0f}"
                           f"{' *' if us == best else ''}")
-            for path in ("tensor_cores", "quantize"):
+            for path in ("tensor_cores", "quantize") if "fp8" in formats else ():
                 us = time_us(calls("fp8", ops, None, path), x, eager)
                 print(f"{name:<8}{m:>4}  {'fp8 ' + path:<16}{'':<58}{us:>9.1f}{us / base:>8.2f}")
         del ops
@@ -244,10 +247,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="projections to time (default all)")
     parser.add_argument("--sweep", action="store_true",
                         help="time candidate launch configurations per shape")
+    parser.add_argument("--sweep-formats", nargs="+", default=["w4a16", "w8a16", "fp8"],
+                        choices=["w4a16", "w8a16", "fp8"], help="formats --sweep times")
     args = parser.parse_args(argv)
     header(args.eager)
     if args.sweep:
-        sweep(args.rows or [1, 32], args.eager, args.shapes)
+        sweep(args.rows or [1, 32], args.eager, args.shapes, tuple(args.sweep_formats))
     else:
         table(args.rows or [1, 32, 512], args.eager, args.shapes)
     return 0
