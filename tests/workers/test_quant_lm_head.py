@@ -212,3 +212,51 @@ def test_gptq_and_awq_read_the_lm_head_flag():
     assert not parse_scheme(awq).lm_head and parse_scheme({**awq, "lm_head": True}).lm_head
     with pytest.raises(InvalidModelConfig, match="lm_head"):
         parse_scheme({**gptq, "lm_head": "yes"})
+
+
+def test_quantize_and_generate_commands_with_a_quantized_head(tiny_model_dir, make_model_dir,
+                                                              tmp_path, capsys):
+    """`kvrelay quantize --lm-head` (GPTQ with act-order: the head's input rows reordered too),
+    then `kvrelay generate`: the same text as the dequantized checkpoint's; a tied model or a
+    missing --format is refused by the command."""
+    from cluster.cli import main as kvrelay
+    from workers import generate_cli
+
+    out = tmp_path / "gptq-head"
+    argv = ["quantize", "--model", str(tiny_model_dir), "--out", str(out), "--format", "gptq",
+            "--group-size", "32", "--act-order", "--lm-head"]
+    assert kvrelay(argv) == 0
+    assert "weights and LM head (round-to-nearest)" in capsys.readouterr().out
+    assert build_model(out).lm_head.quantized.perm is not None
+    texts = []
+    for model in (out, dequantized_copy(out, tmp_path / "dequantized")):
+        assert generate_cli.main(["--model", str(model), "--prompt", "Once upon a time",
+                                  "--max-tokens", "12", "--device", "cpu",
+                                  "--num-blocks", "16"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()
+    tied = ["quantize", "--model", str(make_model_dir("tied")), "--out", str(tmp_path / "t"),
+            "--format", "int8", "--lm-head"]
+    assert kvrelay(tied) == 2
+    err = capsys.readouterr().err
+    assert "'quantization_config.lm_head'" in err and "tie_word_embeddings" in err
+    with pytest.raises(SystemExit):
+        kvrelay(argv[:5] + ["--lm-head"])
+
+
+def test_a_4bit_head_needs_a_vocab_multiple_of_8(tiny_model_dir, tmp_path):
+    """GPTQ/AWQ pack 8 output rows per int32 word of qzeros: a vocabulary of 508 cannot be
+    written (said before anything is written); INT8 per channel can."""
+    source = tmp_path / "v508"
+    source.mkdir()
+    tensors = load_file(str(tiny_model_dir / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[name] = tensors[name][:508].contiguous()
+    save_file(tensors, str(source / "model.safetensors"))
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "vocab_size": 508}))
+    with pytest.raises(InvalidModelConfig, match="508 is not a multiple of 8") as error:
+        quantize_checkpoint(str(source), tmp_path / "awq", "awq", 32, lm_head=True)
+    assert error.value.field == "vocab_size" and not (tmp_path / "awq").exists()
+    int8 = build_model(quantize_checkpoint(str(source), tmp_path / "int8", "int8", lm_head=True))
+    assert int8.lm_head.quantized.out_features == 508

@@ -46,6 +46,7 @@ from workers.model.gguf_loader import config_dict, hf_tensor
 from workers.model.kv_scales import calibrate_kv_scales
 from workers.model.model_source import check_model_path, resolve_model_path
 from workers.model.quant.formats import FORMATS
+from workers.model.quant.packing import PACK
 from workers.model.quant.scheme import LM_HEAD, check_head_untied
 
 PROJECTION = re.compile(
@@ -170,6 +171,10 @@ def quantize_checkpoint(
     if `lm_head`; returns it."""
     config, tensors = read_source(source)
     check_head_untied(config, lm_head)
+    if lm_head and fmt in ("gptq", "awq") and config["vocab_size"] % PACK:
+        raise InvalidModelConfig("vocab_size", f"{config['vocab_size']} is not a multiple of "
+                                 f"{PACK}: a 4-bit LM head packs {PACK} vocab rows per int32 "
+                                 "word of its zero points (quantize without --lm-head)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if fmt is not None:
