@@ -21,13 +21,18 @@ import datetime
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 
 from kernels.attention_tile import num_sms
-from kernels.flash_prefill import choose_prefill_splits, default_tiles, flash_prefill
+from kernels.flash_prefill import (
+    PrefillTiles,
+    choose_prefill_splits,
+    default_tiles,
+    flash_prefill,
+)
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,12 @@ class Shape:
 
 
 LLAMA3_8B = Shape(32, 8, 128, 16, 2048, (208, 24), 16, 8192, torch.bfloat16)
-TINY = Shape(2, 1, 16, 8, 80, (12,), 16, 128, torch.float32)
+TINY = Shape(2, 1, 16, 8, 48, (12,), 16, 128, torch.float32)
 SPLITS = (1, 2, 4, 8, None)  # None: flash_prefill's own choice
+# --sweep-tiles: candidates beside the default (BLOCK_M x BLOCK_N, warps, stages).
+SWEEP_TILES = {"gpu": [PrefillTiles(128, 64, 8, 3), PrefillTiles(64, 64, 4, 3),
+                       PrefillTiles(128, 32, 4, 3)],
+               "tiny": [PrefillTiles(16, 16, 4, 1)]}
 
 
 @dataclass(frozen=True)
@@ -58,10 +67,10 @@ class Launch:
     seq_lens: torch.Tensor
     max_q_len: int
 
-    def run(self, out: torch.Tensor, num_splits: int | None) -> None:
+    def run(self, out: torch.Tensor, tiles: PrefillTiles, num_splits: int | None) -> None:
         flash_prefill(self.q, self.k_cache, self.v_cache, self.block_tables, self.cu_q,
                       self.seq_lens, self.max_q_len, self.q.shape[2] ** -0.5, out=out,
-                      num_splits=num_splits)
+                      tiles=tiles, num_splits=num_splits)
 
 
 def make_launch(s: Shape, q_len: int, graph: bool, device: str) -> Launch:
@@ -129,8 +138,10 @@ def time_ms(fn: Callable[[], None], device: str, reps: int) -> float:
     return begin.elapsed_time(end) / reps
 
 
-def bench_case(s: Shape, q_len: int, graph: bool, device: str, reps: int) -> list[str]:
-    """Table rows of one (q_len, layout): every split count, then SDPA."""
+def bench_case(s: Shape, q_len: int, graph: bool, device: str, reps: int,
+               tiles_list: list[PrefillTiles]) -> list[str]:
+    """Table rows of one (q_len, layout): every tile shape x split count, then SDPA; speedups
+    against the first tile shape (the default) with one split: today's kernel."""
     launch = make_launch(s, q_len, graph, device)
     q, k, v, mask = sdpa_inputs(launch, q_len)
     sdpa_out = torch.empty_like(q)
@@ -139,25 +150,27 @@ def bench_case(s: Shape, q_len: int, graph: bool, device: str, reps: int) -> lis
         sdpa_out.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
     sdpa_ms = time_ms(sdpa, device, reps)
-    tiles = default_tiles(s.head_dim, torch.device(device))
-    m_blocks = triton.cdiv(launch.max_q_len, tiles.block_m)
-    auto = choose_prefill_splits(m_blocks, launch.seq_lens.shape[0], s.heads,
-                                 launch.block_tables.shape[1] * s.page,
-                                 num_sms(torch.device(device)), tiles.block_n)
     layout = f"{'graph' if graph else 'eager'} ({launch.seq_lens.shape[0]} rows)"
     rows, base = [], None
-    for splits in SPLITS:
-        out = torch.zeros_like(launch.q)
-        ms = time_ms(lambda n=splits, o=out: launch.run(o, n), device, reps)
-        ours = out[:q_len]
-        base = (ms, ours) if base is None else base
-        name = f"auto ({auto})" if splits is None else str(splits)
-        vs_one = (ours.float() - base[1].float()).abs().max().item()
-        vs_sdpa = (ours.float() - sdpa_out[0].transpose(0, 1).float()).abs().max().item()
-        rows.append(f"| {q_len} | {layout} | {name} | {ms * 1e3:.1f} | {base[0] / ms:.2f} | "
-                    f"{sdpa_ms / ms:.2f} | {vs_one:.1e} | {vs_sdpa:.1e} |")
-    rows.append(f"| {q_len} | {layout} | SDPA | {sdpa_ms * 1e3:.1f} | {base[0] / sdpa_ms:.2f} | "
-                f"1.00 | | |")
+    for tiles in tiles_list:
+        auto = choose_prefill_splits(triton.cdiv(launch.max_q_len, tiles.block_m),
+                                     launch.seq_lens.shape[0], s.heads,
+                                     launch.block_tables.shape[1] * s.page,
+                                     num_sms(torch.device(device)), tiles.block_n)
+        shape = f"{tiles.block_m}x{tiles.block_n} w{tiles.num_warps} s{tiles.num_stages}"
+        for splits in SPLITS:
+            out = torch.zeros_like(launch.q)
+            ms = time_ms(lambda n=splits, o=out, t=tiles: launch.run(o, t, n), device, reps)
+            ours = out[:q_len]
+            base = (ms, ours) if base is None else base
+            name = f"auto ({auto})" if splits is None else str(splits)
+            vs_one = (ours.float() - base[1].float()).abs().max().item()
+            vs_sdpa = (ours.float() - sdpa_out[0].transpose(0, 1).float()).abs().max().item()
+            rows.append(f"| {q_len} | {layout} | {shape} | {name} | {ms * 1e3:.1f} | "
+                        f"{base[0] / ms:.2f} | {sdpa_ms / ms:.2f} | {vs_one:.1e} | "
+                        f"{vs_sdpa:.1e} |")
+    rows.append(f"| {q_len} | {layout} | | SDPA | {sdpa_ms * 1e3:.1f} | {base[0] / sdpa_ms:.2f}"
+                " | 1.00 | | |")
     return rows
 
 
@@ -165,9 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kernels.bench.bench_prefix_attention")
     parser.add_argument("--tiny", action="store_true", help="small fp32 shapes (CPU smoke)")
     parser.add_argument("--reps", type=int, default=200, help="timed calls per cell")
+    parser.add_argument("--context", type=int, help="cached tokens (default 2048; tiny 48)")
+    parser.add_argument("--q-lens", type=int, nargs="+", help="new tokens (default 208 24)")
+    parser.add_argument("--sweep-tiles", action="store_true",
+                        help="also time other tile shapes (SWEEP_TILES) at every split count")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = TINY if args.tiny else LLAMA3_8B
+    shape = replace(shape, context=args.context or shape.context,
+                    q_lens=tuple(args.q_lens or shape.q_lens))
+    assert shape.context + max(shape.q_lens) <= shape.max_model_len, "longer than the graph"
     name = (f"{torch.cuda.get_device_name()} ({num_sms(torch.device(device))} SMs)"
             if device == "cuda" else "cpu (Triton interpreter)")
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -176,12 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# prefix attention: {shape.context} cached tokens + q new, {shape.heads} q / "
           f"{shape.kv_heads} kv heads, d={shape.head_dim}, {shape.dtype}, pages of "
           f"{shape.page}; us per launch (split-KV + combine); speedups: 1-split us / us, "
-          "SDPA us / us; max |diff| vs 1 split and vs SDPA")
-    print("| q | layout | splits | us | vs 1 split | vs SDPA | diff 1 split | diff SDPA |")
-    print("|---|---|---|---|---|---|---|---|")
+          "SDPA us / us; max |diff| vs 1 split and vs SDPA; vs/diff 1 split: the default tiles'")
+    tiles_list = [default_tiles(shape.head_dim, torch.device(device))]
+    if args.sweep_tiles:
+        tiles_list += SWEEP_TILES["tiny" if args.tiny else "gpu"]
+    print("| q | layout | tiles | splits | us | vs 1 split | vs SDPA | diff 1 split | diff SDPA |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for q_len in shape.q_lens:
         for graph in (False, True):
-            for row in bench_case(shape, q_len, graph, device, args.reps):
+            for row in bench_case(shape, q_len, graph, device, args.reps, tiles_list):
                 print(row)
     return 0
 

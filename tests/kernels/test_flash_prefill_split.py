@@ -101,10 +101,14 @@ def test_split_count_fills_the_gpu_only_when_needed() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("q_len", [208, 24])
 @pytest.mark.parametrize("num_splits", [None, 1, 2, 4, 8])
-def test_split_prefill_gpu_cached_tail(q_len: int, num_splits: int | None) -> None:
-    """The issue's shape at Llama-3-8B heads in bf16: q_len new tokens after 2048 cached."""
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_split_prefill_gpu_cached_tail(q_len: int, num_splits: int | None, fp8: bool) -> None:
+    """The issue's shape at Llama-3-8B heads, bf16 queries: q_len new tokens after 2048
+    cached, in a bf16 or an fp8 cache."""
     c = make_case([q_len], [2048 + q_len], num_heads=32, num_kv_heads=8, head_dim=128,
                   block_size=16, dtype=torch.bfloat16, device="cuda", seed=q_len)
+    if fp8:
+        c = with_fp8_cache(c, k_scale=0.5, v_scale=0.25)
     tiles = PrefillTiles(128, 64, 4, 3)
     assert_close(run_prefill(c, num_splits=num_splits, tiles=tiles), prefill_ref(c))
 
