@@ -5,6 +5,8 @@ programs whose float32 partial sums are added afterwards."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -49,17 +51,17 @@ def dot_launch(m: int, n: int, k: int, block_k: int, launch: dict | None = None)
 def dot_plan(
     m: int, n: int, k: int, block_k: int, launch: dict | None,
     dtype: torch.dtype, device: torch.device,
-) -> tuple[torch.Tensor, int, tuple[int, int, int], dict]:
-    """Everything a tl.dot form's launch needs from `dot_launch` and `split_output`: (output
-    buffer, rows of K per split, grid (m tiles, n tiles, splits), meta-parameters BLOCK_M,
-    BLOCK_N, BLOCK_K, num_warps, num_stages and any other key `launch` gave)."""
+) -> tuple[SplitOutput, tuple[int, int, int], dict]:
+    """Everything a tl.dot form's launch needs from `dot_launch` and `split_output`: (output,
+    grid (m tiles, n tiles, splits), meta-parameters BLOCK_M, BLOCK_N, BLOCK_K, SPLIT,
+    num_warps, num_stages and any other key `launch` gave)."""
     config = dot_launch(m, n, k, block_k, launch)
     block_m, block_n = config.pop("block_m"), config.pop("block_n")
     block_k = config.pop("block_k")
-    out, k_per_split, splits = split_output(m, n, k, block_k, config.pop("split"), dtype, device)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), splits)
-    return out, k_per_split, grid, {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
-                                    **config}
+    tiles = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    out = split_output(m, n, k, block_k, config.pop("split"), dtype, device, tiles[0] * tiles[1])
+    return out, (*tiles, out.splits), {"BLOCK_M": block_m, "BLOCK_N": block_n,
+                                       "BLOCK_K": block_k, "SPLIT": out.split, **config}
 
 
 def splits_for(tiles: int, k: int) -> int:
@@ -85,55 +87,83 @@ def gemv_launch(
     return config
 
 
+@dataclass(frozen=True)
+class SplitOutput:
+    """Where a weight-streaming matmul writes: `out` [m, n] in x's dtype is the result; with a
+    split, `parts` float32 [splits, m, n] holds each split's partial sums and `counts` (int32
+    per output tile, zero between launches) how many splits of a tile have arrived, so the last
+    one adds them up in the same launch (`finish`). Without a split `parts` is `out` and
+    `counts` is never touched."""
+
+    out: torch.Tensor
+    parts: torch.Tensor
+    counts: torch.Tensor
+    k_per_split: int
+    splits: int
+
+    @property
+    def split(self) -> bool:
+        return self.splits > 1
+
+    @property
+    def part_stride(self) -> int:
+        return self.parts.stride(0) if self.split else 0
+
+
+MAX_TILES = 1 << 16
+"""Output tiles one split launch may have (entries of a device's arrival counters)."""
+_COUNTS: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counts(device: torch.device, tiles: int) -> torch.Tensor:
+    """The device's arrival counters (zeros; every split launch leaves them zero again), made
+    once so that CUDA graphs captured with them stay valid."""
+    assert tiles <= MAX_TILES, f"{tiles} output tiles > {MAX_TILES}"
+    device = torch.device(device)
+    if device not in _COUNTS:
+        _COUNTS[device] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _COUNTS[device]
+
+
 def split_output(
-    m: int, n: int, k: int, block_k: int, split: int, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, int, int]:
-    """(output buffer, rows of K per split, number of splits). The buffer is [m, n] in `dtype`
-    without a split, float32 [splits, m, n] partial sums with one. Splits are whole K tiles,
-    so there may be fewer than asked."""
+    m: int, n: int, k: int, block_k: int, split: int, dtype: torch.dtype, device: torch.device,
+    tiles: int,
+) -> SplitOutput:
+    """The output of a launch with `tiles` output tiles (grid axes 0 x 1) and up to `split`
+    programs along K (grid axis 2). Splits are whole K tiles, so there may be fewer than
+    asked."""
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
+    out = torch.empty((m, n), dtype=dtype, device=device)
     if splits == 1:
-        return torch.empty((m, n), dtype=dtype, device=device), k_per_split, 1
-    return torch.empty((splits, m, n), dtype=torch.float32, device=device), k_per_split, splits
-
-
-REDUCE_BLOCK = 1024
+        return SplitOutput(out, out, out, k_per_split, 1)
+    parts = torch.empty((splits, m, n), dtype=torch.float32, device=device)
+    return SplitOutput(out, parts, arrival_counts(device, tiles), k_per_split, splits)
 
 
 @triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, splits, size, BLOCK: tl.constexpr):
-    """out[i] = sum over s of part[s, i] (float32, in split order), rounded once to out's
-    dtype: one launch where torch's sum and conversion would be two."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < size
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, splits):
-        acc += tl.load(part_ptr + s * size + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-def reduce_splits(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The [m, n] result from `split_output`'s buffer once the kernel has filled it."""
-    if out.dim() == 2:
-        return out
-    splits, m, n = out.shape
-    result = torch.empty((m, n), dtype=dtype, device=out.device)
-    if m * n > 0:
-        _sum_splits_kernel[(triton.cdiv(m * n, REDUCE_BLOCK),)](
-            out, result, splits, m * n, BLOCK=REDUCE_BLOCK)
-    return result
-
-
-def reduce_splits_ref(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Plain-torch reference of `reduce_splits` (the splits added in order, as the kernel
-    does, so the two are bit-equal)."""
-    if out.dim() == 2:
-        return out
-    acc = out[0].clone()
-    for part in out[1:]:
-        acc += part
-    return acc.to(dtype)
+def finish(out_ptr, part_ptr, count_ptr, value, offs, mask, stride_os, SPLIT: tl.constexpr):
+    """Writes a program's float32 result `value` at element offsets `offs` of the output.
+    Without a split: rounded once into out. With one: as split program_id(2)'s partial sums;
+    the split that arrives last at this output tile (grid axes 0 and 1) adds all partials in
+    split order, rounds once into out and resets the tile's counter, so a split matmul is one
+    launch rather than a matmul and a reduction (a launch costs ~2-3 us at decode). The
+    barrier makes the CTA's partial stores precede the counter's release; the partials are
+    read past L1 (.cg), which is not coherent across SMs."""
+    if SPLIT:
+        splits = tl.num_programs(2)
+        tl.store(part_ptr + tl.program_id(2) * stride_os + offs, value, mask=mask)
+        tl.debug_barrier()
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == splits - 1:
+            total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, splits):
+                total += tl.load(part_ptr + s * stride_os + offs, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count_ptr + tile, 0)
+    else:
+        tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -146,11 +176,12 @@ def load_x_tile(x_ptr, offs_m, k0, M, K, stride_xm, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om):
-    """Split pid_k's tile of the output ([M, N], or float32 partial sums [splits, M, N])."""
-    out = out_ptr + pid_k * stride_os + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+def store_tile(out_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, stride_os, stride_om,
+               SPLIT: tl.constexpr):
+    """This program's [BLOCK_M, BLOCK_N] tile of the [M, N] output (see `finish`)."""
+    offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    finish(out_ptr, part_ptr, count_ptr, acc, offs, mask, stride_os, SPLIT)
 
 
 @triton.jit
@@ -164,7 +195,8 @@ def gemv_program(N, K, k_per_split, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def store_row(out_ptr, acc, pid_k, row, offs_n, N, stride_os, stride_om):
-    """Split pid_k's columns offs_n of output row `row` (the matrix-vector kernels)."""
-    out = out_ptr + pid_k * stride_os + row.to(tl.int64) * stride_om + offs_n
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+def store_row(out_ptr, part_ptr, count_ptr, acc, row, offs_n, N, stride_os, stride_om,
+              SPLIT: tl.constexpr):
+    """Columns offs_n of output row `row` (the matrix-vector kernels; see `finish`)."""
+    finish(out_ptr, part_ptr, count_ptr, acc, row.to(tl.int64) * stride_om + offs_n,
+           offs_n < N, stride_os, SPLIT)

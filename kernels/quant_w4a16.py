@@ -18,7 +18,8 @@ form dequantizes in float32 and rounds once to x's dtype (the tensor cores' oper
 matrix-vector form multiplies by the float32 weight unrounded (`w4a16_matmul_ref` follows).
 
 Decode (M <= 16) is bandwidth-bound and has too few output tiles to fill the GPU, so K is
-split across programs (SPLIT_K) and the float32 partial sums are added afterwards. Up to
+split across programs and the float32 partial sums are added by the last split of each tile
+(kernels/quant_split_k.py `finish`). Up to
 GEMV_MAX_ROWS rows run `_w4a16_gemv_kernel` instead: no tl.dot (which pads M to 16 and stages
 the dequantized tile through shared memory). It reads each packed word once and widens its
 nibbles with bit operations rather than int -> float conversions, which run at a quarter of
@@ -73,12 +74,12 @@ def _dequantize_tile(q, s_ptr, z_ptr, k0, offs_n, N, K, group_size, stride_sg,
 
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, group_size, k_per_split,
     stride_xm, stride_qk, stride_sg, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr, PRECISION: tl.constexpr,
-    ROW_UNPACK: tl.constexpr,
+    ROW_UNPACK: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """BLOCK_M rows of x times BLOCK_N columns over split pid_k's rows of K (tl.dot).
     ROW_UNPACK: each k's packed word loaded by offs_k // 8 (L1 serves the repeats), as the
@@ -112,7 +113,8 @@ def _w4a16_kernel(
         w = _dequantize_tile(q, s_ptr, z_ptr, k0, offs_n, N, K, group_size, stride_sg,
                              BLOCK_K, GROUP_PER_TILE, MIN_FORM).to(x.dtype)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om)
+    store_tile(out_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, stride_os, stride_om,
+               SPLIT)
 
 
 MAGIC: tl.constexpr = tl.constexpr(0x4B000000)
@@ -148,11 +150,12 @@ def _load_w4_words(qw_ptr, s_ptr, z_ptr, k0, k_end, offs_w, offs_n, n_ok, group_
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr,
     N, K, group_size, k_per_split,
     stride_xm, stride_qk, stride_sg, stride_os, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr, PREFETCH: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K.
 
@@ -198,7 +201,8 @@ def _w4a16_gemv_kernel(
             packed, s, z, k_w, w_ok = _load_w4_words(
                 qw_ptr, s_ptr, z_ptr, k0 + BLOCK_K, k_end, offs_w, offs_n, n_ok, group_size,
                 stride_qk, stride_sg, GROUP_PER_TILE)
-    store_row(out_ptr, tl.sum(acc, axis=0), pid_k, row, offs_n, N, stride_os, stride_om)
+    store_row(out_ptr, part_ptr, count_ptr, tl.sum(acc, axis=0), row, offs_n, N, stride_os,
+              stride_om, SPLIT)
 
 
 def _check(x, qweight, scales, zeros, group_size) -> None:
@@ -236,18 +240,17 @@ def w4a16_matmul(
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
                           **split_k.gemv_launch(m, n, k, GEMV_BLOCK_K, launch))
-    out, k_per_split, grid, meta = split_k.dot_plan(m, n, k, group_k, launch, x.dtype, x.device)
+    out, grid, meta = split_k.dot_plan(m, n, k, group_k, launch, x.dtype, x.device)
     row_unpack = meta.pop("row_unpack", ROW_UNPACK)
     if m > 0:
         _w4a16_kernel[grid](
-            x, qweight, scales, zeros, out,
-            m, n, k, group_size, k_per_split,
-            x.stride(0), qweight.stride(0), scales.stride(0),
-            out.stride(0) if grid[2] > 1 else 0, out.stride(-2),
+            x, qweight, scales, zeros, out.out, out.parts, out.counts,
+            m, n, k, group_size, out.k_per_split,
+            x.stride(0), qweight.stride(0), scales.stride(0), out.part_stride, n,
             GROUP_PER_TILE=group_size % meta["BLOCK_K"] == 0, MIN_FORM=min_form,
             PRECISION=dot_precision(x.dtype), ROW_UNPACK=row_unpack, **meta,
         )
-    return split_k.reduce_splits(out, x.dtype)
+    return out.out
 
 
 def w4a16_gemv(
@@ -259,18 +262,17 @@ def w4a16_gemv(
     benchmark's --sweep times several); `block_k` at most the group size for one scale row per
     tile."""
     (m, k), n = x.shape, qweight.shape[1]
-    out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
-    grid = (m, triton.cdiv(n, block_n), splits)
-    _w4a16_gemv_kernel[grid](
-        x, qweight, scales, zeros, out,
-        n, k, group_size, k_per_split,
-        x.stride(0), qweight.stride(0), scales.stride(0),
-        out.stride(0) if splits > 1 else 0, out.stride(-2),
+    tiles = (m, triton.cdiv(n, block_n))
+    out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device, tiles[0] * tiles[1])
+    _w4a16_gemv_kernel[(*tiles, out.splits)](
+        x, qweight, scales, zeros, out.out, out.parts, out.counts,
+        n, k, group_size, out.k_per_split,
+        x.stride(0), qweight.stride(0), scales.stride(0), out.part_stride, n,
         BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form, PREFETCH=prefetch,
-        num_warps=num_warps, num_stages=num_stages,
+        SPLIT=out.split, num_warps=num_warps, num_stages=num_stages,
     )
-    return split_k.reduce_splits(out, x.dtype)
+    return out.out
 
 
 def unpack_rows_ref(qweight: torch.Tensor) -> torch.Tensor:

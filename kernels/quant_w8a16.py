@@ -26,11 +26,11 @@ from kernels.quant_split_k import gemv_program, load_x_tile, store_row, store_ti
 
 @triton.jit
 def _w8a16_kernel(
-    x_ptr, w_ptr, s_ptr, out_ptr,
+    x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr,
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -48,7 +48,8 @@ def _w8a16_kernel(
         acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
     s = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
     acc = acc * s[None, :]
-    store_tile(out_ptr, acc, pid_k, offs_m, offs_n, M, N, stride_os, stride_om)
+    store_tile(out_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, stride_os, stride_om,
+               SPLIT)
 
 
 @triton.jit
@@ -68,10 +69,10 @@ def _load_channel_tile(x_ptr, w_ptr, row, k0, k_end, offs_n, n_ok, stride_xm, st
 
 @triton.jit
 def _channel_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, out_ptr,
+    x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr,
     N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N rows of the [N, K] weight over split
     pid_k's columns of K; the weight tile is read along K, its contiguous axis. PREFETCH: the
@@ -92,7 +93,7 @@ def _channel_gemv_kernel(
             x, w = _load_channel_tile(x_ptr, w_ptr, row, k0 + BLOCK_K, k_end, offs_n, n_ok,
                                       stride_xm, stride_wn, BLOCK_K)
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
-    store_row(out_ptr, y, pid_k, row, offs_n, N, stride_os, stride_om)
+    store_row(out_ptr, part_ptr, count_ptr, y, row, offs_n, N, stride_os, stride_om, SPLIT)
 
 
 def channel_gemv(
@@ -103,16 +104,16 @@ def channel_gemv(
     """(x @ weight.T) * scales for a few rows of x (weight [N, K] int8 or FP8, scales float32
     [N]), with an explicit launch configuration (the benchmark's --sweep times several)."""
     (m, k), n = x.shape, weight.shape[0]
-    out, k_per_split, splits = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device)
-    grid = (m, triton.cdiv(n, block_n), splits)
-    _channel_gemv_kernel[grid](
-        x, weight, scales, out,
-        n, k, k_per_split,
-        x.stride(0), weight.stride(0), out.stride(0) if splits > 1 else 0, out.stride(-2),
-        BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch,
+    tiles = (m, triton.cdiv(n, block_n))
+    out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device, tiles[0] * tiles[1])
+    _channel_gemv_kernel[(*tiles, out.splits)](
+        x, weight, scales, out.out, out.parts, out.counts,
+        n, k, out.k_per_split,
+        x.stride(0), weight.stride(0), out.part_stride, n,
+        BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch, SPLIT=out.split,
         num_warps=num_warps, num_stages=num_stages,
     )
-    return split_k.reduce_splits(out, x.dtype)
+    return out.out
 
 
 CHANNEL_GEMV_BLOCK_N = 16
@@ -154,15 +155,15 @@ def channel_matmul(
         return channel_gemv(x, weight, scales,
                             **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch,
                                                         CHANNEL_GEMV_BLOCK_N))
-    out, k_per_split, grid, meta = split_k.dot_plan(m, n, k, 128, launch, x.dtype, x.device)
+    out, grid, meta = split_k.dot_plan(m, n, k, 128, launch, x.dtype, x.device)
     if m > 0:
         _w8a16_kernel[grid](
-            x, weight, scales, out,
-            m, n, k, k_per_split,
-            x.stride(0), weight.stride(0), out.stride(0) if grid[2] > 1 else 0, out.stride(-2),
+            x, weight, scales, out.out, out.parts, out.counts,
+            m, n, k, out.k_per_split,
+            x.stride(0), weight.stride(0), out.part_stride, n,
             PRECISION=dot_precision(x.dtype), **meta,
         )
-    return split_k.reduce_splits(out, x.dtype)
+    return out.out
 
 
 def w8a16_matmul_ref(x, qweight, scales):

@@ -16,9 +16,9 @@ from kernels.quant_fp8 import (
     quantize_rows_fp8,
     quantize_rows_fp8_ref,
 )
-from kernels.quant_split_k import reduce_splits, reduce_splits_ref
+from kernels.quant_split_k import arrival_counts
 from kernels.quant_w4a16 import dequantize_w4_ref, w4a16_matmul, w4a16_matmul_ref
-from kernels.quant_w8a16 import channel_matmul, w8a16_matmul, w8a16_matmul_ref
+from kernels.quant_w8a16 import channel_gemv, channel_matmul, w8a16_matmul, w8a16_matmul_ref
 from tests.kernels.tolerances import assert_close
 
 LLAMA3_8B_PROJECTIONS = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
@@ -113,13 +113,24 @@ def test_launch_configurations_match_reference(launch, shape, device):
     assert_close(w8a16_matmul(x, q8, s8, launch=launch8), w8a16_matmul_ref(x, q8, s8))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("splits,m,n", [(2, 1, 6144), (5, 3, 1000), (1, 2, 8)])
-def test_split_sum_kernel_matches_torch(splits, m, n, dtype, device):
-    parts = random_x(splits * m, n, torch.float32, device).reshape(splits, m, n)
-    out = reduce_splits(parts, dtype)
-    assert out.dtype == dtype
-    assert torch.equal(out, reduce_splits_ref(parts, dtype))
+@pytest.mark.parametrize("splits,m,n", [(3, 1, 200), (5, 3, 64), (2, 4, 8)])
+def test_last_split_adds_the_partials_in_order_and_resets_its_counters(splits, m, n, device):
+    """A split launch equals its splits run alone over their K ranges, added in split order
+    (bit for bit, float32), and leaves every arrival counter at zero for the next launch."""
+    k, block_k = splits * 128, 64
+    x = random_x(m, k, torch.float32, device)
+    weight, scales = random_w8(k, n, device)
+    launch = {"block_n": 16, "block_k": block_k, "num_warps": 4, "num_stages": 1}
+    out = channel_gemv(x, weight, scales, split=splits, **launch)
+    parts = [channel_gemv(x[:, i * 128:(i + 1) * 128].contiguous(),
+                          weight[:, i * 128:(i + 1) * 128].contiguous(), scales, split=1,
+                          **launch) for i in range(splits)]
+    expected = parts[0].clone()
+    for part in parts[1:]:
+        expected += part
+    assert torch.equal(out, expected)
+    assert torch.equal(channel_gemv(x, weight, scales, split=splits, **launch), out)
+    assert not arrival_counts(device, 1).any()
 
 
 def test_w4a16_reference_dequantizes_the_layout_elementwise(device):
