@@ -151,7 +151,8 @@ def test_tp2_over_gloo_gives_the_single_rank_logits(head_dirs, make_step, local_
     assert lost == []
 
 
-def test_a_quantized_head_with_tied_embeddings_is_refused(make_model_dir, head_dirs, tmp_path):
+def test_a_quantized_head_with_tied_embeddings_is_refused(make_model_dir, head_dirs, tmp_path,
+                                                          capsys):
     """vLLM skips a tied checkpoint's lm_head.* tensors (its head is the embedding), so a
     quantized head is never what it serves; kvrelay refuses, writing and loading alike."""
     tied = make_model_dir("tied")
@@ -168,6 +169,11 @@ def test_a_quantized_head_with_tied_embeddings_is_refused(make_model_dir, head_d
     (claimed / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
     with pytest.raises(InvalidModelConfig, match="quantization_config.lm_head"):
         build_model(claimed)
+    from cluster.serve import main as serve
+
+    assert serve(["--model", str(claimed), "--port", "1"]) == 2  # before Ray: one line
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "'quantization_config.lm_head'" in err[0], err
 
 
 @pytest.mark.parametrize(("fmt", "suffix", "label"), [

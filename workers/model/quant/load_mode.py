@@ -80,8 +80,11 @@ def resolve_load_mode(model: str | Path, quantization: str, device_type: str) ->
 
 
 def check_load_mode(model: str | Path, quantization: str) -> None:
-    """The start-up check of `--quantization` against `--model` (device-independent)."""
+    """The start-up check of `--quantization` against `--model` (device-independent), and of
+    the checkpoint's own quantization_config (a method kvrelay does not serve, a quantized LM
+    head with tied embeddings), so these fail before any worker starts."""
     resolve_load_mode(model, quantization, "cpu")
+    read_scheme(model)
 
 
 def dummy_scheme(config_path: str | Path, quantization: str) -> QuantScheme | None:
