@@ -42,6 +42,8 @@ def test_q4_blocks_kept_quantized_dequantize_to_the_gguf_values(qtype, tiny_mode
             weight = read_gguf_q4(file, name)
             assert weight.group_size == 32 and weight.min_form == (qtype == "Q4_1")
             assert torch.equal(weight.dequantize(), hf_tensor(file, name)), name
+    head = read_gguf_q4(file, "lm_head.weight")  # output.weight: no rotary reordering
+    assert torch.equal(head.dequantize(), hf_tensor(file, "lm_head.weight"))
 
 
 @pytest.mark.parametrize(("variant", "qtype"), [("llama", "Q4_1"), ("mqa", "Q4_0")])
@@ -59,6 +61,8 @@ def test_kept_quantized_gguf_greedy_matches_transformers_on_the_same_file(
                                     cache=CacheConfig(num_blocks=32)))
     qkv = engine.runner.model.layers["0"].self_attn.qkv_proj
     assert qkv.weight is None and isinstance(qkv.quantized, Int4Weight)
+    head = engine.runner.model.lm_head  # output.weight is Q4 too: the logits are W4A16's
+    assert head.weight is None and isinstance(head.quantized, Int4Weight)
     prompts = [[5, 17, 99, 200, 31, 7, 300], [42, 8, 400, 11]]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
     for prompt, output in zip(prompts, engine.generate(prompts, params), strict=True):

@@ -23,6 +23,8 @@ from workers.model.quant.formats import FORMATS
 from workers.model.quant.gguf_q4 import is_kept_quantized, read_gguf_q4
 from workers.model.quant.scheme import QuantScheme
 
+HEAD_WEIGHT = "lm_head.weight"
+"""An untied LM head's checkpoint name (a tied one loads from model.embed_tokens.weight)."""
 TensorReader = Callable[[str], "torch.Tensor | None"]
 """Checkpoint tensor name -> the tensor, or None when the checkpoint lacks it."""
 DenseSource = Callable[[str, tuple[int, ...]], torch.Tensor]
@@ -99,11 +101,12 @@ def release_dense_memory() -> None:
 
 def load_gguf_q4(slots: dict[str, CheckpointSlot], gguf: GGUFFile) -> dict[str, CheckpointSlot]:
     """Loads, kept 4-bit, the projections of a GGUF file whose every merged part is stored
-    Q4_0 / Q4_1 (a layer with one part in another format, say Q6_K, stays dense); returns
-    the other slots."""
+    Q4_0 / Q4_1 (a layer with one part in another format, say Q6_K, stays dense), and an
+    untied LM head (output.weight) stored so, as vLLM keeps a GGUF head in its file's format;
+    returns the other slots. The token embedding stays a dense table, tied head included."""
     by_module: dict[int, list[str]] = {}
     for name, slot in slots.items():
-        if is_quantized_slot(slot):
+        if is_quantized_slot(slot, lm_head=name == HEAD_WEIGHT):
             by_module.setdefault(id(slot.module), []).append(name)
     kept = {name for names in by_module.values()
             if all(is_kept_quantized(gguf, name) for name in names) for name in names}
