@@ -15,9 +15,10 @@ copied (or, from a GGUF file, written from its metadata). The quality is what RT
 these checkpoints are test and benchmark inputs, not a substitute for GPTQ or AWQ.
 
 --lm-head quantizes the LM head (lm_head.weight) too, in the same format, and says so as the
-real tools do: GPTQ and AWQ `"lm_head": true` (GPTQModel's flag, which vLLM reads), compressed-
-tensors an `ignore` list without lm_head. A model with tied embeddings is refused (its head is
-the input embedding, which stays dense; workers/model/quant/scheme.py).
+real tools do: GPTQ `"lm_head": true` (AutoGPTQ / GPTQModel), AWQ the same key (which vLLM's
+AWQ-Marlin config reads), compressed-tensors an `ignore` list without lm_head. A model with
+tied embeddings is refused (its head is the input embedding, which stays dense;
+workers/model/quant/scheme.py).
 
 --kv-cache-scales adds per-layer FP8 KV-cache scales (model.layers.N.self_attn.k_scale and
 v_scale, float32 [1]: max |K| / 448 and max |V| / 448 over a few built-in prompts run through

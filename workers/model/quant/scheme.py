@@ -13,8 +13,8 @@
 The decoder layers' projections are quantized; embeddings and norms stay in the model's dtype.
 The LM head stays dense too unless the config says it is quantized (`QuantScheme.lm_head`):
 GPTQ `"lm_head": true` (AutoGPTQ / GPTQModel write it; lm_head.qweight/qzeros/scales/g_idx),
-AWQ `"lm_head": true` (AutoAWQ never quantizes the head; GPTQModel's AWQ checkpoints carry the
-flag and vLLM's AWQ-Marlin reads it), compressed-tensors with the head matched by a target
+AWQ `"lm_head": true` (the key vLLM's AWQ-Marlin config reads; AutoAWQ itself never quantizes
+the head), compressed-tensors with the head matched by a target
 ("Linear" or its name) and not listed in `ignore`. A quantized head with tied embeddings is
 refused (`check_head_untied`): the head is then the input embedding, which stays a dense table;
 vLLM skips a tied checkpoint's lm_head.* tensors, so a quantized copy of it is never served.
