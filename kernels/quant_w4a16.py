@@ -162,8 +162,9 @@ def _w4a16_gemv_kernel(
     Each packed word [BLOCK_K / 8, BLOCK_N] is loaded once; nibble j of every word (input row
     8i + j) is widened with the 2**23 trick (MAGIC) where it lies, without shifting it down
     first (one integer op per weight instead of two; see the loop), and multiplied by
-    x[8i + j], accumulated per word row in float32 without rounding the weight; the group scale is applied once per word
-    (a packed row lies inside one group: group sizes are multiples of 8), and the sum over K
+    x[8i + j], accumulated per word row in float32 without rounding the weight; the group
+    scale is applied once per word (a packed row lies inside one group: group sizes are
+    multiples of 8), and the sum over K
     is taken once after the loop. PREFETCH: the next tile's loads are issued before this
     tile's arithmetic (two tiles in flight per program; Triton pipelines only loads that
     feed tl.dot)."""
