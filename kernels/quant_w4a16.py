@@ -188,7 +188,7 @@ def _w4a16_gemv_kernel(
         part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         for j in tl.static_range(8):
-            p: tl.constexpr = 4 * j if j < 5 else 4 * (j - 3)
+            p = 4 * j if j < 5 else 4 * (j - 3)
             word = packed if j < 5 else high
             xj = tl.load(x_row + k_w + j, mask=w_ok, other=0.0).to(tl.float32)
             if MIN_FORM:
