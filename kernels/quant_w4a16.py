@@ -160,11 +160,9 @@ def _w4a16_gemv_kernel(
     """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K.
 
     Each packed word [BLOCK_K / 8, BLOCK_N] is loaded once; nibble j of every word (input row
-    8i + j) is widened with the 2**23 trick (MAGIC) where it lies, without shifting it down
-    first (one integer op per weight instead of two; see the loop), and multiplied by
-    x[8i + j], accumulated per word row in float32 without rounding the weight; the group
-    scale is applied once per word (a packed row lies inside one group: group sizes are
-    multiples of 8), and the sum over K
+    8i + j) is widened with the 2**23 trick (MAGIC) and multiplied by x[8i + j], accumulated per
+    word row in float32 without rounding the weight; the group scale is applied once per word
+    (a packed row lies inside one group: group sizes are multiples of 8), and the sum over K
     is taken once after the loop. PREFETCH: the next tile's loads are issued before this
     tile's arithmetic (two tiles in flight per program; Triton pipelines only loads that
     feed tl.dot)."""
@@ -180,23 +178,17 @@ def _w4a16_gemv_kernel(
             n_packed, n_s, n_z, n_k_w, n_w_ok = _load_w4_words(
                 qw_ptr, s_ptr, z_ptr, k0 + BLOCK_K, k_end, offs_w, offs_n, n_ok, group_size,
                 stride_qk, stride_sg, GROUP_PER_TILE)
-        # Nibble j sits at bit p = 4j of the word (j < 5) or, after one shift by 12 for the
-        # word's last three, at p = 4(j - 3): a mask and an OR (one lop3) make the float
-        # 2**23 + q * 2**p, and (2**23 + q 2**p) - (2**23 + z 2**p) = (q - z) 2**p exactly
-        # (q alone in min form); x[8i + j] * 2**-p (exact) undoes the 2**p.
-        high = packed >> 12
+        # q - z (or q alone in min form) exactly: (2**23 + q) - (2**23 + z).
+        if MIN_FORM:
+            offset = tl.zeros_like(z) + MAGIC_F
+        else:
+            offset = z + MAGIC_F
         part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         for j in tl.static_range(8):
-            p = 4 * j if j < 5 else 4 * (j - 3)
-            word = packed if j < 5 else high
             xj = tl.load(x_row + k_w + j, mask=w_ok, other=0.0).to(tl.float32)
-            if MIN_FORM:
-                offset = MAGIC_F
-            else:
-                offset = z * (1 << p) + MAGIC_F
-            q = ((word & (0xF << p)) | MAGIC).to(tl.float32, bitcast=True) - offset
-            part += (xj * (1.0 / (1 << p)))[:, None] * q
+            q = (((packed >> (4 * j)) & 0xF) | MAGIC).to(tl.float32, bitcast=True) - offset
+            part += xj[:, None] * q
             if MIN_FORM:
                 x_sum += xj
         if MIN_FORM:  # sum x (q s + m) = s sum x q + m sum x
