@@ -35,6 +35,7 @@ from workers.actors.decode_worker import DecodeWorker
 from workers.actors.prefill_worker import PrefillWorker
 from workers.actors.worker_base import WorkerSpec
 from workers.bench.bench_report import device_name
+from workers.bench.profiling import print_profile
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.engine.engine import LLMEngine
 from workers.engine.sampling_params import SamplingParams
@@ -145,11 +146,7 @@ def engine_run(args: argparse.Namespace, caching: bool) -> dict[str, Any]:
 def profile_ttft(engine: LLMEngine, prompts: list[list[int]], sampling: SamplingParams) -> None:
     """Prints torch.profiler's GPU-kernel and host-op tables over `prompts` served one at a
     time up to their first token (then aborted, so decode steps do not mix in)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + (
-        [ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
+    def run() -> None:
         for i, prompt in enumerate(prompts):
             engine.add_request(f"profile-{i}", prompt, sampling)
             while not engine.step():
@@ -157,12 +154,8 @@ def profile_ttft(engine: LLMEngine, prompts: list[list[int]], sampling: Sampling
             engine.abort(f"profile-{i}")
             while engine.has_unfinished():
                 engine.step()
-    averages = prof.key_averages()
-    if torch.cuda.is_available():
-        print(f"profile of {len(prompts)} cached TTFTs, by GPU time:")
-        print(averages.table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=60))
-    print(f"profile of {len(prompts)} cached TTFTs, by host time:")
-    print(averages.table(sort_by="cpu_time_total", row_limit=20, max_name_column_width=60))
+
+    print_profile(run, f"{len(prompts)} cached TTFTs")
 
 
 def release_memory() -> None:

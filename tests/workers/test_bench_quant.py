@@ -27,3 +27,17 @@ def test_quantize_lm_head_adds_a_row_per_format_with_the_head_quantized(tiny_mod
     assert size.keys() == {"bf16", "int8", "int8+head", "gptq", "gptq+head"}
     assert size["int8+head"] < size["int8"] < size["bf16"]
     assert size["gptq+head"] < size["gptq"] < size["bf16"]
+
+
+def test_profile_prints_where_each_formats_decode_spends_its_time(tiny_model_dir, capsys):
+    """--profile: one host-op table per format (a GPU-kernel table too on CUDA), naming the
+    format's checkpoint, beside the timing table."""
+    argv = ["--config", str(tiny_model_dir / "config.json"), "--formats", "bf16,int8",
+            "--batch", "1", "--input-len", "4", "--output-len", "3", "--attention-backend",
+            "torch", "--dtype", "float32", "--device", "cpu", "--num-blocks", "16", "--profile"]
+    assert bench_quant.main(argv) == 0
+    out = capsys.readouterr().out
+    headers = [line for line in out.splitlines() if line.startswith("profile of batch-1 decode")]
+    assert len(headers) == 2 and "by host time" in headers[0]
+    assert "(bf16.json, " in headers[0] and "(int8.json, " in headers[1]
+    assert "aten::" in out and "W8A16 int8" in out

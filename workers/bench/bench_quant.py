@@ -40,6 +40,7 @@ import torch
 
 from workers.bench.bench_engine import batch1_tpot, make_prompts
 from workers.bench.bench_report import device_name
+from workers.bench.profiling import print_profile
 from workers.config import CacheConfig, EngineConfig, SchedulerConfig
 from workers.model.model_source import resolve_model_path
 from workers.model.presets import resolve_config_path
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention-backend", default="triton", choices=["torch", "triton"])
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--num-blocks", type=int, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, print torch.profiler's kernel tables of each "
+                             "format's batch-1 decode (--output-len tokens)")
     return parser
 
 
@@ -138,6 +142,11 @@ def time_steps(engine, args: argparse.Namespace) -> dict[str, float]:
             lambda n, b=batch: engine.generate(prompts[:b], greedy(n)), args.output_len,
             engine.runner.device,
         )
+    if args.profile:
+        print_profile(lambda: engine.generate([prompts[0][:8]], greedy(args.output_len)),
+                      f"batch-1 decode of {args.output_len} tokens "
+                      f"({Path(engine.config.model).name}, quantization "
+                      f"{engine.config.quantization})")
     return result
 
 
