@@ -26,3 +26,15 @@ def test_bench_prefix_cache_runs_on_cpu_and_moves_only_uncached_blocks(tiny_mode
                                                                                  ["on"])]
     assert [r[0] for r in rows] == ["off", "on"] and rows[1][3] == "48"
     assert "device:   cpu" in table and "KV moved per request" in table
+
+
+def test_profile_prints_the_cached_ttfts_tables(tiny_model_dir, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text((tiny_model_dir / "config.json").read_text())
+    args = bench.parse_args(["--dummy-config", str(config), "--device", "cpu", "--dtype",
+                             "float32", "--shared-len", "48", "--unique-len", "6",
+                             "--output-len", "2", "--num-requests", "2", "--block-size", "8",
+                             "--profile"])
+    assert bench.engine_run(args, caching=True)["cached"] == 48
+    out = capsys.readouterr().out
+    assert "profile of 2 cached TTFTs, by host time:" in out and "aten::" in out
