@@ -117,7 +117,9 @@ _COUNTS: dict[torch.device, torch.Tensor] = {}
 
 def arrival_counts(device: torch.device, tiles: int) -> torch.Tensor:
     """The device's arrival counters (zeros; every split launch leaves them zero again), made
-    once so that CUDA graphs captured with them stay valid."""
+    once so that CUDA graphs captured with them stay valid. One set per device: split launches
+    on one device must not overlap in time (they are ordered on the engine's stream; no other
+    stream runs the quantized matmuls)."""
     assert tiles <= MAX_TILES, f"{tiles} output tiles > {MAX_TILES}"
     device = torch.device(device)
     if device not in _COUNTS:
