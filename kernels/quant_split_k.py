@@ -59,9 +59,9 @@ def dot_plan(
     block_m, block_n = config.pop("block_m"), config.pop("block_n")
     block_k = config.pop("block_k")
     tiles = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    out = split_output(m, n, k, block_k, config.pop("split"), dtype, device, tiles[0] * tiles[1])
-    return out, (*tiles, out.splits), {"BLOCK_M": block_m, "BLOCK_N": block_n,
-                                       "BLOCK_K": block_k, "SPLIT": out.split, **config}
+    out = split_output(m, n, k, block_k, config.pop("split"), dtype, device, tiles)
+    return out, out.grid, {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k,
+                           "SPLIT": out.split, **config}
 
 
 def splits_for(tiles: int, k: int) -> int:
@@ -100,10 +100,17 @@ class SplitOutput:
     counts: torch.Tensor
     k_per_split: int
     splits: int
+    tiles: tuple[int, int]
 
     @property
     def split(self) -> bool:
         return self.splits > 1
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """The launch grid: output tiles on axes 0 and 1 (the counters `finish` indexes),
+        splits on axis 2."""
+        return (*self.tiles, self.splits)
 
     @property
     def part_stride(self) -> int:
@@ -129,18 +136,19 @@ def arrival_counts(device: torch.device, tiles: int) -> torch.Tensor:
 
 def split_output(
     m: int, n: int, k: int, block_k: int, split: int, dtype: torch.dtype, device: torch.device,
-    tiles: int,
+    tiles: tuple[int, int],
 ) -> SplitOutput:
-    """The output of a launch with `tiles` output tiles (grid axes 0 x 1) and up to `split`
-    programs along K (grid axis 2). Splits are whole K tiles, so there may be fewer than
-    asked."""
+    """The output of a launch with `tiles` output tiles (grid axes 0 and 1) and up to `split`
+    programs along K (grid axis 2); launch it on its `grid`. Splits are whole K tiles, so
+    there may be fewer than asked."""
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     splits = triton.cdiv(k, k_per_split)
     out = torch.empty((m, n), dtype=dtype, device=device)
     if splits == 1:
-        return SplitOutput(out, out, out, k_per_split, 1)
+        return SplitOutput(out, out, out, k_per_split, 1, tiles)
     parts = torch.empty((splits, m, n), dtype=torch.float32, device=device)
-    return SplitOutput(out, parts, arrival_counts(device, tiles), k_per_split, splits)
+    counts = arrival_counts(device, tiles[0] * tiles[1])
+    return SplitOutput(out, parts, counts, k_per_split, splits, tiles)
 
 
 @triton.jit

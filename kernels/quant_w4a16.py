@@ -262,9 +262,9 @@ def w4a16_gemv(
     benchmark's --sweep times several); `block_k` at most the group size for one scale row per
     tile."""
     (m, k), n = x.shape, qweight.shape[1]
-    tiles = (m, triton.cdiv(n, block_n))
-    out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device, tiles[0] * tiles[1])
-    _w4a16_gemv_kernel[(*tiles, out.splits)](
+    out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device,
+                               (m, triton.cdiv(n, block_n)))
+    _w4a16_gemv_kernel[out.grid](
         x, qweight, scales, zeros, out.out, out.parts, out.counts,
         n, k, group_size, out.k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), out.part_stride, n,

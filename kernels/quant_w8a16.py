@@ -104,9 +104,9 @@ def channel_gemv(
     """(x @ weight.T) * scales for a few rows of x (weight [N, K] int8 or FP8, scales float32
     [N]), with an explicit launch configuration (the benchmark's --sweep times several)."""
     (m, k), n = x.shape, weight.shape[0]
-    tiles = (m, triton.cdiv(n, block_n))
-    out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device, tiles[0] * tiles[1])
-    _channel_gemv_kernel[(*tiles, out.splits)](
+    out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device,
+                               (m, triton.cdiv(n, block_n)))
+    _channel_gemv_kernel[out.grid](
         x, weight, scales, out.out, out.parts, out.counts,
         n, k, out.k_per_split,
         x.stride(0), weight.stride(0), out.part_stride, n,
