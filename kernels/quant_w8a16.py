@@ -8,9 +8,9 @@ int8 values are exact in float16 and bfloat16, so the kernel multiplies x by q c
 x's dtype, accumulates in float32 and applies the channel scale once at the end. Decode-sized
 M splits K across programs, as in kernels/quant_w4a16.py, and up to GEMV_MAX_ROWS rows run
 `_channel_gemv_kernel` (broadcast multiply and a sum over K in registers, no tl.dot padding M to
-16). That kernel takes any weight whose values convert exactly to x's dtype: int8 here, FP8
-e4m3 for kernels/quant_fp8.py's decode rows (both kernels do; masked weights load as 0.0,
-since Triton has no cast from an integer constant to FP8).
+16). That kernel takes any weight whose values widen exactly to float32: int8 here, FP8 e4m3
+for kernels/quant_fp8.py's decode rows (masked weights load as 0.0, since Triton has no cast
+from an integer constant to FP8).
 """
 
 from __future__ import annotations
@@ -53,18 +53,18 @@ def _w8a16_kernel(
 
 
 @triton.jit
-def _load_channel_tile(x_ptr, w_ptr, row, k0, k_end, offs_n, n_ok, stride_xm, stride_wn,
-                       BLOCK_K: tl.constexpr):
-    """Columns [k0, k0 + BLOCK_K) (zeros at or past k_end) of row `row` of x as float32 and of
-    the weight's rows offs_n, widened to float32 through x's dtype (exact for int8 and e4m3)."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    k_ok = offs_k < k_end
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_xm + offs_k, mask=k_ok, other=0.0)
-    w = tl.load(
-        w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-        mask=n_ok[:, None] & k_ok[None, :], other=0.0,
-    )
-    return x.to(tl.float32), w.to(x.dtype).to(tl.float32)
+def _load_channel_tile(x_ptr, w_ptr, k0, k_end, offs_k, n_ok, EVEN_N: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) (zeros at or past k_end) of x's row (x_ptr points at it) as
+    float32 and of the weight's rows (w_ptr [BLOCK_N, 1] points at their column 0) as loaded;
+    `n_ok` masks the rows unless EVEN_N (N a multiple of BLOCK_N)."""
+    k_ok = k0 + offs_k < k_end
+    x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0)
+    if EVEN_N:
+        w = tl.load(w_ptr + k0 + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    else:
+        w = tl.load(w_ptr + k0 + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+    return x.to(tl.float32), w
 
 
 @triton.jit
@@ -72,27 +72,36 @@ def _channel_gemv_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr,
     N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_N: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N rows of the [N, K] weight over split
-    pid_k's columns of K; the weight tile is read along K, its contiguous axis. PREFETCH: the
-    next tile's loads are issued before this tile's arithmetic (Triton pipelines only loads
-    that feed tl.dot)."""
+    pid_k's columns of K; the weight tile is read along K, its contiguous axis.
+
+    Each tile's products are summed over K at once into BLOCK_N float32 sums: few registers
+    per thread, so more programs stay resident and more loads are in flight than with a
+    [BLOCK_N, BLOCK_K] accumulator reduced after the loop (1.3x faster on an H200 at
+    Llama-3-8B's shapes, 2026-11-28). Weights widen straight to float32 (exact for int8 and
+    e4m3; through x's dtype cost FP8 a second conversion per weight). PREFETCH: the next
+    tile's loads are issued before this tile's arithmetic (Triton pipelines only loads that
+    feed tl.dot)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # reduced over K after the loop
-    x, w = _load_channel_tile(x_ptr, w_ptr, row, k_start, k_end, offs_n, n_ok, stride_xm,
-                              stride_wn, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    x, w = _load_channel_tile(x_row, w_rows, k_start, k_end, offs_k, n_ok, EVEN_N)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
-            n_x, n_w = _load_channel_tile(x_ptr, w_ptr, row, k0 + BLOCK_K, k_end, offs_n, n_ok,
-                                          stride_xm, stride_wn, BLOCK_K)
-        acc += w * x[None, :]
+            n_x, n_w = _load_channel_tile(x_row, w_rows, k0 + BLOCK_K, k_end, offs_k, n_ok,
+                                          EVEN_N)
+        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if PREFETCH:
             x, w = n_x, n_w
         else:
-            x, w = _load_channel_tile(x_ptr, w_ptr, row, k0 + BLOCK_K, k_end, offs_n, n_ok,
-                                      stride_xm, stride_wn, BLOCK_K)
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+            x, w = _load_channel_tile(x_row, w_rows, k0 + BLOCK_K, k_end, offs_k, n_ok,
+                                      EVEN_N)
+    y = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
     store_row(out_ptr, part_ptr, count_ptr, y, row, offs_n, N, stride_os, stride_om, SPLIT)
 
 
@@ -110,18 +119,18 @@ def channel_gemv(
         x, weight, scales, out.out, out.parts, out.counts,
         n, k, out.k_per_split,
         x.stride(0), weight.stride(0), out.part_stride, n,
-        BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch, SPLIT=out.split,
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch, EVEN_N=n % block_n == 0,
+        SPLIT=out.split, num_warps=num_warps, num_stages=num_stages,
     )
     return out.out
 
 
-CHANNEL_GEMV_BLOCK_N = 16
-CHANNEL_GEMV_BLOCK_K = 256
-"""Tile of `_channel_gemv_kernel` (16 weight rows x 256 one-byte weights, next tile
-prefetched): the best sum over Llama-3-8B's four projections at M = 1 on an H100
-(kernels.bench.bench_quant_kernels --sweep, 2026-11-27: int8 102.6 us vs 115.5 for 32 x 256
-tiles, FP8 112.3 vs 130.3)."""
+CHANNEL_GEMV_TILES = {torch.int8: (8, 512), torch.float8_e4m3fn: (16, 512)}
+"""(BLOCK_N, BLOCK_K) of `_channel_gemv_kernel` per weight dtype, next tile prefetched: the
+best sums over Llama-3-8B's four projections at M = 1 (devrun sweep on an H200, 2026-11-28:
+FP8 77.3 us with 16 x 512 vs 79.0 with 8 x 512 and 105.8 for the previous 16 x 256 form
+with a [16, 256] accumulator; int8 81.3 with 8 x 512 vs 87.0 with 16 x 512 and 90.5
+before)."""
 
 
 def _check(x, qweight, scales) -> None:
@@ -152,9 +161,9 @@ def channel_matmul(
     (split_k.gemv_launch up to GEMV_MAX_ROWS rows, split_k.dot_launch above)."""
     (m, k), n = x.shape, weight.shape[0]
     if 0 < m <= split_k.GEMV_MAX_ROWS:
+        block_n, block_k = CHANNEL_GEMV_TILES[weight.dtype]
         return channel_gemv(x, weight, scales,
-                            **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch,
-                                                        CHANNEL_GEMV_BLOCK_N))
+                            **split_k.gemv_launch(m, n, k, block_k, launch, block_n))
     out, grid, meta = split_k.dot_plan(m, n, k, 128, launch, x.dtype, x.device)
     if m > 0:
         _w8a16_kernel[grid](
