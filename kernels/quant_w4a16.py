@@ -22,9 +22,9 @@ split across programs and the float32 partial sums are added by the last split o
 (kernels/quant_split_k.py `finish`). Up to
 GEMV_MAX_ROWS rows run `_w4a16_gemv_kernel` instead: no tl.dot (which pads M to 16 and stages
 the dequantized tile through shared memory). It reads each packed word once and widens its
-nibbles with bit operations rather than int -> float conversions, which run at a quarter of
-the ALU rate and made the previous form (one conversion per weight, ~0.5 TB/s on an H100)
-compute-bound; see its docstring.
+nibbles with bit operations (a shift and a logic op per weight) rather than int -> float
+conversions, which run at a quarter of the ALU rate and made an earlier form (one conversion
+per weight, ~0.5 TB/s on an H100) compute-bound; see its docstring.
 """
 
 from __future__ import annotations
@@ -37,11 +37,12 @@ from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
 from kernels.quant_split_k import gemv_program, load_x_tile, store_row, store_tile
 
-GEMV_BLOCK_K = 256
+GEMV_BLOCK_K = 512
 GEMV_PREFETCH = False
 """Default K tile (input rows) and prefetch of the matrix-vector form: the best sum over
-Llama-3-8B's four projections at M = 1 on an H100 (kernels.bench.bench_quant_kernels --sweep,
-2026-11-27: 83.4 us vs 86.2 with prefetch and 90.4 for 64 x 128 tiles)."""
+Llama-3-8B's four projections at M = 1 on an H100 (devrun sweep, 2026-11-28: 77.0 us with
+32 x 512 tiles vs 83.3 for the previous form's 32 x 256, which subtracted the zero per weight
+and loaded x once per nibble)."""
 
 ROW_UNPACK = False
 """Default nibble unpacking of the tl.dot kernel (`_w4a16_kernel`'s ROW_UNPACK); the
@@ -117,11 +118,39 @@ def _w4a16_kernel(
                SPLIT)
 
 
-MAGIC: tl.constexpr = tl.constexpr(0x4B000000)
-"""float32 bits of 2**23: OR-ing a nibble q into its low mantissa bits gives the float
-2**23 + q, so `bits.to(float32, bitcast=True) - 2**23` is q exactly, in two full-rate ALU ops
-where an int -> float conversion runs at a quarter of their rate."""
-MAGIC_F: tl.constexpr = tl.constexpr(8388608.0)
+ONE_BITS: tl.constexpr = tl.constexpr(0x3F800000)
+"""float32 bits of 1.0."""
+NIBBLE_BITS: tl.constexpr = tl.constexpr(0x00780000)
+"""The top four mantissa bits of a float32 (bits 19..22): a nibble q shifted there and OR-ed
+into 1.0's bits is the float 1 + q / 16 exactly, in one shift and one logic op (no int ->
+float conversion, which runs at a quarter of the ALU rate)."""
+
+
+@triton.jit
+def _nibble_float(packed, j: tl.constexpr):
+    """1 + q / 16 for nibble j (bits 4j..4j+3) of every packed word, as float32."""
+    if 4 * j <= 19:
+        moved = packed << (19 - 4 * j)
+    else:
+        moved = packed >> (4 * j - 19)
+    return ((moved & NIBBLE_BITS) | ONE_BITS).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_by_nibble(x_row, k_w, w_ok):
+    """x[k_w + j] for j = 0..7 (the input rows of nibble j of each packed row), from one
+    [BLOCK_K / 8, 8] load split into eight [BLOCK_K / 8] columns, as float32."""
+    x = tl.load(x_row + k_w[:, None] + tl.arange(0, 8)[None, :], mask=w_ok[:, None],
+                other=0.0).to(tl.float32)
+    # [W, 8] -> [W, a, b, c] with j = 4a + 2b + c; each split takes the last axis.
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], 2, 2, 2)))
+    e0, e1 = tl.split(even)
+    o0, o1 = tl.split(odd)
+    x0, x4 = tl.split(e0)
+    x2, x6 = tl.split(e1)
+    x1, x5 = tl.split(o0)
+    x3, x7 = tl.split(o1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -159,13 +188,16 @@ def _w4a16_gemv_kernel(
 ):
     """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K.
 
-    Each packed word [BLOCK_K / 8, BLOCK_N] is loaded once; nibble j of every word (input row
-    8i + j) is widened with the 2**23 trick (MAGIC) and multiplied by x[8i + j], accumulated per
-    word row in float32 without rounding the weight; the group scale is applied once per word
-    (a packed row lies inside one group: group sizes are multiples of 8), and the sum over K
-    is taken once after the loop. PREFETCH: the next tile's loads are issued before this
-    tile's arithmetic (two tiles in flight per program; Triton pipelines only loads that
-    feed tl.dot)."""
+    Each packed word [BLOCK_K / 8, BLOCK_N] is loaded once, and x once per tile (one
+    [BLOCK_K / 8, 8] load split by nibble). Nibble j of every word (input row 8i + j) becomes
+    the float v = 1 + q / 16 (`_nibble_float`) and x[8i + j] * v is accumulated per word row in
+    float32; per word row, with S = sum_j x[8i + j] * v_j and X = sum_j x[8i + j],
+    sum_j x (q - z) = 16 S - (16 + z) X (min form: sum_j x q = 16 S - 16 X, plus m X), so
+    no subtraction runs per weight and the group scale is applied once per word (a packed row
+    lies inside one group: group sizes are multiples of 8). v stays in [1, 2), so S - X
+    cancels nothing large. The sum over K is taken once after the loop. PREFETCH: the next
+    tile's loads are issued before this tile's arithmetic (two tiles in flight per program;
+    Triton pipelines only loads that feed tl.dot)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 8)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
@@ -178,23 +210,16 @@ def _w4a16_gemv_kernel(
             n_packed, n_s, n_z, n_k_w, n_w_ok = _load_w4_words(
                 qw_ptr, s_ptr, z_ptr, k0 + BLOCK_K, k_end, offs_w, offs_n, n_ok, group_size,
                 stride_qk, stride_sg, GROUP_PER_TILE)
-        # q - z (or q alone in min form) exactly: (2**23 + q) - (2**23 + z).
-        if MIN_FORM:
-            offset = tl.zeros_like(z) + MAGIC_F
-        else:
-            offset = z + MAGIC_F
+        xs = _x_by_nibble(x_row, k_w, w_ok)
         part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         for j in tl.static_range(8):
-            xj = tl.load(x_row + k_w + j, mask=w_ok, other=0.0).to(tl.float32)
-            q = (((packed >> (4 * j)) & 0xF) | MAGIC).to(tl.float32, bitcast=True) - offset
-            part += xj[:, None] * q
-            if MIN_FORM:
-                x_sum += xj
+            part += xs[j][:, None] * _nibble_float(packed, j)
+            x_sum += xs[j]
         if MIN_FORM:  # sum x (q s + m) = s sum x q + m sum x
-            acc += part * s + x_sum[:, None] * z
+            acc += (part * 16.0 - 16.0 * x_sum[:, None]) * s + x_sum[:, None] * z
         else:
-            acc += part * s
+            acc += (part * 16.0 - (z + 16.0) * x_sum[:, None]) * s
         if PREFETCH:
             packed, s, z, k_w, w_ok = n_packed, n_s, n_z, n_k_w, n_w_ok
         else:

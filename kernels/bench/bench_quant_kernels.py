@@ -54,19 +54,19 @@ GRAPH_CALLS = 64
 
 W4_SWEEP = [
     {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "prefetch": pf}
-    for bn, bk, w in [(64, 128, 4), (64, 256, 4), (128, 256, 8), (32, 256, 4), (64, 512, 8),
-                      (128, 128, 8)]
+    for bn, bk, w in [(32, 512, 4), (64, 256, 4), (32, 256, 4), (64, 512, 8), (32, 1024, 8),
+                      (16, 512, 2)]
     for pf in (True, False)
 ] + [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "split": sp}
-     for bn, bk, w, sp in [(64, 128, 4, 16), (64, 256, 4, 8), (64, 256, 4, 16), (32, 256, 4, 16),
-                           (128, 256, 8, 16), (64, 128, 4, 32)]]
+     for bn, bk, w, sp in [(32, 512, 4, 2), (32, 512, 4, 4), (64, 256, 4, 8), (32, 256, 4, 16),
+                           (64, 512, 4, 4), (64, 128, 4, 32)]]
 CHANNEL_SWEEP = [
     {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "prefetch": pf}
-    for bn, bk, w in [(32, 256, 4), (16, 512, 4), (8, 1024, 4), (16, 256, 4), (32, 512, 8),
-                      (64, 256, 8)]
+    for bn, bk, w in [(8, 512, 4), (16, 512, 4), (16, 256, 4), (8, 1024, 4), (32, 512, 8),
+                      (8, 256, 2)]
     for pf in (True, False)
 ] + [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "split": sp}
-     for bn, bk, w, sp in [(32, 256, 4, 4), (32, 256, 4, 8), (16, 512, 4, 8), (16, 256, 4, 16)]]
+     for bn, bk, w, sp in [(8, 512, 4, 2), (8, 512, 4, 4), (16, 512, 4, 4), (16, 256, 4, 8)]]
 """Matrix-vector candidates (rows up to GEMV_MAX_ROWS): tiles, warps, next-tile prefetch on
 and off, explicit splits."""
 
