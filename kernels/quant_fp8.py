@@ -27,6 +27,7 @@ import triton.language as tl
 from kernels.cache_write import quantize_fp8
 from kernels.kv_quant import FP8_DTYPE as FP8
 from kernels.kv_quant import FP8_MAX, divide
+from kernels.quant_split_k import gated_rows
 from kernels.quant_w8a16 import channel_matmul
 
 MIN_SCALE = 1e-12
@@ -75,26 +76,29 @@ def quantize_rows_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x_q, scale
 
 
-def _check(x, weight, scales) -> None:
+def _check(x, weight, scales, gated: bool = False) -> None:
     assert x.dim() == 2, f"x {tuple(x.shape)}"
-    assert weight.dtype == FP8 and weight.dim() == 2 and weight.shape[1] == x.shape[1], (
+    k = x.shape[1] // 2 if gated else x.shape[1]
+    assert weight.dtype == FP8 and weight.dim() == 2 and weight.shape[1] == k, (
         f"weight {weight.dtype} {tuple(weight.shape)} vs x {tuple(x.shape)}")
     assert weight.stride(1) == 1, f"weight stride {weight.stride()}"
     assert scales.dtype == torch.float32 and scales.shape == (weight.shape[0],), (
         f"scales {scales.dtype} {tuple(scales.shape)} vs N {weight.shape[0]}")
-    assert x.shape[1] % 16 == 0 and weight.shape[0] % 16 == 0, (
-        f"FP8 matmul needs K and N multiples of 16, got K {x.shape[1]}, N {weight.shape[0]}")
+    assert k % 16 == 0 and weight.shape[0] % 16 == 0, (
+        f"FP8 matmul needs K and N multiples of 16, got K {k}, N {weight.shape[0]}")
 
 
 def fp8_linear(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
-    weight_only_rows: int = WEIGHT_ONLY_ROWS,
+    weight_only_rows: int = WEIGHT_ONLY_ROWS, gated: bool = False,
 ) -> torch.Tensor:
     """x [M, K] @ (weight * scales).T, [M, N] in x's dtype: on the FP8 tensor cores above
-    `weight_only_rows` rows, weight-only (activations unquantized) up to it."""
-    _check(x, weight, scales)
+    `weight_only_rows` rows, weight-only (activations unquantized) up to it. `gated`: x is
+    [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up."""
+    x, gated = gated_rows(x, gated)
+    _check(x, weight, scales, gated)
     if x.shape[0] <= weight_only_rows:
-        return channel_matmul(x.contiguous(), weight, scales)
+        return channel_matmul(x.contiguous(), weight, scales, gated=gated)
     x_q, x_scale = quantize_rows_fp8(x)
     out = torch._scaled_mm(
         x_q, weight.t(), scale_a=x_scale, scale_b=scales[None, :], out_dtype=torch.bfloat16

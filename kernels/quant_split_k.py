@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.activation import silu_and_mul, silu_mul
+
 TARGET_PROGRAMS = 264
 """About two programs per SM of an H100 (132 SMs)."""
 MIN_SPLIT_ROWS = 512
@@ -192,6 +194,26 @@ def store_tile(out_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, stride_o
     offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     finish(out_ptr, part_ptr, count_ptr, acc, offs, mask, stride_os, SPLIT)
+
+
+@triton.jit
+def load_x(ptrs, mask, inter, GATED: tl.constexpr):
+    """The matrix-vector kernels' activations at `ptrs` (zeros where not `mask`), in x's
+    dtype. GATED: x is an MLP's gate/up output [M, 2 * inter] and the matmul's input is
+    silu(gate) * up (kernels/activation.py `silu_mul`: the same bits as its own kernel), so
+    the down projection needs no activation launch and no round trip of its input."""
+    if GATED:
+        return silu_mul(tl.load(ptrs, mask=mask, other=0.0),
+                        tl.load(ptrs + inter, mask=mask, other=0.0))
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+def gated_rows(x: torch.Tensor, gated: bool) -> tuple[torch.Tensor, bool]:
+    """(x, whether the kernel applies the activation): a gated x of more than GEMV_MAX_ROWS
+    rows (the tl.dot forms, which take no prologue) gets silu(gate) * up here."""
+    if gated and x.shape[0] > GEMV_MAX_ROWS:
+        return silu_and_mul(x), False
+    return x, gated
 
 
 @triton.jit

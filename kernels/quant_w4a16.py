@@ -35,7 +35,7 @@ import triton.language as tl
 
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
-from kernels.quant_split_k import gemv_program, load_x_tile, store_row, store_tile
+from kernels.quant_split_k import gemv_program, load_x, load_x_tile, store_row, store_tile
 
 GEMV_BLOCK_K = 512
 GEMV_PREFETCH = False
@@ -137,11 +137,12 @@ def _nibble_float(packed, j: tl.constexpr):
 
 
 @triton.jit
-def _x_by_nibble(x_row, k_w, w_ok):
+def _x_by_nibble(x_row, k_w, w_ok, inter, GATED: tl.constexpr):
     """x[k_w + j] for j = 0..7 (the input rows of nibble j of each packed row), from one
-    [BLOCK_K / 8, 8] load split into eight [BLOCK_K / 8] columns, as float32."""
-    x = tl.load(x_row + k_w[:, None] + tl.arange(0, 8)[None, :], mask=w_ok[:, None],
-                other=0.0).to(tl.float32)
+    [BLOCK_K / 8, 8] load split into eight [BLOCK_K / 8] columns, as float32 (GATED: see
+    quant_split_k.load_x)."""
+    x = load_x(x_row + k_w[:, None] + tl.arange(0, 8)[None, :], w_ok[:, None], inter,
+               GATED).to(tl.float32)
     # [W, 8] -> [W, a, b, c] with j = 4a + 2b + c; each split takes the last axis.
     even, odd = tl.split(tl.reshape(x, (x.shape[0], 2, 2, 2)))
     e0, e1 = tl.split(even)
@@ -184,7 +185,7 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_qk, stride_sg, stride_os, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr, PREFETCH: tl.constexpr,
-    SPLIT: tl.constexpr,
+    GATED: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K.
 
@@ -210,7 +211,7 @@ def _w4a16_gemv_kernel(
             n_packed, n_s, n_z, n_k_w, n_w_ok = _load_w4_words(
                 qw_ptr, s_ptr, z_ptr, k0 + BLOCK_K, k_end, offs_w, offs_n, n_ok, group_size,
                 stride_qk, stride_sg, GROUP_PER_TILE)
-        xs = _x_by_nibble(x_row, k_w, w_ok)
+        xs = _x_by_nibble(x_row, k_w, w_ok, K, GATED)
         part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
         for j in tl.static_range(8):
@@ -230,9 +231,9 @@ def _w4a16_gemv_kernel(
               stride_om, SPLIT)
 
 
-def _check(x, qweight, scales, zeros, group_size) -> None:
+def _check(x, qweight, scales, zeros, group_size, gated: bool) -> None:
     assert x.dim() == 2 and x.stride(1) == 1, f"x {tuple(x.shape)} stride {x.stride()}"
-    k = x.shape[1]
+    k = x.shape[1] // 2 if gated else x.shape[1]
     assert k % 8 == 0, f"K {k} is not a multiple of 8"
     assert group_size % 8 == 0, f"group size {group_size} is not a multiple of 8"
     assert qweight.dtype == torch.int32 and qweight.shape[0] == k // 8, (
@@ -255,16 +256,19 @@ def w4a16_matmul(
     group_size: int,
     min_form: bool = False,
     launch: dict | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """x @ dequantized weight, [M, N] in x's dtype (float32 accumulation). `launch` overrides
     the launch configuration (split_k.gemv_launch up to GEMV_MAX_ROWS rows, else
-    split_k.dot_launch plus row_unpack), for the benchmark's --sweep."""
-    _check(x, qweight, scales, zeros, group_size)
-    (m, k), n = x.shape, qweight.shape[1]
+    split_k.dot_launch plus row_unpack), for the benchmark's --sweep. `gated`: x is
+    [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up."""
+    _check(x, qweight, scales, zeros, group_size, gated)
+    x, gated = split_k.gated_rows(x, gated)
+    m, n, k = x.shape[0], qweight.shape[1], qweight.shape[0] * 8
     group_k = 128 if group_size % 128 == 0 else (64 if group_size % 64 == 0 else 32)
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
-                          **split_k.gemv_launch(m, n, k, GEMV_BLOCK_K, launch))
+                          **split_k.gemv_launch(m, n, k, GEMV_BLOCK_K, launch), gated=gated)
     out, grid, meta = split_k.dot_plan(m, n, k, group_k, launch, x.dtype, x.device)
     row_unpack = meta.pop("row_unpack", ROW_UNPACK)
     if m > 0:
@@ -281,12 +285,12 @@ def w4a16_matmul(
 def w4a16_gemv(
     x, qweight, scales, zeros, group_size: int, min_form: bool, *,
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
-    prefetch: bool = GEMV_PREFETCH,
+    prefetch: bool = GEMV_PREFETCH, gated: bool = False,
 ) -> torch.Tensor:
     """The matrix-vector form of `w4a16_matmul` with an explicit launch configuration (the
     benchmark's --sweep times several); `block_k` at most the group size for one scale row per
     tile."""
-    (m, k), n = x.shape, qweight.shape[1]
+    m, n, k = x.shape[0], qweight.shape[1], qweight.shape[0] * 8
     out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device,
                                (m, triton.cdiv(n, block_n)))
     _w4a16_gemv_kernel[out.grid](
@@ -295,7 +299,7 @@ def w4a16_gemv(
         x.stride(0), qweight.stride(0), scales.stride(0), out.part_stride, n,
         BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form, PREFETCH=prefetch,
-        SPLIT=out.split, num_warps=num_warps, num_stages=num_stages,
+        GATED=gated, SPLIT=out.split, num_warps=num_warps, num_stages=num_stages,
     )
     return out.out
 

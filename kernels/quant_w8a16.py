@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
-from kernels.quant_split_k import gemv_program, load_x_tile, store_row, store_tile
+from kernels.quant_split_k import gemv_program, load_x, load_x_tile, store_row, store_tile
 
 
 @triton.jit
@@ -53,12 +53,14 @@ def _w8a16_kernel(
 
 
 @triton.jit
-def _load_channel_tile(x_ptr, w_ptr, k0, k_end, offs_k, n_ok, EVEN_N: tl.constexpr):
+def _load_channel_tile(x_ptr, w_ptr, k0, k_end, offs_k, n_ok, K, EVEN_N: tl.constexpr,
+                       GATED: tl.constexpr):
     """Columns [k0, k0 + BLOCK_K) (zeros at or past k_end) of x's row (x_ptr points at it) as
-    float32 and of the weight's rows (w_ptr [BLOCK_N, 1] points at their column 0) as loaded;
-    `n_ok` masks the rows unless EVEN_N (N a multiple of BLOCK_N)."""
+    float32 (GATED: see quant_split_k.load_x) and of the weight's rows (w_ptr [BLOCK_N, 1]
+    points at their column 0) as loaded; `n_ok` masks the rows unless EVEN_N (N a multiple of
+    BLOCK_N)."""
     k_ok = k0 + offs_k < k_end
-    x = tl.load(x_ptr + k0 + offs_k, mask=k_ok, other=0.0)
+    x = load_x(x_ptr + k0 + offs_k, k_ok, K, GATED)
     if EVEN_N:
         w = tl.load(w_ptr + k0 + offs_k[None, :], mask=k_ok[None, :], other=0.0)
     else:
@@ -73,7 +75,7 @@ def _channel_gemv_kernel(
     N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    EVEN_N: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N rows of the [N, K] weight over split
     pid_k's columns of K; the weight tile is read along K, its contiguous axis.
@@ -90,17 +92,17 @@ def _channel_gemv_kernel(
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    x, w = _load_channel_tile(x_row, w_rows, k_start, k_end, offs_k, n_ok, EVEN_N)
+    x, w = _load_channel_tile(x_row, w_rows, k_start, k_end, offs_k, n_ok, K, EVEN_N, GATED)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
             n_x, n_w = _load_channel_tile(x_row, w_rows, k0 + BLOCK_K, k_end, offs_k, n_ok,
-                                          EVEN_N)
+                                          K, EVEN_N, GATED)
         acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if PREFETCH:
             x, w = n_x, n_w
         else:
-            x, w = _load_channel_tile(x_row, w_rows, k0 + BLOCK_K, k_end, offs_k, n_ok,
-                                      EVEN_N)
+            x, w = _load_channel_tile(x_row, w_rows, k0 + BLOCK_K, k_end, offs_k, n_ok, K,
+                                      EVEN_N, GATED)
     y = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
     store_row(out_ptr, part_ptr, count_ptr, y, row, offs_n, N, stride_os, stride_om, SPLIT)
 
@@ -108,11 +110,12 @@ def _channel_gemv_kernel(
 def channel_gemv(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *,
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
-    prefetch: bool = True,
+    prefetch: bool = True, gated: bool = False,
 ) -> torch.Tensor:
     """(x @ weight.T) * scales for a few rows of x (weight [N, K] int8 or FP8, scales float32
-    [N]), with an explicit launch configuration (the benchmark's --sweep times several)."""
-    (m, k), n = x.shape, weight.shape[0]
+    [N]), with an explicit launch configuration (the benchmark's --sweep times several);
+    `gated`: x is [M, 2K] and the input silu(gate) * up (quant_split_k.load_x)."""
+    m, (n, k) = x.shape[0], weight.shape
     out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device,
                                (m, triton.cdiv(n, block_n)))
     _channel_gemv_kernel[out.grid](
@@ -120,7 +123,7 @@ def channel_gemv(
         n, k, out.k_per_split,
         x.stride(0), weight.stride(0), out.part_stride, n,
         BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch, EVEN_N=n % block_n == 0,
-        SPLIT=out.split, num_warps=num_warps, num_stages=num_stages,
+        GATED=gated, SPLIT=out.split, num_warps=num_warps, num_stages=num_stages,
     )
     return out.out
 
@@ -133,10 +136,11 @@ with a [16, 256] accumulator; int8 81.3 with 8 x 512 vs 87.0 with 16 x 512 and 9
 before)."""
 
 
-def _check(x, qweight, scales) -> None:
+def _check(x, qweight, scales, gated: bool) -> None:
     assert x.dim() == 2 and x.stride(1) == 1, f"x {tuple(x.shape)} stride {x.stride()}"
     assert qweight.dtype == torch.int8 and qweight.dim() == 2, f"qweight {qweight.dtype}"
-    assert qweight.shape[1] == x.shape[1] and qweight.stride(1) == 1, (
+    k = x.shape[1] // 2 if gated else x.shape[1]
+    assert qweight.shape[1] == k and qweight.stride(1) == 1, (
         f"qweight {tuple(qweight.shape)} stride {qweight.stride()} vs x {tuple(x.shape)}")
     assert scales.dtype == torch.float32 and scales.shape == (qweight.shape[0],), (
         f"scales {scales.dtype} {tuple(scales.shape)} vs N {qweight.shape[0]}")
@@ -147,23 +151,29 @@ def w8a16_matmul(
     qweight: torch.Tensor,  # int8 [N, K]
     scales: torch.Tensor,  # float32 [N]
     launch: dict | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
-    """(x @ qweight.T) * scales, [M, N] in x's dtype (float32 accumulation)."""
-    _check(x, qweight, scales)
-    return channel_matmul(x, qweight, scales, launch)
+    """(x @ qweight.T) * scales, [M, N] in x's dtype (float32 accumulation); `gated`: x is
+    [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up."""
+    _check(x, qweight, scales, gated)
+    return channel_matmul(x, qweight, scales, launch, gated)
 
 
 def channel_matmul(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, launch: dict | None = None
+    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, launch: dict | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
     """(x @ weight.T) * scales for any [N, K] weight whose values x's dtype holds exactly
     (int8; FP8 e4m3 from kernels/quant_fp8.py). `launch` overrides the launch configuration
-    (split_k.gemv_launch up to GEMV_MAX_ROWS rows, split_k.dot_launch above)."""
-    (m, k), n = x.shape, weight.shape[0]
+    (split_k.gemv_launch up to GEMV_MAX_ROWS rows, split_k.dot_launch above); `gated` as in
+    `w8a16_matmul` (applied in the matrix-vector kernel's prologue)."""
+    x, gated = split_k.gated_rows(x, gated)
+    m, (n, k) = x.shape[0], weight.shape
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         block_n, block_k = CHANNEL_GEMV_TILES[weight.dtype]
         return channel_gemv(x, weight, scales,
-                            **split_k.gemv_launch(m, n, k, block_k, launch, block_n))
+                            **split_k.gemv_launch(m, n, k, block_k, launch, block_n),
+                            gated=gated)
     out, grid, meta = split_k.dot_plan(m, n, k, 128, launch, x.dtype, x.device)
     if m > 0:
         _w8a16_kernel[grid](

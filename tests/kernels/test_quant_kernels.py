@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.activation import silu_and_mul
 from kernels.quant_fp8 import (
     FP8,
     FP8_MAX,
@@ -217,6 +218,48 @@ def test_fp8_linear_at_llama3_8b_shapes_matches_reference(m, k, n):
     expected = fp8_linear_ref(x, weight, scales)
     torch.testing.assert_close(out.float(), expected.float(), atol=0.05, rtol=0.02)
 
+
+
+def gated_cases(m: int, k: int, n: int, dtype: torch.dtype, device: str):
+    """(gate/up output [m, 2k], silu(gate) * up by the activation kernel, the matmuls that
+    take a gated input as (name, matmul(x, gated))) over one random weight of each format."""
+    gate_up = random_x(m, 2 * k, dtype, device)
+    qweight, scales, zeros = random_w4(k, n, 128, device)
+    q8, s8 = random_w8(k, n, device)
+    generator = torch.Generator().manual_seed(2)
+    w_fp8 = (torch.randn(n, k, generator=generator) * 100).clamp(-448, 448).to(FP8).to(device)
+    matmuls = [
+        ("w4a16", lambda x, gated: w4a16_matmul(x, qweight, scales, zeros, 128, gated=gated)),
+        ("w8a16", lambda x, gated: w8a16_matmul(x, q8, s8, gated=gated)),
+        ("fp8 channel", lambda x, gated: channel_matmul(x, w_fp8, s8, gated=gated)),
+    ]
+    return gate_up, silu_and_mul(gate_up), matmuls
+
+
+@pytest.mark.parametrize("m", [1, 3, 6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_input_gives_the_bits_of_the_activation_kernel_then_the_matmul(m, dtype, device):
+    """gated=True (a down projection reading the MLP's gate/up output, the activation in the
+    matrix-vector kernels' prologue; above GEMV_MAX_ROWS rows applied first) equals
+    silu_and_mul's kernel followed by the matmul, bit for bit: the prologue rounds as that
+    kernel does."""
+    gate_up, activated, matmuls = gated_cases(m, 256, 48, dtype, device)
+    for name, matmul in matmuls:
+        assert torch.equal(matmul(gate_up, True), matmul(activated, False)), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("m", [1, 4])
+def test_gated_down_projection_at_llama3_8b_shape_in_bfloat16(m):
+    """The fused activation at Llama-3-8B's down projection (K 14336, N 4096), compiled."""
+    gate_up, activated, matmuls = gated_cases(m, 14336, 4096, torch.bfloat16, "cuda")
+    for name, matmul in matmuls:
+        assert torch.equal(matmul(gate_up, True), matmul(activated, False)), name
+    x = gate_up.to(torch.float32)
+    g, u = x.chunk(2, dim=-1)
+    torch.testing.assert_close(activated.float(), (torch.nn.functional.silu(g) * u),
+                               atol=0.02, rtol=0.02)
 
 
 def every_byte_weight(n: int, k: int, dtype: torch.dtype, device: str) -> torch.Tensor:

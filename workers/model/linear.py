@@ -105,8 +105,21 @@ class RowParallelLinear(nn.Module):
         local = self.parallel.shard(self.in_features)
         _install_quantized(self, full.in_slice(self.parallel.tp_rank * local, local))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        matmul = F.linear(x, self.weight) if self.quantized is None else self.quantized(x)
+    @property
+    def fuses_activation(self) -> bool:
+        """Whether forward(x, gated=True) takes an MLP's gate/up output and applies
+        silu(gate) * up inside the matmul (quantized weights' matrix-vector kernels: no
+        activation launch at decode); dense weights go through cuBLAS, which has no prologue."""
+        return self.quantized is not None and getattr(self.quantized, "fuses_activation", False)
+
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """x @ W.T on this rank's input shard, summed over TP ranks; `gated` only where
+        `fuses_activation`."""
+        if self.quantized is None:
+            assert not gated, "a dense weight takes no gated input"
+            matmul = F.linear(x, self.weight)
+        else:
+            matmul = self.quantized(x, gated=True) if gated else self.quantized(x)
         y = self.parallel.tp_all_reduce(matmul)
         # Bias once, after the sum, so TP ranks do not add it tp_size times.
         return y if self.bias is None else y + self.bias

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.activation import silu_and_mul_ref
 from kernels.quant_fp8 import FP8, fp8_linear
 from kernels.quant_w8a16 import w8a16_matmul
 
@@ -35,18 +36,25 @@ class ChannelWeight(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+    fuses_activation = True
+    """forward(x, gated=True) applies silu(gate) * up inside the matmul (kernels/quant_w8a16.py's
+    matrix-vector prologue; other sizes and paths apply it first)."""
+
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """x @ W.T; `gated`: x is [..., 2K], an MLP's gate then up, and the input is
+        silu(gate) * up."""
+        rows = x.reshape(-1, x.shape[-1])
         if x.is_cuda and self.device_matmul_ok():
-            out = self.device_matmul(rows.contiguous())
+            out = self.device_matmul(rows.contiguous(), gated)
         else:
+            rows = silu_and_mul_ref(rows) if gated else rows
             out = F.linear(rows, self.dequantize().to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def device_matmul_ok(self) -> bool:
         return True
 
-    def device_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+    def device_matmul(self, rows: torch.Tensor, gated: bool) -> torch.Tensor:
         raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:
@@ -70,8 +78,8 @@ class ChannelWeight(nn.Module):
 class Int8Weight(ChannelWeight):
     storage_dtype = torch.int8
 
-    def device_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return w8a16_matmul(rows, self.weight, self.scales)
+    def device_matmul(self, rows: torch.Tensor, gated: bool) -> torch.Tensor:
+        return w8a16_matmul(rows, self.weight, self.scales, gated=gated)
 
 
 class Fp8Weight(ChannelWeight):
@@ -86,5 +94,5 @@ class Fp8Weight(ChannelWeight):
             self._tensor_cores = capable and shapes_ok
         return self._tensor_cores
 
-    def device_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(rows, self.weight, self.scales)
+    def device_matmul(self, rows: torch.Tensor, gated: bool) -> torch.Tensor:
+        return fp8_linear(rows, self.weight, self.scales, gated=gated)

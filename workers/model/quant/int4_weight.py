@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.activation import silu_and_mul_ref
 from kernels.quant_w4a16 import dequantize_w4_ref, w4a16_matmul
 from workers.errors import InvalidParameter
 from workers.model.quant.packing import pack_int4
@@ -60,14 +61,24 @@ class Int4Weight(nn.Module):
     def out_features(self) -> int:
         return self.qweight.shape[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
+    @property
+    def fuses_activation(self) -> bool:
+        """Whether forward(x, gated=True) applies silu(gate) * up inside the matmul (not with
+        act-order, whose input permutation would have to run on the activation first)."""
+        return self.perm is None
+
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """x @ W.T; `gated` (only where `fuses_activation`): x is [..., 2K], an MLP's gate then
+        up, and the input is silu(gate) * up."""
+        assert not gated or self.fuses_activation, "act-order weights take no gated input"
+        rows = x.reshape(-1, x.shape[-1])
         if x.is_cuda:
             if self.perm is not None:
                 rows = rows[:, self.perm]
             out = w4a16_matmul(rows.contiguous(), self.qweight, self.scales, self.zeros,
-                               self.group_size, self.min_form)
+                               self.group_size, self.min_form, gated=gated)
         else:
+            rows = silu_and_mul_ref(rows) if gated else rows
             out = F.linear(rows, self.dequantize().to(x.dtype))
         return out.reshape(*x.shape[:-1], self.out_features)
 
