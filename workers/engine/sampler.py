@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from kernels.argmax import argmax_rows
 from workers.engine.sampling_params import SamplingParams
 
 inf = float("inf")
@@ -151,7 +152,7 @@ class Sampler:
         return noise
 
     def _choose(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-        chosen = logits.argmax(dim=-1)
+        chosen = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
             idx = torch.tensor(sampled, device=logits.device)
