@@ -128,12 +128,13 @@ def channel_gemv(
     return out.out
 
 
-CHANNEL_GEMV_TILES = {torch.int8: (8, 512), torch.float8_e4m3fn: (16, 512)}
-"""(BLOCK_N, BLOCK_K) of `_channel_gemv_kernel` per weight dtype, next tile prefetched: the
-best sums over Llama-3-8B's four projections at M = 1 (devrun sweep on an H200, 2026-11-28:
-FP8 77.3 us with 16 x 512 vs 79.0 with 8 x 512 and 105.8 for the previous 16 x 256 form
-with a [16, 256] accumulator; int8 81.3 with 8 x 512 vs 87.0 with 16 x 512 and 90.5
-before)."""
+CHANNEL_GEMV_BLOCK_N = 8
+CHANNEL_GEMV_BLOCK_K = 512
+"""Tile of `_channel_gemv_kernel` (8 weight rows x 512 one-byte weights, next tile
+prefetched): the best sum over Llama-3-8B's four projections at M = 1 on an H100
+(kernels.bench.bench_quant_kernels --sweep, 2026-11-28 04:41 UTC: FP8 91.3 us vs 93.9 with
+16 x 512 tiles and 112.3 for the earlier 16 x 256 form with a [16, 256] accumulator; on an
+H200 int8 81.3 with 8 x 512 vs 87.0 with 16 x 512, FP8 79.0 vs 77.3)."""
 
 
 def _check(x, qweight, scales, gated: bool) -> None:
@@ -170,10 +171,9 @@ def channel_matmul(
     x, gated = split_k.gated_rows(x, gated)
     m, (n, k) = x.shape[0], weight.shape
     if 0 < m <= split_k.GEMV_MAX_ROWS:
-        block_n, block_k = CHANNEL_GEMV_TILES[weight.dtype]
         return channel_gemv(x, weight, scales,
-                            **split_k.gemv_launch(m, n, k, block_k, launch, block_n),
-                            gated=gated)
+                            **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch,
+                                                  CHANNEL_GEMV_BLOCK_N), gated=gated)
     out, grid, meta = split_k.dot_plan(m, n, k, 128, launch, x.dtype, x.device)
     if m > 0:
         _w8a16_kernel[grid](
