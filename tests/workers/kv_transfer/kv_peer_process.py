@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from workers.kv_transfer import KVLayout, Receiver, TransferConfig
+from workers.kv_transfer.transfer_table import TransferRecord
 
 
 def random_caches(layout: KVLayout, num_blocks: int, seed: int, device: str = "cpu"):
@@ -20,10 +21,18 @@ def random_caches(layout: KVLayout, num_blocks: int, seed: int, device: str = "c
             for _ in layout.layers]
 
 
+def _record_fields(record: TransferRecord | None) -> dict:
+    """What the parent reads of a transfer's record (plain data, across the pipe)."""
+    if record is None:
+        return {"state": None, "reason": "", "num_bytes": 0}
+    return {"state": record.state.value, "reason": record.reason, "num_bytes": record.num_bytes}
+
+
 def serve_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks: int,
                    seed: int, device: str = "cpu") -> None:
-    """Child main: answers ('expect', rid, ids, timeout), ('wait', rid, timeout),
-    ('blocks', ids) and ('close',) until closed."""
+    """Child main: answers ('expect', rid, ids, timeout), ('wait', rid, timeout) -> (state,
+    reason), ('record', rid, timeout) -> the same wait answered with `_record_fields`,
+    ('blocks', ids) -> (K, V) per layer on the CPU, and ('close',) until closed."""
     layout = KVLayout.from_dict(layout_fields)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -35,10 +44,10 @@ def serve_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks
         if command == "expect":
             receiver.expect(*args)
             conn.send(None)
-        elif command == "wait":
-            state = receiver.wait(*args)
-            record = receiver.table.get(args[0])
-            conn.send((state.value if state else None, record.reason if record else ""))
+        elif command in ("wait", "record"):
+            receiver.wait(*args)
+            fields = _record_fields(receiver.table.get(args[0]))
+            conn.send(fields if command == "record" else (fields["state"], fields["reason"]))
         elif command == "blocks":
             conn.send([(k[args[0]].cpu(), v[args[0]].cpu()) for k, v in caches])
         elif command == "close":

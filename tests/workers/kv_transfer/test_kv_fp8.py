@@ -17,6 +17,7 @@ import pytest
 import torch
 from kv_peer_process import random_caches
 from test_kv_network import Ends, refused_send
+from test_kv_processes import PeerProcess, assert_landed
 
 from tests.cluster.helpers import ChunkCollector, prompts
 from tests.cluster.test_disaggregated_workers import (
@@ -35,6 +36,7 @@ from workers.kv_transfer import (
     TransferConfig,
     TransferState,
     check_compatible,
+    make_sender,
     plan_transfer,
     slice_for_rank,
 )
@@ -52,50 +54,58 @@ def ends(request):
         end.close()
 
 
-def _move(ends: Ends, layout: KVLayout, src_ids, dst_ids, devices=("cpu", "cpu")) -> int:
-    """Sends blocks src_ids -> dst_ids (sender on devices[0], receiver on devices[1]); checks
-    they land bit-exact; returns the bytes the receiver counted."""
+def _move(transport: str, layout: KVLayout, src_ids, dst_ids, devices=("cpu", "cpu")) -> int:
+    """Sends blocks src_ids -> dst_ids from a sender here (on devices[0]) to a receiver in its
+    own process (on devices[1]), as in serving; checks they land bit-exact in the layout's
+    dtype; returns the bytes the receiver counted."""
+    config = TransferConfig(transport=transport, probe_bytes=1 << 16)
+    peer = PeerProcess(layout, config, num_blocks=16, seed=2, device=devices[1])
     src = random_caches(layout, 16, seed=1, device=devices[0])
-    dst = random_caches(layout, 16, seed=2, device=devices[1])
-    receiver, sender = ends.receiver(layout, dst), ends.sender(layout, src)
-    receiver.expect("r", dst_ids)
-    sender.send("r", receiver.address, src_ids, dst_ids, {"first_token_id": 1})
-    assert sender.wait("r", 20) is TransferState.DONE, sender.table.get("r").reason
-    assert receiver.wait("r", 5) is TransferState.DONE
-    for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
-        assert dk.dtype == getattr(torch, layout.dtype)
-        for got, sent in ((dk[dst_ids], sk[src_ids]), (dv[dst_ids], sv[src_ids])):
-            assert torch.equal(got.cpu().view(torch.uint8), sent.cpu().view(torch.uint8))
-    return receiver.table.get("r").num_bytes
+    sender = make_sender(layout, src, config)
+    try:
+        peer.call("expect", "r", dst_ids, 60)
+        sender.send("r", peer.address, src_ids, dst_ids, {"first_token_id": 1})
+        assert sender.wait("r", 60) is TransferState.DONE, sender.table.get("r").reason
+        received = peer.call("record", "r", 10)
+        assert received["state"] == TransferState.DONE.value, received["reason"]
+        for dk, dv in assert_landed(peer, src, src_ids, dst_ids):
+            assert dk.dtype == dv.dtype == getattr(torch, layout.dtype)
+        return received["num_bytes"]
+    finally:
+        sender.close()
+        peer.close()
 
 
-def _fp8_and_bf16_bytes(ends: Ends, layout: KVLayout, devices=("cpu", "cpu")) -> None:
+def _fp8_and_bf16_bytes(transport: str, layout: KVLayout, devices=("cpu", "cpu")) -> None:
     src_ids, dst_ids = [3, 9, 4], [7, 0, 12]
     moved = {}
     for dtype in ("bfloat16", FP8):
         other = KVLayout(**{**layout.to_dict(), "dtype": dtype})
-        moved[dtype] = _move(ends, other, src_ids, dst_ids, devices)
+        moved[dtype] = _move(transport, other, src_ids, dst_ids, devices)
     per_block = 2 * layout.num_layers * layout.block_size * layout.num_kv_heads * layout.head_dim
     assert moved[FP8] == len(src_ids) * per_block  # one byte per element on the wire
     assert moved["bfloat16"] == 2 * moved[FP8]
 
 
-@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
-def test_fp8_blocks_move_as_fp8_with_half_the_bytes_of_bf16(ends, layout):
-    _fp8_and_bf16_bytes(ends, layout)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_fp8_blocks_move_as_fp8_with_half_the_bytes_of_bf16(transport, layout):
+    """The flow of test_fp8_blocks_move_as_fp8_on_gpu on the CPU (gloo for torch)."""
+    _fp8_and_bf16_bytes(transport, layout)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
-def test_fp8_blocks_move_as_fp8_on_gpu(ends):
-    """NCCL between two GPUs (Triton kv_pack on both ends), ZMQ on one GPU."""
-    if ends.config.transport == "torch" and torch.cuda.device_count() < 2:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_fp8_blocks_move_as_fp8_on_gpu(transport):
+    """NCCL between two GPUs (Triton kv_pack on both ends), ZMQ on one GPU; each end in its
+    own process, as in serving (both ends of an NCCL pair built by one process crashed inside
+    ProcessGroupNCCL: see test_kv_gpu's staged-messages test)."""
+    if transport == "torch" and torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    devices = ("cuda:1", "cuda:0") if ends.config.transport == "torch" else ("cuda:0",) * 2
+    devices = ("cuda:1", "cuda:0") if transport == "torch" else ("cuda:0",) * 2
     layout = KVLayout("gpu-fp8", "bfloat16", 16, num_layers=4, num_kv_heads=8, head_dim=128)
     with torch.cuda.device(devices[0]):
-        _fp8_and_bf16_bytes(ends, layout, devices)
+        _fp8_and_bf16_bytes(transport, layout, devices)
 
 
 def test_cuda_ipc_block_copy_moves_fp8_blocks(layout):
@@ -142,9 +152,9 @@ def test_kv_scale_mismatch_is_refused_naming_the_first_differing_layer(ends, lay
     receiver.abort("r")
 
 
-@pytest.mark.parametrize("ends", TRANSPORTS, indirect=True)
-def test_equal_kv_scales_shake_hands_and_move_fp8_bit_exact(ends, layout):
-    _move(ends, _scaled(layout), [3, 9, 4], [7, 0, 12])
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_equal_kv_scales_shake_hands_and_move_fp8_bit_exact(transport, layout):
+    _move(transport, _scaled(layout), [3, 9, 4], [7, 0, 12])
 
 
 def test_an_fp8_worker_layout_carries_its_models_kv_scales(tiny_model_dir):

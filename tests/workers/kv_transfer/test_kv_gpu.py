@@ -8,12 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from kv_peer_process import random_caches
-from test_kv_processes import PeerProcess
+from test_kv_processes import PeerProcess, assert_landed
 from test_kv_stream import receiver_killed_mid_stream
 
 from workers.kv_transfer import (
     KVLayout,
-    Receiver,
     TransferConfig,
     TransferState,
     make_sender,
@@ -55,26 +54,27 @@ def test_cuda_pack_and_unpack_equal_the_cpu_path(rank):
 
 
 def _transfer_after_write(sender_device: str, receiver_device: str, transport: str):
+    """The receiver runs in its own process, as in serving (see the staged-messages test)."""
     config = TransferConfig(transport=transport, probe_bytes=8 << 20)
-    src, dst = _caches(LAYOUT, sender_device, 3), _caches(LAYOUT, receiver_device, 4)
-    receiver, sender = Receiver(LAYOUT, dst, config), make_sender(LAYOUT, src, config)
+    peer = PeerProcess(LAYOUT, config, num_blocks=64, seed=4, device=receiver_device)
+    src = _caches(LAYOUT, sender_device, 3)
+    sender = make_sender(LAYOUT, src, config)
     try:
-        receiver.expect("r", [5, 6, 7])
+        peer.call("expect", "r", [5, 6, 7], 60)
         # The engine's last write, queued on its stream just before the send.
         with torch.cuda.device(src[0][0].device):
             for k, v in src:
                 k[[20, 21]] = 1.5
                 v[[20, 21]] = -2.5
-        sender.send("r", receiver.address, [20, 21, 22], [5, 6, 7], {"first_token_id": 1})
+        sender.send("r", peer.address, [20, 21, 22], [5, 6, 7], {"first_token_id": 1})
         assert sender.wait("r", 60) is TransferState.DONE, sender.table.get("r").reason
-        assert receiver.wait("r", 10) is TransferState.DONE
-        for (sk, sv), (dk, dv) in zip(src, dst, strict=True):
-            assert torch.equal(dk[[5, 6, 7]].cpu(), sk[[20, 21, 22]].cpu())
-            assert torch.equal(dv[[5, 6, 7]].cpu(), sv[[20, 21, 22]].cpu())
-        return sender.path(receiver.address), sender.bandwidth(receiver.address)
+        state, reason = peer.call("wait", "r", 10)
+        assert state == TransferState.DONE.value, reason
+        assert_landed(peer, src, [20, 21, 22], [5, 6, 7])
+        return sender.path(peer.address), sender.bandwidth(peer.address)
     finally:
         sender.close()
-        receiver.close()
+        peer.close()
 
 
 def test_zmq_path_between_two_ends_on_one_gpu():
@@ -118,9 +118,7 @@ def test_nccl_staged_messages_cycle_their_buffers_and_land_byte_equal(dtype):
             assert sender.wait("r", 60) is TransferState.DONE, sender.table.get("r").reason
         state, reason = peer.call("wait", "r", 10)
         assert state == TransferState.DONE.value, reason
-        for (sk, sv), (dk, dv) in zip(src, peer.call("blocks", dst_ids), strict=True):
-            assert torch.equal(dk.view(torch.uint8), sk[src_ids].cpu().view(torch.uint8))
-            assert torch.equal(dv.view(torch.uint8), sv[src_ids].cpu().view(torch.uint8))
+        assert_landed(peer, src, src_ids, dst_ids)
     finally:
         sender.close()
         peer.close()

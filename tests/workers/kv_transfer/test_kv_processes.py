@@ -24,24 +24,62 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs SIGSTOP")
 
 
 class PeerProcess:
-    def __init__(self, layout, config, num_blocks, seed, device="cpu"):
+    """A Receiver in its own process (kv_peer_process.serve_receiver) on `device`, as in
+    serving; it inherits this process's environment (NCCL_*, CUDA_VISIBLE_DEVICES). Every
+    call fails the test after `answer_s` instead of hanging on a peer that hangs or died."""
+
+    def __init__(self, layout, config, num_blocks, seed, device="cpu", answer_s=120.0):
         ctx = mp.get_context("spawn")
+        self.answer_s = answer_s
         self.conn, child_conn = ctx.Pipe()
         self.process = ctx.Process(target=serve_receiver, daemon=True,
                                    args=(child_conn, layout.to_dict(), config, num_blocks, seed,
                                          device))
         self.process.start()
-        self.address = self.conn.recv()
+        child_conn.close()  # the child's end lives in the child only: its death reads as EOF
+        self.address = self._answer("start", answer_s)
 
-    def call(self, *command):
-        self.conn.send(command)
-        return self.conn.recv()
+    def call(self, *command, answer_s: float | None = None):
+        try:
+            self.conn.send(command)
+        except BrokenPipeError:
+            pass  # the peer died: `_answer` reads the EOF and says so
+        return self._answer(command[0], answer_s or self.answer_s)
+
+    def _answer(self, what: str, answer_s: float):
+        try:
+            if self.conn.poll(answer_s):
+                return self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise AssertionError(f"receiver process died on {what!r} "
+                                 f"(exit code {self.process.exitcode})") from None
+        self.process.kill()
+        self.process.join(10)
+        raise AssertionError(f"receiver process did not answer {what!r} in {answer_s} s")
 
     def close(self):
-        os.kill(self.process.pid, signal.SIGCONT)
         if self.process.is_alive():
-            self.call("close")
+            os.kill(self.process.pid, signal.SIGCONT)  # a paused peer must answer close
+            try:
+                self.call("close", answer_s=30)
+            except AssertionError:
+                pass  # it died or hung (then killed): the test's own checks say what failed
         self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(10)
+        self.conn.close()
+
+
+def assert_landed(peer: PeerProcess, src, src_ids, dst_ids):
+    """The peer's blocks dst_ids hold the bytes of src's src_ids (any dtype, any device);
+    returns the peer's (K, V) per layer of them, on the CPU."""
+    landed = peer.call("blocks", dst_ids)
+    for (sk, sv), (dk, dv) in zip(src, landed, strict=True):
+        assert torch.equal(dk.view(torch.uint8), sk[src_ids].cpu().view(torch.uint8))
+        assert torch.equal(dv.view(torch.uint8), sv[src_ids].cpu().view(torch.uint8))
+    return landed
 
 
 @pytest.fixture(params=["torch", "zmq"])
@@ -50,12 +88,6 @@ def peer(request, layout):
     process = PeerProcess(layout, config, num_blocks=8, seed=2)
     yield process, config
     process.close()
-
-
-def _assert_landed(peer, src, src_ids, dst_ids):
-    for (sk, sv), (dk, dv) in zip(src, peer.call("blocks", dst_ids), strict=True):
-        assert torch.equal(dk.view(torch.int16), sk[src_ids].view(torch.int16))
-        assert torch.equal(dv.view(torch.int16), sv[src_ids].view(torch.int16))
 
 
 def test_paused_receiver_fails_within_deadline_and_pair_recovers(peer, layout):
@@ -67,7 +99,7 @@ def test_paused_receiver_fails_within_deadline_and_pair_recovers(peer, layout):
         sender.send("r0", process.address, [1, 6], [5, 2, 7], num_tokens=7)
         assert sender.wait("r0", 20) is TransferState.DONE
         assert process.call("wait", "r0", 5)[0] == "done"
-        _assert_landed(process, src, [1, 6], [5, 2])
+        assert_landed(process, src, [1, 6], [5, 2])
 
         process.call("expect", "r1", [0, 1], 3.0)
         os.kill(process.process.pid, signal.SIGSTOP)
@@ -89,7 +121,7 @@ def test_paused_receiver_fails_within_deadline_and_pair_recovers(peer, layout):
         if config.transport == "zmq" or state == "done":
             # The data had reached the paused process's socket whole: it lands intact.
             assert state == "done", reason
-            _assert_landed(process, src, [3, 4], [0, 1])
+            assert_landed(process, src, [3, 4], [0, 1])
         else:  # torch: its receives waited on a pair the sender tore down
             assert state == "failed", reason
         # A send stuck past its deadline tears its pair down, failing whatever is in flight on
@@ -101,6 +133,6 @@ def test_paused_receiver_fails_within_deadline_and_pair_recovers(peer, layout):
         process.call("expect", "r3", [3, 4], 10)
         sender.send("r3", process.address, [0, 7], [3, 4])
         assert sender.wait("r3", 20) is TransferState.DONE, sender.table.get("r3").reason
-        _assert_landed(process, src, [0, 7], [3, 4])
+        assert_landed(process, src, [0, 7], [3, 4])
     finally:
         sender.close()
