@@ -30,9 +30,10 @@ def _record_fields(record: TransferRecord | None) -> dict:
 
 def serve_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks: int,
                    seed: int, device: str = "cpu") -> None:
-    """Child main: answers ('expect', rid, ids, timeout), ('wait', rid, timeout) -> (state,
-    reason), ('record', rid, timeout) -> the same wait answered with `_record_fields`,
-    ('blocks', ids) -> (K, V) per layer on the CPU, and ('close',) until closed."""
+    """Child main: answers ('expect', rid, ids, timeout), ('abort', rid), ('wait', rid,
+    timeout) -> (state, reason), ('record', rid, timeout) -> the same wait answered with
+    `_record_fields`, ('blocks', ids) -> (K, V) per layer on the CPU, and ('close',) until
+    closed. `device` names its index on CUDA ("cuda:0")."""
     layout = KVLayout.from_dict(layout_fields)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -41,8 +42,8 @@ def serve_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks
     conn.send(receiver.address)
     while True:
         command, *args = conn.recv()
-        if command == "expect":
-            receiver.expect(*args)
+        if command in ("expect", "abort"):
+            getattr(receiver, command)(*args)
             conn.send(None)
         elif command in ("wait", "record"):
             receiver.wait(*args)

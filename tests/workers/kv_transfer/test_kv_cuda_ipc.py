@@ -8,9 +8,9 @@ import random
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import zmq
 from kv_peer_process import random_caches
+from test_kv_processes import PeerProcess, assert_landed
 
 from cluster.bench.bench_serve_1gpu import cluster_config
 from cluster.bench.bench_serve_1gpu import parse_args as bench_args
@@ -228,68 +228,6 @@ def test_auto_picks_cuda_ipc_when_workers_share_a_gpu():
 # ---- two processes, one GPU -------------------------------------------------------------
 
 
-def _serve_receiver(conn, layout_fields: dict, config: TransferConfig, num_blocks: int,
-                    seed: int, device: str) -> None:
-    """Child main: a Receiver over caches on `device`; answers ('expect', rid, ids, timeout),
-    ('abort', rid), ('wait', rid, timeout), ('blocks', ids) and ('close',)."""
-    layout = KVLayout.from_dict(layout_fields)
-    caches = random_caches(layout, num_blocks, seed, device=device)
-    receiver = Receiver(layout, caches, config)
-    conn.send(receiver.address)
-    while True:
-        command, *args = conn.recv()
-        if command == "expect":
-            conn.send(receiver.expect(*args))
-        elif command == "abort":
-            conn.send(receiver.abort(*args))
-        elif command == "wait":
-            state = receiver.wait(*args)
-            record = receiver.table.get(args[0])
-            conn.send((state.value if state else None, record.reason if record else ""))
-        elif command == "blocks":
-            conn.send([(k[args[0]].cpu(), v[args[0]].cpu()) for k, v in caches])
-        elif command == "close":
-            receiver.close()
-            conn.send(None)
-            return
-
-
-class PeerProcess:
-    """The receiver's process; every call times out instead of hanging."""
-
-    def __init__(self, layout: KVLayout, config: TransferConfig, num_blocks: int, seed: int,
-                 device: str = "cuda"):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve_receiver, daemon=True,
-                                   args=(child, layout.to_dict(), config, num_blocks, seed,
-                                         device))
-        self.process.start()
-        assert self.conn.poll(60), "receiver process did not start"
-        self.address = self.conn.recv()
-
-    def call(self, *command):
-        self.conn.send(command)
-        assert self.conn.poll(30), f"receiver process did not answer {command[0]}"
-        return self.conn.recv()
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            try:
-                self.call("close")
-            except (AssertionError, OSError):
-                pass
-        self.process.join(10)
-        if self.process.is_alive():
-            self.process.kill()
-
-
-def _assert_landed(landed, src, src_ids):
-    for (sk, sv), (dk, dv) in zip(src, landed, strict=True):
-        assert torch.equal(_bits(dk), _bits(sk[src_ids]))
-        assert torch.equal(_bits(dv), _bits(sv[src_ids]))
-
-
 def test_two_processes_off_cuda_fall_back_to_zmq(layout):
     config = TransferConfig("cuda_ipc", probe_bytes=1 << 12, timeout_s=10)
     peer = PeerProcess(layout, config, num_blocks=8, seed=2, device="cpu")
@@ -301,7 +239,7 @@ def test_two_processes_off_cuda_fall_back_to_zmq(layout):
         assert sender.wait("r", 10) is TransferState.DONE, sender.table.get("r").reason
         assert peer.call("wait", "r", 5)[0] == "done"
         assert sender.path(peer.address) == "zmq"
-        _assert_landed(peer.call("blocks", [4, 7]), src, [6, 1])
+        assert_landed(peer, src, [6, 1], [4, 7])
     finally:
         sender.close()
         peer.close()
@@ -312,7 +250,7 @@ def test_two_processes_off_cuda_fall_back_to_zmq(layout):
 def test_two_processes_one_gpu_bit_exact_abort_and_deadline():
     layout = KVLayout("ipc-test", "bfloat16", 16, num_layers=4, num_kv_heads=8, head_dim=64)
     config = TransferConfig("cuda_ipc", probe_bytes=4 << 20, timeout_s=20)
-    peer = PeerProcess(layout, config, num_blocks=64, seed=2)
+    peer = PeerProcess(layout, config, num_blocks=64, seed=2, device="cuda:0")
     original = random_caches(layout, 64, seed=2)  # the receiver's caches, as it made them
     senders = []
     try:
@@ -331,7 +269,7 @@ def test_two_processes_one_gpu_bit_exact_abort_and_deadline():
                         num_tokens=num_tokens)
             assert sender.wait(f"r{i}", 30) is TransferState.DONE, sender.table.get(f"r{i}")
             assert peer.call("wait", f"r{i}", 10)[0] == "done"
-            _assert_landed(peer.call("blocks", dst_ids[:n]), src, src_ids)
+            assert_landed(peer, src, src_ids, dst_ids[:n])
         assert sender.path(peer.address) == "cuda_ipc"
         assert sender.bandwidth(peer.address) > 1.0, sender.bandwidth(peer.address)
 
@@ -347,7 +285,7 @@ def test_two_processes_one_gpu_bit_exact_abort_and_deadline():
         for tp_sender in senders[1:]:
             assert tp_sender.wait("tp", 30) is TransferState.DONE, tp_sender.table.get("tp")
         assert peer.call("wait", "tp", 10)[0] == "done"
-        _assert_landed(peer.call("blocks", dst_ids), src, src_ids)
+        assert_landed(peer, src, src_ids, dst_ids)
 
         # Aborted before the data came: refused, the blocks keep what they had.
         ids = [free.pop() for _ in range(3)]
@@ -357,14 +295,14 @@ def test_two_processes_one_gpu_bit_exact_abort_and_deadline():
         assert sender.wait("ab", 30) is TransferState.FAILED
         assert "no reservation" in sender.table.get("ab").reason
         assert peer.call("wait", "ab", 5)[0] == "aborted"
-        _assert_landed(peer.call("blocks", ids), original, ids)
+        assert_landed(peer, original, ids, ids)
 
         # No data before the deadline: FAILED on the receiver, by timeout.
         peer.call("expect", "late", [free.pop()], 0.5)
         state, reason = peer.call("wait", "late", 10)
         assert state == "failed" and "timeout" in reason
         untouched = free[:8]
-        _assert_landed(peer.call("blocks", untouched), original, untouched)
+        assert_landed(peer, original, untouched, untouched)
     finally:
         for sender in senders:
             sender.close()

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 from kv_peer_process import random_caches
-from test_kv_processes import PeerProcess
+from test_kv_processes import PeerProcess, assert_landed
 
 from workers.kv_transfer import (
     KVLayout,
@@ -200,11 +200,14 @@ def receiver_killed_mid_stream(layout: KVLayout, sender_device: str,
                                receiver_device: str) -> None:
     """The receiver's process is killed after the step's first layer went out: the sender's
     transfer fails within its deadline, its blocks are released once its posted sends end
-    (the pair is torn down), a new receiver pairs and gets data, and close is quick."""
+    (the pair is torn down), a new receiver pairs and gets data, and close is quick. Each
+    receiver runs in its own process, as in serving (one process building both ends of an
+    NCCL pair crashed inside ProcessGroupNCCL)."""
     config = TransferConfig(probe_bytes=1 << 12, timeout_s=2.0)
     peer = PeerProcess(layout, config, num_blocks=16, seed=2, device=receiver_device)
     src = random_caches(layout, 16, seed=1, device=sender_device)
     sender = TorchSender(layout, src, config)
+    fresh = None
     try:
         sender.connect(peer.address)
         assert sender.wait_ready(peer.address, 60)
@@ -221,18 +224,22 @@ def receiver_killed_mid_stream(layout: KVLayout, sender_device: str,
         assert sender.wait("r", 10) is TransferState.FAILED
         assert time.monotonic() - start < 2.0 + 2.0
         assert _quiet(sender, "r").wait(2 * config.timeout_s + 10)
-        dst = random_caches(layout, 16, seed=3, device=receiver_device)
-        receiver = Receiver(layout, dst, config)
-        receiver.expect("again", [1, 2])
-        sender.send("again", receiver.address, [3, 4], [1, 2], {"first_token_id": 2})
-        assert sender.wait("again", 30) is TransferState.DONE
-        assert _same([(k.cpu(), v.cpu()) for k, v in src],
-                     [(k.cpu(), v.cpu()) for k, v in dst], [3, 4], [1, 2])
-        receiver.close()
+        fresh = PeerProcess(layout, config, num_blocks=16, seed=3, device=receiver_device)
+        fresh.call("expect", "again", [1, 2], 30)
+        sender.send("again", fresh.address, [3, 4], [1, 2], {"first_token_id": 2})
+        assert sender.wait("again", 30) is TransferState.DONE, sender.table.get("again").reason
+        state, reason = fresh.call("wait", "again", 10)
+        assert state == TransferState.DONE.value, reason
+        assert_landed(fresh, src, [3, 4], [1, 2])
+        fresh.close()  # the receiving end goes first, as before the sender's timed close
     finally:
         start = time.monotonic()
         sender.close()
-        assert time.monotonic() - start < 10
+        closed_s = time.monotonic() - start
+        for end in (fresh, peer):  # idempotent: ends the peers on any failure above
+            if end is not None:
+                end.close()
+        assert closed_s < 10
 
 
 def test_pairs_are_bounded_least_recently_used_idle_one_evicted(layout):
