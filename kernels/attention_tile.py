@@ -1,9 +1,7 @@
 """The inner loop shared by the prefill and decode kernels: online softmax over KV tiles
 read from the paged cache through a block table; and their split-KV pieces: `store_split`
-(one program's normalized output, or its partial and log-sum-exp), `combine_rows` (the
-log-sum-exp-weighted merge of the partials, run by paged decode's last-arriving split in the
-same launch and by the `combine_splits` kernel after a split prefill) and the scratch they
-share.
+(one program's normalized output, or its partial and log-sum-exp), `combine_splits` (the
+log-sum-exp-weighted merge of the partials) and the scratch they share.
 
 A tile is BLOCK_N consecutive key positions of one sequence; key n lives in block
 block_table[n // PAGE], slot n % PAGE. Scores are kept in base 2 (qk_scale includes log2(e))
@@ -122,7 +120,7 @@ def store_split(out_ptr, part_out_ptr, part_lse_ptr, acc, l_i, m_i, tok, head, s
     """Normalize one program's (acc, l_i, m_i) of rows `tok` x heads `head` (both [rows]) and
     store it: into `out` when the keys were not split; otherwise as split `split`'s partial
     output and base-2 log-sum-exp (-inf for a row that saw no key: an empty split) into the
-    float32 scratch of `split_scratch`, for `combine_rows`. An fp8 cache's V scale is
+    float32 scratch of `split_scratch`, for `combine_splits`. An fp8 cache's V scale is
     applied here, to the output or to each partial (the combine is linear in them)."""
     offs_d = tl.arange(0, BLOCK_D)
     empty = l_i == 0.0
@@ -142,39 +140,6 @@ def store_split(out_ptr, part_out_ptr, part_lse_ptr, acc, l_i, m_i, tok, head, s
 
 
 @triton.jit
-def combine_rows(out_ptr, part_out_ptr, part_lse_ptr, tok, head, row_ok, stride_ot, stride_oh,
-                 head_dim, num_heads, num_splits, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out rows `tok` x heads `head` (both [rows]; where row_ok) = the log-sum-exp-weighted
-    sum of their `store_split` partials, added in split order (the same order, so the same
-    float32 result, in every caller). The scratch is read past L1 (.cg): in a fused launch
-    other SMs wrote it."""
-    offs_d = tl.arange(0, BLOCK_D)
-    splits = tl.arange(0, BLOCK_S)
-    first_part = (tok * num_heads + head) * num_splits  # [rows]
-    lse = tl.load(part_lse_ptr + first_part[:, None] + splits[None, :],
-                  mask=row_ok[:, None] & (splits < num_splits)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")
-    # Every real row saw its own key in some split, so its max is finite; a padding row
-    # (-inf everywhere) gets weights of 0 instead of NaN and is never stored.
-    lse_max = tl.max(lse, 1)
-    no_keys = lse_max == float("-inf")
-    lse_max = tl.where(no_keys, 0.0, lse_max)
-    total = tl.where(no_keys, 1.0, tl.sum(tl.exp2(lse - lse_max[:, None]), 1))
-    out = tl.zeros([tok.shape[0], BLOCK_D], dtype=tl.float32)
-    for split in range(num_splits):
-        part_lse = tl.load(part_lse_ptr + first_part + split, mask=row_ok,
-                           other=float("-inf"), cache_modifier=".cg")
-        weight = tl.exp2(part_lse - lse_max) / total
-        # An empty split has weight 0 and its stored partial is 0 too, never NaN.
-        part = tl.load(part_out_ptr + (first_part + split)[:, None] * BLOCK_D + offs_d[None, :],
-                       mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-        out += part * weight[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
-
-
-@triton.jit
 def _combine_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, cu_q_ptr,
     stride_ot, stride_oh, head_dim, num_heads, num_splits, min_q_len, max_q_len,
@@ -187,14 +152,29 @@ def _combine_kernel(
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
     if (q_len >= min_q_len) & (q_len <= max_q_len) & (t_start < q_len):
         rows = t_start + tl.arange(0, BLOCK_T)
-        combine_rows(out_ptr, part_out_ptr, part_lse_ptr, (q_start + rows).to(tl.int64),
-                     head + tl.zeros([BLOCK_T], dtype=tl.int32), rows < q_len,
-                     stride_ot, stride_oh, head_dim, num_heads, num_splits, BLOCK_S, BLOCK_D)
+        splits = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        tok = (q_start + rows).to(tl.int64)
+        ok = (rows < q_len)[:, None] & (splits < num_splits)[None, :]  # [T, S]
+        part_row = (tok * num_heads + head)[:, None] * num_splits + splits[None, :]
+        lse = tl.load(part_lse_ptr + part_row, mask=ok, other=float("-inf"))
+        # Every real row saw its own key in some split, so its max is finite; a padding row
+        # (-inf everywhere) gets weights of 0 instead of NaN and is never stored.
+        lse_max = tl.max(lse, 1)
+        weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max)[:, None])
+        weight = weight / tl.where(lse_max == float("-inf"), 1.0, tl.sum(weight, 1))[:, None]
+        part = tl.load(part_out_ptr + part_row[:, :, None] * BLOCK_D + offs_d[None, None, :],
+                       mask=ok[:, :, None], other=0.0)
+        # An empty split has weight 0 and its stored partial is 0 too, never NaN.
+        out = tl.sum(part * weight[:, :, None], 1)
+        tl.store(out_ptr + tok[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty),
+                 mask=(rows < q_len)[:, None] & (offs_d[None, :] < head_dim))
 
 
 def split_scratch(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 partial outputs [tokens, heads, splits, padded head dim] and log-sum-exps
-    [tokens, heads, splits] of `store_split` / `combine_rows`."""
+    [tokens, heads, splits] of `store_split` / `combine_splits`."""
     tokens, heads = q.shape[0], q.shape[1]
     part_out = torch.empty((tokens, heads, num_splits, head_dim_block(q.shape[2])),
                            dtype=torch.float32, device=q.device)
@@ -208,7 +188,7 @@ def combine_splits(out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Te
     log-sum-exp-weighted sum of their split partials; other rows are left untouched."""
     num_seqs, num_heads, num_splits = cu_q.shape[0] - 1, part_lse.shape[1], part_lse.shape[2]
     block_s = triton.next_power_of_2(num_splits)
-    # ~64 (row, split) pairs per program.
+    # ~64 (row, split) pairs per program: one row per program for decode's many splits.
     block_t = min(triton.next_power_of_2(max_q_len), max(1, 64 // block_s))
     _combine_kernel[(num_seqs, num_heads, triton.cdiv(max_q_len, block_t))](
         out, part_out, part_lse, cu_q, out.stride(0), out.stride(1), out.shape[2], num_heads,

@@ -7,14 +7,10 @@ seq_len - q_len + j and sees keys up to there (causal among the new tokens).
 
 Long contexts at small batch cannot fill the GPU with one program per (sequence, kv head), so
 the context is split into `num_splits` ranges; each writes a normalized partial output and its
-log-sum-exp, and the split that arrives last at its (sequence, kv head) combines them into the
-output in the same launch (`combine_rows`; per-device arrival counters of
-kernels/quant_split_k.py, zero between launches, so a CUDA graph replays it as is): a decode
-step's attention is one launch per layer, not a split kernel and a reduce kernel. With one
-split the kernel writes the output directly. Sequences with more than `max_q_len` new tokens
-are skipped (the prefill kernel takes them in the same step; their outputs and counters stay
-untouched). An fp8 cache is dequantized in the kernel (kernels/kv_quant.py): half the bytes of
-bf16 per KV tile.
+log-sum-exp, and a reduce kernel combines them. With one split the kernel writes the output
+directly. Sequences with more than `max_q_len` new tokens are skipped (the prefill kernel takes
+them in the same step). An fp8 cache is dequantized in the kernel (kernels/kv_quant.py): half
+the bytes of bf16 per KV tile.
 
 Tree verification (`tree_masks`, speculative decoding with a tree of candidates, see
 kernels/attention_ref.py): the context before a sequence's first query token is folded as
@@ -35,7 +31,7 @@ from kernels.attention_ref import paged_attention_ref
 from kernels.attention_tile import (
     LOG2E,
     attend_range,
-    combine_rows,
+    combine_splits,
     dot_precision,
     head_dim_block,
     kv_scales,
@@ -45,7 +41,6 @@ from kernels.attention_tile import (
 )
 from kernels.flash_prefill import check_paged_inputs
 from kernels.kv_quant import is_fp8
-from kernels.quant_split_k import arrival_counts, last_to_arrive
 
 MAX_DECODE_QUERY = 8
 
@@ -63,7 +58,7 @@ _CPU_TILES = DecodeTiles(16, 4, 1)
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr, count_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     bt_ptr, cu_q_ptr, seq_lens_ptr, k_scale_ptr, v_scale_ptr, tree_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
@@ -71,15 +66,12 @@ def _decode_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, FP8: tl.constexpr, TREE: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_S: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     q_start = tl.load(cu_q_ptr + seq)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    # Every split of a (sequence, kv head) takes the same branch, so all of them arrive at
-    # its counter or none does.
     if q_len <= max_q_len:
         seq_len = tl.load(seq_lens_ptr + seq)
         qk_scale, v_scale = kv_scales(qk_scale, k_scale_ptr, v_scale_ptr, FP8)
@@ -123,11 +115,6 @@ def _decode_kernel(
         store_split(out_ptr, part_out_ptr, part_lse_ptr, acc, l_i, m_i, tok, head, split,
                     row_ok, v_scale, stride_ot, stride_oh, head_dim, num_heads, num_splits,
                     FP8, SINGLE_SPLIT, BLOCK_D)
-        if not SINGLE_SPLIT:
-            if last_to_arrive(count_ptr):
-                combine_rows(out_ptr, part_out_ptr, part_lse_ptr, tok, head, row_ok,
-                             stride_ot, stride_oh, head_dim, num_heads, num_splits,
-                             BLOCK_S, BLOCK_D)
 
 
 @triton.jit
@@ -183,9 +170,8 @@ def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_s
     single = num_splits == 1
     fp8 = is_fp8(k_cache.dtype)
     part_out, part_lse = (out, out) if single else split_scratch(q, num_splits)
-    counts = cu_q if single else arrival_counts(q.device, num_seqs * num_kv_heads)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, counts, block_tables, cu_q, seq_lens,
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, cu_q, seq_lens,
         k_scale if fp8 else cu_q, v_scale if fp8 else cu_q,
         cu_q if tree_masks is None else tree_masks,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
@@ -195,9 +181,11 @@ def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_s
         BLOCK_M=max(16, triton.next_power_of_2(group * max_q_len)),
         BLOCK_N=tiles.block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         PRECISION=dot_precision(q.dtype), SINGLE_SPLIT=single, FP8=fp8,
-        TREE=tree_masks is not None, BLOCK_T=16, BLOCK_S=triton.next_power_of_2(num_splits),
+        TREE=tree_masks is not None, BLOCK_T=16,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
+    if not single:
+        combine_splits(out, part_out, part_lse, cu_q, 0, max_q_len)
 
 
 def paged_decode(

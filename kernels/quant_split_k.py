@@ -154,36 +154,26 @@ def split_output(
 
 
 @triton.jit
-def last_to_arrive(count_ptr):
-    """Called once by every program of a split launch (grid axes 0 and 1: the tile, axis 2:
-    the split) after it stored its partial: whether it is the tile's last split to arrive;
-    that one also resets the tile's counter for the next launch, and must read the partials
-    past L1 (.cg), which is not coherent across SMs. The barrier makes the CTA's partial
-    stores precede the counter's release. Every program of a tile must call it, or none."""
-    tl.debug_barrier()
-    tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == tl.num_programs(2) - 1
-    if last:
-        tl.atomic_xchg(count_ptr + tile, 0)
-    return last
-
-
-@triton.jit
 def finish(out_ptr, part_ptr, count_ptr, value, offs, mask, stride_os, SPLIT: tl.constexpr):
     """Writes a program's float32 result `value` at element offsets `offs` of the output.
     Without a split: rounded once into out. With one: as split program_id(2)'s partial sums;
-    the split that arrives last at this output tile (`last_to_arrive`) adds all partials in
-    split order and rounds once into out, so a split matmul is one launch rather than a
-    matmul and a reduction (a launch costs ~2-3 us at decode)."""
+    the split that arrives last at this output tile (grid axes 0 and 1) adds all partials in
+    split order, rounds once into out and resets the tile's counter, so a split matmul is one
+    launch rather than a matmul and a reduction (a launch costs ~2-3 us at decode). The
+    barrier makes the CTA's partial stores precede the counter's release; the partials are
+    read past L1 (.cg), which is not coherent across SMs."""
     if SPLIT:
         splits = tl.num_programs(2)
         tl.store(part_ptr + tl.program_id(2) * stride_os + offs, value, mask=mask)
-        if last_to_arrive(count_ptr):
+        tl.debug_barrier()
+        tile = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == splits - 1:
             total = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
             for s in range(1, splits):
                 total += tl.load(part_ptr + s * stride_os + offs, mask=mask, other=0.0,
                                  cache_modifier=".cg")
             tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count_ptr + tile, 0)
     else:
         tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
 
