@@ -40,9 +40,10 @@ from kernels.quant_split_k import gemv_program, load_x, load_x_tile, store_row, 
 GEMV_BLOCK_K = 512
 GEMV_PREFETCH = False
 """Default K tile (input rows) and prefetch of the matrix-vector form: the best sum over
-Llama-3-8B's four projections at M = 1 on an H100 (devrun sweep, 2026-11-28: 77.0 us with
-32 x 512 tiles vs 83.3 for the previous form's 32 x 256, which subtracted the zero per weight
-and loaded x once per nibble)."""
+Llama-3-8B's four projections at M = 1 on an H100 (kernels.bench.bench_quant_kernels --sweep
+--sweep-formats w4a16, 2026-11-28 04:41 UTC: 76.3 us with 32 x 512 tiles, 76.4 with prefetch;
+the previous form, which subtracted the zero per weight and loaded x once per nibble, took
+83.3 with its best 32 x 256 tiles in an earlier sweep that day)."""
 
 ROW_UNPACK = False
 """Default nibble unpacking of the tl.dot kernel (`_w4a16_kernel`'s ROW_UNPACK); the

@@ -164,10 +164,10 @@ def channel_matmul(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, launch: dict | None = None,
     gated: bool = False,
 ) -> torch.Tensor:
-    """(x @ weight.T) * scales for any [N, K] weight whose values x's dtype holds exactly
-    (int8; FP8 e4m3 from kernels/quant_fp8.py). `launch` overrides the launch configuration
-    (split_k.gemv_launch up to GEMV_MAX_ROWS rows, split_k.dot_launch above); `gated` as in
-    `w8a16_matmul` (applied in the matrix-vector kernel's prologue)."""
+    """(x @ weight.T) * scales for any [N, K] weight whose values widen exactly to float32 and
+    to x's dtype (int8; FP8 e4m3 from kernels/quant_fp8.py). `launch` overrides the launch
+    configuration (split_k.gemv_launch up to GEMV_MAX_ROWS rows, split_k.dot_launch above);
+    `gated` as in `w8a16_matmul` (applied in the matrix-vector kernel's prologue)."""
     x, gated = split_k.gated_rows(x, gated)
     m, (n, k) = x.shape[0], weight.shape
     if 0 < m <= split_k.GEMV_MAX_ROWS:

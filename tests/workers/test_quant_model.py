@@ -69,6 +69,23 @@ def test_greedy_generation_equals_the_dequantized_model(case, quantized_dirs, ma
     assert all(len(o.token_ids) == 12 for o in quantized)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_down_projection_takes_the_gate_up_output_where_it_fuses_the_activation(
+        case, quantized_dirs):
+    """`fuses_activation` is off exactly for act-order weights, and where it is on,
+    down_proj(gate_up, gated=True) equals down_proj(silu(gate) * up) bit for bit (here the
+    modules' dequantizing path; the kernels' prologue is tests/kernels/test_quant_kernels.py's)."""
+    mlp = build_model(quantized_dirs[case]).layers["0"].mlp
+    assert mlp.down_proj.fuses_activation == (not CASES[case][2])
+    if not mlp.down_proj.fuses_activation:
+        return
+    generator = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(3, 2 * mlp.down_proj.in_features, generator=generator)
+    gate, up = gate_up.chunk(2, dim=-1)
+    activated = torch.nn.functional.silu(gate) * up
+    assert torch.equal(mlp.down_proj(gate_up, gated=True), mlp.down_proj(activated))
+
+
 @pytest.mark.parametrize("case", ["gptq", "awq", "int8"])
 def test_tensor_parallel_ranks_hold_their_shard_of_the_quantized_weight(case, quantized_dirs):
     full = build_model(quantized_dirs[case]).layers["1"]

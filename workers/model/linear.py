@@ -23,8 +23,8 @@ from torch import nn
 from workers.model.parallel import ParallelContext
 
 QuantizedWeight = nn.Module
-"""Int4Weight, Int8Weight or Fp8Weight (workers/model/quant/): forward(x) = x @ W.T, and
-out_slice / in_slice / cat_out to cut and merge shards."""
+"""Int4Weight, Int8Weight or Fp8Weight (workers/model/quant/): forward(x, gated=False) =
+x @ W.T, `fuses_activation`, and out_slice / in_slice / cat_out to cut and merge shards."""
 
 
 def _copy_shard(dst: torch.Tensor, full: torch.Tensor, dim: int, start: int) -> None:
@@ -110,7 +110,7 @@ class RowParallelLinear(nn.Module):
         """Whether forward(x, gated=True) takes an MLP's gate/up output and applies
         silu(gate) * up inside the matmul (quantized weights' matrix-vector kernels: no
         activation launch at decode); dense weights go through cuBLAS, which has no prologue."""
-        return self.quantized is not None and getattr(self.quantized, "fuses_activation", False)
+        return self.quantized is not None and self.quantized.fuses_activation
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """x @ W.T on this rank's input shard, summed over TP ranks; `gated` only where
@@ -119,7 +119,7 @@ class RowParallelLinear(nn.Module):
             assert not gated, "a dense weight takes no gated input"
             matmul = F.linear(x, self.weight)
         else:
-            matmul = self.quantized(x, gated=True) if gated else self.quantized(x)
+            matmul = self.quantized(x, gated=gated)
         y = self.parallel.tp_all_reduce(matmul)
         # Bias once, after the sum, so TP ranks do not add it tp_size times.
         return y if self.bias is None else y + self.bias
