@@ -69,7 +69,7 @@ def _cache_write_kernel(
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
-def _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
+def check_cache_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale) -> None:
     assert k.dim() == 3 and k.shape == v.shape, f"k {tuple(k.shape)} v {tuple(v.shape)}"
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, (
         f"k_cache {tuple(k_cache.shape)} v_cache {tuple(v_cache.shape)}")
@@ -97,7 +97,7 @@ def write_kv_cache(
 ) -> None:
     """Write k[i], v[i] into slot slot_mapping[i] of k_cache, v_cache, in place (quantized
     with k_scale, v_scale when the caches are fp8)."""
-    _check(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    check_cache_write(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     fp8 = is_fp8(k_cache.dtype)
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:

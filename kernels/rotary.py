@@ -19,12 +19,29 @@ def _rotate_heads(x_ptr, token, stride_t, stride_h, num_heads, cos, sin, half,
     dims = tl.arange(0, BLOCK_R)
     mask = (heads[:, None] < num_heads) & (dims[None, :] < half)
     ptr1 = x_ptr + token * stride_t + heads[:, None] * stride_h + dims[None, :]
-    x1 = tl.load(ptr1, mask=mask, other=0.0)
-    x2 = tl.load(ptr1 + half, mask=mask, other=0.0)
+    x1, x2 = rotate_halves(tl.load(ptr1, mask=mask, other=0.0),
+                           tl.load(ptr1 + half, mask=mask, other=0.0), cos, sin)
+    tl.store(ptr1, x1, mask=mask)
+    tl.store(ptr1 + half, x2, mask=mask)
+
+
+@triton.jit
+def rotate_halves(x1, x2, cos, sin):
+    """The rotated halves (float32 math, rounded to x1's dtype); kernels/rotary_cache_write.py
+    shares it so both paths round identically."""
     a = x1.to(tl.float32)
     b = x2.to(tl.float32)
-    tl.store(ptr1, (a * cos - b * sin).to(x1.dtype), mask=mask)
-    tl.store(ptr1 + half, (b * cos + a * sin).to(x1.dtype), mask=mask)
+    return (a * cos - b * sin).to(x1.dtype), (b * cos + a * sin).to(x1.dtype)
+
+
+@triton.jit
+def load_cos_sin(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, half, BLOCK_R: tl.constexpr):
+    """This token's cos, sin rows as float32 [1, BLOCK_R] (zero past `half`)."""
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_R)
+    cos = tl.load(cos_ptr + pos * stride_cos + dims, mask=dims < half, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cos + dims, mask=dims < half, other=0.0)
+    return cos.to(tl.float32)[None, :], sin.to(tl.float32)[None, :]
 
 
 @triton.jit
@@ -35,18 +52,13 @@ def _rotary_kernel(
     BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + token).to(tl.int64)
-    dims = tl.arange(0, BLOCK_R)
-    cos = tl.load(cos_ptr + pos * stride_cos + dims, mask=dims < half, other=0.0)
-    sin = tl.load(sin_ptr + pos * stride_cos + dims, mask=dims < half, other=0.0)
-    cos = cos.to(tl.float32)[None, :]
-    sin = sin.to(tl.float32)[None, :]
+    cos, sin = load_cos_sin(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, half, BLOCK_R)
     _rotate_heads(q_ptr, token, stride_qt, stride_qh, num_heads, cos, sin, half, BLOCK_H, BLOCK_R)
     _rotate_heads(k_ptr, token, stride_kt, stride_kh, num_kv_heads, cos, sin, half,
                   BLOCK_KH, BLOCK_R)
 
 
-def _check(q, k, positions, cos, sin) -> None:
+def check_rotary(q, k, positions, cos, sin) -> None:
     assert q.dim() == 3 and k.dim() == 3, f"q {tuple(q.shape)} k {tuple(k.shape)}: want [T, H, D]"
     assert q.shape[0] == k.shape[0] == positions.shape[0], "q, k, positions disagree on tokens"
     assert q.shape[2] == k.shape[2] and q.stride(2) == 1 and k.stride(2) == 1
@@ -63,7 +75,7 @@ def apply_rotary(
     sin: torch.Tensor,
 ) -> None:
     """Rotate q and k in place by their tokens' positions."""
-    _check(q, k, positions, cos, sin)
+    check_rotary(q, k, positions, cos, sin)
     if q.shape[0] == 0:
         return
     half = cos.shape[1]
