@@ -9,10 +9,12 @@ import torch
 from paged_case import make_case, replace_nan_with_garbage, with_fp8_cache
 from tolerances import assert_close
 
+from kernels.rotary import apply_rotary
 from workers.attention.backend import AttentionMetadata
 from workers.attention.registry import get_attention_backend
 from workers.attention.torch_backend import TorchAttentionBackend
 from workers.attention.triton_backend import TritonAttentionBackend
+from workers.model.rotary import RotaryEmbedding
 
 STEPS = {  # (q_lens, seq_lens)
     "decode": ([1, 1, 1], [17, 3, 40]),
@@ -70,3 +72,26 @@ def test_triton_backend_equals_torch_backend(step: str, kv: str, device: str) ->
 def test_registry_builds_the_triton_backend() -> None:
     backend = get_attention_backend("triton")
     assert isinstance(backend, TritonAttentionBackend) and backend.name == "triton"
+
+
+@pytest.mark.parametrize("kv", ["model-dtype", "fp8"])
+@pytest.mark.parametrize("step", ["decode", "mixed_prefill_decode_verify"])
+def test_rope_in_the_cache_write_equals_rope_first(step: str, kv: str, device: str) -> None:
+    """forward(rope=...) with q, k unrotated (FusedOps' path): the same output and caches, bit
+    for bit, as rotating first and calling forward without it."""
+    c, k, v, meta = _step(*STEPS[step], device=device, seed=len(step), fp8=kv == "fp8")
+    cos, sin = RotaryEmbedding(32, 10000.0, None).cos_sin_cache(64)
+    gen = torch.Generator().manual_seed(3)
+    positions = torch.randint(0, 64, (k.shape[0],), generator=gen).to(device)
+    rope = (positions, cos.to(device), sin.to(device))
+    backend = TritonAttentionBackend()
+    q_first, k_first = c.q.clone(), k.clone()
+    apply_rotary(q_first, k_first, *rope)
+    caches = [(c.k_cache.clone(), c.v_cache.clone()) for _ in range(2)]
+    want = backend.forward(q_first, k_first, v, *caches[0], meta, c.scale, c.k_scale,
+                           c.v_scale)
+    got = backend.forward(c.q.clone(), k, v, *caches[1], meta, c.scale, c.k_scale, c.v_scale,
+                          rope=rope)
+    assert torch.equal(got, want)
+    for ours, ref in zip(caches[1], caches[0], strict=True):
+        assert torch.equal(ours.view(torch.uint8), ref.view(torch.uint8))

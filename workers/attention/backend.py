@@ -50,6 +50,9 @@ class AttentionBackend(ABC):
     """One instance per model; `forward` is called once per layer per step."""
 
     name: str
+    fuses_rope = False
+    """True when `forward` takes `rope=(positions, cos, sin)` with q, k unrotated and rotates
+    them as part of its cache write (workers/model/ops.py's FusedOps passes it)."""
 
     @abstractmethod
     def forward(

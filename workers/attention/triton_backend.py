@@ -7,7 +7,9 @@ disjoint rows of one output, so a mixed step is two launches and no gather/scatt
 No host syncs: every decision uses the host-side fields of AttentionMetadata, so decode steps
 and single-sequence prefill steps (`device_query_lens`) can be captured in CUDA graphs. An fp8
 cache is quantized by the cache write and dequantized inside both attention kernels, with the
-layer's scales.
+layer's scales. Given `rope=(positions, cos, sin)` (fused ops), q and k arrive unrotated and one
+kernel rotates q in place and writes the rotated k and v (kernels/rotary_cache_write.py): one
+launch per layer fewer, bit for bit the same cache and q.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from kernels.cache_write import write_kv_cache
 from kernels.flash_prefill import flash_prefill
 from kernels.kv_quant import is_fp8
 from kernels.paged_decode import MAX_DECODE_QUERY, paged_decode
+from kernels.rotary import apply_rotary
+from kernels.rotary_cache_write import rotary_cache_write
 from workers.attention.backend import AttentionBackend, AttentionMetadata
 
 
@@ -29,6 +33,7 @@ class TritonAttentionBackend(AttentionBackend):
     """Triton kernels from kernels/; same results as the torch backend (fp32 to rounding)."""
 
     name = "triton"
+    fuses_rope = True
 
     def forward(
         self,
@@ -41,10 +46,18 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         k_scale: torch.Tensor | None = None,
         v_scale: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        if not is_fp8(k_cache.dtype):
-            k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
+        fp8 = is_fp8(k_cache.dtype)
+        if rope is not None and (fp8 or k.dtype == v.dtype == k_cache.dtype):
+            rotary_cache_write(q, k, v, k_cache, v_cache, meta.slot_mapping, *rope,
+                               k_scale, v_scale)
+        else:
+            if rope is not None:  # k, v not in the cache's dtype: rotate, then convert
+                apply_rotary(q, k, *rope)
+            if not fp8:
+                k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+            write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, k_scale, v_scale)
         scales = {"k_scale": k_scale, "v_scale": v_scale}
         tree = {} if meta.tree_masks is None else {"tree_masks": _int32(meta.tree_masks)}
         out = torch.empty_like(q)

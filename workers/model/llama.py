@@ -102,9 +102,8 @@ class Attention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.ops.apply_rope(q, k, rope)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
-                                   self.k_scale, self.v_scale)
+        out = self.ops.attend(self.backend, q, k, v, rope, kv_cache, meta, self.scale,
+                              self.k_scale, self.v_scale)
         return self.o_proj(out.reshape(n, q_size))
 
 

@@ -1,12 +1,15 @@
 """The model's non-matmul ops behind one switch: plain torch, or the fused Triton kernels.
 
 `model_ops(fused, rotary, max_positions)` is called once, when the model is built; layers
-call `ops.rms_norm`, `ops.apply_rope` and `ops.silu_and_mul` and never branch on the choice.
+call `ops.rms_norm`, `ops.attend` (RoPE, then the attention backend) and `ops.silu_and_mul`
+and never branch on the choice.
 - `TorchOps` (the reference, any device): Hugging Face Llama's roundings, cos/sin computed
   per step from the positions.
 - `FusedOps` (CUDA with the triton attention backend): residual add fused into RMSNorm
   (kernels/rmsnorm.py), RoPE in place from a cos/sin cache built here once, Llama-3 scaling
-  included (kernels/rotary.py), SiLU-and-multiply in one pass (kernels/activation.py).
+  included (kernels/rotary.py), SiLU-and-multiply in one pass (kernels/activation.py). With a
+  backend that `fuses_rope` (triton), RoPE is handed to the backend's cache write instead:
+  one kernel rotates q and writes the rotated k and v (kernels/rotary_cache_write.py).
 Both keep the residual stream as a separate tensor: `rms_norm(norm, x, residual)` returns
 (norm(x + residual), x + residual), so the fused kernel reads each row once.
 """
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workers.attention.backend import AttentionBackend, AttentionMetadata
 from workers.model.rms_norm import RMSNorm
 from workers.model.rotary import RotaryEmbedding, apply_rotary
 
@@ -40,6 +44,15 @@ class TorchOps:
     def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: Rope):
         """q [N, Hq, D], k [N, Hk, D] rotated (new tensors here; in place when fused)."""
         return apply_rotary(q, k, *rope)
+
+    def attend(
+        self, backend: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        rope: Rope, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+        scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Rotate q, k by `rope`, then `backend.forward` (cache write and attention)."""
+        q, k = self.apply_rope(q, k, rope)
+        return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, scale, k_scale, v_scale)
 
     def rms_norm(
         self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -77,6 +90,13 @@ class FusedOps(TorchOps):
     def apply_rope(self, q: torch.Tensor, k: torch.Tensor, rope: Rope):
         self._rotary(q, k, rope, self.cos, self.sin)
         return q, k
+
+    def attend(self, backend, q, k, v, rope, kv_cache, meta, scale, k_scale, v_scale):
+        if not backend.fuses_rope:
+            return super().attend(backend, q, k, v, rope, kv_cache, meta, scale, k_scale,
+                                  v_scale)
+        return backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, scale, k_scale, v_scale,
+                               rope=(rope, self.cos, self.sin))
 
     def rms_norm(self, norm, x, residual=None):
         return self._rms_norm(x, norm.weight, norm.eps, residual)
