@@ -41,13 +41,14 @@ def _workload(vocab_size: int) -> list[tuple[list[int], int]]:
     ]
 
 
-def _engine_tokens(backend: str, enforce_eager: bool) -> tuple[list[list[int]], object]:
+def _engine_tokens(backend: str, enforce_eager: bool,
+                   dtype: str = "float32") -> tuple[list[list[int]], object]:
     from workers.config import CacheConfig, EngineConfig, SchedulerConfig
     from workers.engine.engine import LLMEngine
     from workers.engine.sampling_params import SamplingParams
 
     config = EngineConfig(
-        model=_tiny_model_dir(), dtype="float32", device="cuda", attention_backend=backend,
+        model=_tiny_model_dir(), dtype=dtype, device="cuda", attention_backend=backend,
         max_model_len=128, enforce_eager=enforce_eager,
         cache=CacheConfig(block_size=16, num_blocks=256),
         scheduler=SchedulerConfig(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=96),
@@ -86,3 +87,17 @@ def test_greedy_with_cuda_graphs_equals_eager_and_transformers(backend):
     assert graphed == eager
     assert graphed == _transformers_tokens()
 
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rope_fused_into_the_cache_write_gives_the_same_tokens(dtype, monkeypatch):
+    """Fused ops with the triton backend rotate q and write the rotated k/v in one kernel
+    (kernels/rotary_cache_write.py); with the backend's `fuses_rope` off, the same engine runs
+    the two-kernel path (rotary, then cache write). Bit-equal caches give equal greedy tokens,
+    CUDA graphs on."""
+    from workers.attention.triton_backend import TritonAttentionBackend
+
+    fused, _ = _engine_tokens("triton", enforce_eager=False, dtype=dtype)
+    monkeypatch.setattr(TritonAttentionBackend, "fuses_rope", False)
+    two_kernels, _ = _engine_tokens("triton", enforce_eager=False, dtype=dtype)
+    assert fused == two_kernels
