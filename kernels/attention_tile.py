@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 LOG2E = 1.4426950408889634
 
 
@@ -143,8 +145,9 @@ def store_split(out_ptr, part_out_ptr, part_lse_ptr, acc, l_i, m_i, tok, head, s
 def _combine_kernel(
     out_ptr, part_out_ptr, part_lse_ptr, cu_q_ptr,
     stride_ot, stride_oh, head_dim, num_heads, num_splits, min_q_len, max_q_len,
-    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     t_start = tl.program_id(2) * BLOCK_T
@@ -193,7 +196,7 @@ def combine_splits(out: torch.Tensor, part_out: torch.Tensor, part_lse: torch.Te
     _combine_kernel[(num_seqs, num_heads, triton.cdiv(max_q_len, block_t))](
         out, part_out, part_lse, cu_q, out.stride(0), out.stride(1), out.shape[2], num_heads,
         num_splits, min_q_len, max_q_len,
-        BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=part_out.shape[3],
+        BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_D=part_out.shape[3], **pdl.launch(out.device),
     )
 
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.kv_quant import check_scales, is_fp8, put_rows, to_cache
 
 
@@ -44,8 +45,9 @@ def _cache_write_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cb, stride_cs, stride_ch,
     block_size, num_kv_heads, head_dim,
-    BLOCK_HD: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_HD: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
@@ -109,6 +111,7 @@ def write_kv_cache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         k_cache.shape[1], num_kv_heads, head_dim,
         BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_dim), FP8=fp8,
+        **pdl.launch(k.device),
     )
 
 

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.attention_ref import paged_attention_ref
 from kernels.attention_tile import (
     LOG2E,
@@ -75,8 +76,9 @@ def _prefill_kernel(
     num_heads, qk_scale, min_q_len, head_dim, num_splits,
     GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     m_block = tl.num_programs(0) - 1 - tl.program_id(0)
     seq = tl.program_id(1) // num_heads
     head = tl.program_id(1) % num_heads
@@ -207,6 +209,7 @@ def flash_prefill(
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=block_d,
         EVEN_D=block_d == head_dim, PRECISION=dot_precision(q.dtype), FP8=fp8,
         SINGLE_SPLIT=single, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **pdl.launch(q.device),
     )
     if not single:
         combine_splits(out, part_out, part_lse, cu_q, max(min_q_len, 1), max_q_len)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.attention_ref import paged_attention_ref
 from kernels.attention_tile import (
     LOG2E,
@@ -66,7 +67,9 @@ def _decode_kernel(
     GROUP: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, FP8: tl.constexpr, TREE: tl.constexpr, BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -182,7 +185,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_s
         BLOCK_N=tiles.block_n, BLOCK_D=block_d, EVEN_D=block_d == head_dim,
         PRECISION=dot_precision(q.dtype), SINGLE_SPLIT=single, FP8=fp8,
         TREE=tree_masks is not None, BLOCK_T=16,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl.launch(q.device),
     )
     if not single:
         combine_splits(out, part_out, part_lse, cu_q, 0, max_q_len)

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.cache_write import quantize_fp8
 from kernels.kv_quant import FP8_DTYPE as FP8
 from kernels.kv_quant import FP8_MAX, divide
@@ -39,9 +40,10 @@ WEIGHT_ONLY_ROWS = 64
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, min_scale,
-                          BLOCK: tl.constexpr):
+                          BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row: its absolute maximum, scale = amax / 448 (IEEE division, floored), then the
     row over that scale rounded to e4m3."""
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
@@ -64,7 +66,8 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m > 0:
         _quantize_rows_kernel[(m,)](x, x_q, scale, k, x.stride(0), x_q.stride(0), MIN_SCALE,
-                                    BLOCK=min(ROW_BLOCK, triton.next_power_of_2(k)))
+                                    BLOCK=min(ROW_BLOCK, triton.next_power_of_2(k)),
+                                    **pdl.launch(x.device))
     return x_q, scale
 
 

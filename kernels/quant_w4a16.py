@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
 from kernels.quant_split_k import gemv_program, load_x, load_x_tile, store_row, store_tile
@@ -81,12 +82,13 @@ def _w4a16_kernel(
     stride_xm, stride_qk, stride_sg, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr, PRECISION: tl.constexpr,
-    ROW_UNPACK: tl.constexpr, SPLIT: tl.constexpr,
+    ROW_UNPACK: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """BLOCK_M rows of x times BLOCK_N columns over split pid_k's rows of K (tl.dot).
     ROW_UNPACK: each k's packed word loaded by offs_k // 8 (L1 serves the repeats), as the
     matrix-vector kernel does; otherwise [BLOCK_K / 8, BLOCK_N] words are loaded once and
     their nibbles reshaped to [BLOCK_K, BLOCK_N]."""
+    pdl.enter(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -186,7 +188,7 @@ def _w4a16_gemv_kernel(
     stride_xm, stride_qk, stride_sg, stride_os, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_PER_TILE: tl.constexpr, MIN_FORM: tl.constexpr, PREFETCH: tl.constexpr,
-    GATED: tl.constexpr, SPLIT: tl.constexpr,
+    GATED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K.
 
@@ -207,6 +209,7 @@ def _w4a16_gemv_kernel(
     packed, s, z, k_w, w_ok = _load_w4_words(qw_ptr, s_ptr, z_ptr, k_start, k_end, offs_w,
                                              offs_n, n_ok, group_size, stride_qk, stride_sg,
                                              GROUP_PER_TILE)
+    pdl.enter(PDL)  # after the first tile's weight loads: they never depend on the step
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
             n_packed, n_s, n_z, n_k_w, n_w_ok = _load_w4_words(
@@ -279,6 +282,7 @@ def w4a16_matmul(
             x.stride(0), qweight.stride(0), scales.stride(0), out.part_stride, n,
             GROUP_PER_TILE=group_size % meta["BLOCK_K"] == 0, MIN_FORM=min_form,
             PRECISION=dot_precision(x.dtype), ROW_UNPACK=row_unpack, **meta,
+            **pdl.launch(x.device),
         )
     return out.out
 
@@ -301,6 +305,7 @@ def w4a16_gemv(
         BLOCK_N=block_n, BLOCK_K=block_k,
         GROUP_PER_TILE=group_size % block_k == 0, MIN_FORM=min_form, PREFETCH=prefetch,
         GATED=gated, SPLIT=out.split, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch(x.device),
     )
     return out.out
 

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
 from kernels.quant_split_k import gemv_program, load_x, load_x_tile, store_row, store_tile
@@ -30,8 +31,9 @@ def _w8a16_kernel(
     M, N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,20 +55,29 @@ def _w8a16_kernel(
 
 
 @triton.jit
+def _load_channel_x(x_ptr, k0, k_end, offs_k, K, GATED: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) (zeros at or past k_end) of x's row (x_ptr points at it) as
+    float32 (GATED: see quant_split_k.load_x)."""
+    return load_x(x_ptr + k0 + offs_k, k0 + offs_k < k_end, K, GATED).to(tl.float32)
+
+
+@triton.jit
+def _load_channel_weights(w_ptr, k0, k_end, offs_k, n_ok, EVEN_N: tl.constexpr):
+    """Columns [k0, k0 + BLOCK_K) (zeros at or past k_end) of the weight's rows (w_ptr
+    [BLOCK_N, 1] points at their column 0) as loaded; `n_ok` masks the rows unless EVEN_N (N a
+    multiple of BLOCK_N)."""
+    k_ok = k0 + offs_k < k_end
+    if EVEN_N:
+        return tl.load(w_ptr + k0 + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+    return tl.load(w_ptr + k0 + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+
+
+@triton.jit
 def _load_channel_tile(x_ptr, w_ptr, k0, k_end, offs_k, n_ok, K, EVEN_N: tl.constexpr,
                        GATED: tl.constexpr):
-    """Columns [k0, k0 + BLOCK_K) (zeros at or past k_end) of x's row (x_ptr points at it) as
-    float32 (GATED: see quant_split_k.load_x) and of the weight's rows (w_ptr [BLOCK_N, 1]
-    points at their column 0) as loaded; `n_ok` masks the rows unless EVEN_N (N a multiple of
-    BLOCK_N)."""
-    k_ok = k0 + offs_k < k_end
-    x = load_x(x_ptr + k0 + offs_k, k_ok, K, GATED)
-    if EVEN_N:
-        w = tl.load(w_ptr + k0 + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-    else:
-        w = tl.load(w_ptr + k0 + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                    other=0.0)
-    return x.to(tl.float32), w
+    """One K tile's (x, weights): `_load_channel_x` and `_load_channel_weights`."""
+    return (_load_channel_x(x_ptr, k0, k_end, offs_k, K, GATED),
+            _load_channel_weights(w_ptr, k0, k_end, offs_k, n_ok, EVEN_N))
 
 
 @triton.jit
@@ -75,7 +86,7 @@ def _channel_gemv_kernel(
     N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    EVEN_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr,
+    EVEN_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N rows of the [N, K] weight over split
     pid_k's columns of K; the weight tile is read along K, its contiguous axis.
@@ -92,7 +103,9 @@ def _channel_gemv_kernel(
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    x, w = _load_channel_tile(x_row, w_rows, k_start, k_end, offs_k, n_ok, K, EVEN_N, GATED)
+    w = _load_channel_weights(w_rows, k_start, k_end, offs_k, n_ok, EVEN_N)
+    pdl.enter(PDL)  # after the first weight tile's loads: they never depend on the step
+    x = _load_channel_x(x_row, k_start, k_end, offs_k, K, GATED)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
             n_x, n_w = _load_channel_tile(x_row, w_rows, k0 + BLOCK_K, k_end, offs_k, n_ok,
@@ -124,6 +137,7 @@ def channel_gemv(
         x.stride(0), weight.stride(0), out.part_stride, n,
         BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch, EVEN_N=n % block_n == 0,
         GATED=gated, SPLIT=out.split, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch(x.device),
     )
     return out.out
 
@@ -180,7 +194,7 @@ def channel_matmul(
             x, weight, scales, out.out, out.parts, out.counts,
             m, n, k, out.k_per_split,
             x.stride(0), weight.stride(0), out.part_stride, n,
-            PRECISION=dot_precision(x.dtype), **meta,
+            PRECISION=dot_precision(x.dtype), **meta, **pdl.launch(x.device),
         )
     return out.out
 

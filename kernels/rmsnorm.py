@@ -13,14 +13,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, res_out_ptr, w_ptr, out_ptr,
     stride_x, stride_r, stride_ro, stride_o,
     hidden, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
@@ -63,6 +66,7 @@ def rms_norm(
             x.stride(0), res_in.stride(0), res_out.stride(0), out.stride(0),
             hidden, eps,
             HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(hidden),
+            **pdl.launch(x.device),
         )
     return out if residual is None else (out, res_out)
 

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
+
 
 @triton.jit
 def _rotate_heads(x_ptr, token, stride_t, stride_h, num_heads, cos, sin, half,
@@ -49,8 +51,9 @@ def _rotary_kernel(
     q_ptr, k_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_cos,
     num_heads, num_kv_heads, half,
-    BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = load_cos_sin(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, half, BLOCK_R)
     _rotate_heads(q_ptr, token, stride_qt, stride_qh, num_heads, cos, sin, half, BLOCK_H, BLOCK_R)
@@ -85,7 +88,7 @@ def apply_rotary(
         q.shape[1], k.shape[1], half,
         BLOCK_H=triton.next_power_of_2(q.shape[1]),
         BLOCK_KH=triton.next_power_of_2(k.shape[1]),
-        BLOCK_R=triton.next_power_of_2(half),
+        BLOCK_R=triton.next_power_of_2(half), **pdl.launch(q.device),
     )
 
 

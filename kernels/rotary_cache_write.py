@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import pdl
 from kernels.cache_write import check_cache_write, quantize_fp8
 from kernels.kv_quant import is_fp8
 from kernels.rotary import _rotate_heads, check_rotary, load_cos_sin, rotate_halves
@@ -35,8 +36,9 @@ def _rotary_cache_write_kernel(
     stride_cb, stride_cs, stride_ch,
     block_size, num_heads, num_kv_heads, head_dim, half,
     BLOCK_H: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_HD: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_HD: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl.enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = load_cos_sin(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, half, BLOCK_R)
     _rotate_heads(q_ptr, token, stride_qt, stride_qh, num_heads, cos, sin, half, BLOCK_H, BLOCK_R)
@@ -103,4 +105,5 @@ def rotary_cache_write(
         BLOCK_R=triton.next_power_of_2(half),
         BLOCK_P=triton.next_power_of_2(max(1, head_dim - 2 * half)),
         BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_dim), FP8=fp8,
+        **pdl.launch(q.device),
     )
