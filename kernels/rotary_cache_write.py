@@ -22,10 +22,13 @@ from kernels.rotary import _rotate_heads, check_rotary, load_cos_sin, rotate_hal
 
 
 @triton.jit
-def _to_cache(x, scale_ptr, FP8: tl.constexpr):
+def _to_cache(x, scale_ptr, cache_ptr, FP8: tl.constexpr):
+    """x in the cache's element type (quantized with the scale when the cache is fp8)."""
     if FP8:
-        return quantize_fp8(x.to(tl.float32), tl.load(scale_ptr))
-    return x
+        y = quantize_fp8(x.to(tl.float32), tl.load(scale_ptr))
+    else:
+        y = x.to(cache_ptr.dtype.element_ty)
+    return y
 
 
 @triton.jit
@@ -54,14 +57,14 @@ def _rotary_cache_write_kernel(
     k1, k2 = rotate_halves(tl.load(src, mask=mask, other=0.0),
                            tl.load(src + half, mask=mask, other=0.0), cos, sin)
     out = k_cache_ptr + dst + heads * stride_ch + dims
-    tl.store(out, _to_cache(k1, k_scale_ptr, FP8).to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + half, _to_cache(k2, k_scale_ptr, FP8).to(k_cache_ptr.dtype.element_ty),
+    tl.store(out, _to_cache(k1, k_scale_ptr, k_cache_ptr, FP8), mask=mask)
+    tl.store(out + half, _to_cache(k2, k_scale_ptr, k_cache_ptr, FP8),
              mask=mask)
     rest = 2 * half + tl.arange(0, BLOCK_P)[None, :]
     mask = (heads < num_kv_heads) & (rest < head_dim)
     kp = tl.load(k_ptr + token * stride_kt + heads * stride_kh + rest, mask=mask)
     tl.store(k_cache_ptr + dst + heads * stride_ch + rest,
-             _to_cache(kp, k_scale_ptr, FP8).to(k_cache_ptr.dtype.element_ty), mask=mask)
+             _to_cache(kp, k_scale_ptr, k_cache_ptr, FP8), mask=mask)
     # v: as kernels/cache_write.py, all heads of the token in one tile.
     idx = tl.arange(0, BLOCK_HD)
     mask = idx < num_kv_heads * head_dim
@@ -69,7 +72,7 @@ def _rotary_cache_write_kernel(
     dim = idx % head_dim
     v = tl.load(v_ptr + token * stride_vt + head * stride_vh + dim, mask=mask)
     tl.store(v_cache_ptr + dst + head * stride_ch + dim,
-             _to_cache(v, v_scale_ptr, FP8).to(v_cache_ptr.dtype.element_ty), mask=mask)
+             _to_cache(v, v_scale_ptr, v_cache_ptr, FP8), mask=mask)
 
 
 def rotary_cache_write(

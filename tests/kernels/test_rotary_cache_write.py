@@ -16,7 +16,8 @@ from workers.model.rotary import RotaryEmbedding
 def _case(heads, kv_heads, head_dim, rotary_dim, dtype, cache_dtype, device, tokens=9,
           scale=20.0):
     gen = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + rotary_dim)
-    num_blocks, block_size = 6, 4
+    block_size = 4
+    num_blocks = max(6, -(-tokens // block_size) + 2)
     # q, k, v as strided views into one fused qkv projection, as the model produces them.
     qkv = torch.randn(tokens, heads + 2 * kv_heads, head_dim, generator=gen) * scale
     qkv = qkv.to(dtype).to(device)
@@ -26,7 +27,8 @@ def _case(heads, kv_heads, head_dim, rotary_dim, dtype, cache_dtype, device, tok
     cos, sin = (t.to(device) for t in rotary.cos_sin_cache(256))
     positions = torch.randint(0, 256, (tokens,), generator=gen).to(device)
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:tokens]
-    slots[3] = -1
+    if tokens > 3:
+        slots[3] = -1  # a padding token: q rotated, nothing written
     shape = (num_blocks, block_size, kv_heads, head_dim)
     k_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
     scales = [torch.tensor([s], device=device) for s in (0.37, 2.5)]
