@@ -139,14 +139,34 @@ class GraphRunner(ABC):
         """Final hidden states of the rows step.logits_indices names, in that order."""
         bucket = self.bucket_for_step(step)
         self._fill_host(step, bucket)
-        self._upload(self._shape(bucket)[0])
         if self.captured:
+            # The graph's first node copies the pinned mirror up (captured in
+            # _capture_buckets): no separate copy call between the host's fill and the replay.
             graph, hidden = self._graphs[bucket]
             graph.replay()  # on the runner's device: ModelRunner.forward_stage makes it current
+            self._copied.record()
         else:
+            self._upload(self._shape(bucket)[0])
             hidden = self._forward(bucket)
         indices = self._static["logits_indices"][: len(step.logits_indices)]
         return hidden.index_select(0, indices)
+
+    def replay_seconds(self, bucket: int, iters: int = 50) -> float:
+        """Seconds per replay of a captured bucket's graph on whatever its static inputs hold
+        (CUDA events, no host work between replays): the GPU side of a step, for benchmarks.
+        The replays write K/V where the last step's slots point (the scratch block for
+        padding rows), so call it between requests, not while one is decoding."""
+        graph, _ = self._graphs[bucket]
+        with on_device(self.device):
+            graph.replay()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                graph.replay()
+            end.record()
+            end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
 
     def _fill_host(self, step: StepInput, bucket: int) -> None:
         # The previous step's copy must have left the pinned mirror before it is rewritten.
@@ -188,10 +208,15 @@ class GraphRunner(ABC):
         self._host_tables[first_row:rows, :columns] = self.scratch_block
 
     def _upload(self, rows: int) -> None:
-        used = self._fields_end + rows * self.width
-        self._device[:used].copy_(self._host[:used], non_blocking=self._copied is not None)
+        self._copy_up(rows)
         if self._copied is not None:
             self._copied.record()
+
+    def _copy_up(self, rows: int) -> None:
+        """The pinned host mirror's fields and `rows` block-table rows -> the device buffers
+        (one copy; inside each captured graph, so a replay reads what `_fill_host` wrote)."""
+        used = self._fields_end + rows * self.width
+        self._device[:used].copy_(self._host[:used], non_blocking=self._copied is not None)
 
     def _forward(self, bucket: int) -> torch.Tensor:
         static = self._static
@@ -242,6 +267,7 @@ class GraphRunner(ABC):
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
+                self._copy_up(rows)
                 hidden = self._forward(bucket)
             pool = graph.pool() if pool is None else pool
             self._graphs[bucket] = (graph, hidden)
