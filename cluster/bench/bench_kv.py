@@ -11,7 +11,11 @@
 (a) and (c) also print the messages one transfer put on the wire and MiB per message, as the
     pair counted them (torch transport; small messages are latency-bound, and
     `--coalesce-below-mib N` stages them into larger ones: TransferConfig.coalesce_below_bytes /
-    message_bytes; off by default, it measured slower on 2x H200).
+    message_bytes; off by default, it measured slower on 2x H200 at 4k and 16k tokens; a
+    request sent whole, as here, stages messages under `--coalesce-whole-below-mib`: by
+    default 1 MiB on CUDA, where one launch packs every layer, and 0 on CPU).
+`--timeline`: both ends record their transfer events (workers/kv_transfer/timeline.py) and
+    a table gives the median ms from send() to each: where the fixed part of a transfer goes.
 Sizes: one request's KV at each `--tokens` prompt length with Llama-3-8B's KV shape (32
 layers, 8 kv heads, head_dim 128, bf16, block 16) unless overridden. GB/s = payload bytes / s.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import queue
 import random
@@ -30,10 +35,18 @@ from dataclasses import dataclass, replace
 import torch
 import torch.multiprocessing as mp
 
-from workers.kv_transfer import KVLayout, Receiver, TransferConfig, TransferState, make_sender
+from workers.kv_transfer import (
+    KVLayout,
+    Receiver,
+    TransferConfig,
+    TransferState,
+    make_sender,
+    timeline,
+)
 from workers.kv_transfer.layout import plan_transfer
 from workers.kv_transfer.packing import copy_path, pack, unpack
 from workers.kv_transfer.pair_group import RECEIVER_RANK, SENDER_RANK, PairGroup, host_store
+from workers.kv_transfer.stream_plan import coalesce_below
 
 FP8 = "float8_e4m3fn"
 
@@ -52,10 +65,15 @@ class BenchConfig:
     """With an fp8 cache: the cache dtype (c) compares against, in the same run."""
     coalesce_below_bytes: int = TransferConfig.coalesce_below_bytes
     message_bytes: int = TransferConfig.message_bytes
+    coalesce_whole_below_bytes: int | None = TransferConfig.coalesce_whole_below_bytes
+    timeline: bool = False
+    """Record both ends' transfer events (workers/kv_transfer/timeline.py) and print where
+    each transfer's time goes."""
 
     def transfer_config(self, transport: str) -> TransferConfig:
         return TransferConfig(transport, self.host, timeout_s=600, probe_bytes=self.probe_bytes,
                               coalesce_below_bytes=self.coalesce_below_bytes,
+                              coalesce_whole_below_bytes=self.coalesce_whole_below_bytes,
                               message_bytes=self.message_bytes)
 
     def num_bytes(self, tokens: int) -> int:
@@ -85,11 +103,19 @@ def _parse(argv: list[str] | None) -> BenchConfig:
                         default=TransferConfig.coalesce_below_bytes / 2**20,
                         help="torch transport: block-run messages below this go staged, "
                         "several layers per message (0: never for size; the old path)")
+    parser.add_argument("--coalesce-whole-below-mib", type=float, default=None,
+                        help="torch transport, a request sent whole (this bench's case): "
+                        "block-run messages below this go staged (default: 1 MiB where one "
+                        "launch packs every layer, i.e. CUDA; 0 elsewhere; "
+                        "TransferConfig.coalesce_whole_below_bytes)")
     parser.add_argument("--message-mib", type=float,
                         default=TransferConfig.message_bytes / 2**20,
                         help="torch transport: what a staged message fills up to")
     parser.add_argument("--scattered", action="store_true",
                         help="random block ids (every block its own run: the packed path)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="torch transport: print the median time of each event of a "
+                        "transfer on both ends, from send() (KVRELAY_KV_TIMELINE=1)")
     args = parser.parse_args(argv)
     tokens = args.tokens or ("1024,4096,16384" if args.device == "cuda" else "64,256,1024")
     fp8 = args.kv_cache_dtype == "fp8"
@@ -100,7 +126,9 @@ def _parse(argv: list[str] | None) -> BenchConfig:
                        else (4 << 20), scattered=args.scattered,
                        baseline_dtype=args.dtype if fp8 else None,
                        coalesce_below_bytes=int(args.coalesce_below_mib * 2**20),
-                       message_bytes=int(args.message_mib * 2**20))
+                       message_bytes=int(args.message_mib * 2**20), timeline=args.timeline,
+                       coalesce_whole_below_bytes=None if args.coalesce_whole_below_mib is None
+                       else int(args.coalesce_whole_below_mib * 2**20))
 
 
 def _caches(cfg: BenchConfig, device: torch.device, seed: int):
@@ -158,7 +186,7 @@ def _receiver_main(cfg: BenchConfig, transport: str, device: str, raw: bool, con
             receiver.expect(f"{tokens}-{i}", _block_ids(cfg, tokens, seed=2), 600)
         conn.send("expected")
         conn.recv()
-    out.put(("receiver", {"raw": results, "landed": landed}))
+    out.put(("receiver", {"raw": results, "landed": landed, "r_marks": timeline.take()}))
     conn.recv()  # the sender's report is out: nothing is in flight any more
     receiver.close()
 
@@ -199,7 +227,8 @@ def _sender_main(cfg: BenchConfig, transport: str, device: str, raw: bool, conn,
         acked[tokens] = cfg.num_bytes(tokens) / statistics.median(seconds[cfg.warmup:]) / 1e9
         conn.send("done")
     out.put(("sender", {"acked": acked, "starts": starts, "path": sender.path(address),
-                        "probe_gbps": sender.bandwidth(address), "messages": messages}))
+                        "probe_gbps": sender.bandwidth(address), "messages": messages,
+                        "s_marks": timeline.take()}))
     sender.close()
     conn.send("closed")
 
@@ -230,8 +259,17 @@ def run_pair(cfg: BenchConfig, transport: str, devices: tuple[str, str], raw: bo
                          args=(cfg, transport, devices[0], raw, recv_end, out)),
              ctx.Process(target=_sender_main,
                          args=(cfg, transport, devices[1], raw, send_end, out))]
-    for proc in procs:
-        proc.start()
+    before = os.environ.get(timeline.ENV)
+    if cfg.timeline:  # read by workers/kv_transfer/timeline.py when the children import it
+        os.environ[timeline.ENV] = "1"
+    try:
+        for proc in procs:
+            proc.start()
+    finally:  # only these children record
+        if before is None:
+            os.environ.pop(timeline.ENV, None)
+        else:
+            os.environ[timeline.ENV] = before
     try:
         report = _reports(procs, out)
     finally:
@@ -301,6 +339,16 @@ def _bench_size(cfg: BenchConfig, caches, tokens: int, device: torch.device) -> 
     return {name: size / t / 1e9 for name, t in times.items()}
 
 
+def _whole_below(cfg: BenchConfig) -> str:
+    """The staging threshold of a request sent whole, in words."""
+    config = cfg.transfer_config("torch")
+    on = {"one-launch pack (CUDA)": True, "per-layer pack (CPU)": False}
+    sizes = {name: coalesce_below(config, True, launch) / 2**20 for name, launch in on.items()}
+    if len(set(sizes.values())) == 1:
+        return f"{next(iter(sizes.values())):g} MiB"
+    return " / ".join(f"{mib:g} MiB with {name}" for name, mib in sizes.items())
+
+
 def _device_name(cfg: BenchConfig) -> str:
     if cfg.device == "cuda":
         return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}"
@@ -316,11 +364,10 @@ def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) ->
         f"{lay.dtype}, block {lay.block_size}; one request per size; median of {cfg.iters} "
         f"after {cfg.warmup} warm-up; GB/s = payload bytes / s; ours: send() to the KV "
         f"landed on the receiver (DONE there), acked: send() to the receiver's ack back",
-        ("torch transport: block-run messages under "
-         f"{cfg.coalesce_below_bytes / 2**20:g} MiB go staged, up to "
-         f"{cfg.message_bytes / 2**20:g} MiB a message" if cfg.coalesce_below_bytes else
-         "torch transport: direct messages (each block run's K, V of each layer; staging off)")
-        + " (msgs, MiB/msg: as counted on the wire, one transfer)",
+        f"torch transport, a request sent whole: block-run messages under "
+        f"{_whole_below(cfg)} go staged, up to {cfg.message_bytes / 2**20:g} MiB a message "
+        "(else direct: each block run's K, V of each layer) (msgs, MiB/msg: as counted on "
+        "the wire, one transfer)",
     ]
     if pair:
         lines.append(f"(a) two processes, two devices, path {pair['path']} (start-up probe "
@@ -342,6 +389,45 @@ def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) ->
             f"{ours / raw:>6.2f} {acked:>8.2f} {count:>5} {mib:>7.1f} | "
             f"{row['pack']:>8.2f} {row['unpack']:>8.2f} "
             f"{row['copy']:>8.2f} {row['pack'] / row['copy']:>6.2f} | {zmq['ours'][tokens]:>8.2f}")
+    return "\n".join(lines)
+
+
+def event_offsets(report: dict, tokens: int, warmup: int, iters: int) -> dict[str, float]:
+    """Median ms from send() to each timeline event of the measured transfers of `tokens`
+    (both ends' marks; the k-th mark of one name within a transfer is `name#k`, k > 1),
+    plus 'landed' (the bench's DONE on the receiver) and 'acked'."""
+    starts = sorted(report["starts"].values())
+    marks = sorted(report.get("s_marks", []) + report.get("r_marks", []), key=lambda m: m[1])
+    per_event: dict[str, list[float]] = {}
+    for i in range(warmup, warmup + iters):
+        rid = f"{tokens}-{i}"
+        start = report["starts"][rid]
+        later = [s for s in starts if s > start]
+        stop = later[0] if later else float("inf")
+        seen: dict[str, int] = {}
+        for name, at in marks:
+            if start <= at < stop or (name == "s.send" and abs(at - start) < 1e-3):
+                seen[name] = seen.get(name, 0) + 1
+                key = name if seen[name] == 1 else f"{name}#{seen[name]}"
+                per_event.setdefault(key, []).append((at - start) * 1e3)
+        per_event.setdefault("landed", []).append((report["landed"][rid] - start) * 1e3)
+    return {name: statistics.median(ms) for name, ms in per_event.items()}
+
+
+def format_timeline(cfg: BenchConfig, report: dict, label: str) -> str:
+    """Where a transfer's time goes: median ms from send() to each event, per size (events
+    ordered by their time at the first size; a blank: no such event at that size)."""
+    offsets = {t: event_offsets(report, t, cfg.warmup, cfg.iters) for t in cfg.tokens}
+    first = offsets[cfg.tokens[0]]
+    names = sorted({n for o in offsets.values() for n in o},
+                   key=lambda n: (first.get(n, float("inf")), n))
+    lines = [f"timeline {label}: median ms from send() (s.* sender, r.* receiver; "
+             "workers/kv_transfer/timeline.py)",
+             f"{'event':>14} | " + " ".join(f"{t:>9}" for t in cfg.tokens)]
+    for name in names:
+        cells = [f"{offsets[t][name]:>9.3f}" if name in offsets[t] else f"{'':>9}"
+                 for t in cfg.tokens]
+        lines.append(f"{name:>14} | " + " ".join(cells))
     return "\n".join(lines)
 
 
@@ -400,8 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     pair, zmq, local = collect(cfg)
     print(format_table(cfg, pair, zmq, local))
+    base = None
     if cfg.baseline_dtype is not None:
-        print(format_dtype_table(cfg, *compare_baseline(cfg, pair, zmq)))
+        fp8, base, path = compare_baseline(cfg, pair, zmq)
+        print(format_dtype_table(cfg, fp8, base, path))
+    if cfg.timeline and pair is not None:
+        print(format_timeline(cfg, pair, cfg.layout.dtype))
+        if base is not None:
+            print(format_timeline(cfg, base, cfg.baseline_dtype))
     return 0
 
 

@@ -38,6 +38,14 @@ class TransferConfig:
     one request's KV slower than the direct messages it replaces: bf16 4096 tokens 5.48 vs
     2.68 ms, fp8 16384 tokens 15.0 vs 4.47 ms. Small messages are latency-bound (DESIGN.md:
     1 MiB ~12 GB/s, 16 MiB ~278 GB/s), but not by enough to pay for the staging."""
+    coalesce_whole_below_bytes: int | None = None
+    """torch transport, a request sent whole (`TorchSender.send`): its direct messages below
+    this go staged (K and V of whole layers per message, up to `message_bytes`), whatever
+    `coalesce_below_bytes` says. None: stream_plan.COALESCE_WHOLE_BYTES where one kernel
+    launch packs every layer (CUDA), 0 elsewhere (the CPU pack is a copy per layer and K/V,
+    as many host operations as the messages it replaces). A 16-token request of Llama-3-8B's
+    shape is 64 messages of 16-32 KiB: posting them costs the host ~0.8 ms on each end
+    (~12 us per NCCL operation), moving the bytes ~nothing; staged, it is one message."""
     message_bytes: int = 32 << 20
     """torch transport: what one staged message of a request sent whole fills up to with
     whole layers (a layer-wise stream sends one layer per message, after its compute)."""

@@ -136,9 +136,14 @@ def copy_path(kv_caches: KVCaches) -> str:
     """Which code path `pack` / `unpack` take for these caches, in words (benchmarks print
     it, so a slow run says why)."""
     cache = kv_caches[0][0]
-    if _use_kernels(cache):
+    if one_launch(kv_caches):
         return "triton kv_pack: one launch for all layers and K/V"
     return f"torch index_select/index_copy_ per layer and K/V ({cache.device.type})"
+
+
+def one_launch(kv_caches: KVCaches) -> bool:
+    """True when `pack` / `unpack` move every layer's K and V in one kernel launch."""
+    return _use_kernels(kv_caches[0][0])
 
 
 def _use_kernels(cache: torch.Tensor) -> bool:

@@ -23,6 +23,8 @@ from collections.abc import Iterable
 import torch
 from torch.distributed import PrefixStore, TCPStore
 
+from workers.kv_transfer.timeline import mark
+
 log = logging.getLogger(__name__)
 
 RECEIVER_RANK = 0
@@ -120,8 +122,14 @@ class PairGroup:
         post = self._group.send if send else self._group.recv
         if send:
             bufs = self._counted(bufs)
+        first = "s.g1" if send else "r.g1"
         if self.backend != "nccl":
-            return [post([buf], self.peer, 0) for buf in bufs]
+            works = []
+            for buf in bufs:
+                works.append(post([buf], self.peer, 0))
+                if len(works) == 1:
+                    mark(first)
+            return works
         # Always grouped, even one buffer: ProcessGroupNCCL runs grouped P2P on the group's
         # communicator but a lone send/recv on a second, per-peer one, which it would build
         # lazily inside that op (both ranks inside it, or both hang). One kind of call, one
@@ -135,6 +143,8 @@ class PairGroup:
             if in_group == GROUP_OPS:
                 works.append(self._group._end_coalescing())
                 in_group = 0
+                if len(works) == 1:
+                    mark(first)
         if in_group:
             works.append(self._group._end_coalescing())
         return works

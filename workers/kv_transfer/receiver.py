@@ -43,6 +43,7 @@ from workers.kv_transfer.outbox import Outbox
 from workers.kv_transfer.packing import CopyStream, KVCaches
 from workers.kv_transfer.pair_group import host_store
 from workers.kv_transfer.pair_state import ReceiverPair
+from workers.kv_transfer.timeline import mark
 from workers.kv_transfer.torch_receiver import TorchReceiving
 from workers.kv_transfer.transfer_table import TransferTable
 from workers.kv_transfer.zmq_transport import ZmqReceiving
@@ -99,6 +100,7 @@ class Receiver(KVReceiver):
             ready = dict(poller.poll(int(self.config.tick_s * 1000)))
             if self._sock in ready:
                 frames = self._sock.recv_multipart(copy=False)
+                mark("r.ctl_in")
                 try:
                     self._handle(frames[0].bytes, decode(frames[1].bytes), frames[2:])
                 except Exception:  # noqa: BLE001 - one bad message must not stop the loop

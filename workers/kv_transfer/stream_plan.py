@@ -55,6 +55,13 @@ MAX_DIRECT_RUNS = 16
 per-message latency (~10 us each with NCCL) than the pack kernel's copy."""
 
 
+COALESCE_WHOLE_BYTES = 1 << 20
+"""CUDA default of TransferConfig.coalesce_whole_below_bytes. Below ~1 MiB a message's
+wire time on NVLink (~3 us) is a fraction of the host's ~12 us to post it, and packing all
+of a request's layers is one launch; at and above the sizes where staging measured slower
+on 2x H200 (4k tokens: 4-8 MiB messages, 2026-11-27) requests still go direct."""
+
+
 STAGING_SLOTS = 4
 """CUDA: staged messages of one post cycle through this many buffers (stream-ordered reuse),
 so staging memory stays at STAGING_SLOTS x message_bytes per post, whatever the request."""
@@ -76,14 +83,27 @@ class WirePlan:
                 for first in range(layers.start, layers.stop, step)]
 
 
+def coalesce_below(config: TransferConfig, whole: bool, one_launch: bool) -> int:
+    """Direct messages below this size go staged: `config.coalesce_below_bytes`, or for a
+    request sent whole (`whole`) at least `config.coalesce_whole_below_bytes` (None:
+    COALESCE_WHOLE_BYTES where `one_launch` packs every layer, else 0)."""
+    if not whole:
+        return config.coalesce_below_bytes
+    below = config.coalesce_whole_below_bytes
+    if below is None:
+        below = COALESCE_WHOLE_BYTES if one_launch else 0
+    return max(config.coalesce_below_bytes, below)
+
+
 def wire_plan(config: TransferConfig, direct: bool, runs_per_layer: int, layer_bytes: int,
-              whole: bool) -> WirePlan:
+              whole: bool, one_launch: bool = False) -> WirePlan:
     """The wire plan of one step: `layer_bytes` is one layer's K and V of the step's blocks;
     `whole`: every layer is posted at once (a prefilled request sent whole), so messages may
     span layers (up to `config.message_bytes`); a layer-wise stream posts each layer after
     its compute, one layer per message. Direct runs when their messages are large enough
-    (`config.coalesce_below_bytes`), few enough and whole-head."""
-    small = layer_bytes < 2 * runs_per_layer * config.coalesce_below_bytes
+    (`coalesce_below`; `one_launch`: the sender packs every layer in one launch), few
+    enough and whole-head."""
+    small = layer_bytes < 2 * runs_per_layer * coalesce_below(config, whole, one_launch)
     if direct and runs_per_layer <= MAX_DIRECT_RUNS and not small:
         return WirePlan(False)
     per_message = max(1, config.message_bytes // max(1, layer_bytes)) if whole else 1

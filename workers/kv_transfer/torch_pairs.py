@@ -26,6 +26,7 @@ from workers.kv_transfer.outbox import Outbox
 from workers.kv_transfer.pair_group import SENDER_RANK, PairGroup, op_timeout
 from workers.kv_transfer.posted import Posted, PostedOps
 from workers.kv_transfer.stream_plan import is_direct
+from workers.kv_transfer.timeline import mark
 from workers.kv_transfer.transfer_table import TransferTable
 from workers.protocol import decode, encode
 
@@ -153,6 +154,7 @@ class TorchPairs:
             pair = self._pairs.get(dest)
             if pair is not None and pair.sock is not None:
                 pair.sock.send(payload)
+                mark("s.ctl_fwd")
 
     def _start_pair(self, poller: zmq.Poller, dest: str) -> None:
         pair = self._pairs.get(dest)
@@ -170,6 +172,7 @@ class TorchPairs:
         if isinstance(msg, HelloReply):
             self._hello_reply(poller, pair, msg)
         elif isinstance(msg, Reply) and msg.ok:  # DONE once every receiver it feeds acked
+            mark("s.ack")
             self.table.add_part(msg.request_id, pair.dest, 1, 0, 0.0, {})
         elif isinstance(msg, Reply):
             self.table.end(msg.request_id, TransferState.FAILED, msg.reason)

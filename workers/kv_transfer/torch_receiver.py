@@ -25,6 +25,7 @@ from workers.kv_transfer.pair_group import RECEIVER_RANK, PairGroup, op_timeout
 from workers.kv_transfer.pair_state import ReceiverPair
 from workers.kv_transfer.posted import Posted, PostedOps
 from workers.kv_transfer.stream_plan import STAGING_SLOTS, WirePlan, run_views, staged_bytes
+from workers.kv_transfer.timeline import mark
 from workers.kv_transfer.transfer_table import TransferTable
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class TorchReceiving:
 
     def part(self, peer: ReceiverPair, msg: StreamPart) -> None:
         """Pre-posts every layer's receives of one StreamPart, in the sender's order."""
+        mark("r.part")
         if peer.group is None or msg.generation != peer.generation:
             for rid, _ in msg.entries:
                 self._reply(peer.identity, Reply(rid, "ack", False,
@@ -95,6 +97,7 @@ class TorchReceiving:
                 error = f"{type(err).__name__}: {err}"
         # One wait for the whole part: only its end matters (the request's KV is ready), and
         # one wake-up per layer would add up to milliseconds.
+        mark("r.posted")
         landed = self._landed(accepted, num_bytes, len(entries), thens, peer, error)
         self._posted.add(Posted(peer.sender_id, works, accepted, landed, time.monotonic(),
                                 staging=staging))
@@ -192,6 +195,7 @@ class TorchReceiving:
         per_request = num_bytes // max(1, num_entries)
 
         def landed(ok: bool) -> None:
+            mark("r.landed")
             ok = ok and error is None
             for then in thens:
                 then(ok)
@@ -210,6 +214,7 @@ class TorchReceiving:
         return landed
 
     def end(self, peer: ReceiverPair, msg: StreamEnd) -> None:
+        mark("r.end")
         if msg.generation != peer.generation or not self.table.stream_ended(
                 msg.request_id, peer.identity, msg.parts, msg.cells, msg.extra):
             record = self.table.get(msg.request_id)
@@ -221,6 +226,7 @@ class TorchReceiving:
         self._settle(msg.request_id)
 
     def _settle(self, rid: str) -> None:
+        mark("r.settle")
         for identity in self.table.settle(rid):
             self._reply(identity, Reply(rid, "ack"))
 

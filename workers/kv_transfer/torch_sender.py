@@ -29,7 +29,14 @@ from workers.kv_transfer.base import KVSender, OnDone, OnFailed, TransferState, 
 from workers.kv_transfer.config import TransferConfig
 from workers.kv_transfer.layout import KVLayout, TransferPlan
 from workers.kv_transfer.messages import StreamEnd, StreamPart
-from workers.kv_transfer.packing import CopyStream, KVCaches, as_bytes, pack, record_event
+from workers.kv_transfer.packing import (
+    CopyStream,
+    KVCaches,
+    as_bytes,
+    one_launch,
+    pack,
+    record_event,
+)
 from workers.kv_transfer.pair_group import PairGroup, op_timeout
 from workers.kv_transfer.posted import Posted, PostedOps
 from workers.kv_transfer.rank_routes import SINGLE_RANK, RankShape, routes
@@ -43,6 +50,7 @@ from workers.kv_transfer.stream_plan import (
     touched_blocks,
     wire_plan,
 )
+from workers.kv_transfer.timeline import mark
 from workers.kv_transfer.torch_pairs import TorchPair, TorchPairs
 from workers.kv_transfer.transfer_table import TransferTable
 from workers.protocol import encode
@@ -160,7 +168,8 @@ class TorchSender(KVSender):
         for step in by_pair.values():
             runs = sum(len(r) for _, r in step.entries)
             layer_bytes = staged_bytes(self.layout, step.pair.plan, len(step.src_blocks))
-            step.wire = wire_plan(self.config, step.pair.direct, runs, layer_bytes, whole)
+            step.wire = wire_plan(self.config, step.pair.direct, runs, layer_bytes, whole,
+                                  one_launch(self.kv_caches))
             entries = [[rid, [[dest, n] for _, dest, n in runs]] for rid, runs in step.entries]
             self._pairs.command(step.pair.dest, encode(StreamPart(
                 step.pair.generation, entries, step.wire.packed,
@@ -279,11 +288,15 @@ class TorchSender(KVSender):
         num_blocks = blocks_to_send(self.layout.block_size, num_tokens, src_block_ids,
                                     dest_block_ids)
         tokens = num_tokens or num_blocks * self.layout.block_size
+        mark("s.send")
         self.open(request_id, dest, dest_block_ids, tokens, timeout_s)
         self._announce([PrefillSpan(request_id, 0, tokens, list(src_block_ids))], whole=True)
+        mark("s.part_queued")
         self._post_layers(list(range(len(self.kv_caches))))
+        mark("s.posted")
         self._step = []
         self.finish(request_id, extra=extra)
+        mark("s.end_queued")
 
     def fence(self) -> None:
         """Orders the engine's next kernels after every posted send (its blocks may be

@@ -58,3 +58,20 @@ def test_bench_kv_fp8_moves_half_the_bytes_and_times_the_bf16_baseline_in_one_ru
     table = bench_kv.format_dtype_table(staged, fp8, base, path)
     (row,) = [line.split() for line in table.splitlines() if line.lstrip().startswith("32 ")]
     assert (int(row[8]), int(row[10])) == (1, 1)  # staged: each request in one message
+
+
+@pytest.mark.slow
+def test_bench_kv_timeline_places_both_ends_events_between_send_and_landed():
+    cfg = bench_kv._parse(["--device", "cpu", "--tokens", "16,32", "--layers", "2", "--iters",
+                           "2", "--warmup", "1", "--timeline"])
+    pair = bench_kv.run_pair(cfg, "torch", ("cpu", "cpu"), raw=False)
+    for tokens in cfg.tokens:
+        at = bench_kv.event_offsets(pair, tokens, cfg.warmup, cfg.iters)
+        # send() on the sender; the announce, posts and StreamEnd on the receiver; DONE there
+        # (orders that hold in every transfer, so in their medians too).
+        assert 0 <= at["s.send"] <= at["s.part_queued"] <= at["s.posted"] <= at["s.end_queued"]
+        assert at["s.send"] <= at["r.part"] <= at["r.posted"] <= at["landed"] <= at["s.ack"]
+        assert at["r.landed"] <= at["landed"] and at["r.end"] <= at["landed"]
+    table = bench_kv.format_timeline(cfg, pair, cfg.layout.dtype)
+    assert [line.split()[0] for line in table.splitlines()[2:]][-1] == "s.ack"
+    assert "KVRELAY_KV_TIMELINE" not in __import__("os").environ  # only the bench's children
