@@ -74,11 +74,16 @@ def kill(cluster, worker_id: str) -> str:
     return old
 
 
-def kill_placed(cluster, worker_id: str) -> tuple[str, dict[str, int]]:
-    """`kill`, with the number of requests the router had placed on each worker just before."""
+def kill_busiest(cluster, role: str) -> tuple[str, str, dict[str, int]]:
+    """`kill` the worker of `role` ("decode") holding the most of the router's requests just
+    before (the lowest id on a tie): the router may have placed every stream on one of the
+    two, and a kill of the other would leave nothing to migrate. Returns (worker id, the
+    incarnation it had, requests per worker at the kill)."""
     placed = {m["worker_id"]: m.get("num_requests", 0)
               for m in ray.get(cluster.router.worker_metrics.remote())}
-    return kill(cluster, worker_id), placed
+    victim = min((w for w in placed if w.startswith(f"{role}-")),
+                 key=lambda w: (-placed[w], w))
+    return victim, kill(cluster, victim), placed
 
 
 def assert_exact(streams, reqs, model, max_tokens: int) -> None:
@@ -105,15 +110,17 @@ def test_killed_decode_worker_every_stream_continues_token_exact(
     # A random point: once a random stream has a random number of tokens.
     watched, count = rng.choice(reqs).request_id, rng.randint(1, 12)
     streams.wait(lambda: len(streams.tokens(watched)) >= count, 60, "tokens before the kill")
-    old = kill(cluster, "decode-0")
+    victim, old, placed = kill_busiest(cluster, "decode")
     streams.wait_finished([r.request_id for r in reqs], timeout_s=90)
     assert_exact(streams, reqs, hf_reference(tiny_model_dir), max_tokens)
     after = stats(cluster)
-    assert after["migrations"] > before and after["migrations_failed"] == 0, after
+    assert after["migrations"] > before and after["migrations_failed"] == 0, (victim, placed,
+                                                                            after)
     assert max(streams.stalls) < MAX_STALL_S, streams.stalls
-    print(f"{after['migrations'] - before} migrations after a kill at token {count}; stalls "
-          f"{[round(s, 2) for s in streams.stalls]} s; from {after['migrated_from_phase']}")
-    wait_readmitted(cluster, "decode-0", old=old)
+    print(f"{after['migrations'] - before} migrations after a kill of {victim} at token "
+          f"{count}; stalls {[round(s, 2) for s in streams.stalls]} s; from "
+          f"{after['migrated_from_phase']}")
+    wait_readmitted(cluster, victim, old=old)
     wait_until(lambda: all_blocks_free(cluster), 10, "blocks free after the migrations")
 
 
@@ -245,34 +252,35 @@ def test_http_streams_continue_token_exact_when_the_decode_worker_is_killed(
     cluster, tiny_model_dir, hf_reference
 ):
     """16 concurrent greedy SSE streams through the real gateway (uvicorn, HTTP, its ZMQ
-    receiver and StreamResume); decode-0 killed with -9 once a random stream has a random
-    number of tokens: every stream ends with exactly the tokens transformers gives, no wait
-    between two of its tokens reaches MAX_STALL_S, and every block is free afterwards."""
+    receiver and StreamResume); the busier decode worker killed with -9 once a random
+    stream has a random number of tokens: every stream ends with exactly the tokens
+    transformers gives, no wait between two of its tokens reaches MAX_STALL_S, and every
+    block is free afterwards."""
     wait_all_ready(cluster)
-    wait_pairs_ready(cluster)  # else decode-0's requests may all still be in transfer
+    wait_pairs_ready(cluster)  # else the victim's requests may all still be in transfer
     rng = random.Random(21)
     vocab = cluster.infos["prefill-0"]["vocab_size"]
     max_tokens = 40
     batch = prompts(16, vocab, seed=11, low=16, high=64)
     model = hf_reference(tiny_model_dir)
     before = stats(cluster)
-    killed: list[tuple[str, dict[str, int]]] = []
+    killed: list[tuple[str, str, dict[str, int]]] = []
     app = build_app(cluster.config, cluster.router, cluster.max_model_len)
     with serve(app) as url:
         got = asyncio.run(sse_streams(url, batch, max_tokens, rng.randrange(len(batch)),
                                       rng.randint(1, 12),
-                                      lambda: killed.append(kill_placed(cluster, "decode-0"))))
+                                      lambda: killed.append(kill_busiest(cluster, "decode"))))
     gaps = []
     for prompt, (ids, times, reason) in zip(batch, got, strict=True):
         assert reason == "length" and ids == hf_greedy(model, prompt, max_tokens)
         gaps.append(max(b - a for a, b in zip(times, times[1:], strict=False)))
     after = stats(cluster)
     assert after["migrations"] > before["migrations"], (
-        f"no stream migrated: (incarnation, this router's requests per decode worker) at the "
-        f"kill {killed}; router stats {after}")
+        f"no stream migrated: (worker killed, its incarnation, this router's requests per "
+        f"worker) at the kill {killed}; router stats {after}")
     assert after["migrations_failed"] == before["migrations_failed"], after
     assert max(gaps) < MAX_STALL_S, gaps
     print(f"{after['migrations'] - before['migrations']} migrations; longest wait between tokens "
           f"{max(gaps):.2f} s")
-    wait_readmitted(cluster, "decode-0", old=killed[0][0])
+    wait_readmitted(cluster, killed[0][0], old=killed[0][1])
     wait_until(lambda: all_blocks_free(cluster), 10, "blocks free after the migrations")
