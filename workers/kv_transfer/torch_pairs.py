@@ -10,6 +10,7 @@ evicted for a new one (at most `config.max_pairs`); the next `connect` builds it
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -70,6 +71,8 @@ class TorchPairs:
         self._lock = threading.Lock()
         self._ctx = zmq.Context.instance()
         self._outbox = Outbox(self._ctx, "kv-send-outbox")
+        self._tokens = itertools.count()
+        self._on_wire: dict[int, threading.Event] = {}
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kv-send", daemon=True)
         self._thread.start()
@@ -111,8 +114,16 @@ class TorchPairs:
         pair.last_used = time.monotonic()
         return pair
 
-    def command(self, dest: str, payload: bytes) -> None:
-        self._outbox.put([dest.encode(), payload])
+    def command(self, dest: str, *payloads: bytes,
+                on_wire: threading.Event | None = None) -> None:
+        """Hands `payloads` to the control thread for `dest`, in order, in one wake-up;
+        `on_wire` is set once they have been handed to the pair's socket (or dropped: no
+        pair)."""
+        token = b""
+        if on_wire is not None:
+            token = b"%d" % next(self._tokens)
+            self._on_wire[int(token)] = on_wire
+        self._outbox.put([dest.encode(), token, *payloads])
 
     # ---- control thread --------------------------------------------------------------------
 
@@ -124,8 +135,11 @@ class TorchPairs:
         while not self._closed.is_set():
             ready = dict(poller.poll(int(self.config.tick_s * 1000)))
             while self._outbox.socket.poll(0):
-                dest, payload = self._outbox.socket.recv_multipart()
-                self._outgoing(poller, dest.decode(), payload)
+                dest, token, *payloads = self._outbox.socket.recv_multipart()
+                for payload in payloads:
+                    self._outgoing(poller, dest.decode(), payload)
+                if token:
+                    self._on_wire.pop(int(token)).set()
             for pair in list(self._pairs.values()):
                 if pair.sock is not None and pair.sock in ready:
                     while pair.sock is not None and pair.sock.poll(0):
@@ -304,6 +318,8 @@ class TorchPairs:
             return
         self._closed.set()
         self._thread.join(timeout=5)
+        for on_wire in list(self._on_wire.values()):
+            on_wire.set()
         self.table.fail_all("sender closed")
         with self._lock:
             pairs, self._pairs = list(self._pairs.values()), {}

@@ -19,6 +19,8 @@ its sends.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -56,6 +58,14 @@ from workers.kv_transfer.transfer_table import TransferTable
 from workers.protocol import encode
 
 log = logging.getLogger(__name__)
+
+ANNOUNCE_WAIT_S = 0.005
+"""A request sent whole: the engine thread waits (at most this long) for its StreamPart and
+StreamEnd to be on their sockets before it posts the sends. Otherwise the control thread,
+which forwards them, can wait for the GIL behind the whole posting loop (on CPU it did: the
+announce left after the last of 64 posts), and the receiver, which posts its receives only
+once the announce is in, starts that much later. Bounded: a busy control thread delays,
+never blocks, the sends (which match the receives whenever these are posted)."""
 
 
 @dataclass
@@ -143,9 +153,11 @@ class TorchSender(KVSender):
         """Announces this step's blocks per pair (StreamPart); layer_done posts them."""
         self._announce(spans, whole=False)
 
-    def _announce(self, spans: list[PrefillSpan], whole: bool) -> None:
+    def _announce(self, spans: list[PrefillSpan], whole: bool,
+                  held: dict[str, list[bytes]] | None = None) -> None:
         """StreamPart per pair for these spans; `whole`: every layer is posted right after
-        (a prefilled request), so staged messages may span layers."""
+        (a prefilled request), so staged messages may span layers. `held`: the parts are
+        added there per pair address instead of handed to the control thread."""
         by_pair: dict[str, _PairStep] = {}
         for span in spans:
             stream = self._streams.get(span.request_id)
@@ -171,10 +183,16 @@ class TorchSender(KVSender):
             step.wire = wire_plan(self.config, step.pair.direct, runs, layer_bytes, whole,
                                   one_launch(self.kv_caches))
             entries = [[rid, [[dest, n] for _, dest, n in runs]] for rid, runs in step.entries]
-            self._pairs.command(step.pair.dest, encode(StreamPart(
+            self._command(step.pair.dest, encode(StreamPart(
                 step.pair.generation, entries, step.wire.packed,
-                step.wire.layers_per_message)))
+                step.wire.layers_per_message)), held)
         self._step = list(by_pair.values())
+
+    def _command(self, dest: str, payload: bytes, held: dict[str, list[bytes]] | None):
+        if held is None:
+            self._pairs.command(dest, payload)
+        else:
+            held.setdefault(dest, []).append(payload)
 
     def layer_done(self, local_layer: int) -> None:
         """Posts layer `local_layer`'s sends of this step (after its compute, GPU-ordered)."""
@@ -190,34 +208,29 @@ class TorchSender(KVSender):
             if not layers:
                 continue
             if step.wire.packed:
-                self._post(step, lambda group, step=step, layers=layers: self._send_staged(
-                    group, step, range(layers[0], layers[-1] + 1)))
+                self._post(step, len(layers), lambda group, step=step, layers=layers:
+                           self._send_staged(group, step, range(layers[0], layers[-1] + 1)))
             else:
-                self._post(step, lambda group, step=step, layers=layers: self._send_runs(
-                    group, step, layers))
+                self._post(step, len(layers), lambda group, step=step, layers=layers:
+                           self._send_runs(group, step, layers))
 
     def _send_runs(self, group: PairGroup, step: _PairStep, layers: list[int]):
         """The runs' K and V views of these layers, straight from the cache, ordered after
-        the engine's stream; (works, bytes, no staging)."""
-        num_bytes = 0
+        the engine's stream; (works, no staging)."""
 
         def views():
-            nonlocal num_bytes
             runs = [(src, n) for _, runs in step.entries for src, _, n in runs]
             for layer in layers:
                 k_cache, v_cache = self.kv_caches[layer - self.layout.layer_start]
-                for view in run_views(k_cache, v_cache, runs):
-                    num_bytes += view.numel() * view.element_size()
-                    yield view
+                yield from run_views(k_cache, v_cache, runs)
 
-        works = group.post_many(views(), send=True)
-        return works, num_bytes, []
+        return group.post_many(views(), send=True), []
 
     def _send_staged(self, group: PairGroup, step: _PairStep, layers: range):
         """Staged messages of `step.wire` covering `layers`, each packed then sent on the
         side stream (after the engine's stream has written the KV). CUDA: the messages
         cycle through STAGING_SLOTS buffers, a buffer packed again once its last send has
-        ended (stream-ordered, no host wait); (works, bytes, staging buffers)."""
+        ended (stream-ordered, no host wait); (works, staging buffers)."""
         plan, ids = step.pair.plan, step.src_blocks
         messages = step.wire.messages(layers)
         layer_elems = staged_bytes(self.layout, plan, len(ids)) // self.layout.element_size
@@ -238,21 +251,15 @@ class TorchSender(KVSender):
                 buf = pack(self.kv_caches, self.layout, one, ids,
                            out=slots[m % ring][:layer_elems * len(message)])
                 sent.append(group.post_many([as_bytes(buf)], send=True))
-        num_bytes = layer_elems * self.layout.element_size * len(layers)
-        return [work for works in sent for work in works], num_bytes, slots
+        return [work for works in sent for work in works], slots
 
-    def _post(self, step: _PairStep, send) -> None:
-        """Posts one batch of sends (`send(group)` -> (works, bytes, staging)) for the
-        step's requests, pinned until the works end."""
+    def _post(self, step: _PairStep, num_layers: int, send) -> None:
+        """Posts one batch of sends (`send(group)` -> (works, staging)) of `num_layers`
+        layers for the step's requests, pinned until the works end. Their bytes are counted
+        first: a request sent whole has its StreamEnd out already, so its ack may come back
+        (DONE) as soon as the last send ends."""
         rids = [rid for rid, _ in step.entries if self.table.pin(rid)]
-        try:
-            works, num_bytes, staging = send(step.pair.group)
-        except Exception as err:  # noqa: BLE001 - a broken communicator fails its transfers
-            for rid in rids:
-                self.table.unpin(rid)
-                self.table.end(rid, TransferState.FAILED, f"{type(err).__name__}: {err}")
-            return
-        per_block = num_bytes // max(1, sum(n for _, runs in step.entries for _, _, n in runs))
+        per_block = staged_bytes(self.layout, step.pair.plan, 1) * num_layers
         for rid, runs in step.entries:
             record = self.table.get(rid)
             if record is not None:
@@ -260,11 +267,23 @@ class TorchSender(KVSender):
                 record.num_bytes += moved
                 dest = step.pair.dest
                 record.peer_bytes[dest] = record.peer_bytes.get(dest, 0) + moved
+        try:
+            works, staging = send(step.pair.group)
+        except Exception as err:  # noqa: BLE001 - a broken communicator fails its transfers
+            for rid in rids:
+                self.table.unpin(rid)
+                self.table.end(rid, TransferState.FAILED, f"{type(err).__name__}: {err}")
+            return
         self._posted.add(Posted(step.pair.dest, works, rids, staging=staging))
 
     def finish(self, request_id: str, src_block_ids: list[int] | None = None,
                extra: dict | None = None, num_tokens: int | None = None) -> None:
         """Token 1 is out: StreamEnd (with `extra`) after the request's last part."""
+        self._end(request_id, extra)
+
+    def _end(self, request_id: str, extra: dict | None,
+             held: dict[str, list[bytes]] | None = None) -> None:
+        """StreamEnd on each of the request's pairs (`held`: see `_announce`)."""
         stream = self._streams.pop(request_id, None)
         record = self.table.get(request_id)
         if stream is None or record is None or record.state.terminal:
@@ -275,8 +294,9 @@ class TorchSender(KVSender):
             return
         record.extra = dict(extra or {})
         for pair in pairs:
-            self._pairs.command(pair.dest, encode(StreamEnd(
-                request_id, pair.generation, stream.parts, pair.plan.num_cells, record.extra)))
+            self._command(pair.dest, encode(StreamEnd(
+                request_id, pair.generation, stream.parts, pair.plan.num_cells, record.extra)),
+                held)
 
     def forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -284,19 +304,32 @@ class TorchSender(KVSender):
     def send(self, request_id: str, dest: str, src_block_ids: list[int],
              dest_block_ids: list[int], extra: dict | None = None,
              num_tokens: int | None = None, timeout_s: float | None = None) -> None:
-        """A prefilled request, whole: one step of all its blocks, every layer posted now."""
+        """A prefilled request, whole: one step of all its blocks, every layer posted now.
+
+        Its StreamPart and StreamEnd go to the control thread together, before the sends are
+        posted (the receiver posts its receives as soon as the part is in, and is DONE once
+        they landed, with no further message from here), and the posts wait (at most
+        ANNOUNCE_WAIT_S) until both are on their sockets."""
         num_blocks = blocks_to_send(self.layout.block_size, num_tokens, src_block_ids,
                                     dest_block_ids)
         tokens = num_tokens or num_blocks * self.layout.block_size
         mark("s.send")
         self.open(request_id, dest, dest_block_ids, tokens, timeout_s)
-        self._announce([PrefillSpan(request_id, 0, tokens, list(src_block_ids))], whole=True)
-        mark("s.part_queued")
+        held: dict[str, list[bytes]] = {}
+        self._announce([PrefillSpan(request_id, 0, tokens, list(src_block_ids))], whole=True,
+                       held=held)
+        self._end(request_id, extra, held)
+        on_wire = [threading.Event() for _ in held]
+        for (address, payloads), event in zip(held.items(), on_wire, strict=True):
+            self._pairs.command(address, *payloads, on_wire=event)
+        mark("s.queued")
+        deadline = time.monotonic() + ANNOUNCE_WAIT_S
+        for event in on_wire:
+            event.wait(max(0.0, deadline - time.monotonic()))
+        mark("s.on_wire")
         self._post_layers(list(range(len(self.kv_caches))))
         mark("s.posted")
         self._step = []
-        self.finish(request_id, extra=extra)
-        mark("s.end_queued")
 
     def fence(self) -> None:
         """Orders the engine's next kernels after every posted send (its blocks may be

@@ -69,7 +69,7 @@ def test_bench_kv_timeline_places_both_ends_events_between_send_and_landed():
         at = bench_kv.event_offsets(pair, tokens, cfg.warmup, cfg.iters)
         # send() on the sender; the announce, posts and StreamEnd on the receiver; DONE there
         # (orders that hold in every transfer, so in their medians too).
-        assert 0 <= at["s.send"] <= at["s.part_queued"] <= at["s.posted"] <= at["s.end_queued"]
+        assert 0 <= at["s.send"] <= at["s.queued"] <= at["s.on_wire"] <= at["s.posted"]
         assert at["s.send"] <= at["r.part"] <= at["r.posted"] <= at["landed"] <= at["s.ack"]
         assert at["r.landed"] <= at["landed"] and at["r.end"] <= at["landed"]
     table = bench_kv.format_timeline(cfg, pair, cfg.layout.dtype)

@@ -67,3 +67,26 @@ def test_old_terminal_records_are_forgotten_but_live_ones_kept():
     table.add("next", 10)
     assert table.get("r0") is None and table.get("r4") is not None
     assert table.in_flight("live")
+
+
+def test_live_and_expire_see_only_in_flight_records_whatever_is_kept():
+    """The in-flight index stays exact through every transition: finish, a terminal id
+    re-added, trimming, and expiry."""
+    table = TransferTable(keep_finished=3)
+    for i in range(10):
+        table.add(f"done{i}", 10)
+        table.finish(f"done{i}", TransferState.DONE)
+    table.add("slow", 0.0)
+    table.add("ok", 10)
+    table.start("ok")
+    table.add("done9", 10)  # a terminal id re-added: in flight again, no longer kept as done
+    assert sorted(r.request_id for r in table.live()) == ["done9", "ok", "slow"]
+    assert [r.request_id for r in table.expire(time.monotonic() + 1e-3)] == ["slow"]
+    assert sorted(r.request_id for r in table.live()) == ["done9", "ok"]
+    # kept: the 3 newest outcomes (slow, then done8, done7); older ones forgotten
+    table.add("trim", 10)
+    kept = [f"done{i}" for i in range(10) if table.get(f"done{i}") is not None]
+    assert kept == ["done7", "done8", "done9"] and table.get("slow").state is TransferState.FAILED
+    table.finish("ok", TransferState.DONE)
+    table.end("done9", TransferState.ABORTED, "aborted")
+    assert [r.request_id for r in table.live()] == ["trim"]
