@@ -122,3 +122,36 @@ def test_nccl_staged_messages_cycle_their_buffers_and_land_byte_equal(dtype):
     finally:
         sender.close()
         peer.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_nccl_small_request_sent_whole_is_one_message_by_default(dtype):
+    """Default config on CUDA (TransferConfig.coalesce_whole_below_bytes: 1 MiB where one
+    launch packs every layer): a 16-token request of Llama-3-8B's KV shape (64 messages of
+    16-32 KiB direct) goes as one staged message and lands byte-equal; a 4k-token one (4-8
+    MiB messages) still goes direct, K and V of each layer."""
+    layout = KVLayout("llama-3-8b-kv", dtype, 16, num_layers=32, num_kv_heads=8, head_dim=128)
+    config = TransferConfig(probe_bytes=8 << 20)
+    peer = PeerProcess(layout, config, num_blocks=260, seed=8, device="cuda:0")
+    src = random_caches(layout, 260, seed=7, device="cuda:1")
+    sender = make_sender(layout, src, config)
+    try:
+        with torch.cuda.device("cuda:1"):
+            sender.connect(peer.address)
+            assert sender.wait_ready(peer.address, 60)
+        for rid, src_ids, dst_ids, messages in [("small", [9], [4], 1),
+                                                ("large", list(range(2, 258)),
+                                                 list(range(3, 259)), 64)]:
+            peer.call("expect", rid, dst_ids, 60)
+            before = sender.sends(peer.address)[0]
+            with torch.cuda.device("cuda:1"):
+                sender.send(rid, peer.address, src_ids, dst_ids)
+                assert sender.wait(rid, 60) is TransferState.DONE, sender.table.get(rid).reason
+            assert sender.sends(peer.address)[0] - before == messages
+            state, reason = peer.call("wait", rid, 10)
+            assert state == TransferState.DONE.value, reason
+            assert_landed(peer, src, src_ids, dst_ids)
+    finally:
+        sender.close()
+        peer.close()
