@@ -61,11 +61,12 @@ log = logging.getLogger(__name__)
 
 ANNOUNCE_WAIT_S = 0.005
 """A request sent whole: the engine thread waits (at most this long) for its StreamPart and
-StreamEnd to be on their sockets before it posts the sends. Otherwise the control thread,
-which forwards them, can wait for the GIL behind the whole posting loop (on CPU it did: the
-announce left after the last of 64 posts), and the receiver, which posts its receives only
-once the announce is in, starts that much later. Bounded: a busy control thread delays,
-never blocks, the sends (which match the receives whenever these are posted)."""
+StreamEnd to be on their sockets before it posts the sends; a stream's `finish`, for its
+StreamEnd. Otherwise the control thread, which forwards them, can wait for the GIL behind
+the engine thread's work (on CPU it did: the announce left after the last of 64 posts), and
+the receiver, which posts its receives once the announce is in and is DONE only once the
+StreamEnd is, is that much later. Bounded: a busy control thread delays, never blocks, the
+engine (sends match the receives whenever these are posted)."""
 
 
 @dataclass
@@ -278,8 +279,25 @@ class TorchSender(KVSender):
 
     def finish(self, request_id: str, src_block_ids: list[int] | None = None,
                extra: dict | None = None, num_tokens: int | None = None) -> None:
-        """Token 1 is out: StreamEnd (with `extra`) after the request's last part."""
-        self._end(request_id, extra)
+        """Token 1 is out: StreamEnd (with `extra`) after the request's last part; returns
+        once it is on its sockets (at most ANNOUNCE_WAIT_S): the receiver is DONE only with
+        it, and the engine's next step would otherwise hold the GIL the control thread
+        needs to forward it."""
+        held: dict[str, list[bytes]] = {}
+        self._end(request_id, extra, held)
+        self._put_on_wire(held)
+
+    def _put_on_wire(self, held: dict[str, list[bytes]]) -> None:
+        """Hands each pair's held messages to the control thread (one wake-up per pair)
+        and waits, at most ANNOUNCE_WAIT_S in all, until they are on their sockets."""
+        on_wire = [threading.Event() for _ in held]
+        for (address, payloads), event in zip(held.items(), on_wire, strict=True):
+            self._pairs.command(address, *payloads, on_wire=event)
+        mark("s.queued")
+        deadline = time.monotonic() + ANNOUNCE_WAIT_S
+        for event in on_wire:
+            event.wait(max(0.0, deadline - time.monotonic()))
+        mark("s.on_wire")
 
     def _end(self, request_id: str, extra: dict | None,
              held: dict[str, list[bytes]] | None = None) -> None:
@@ -319,14 +337,7 @@ class TorchSender(KVSender):
         self._announce([PrefillSpan(request_id, 0, tokens, list(src_block_ids))], whole=True,
                        held=held)
         self._end(request_id, extra, held)
-        on_wire = [threading.Event() for _ in held]
-        for (address, payloads), event in zip(held.items(), on_wire, strict=True):
-            self._pairs.command(address, *payloads, on_wire=event)
-        mark("s.queued")
-        deadline = time.monotonic() + ANNOUNCE_WAIT_S
-        for event in on_wire:
-            event.wait(max(0.0, deadline - time.monotonic()))
-        mark("s.on_wire")
+        self._put_on_wire(held)
         self._post_layers(list(range(len(self.kv_caches))))
         mark("s.posted")
         self._step = []

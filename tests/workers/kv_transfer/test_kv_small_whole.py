@@ -102,6 +102,8 @@ def test_small_request_lands_byte_exact_as_one_message(pair):
     block_bytes = layout.block_size * layout.num_kv_heads * layout.head_dim * \
         layout.element_size
     assert (after[0] - before[0], after[1] - before[1]) == (1, 2 * LAYERS * 3 * block_bytes)
+    # Counted before the posts (the StreamEnd is out first, so the ack may beat them).
+    assert sender.table.get("r").num_bytes == 2 * LAYERS * 3 * block_bytes
     assert _same(src, dst, [2, 3, 4], [9, 10, 11])
     assert receiver.table.get("r").extra == {"first_token_id": 7}
     assert _quiet(sender, "r").wait(5) and _quiet(receiver, "r").wait(5)
@@ -139,3 +141,17 @@ def test_abort_on_both_ends_right_after_the_send_lets_every_block_go(pair):
     sender.send("next", receiver.address, [1, 2], [8, 9], {"first_token_id": 3})
     assert sender.wait("next", 20) is TransferState.DONE, sender.table.get("next").reason
     assert _same(src, dst, [1, 2], [8, 9])
+
+
+def test_messages_for_no_pair_still_report_on_wire(pair):
+    """`TorchPairs.command(on_wire=...)` is set once the messages are on the pair's socket
+    or dropped (no such pair): a bounded wait on it never waits out its bound for nothing,
+    and the pair goes on."""
+    layout, src, dst, sender, receiver = pair
+    event = threading.Event()
+    sender._pairs.command("tcp://127.0.0.1:1", b"dropped", on_wire=event)
+    assert event.wait(5)
+    receiver.expect("after", [1])
+    sender.send("after", receiver.address, [2], [1])
+    assert sender.wait("after", 20) is TransferState.DONE
+    assert _same(src, dst, [2], [1])
