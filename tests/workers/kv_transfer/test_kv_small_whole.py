@@ -24,6 +24,7 @@ from workers.kv_transfer import KVLayout, Receiver, TorchSender, TransferConfig,
 from workers.kv_transfer.layout import plan_transfer
 from workers.kv_transfer.stream_plan import (
     COALESCE_WHOLE_BYTES,
+    block_runs,
     message_sizes,
     staged_bytes,
     wire_plan,
@@ -155,3 +156,13 @@ def test_messages_for_no_pair_still_report_on_wire(pair):
     sender.send("after", receiver.address, [2], [1])
     assert sender.wait("after", 20) is TransferState.DONE
     assert _same(src, dst, [2], [1])
+
+
+def test_block_runs_one_run_when_both_ends_are_contiguous_else_split_at_every_gap():
+    assert block_runs(list(range(5, 1029)), list(range(100, 1124))) == [(5, 100, 1024)]
+    assert block_runs([], []) == [] and block_runs([3], [7]) == [(3, 7, 1)]
+    assert block_runs([1, 2, 4], [5, 6, 7]) == [(1, 5, 2), (4, 7, 1)]  # a gap at the source
+    assert block_runs([1, 2, 3], [5, 6, 8]) == [(1, 5, 2), (3, 8, 1)]  # ... at the dest
+    assert block_runs([2, 1, 3], [4, 5, 6]) == [(2, 4, 1), (1, 5, 1), (3, 6, 1)]
+    with pytest.raises(ValueError):
+        block_runs([1, 2], [1])
