@@ -11,6 +11,10 @@ thread
   the runs' messages would be small (or scattered, or a head slice), K and V of the layer go
   as one staged message instead, packed on a side stream (stream_plan.wire_plan);
 - `finish`: after token 1, sends StreamEnd (token 1 rides in it); the receiver acks DONE.
+A prefilled request sent whole (`send`) is one such step: its StreamPart and StreamEnd leave
+together before any send is posted, and below TransferConfig.coalesce_whole_below_bytes (1 MiB
+messages on CUDA) all its layers go as one staged message: one post per end instead of
+2 x layers (the fixed part of a small request's transfer; bench_kv --timeline shows it).
 The pairs' control thread turns acks into transfer states and watches the posted sends
 (blocks stay pinned until they end) and the deadlines; a stuck pair is torn down, which ends
 its sends.
