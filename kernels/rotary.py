@@ -15,8 +15,10 @@ from kernels import pdl
 
 
 @triton.jit
-def _rotate_heads(x_ptr, token, stride_t, stride_h, num_heads, cos, sin, half,
-                  BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+def rotate_heads(x_ptr, token, stride_t, stride_h, num_heads, cos, sin, half,
+                 BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rotates the first 2 * half dims of `num_heads` heads of one token in place
+    (kernels/rotary_cache_write.py rotates q with it too)."""
     heads = tl.arange(0, BLOCK_H)
     dims = tl.arange(0, BLOCK_R)
     mask = (heads[:, None] < num_heads) & (dims[None, :] < half)
@@ -56,8 +58,8 @@ def _rotary_kernel(
     pdl.enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = load_cos_sin(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, half, BLOCK_R)
-    _rotate_heads(q_ptr, token, stride_qt, stride_qh, num_heads, cos, sin, half, BLOCK_H, BLOCK_R)
-    _rotate_heads(k_ptr, token, stride_kt, stride_kh, num_kv_heads, cos, sin, half,
+    rotate_heads(q_ptr, token, stride_qt, stride_qh, num_heads, cos, sin, half, BLOCK_H, BLOCK_R)
+    rotate_heads(k_ptr, token, stride_kt, stride_kh, num_kv_heads, cos, sin, half,
                   BLOCK_KH, BLOCK_R)
 
 

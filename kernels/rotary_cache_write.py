@@ -18,7 +18,7 @@ import triton.language as tl
 from kernels import pdl
 from kernels.cache_write import check_cache_write, quantize_fp8
 from kernels.kv_quant import is_fp8
-from kernels.rotary import _rotate_heads, check_rotary, load_cos_sin, rotate_halves
+from kernels.rotary import check_rotary, load_cos_sin, rotate_halves, rotate_heads
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _rotary_cache_write_kernel(
     pdl.enter(PDL)
     token = tl.program_id(0).to(tl.int64)
     cos, sin = load_cos_sin(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, half, BLOCK_R)
-    _rotate_heads(q_ptr, token, stride_qt, stride_qh, num_heads, cos, sin, half, BLOCK_H, BLOCK_R)
+    rotate_heads(q_ptr, token, stride_qt, stride_qh, num_heads, cos, sin, half, BLOCK_H, BLOCK_R)
     slot = tl.load(slot_ptr + token).to(tl.int64)
     if slot < 0:
         return

@@ -190,7 +190,8 @@ def format_table(args: argparse.Namespace, results: dict[str, dict[str, float]])
         first = r[f"step_{args.batch[0]}"] or float("nan")
         row += f"{r['weight_bytes'] / first / 1e9:>16.0f}"
         if graphed:
-            row += f"{r['graph_1'] * 1e3:>13.2f}{(first - r['graph_1']) * 1e3:>12.2f}"
+            step_1 = r["step_1"] or float("nan")
+            row += f"{r['graph_1'] * 1e3:>13.2f}{(step_1 - r['graph_1']) * 1e3:>12.2f}"
         lines.append(row)
     lines.append("")
     if graphed:

@@ -72,7 +72,7 @@ class TorchPairs:
         self._ctx = zmq.Context.instance()
         self._outbox = Outbox(self._ctx, "kv-send-outbox")
         self._tokens = itertools.count()
-        self._on_wire: dict[int, threading.Event] = {}
+        self._on_wire: dict[bytes, threading.Event] = {}
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kv-send", daemon=True)
         self._thread.start()
@@ -122,7 +122,7 @@ class TorchPairs:
         token = b""
         if on_wire is not None:
             token = b"%d" % next(self._tokens)
-            self._on_wire[int(token)] = on_wire
+            self._on_wire[token] = on_wire
         self._outbox.put([dest.encode(), token, *payloads])
 
     # ---- control thread --------------------------------------------------------------------
@@ -139,7 +139,7 @@ class TorchPairs:
                 for payload in payloads:
                     self._outgoing(poller, dest.decode(), payload)
                 if token:
-                    self._on_wire.pop(int(token)).set()
+                    self._on_wire.pop(token).set()
             for pair in list(self._pairs.values()):
                 if pair.sock is not None and pair.sock in ready:
                     while pair.sock is not None and pair.sock.poll(0):
