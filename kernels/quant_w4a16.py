@@ -22,9 +22,9 @@ split across programs and the float32 partial sums are added by the last split o
 (kernels/quant_split_k.py `finish`). Up to
 GEMV_MAX_ROWS rows run `_w4a16_gemv_kernel` instead: no tl.dot (which pads M to 16 and stages
 the dequantized tile through shared memory). It reads each packed word once and widens its
-nibbles with bit operations (a shift and a logic op per weight) rather than int -> float
-conversions, which run at a quarter of the ALU rate and made an earlier form (one conversion
-per weight, ~0.5 TB/s on an H100) compute-bound; see its docstring.
+nibbles with one logic op per weight (each masked nibble read as a float32 denormal) rather
+than int -> float conversions, which run at a quarter of the ALU rate and made an earlier form
+(one conversion per weight, ~0.5 TB/s on an H100) compute-bound; see its docstring.
 """
 
 from __future__ import annotations
@@ -38,13 +38,26 @@ from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
 from kernels.quant_split_k import gemv_program, load_x, load_x_tile, store_row, store_tile
 
-GEMV_BLOCK_K = 512
-GEMV_PREFETCH = False
-"""Default K tile (input rows) and prefetch of the matrix-vector form: the best sum over
-Llama-3-8B's four projections at M = 1 on an H100 (kernels.bench.bench_quant_kernels --sweep
---sweep-formats w4a16, 2026-11-28 04:41 UTC: 76.3 us with 32 x 512 tiles, 76.4 with prefetch;
-the previous form, which subtracted the zero per weight and loaded x once per nibble, took
-83.3 with its best 32 x 256 tiles in an earlier sweep that day)."""
+GEMV_TILE = {"block_n": 32, "block_k": 512}
+"""Default tile of the matrix-vector form (columns, input rows), next tile not prefetched."""
+GEMV_FEW_COLUMNS = {"block_n": 16, "block_k": 1024, "prefetch": True, "split": 1}
+"""The form's launch where 32-column tiles would give fewer than split_k.TARGET_PROGRAMS
+programs over K <= GEMV_FEW_COLUMNS_MAX_K: twice the programs with no split (no partial sums)
+and two 8 KB weight tiles in flight per program; otherwise K is split across 8 warps. The best
+per projection of Llama-3-8B at M = 1 on an H200 (devrun sweep, two passes, 2026-11-28 10:47
+UTC, us): q/k/v 6.8 vs 10.5 with the default tile, o 6.4 vs 7.1, down (split, 8 warps) 15.3 vs
+16.7; gate_up (896 column tiles) keeps the default, 25.1."""
+GEMV_FEW_COLUMNS_MAX_K = 4096
+
+
+def gemv_defaults(m: int, n: int, k: int) -> dict:
+    """The matrix-vector form's launch for an [m, k] x [k, n] product (see GEMV_FEW_COLUMNS)."""
+    if split_k.column_tiles(m, n, GEMV_TILE["block_n"]) >= split_k.TARGET_PROGRAMS:
+        return dict(GEMV_TILE)
+    if k <= GEMV_FEW_COLUMNS_MAX_K:
+        return dict(GEMV_FEW_COLUMNS)
+    return {**GEMV_TILE, "num_warps": 8}
+
 
 ROW_UNPACK = False
 """Default nibble unpacking of the tl.dot kernel (`_w4a16_kernel`'s ROW_UNPACK); the
@@ -121,22 +134,45 @@ def _w4a16_kernel(
                SPLIT)
 
 
-ONE_BITS: tl.constexpr = tl.constexpr(0x3F800000)
-"""float32 bits of 1.0."""
-NIBBLE_BITS: tl.constexpr = tl.constexpr(0x00780000)
-"""The top four mantissa bits of a float32 (bits 19..22): a nibble q shifted there and OR-ed
-into 1.0's bits is the float 1 + q / 16 exactly, in one shift and one logic op (no int ->
-float conversion, which runs at a quarter of the ALU rate)."""
+X_EXP = 96
+"""`_nibble_products` scales x by 2^(X_EXP - p) before multiplying by a nibble at bit p: every
+product is then x q 2^(X_EXP - 149), a normal float for any |x q| above 2^(23 - X_EXP)
+(1e-22), and x 2^X_EXP stays finite for any |x| below 2^(128 - X_EXP) (4e9): float32
+precision over that range of activations."""
+X_SCALE0: tl.constexpr = tl.constexpr(2.0 ** X_EXP)
+X_SCALE4: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 4))
+X_SCALE8: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 8))
+X_SCALE12: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 12))
+X_SCALE16: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 16))
+PRODUCT_SCALE: tl.constexpr = tl.constexpr(2.0 ** (149 - X_EXP))
+"""What turns a sum of `_nibble_products` back into sum x q."""
 
 
 @triton.jit
-def _nibble_float(packed, j: tl.constexpr):
-    """1 + q / 16 for nibble j (bits 4j..4j+3) of every packed word, as float32."""
-    if 4 * j <= 19:
-        moved = packed << (19 - 4 * j)
-    else:
-        moved = packed >> (4 * j - 19)
-    return ((moved & NIBBLE_BITS) | ONE_BITS).to(tl.float32, bitcast=True)
+def _nibble_denormal(word, p: tl.constexpr):
+    """q 2^(p - 149) for the nibble q at bits p..p+3 of every word (p <= 19): masked in place
+    it is the mantissa of a float32 whose exponent bits are zero, a denormal, exactly, in one
+    logic op. Float32 arithmetic keeps denormals at full speed on the GPU (Triton emits no
+    flush-to-zero) and in numpy (TRITON_INTERPRET)."""
+    return (word & (0xF << p)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nibble_products(packed, x0, x1, x2, x3, x4, x5, x6, x7):
+    """sum_j x_j q_j 2^(X_EXP - 149) per word, [W, BLOCK_N] in float32, for x_j [W] the input
+    row of nibble j of each word row. Nibbles 0..4 (bits 0..19) are read in place; 5..7 lie
+    at bits 8..19 of word >> 12. Each product x_j 2^(X_EXP - p) * q 2^(p - 149) is exact
+    before its one rounding, as a plain float32 x q would be."""
+    hi = packed >> 12
+    part = (x0 * X_SCALE0)[:, None] * _nibble_denormal(packed, 0)
+    part += (x1 * X_SCALE4)[:, None] * _nibble_denormal(packed, 4)
+    part += (x2 * X_SCALE8)[:, None] * _nibble_denormal(packed, 8)
+    part += (x3 * X_SCALE12)[:, None] * _nibble_denormal(packed, 12)
+    part += (x4 * X_SCALE16)[:, None] * _nibble_denormal(packed, 16)
+    part += (x5 * X_SCALE8)[:, None] * _nibble_denormal(hi, 8)
+    part += (x6 * X_SCALE12)[:, None] * _nibble_denormal(hi, 12)
+    part += (x7 * X_SCALE16)[:, None] * _nibble_denormal(hi, 16)
+    return part
 
 
 @triton.jit
@@ -193,13 +229,14 @@ def _w4a16_gemv_kernel(
     """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K.
 
     Each packed word [BLOCK_K / 8, BLOCK_N] is loaded once, and x once per tile (one
-    [BLOCK_K / 8, 8] load split by nibble). Nibble j of every word (input row 8i + j) becomes
-    the float v = 1 + q / 16 (`_nibble_float`) and x[8i + j] * v is accumulated per word row in
-    float32; per word row, with S = sum_j x[8i + j] * v_j and X = sum_j x[8i + j],
-    sum_j x (q - z) = 16 S - (16 + z) X (min form: sum_j x q = 16 S - 16 X, plus m X), so
-    no subtraction runs per weight and the group scale is applied once per word (a packed row
-    lies inside one group: group sizes are multiples of 8). v stays in [1, 2), so S - X
-    cancels nothing large. The sum over K is taken once after the loop. PREFETCH: the next
+    [BLOCK_K / 8, 8] load split by nibble). `_nibble_products` gives sum_j x[8i + j] q_j per
+    word row with one logic op and one multiply-add per weight; with X = sum_j x[8i + j],
+    sum_j x (q - z) = that - z X (min form: s times it, plus m X), so no subtraction runs per
+    weight and the group scale is applied once per word (a packed row lies inside one group:
+    group sizes are multiples of 8). The sum over K is taken once after the loop. This
+    widening halved the logic ops of the previous one (a shift and a logic op per weight into
+    1 + q / 16): 78.9 -> 59.7 us over Llama-3-8B's four projections at M = 1 on an H200
+    (devrun A/B, 2026-11-28 10:38 UTC), the decode graph 2.69 -> 2.31 ms. PREFETCH: the next
     tile's loads are issued before this tile's arithmetic (two tiles in flight per program;
     Triton pipelines only loads that feed tl.dot)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
@@ -216,15 +253,13 @@ def _w4a16_gemv_kernel(
                 qw_ptr, s_ptr, z_ptr, k0 + BLOCK_K, k_end, offs_w, offs_n, n_ok, group_size,
                 stride_qk, stride_sg, GROUP_PER_TILE)
         xs = _x_by_nibble(x_row, k_w, w_ok, K, GATED)
-        part = tl.zeros((BLOCK_K // 8, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((BLOCK_K // 8,), dtype=tl.float32)
-        for j in tl.static_range(8):
-            part += xs[j][:, None] * _nibble_float(packed, j)
-            x_sum += xs[j]
+        x_sum = ((xs[0] + xs[1]) + (xs[2] + xs[3])) + ((xs[4] + xs[5]) + (xs[6] + xs[7]))
+        x_q = _nibble_products(packed, xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6],
+                               xs[7]) * PRODUCT_SCALE  # sum_j x q per word row
         if MIN_FORM:  # sum x (q s + m) = s sum x q + m sum x
-            acc += (part * 16.0 - 16.0 * x_sum[:, None]) * s + x_sum[:, None] * z
+            acc += x_q * s + x_sum[:, None] * z
         else:
-            acc += (part * 16.0 - (z + 16.0) * x_sum[:, None]) * s
+            acc += (x_q - z * x_sum[:, None]) * s
         if PREFETCH:
             packed, s, z, k_w, w_ok = n_packed, n_s, n_z, n_k_w, n_w_ok
         else:
@@ -272,7 +307,8 @@ def w4a16_matmul(
     group_k = 128 if group_size % 128 == 0 else (64 if group_size % 64 == 0 else 32)
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
-                          **split_k.gemv_launch(m, n, k, GEMV_BLOCK_K, launch), gated=gated)
+                          **split_k.gemv_launch(m, n, k, gemv_defaults(m, n, k), launch),
+                          gated=gated)
     out, grid, meta = split_k.dot_plan(m, n, k, group_k, launch, x.dtype, x.device)
     row_unpack = meta.pop("row_unpack", ROW_UNPACK)
     if m > 0:
@@ -290,7 +326,7 @@ def w4a16_matmul(
 def w4a16_gemv(
     x, qweight, scales, zeros, group_size: int, min_form: bool, *,
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
-    prefetch: bool = GEMV_PREFETCH, gated: bool = False,
+    prefetch: bool = False, gated: bool = False,
 ) -> torch.Tensor:
     """The matrix-vector form of `w4a16_matmul` with an explicit launch configuration (the
     benchmark's --sweep times several); `block_k` at most the group size for one scale row per

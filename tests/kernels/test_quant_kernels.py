@@ -85,9 +85,12 @@ GEMV_LAUNCHES = [
     {"block_n": 64, "block_k": 128, "split": 3, "num_warps": 4, "num_stages": 3,
      "prefetch": False},
     {"block_n": 128, "block_k": 256, "split": 8, "num_warps": 8, "num_stages": 4},
+    {"block_n": 16, "block_k": 128, "split": 2, "num_warps": 4, "num_stages": 1,
+     "prefetch": True},
 ]
 """Matrix-vector launch configurations as the benchmark's --sweep passes them: K tiles below,
 at and above the group size (one scale row per tile, or one per k), odd and many splits."""
+W4_ONLY = ("row_unpack",)
 DOT_LAUNCHES = [
     {"row_unpack": True},
     {"block_m": 16, "block_n": 32, "block_k": 64, "split": 3, "num_warps": 2, "num_stages": 2,
@@ -110,7 +113,7 @@ def test_launch_configurations_match_reference(launch, shape, device):
     out = w4a16_matmul(x, qweight, scales, zeros, group_size, launch=launch)
     assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size))
     q8, s8 = random_w8(k, n, device)
-    launch8 = {key: value for key, value in launch.items() if key != "row_unpack"}
+    launch8 = {key: value for key, value in launch.items() if key not in W4_ONLY}
     assert_close(w8a16_matmul(x, q8, s8, launch=launch8), w8a16_matmul_ref(x, q8, s8))
 
 
@@ -132,6 +135,23 @@ def test_last_split_adds_the_partials_in_order_and_resets_its_counters(splits, m
     assert torch.equal(out, expected)
     assert torch.equal(channel_gemv(x, weight, scales, split=splits, **launch), out)
     assert not arrival_counts(device, 1).any()
+
+
+def test_w4a16_matrix_vector_form_holds_its_precision_from_tiny_to_huge_inputs(device):
+    """The matrix-vector kernel scales x by up to 2^X_EXP before multiplying by nibbles read
+    as denormals (kernels/quant_w4a16.py `_nibble_products`): rows of x from 1e-20 to 1e9
+    (the range it promises) give the float64 result to float32 precision."""
+    k, n = 1024, 64
+    qweight, scales, zeros = random_w4(k, n, 128, device)
+    x = random_x(4, k, torch.float32, device) * torch.tensor(
+        [[1e-20], [1e-6], [1.0], [1e9]], device=device)
+    launch = {"block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 1}
+    out = w4a16_matmul(x, qweight, scales, zeros, 128, launch=launch)
+    weight = dequantize_w4_ref(qweight, scales, zeros, 128).double()
+    ref = x.double() @ weight
+    scale = x.double().abs() @ weight.abs()  # what float32 rounding is relative to
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs() / scale).max() < 1e-5
 
 
 def test_w4a16_reference_dequantizes_the_layout_elementwise(device):
