@@ -21,8 +21,6 @@ GEMV_MAX_ROWS = 4
 """Up to this many rows of x the matmuls run as matrix-vector products (one program per row
 and column tile, broadcast multiply and a sum over K): tl.dot would pad M to 16 and send every
 dequantized weight tile through shared memory for 1/16 of the tensor cores' work."""
-GEMV_BLOCK_N = 32
-"""Columns per program of the W4A16 matrix-vector form (the default of `gemv_launch`)."""
 
 
 def split_k_config(m: int, n: int, k: int, block_k: int) -> tuple[int, int, int, int]:
@@ -76,17 +74,25 @@ def splits_for(tiles: int, k: int) -> int:
 
 
 def gemv_launch(
-    m: int, n: int, k: int, block_k: int, launch: dict | None = None,
-    block_n: int = GEMV_BLOCK_N,
+    m: int, n: int, k: int, defaults: dict, launch: dict | None = None,
 ) -> dict:
     """Launch configuration of a matrix-vector form (m <= GEMV_MAX_ROWS; one program per row
-    of x and block_n columns): block_n, block_k, split, num_warps, num_stages, with any of
-    them taken from `launch` (the benchmark's --sweep); split from the others by default."""
-    config = {"block_n": block_n, "block_k": block_k, "num_warps": 4, "num_stages": 3}
-    config.update(launch or {})
+    of x and block_n columns): block_n, block_k, split, num_warps, num_stages and any other
+    key (prefetch) from the kernel's `defaults` for this shape, or from `launch` where given
+    (the benchmark's --sweep: its keys over the defaults' block_n and block_k only); split from
+    the others unless given."""
+    config = {"num_warps": 4, "num_stages": 3, **defaults}
+    if launch is not None:
+        config = {"num_warps": 4, "num_stages": 3, "block_n": defaults["block_n"],
+                  "block_k": defaults["block_k"], **launch}
     if "split" not in config:
         config["split"] = splits_for(m * triton.cdiv(n, config["block_n"]), k)
     return config
+
+
+def column_tiles(m: int, n: int, block_n: int) -> int:
+    """Programs of a matrix-vector launch before any split: rows times column tiles."""
+    return m * triton.cdiv(n, block_n)
 
 
 @dataclass(frozen=True)

@@ -142,13 +142,25 @@ def channel_gemv(
     return out.out
 
 
-CHANNEL_GEMV_BLOCK_N = 8
-CHANNEL_GEMV_BLOCK_K = 512
-"""Tile of `_channel_gemv_kernel` (8 weight rows x 512 one-byte weights, next tile
+CHANNEL_GEMV_TILE = {"block_n": 8, "block_k": 512}
+"""Default tile of `_channel_gemv_kernel` (8 weight rows x 512 one-byte weights, next tile
 prefetched): the best sum over Llama-3-8B's four projections at M = 1 on an H100
 (kernels.bench.bench_quant_kernels --sweep, 2026-11-28 04:41 UTC: FP8 91.3 us vs 93.9 with
 16 x 512 tiles and 112.3 for the earlier 16 x 256 form with a [16, 256] accumulator; on an
 H200 int8 81.3 with 8 x 512 vs 87.0 with 16 x 512, FP8 79.0 vs 77.3)."""
+CHANNEL_FEW_ROWS = {"block_n": 8, "block_k": 1024}
+"""The channel form's tile where the weight has at most CHANNEL_FEW_ROWS_TILES row tiles (8
+per SM of an H100): with few programs per SM, each keeps two 8 KB tiles in flight. FP8 at
+M = 1 on an H200 (devrun sweep, two passes, 2026-11-28 10:47 UTC, us): o 6.5 vs 7.3 with
+8 x 512 tiles, down 19.1 vs 21.6, q/k/v 10.8 vs 11.1; gate_up (3584 row tiles) keeps
+8 x 512, 33.6 (1024: 40.2)."""
+CHANNEL_FEW_ROWS_TILES = 1056
+
+
+def channel_gemv_defaults(m: int, n: int) -> dict:
+    """`_channel_gemv_kernel`'s launch for m rows of x and an [n, k] weight."""
+    few = split_k.column_tiles(m, n, CHANNEL_GEMV_TILE["block_n"]) <= CHANNEL_FEW_ROWS_TILES
+    return dict(CHANNEL_FEW_ROWS if few else CHANNEL_GEMV_TILE)
 
 
 def _check(x, qweight, scales, gated: bool) -> None:
@@ -186,8 +198,8 @@ def channel_matmul(
     m, (n, k) = x.shape[0], weight.shape
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return channel_gemv(x, weight, scales,
-                            **split_k.gemv_launch(m, n, k, CHANNEL_GEMV_BLOCK_K, launch,
-                                                  CHANNEL_GEMV_BLOCK_N), gated=gated)
+                            **split_k.gemv_launch(m, n, k, channel_gemv_defaults(m, n), launch),
+                            gated=gated)
     out, grid, meta = split_k.dot_plan(m, n, k, 128, launch, x.dtype, x.device)
     if m > 0:
         _w8a16_kernel[grid](
