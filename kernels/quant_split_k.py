@@ -86,7 +86,7 @@ def gemv_launch(
         config = {"num_warps": 4, "num_stages": 3, "block_n": defaults["block_n"],
                   "block_k": defaults["block_k"], **launch}
     if "split" not in config:
-        config["split"] = splits_for(m * triton.cdiv(n, config["block_n"]), k)
+        config["split"] = splits_for(column_tiles(m, n, config["block_n"]), k)
     return config
 
 

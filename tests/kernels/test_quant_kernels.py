@@ -137,7 +137,7 @@ def test_last_split_adds_the_partials_in_order_and_resets_its_counters(splits, m
     assert not arrival_counts(device, 1).any()
 
 
-def test_w4a16_matrix_vector_form_holds_its_precision_from_tiny_to_huge_inputs(device):
+def assert_w4a16_precision_from_tiny_to_huge_inputs(device: str) -> None:
     """The matrix-vector kernel scales x by up to 2^X_EXP before multiplying by nibbles read
     as denormals (kernels/quant_w4a16.py `_nibble_products`): rows of x from 1e-20 to 1e9
     (the range it promises) give the float64 result to float32 precision."""
@@ -152,6 +152,18 @@ def test_w4a16_matrix_vector_form_holds_its_precision_from_tiny_to_huge_inputs(d
     scale = x.double().abs() @ weight.abs()  # what float32 rounding is relative to
     assert torch.isfinite(out).all()
     assert ((out.double() - ref).abs() / scale).max() < 1e-5
+
+
+def test_w4a16_matrix_vector_form_holds_its_precision_from_tiny_to_huge_inputs(device):
+    assert_w4a16_precision_from_tiny_to_huge_inputs(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_w4a16_denormal_nibbles_hold_their_precision_when_compiled():
+    """The same on the GPU: compiled float32 arithmetic keeps the denormals (no flush to
+    zero), which the interpreter's numpy cannot show."""
+    assert_w4a16_precision_from_tiny_to_huge_inputs("cuda")
 
 
 def test_w4a16_reference_dequantizes_the_layout_elementwise(device):
