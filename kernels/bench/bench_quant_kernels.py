@@ -55,11 +55,12 @@ GRAPH_CALLS = 64
 W4_SWEEP = [
     {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "prefetch": pf}
     for bn, bk, w in [(32, 512, 4), (64, 256, 4), (32, 256, 4), (64, 512, 8), (32, 1024, 8),
-                      (16, 512, 2)]
+                      (16, 512, 2), (16, 1024, 4), (32, 512, 8)]
     for pf in (True, False)
 ] + [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "split": sp}
      for bn, bk, w, sp in [(32, 512, 4, 2), (32, 512, 4, 4), (64, 256, 4, 8), (32, 256, 4, 16),
-                           (64, 512, 4, 4), (64, 128, 4, 32)]]
+                           (64, 512, 4, 4), (64, 128, 4, 32), (16, 1024, 4, 1),
+                           (32, 512, 8, 4)]]
 CHANNEL_SWEEP = [
     {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "prefetch": pf}
     for bn, bk, w in [(8, 512, 4), (16, 512, 4), (16, 256, 4), (8, 1024, 4), (32, 512, 8),
