@@ -214,11 +214,12 @@ def _rank_entry(rank: int, world: int, config: EngineConfig, batches: list[int],
             seconds = _collectives_alone(runner, batch, args.steps)
             if rank == 0:
                 rows[i]["collective_s"] = seconds
+    graphs = runner.graph_runner is not None  # before close, which drops the runner
     runner.close()  # its CUDA graphs go before the group (CudaGraphRunner.close)
     leave_group()  # a no-op for the one-process row
     if rank == 0:
         with open(result_path, "w") as out:
-            json.dump({"rows": rows, "graphs": runner.graph_runner is not None}, out)
+            json.dump({"rows": rows, "graphs": graphs}, out)
 
 
 def run_group(config: EngineConfig, tp: int, pp: int, batches: list[int], args) -> dict:
