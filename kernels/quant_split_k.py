@@ -81,10 +81,9 @@ def gemv_launch(
     key (prefetch) from the kernel's `defaults` for this shape, or from `launch` where given
     (the benchmark's --sweep: its keys over the defaults' block_n and block_k only); split from
     the others unless given."""
-    config = {"num_warps": 4, "num_stages": 3, **defaults}
     if launch is not None:
-        config = {"num_warps": 4, "num_stages": 3, "block_n": defaults["block_n"],
-                  "block_k": defaults["block_k"], **launch}
+        defaults = {"block_n": defaults["block_n"], "block_k": defaults["block_k"], **launch}
+    config = {"num_warps": 4, "num_stages": 3, **defaults}
     if "split" not in config:
         config["split"] = splits_for(column_tiles(m, n, config["block_n"]), k)
     return config

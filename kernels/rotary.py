@@ -60,7 +60,7 @@ def _rotary_kernel(
     cos, sin = load_cos_sin(pos_ptr, token, cos_ptr, sin_ptr, stride_cos, half, BLOCK_R)
     rotate_heads(q_ptr, token, stride_qt, stride_qh, num_heads, cos, sin, half, BLOCK_H, BLOCK_R)
     rotate_heads(k_ptr, token, stride_kt, stride_kh, num_kv_heads, cos, sin, half,
-                  BLOCK_KH, BLOCK_R)
+                 BLOCK_KH, BLOCK_R)
 
 
 def check_rotary(q, k, positions, cos, sin) -> None:

@@ -395,7 +395,7 @@ def format_table(cfg: BenchConfig, pair: dict | None, zmq: dict, local: dict) ->
 def event_offsets(report: dict, tokens: int, warmup: int, iters: int) -> dict[str, float]:
     """Median ms from send() to each timeline event of the measured transfers of `tokens`
     (both ends' marks; the k-th mark of one name within a transfer is `name#k`, k > 1),
-    plus 'landed' (the bench's DONE on the receiver) and 'acked'."""
+    plus 'landed' (the bench's DONE on the receiver; the ack back is the sender's s.ack)."""
     starts = sorted(report["starts"].values())
     marks = sorted(report.get("s_marks", []) + report.get("r_marks", []), key=lambda m: m[1])
     per_event: dict[str, list[float]] = {}

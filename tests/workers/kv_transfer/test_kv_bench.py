@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cluster.bench import bench_kv
@@ -74,4 +76,4 @@ def test_bench_kv_timeline_places_both_ends_events_between_send_and_landed():
         assert at["r.landed"] <= at["landed"] and at["r.end"] <= at["landed"]
     table = bench_kv.format_timeline(cfg, pair, cfg.layout.dtype)
     assert [line.split()[0] for line in table.splitlines()[2:]][-1] == "s.ack"
-    assert "KVRELAY_KV_TIMELINE" not in __import__("os").environ  # only the bench's children
+    assert "KVRELAY_KV_TIMELINE" not in os.environ  # only the bench's children
