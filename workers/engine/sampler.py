@@ -129,8 +129,12 @@ class Sampler:
         apply_penalties(logits, rows)
         banned = [(i, t) for i, row in enumerate(rows) for t in row.banned_token_ids]
         if banned:  # one indexed write for the whole batch, not one launch per row
-            row_idx, token_idx = zip(*banned, strict=True)
-            logits[list(row_idx), list(token_idx)] = -inf
+            index = torch.tensor(banned, dtype=torch.long).T
+            if logits.is_cuda:
+                # From pinned memory, without blocking: a pageable copy would wait for the
+                # step's forward to finish before the host could queue the rest of sampling.
+                index = index.pin_memory().to(logits.device, non_blocking=True)
+            logits[index[0], index[1]] = -inf
         return logits
 
     def exponential_noise(self, shape: torch.Size, rows: list[SamplingRow],
