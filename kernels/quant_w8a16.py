@@ -4,13 +4,13 @@
     scales   float32 [N]
     y = (x @ q.T) * scales      x [M, K] float16 / bfloat16 / float32, y in x's dtype
 
-int8 values are exact in float16 and bfloat16, so the kernel multiplies x by q converted to
-x's dtype, accumulates in float32 and applies the channel scale once at the end. Decode-sized
-M splits K across programs, as in kernels/quant_w4a16.py, and up to GEMV_MAX_ROWS rows run
-`_channel_gemv_kernel` (broadcast multiply and a sum over K in registers, no tl.dot padding M to
-16). That kernel takes any weight whose values widen exactly to float32: int8 here, FP8 e4m3
-for kernels/quant_fp8.py's decode rows (masked weights load as 0.0, since Triton has no cast
-from an integer constant to FP8).
+int8 values are exact in float16 and bfloat16, so the tl.dot kernel multiplies x by q
+converted to x's dtype, accumulates in float32 and applies the channel scale once at the end.
+Decode-sized M splits K across programs, as in kernels/quant_w4a16.py. Up to GEMV_MAX_ROWS rows
+run `_channel_gemv_kernel` (broadcast multiply-adds in registers, no tl.dot padding M to 16),
+for int8 here and FP8 e4m3 for kernels/quant_fp8.py's decode rows: it reads the weight as int32
+words and places each byte in a float32 bit pattern with integer ops (`_widen_words`) rather
+than converting it, which cost FP8 ~7 instructions per weight and int8 as many.
 """
 
 from __future__ import annotations
@@ -54,30 +54,88 @@ def _w8a16_kernel(
                SPLIT)
 
 
-@triton.jit
-def _load_channel_x(x_ptr, k0, k_end, offs_k, K, GATED: tl.constexpr):
-    """Columns [k0, k0 + BLOCK_K) (zeros at or past k_end) of x's row (x_ptr points at it) as
-    float32 (GATED: see quant_split_k.load_x)."""
-    return load_x(x_ptr + k0 + offs_k, k0 + offs_k < k_end, K, GATED).to(tl.float32)
+X_EXP = 96
+"""The matrix-vector form multiplies x 2^(X_EXP - e_j) by weights widened to float32 bit
+patterns of value w 2^(e_j - 149) (int8) or w 2^-120 (e4m3, `_widen_words`): float32 precision
+for activations |x| up to 2^(128 - X_EXP) (4e9) and products |x w| down to 2^(X_EXP - 198)
+(int8, 1e-31) or 2^(-6 - X_EXP) (e4m3, 1e-31)."""
+FP8_BITS: tl.constexpr = tl.constexpr(0x87F00000 - (1 << 32))
+"""Sign bit and bits 20..26 of an int32: where an e4m3 byte shifted to bits 24..31 and then
+arithmetically right by 4 has its sign and its exponent and mantissa bits."""
+INT8_FLIP: tl.constexpr = tl.constexpr(0x80808080 - (1 << 32))
+"""XOR of each byte's top bit: int8 q becomes the unsigned byte q + 128."""
+FP8_SCALE: tl.constexpr = tl.constexpr(2.0 ** X_EXP)
+INT8_SCALE0: tl.constexpr = tl.constexpr(2.0 ** X_EXP)
+INT8_SCALE8: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 8))
+INT8_SCALE16: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 16))
+FP8_PRODUCT_SCALE: tl.constexpr = tl.constexpr(2.0 ** (120 - X_EXP))
+INT8_PRODUCT_SCALE: tl.constexpr = tl.constexpr(2.0 ** (149 - X_EXP))
 
 
 @triton.jit
-def _load_channel_weights(w_ptr, k0, k_end, offs_k, n_ok, EVEN_N: tl.constexpr):
-    """Columns [k0, k0 + BLOCK_K) (zeros at or past k_end) of the weight's rows (w_ptr
-    [BLOCK_N, 1] points at their column 0) as loaded; `n_ok` masks the rows unless EVEN_N (N a
-    multiple of BLOCK_N)."""
-    k_ok = k0 + offs_k < k_end
+def _widen_words(acc, words, x0, x1, x2, x3, FP8_WEIGHTS: tl.constexpr):
+    """acc + sum_j x_j w_j over the four one-byte weights of each int32 word ([BLOCK_N, W]; byte j
+    is the weight of input row 4i + j, x_j [W]) times `_product_scale(FP8_WEIGHTS)`, in
+    float32, without converting a byte: each is placed in a float32 bit pattern by integer
+    ops. e4m3: the byte shifted to bits 24..31 and arithmetically right by 4 has its sign at
+    bit 31 and its exponent and mantissa at bits 20..26 (`FP8_BITS`): the float32 w 2^-120
+    exactly, subnormals included. int8: with each top bit flipped (`INT8_FLIP`: q + 128 >= 0),
+    bytes 0..2 masked in place and byte 3 shifted to bits 16..23 are the float32s
+    (q + 128) 2^(8j - 149) and (q + 128) 2^-133 exactly (denormals, or the smallest normals
+    where bit 23 is set); the caller subtracts 128 sum x. Not for e4m3's NaN bytes, which widen
+    to finite numbers (quantized weights never hold them)."""
+    if FP8_WEIGHTS:
+        f0 = (((words << 24) >> 4) & FP8_BITS).to(tl.float32, bitcast=True)
+        f1 = (((words << 16) >> 4) & FP8_BITS).to(tl.float32, bitcast=True)
+        f2 = (((words << 8) >> 4) & FP8_BITS).to(tl.float32, bitcast=True)
+        f3 = ((words >> 4) & FP8_BITS).to(tl.float32, bitcast=True)
+        acc += (x0 * FP8_SCALE)[None, :] * f0
+        acc += (x1 * FP8_SCALE)[None, :] * f1
+        acc += (x2 * FP8_SCALE)[None, :] * f2
+        return acc + (x3 * FP8_SCALE)[None, :] * f3
+    u = words ^ INT8_FLIP
+    f0 = (u & 0xFF).to(tl.float32, bitcast=True)
+    f1 = (u & 0xFF00).to(tl.float32, bitcast=True)
+    f2 = (u & 0xFF0000).to(tl.float32, bitcast=True)
+    f3 = ((u >> 8) & 0xFF0000).to(tl.float32, bitcast=True)
+    acc += (x0 * INT8_SCALE0)[None, :] * f0
+    acc += (x1 * INT8_SCALE8)[None, :] * f1
+    acc += (x2 * INT8_SCALE16)[None, :] * f2
+    return acc + (x3 * INT8_SCALE16)[None, :] * f3
+
+
+@triton.jit
+def _product_scale(FP8_WEIGHTS: tl.constexpr):
+    """What turns a sum of `_widen_words` back into sum x w (int8: sum x (q + 128))."""
+    if FP8_WEIGHTS:
+        return FP8_PRODUCT_SCALE
+    return INT8_PRODUCT_SCALE
+
+
+@triton.jit
+def _load_channel_x(x_ptr, k0, k_end, offs_w, K, GATED: tl.constexpr):
+    """x's inputs 4i + j of K tile [k0, k0 + BLOCK_K) (zeros at or past k_end; x_ptr points
+    at x's row) as four [BLOCK_K / 4] float32 columns j = 0..3, from one [BLOCK_K / 4, 4]
+    load (GATED: see quant_split_k.load_x)."""
+    offs = k0 + offs_w[:, None] * 4 + tl.arange(0, 4)[None, :]
+    x = load_x(x_ptr + offs, offs < k_end, K, GATED).to(tl.float32)
+    # [W, 4] -> [W, a, b] with j = 2a + b; each split takes the last axis.
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], 2, 2)))
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _load_channel_words(w_ptr, k0, k_end, offs_w, n_ok, EVEN_N: tl.constexpr):
+    """Words [k0 / 4, k0 / 4 + BLOCK_K / 4) (zeros at or past k_end) of the weight's rows
+    (w_ptr [BLOCK_N, 1] points at their word 0), four one-byte weights each; `n_ok` masks the
+    rows unless EVEN_N (N a multiple of BLOCK_N)."""
+    k_ok = k0 + offs_w * 4 < k_end
     if EVEN_N:
-        return tl.load(w_ptr + k0 + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-    return tl.load(w_ptr + k0 + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-
-
-@triton.jit
-def _load_channel_tile(x_ptr, w_ptr, k0, k_end, offs_k, n_ok, K, EVEN_N: tl.constexpr,
-                       GATED: tl.constexpr):
-    """One K tile's (x, weights): `_load_channel_x` and `_load_channel_weights`."""
-    return (_load_channel_x(x_ptr, k0, k_end, offs_k, K, GATED),
-            _load_channel_weights(w_ptr, k0, k_end, offs_k, n_ok, EVEN_N))
+        return tl.load(w_ptr + k0 // 4 + offs_w[None, :], mask=k_ok[None, :], other=0)
+    return tl.load(w_ptr + k0 // 4 + offs_w[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                   other=0)
 
 
 @triton.jit
@@ -86,37 +144,43 @@ def _channel_gemv_kernel(
     N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-    EVEN_N: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+    EVEN_N: tl.constexpr, FP8_WEIGHTS: tl.constexpr, GATED: tl.constexpr,
+    SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N rows of the [N, K] weight over split
-    pid_k's columns of K; the weight tile is read along K, its contiguous axis.
+    pid_k's columns of K; the weight is read as int32 words along K, its contiguous axis
+    (`stride_wn` in words), and widened by `_widen_words`.
 
-    Each tile's products are summed over K at once into BLOCK_N float32 sums: few registers
-    per thread, so more programs stay resident and more loads are in flight than with a
-    [BLOCK_N, BLOCK_K] accumulator reduced after the loop (1.3x faster on an H200 at
-    Llama-3-8B's shapes, 2026-11-28). Weights widen straight to float32 (exact for int8 and
-    e4m3; through x's dtype cost FP8 a second conversion per weight). PREFETCH: the next
+    The float32 sums of each word's four products accumulate in a [BLOCK_N, BLOCK_K / 4]
+    tile (a multiply-add per weight), summed over K once after the loop. PREFETCH: the next
     tile's loads are issued before this tile's arithmetic (Triton pipelines only loads that
     feed tl.dot)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_w = tl.arange(0, BLOCK_K // 4)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    w = _load_channel_weights(w_rows, k_start, k_end, offs_k, n_ok, EVEN_N)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+    x_sum = tl.zeros((BLOCK_K // 4,), dtype=tl.float32)
+    w = _load_channel_words(w_rows, k_start, k_end, offs_w, n_ok, EVEN_N)
     pdl.enter(PDL)  # after the first weight tile's loads: they never depend on the step
-    x = _load_channel_x(x_row, k_start, k_end, offs_k, K, GATED)
+    x0, x1, x2, x3 = _load_channel_x(x_row, k_start, k_end, offs_w, K, GATED)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
-            n_x, n_w = _load_channel_tile(x_row, w_rows, k0 + BLOCK_K, k_end, offs_k, n_ok,
-                                          K, EVEN_N, GATED)
-        acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            n_w = _load_channel_words(w_rows, k0 + BLOCK_K, k_end, offs_w, n_ok, EVEN_N)
+            n_x0, n_x1, n_x2, n_x3 = _load_channel_x(x_row, k0 + BLOCK_K, k_end, offs_w, K,
+                                                     GATED)
+        acc = _widen_words(acc, w, x0, x1, x2, x3, FP8_WEIGHTS)
+        if not FP8_WEIGHTS:
+            x_sum += (x0 + x1) + (x2 + x3)
         if PREFETCH:
-            x, w = n_x, n_w
+            w, x0, x1, x2, x3 = n_w, n_x0, n_x1, n_x2, n_x3
         else:
-            x, w = _load_channel_tile(x_row, w_rows, k0 + BLOCK_K, k_end, offs_k, n_ok, K,
-                                      EVEN_N, GATED)
-    y = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+            w = _load_channel_words(w_rows, k0 + BLOCK_K, k_end, offs_w, n_ok, EVEN_N)
+            x0, x1, x2, x3 = _load_channel_x(x_row, k0 + BLOCK_K, k_end, offs_w, K, GATED)
+    y = tl.sum(acc, axis=1) * _product_scale(FP8_WEIGHTS)
+    if not FP8_WEIGHTS:  # sum x q = sum x (q + 128) - 128 sum x
+        y -= 128.0 * tl.sum(x_sum, axis=0)
+    y *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
     store_row(out_ptr, part_ptr, count_ptr, y, row, offs_n, N, stride_os, stride_om, SPLIT)
 
 
@@ -125,42 +189,50 @@ def channel_gemv(
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
     prefetch: bool = True, gated: bool = False,
 ) -> torch.Tensor:
-    """(x @ weight.T) * scales for a few rows of x (weight [N, K] int8 or FP8, scales float32
-    [N]), with an explicit launch configuration (the benchmark's --sweep times several);
-    `gated`: x is [M, 2K] and the input silu(gate) * up (quant_split_k.load_x)."""
+    """(x @ weight.T) * scales for a few rows of x (weight [N, K] int8 or FP8, K a multiple of
+    4, scales float32 [N]), with an explicit launch configuration (the benchmark's --sweep
+    times several); `gated`: x is [M, 2K] and the input silu(gate) * up
+    (quant_split_k.load_x)."""
     m, (n, k) = x.shape[0], weight.shape
+    assert k % 4 == 0 and weight.stride(0) % 4 == 0, (
+        f"the matrix-vector form reads weight {tuple(weight.shape)} stride {weight.stride()} "
+        "as int32 words: K and the row stride must be multiples of 4")
     out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device,
                                (m, triton.cdiv(n, block_n)))
     _channel_gemv_kernel[out.grid](
-        x, weight, scales, out.out, out.parts, out.counts,
+        x, weight.view(torch.int32), scales, out.out, out.parts, out.counts,
         n, k, out.k_per_split,
-        x.stride(0), weight.stride(0), out.part_stride, n,
+        x.stride(0), weight.stride(0) // 4, out.part_stride, n,
         BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch, EVEN_N=n % block_n == 0,
-        GATED=gated, SPLIT=out.split, num_warps=num_warps, num_stages=num_stages,
-        **pdl.launch(x.device),
+        FP8_WEIGHTS=weight.dtype != torch.int8, GATED=gated, SPLIT=out.split,
+        num_warps=num_warps, num_stages=num_stages, **pdl.launch(x.device),
     )
     return out.out
 
 
-CHANNEL_GEMV_TILE = {"block_n": 8, "block_k": 512}
-"""Default tile of `_channel_gemv_kernel` (8 weight rows x 512 one-byte weights, next tile
-prefetched): the best sum over Llama-3-8B's four projections at M = 1 on an H100
-(kernels.bench.bench_quant_kernels --sweep, 2026-11-28 04:41 UTC: FP8 91.3 us vs 93.9 with
-16 x 512 tiles and 112.3 for the earlier 16 x 256 form with a [16, 256] accumulator; on an
-H200 int8 81.3 with 8 x 512 vs 87.0 with 16 x 512, FP8 79.0 vs 77.3)."""
-CHANNEL_FEW_ROWS = {"block_n": 8, "block_k": 1024}
-"""The channel form's tile where the weight has at most CHANNEL_FEW_ROWS_TILES row tiles (8
-per SM of an H100): with few programs per SM, each keeps two 8 KB tiles in flight. FP8 at
-M = 1 on an H200 (devrun sweep, two passes, 2026-11-28 10:47 UTC, us): o 6.5 vs 7.3 with
-8 x 512 tiles, down 19.1 vs 21.6, q/k/v 10.8 vs 11.1; gate_up (3584 row tiles) keeps
-8 x 512, 33.6 (1024: 40.2)."""
-CHANNEL_FEW_ROWS_TILES = 1056
+CHANNEL_GEMV_TILE = {"block_n": 16, "block_k": 512, "split": 1}
+"""Default tile of `_channel_gemv_kernel` (16 weight rows x 512 one-byte weights, next tile
+prefetched, K not split: every split measured slower). Best per projection of Llama-3-8B at
+M = 1 on an H200 (devrun A/B against the byte-widening form, graphs of 50 calls, 2026-11-28
+13:29 UTC, us, FP8 / int8): o 5.34 / 5.37 (byte form 6.01 / 6.83), gate_up 32.3 / 32.5
+(33.9 / 36.9)."""
+CHANNEL_MID_ROWS = {"block_n": 16, "block_k": 1024, "split": 1}
+"""The tile where the 16-row tiles number more than split_k.TARGET_PROGRAMS and at most
+CHANNEL_MID_ROWS_TILES: q/k/v 7.67 / 6.89 us vs 10.8 / 9.5 with 512-byte K tiles (byte form
+8.61 / 9.50)."""
+CHANNEL_MID_ROWS_TILES = 1056
+CHANNEL_LONG_K = 4096
+"""Above this K (down, K 14336): 8-row tiles of 1024 bytes on 8 warps, 18.1 / 17.4 us (16 x 512:
+22.6 / 22.8; byte form 19.6 / 21.8)."""
 
 
-def channel_gemv_defaults(m: int, n: int) -> dict:
+def channel_gemv_defaults(m: int, n: int, k: int) -> dict:
     """`_channel_gemv_kernel`'s launch for m rows of x and an [n, k] weight."""
-    few = split_k.column_tiles(m, n, CHANNEL_GEMV_TILE["block_n"]) <= CHANNEL_FEW_ROWS_TILES
-    return dict(CHANNEL_FEW_ROWS if few else CHANNEL_GEMV_TILE)
+    if k > CHANNEL_LONG_K:
+        return {"block_n": 8, "block_k": 1024, "num_warps": 8, "split": 1}
+    tiles = split_k.column_tiles(m, n, CHANNEL_GEMV_TILE["block_n"])
+    mid = split_k.TARGET_PROGRAMS < tiles <= CHANNEL_MID_ROWS_TILES
+    return dict(CHANNEL_MID_ROWS if mid else CHANNEL_GEMV_TILE)
 
 
 def _check(x, qweight, scales, gated: bool) -> None:
@@ -198,7 +270,7 @@ def channel_matmul(
     m, (n, k) = x.shape[0], weight.shape
     if 0 < m <= split_k.GEMV_MAX_ROWS:
         return channel_gemv(x, weight, scales,
-                            **split_k.gemv_launch(m, n, k, channel_gemv_defaults(m, n), launch),
+                            **split_k.gemv_launch(m, n, k, channel_gemv_defaults(m, n, k), launch),
                             gated=gated)
     out, grid, meta = split_k.dot_plan(m, n, k, 128, launch, x.dtype, x.device)
     if m > 0:

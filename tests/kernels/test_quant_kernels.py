@@ -305,6 +305,38 @@ def every_byte_weight(n: int, k: int, dtype: torch.dtype, device: str) -> torch.
     return picks.to(torch.uint8).view(dtype).to(device)
 
 
+def assert_channel_precision_from_tiny_to_huge_inputs(weight_dtype, device: str) -> None:
+    """The channel form scales x by up to 2^X_EXP before multiplying by bytes placed in
+    float32 bit patterns, denormals among them (kernels/quant_w8a16.py `_widen_words`): rows
+    of x from 1e-20 to 1e9 give the float64 result to float32 precision."""
+    k, n = 1024, 64
+    weight = every_byte_weight(n, k, weight_dtype, device)
+    scales = torch.rand(n, generator=torch.Generator().manual_seed(5)).to(device) + 0.5
+    x = random_x(4, k, torch.float32, device) * torch.tensor(
+        [[1e-20], [1e-6], [1.0], [1e9]], device=device)
+    launch = {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 1}
+    out = channel_matmul(x, weight, scales, launch=launch)
+    w = weight.double() * scales.double()[:, None]
+    ref, scale = x.double() @ w.T, x.double().abs() @ w.abs().T
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).abs() / scale).max() < 1e-5
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.int8, FP8], ids=["int8", "fp8"])
+def test_channel_matrix_vector_form_holds_its_precision_from_tiny_to_huge_inputs(
+        weight_dtype, device):
+    assert_channel_precision_from_tiny_to_huge_inputs(weight_dtype, device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("weight_dtype", [torch.int8, FP8], ids=["int8", "fp8"])
+def test_channel_widening_holds_its_precision_when_compiled(weight_dtype):
+    """The same on the GPU, where the widened int8 bytes are float32 denormals that compiled
+    arithmetic must keep (no flush to zero)."""
+    assert_channel_precision_from_tiny_to_huge_inputs(weight_dtype, "cuda")
+
+
 @pytest.mark.parametrize("weight_dtype", [torch.int8, FP8], ids=["int8", "fp8"])
 def test_channel_matrix_vector_form_widens_every_byte_exactly(weight_dtype, device):
     """The matrix-vector form widens one-byte weights in the kernel (kernels/quant_w8a16.py):

@@ -72,11 +72,12 @@ def test_greedy_generation_equals_the_dequantized_model(case, quantized_dirs, ma
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_down_projection_takes_the_gate_up_output_where_it_fuses_the_activation(
         case, quantized_dirs):
-    """`fuses_activation` is off exactly for act-order weights, and where it is on,
-    down_proj(gate_up, gated=True) equals down_proj(silu(gate) * up) bit for bit (here the
+    """`fuses_activation` is on exactly for 4-bit weights without act-order, and where it is
+    on, down_proj(gate_up, gated=True) equals down_proj(silu(gate) * up) bit for bit (here the
     modules' dequantizing path; the kernels' prologue is tests/kernels/test_quant_kernels.py's)."""
     mlp = build_model(quantized_dirs[case]).layers["0"].mlp
-    assert mlp.down_proj.fuses_activation == (not CASES[case][2])
+    four_bit = isinstance(mlp.down_proj.quantized, Int4Weight)
+    assert mlp.down_proj.fuses_activation == (four_bit and not CASES[case][2])
     if not mlp.down_proj.fuses_activation:
         return
     generator = torch.Generator().manual_seed(0)
