@@ -88,7 +88,7 @@ class Int4Weight(nn.Module):
                                    self.min_form)
         if self.perm is not None:
             weight = torch.empty_like(weight).index_copy_(0, self.perm, weight)
-        return weight.T
+        return weight.T.contiguous()  # the dense layout: the same CPU matmul kernel, same bits
 
     def out_slice(self, start: int, length: int) -> Int4Weight:
         """Output columns [start, start + length) (a column-parallel shard)."""
