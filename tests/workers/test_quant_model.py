@@ -155,3 +155,11 @@ def test_act_order_weight_cannot_be_split_across_tensor_parallel_input_rows(quan
 
     with pytest.raises(InvalidParameter, match="tp_size.*act-order"):
         build_model(quantized_dirs["gptq_act_order"], ParallelContext(tp_rank=0, tp_size=2))
+
+
+def test_int8_weights_whose_rows_are_not_whole_words_take_the_dequantized_path():
+    """The int8 matrix-vector kernel reads rows as int32 words: K not a multiple of 4 (no
+    real model's) multiplies the dequantized weight instead of failing in the kernel."""
+    scales = torch.ones(8)
+    assert Int8Weight(torch.ones(8, 12, dtype=torch.int8), scales).device_matmul_ok()
+    assert not Int8Weight(torch.ones(8, 6, dtype=torch.int8), scales).device_matmul_ok()

@@ -81,6 +81,10 @@ class ChannelWeight(nn.Module):
 class Int8Weight(ChannelWeight):
     storage_dtype = torch.int8
 
+    def device_matmul_ok(self) -> bool:
+        # The matrix-vector kernel reads the weight as int32 words (kernels/quant_w8a16.py).
+        return self.in_features % 4 == 0
+
     def device_matmul(self, rows: torch.Tensor, gated: bool) -> torch.Tensor:
         return w8a16_matmul(rows, self.weight, self.scales, gated=gated)
 
