@@ -108,8 +108,9 @@ class RowParallelLinear(nn.Module):
     @property
     def fuses_activation(self) -> bool:
         """Whether forward(x, gated=True) takes an MLP's gate/up output and applies
-        silu(gate) * up inside the matmul (quantized weights' matrix-vector kernels: no
-        activation launch at decode); dense weights go through cuBLAS, which has no prologue."""
+        silu(gate) * up inside the matmul (4-bit weights' matrix-vector kernel: no activation
+        launch at decode; the weight class decides, see its `fuses_activation`); dense weights
+        go through cuBLAS, which has no prologue."""
         return self.quantized is not None and self.quantized.fuses_activation
 
     def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
