@@ -1,0 +1,32 @@
+"""kernels/bench/sass.py: the decode matrix-vector kernels compiled for sm_90 on this machine
+(no GPU), their inner loops counted. Run as a subprocess without TRITON_INTERPRET, which the
+rest of the suite sets and which replaces every kernel by its interpreted form."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import triton
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+@pytest.mark.skipif(not CUOBJDUMP.exists(), reason="this Triton wheel has no cuobjdump")
+def test_decode_kernels_compile_for_hopper_with_one_multiply_add_per_weight():
+    """The channel kernel's loop multiplies each widened byte once (`_widen_words`: four
+    multiply-adds per word, no per-tile reduction), and no kernel spills at its default
+    launch."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "kernels.bench.sass", "--json"], env=env,
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    reports = {r["kernel"]: r for r in map(json.loads, out.splitlines())}
+    assert set(reports) == {"channel fp8", "channel int8", "w4a16 gptq"}
+    for name in ("channel fp8", "channel int8"):
+        assert reports[name]["fma_per_weight"] == 1.0, reports[name]
+    for report in reports.values():
+        assert report["loop_instructions"] > 0 and report["spill_instructions"] == 0, report
