@@ -79,8 +79,10 @@ def assert_nothing_left(server: ServeProcess, timeout_s: float = 5.0) -> None:
 
 
 def test_sigterm_to_the_process_drains_streams_to_their_end(tiny_model_dir, tmp_path):
+    # Streams long enough to outlast the 0.5 s before the late request: with 200 tokens the
+    # drain could end first (a loaded CI run, 2026-11-28), and the server with it.
     payloads, took = stop_with_streams(tiny_model_dir, tmp_path / "serve.log", 60,
-                                       group=False, max_tokens=200)
+                                       group=False, max_tokens=1000)
     for stream in payloads:
         assert stream[-1] == "[DONE]", stream[-3:]
         assert stream[-2]["choices"][0]["finish_reason"] == "length", stream[-3:]
