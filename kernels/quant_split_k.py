@@ -1,7 +1,8 @@
 """Launch shapes shared by the weight-streaming matmuls (kernels/quant_w4a16.py,
 kernels/quant_w8a16.py): at decode sizes a matmul reads its whole weight for a handful of rows,
 and its output tiles alone are too few to keep every SM streaming, so K is split across
-programs whose float32 partial sums are added afterwards."""
+programs whose float32 partial sums are added afterwards. Also the scales both matrix-vector
+kernels multiply x by before reading weights as float32 denormals (`X_EXP`)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ GEMV_MAX_ROWS = 4
 """Up to this many rows of x the matmuls run as matrix-vector products (one program per row
 and column tile, broadcast multiply and a sum over K): tl.dot would pad M to 16 and send every
 dequantized weight tile through shared memory for 1/16 of the tensor cores' work."""
+
+
+X_EXP = 96
+"""The matrix-vector kernels read a weight field masked in place at bit p of a word as a float32
+denormal q 2^(p - 149) (W4A16's nibbles, int8's bytes) and scale x by 2^(X_EXP - p) before the
+multiply: every product is then x q 2^(X_EXP - 149), exact before one rounding and a normal
+float for any |x q| above 2^(23 - X_EXP) (1e-22), while x 2^X_EXP stays finite for any |x|
+below 2^(128 - X_EXP) (4e9): float32 precision over that range of activations."""
+X_SCALE0: tl.constexpr = tl.constexpr(2.0 ** X_EXP)
+X_SCALE4: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 4))
+X_SCALE8: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 8))
+X_SCALE12: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 12))
+X_SCALE16: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 16))
+PRODUCT_SCALE: tl.constexpr = tl.constexpr(2.0 ** (149 - X_EXP))
+"""What turns a sum of such products back into sum x q."""
 
 
 def split_k_config(m: int, n: int, k: int, block_k: int) -> tuple[int, int, int, int]:

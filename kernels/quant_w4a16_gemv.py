@@ -16,7 +16,17 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels import quant_split_k as split_k
-from kernels.quant_split_k import gemv_program, load_x, store_row
+from kernels.quant_split_k import (
+    PRODUCT_SCALE,
+    X_SCALE0,
+    X_SCALE4,
+    X_SCALE8,
+    X_SCALE12,
+    X_SCALE16,
+    gemv_program,
+    load_x,
+    store_row,
+)
 
 GEMV_TILE = {"block_n": 32, "block_k": 512}
 """Default tile of the matrix-vector form (columns, input rows), next tile not prefetched."""
@@ -37,20 +47,6 @@ def gemv_defaults(m: int, n: int, k: int) -> dict:
     if k <= GEMV_FEW_COLUMNS_MAX_K:
         return dict(GEMV_FEW_COLUMNS)
     return {**GEMV_TILE, "num_warps": 8}
-
-
-X_EXP = 96
-"""`_nibble_products` scales x by 2^(X_EXP - p) before multiplying by a nibble at bit p: every
-product is then x q 2^(X_EXP - 149), a normal float for any |x q| above 2^(23 - X_EXP)
-(1e-22), and x 2^X_EXP stays finite for any |x| below 2^(128 - X_EXP) (4e9): float32
-precision over that range of activations."""
-X_SCALE0: tl.constexpr = tl.constexpr(2.0 ** X_EXP)
-X_SCALE4: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 4))
-X_SCALE8: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 8))
-X_SCALE12: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 12))
-X_SCALE16: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 16))
-PRODUCT_SCALE: tl.constexpr = tl.constexpr(2.0 ** (149 - X_EXP))
-"""What turns a sum of `_nibble_products` back into sum x q."""
 
 
 @triton.jit

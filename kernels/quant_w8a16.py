@@ -23,7 +23,17 @@ import triton.language as tl
 from kernels import pdl
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
-from kernels.quant_split_k import gemv_program, load_x, load_x_tile, store_row, store_tile
+from kernels.quant_split_k import (
+    PRODUCT_SCALE,
+    X_SCALE0,
+    X_SCALE8,
+    X_SCALE16,
+    gemv_program,
+    load_x,
+    load_x_tile,
+    store_row,
+    store_tile,
+)
 
 
 @triton.jit
@@ -55,23 +65,15 @@ def _w8a16_kernel(
                SPLIT)
 
 
-X_EXP = 96
-"""The matrix-vector form multiplies x 2^(X_EXP - e_j) by weights widened to float32 bit
-patterns of value (q + 128) 2^(e_j - 149) (int8) or x 2^X_EXP by w 2^-120 (e4m3,
-`_widen_words`): each product is exact before one rounding, with float32 precision for
-activations |x| up to 2^(128 - X_EXP) (4e9) and products down to 2^(23 - X_EXP) (int8,
-|x (q + 128)| from 1e-22) or 2^(-6 - X_EXP) (e4m3, |x w| from 2e-31)."""
 FP8_BITS: tl.constexpr = tl.constexpr(0x87F00000 - (1 << 32))
 """Sign bit and bits 20..26 of an int32: where an e4m3 byte shifted to bits 24..31 and then
 arithmetically right by 4 has its sign and its exponent and mantissa bits."""
 INT8_FLIP: tl.constexpr = tl.constexpr(0x80808080 - (1 << 32))
 """XOR of each byte's top bit: int8 q becomes the unsigned byte q + 128."""
-FP8_SCALE: tl.constexpr = tl.constexpr(2.0 ** X_EXP)
-INT8_SCALE0: tl.constexpr = tl.constexpr(2.0 ** X_EXP)
-INT8_SCALE8: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 8))
-INT8_SCALE16: tl.constexpr = tl.constexpr(2.0 ** (X_EXP - 16))
-FP8_PRODUCT_SCALE: tl.constexpr = tl.constexpr(2.0 ** (120 - X_EXP))
-INT8_PRODUCT_SCALE: tl.constexpr = tl.constexpr(2.0 ** (149 - X_EXP))
+FP8_PRODUCT_SCALE: tl.constexpr = tl.constexpr(2.0 ** (120 - split_k.X_EXP))
+"""What turns a sum of x 2^X_EXP times e4m3 weights widened to w 2^-120 back into sum x w:
+float32 precision for products |x w| from 2^(-6 - X_EXP) (2e-31); int8's bytes are denormals
+and take quant_split_k's X_EXP scales as they are (products from 1e-22)."""
 
 
 @triton.jit
@@ -91,19 +93,19 @@ def _widen_words(acc, words, x0, x1, x2, x3, FP8_WEIGHTS: tl.constexpr):
         f1 = (((words << 16) >> 4) & FP8_BITS).to(tl.float32, bitcast=True)
         f2 = (((words << 8) >> 4) & FP8_BITS).to(tl.float32, bitcast=True)
         f3 = ((words >> 4) & FP8_BITS).to(tl.float32, bitcast=True)
-        acc += (x0 * FP8_SCALE)[None, :] * f0
-        acc += (x1 * FP8_SCALE)[None, :] * f1
-        acc += (x2 * FP8_SCALE)[None, :] * f2
-        return acc + (x3 * FP8_SCALE)[None, :] * f3
+        acc += (x0 * X_SCALE0)[None, :] * f0
+        acc += (x1 * X_SCALE0)[None, :] * f1
+        acc += (x2 * X_SCALE0)[None, :] * f2
+        return acc + (x3 * X_SCALE0)[None, :] * f3
     u = words ^ INT8_FLIP
     f0 = (u & 0xFF).to(tl.float32, bitcast=True)
     f1 = (u & 0xFF00).to(tl.float32, bitcast=True)
     f2 = (u & 0xFF0000).to(tl.float32, bitcast=True)
     f3 = ((u >> 8) & 0xFF0000).to(tl.float32, bitcast=True)
-    acc += (x0 * INT8_SCALE0)[None, :] * f0
-    acc += (x1 * INT8_SCALE8)[None, :] * f1
-    acc += (x2 * INT8_SCALE16)[None, :] * f2
-    return acc + (x3 * INT8_SCALE16)[None, :] * f3
+    acc += (x0 * X_SCALE0)[None, :] * f0
+    acc += (x1 * X_SCALE8)[None, :] * f1
+    acc += (x2 * X_SCALE16)[None, :] * f2
+    return acc + (x3 * X_SCALE16)[None, :] * f3
 
 
 @triton.jit
@@ -111,7 +113,7 @@ def _product_scale(FP8_WEIGHTS: tl.constexpr):
     """What turns a sum of `_widen_words` back into sum x w (int8: sum x (q + 128))."""
     if FP8_WEIGHTS:
         return FP8_PRODUCT_SCALE
-    return INT8_PRODUCT_SCALE
+    return PRODUCT_SCALE
 
 
 @triton.jit

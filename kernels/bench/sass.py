@@ -31,8 +31,9 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
-K, N = 4096, 6144
-"""Llama-3-8B's merged q/k/v projection."""
+from kernels.bench.bench_quant_kernels import SHAPES
+
+K, N = SHAPES["qkv"]
 GROUP_SIZE = 128
 """The W4A16 weight's group size (GPTQ layout)."""
 
