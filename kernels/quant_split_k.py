@@ -157,6 +157,16 @@ def arrival_counts(device: torch.device, tiles: int) -> torch.Tensor:
     return _COUNTS[device]
 
 
+def split_length(k: int, block_k: int, split: int) -> int:
+    """Rows of K each of up to `split` programs takes: whole K tiles."""
+    return triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+
+
+def split_count(k: int, block_k: int, split: int) -> int:
+    """Programs along K that `split_output` makes of a requested `split`."""
+    return triton.cdiv(k, split_length(k, block_k, split))
+
+
 def split_output(
     m: int, n: int, k: int, block_k: int, split: int, dtype: torch.dtype, device: torch.device,
     tiles: tuple[int, int],
@@ -164,8 +174,8 @@ def split_output(
     """The output of a launch with `tiles` output tiles (grid axes 0 and 1) and up to `split`
     programs along K (grid axis 2); launch it on its `grid`. Splits are whole K tiles, so
     there may be fewer than asked."""
-    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
+    k_per_split = split_length(k, block_k, split)
+    splits = split_count(k, block_k, split)
     out = torch.empty((m, n), dtype=dtype, device=device)
     if splits == 1:
         return SplitOutput(out, out, out, k_per_split, 1, tiles)
@@ -229,10 +239,11 @@ def load_x(ptrs, mask, inter, GATED: tl.constexpr):
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
-def gated_rows(x: torch.Tensor, gated: bool) -> tuple[torch.Tensor, bool]:
+def gated_rows(x: torch.Tensor, gated: bool, gemv_ok: bool = True) -> tuple[torch.Tensor, bool]:
     """(x, whether the kernel applies the activation): a gated x of more than GEMV_MAX_ROWS
-    rows (the tl.dot forms, which take no prologue) gets silu(gate) * up here."""
-    if gated and x.shape[0] > GEMV_MAX_ROWS:
+    rows, or whose weight the matrix-vector form does not take (`gemv_ok` False), goes to a
+    tl.dot form, which takes no prologue, so it gets silu(gate) * up here."""
+    if gated and (x.shape[0] > GEMV_MAX_ROWS or not gemv_ok):
         return silu_and_mul(x), False
     return x, gated
 

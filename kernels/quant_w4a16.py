@@ -34,7 +34,7 @@ from kernels import pdl
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
 from kernels.quant_split_k import load_x_tile, store_tile
-from kernels.quant_w4a16_gemv import gemv_defaults, w4a16_gemv
+from kernels.quant_w4a16_gemv import gemv_defaults, gemv_supports, w4a16_gemv
 
 ROW_UNPACK = False
 """Default nibble unpacking of the tl.dot kernel (`_w4a16_kernel`'s ROW_UNPACK); the
@@ -146,9 +146,10 @@ def w4a16_matmul(
     x, gated = split_k.gated_rows(x, gated)
     m, n, k = x.shape[0], qweight.shape[1], qweight.shape[0] * 8
     group_k = 128 if group_size % 128 == 0 else (64 if group_size % 64 == 0 else 32)
-    if 0 < m <= split_k.GEMV_MAX_ROWS:
+    if 0 < m <= split_k.GEMV_MAX_ROWS and gemv_supports(group_size):
+        defaults = gemv_defaults(m, n, k, group_size)
         return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
-                          **split_k.gemv_launch(m, n, k, gemv_defaults(m, n, k), launch),
+                          **split_k.gemv_launch(m, n, k, defaults, launch),
                           gated=gated)
     out, grid, meta = split_k.dot_plan(m, n, k, group_k, launch, x.dtype, x.device)
     row_unpack = meta.pop("row_unpack", ROW_UNPACK)

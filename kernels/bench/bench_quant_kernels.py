@@ -53,14 +53,17 @@ GRAPH_CALLS = 64
 """Calls per CUDA graph replay."""
 
 W4_SWEEP = [
-    {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "prefetch": pf}
-    for bn, bk, w in [(32, 512, 4), (64, 256, 4), (32, 256, 4), (64, 512, 8), (32, 1024, 8),
-                      (16, 512, 2), (16, 1024, 4), (32, 512, 8)]
-    for pf in (True, False)
-] + [{"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "split": sp}
-     for bn, bk, w, sp in [(32, 512, 4, 2), (32, 512, 4, 4), (64, 256, 4, 8), (32, 256, 4, 16),
-                           (64, 512, 4, 4), (64, 128, 4, 32), (16, 1024, 4, 1),
-                           (32, 512, 8, 4)]]
+    {"block_n": bn, "block_k": lanes * unit, "unit_k": unit, "num_warps": w, "num_stages": 1,
+     "split": sp}
+    for bn, lanes, unit, w in [(32, 32, 128, 4), (32, 64, 64, 8), (32, 64, 128, 8),
+                               (32, 128, 32, 16), (32, 128, 64, 16), (32, 128, 128, 16),
+                               (64, 32, 128, 8), (64, 64, 64, 16), (64, 64, 128, 16),
+                               (16, 128, 64, 8), (16, 128, 128, 8)]
+    for sp in (1, 2, 4)
+]
+"""W4A16 matrix-vector candidates (kernels/quant_w4a16_gemv.py): columns, lanes of unit_k
+inputs (8 columns per thread at the warps given, 4 where doubled), explicit splits (a split
+is whole block_k tiles, so past K / block_k they repeat)."""
 CHANNEL_SWEEP = [
     {"block_n": bn, "block_k": bk, "num_warps": w, "num_stages": 1, "prefetch": pf}
     for bn, bk, w in [(8, 512, 4), (16, 512, 4), (16, 256, 4), (8, 1024, 4), (32, 512, 8),

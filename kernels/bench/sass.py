@@ -1,6 +1,6 @@
 """`python -m kernels.bench.sass`: the decode matrix-vector kernels compiled for a GPU
 architecture on this machine, no GPU needed, with their registers, spills and the SASS of their
-inner loop counted by opcode.
+streaming loop counted by opcode.
 
     python -m kernels.bench.sass [--arch 90] [--json]
 
@@ -11,10 +11,11 @@ channel kernels were, 2026-11-28). Counting needs no GPU: Triton compiles for an
 compiled with its default launch for Llama-3-8B's q/k/v projection at one row (K 4096, N 6144),
 with the pointer and integer arguments specialized as the JIT does for aligned tensors.
 
-Columns: registers per thread, local-memory (spill) instructions, instructions in the innermost
-loop, and per weight the loop's instructions and multiply-adds (one tile of
-BLOCK_N x BLOCK_K weights per iteration over 32 x num_warps threads). Counts are of this
-machine's Triton, which may schedule differently from the GPU machine's.
+Columns: registers per thread, local-memory (spill) instructions, instructions in the streaming
+loop (the longest), and per weight the loop's instructions and multiply-adds (the channel
+kernel: a BLOCK_N x BLOCK_K tile per iteration over 32 x num_warps threads; W4A16: four packed
+rows per lane and column, its once-per-unit scaling branch counted as if taken every time).
+Counts are of this machine's Triton, which may schedule differently from the GPU machine's.
 
 Runs without TRITON_INTERPRET (the interpreter replaces every @triton.jit function).
 """
@@ -85,9 +86,10 @@ def _cuobjdump(cubin: bytes, *flags: str) -> str:
                               check=True).stdout
 
 
-def _innermost_loop(sass: str) -> collections.Counter:
-    """Opcodes (without modifiers or predicates) between the target of the last backward branch
-    and that branch: the innermost loop when the kernel has one."""
+def _main_loop(sass: str) -> collections.Counter:
+    """Opcodes (without modifiers or predicates) between the target of a backward branch and
+    that branch, for the longest such loop: the streaming loop (a split's finishing loop over
+    partial sums is shorter)."""
     lines = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", sass)
     code = [(int(addr, 16), text) for addr, text in lines]
     loop = collections.Counter()
@@ -95,9 +97,11 @@ def _innermost_loop(sass: str) -> collections.Counter:
         target = re.search(r"BRA\s.*?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < addr:
             start = int(target.group(1), 16)
-            loop = collections.Counter(
+            body = collections.Counter(
                 re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
                 for a, t in code if start <= a <= addr)
+            if sum(body.values()) > sum(loop.values()):
+                loop = body
     return loop
 
 
@@ -107,7 +111,7 @@ def report(name: str, fn, signature: dict[str, str], constexprs: dict, num_warps
     cubin = compiled.asm["cubin"]
     registers = re.search(r"REG:(\d+)", _cuobjdump(cubin, "-res-usage"))
     sass = _cuobjdump(cubin, "-sass")
-    loop = _innermost_loop(sass)
+    loop = _main_loop(sass)
     return SassReport(name, launch, int(registers.group(1)) if registers else -1,
                       len(re.findall(r"\b(?:STL|LDL)\b", sass)), sum(loop.values()),
                       weights_per_iteration, dict(loop.most_common()))
@@ -122,7 +126,7 @@ def decode_kernels(arch: int) -> list[SassReport]:
     """The channel kernel (FP8 and int8 weights) and the W4A16 matrix-vector kernel at their
     default launches for one row of x and Llama-3-8B's q/k/v weight."""
     from kernels import quant_split_k as split_k
-    from kernels.quant_w4a16_gemv import _w4a16_gemv_kernel, gemv_defaults
+    from kernels.quant_w4a16_gemv import UNIT_ROWS, _w4a16_gemv_kernel, gemv_defaults
     from kernels.quant_w8a16 import _channel_gemv_kernel, channel_gemv_defaults
 
     reports = []
@@ -130,25 +134,33 @@ def decode_kernels(arch: int) -> list[SassReport]:
     for fmt, fp8 in (("fp8", True), ("int8", False)):
         constexprs = dict(BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"],
                           PREFETCH=launch.get("prefetch", True), EVEN_N=True, FP8_WEIGHTS=fp8,
-                          GATED=False, SPLIT=launch["split"] > 1, PDL=True)
+                          GATED=False, SPLIT=_splits(launch) > 1, PDL=True)
         signature = _signature(_channel_gemv_kernel, constexprs, {
             "x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "out_ptr": "*bf16",
             "part_ptr": "*fp32", "count_ptr": "*i32"})
         reports.append(report(f"channel {fmt}", _channel_gemv_kernel, signature, constexprs,
                               launch["num_warps"], _weights_per_thread(launch),
                               _launch_text(launch), arch))
-    launch = split_k.gemv_launch(1, N, K, gemv_defaults(1, N, K))
-    constexprs = dict(BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"],
-                      GROUP_PER_TILE=GROUP_SIZE % launch["block_k"] == 0, MIN_FORM=False,
-                      PREFETCH=launch.get("prefetch", False), GATED=False,
-                      SPLIT=launch["split"] > 1, PDL=True)
+    launch = split_k.gemv_launch(1, N, K, gemv_defaults(1, N, K, GROUP_SIZE))
+    lanes = launch["block_k"] // launch["unit_k"]
+    constexprs = dict(BLOCK_N=launch["block_n"], LANES=lanes, MIN_FORM=False,
+                      EVEN=N % launch["block_n"] == 0 and K % launch["block_k"] == 0,
+                      GATED=False, SPLIT=_splits(launch) > 1, PDL=True)
     signature = _signature(_w4a16_gemv_kernel, constexprs, {
         "x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
         "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"})
+    # One iteration: UNIT_ROWS packed rows (8 weights each) per lane and column.
+    weights = lanes * UNIT_ROWS * 8 * launch["block_n"] // (32 * launch["num_warps"])
     reports.append(report("w4a16 gptq", _w4a16_gemv_kernel, signature, constexprs,
-                          launch["num_warps"], _weights_per_thread(launch),
-                          _launch_text(launch), arch))
+                          launch["num_warps"], weights, _launch_text(launch), arch))
     return reports
+
+
+def _splits(launch: dict) -> int:
+    """Programs along K at this shape (split_k.split_output: splits are whole K tiles)."""
+    from kernels.quant_split_k import split_count
+
+    return split_count(K, launch["block_k"], launch["split"])
 
 
 def _weights_per_thread(launch: dict) -> int:
@@ -159,7 +171,7 @@ def _weights_per_thread(launch: dict) -> int:
 
 def _launch_text(launch: dict) -> str:
     return (f"{launch['block_n']}x{launch['block_k']} w{launch['num_warps']} "
-            f"s{launch['split']}{' pf' if launch.get('prefetch') else ''}")
+            f"s{_splits(launch)}{' pf' if launch.get('prefetch') else ''}")
 
 
 def format_table(reports: list[SassReport], arch: int) -> str:

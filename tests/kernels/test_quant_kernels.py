@@ -17,7 +17,7 @@ from kernels.quant_fp8 import (
     quantize_rows_fp8,
     quantize_rows_fp8_ref,
 )
-from kernels.quant_split_k import arrival_counts
+from kernels.quant_split_k import GEMV_MAX_ROWS, arrival_counts
 from kernels.quant_w4a16 import dequantize_w4_ref, w4a16_matmul, w4a16_matmul_ref
 from kernels.quant_w8a16 import channel_gemv, channel_matmul, w8a16_matmul, w8a16_matmul_ref
 from tests.kernels.tolerances import assert_close
@@ -80,6 +80,14 @@ def test_w4a16_kernel_in_min_form_matches_reference(m, k, n, dtype, device):
     assert_close(out, w4a16_matmul_ref(x, qweight, scales, mins, 32, min_form=True))
 
 
+W4_GEMV_LAUNCHES = [
+    {"block_n": 32, "block_k": 256, "unit_k": 64, "split": 1, "num_warps": 1, "num_stages": 1},
+    {"block_n": 64, "block_k": 512, "unit_k": 32, "split": 3, "num_warps": 4, "num_stages": 1},
+    {"block_n": 16, "block_k": 128, "split": 2, "num_warps": 2, "num_stages": 1},
+    {"block_n": 32, "block_k": 1024, "split": 8, "num_warps": 4, "num_stages": 1},
+]
+"""W4A16 matrix-vector launches as the benchmark's --sweep passes them: units of one and two
+per group, units below the group (32 of 64), lanes past K, odd and many splits."""
 GEMV_LAUNCHES = [
     {"block_n": 32, "block_k": 64, "split": 1, "num_warps": 2, "num_stages": 2},
     {"block_n": 64, "block_k": 128, "split": 3, "num_warps": 4, "num_stages": 3,
@@ -98,8 +106,8 @@ DOT_LAUNCHES = [
     {"block_m": 32, "block_n": 128, "block_k": 32, "split": 1, "num_warps": 8, "num_stages": 4},
 ]
 """tl.dot launch configurations (rows above GEMV_MAX_ROWS; row_unpack for W4A16 only)."""
-LAUNCH_CASES = [(launch, shape) for launch in GEMV_LAUNCHES
-                for shape in [(1, 1024, 96, 128), (4, 576, 40, 64)]] + [
+GEMV_SHAPES = [(1, 1024, 96, 128), (4, 576, 40, 64)]
+LAUNCH_CASES = [(launch, shape) for launch in GEMV_LAUNCHES for shape in GEMV_SHAPES] + [
     (launch, shape) for launch in DOT_LAUNCHES for shape in [(20, 1024, 96, 64),
                                                                (70, 576, 40, 128)]]
 """(launch, (M, K, N, group size))."""
@@ -110,11 +118,26 @@ def test_launch_configurations_match_reference(launch, shape, device):
     m, k, n, group_size = shape
     x = random_x(m, k, torch.float32, device)
     qweight, scales, zeros = random_w4(k, n, group_size, device)
-    out = w4a16_matmul(x, qweight, scales, zeros, group_size, launch=launch)
-    assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size))
+    if m > GEMV_MAX_ROWS:
+        out = w4a16_matmul(x, qweight, scales, zeros, group_size, launch=launch)
+        assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size))
     q8, s8 = random_w8(k, n, device)
     launch8 = {key: value for key, value in launch.items() if key not in W4_ONLY}
     assert_close(w8a16_matmul(x, q8, s8, launch=launch8), w8a16_matmul_ref(x, q8, s8))
+
+
+@pytest.mark.parametrize("launch,shape", [(launch, shape) for launch in W4_GEMV_LAUNCHES
+                                          for shape in GEMV_SHAPES])
+@pytest.mark.parametrize("min_form", [False, True])
+def test_w4a16_matrix_vector_launches_match_reference(launch, shape, min_form, device):
+    m, k, n, group_size = shape
+    x = random_x(m, k, torch.float32, device)
+    qweight, scales, zeros = random_w4(k, n, group_size, device)
+    if min_form:  # GGUF Q4_1's minimums: -scale * (a value in 0..15)
+        zeros = -scales * torch.rand(scales.shape, generator=torch.Generator().manual_seed(4)
+                                     ).to(device).mul(15).half()
+    out = w4a16_matmul(x, qweight, scales, zeros, group_size, min_form, launch=launch)
+    assert_close(out, w4a16_matmul_ref(x, qweight, scales, zeros, group_size, min_form))
 
 
 @pytest.mark.parametrize("splits,m,n", [(3, 1, 200), (5, 3, 64), (2, 4, 8)])
