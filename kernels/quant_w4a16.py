@@ -155,7 +155,7 @@ def w4a16_matmul(
     split_k.dot_launch plus row_unpack), for the benchmark's --sweep. `gated`: x is
     [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up."""
     _check(x, qweight, scales, zeros, group_size, gated)
-    x, gated = split_k.gated_rows(x, gated)
+    x, gated = split_k.gated_rows(x, gated, gemv_supports(group_size))
     m, n, k = x.shape[0], qweight.shape[1], qweight.shape[0] * 8
     group_k = 128 if group_size % 128 == 0 else (64 if group_size % 64 == 0 else 32)
     if 0 < m <= split_k.GEMV_MAX_ROWS and gemv_supports(group_size):

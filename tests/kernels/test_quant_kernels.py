@@ -280,11 +280,14 @@ def gated_cases(m: int, k: int, n: int, dtype: torch.dtype, device: str):
     take a gated input as (name, matmul(x, gated))) over one random weight of each format."""
     gate_up = random_x(m, 2 * k, dtype, device)
     qweight, scales, zeros = random_w4(k, n, 128, device)
+    q16, s16, z16 = random_w4(k, n, 16, device)
     q8, s8 = random_w8(k, n, device)
     generator = torch.Generator().manual_seed(2)
     w_fp8 = (torch.randn(n, k, generator=generator) * 100).clamp(-448, 448).to(FP8).to(device)
     matmuls = [
         ("w4a16", lambda x, gated: w4a16_matmul(x, qweight, scales, zeros, 128, gated=gated)),
+        # Groups of 16 take the tl.dot form at any M, which applies the activation first.
+        ("w4a16 group 16", lambda x, gated: w4a16_matmul(x, q16, s16, z16, 16, gated=gated)),
         ("w8a16", lambda x, gated: w8a16_matmul(x, q8, s8, gated=gated)),
         ("fp8 channel", lambda x, gated: channel_matmul(x, w_fp8, s8, gated=gated)),
     ]
