@@ -1,6 +1,6 @@
 """The matrix-vector form of the W4A16 matmul (kernels/quant_w4a16.py: the layout, and the
 tl.dot form above split_k.GEMV_MAX_ROWS rows): one row of x times a tile of columns per
-program, K split across programs where the columns alone give too few.
+program (K may be split across programs, a launch option the defaults no longer take).
 
 It reads each packed word once and widens its nibbles with one logic op per weight (each
 masked nibble read as a float32 denormal, `_nibble_fma`) rather than int -> float
@@ -41,10 +41,11 @@ UNIT_ROWS = 4
 BLOCK_N = 32
 """Default columns per program: 8 per thread, so 8 lanes per warp."""
 MANY_LANES = 128
+"""Most lanes per program where the column tiles are few (under split_k.TARGET_PROGRAMS):
+enough to take all of K in one sweep, each lane a few iterations, since latency, not issue,
+bounds those small matrices."""
 FEW_LANES = 32
-"""Lanes per program where the column tiles alone are few (under split_k.TARGET_PROGRAMS):
-enough to take all of K in one sweep, each lane a few iterations (latency, not issue, bounds
-those small matrices); else FEW_LANES (4 warps) of MAX_UNIT_K walk K."""
+"""Most lanes per program where the column tiles alone fill the GPU (4 warps walk K)."""
 MAX_UNIT_K = 128
 SHORT_UNIT_K = 64
 """Inputs per scale application: MAX_UNIT_K, or SHORT_UNIT_K where the columns are few and K

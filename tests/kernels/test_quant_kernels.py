@@ -162,7 +162,7 @@ def test_last_split_adds_the_partials_in_order_and_resets_its_counters(splits, m
 
 def assert_w4a16_precision_from_tiny_to_huge_inputs(device: str) -> None:
     """The matrix-vector kernel scales x by up to 2^X_EXP before multiplying by nibbles read
-    as denormals (kernels/quant_w4a16_gemv.py `_nibble_products`): rows of x from 1e-20 to 1e9
+    as denormals (kernels/quant_w4a16_gemv.py `_nibble_fma`): rows of x from 1e-20 to 1e9
     (the range it promises) give the float64 result to float32 precision."""
     k, n = 1024, 64
     qweight, scales, zeros = random_w4(k, n, 128, device)
