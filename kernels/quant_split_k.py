@@ -228,11 +228,16 @@ def store_tile(out_ptr, part_ptr, count_ptr, acc, offs_m, offs_n, M, N, stride_o
 
 
 @triton.jit
-def load_x(ptrs, mask, inter, GATED: tl.constexpr):
+def load_x(ptrs, mask, inter, GATED: tl.constexpr, EVEN: tl.constexpr = False):
     """The matrix-vector kernels' activations at `ptrs` (zeros where not `mask`), in x's
     dtype. GATED: x is an MLP's gate/up output [M, 2 * inter] and the matmul's input is
     silu(gate) * up (kernels/activation.py `silu_mul`: the same bits as its own kernel), so
-    the down projection needs no activation launch and no round trip of its input."""
+    the down projection needs no activation launch and no round trip of its input. EVEN:
+    every pointer is in bounds, loaded without the mask."""
+    if EVEN:
+        if GATED:
+            return silu_mul(tl.load(ptrs), tl.load(ptrs + inter))
+        return tl.load(ptrs)
     if GATED:
         return silu_mul(tl.load(ptrs, mask=mask, other=0.0),
                         tl.load(ptrs + inter, mask=mask, other=0.0))

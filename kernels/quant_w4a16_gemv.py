@@ -23,7 +23,6 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels import quant_split_k as split_k
-from kernels.activation import silu_mul
 from kernels.quant_split_k import (
     PRODUCT_SCALE,
     X_SCALE0,
@@ -62,6 +61,12 @@ def default_unit_k(group_size: int, limit: int = MAX_UNIT_K) -> int:
     """The largest multiple of 32 up to `limit` dividing the group size (a whole group of 32,
     64 or 128; 128 of a per-channel group)."""
     return math.gcd(group_size, limit)
+
+
+def whole_tiles(n: int, k: int, block_n: int, block_k: int) -> bool:
+    """The kernel's EVEN: the columns and K fill whole tiles (every split's too, since splits
+    are whole K tiles), so no load needs a mask."""
+    return n % block_n == 0 and k % block_k == 0
 
 
 def gemv_defaults(m: int, n: int, k: int, group_size: int) -> dict:
@@ -114,15 +119,8 @@ def _row_products(part, x_sum, packed, xp, row_ok, inter, EVEN: tl.constexpr,
                   GATED: tl.constexpr):
     """One packed row per lane (inputs at xp [LANES], 8 each): (part plus its products,
     x_sum plus its inputs). The [LANES, 8] load is split into eight [LANES] columns."""
-    ptrs = xp[:, None] + tl.arange(0, 8)[None, :]
-    if EVEN:
-        if GATED:
-            x = silu_mul(tl.load(ptrs), tl.load(ptrs + inter))
-        else:
-            x = tl.load(ptrs)
-    else:
-        x = load_x(ptrs, row_ok[:, None], inter, GATED)
-    x = x.to(tl.float32)
+    x = load_x(xp[:, None] + tl.arange(0, 8)[None, :], row_ok[:, None], inter, GATED,
+               EVEN).to(tl.float32)
     # [LANES, 8] -> [LANES, a, b, c] with j = 4a + 2b + c; each split takes the last axis.
     even, odd = tl.split(tl.reshape(x, (x.shape[0], 2, 2, 2)))
     e0, e1 = tl.split(even)
@@ -198,8 +196,9 @@ def _w4a16_gemv_kernel(
         part, x_sum = _row_products(part, x_sum, b, xp + 8, lane_row + 1 < w_end, K, EVEN,
                                     GATED)
         done += 4
+        unit_end = done == unit_words
         step = 4
-        if done == unit_words:
+        if unit_end:
             step += span - unit_words
         if i == iterations - 1:
             step = 0  # the last prefetch rereads these rows rather than past the weight
@@ -211,7 +210,7 @@ def _w4a16_gemv_kernel(
                                     GATED)
         lane_row += step
         xp += step * 8
-        if done == unit_words:
+        if unit_end:
             s_unit = s.to(tl.float32) * PRODUCT_SCALE
             if MIN_FORM:
                 acc += part * s_unit + x_sum[:, None] * z.to(tl.float32)
@@ -249,7 +248,7 @@ def w4a16_gemv(
         n, k, group_size // 8, unit_k // 8, out.k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), out.part_stride, n,
         BLOCK_N=block_n, LANES=lanes, MIN_FORM=min_form,
-        EVEN=n % block_n == 0 and k % block_k == 0, GATED=gated, SPLIT=out.split,
+        EVEN=whole_tiles(n, k, block_n, block_k), GATED=gated, SPLIT=out.split,
         num_warps=num_warps, num_stages=num_stages, **pdl.launch(x.device),
     )
     return out.out

@@ -126,7 +126,12 @@ def decode_kernels(arch: int) -> list[SassReport]:
     """The channel kernel (FP8 and int8 weights) and the W4A16 matrix-vector kernel at their
     default launches for one row of x and Llama-3-8B's q/k/v weight."""
     from kernels import quant_split_k as split_k
-    from kernels.quant_w4a16_gemv import UNIT_ROWS, _w4a16_gemv_kernel, gemv_defaults
+    from kernels.quant_w4a16_gemv import (
+        UNIT_ROWS,
+        _w4a16_gemv_kernel,
+        gemv_defaults,
+        whole_tiles,
+    )
     from kernels.quant_w8a16 import _channel_gemv_kernel, channel_gemv_defaults
 
     reports = []
@@ -144,7 +149,7 @@ def decode_kernels(arch: int) -> list[SassReport]:
     launch = split_k.gemv_launch(1, N, K, gemv_defaults(1, N, K, GROUP_SIZE))
     lanes = launch["block_k"] // launch["unit_k"]
     constexprs = dict(BLOCK_N=launch["block_n"], LANES=lanes, MIN_FORM=False,
-                      EVEN=N % launch["block_n"] == 0 and K % launch["block_k"] == 0,
+                      EVEN=whole_tiles(N, K, launch["block_n"], launch["block_k"]),
                       GATED=False, SPLIT=_splits(launch) > 1, PDL=True)
     signature = _signature(_w4a16_gemv_kernel, constexprs, {
         "x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
