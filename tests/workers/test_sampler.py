@@ -72,6 +72,29 @@ def test_banned_tokens_are_never_drawn_per_row():
     assert Sampler()(logits, rows).token_ids == [1, 0, 2]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_banned_tokens_are_masked_on_the_gpu_without_waiting_for_it():
+    """processed_logits only queues work: the host must not wait for the step's forward
+    (whose logits these are) before it has queued the argmax; only the token ids' copy back
+    waits. A write of -inf through tensor indices used to copy the scalar and synchronize."""
+    logits = torch.randn(3, 128256, device="cuda")
+    rows = [row(temperature=0), row(temperature=0), row(temperature=0)]
+    rows[0].banned_token_ids = (int(logits[0].argmax()),)
+    rows[2].banned_token_ids = (5, 7)
+    expected = logits.clone()
+    expected[0, rows[0].banned_token_ids[0]] = -math.inf
+    expected[2, [5, 7]] = -math.inf
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        processed = Sampler.processed_logits(logits, rows)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(processed, expected)
+    assert Sampler("cuda")(logits, rows).token_ids == expected.argmax(dim=-1).tolist()
+
+
 def test_seeded_draws_do_not_depend_on_the_batch_mix():
     torch.manual_seed(0)
     logits = torch.randn(4, 50)

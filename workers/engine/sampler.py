@@ -127,14 +127,17 @@ class Sampler:
         """A float32 copy with penalties applied and banned tokens at -inf."""
         logits = logits.float().clone()
         apply_penalties(logits, rows)
-        banned = [(i, t) for i, row in enumerate(rows) for t in row.banned_token_ids]
-        if banned:  # one indexed write for the whole batch, not one launch per row
-            index = torch.tensor(banned, dtype=torch.long).T
+        vocab = logits.shape[-1]
+        banned = [i * vocab + t for i, row in enumerate(rows) for t in row.banned_token_ids]
+        if banned:  # one fill for the whole batch, not one launch per row
+            index = torch.tensor(banned, dtype=torch.long)
             if logits.is_cuda:
                 # From pinned memory, without blocking: a pageable copy would wait for the
                 # step's forward to finish before the host could queue the rest of sampling.
                 index = index.pin_memory().to(logits.device, non_blocking=True)
-            logits[index[0], index[1]] = -inf
+            # index_fill_ takes -inf as a kernel argument; `logits[rows, cols] = -inf` copied
+            # it to the GPU as a tensor first, which synchronized with the step's forward.
+            logits.view(-1).index_fill_(0, index, -inf)
         return logits
 
     def exponential_noise(self, shape: torch.Size, rows: list[SamplingRow],
