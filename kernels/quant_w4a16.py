@@ -140,6 +140,20 @@ def _check(x, qweight, scales, zeros, group_size, gated: bool) -> None:
     assert scales.stride(1) == 1, f"scales stride {scales.stride()}"
 
 
+WIDE_TILE_WEIGHTS = 1 << 25
+"""Weights (N K) from which 17..32 rows take 128-column tiles rather than split_k_config's 64."""
+
+
+def dot_defaults(m: int, n: int, k: int) -> dict:
+    """The tl.dot form's departures from `split_k.split_k_config`: for 17..32 rows, 128-column
+    tiles on the large matrices (gate_up and down of Llama-3-8B at M = 32 on an H200, 19:47 UTC
+    2026-11-28, `bench_quant_kernels --sweep --sweep-formats w4a16 --rows 32`: 93.5 -> 80.2 us
+    and 46.3 -> 43.0 us); q/k/v and o (under 2^25 weights) stay at 64 (o 18.2 vs 20.6 us)."""
+    if 16 < m <= 32 and n * k >= WIDE_TILE_WEIGHTS:
+        return {"block_n": 128}
+    return {}
+
+
 def w4a16_matmul(
     x: torch.Tensor,  # [M, K]
     qweight: torch.Tensor,  # int32 [K / 8, N]
@@ -163,6 +177,7 @@ def w4a16_matmul(
         return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
                           **split_k.gemv_launch(m, n, k, defaults, launch),
                           gated=gated)
+    launch = {**dot_defaults(m, n, k), **(launch or {})}
     out, grid, meta = split_k.dot_plan(m, n, k, group_k, launch, x.dtype, x.device)
     row_unpack = meta.pop("row_unpack", ROW_UNPACK)
     if m > 0:

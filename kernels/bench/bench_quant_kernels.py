@@ -79,7 +79,10 @@ W4_DOT_SWEEP = [{"row_unpack": True}] + [
      "row_unpack": ru}
     for bm, bn, bk, w, st, ru in [(32, 64, 128, 4, 4, False), (32, 128, 128, 4, 3, False),
                                   (32, 64, 64, 4, 3, True), (32, 128, 64, 8, 3, True),
-                                  (16, 64, 128, 4, 3, True), (32, 32, 128, 4, 3, False)]
+                                  (16, 64, 128, 4, 3, True), (32, 32, 128, 4, 3, False),
+                                  (16, 64, 128, 4, 3, False), (16, 128, 128, 4, 3, False),
+                                  (16, 64, 128, 4, 4, False), (16, 32, 128, 4, 3, False),
+                                  (32, 64, 128, 8, 3, False), (64, 64, 128, 4, 3, False)]
 ]
 CHANNEL_DOT_SWEEP = [
     {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": w, "num_stages": st}
