@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from workers.engine.sampler import Sampler, SamplingRow, apply_penalties, apply_top_k_top_p_min_p
+from workers.engine.sampler import (
+    Sampler,
+    SamplingRow,
+    apply_penalties,
+    apply_top_k_top_p_min_p,
+    sampling_probs,
+)
 from workers.engine.sampling_params import SamplingParams
 from workers.errors import InvalidParameter
 
@@ -74,25 +80,40 @@ def test_banned_tokens_are_never_drawn_per_row():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_banned_tokens_are_masked_on_the_gpu_without_waiting_for_it():
-    """processed_logits only queues work: the host must not wait for the step's forward
-    (whose logits these are) before it has queued the argmax; only the token ids' copy back
-    waits. A write of -inf through tensor indices used to copy the scalar and synchronize."""
+def test_sampling_queues_its_work_on_the_gpu_without_waiting_for_it():
+    """Until the token ids' copy back, sampling only queues work: the host must not wait for
+    the step's forward (whose logits these are). Each of these synchronized once: -inf written
+    through tensor indices (the scalar's copy), index lists and per-row parameters copied from
+    pageable memory, and bincount (it reads the largest id back)."""
     logits = torch.randn(3, 128256, device="cuda")
-    rows = [row(temperature=0), row(temperature=0), row(temperature=0)]
+    rows = [row(temperature=0), row(prompt=[3, 9], output=[9, 4, 4], temperature=0,
+                                  repetition_penalty=1.3, presence_penalty=0.5,
+                                  frequency_penalty=0.25),
+            row(temperature=0.8, top_k=50, top_p=0.9, min_p=0.01)]
+    rows[2].generator = torch.Generator(device="cuda").manual_seed(3)  # a seeded request's
     rows[0].banned_token_ids = (int(logits[0].argmax()),)
     rows[2].banned_token_ids = (5, 7)
-    expected = logits.clone()
-    expected[0, rows[0].banned_token_ids[0]] = -math.inf
-    expected[2, [5, 7]] = -math.inf
+    expected = Sampler.processed_logits(logits.cpu(), [row_on_cpu(r) for r in rows]).cuda()
+    sampler = Sampler("cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         processed = Sampler.processed_logits(logits, rows)
+        probs = sampling_probs(processed[2:], [rows[2].params])
+        noise = sampler.exponential_noise(probs.shape, rows[2:], probs.device)
+        chosen = (probs / noise).argmax(dim=-1)
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert torch.equal(processed, expected)
-    assert Sampler("cuda")(logits, rows).token_ids == expected.argmax(dim=-1).tolist()
+    torch.testing.assert_close(processed, expected)
+    assert int(chosen) in torch.topk(processed[2], 50).indices.tolist()
+    greedy = sampler(logits, rows).token_ids[:2]
+    assert greedy == expected[:2].argmax(dim=-1).tolist()
+
+
+def row_on_cpu(r: SamplingRow) -> SamplingRow:
+    return SamplingRow(params=r.params, prompt_token_ids=r.prompt_token_ids,
+                       output_token_ids=r.output_token_ids,
+                       banned_token_ids=r.banned_token_ids)
 
 
 def test_seeded_draws_do_not_depend_on_the_batch_mix():

@@ -35,6 +35,16 @@ def position_seed(seed: int, position: int) -> int:
     return z ^ (z >> 31)
 
 
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on `device` without the host waiting for the GPU: on CUDA from
+    pinned memory by a non-blocking copy. A pageable copy synchronizes the stream, so the host
+    could queue the rest of sampling only after the step's forward had finished."""
+    tensor = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 @dataclass
 class SamplingRow:
     """What the sampler needs to know about one sequence this step."""
@@ -66,18 +76,18 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         if not p.has_penalties:
             continue
         if p.repetition_penalty != 1.0:
-            seen = torch.tensor(
-                sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
-                device=logits.device,
-                dtype=torch.long,
-            )
+            seen = device_tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)),
+                                 torch.long, logits.device)
             values = logits[i, seen]
             logits[i, seen] = torch.where(
                 values > 0, values / p.repetition_penalty, values * p.repetition_penalty
             )
         if row.output_token_ids and (p.presence_penalty or p.frequency_penalty):
-            out = torch.tensor(row.output_token_ids, device=logits.device, dtype=torch.long)
-            counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
+            out = device_tensor(row.output_token_ids, torch.long, logits.device)
+            # index_add_, not bincount: CUDA's bincount reads the largest id back to size its
+            # output, a synchronization.
+            counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device).index_add_(
+                0, out, torch.ones(out.shape, dtype=logits.dtype, device=logits.device))
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
 
 
@@ -130,14 +140,10 @@ class Sampler:
         vocab = logits.shape[-1]
         banned = [i * vocab + t for i, row in enumerate(rows) for t in row.banned_token_ids]
         if banned:  # one fill for the whole batch, not one launch per row
-            index = torch.tensor(banned, dtype=torch.long)
-            if logits.is_cuda:
-                # From pinned memory, without blocking: a pageable copy would wait for the
-                # step's forward to finish before the host could queue the rest of sampling.
-                index = index.pin_memory().to(logits.device, non_blocking=True)
             # index_fill_ takes -inf as a kernel argument; `logits[rows, cols] = -inf` copied
             # it to the GPU as a tensor first, which synchronized with the step's forward.
-            logits.view(-1).index_fill_(0, index, -inf)
+            logits.view(-1).index_fill_(0, device_tensor(banned, torch.long, logits.device),
+                                        -inf)
         return logits
 
     def exponential_noise(self, shape: torch.Size, rows: list[SamplingRow],
@@ -162,7 +168,7 @@ class Sampler:
         chosen = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
         sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
         if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
+            idx = device_tensor(sampled, torch.long, logits.device)
             probs = sampling_probs(logits[idx], [rows[i].params for i in sampled])
             noise = self.exponential_noise(probs.shape, [rows[i] for i in sampled],
                                            logits.device)
@@ -175,12 +181,12 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
     temperature after top-k, top-p and min-p. `argmax(probs / E)` with E ~ Exp(1) is an
     exact draw from it."""
     device = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=device)
+    temperature = device_tensor([p.temperature for p in params], torch.float32, device)
     filtered = apply_top_k_top_p_min_p(
         logits / temperature.unsqueeze(-1),
-        top_k=torch.tensor([p.top_k for p in params], device=device),
-        top_p=torch.tensor([p.top_p for p in params], device=device),
-        min_p=torch.tensor([p.min_p for p in params], device=device),
+        top_k=device_tensor([p.top_k for p in params], torch.long, device),
+        top_p=device_tensor([p.top_p for p in params], torch.float32, device),
+        min_p=device_tensor([p.min_p for p in params], torch.float32, device),
     )
     return torch.softmax(filtered, dim=-1)
 
