@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 
+from workers.engine.sampler import device_tensor
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus
 from workers.engine.stage_driver import StageDriver
@@ -100,4 +101,4 @@ def still_running(batch: ScheduledBatch, logits: torch.Tensor
     live = dataclasses.replace(
         batch, seqs=[seq for seq, _ in kept], num_new_tokens=[n for _, n in kept],
         sampled=[batch.sampled[i] for i in rows])
-    return live, logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+    return live, logits[device_tensor(rows, torch.long, logits.device)]

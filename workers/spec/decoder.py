@@ -25,7 +25,7 @@ import torch
 
 from workers.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 from workers.engine.block_pool import BlockPool
-from workers.engine.sampler import Sampler, SamplingRow
+from workers.engine.sampler import Sampler, SamplingRow, device_tensor
 from workers.engine.sequence import Sequence, SequenceStatus
 from workers.errors import InvalidParameter
 from workers.spec.proposer import DraftRun, Proposer
@@ -192,7 +192,7 @@ class SpeculativeDecoder:
         for seq, tokens in zip(seqs, new_tokens, strict=True):
             rows.append(start + self._paths.get(seq.seq_id, [len(tokens) - 1])[-1])
             start += 1 + len(seq.spec_token_ids)
-        index = torch.tensor(rows, device=hidden.device)
+        index = device_tensor(rows, torch.long, hidden.device)
         num_tokens = [s.num_tokens + len(t) for s, t in zip(seqs, new_tokens, strict=True)]
         self.proposer.observe(seqs, num_tokens, hidden.index_select(0, index))
 
@@ -219,7 +219,8 @@ class SpeculativeDecoder:
         if not src:
             return
         device = self.kv_caches[0][0].device
-        src_index, dst_index = torch.tensor(src, device=device), torch.tensor(dst, device=device)
+        src_index = device_tensor(src, torch.long, device)
+        dst_index = device_tensor(dst, torch.long, device)
         for caches in self.kv_caches:
             for cache in caches:
                 flat = cache.view(-1, *cache.shape[2:])

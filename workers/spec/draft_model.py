@@ -33,7 +33,7 @@ import torch
 
 from workers.config import EngineConfig, SpeculativeConfig
 from workers.engine.model_runner import ModelRunner
-from workers.engine.sampler import position_seed, sampling_probs
+from workers.engine.sampler import device_tensor, position_seed, sampling_probs
 from workers.engine.sequence import Sequence
 from workers.engine.step_input import StepInput
 from workers.errors import InvalidParameter
@@ -270,7 +270,7 @@ class DraftModelProposer(Proposer):
         sampled = [j for j, i in enumerate(active) if not seqs[i].params.greedy]
         q_rows: dict[int, torch.Tensor] = {}
         if sampled:
-            idx = torch.tensor(sampled, device=logits.device)
+            idx = device_tensor(sampled, torch.long, logits.device)
             q = sampling_probs(logits[idx], [seqs[active[j]].params for j in sampled])
             noise = torch.empty_like(q).exponential_(generator=self.generator)
             for row, j in enumerate(sampled):

@@ -31,7 +31,13 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.engine.sampler import Sampler, SamplingRow, logprobs_of, sampling_probs
+from workers.engine.sampler import (
+    Sampler,
+    SamplingRow,
+    device_tensor,
+    logprobs_of,
+    sampling_probs,
+)
 from workers.spec.proposer import DraftRun
 
 
@@ -61,7 +67,7 @@ def verify(
     draft_of_row, starts = _draft_per_row(runs, logits.device)
     accept_p = torch.ones(logits.shape[0], device=logits.device)
     if sampled:
-        idx = torch.tensor(sampled, device=logits.device)
+        idx = device_tensor(sampled, torch.long, logits.device)
         probs = sampling_probs(processed[idx], [rows[i].params for i in sampled])
         draft_probs = _draft_probs(runs, probs.shape[-1], logits.device)[idx]
         drafts = draft_of_row[idx]
@@ -129,7 +135,7 @@ def _draft_per_row(runs: list[DraftRun], device: torch.device) -> tuple[torch.Te
     for run in runs:
         starts.append(len(per_row))
         per_row += [*run.token_ids, -1]
-    return torch.tensor(per_row, device=device, dtype=torch.long), starts
+    return device_tensor(per_row, torch.long, device), starts
 
 
 def _draft_probs(runs: list[DraftRun], vocab: int, device: torch.device) -> torch.Tensor:
@@ -141,8 +147,8 @@ def _draft_probs(runs: list[DraftRun], vocab: int, device: torch.device) -> torc
         if run.probs is not None:
             q = run.probs.to(device=device, dtype=torch.float32)
         else:
-            q = torch.zeros(k, vocab, device=device)
-            q[torch.arange(k), torch.tensor(run.token_ids, dtype=torch.long)] = 1.0
+            q = torch.zeros(k, vocab, device=device).scatter_(
+                1, device_tensor(run.token_ids, torch.long, device).unsqueeze(1), 1.0)
         parts += [q, torch.zeros(1, vocab, device=device)]
     return torch.cat(parts)
 
