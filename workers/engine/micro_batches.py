@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from workers.engine.sampler import device_tensor
+from workers.device_copy import device_tensor
 from workers.engine.scheduler import ScheduledBatch, Scheduler
 from workers.engine.sequence import Sequence, SequenceStatus
 from workers.engine.stage_driver import StageDriver

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kernels.argmax import argmax_rows
+from workers.device_copy import device_tensor
 from workers.engine.sampling_params import SamplingParams
 
 inf = float("inf")
@@ -33,16 +34,6 @@ def position_seed(seed: int, position: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
-
-
-def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on `device` without the host waiting for the GPU: on CUDA from
-    pinned memory by a non-blocking copy. A pageable copy synchronizes the stream, so the host
-    could queue the rest of sampling only after the step's forward had finished."""
-    tensor = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 @dataclass

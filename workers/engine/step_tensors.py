@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from workers.attention.backend import AttentionMetadata
+from workers.device_copy import device_tensor
 from workers.engine.step_input import StepInput
 
 
@@ -37,9 +38,7 @@ def build_step_tensors(step: StepInput, device: torch.device) -> StepTensors:
         packed += table
         packed += [0] * (width - len(table))
     packed += step.tree_masks or []
-    host = torch.tensor(packed, dtype=torch.int64)
-    if device.type == "cuda":
-        host = host.pin_memory().to(device, non_blocking=True)
+    host = device_tensor(packed, torch.int64, device)
     n, s = step.num_tokens, step.num_seqs
     sizes = [n, n, n, len(step.logits_indices), s + 1, s, s * width, len(step.tree_masks or [])]
     ids, positions, slots, logits, starts, seq_lens, tables, tree_masks = host.split(sizes)

@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from workers.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
+from workers.device_copy import device_tensor
 from workers.engine.block_pool import BlockPool
-from workers.engine.sampler import Sampler, SamplingRow, device_tensor
+from workers.engine.sampler import Sampler, SamplingRow
 from workers.engine.sequence import Sequence, SequenceStatus
 from workers.errors import InvalidParameter
 from workers.spec.proposer import DraftRun, Proposer

@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 import torch
 
 from workers.config import EngineConfig, SpeculativeConfig
+from workers.device_copy import device_tensor
 from workers.engine.model_runner import ModelRunner
-from workers.engine.sampler import device_tensor, position_seed, sampling_probs
+from workers.engine.sampler import position_seed, sampling_probs
 from workers.engine.sequence import Sequence
 from workers.engine.step_input import StepInput
 from workers.errors import InvalidParameter

@@ -31,13 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.engine.sampler import (
-    Sampler,
-    SamplingRow,
-    device_tensor,
-    logprobs_of,
-    sampling_probs,
-)
+from workers.device_copy import device_tensor
+from workers.engine.sampler import Sampler, SamplingRow, logprobs_of, sampling_probs
 from workers.spec.proposer import DraftRun
 
 
