@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 
@@ -19,5 +20,8 @@ def device_tensor(values: Sequence[int] | Sequence[float], dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """`values` as a 1-D tensor of `dtype` on `device` (pinned, non-blocking on CUDA)."""
     host = torch.empty(len(values), dtype=dtype, pin_memory=device.type == "cuda")
-    host.numpy()[:] = values
+    # A float beyond float32's range becomes +-inf, as torch.tensor(values, dtype) makes it
+    # (a request's temperature of 1e300 reaches the sampler); numpy would also warn.
+    with np.errstate(over="ignore"):
+        host.numpy()[:] = values
     return host.to(device, non_blocking=True)
