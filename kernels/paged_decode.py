@@ -36,6 +36,7 @@ from kernels.attention_tile import (
     dot_precision,
     head_dim_block,
     kv_scales,
+    mma_query,
     num_sms,
     split_scratch,
     store_split,
@@ -54,6 +55,10 @@ class DecodeTiles:
 
 
 _GPU_TILES = DecodeTiles(64, 4, 3)
+_GPU_FP8_TILES = DecodeTiles(128, 4, 3)
+"""An fp8 cache's tiles on the GPU: 128 keys per tile (float16 operands, `mma_query`) took
+0.69-0.92x the time of 64-key tiles over batch x context 1 x 16k .. 256 x 1k on an H200
+(docs/perf.md, FP8 KV cache)."""
 _CPU_TILES = DecodeTiles(16, 4, 1)
 
 
@@ -129,6 +134,7 @@ def _attend_tree(
     """Fold the query tokens' own keys (positions base..base + q_len) into (acc, l_i, m_i):
     a row sees key base + a where bit a of its tree mask is set, or (mask 0) where a <= its
     own index."""
+    q = mma_query(q, k_cache_ptr)
     offs_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_t < q_len
@@ -191,6 +197,12 @@ def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_s
         combine_splits(out, part_out, part_lse, cu_q, 0, max_q_len)
 
 
+def default_tiles(device: torch.device, cache_dtype: torch.dtype) -> DecodeTiles:
+    if device.type != "cuda":
+        return _CPU_TILES
+    return _GPU_FP8_TILES if is_fp8(cache_dtype) else _GPU_TILES
+
+
 def paged_decode(
     q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -218,7 +230,7 @@ def paged_decode(
                                   and tree_masks.dtype == torch.int32), "tree_masks [T] int32"
     if seq_lens.shape[0] == 0:
         return out
-    tiles = tiles or (_GPU_TILES if q.device.type == "cuda" else _CPU_TILES)
+    tiles = tiles or default_tiles(q.device, k_cache.dtype)
     if num_splits is None:
         num_splits = choose_num_splits(seq_lens.shape[0], k_cache.shape[2], max_seq_len,
                                        num_sms(q.device), tiles.block_n)

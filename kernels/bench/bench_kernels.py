@@ -3,7 +3,9 @@ and decode attention over an fp8 (e4m3) KV cache vs the bf16 one (time per step 
 
 Shapes follow the Llama-3-8B attention layer: 32 query / 8 kv heads, head dim 128, bf16, KV
 block size 16, block tables shuffled. Prefill runs ~16k tokens per launch (batch = 16k / seq).
-Prints one table with device, date and versions; `--sweep` also times the tile candidates.
+Decode steps are timed as CUDA-graph replays (triton's do_bench_cudagraph), as the engine runs
+them: a plain call's host work (~0.1 ms) would otherwise bound the small shapes. Prints one table
+with device, date and versions; `--sweep` also times the tile candidates.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from kernels.bench.bandwidth import copy_bandwidth
 from kernels.flash_prefill import PrefillTiles, default_tiles, flash_prefill
@@ -78,16 +80,22 @@ def bench_prefill(seq: int, device: str, tiles: PrefillTiles | None) -> dict[str
 
 def decode_ms(batch: int, context: int, device: str, tiles: DecodeTiles | None,
               num_splits: int | None = None, kv_dtype: torch.dtype = DTYPE) -> float:
-    """Milliseconds of one decode step (bf16 queries; fp8 caches with scales of 1.0)."""
+    """Milliseconds of one decode step (bf16 queries; fp8 caches with scales of 1.0), replayed
+    from a CUDA graph."""
     q = torch.randn(batch, HEADS, HEAD_DIM, dtype=DTYPE, device=device)
     k_cache, v_cache, tables = _paged(batch, context, device, kv_dtype)
     scale = torch.ones(1, dtype=torch.float32, device=device) if is_fp8(kv_dtype) else None
     cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     out = torch.empty_like(q)
-    return do_bench(lambda: paged_decode(q, k_cache, v_cache, tables, cu_q, seq_lens, context,
-                                         HEAD_DIM ** -0.5, out=out, tiles=tiles,
-                                         num_splits=num_splits, k_scale=scale, v_scale=scale))
+
+    def step():
+        paged_decode(q, k_cache, v_cache, tables, cu_q, seq_lens, context, HEAD_DIM ** -0.5,
+                     out=out, tiles=tiles, num_splits=num_splits, k_scale=scale, v_scale=scale)
+    # do_bench_cudagraph runs on a stream of its own, which does not wait for the inputs'
+    # kernels queued on this one (a block table still being written read out of bounds).
+    torch.cuda.synchronize(device)
+    return do_bench_cudagraph(step)
 
 
 def bench_decode(batch: int, context: int, device: str, tiles: DecodeTiles | None,

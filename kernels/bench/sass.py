@@ -1,6 +1,6 @@
-"""`python -m kernels.bench.sass`: the decode matrix-vector kernels compiled for a GPU
-architecture on this machine, no GPU needed, with their registers, spills and the SASS of their
-streaming loop counted by opcode.
+"""`python -m kernels.bench.sass`: the decode matrix-vector kernels, and the attention kernels
+over an fp8 KV cache, compiled for a GPU architecture on this machine, no GPU needed, with their
+registers, spills and the SASS of their streaming loop counted by opcode.
 
     python -m kernels.bench.sass [--arch 90] [--json]
 
@@ -161,6 +161,46 @@ def decode_kernels(arch: int) -> list[SassReport]:
     return reports
 
 
+ATTENTION_HEADS = (32, 8, 128)
+"""Llama-3-8B attention: query heads, kv heads, head dim."""
+ATTENTION_POINTERS = {
+    "q_ptr": "*bf16", "k_cache_ptr": "*fp8e4nv", "v_cache_ptr": "*fp8e4nv", "out_ptr": "*bf16",
+    "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "bt_ptr": "*i32", "cu_q_ptr": "*i32",
+    "seq_lens_ptr": "*i32", "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "tree_ptr": "*i32",
+    "qk_scale": "fp32"}
+
+
+def attention_kernels(arch: int) -> list[SassReport]:
+    """The decode and prefill attention kernels over an fp8 (e4m3) cache with bf16 queries at
+    Llama-3-8B's heads and their default GPU tiles, pages of 16, several KV splits. "Weights"
+    here are the K and V values one thread widens per tile (BLOCK_N keys x head dim x 2)."""
+    import torch
+
+    from kernels.flash_prefill import _prefill_kernel
+    from kernels.flash_prefill import default_tiles as prefill_tiles
+    from kernels.paged_decode import _decode_kernel
+    from kernels.paged_decode import default_tiles as decode_tiles
+
+    heads, kv_heads, head_dim = ATTENTION_HEADS
+    group = heads // kv_heads
+    common = dict(GROUP=group, PAGE=16, BLOCK_D=head_dim, EVEN_D=True, PRECISION="tf32",
+                  FP8=True, SINGLE_SPLIT=False, PDL=True)
+    decode = decode_tiles(torch.device("cuda"), torch.float8_e4m3fn)
+    prefill = prefill_tiles(head_dim, torch.device("cuda"))
+    reports = []
+    for name, fn, tiles, constexprs in (
+            ("decode fp8 kv", _decode_kernel, decode,
+             dict(common, BLOCK_M=16, BLOCK_N=decode.block_n, TREE=False, BLOCK_T=16)),
+            ("prefill fp8 kv", _prefill_kernel, prefill,
+             dict(common, BLOCK_M=prefill.block_m, BLOCK_N=prefill.block_n))):
+        signature = _signature(fn, constexprs, ATTENTION_POINTERS)
+        values = 2 * constexprs["BLOCK_N"] * head_dim // (32 * tiles.num_warps)
+        reports.append(report(name, fn, signature, constexprs, tiles.num_warps, values,
+                              f"{constexprs['BLOCK_M']}x{constexprs['BLOCK_N']} "
+                              f"w{tiles.num_warps}", arch))
+    return reports
+
+
 def _splits(launch: dict) -> int:
     """Programs along K at this shape (split_k.split_output: splits are whole K tiles)."""
     from kernels.quant_split_k import split_count
@@ -199,7 +239,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels")
-    reports = decode_kernels(args.arch)
+    reports = decode_kernels(args.arch) + attention_kernels(args.arch)
     if args.json:
         for r in reports:
             print(json.dumps({**asdict(r), "per_weight": r.per_weight,

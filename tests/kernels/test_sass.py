@@ -1,6 +1,7 @@
-"""kernels/bench/sass.py: the decode matrix-vector kernels compiled for sm_90 on this machine
-(no GPU), their inner loops counted. Run as a subprocess without TRITON_INTERPRET, which the
-rest of the suite sets and which replaces every kernel by its interpreted form."""
+"""kernels/bench/sass.py: the decode matrix-vector kernels and the fp8-cache attention kernels
+compiled for sm_90 on this machine (no GPU), their inner loops counted. Run as a subprocess
+without TRITON_INTERPRET, which the rest of the suite sets and which replaces every kernel by
+its interpreted form."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def test_decode_kernels_compile_for_hopper_with_one_multiply_add_per_weight():
     out = subprocess.run([sys.executable, "-m", "kernels.bench.sass", "--json"], env=env,
                          capture_output=True, text=True, timeout=600, check=True).stdout
     reports = {r["kernel"]: r for r in map(json.loads, out.splitlines())}
+    attention = {name: reports.pop(name) for name in ("decode fp8 kv", "prefill fp8 kv")}
     assert set(reports) == {"channel fp8", "channel int8", "w4a16 gptq"}
     for name in ("channel fp8", "channel int8"):
         assert reports[name]["fma_per_weight"] == 1.0, reports[name]
@@ -33,3 +35,9 @@ def test_decode_kernels_compile_for_hopper_with_one_multiply_add_per_weight():
     assert reports["w4a16 gptq"]["per_weight"] < 3.3, reports["w4a16 gptq"]
     for report in reports.values():
         assert report["loop_instructions"] > 0 and report["spill_instructions"] == 0, report
+    # Over an fp8 cache with bf16 queries, K and V widen to float16 in packed conversions
+    # (F2FP; attention_tile.mma_query): no per-value conversion chain (F2F, which widening
+    # to bfloat16 took, 256 per decode tile) in either loop.
+    for report in attention.values():
+        assert report["loop_instructions"] > 0 and "F2F" not in report["loop_opcodes"], report
+    assert attention["decode fp8 kv"]["spill_instructions"] == 0, attention["decode fp8 kv"]
