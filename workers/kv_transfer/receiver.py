@@ -140,7 +140,7 @@ class Receiver(KVReceiver):
         elif isinstance(msg, PairReport) and identity in self._peers:
             peer = self._peers[identity]
             peer.path, peer.gbps = msg.path, msg.gbps
-            log.info("kv pair %s -> %s: path %s, %.2f GB/s", peer.sender_id[:8], self.address,
+            log.info("kv pair %s -> %s: path %s, %.2f GB/s", peer.sender_id, self.address,
                      msg.path, msg.gbps)
 
     def _hello(self, identity: bytes, hello: Hello) -> None:

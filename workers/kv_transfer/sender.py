@@ -170,14 +170,14 @@ class Sender(KVSender):
         pair.gbps = pair.transport.probe(pair, self.config.probe_bytes, self.config.probe_rounds,
                                          deadline)
         pair.sock.send(encode(PairReport(pair.path, pair.gbps or 0.0)))
-        log.info("kv pair %s -> %s: path %s, %.2f GB/s", self.sender_id[:8], pair.dest,
+        log.info("kv pair %s -> %s: path %s, %.2f GB/s", self.sender_id, pair.dest,
                  pair.path, pair.gbps or 0.0)
         return pair
 
     def _fall_back(self, pair: SenderPair, why: Exception) -> SenderPair | None:
         """cuda_ipc refused or failed for this destination: use zmq for it from now on."""
         log.warning("kv pair %s -> %s: cuda_ipc unavailable (%s); falling back to zmq",
-                    self.sender_id[:8], pair.dest, why)
+                    self.sender_id, pair.dest, why)
         self._fallback.add(pair.dest)
         return self._ensure_started(pair)
 

@@ -158,7 +158,7 @@ class TorchPairs:
                 pair.sock.send(encode(PairReport(pair.path or "", pair.gbps or 0.0)))
                 pair.last_used = time.monotonic()  # idle counts from set-up's end
                 pair.ready.set()
-                log.info("kv pair %s -> %s: path %s, %.2f GB/s", self.sender_id[:8], dest,
+                log.info("kv pair %s -> %s: path %s, %.2f GB/s", self.sender_id, dest,
                          pair.path, pair.gbps or 0.0)
         elif payload.startswith(b"broken:"):
             pair = self._pairs.get(dest)
@@ -206,7 +206,7 @@ class TorchPairs:
         except HandshakeMismatch as err:
             pair.error = err
             pair.ready.set()
-            log.warning("kv pair %s -> %s refused: %s", self.sender_id[:8], pair.dest, err)
+            log.warning("kv pair %s -> %s refused: %s", self.sender_id, pair.dest, err)
             return
         pair.direct = is_direct(pair.plan, self.layout, remote)
         pair.generation = reply.generation
@@ -226,7 +226,7 @@ class TorchPairs:
             pair.gbps = probe_sends(pair.group, self.config, self.device)
             self.command(pair.dest, b"ready:")
         except Exception as err:  # noqa: BLE001 - any set-up error: this pair only
-            log.warning("kv pair %s -> %s: set-up failed: %r", self.sender_id[:8], pair.dest,
+            log.warning("kv pair %s -> %s: set-up failed: %r", self.sender_id, pair.dest,
                         err)
             pair.error = err
             pair.ready.set()
@@ -253,7 +253,7 @@ class TorchPairs:
             lost = [r.request_id for r in self.table.live() if r.touches(dest)]
         if pair is None:
             return
-        log.warning("kv pair %s -> %s torn down: %s", self.sender_id[:8], dest, why)
+        log.warning("kv pair %s -> %s torn down: %s", self.sender_id, dest, why)
         self._posted.cancel(dest)  # before the abort: what it ends counts as failed
         for request_id in lost:
             self.table.end(request_id, TransferState.FAILED, f"pair lost: {why}")

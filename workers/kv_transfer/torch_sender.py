@@ -358,7 +358,7 @@ class TorchSender(KVSender):
         try:
             dests = self.routes(dest)
         except HandshakeMismatch as err:
-            log.warning("kv sender %s: no route to %s: %s", self.sender_id[:8], dest, err)
+            log.warning("kv sender %s: no route to %s: %s", self.sender_id, dest, err)
             return
         for address in dests:
             self._pairs.connect(address)
