@@ -18,7 +18,7 @@ import ray
 import torch
 
 from cluster.config import ClusterConfig
-from cluster.control_plane.discovery import find_workers
+from cluster.control_plane.discovery import find_workers, named_workers
 from cluster.control_plane.redis_keys import RedisKeys
 from cluster.control_plane.redis_plane import RedisControlPlane
 from cluster.rank_metrics import describe_ranks
@@ -217,19 +217,27 @@ def control_plane_factory(config: ClusterConfig):
                              load_ttl_s=max(2.0, 10 * config.router.poll_interval_s))
 
 
+def router_args(config: ClusterConfig, worker_ids: list[str],
+                roles: dict[str, str] | None = None) -> tuple:
+    """The Router actor's constructor arguments for workers `worker_ids` (of `roles`, default
+    the config's): plain data and factories of module functions, no actor handle (see
+    discovery.named_workers), so Ray passes them inline and a restart finds them."""
+    roles = roles or dict(config.worker_roles())
+    members = [(wid, roles[wid]) for wid in worker_ids]
+    return (config.router, functools.partial(named_workers, config.name, members),
+            control_plane_factory(config),
+            functools.partial(find_workers, config.name) if config.redis_url else None)
+
+
 def start_router(config: ClusterConfig, workers: dict[str, Any],
                  roles: dict[str, str] | None = None, name: str | None = None) -> Any:
     """Starts the named Router actor (`name`, default `<cluster>-router`) over `workers` (of
     `roles`, default the config's) and waits until it sees every worker ready. With a shared
     control plane (`redis_url`) it rescans the cluster's workers (router/membership.py)."""
-    roles = roles or dict(config.worker_roles())
-    members = [(wid, roles[wid], actor) for wid, actor in workers.items()]
-    router_cls = ray.remote(Router)
-    router = router_cls.options(
+    router = ray.remote(Router).options(
         name=name or f"{config.name}-{ROUTER_SUFFIX}", namespace=NAMESPACE, num_cpus=0,
         max_concurrency=_ROUTER_CONCURRENCY, max_restarts=-1, enable_task_events=False,
-    ).remote(config.router, members, control_plane_factory(config),
-              functools.partial(find_workers, config.name) if config.redis_url else None)
+    ).remote(*router_args(config, list(workers), roles))
     health = ray.get(router.start.remote(config.startup_timeout_s),
                      timeout=config.startup_timeout_s + 10)
     log.info("router ready: %s", health)

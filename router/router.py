@@ -35,19 +35,23 @@ log = logging.getLogger(__name__)
 class Router:
     """Ray actor body: owns a RouterCore whose worker handles are Ray actors."""
 
-    def __init__(self, config: RouterConfig, workers: list[tuple[str, str, Any]],
+    def __init__(self, config: RouterConfig, workers: Callable[[], list[tuple[str, str, Any]]],
                  control_plane: Callable[[], ControlPlane] | None = None,
                  find_workers: Callable[[], dict[str, tuple[str, Any]]] | None = None):
-        """`control_plane`: makes the shared one (Redis, cluster/control_plane/); None: in
-        memory. A factory, so a restarted actor reconnects and starts from what it holds.
-        `find_workers`: the cluster's live workers, id -> (role, actor)
-        (cluster/control_plane/discovery.py), rescanned so that workers coming or going later
-        are admitted or leave (router/membership.py); None: `workers` are all there is."""
+        """`workers`: returns the workers to start with, (id, role, actor), looked up when
+        called (cluster/control_plane/discovery.py `named_workers`), so that no actor handle
+        is a constructor argument (Ray would keep it in its object store, which a restart
+        cannot count on). `control_plane`: makes the shared one (Redis,
+        cluster/control_plane/); None: in memory. A factory, so a restarted actor reconnects
+        and starts from what it holds. `find_workers`: the cluster's live workers, id ->
+        (role, actor) (cluster/control_plane/discovery.py), rescanned so that workers coming
+        or going later are admitted or leave (router/membership.py); None: `workers` are all
+        there is."""
         # Workers on other nodes push their news to this node's own address.
         self.core = RouterCore(dataclasses.replace(
             config, news_host=ray.util.get_node_ip_address()),
             control_plane() if control_plane else None)
-        for worker_id, role, actor in workers:
+        for worker_id, role, actor in workers():
             self.core.add_worker(worker_id, role, RayHandle(actor))
         if find_workers is not None:
             self.core.membership.watch(functools.partial(_found, find_workers))

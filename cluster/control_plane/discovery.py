@@ -10,16 +10,20 @@ last heard (router/membership.py).
 
 `find_workers` is what `kvrelay serve --join` starts from (cluster/join.py) and what every
 Router of a cluster with a shared control plane rescans with (router/membership.py, `watch`).
+`named_workers` is how a Router, started or restarted by Ray, gets its workers' handles.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 import ray
 
 from router.router import NAMESPACE
+
+log = logging.getLogger(__name__)
 
 _WORKER_ID = re.compile(r"(prefill|decode|colocated)-\d+")
 
@@ -41,4 +45,21 @@ def find_workers(name: str) -> dict[str, tuple[str, Any]]:
         except ValueError:  # listed a moment ago, gone now
             continue
         found[match.group(0)] = (match.group(1), actor)
+    return found
+
+
+def named_workers(name: str, members: list[tuple[str, str]]) -> list[tuple[str, str, Any]]:
+    """(worker id, role, actor handle) of cluster `name`'s workers `members` (id, role), looked
+    up by their actor names; one whose actor is gone for good is left out (logged). The
+    Router's constructor takes this, not the handles themselves: Ray keeps constructor
+    arguments that hold actor handles in its object store, where the restart of an actor with
+    max_restarts cannot count on finding them (ray-project/ray#53727; Ray logs it at every
+    start)."""
+    found = []
+    for worker_id, role in members:
+        try:
+            found.append((worker_id, role, ray.get_actor(f"{name}-{worker_id}",
+                                                         namespace=NAMESPACE)))
+        except ValueError:
+            log.warning("worker %s of cluster %r has no live actor: left out", worker_id, name)
     return found
