@@ -126,7 +126,6 @@ class OutputReceiver:
         self._host = host
         self._port = port
         self._advertise = advertise_host or _advertised(host)
-        self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task | None = None
         self._streams: dict[str, _Ordered] = {}
@@ -135,8 +134,8 @@ class OutputReceiver:
         self.dropped = 0
 
     async def start(self) -> None:
-        self._ctx = zmq.asyncio.Context()
-        self._sock = self._ctx.socket(zmq.PULL)
+        # The process's shared context, never terminated here (see router/worker_news.py).
+        self._sock = zmq.asyncio.Context.instance().socket(zmq.PULL)
         self._sock.setsockopt(zmq.LINGER, 0)
         if self._port == 0:
             port = self._sock.bind_to_random_port(f"tcp://{self._host}")
@@ -157,9 +156,6 @@ class OutputReceiver:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
 
     def register(self, request_id: str,
                  resumer: Resumer | None = None) -> asyncio.Queue[OutputChunk]:

@@ -25,15 +25,18 @@ class NewsReceiver:
 
     def __init__(self, host: str):
         self._host = host
-        self._ctx: zmq.asyncio.Context | None = None
         self._sock: zmq.asyncio.Socket | None = None
         self.address = ""
 
     def bind(self) -> str:
         """The address workers push to (bound on the first call)."""
         if self._sock is None:
-            self._ctx = zmq.asyncio.Context()
-            self._sock = self._ctx.socket(zmq.PULL)
+            # The process's shared context, never terminated here: a context of its own,
+            # garbage-collected while its socket is still open (a router never closed, e.g. a
+            # test that failed half-way), would block the collecting thread for good in
+            # zmq_ctx_term (the socket's weak reference is cleared before the context's
+            # finalizer runs, so the finalizer cannot close it first).
+            self._sock = zmq.asyncio.Context.instance().socket(zmq.PULL)
             self._sock.setsockopt(zmq.LINGER, 0)
             port = self._sock.bind_to_random_port(f"tcp://{self._host}")
             self.address = f"tcp://{self._host}:{port}"
@@ -57,6 +60,3 @@ class NewsReceiver:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None

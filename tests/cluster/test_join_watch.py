@@ -88,36 +88,38 @@ def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_d
     async def run() -> tuple[list, dict, dict]:
         core = RouterCore(RouterConfig(block_size=8, poll_interval_s=0.05,
                                        rescan_interval_s=0.05))
-        core.add_worker("prefill-0", "prefill", LocalHandle(prefill))
-        core.add_worker("decode-0", "decode", LocalHandle(old))
-        core.membership.watch(find)
-        await core.wait_ready(10)
-        core.start()
-        decodes = lambda: core.health()["workers"]["decode"]  # noqa: E731
-        # Started after the router: registered, admitted, paired with the others.
-        live.update({"decode-1": late, "prefill-1": scaled})
-        await until(lambda: decodes() == {"ready": 2, "known": 2}, "decode-1 admitted")
-        await until(lambda: all(paired(p, d) for p in (prefill, scaled) for d in (old, late)),
-                    "every prefill -> decode KV pair")
-        admitted = labelled(core)
-        del live["decode-0"]  # gone: lost, then forgotten
-        await until(lambda: decodes() == {"ready": 1, "known": 1}, "decode-0 forgotten")
-        forgotten = labelled(core)
-        reqs = [request(f"r{i}", p, collector.address, 5) for i, p in enumerate(batch)]
-        await asyncio.gather(*(core.submit(r) for r in reqs))
-        await asyncio.to_thread(collector.wait_finished, [r.request_id for r in reqs], 120)
-        first = serving(core)
-        live["decode-1"] = successor  # restarted under a new actor: a new incarnation
-        await until(lambda: decodes()["ready"] == 1 and serving(core)["decode-1"]
-                    not in ("", first["decode-1"]), "decode-1's successor admitted")
-        await until(lambda: paired(prefill, successor) and paired(scaled, successor),
-                    "prefill -> successor KV pairs")
-        again = request("again", batch[0], collector.address, 5)
-        await core.submit(again)
-        await asyncio.to_thread(collector.wait_finished, ["again"], 60)
-        await until(lambda: not core.requests, "requests done")
-        await core.stop()
-        return reqs, first, serving(core), admitted, forgotten
+        try:  # stopped even when a check fails: its news socket is closed, not left to GC
+            core.add_worker("prefill-0", "prefill", LocalHandle(prefill))
+            core.add_worker("decode-0", "decode", LocalHandle(old))
+            core.membership.watch(find)
+            await core.wait_ready(10)
+            core.start()
+            decodes = lambda: core.health()["workers"]["decode"]  # noqa: E731
+            # Started after the router: registered, admitted, paired with the others.
+            live.update({"decode-1": late, "prefill-1": scaled})
+            await until(lambda: decodes() == {"ready": 2, "known": 2}, "decode-1 admitted")
+            await until(lambda: all(paired(p, d) for p in (prefill, scaled) for d in (old, late)),
+                        "every prefill -> decode KV pair")
+            admitted = labelled(core)
+            del live["decode-0"]  # gone: lost, then forgotten
+            await until(lambda: decodes() == {"ready": 1, "known": 1}, "decode-0 forgotten")
+            forgotten = labelled(core)
+            reqs = [request(f"r{i}", p, collector.address, 5) for i, p in enumerate(batch)]
+            await asyncio.gather(*(core.submit(r) for r in reqs))
+            await asyncio.to_thread(collector.wait_finished, [r.request_id for r in reqs], 120)
+            first = serving(core)
+            live["decode-1"] = successor  # restarted under a new actor: a new incarnation
+            await until(lambda: decodes()["ready"] == 1 and serving(core)["decode-1"]
+                        not in ("", first["decode-1"]), "decode-1's successor admitted")
+            await until(lambda: paired(prefill, successor) and paired(scaled, successor),
+                        "prefill -> successor KV pairs")
+            again = request("again", batch[0], collector.address, 5)
+            await core.submit(again)
+            await asyncio.to_thread(collector.wait_finished, ["again"], 60)
+            await until(lambda: not core.requests, "requests done")
+            return reqs, first, serving(core), admitted, forgotten
+        finally:
+            await core.stop()
 
     try:
         reqs, first, then, admitted, forgotten = asyncio.run(run())
