@@ -100,6 +100,10 @@ def test_rescan_admits_new_workers_forgets_gone_ones_and_pairs_them(tiny_model_d
             await until(lambda: decodes() == {"ready": 2, "known": 2}, "decode-1 admitted")
             await until(lambda: all(paired(p, d) for p in (prefill, scaled) for d in (old, late)),
                         "every prefill -> decode KV pair")
+            # The router asks an admitted worker for its ranks after introducing it to the
+            # others, so a pair can be up before the ranks are known: wait for them too.
+            await until(lambda: len(labelled(core).get("kvrelay_rank_kv_capacity_bytes", {}))
+                        == 4, "the ranks of all four workers")
             admitted = labelled(core)
             del live["decode-0"]  # gone: lost, then forgotten
             await until(lambda: decodes() == {"ready": 1, "known": 1}, "decode-0 forgotten")
