@@ -18,7 +18,7 @@ import ray
 import torch
 
 from cluster.config import ClusterConfig
-from cluster.control_plane.discovery import find_workers, named_workers
+from cluster.control_plane.discovery import find_workers, named_workers, worker_actor_name
 from cluster.control_plane.redis_keys import RedisKeys
 from cluster.control_plane.redis_plane import RedisControlPlane
 from cluster.rank_metrics import describe_ranks
@@ -153,7 +153,7 @@ def start_workers(config: ClusterConfig, groups: list[Any] | None = None,
     actor_cls = ray.remote(WorkerActor)
     cuda = _use_cuda(config)
     for worker_id, role in config.worker_roles():
-        options = worker_options(config, f"{config.name}-{worker_id}")
+        options = worker_options(config, worker_actor_name(config.name, worker_id))
         tp, pp = config.shape(role)
         if tp * pp > 1:
             if config.gpu_share:

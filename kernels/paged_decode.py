@@ -57,7 +57,7 @@ class DecodeTiles:
 _GPU_TILES = DecodeTiles(64, 4, 3)
 _GPU_FP8_TILES = DecodeTiles(128, 4, 3)
 """An fp8 cache's tiles on the GPU: 128 keys per tile (float16 operands, `mma_query`) took
-0.69-0.92x the time of 64-key tiles over batch x context 1 x 16k .. 256 x 1k on an H200
+0.66-0.91x the time of 64-key tiles over batch x context 1 x 16k .. 256 x 1k on an H200
 (docs/perf.md, FP8 KV cache)."""
 _CPU_TILES = DecodeTiles(16, 4, 1)
 
@@ -198,6 +198,7 @@ def _launch_decode(q, k_cache, v_cache, block_tables, cu_q, seq_lens, out, num_s
 
 
 def default_tiles(device: torch.device, cache_dtype: torch.dtype) -> DecodeTiles:
+    """The decode tiles for a cache of `cache_dtype` on `device`."""
     if device.type != "cuda":
         return _CPU_TILES
     return _GPU_FP8_TILES if is_fp8(cache_dtype) else _GPU_TILES

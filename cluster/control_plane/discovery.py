@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 _WORKER_ID = re.compile(r"(prefill|decode|colocated)-\d+")
 
 
+def worker_actor_name(name: str, worker_id: str) -> str:
+    """The Ray actor name of cluster `name`'s worker `worker_id` (in namespace NAMESPACE)."""
+    return f"{name}-{worker_id}"
+
+
 def find_workers(name: str) -> dict[str, tuple[str, Any]]:
     """worker_id -> (role, actor handle) of every live worker of cluster `name` on this Ray
     (the caller is connected to it)."""
@@ -58,7 +63,7 @@ def named_workers(name: str, members: list[tuple[str, str]]) -> list[tuple[str, 
     found = []
     for worker_id, role in members:
         try:
-            found.append((worker_id, role, ray.get_actor(f"{name}-{worker_id}",
+            found.append((worker_id, role, ray.get_actor(worker_actor_name(name, worker_id),
                                                          namespace=NAMESPACE)))
         except ValueError:
             log.warning("worker %s of cluster %r has no live actor: left out", worker_id, name)
