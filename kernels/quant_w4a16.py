@@ -163,11 +163,22 @@ def w4a16_matmul(
     min_form: bool = False,
     launch: dict | None = None,
     gated: bool = False,
-) -> torch.Tensor:
+    add_norm: split_k.AddNorm | None = None,
+) -> torch.Tensor | tuple[split_k.NormedRows, torch.Tensor]:
     """x @ dequantized weight, [M, N] in x's dtype (float32 accumulation). `launch` overrides
     the launch configuration (split_k.gemv_launch up to GEMV_MAX_ROWS rows, else
     split_k.dot_launch plus row_unpack), for the benchmark's --sweep. `gated`: x is
-    [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up."""
+    [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up. A NormedRows x and
+    `add_norm` (kernels/quant_split_k.py) only where `takes_norm(m, group_size)`."""
+    if isinstance(x, split_k.NormedRows) or add_norm is not None:
+        rows = x.scaled if isinstance(x, split_k.NormedRows) else x
+        _check(rows, qweight, scales, zeros, group_size, gated)
+        m, n, k = rows.shape[0], qweight.shape[1], qweight.shape[0] * 8
+        assert takes_norm(m, group_size), f"{m} rows, group size {group_size}: no norm fusion"
+        return w4a16_gemv(x, qweight, scales, zeros, group_size, min_form,
+                          **split_k.gemv_launch(m, n, k, gemv_defaults(m, n, k, group_size),
+                                                launch),
+                          gated=gated, add_norm=add_norm)
     _check(x, qweight, scales, zeros, group_size, gated)
     x, gated = split_k.gated_rows(x, gated, gemv_supports(group_size))
     m, n, k = x.shape[0], qweight.shape[1], qweight.shape[0] * 8
@@ -190,6 +201,12 @@ def w4a16_matmul(
             **pdl.launch(x.device),
         )
     return out.out
+
+
+def takes_norm(m: int, group_size: int) -> bool:
+    """Whether an m-row matmul runs the matrix-vector form, which takes NormedRows and
+    AddNorm (kernels/quant_split_k.py)."""
+    return 0 < m <= split_k.GEMV_MAX_ROWS and gemv_supports(group_size)
 
 
 def unpack_rows_ref(qweight: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,17 @@ from kernels.quant_split_k import (
     X_SCALE8,
     X_SCALE12,
     X_SCALE16,
+    AddNorm,
+    NormedRows,
     gemv_program,
     load_x,
+    norm_launch,
+    norm_weight,
+    residual_row,
+    rstd,
+    square_parts,
     store_row,
+    store_row_add_norm,
 )
 
 UNIT_ROWS = 4
@@ -161,8 +169,11 @@ def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, count_ptr,
     N, K, group_words, unit_words, k_per_split,
     stride_xm, stride_qk, stride_sg, stride_os, stride_om,
+    sq_in_ptr, stride_sq_in, n_parts, eps,
+    res_ptr, stride_res, scaled_ptr, norm_w_ptr, sq_out_ptr,
     BLOCK_N: tl.constexpr, LANES: tl.constexpr, MIN_FORM: tl.constexpr,
-    EVEN: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+    EVEN: tl.constexpr, GATED: tl.constexpr, SPLIT: tl.constexpr,
+    NORMED: tl.constexpr, PARTS: tl.constexpr, ADD_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N columns over split pid_k's rows of K,
     walked group-major: lane c of LANES takes the c-th unit of `unit_words` packed rows (a
@@ -174,7 +185,9 @@ def _w4a16_gemv_kernel(
     unit rather than once per word. Each thread holds 8 columns of one lane, so the scales and
     zeros convert once per unit and the inputs once per 8 words. Two rows are in flight while
     two are multiplied. The sum over lanes is taken once after the loop. EVEN: the columns and
-    the split's K fill whole tiles (no masks)."""
+    the split's K fill whole tiles (no masks). NORMED: x is a NormedRows' `scaled` (float32)
+    and the sums are scaled by its row's rstd; ADD_NORM: the epilogue of AddNorm
+    (kernels/quant_split_k.py)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
     w_end = k_end // 8
     span = LANES * unit_words
@@ -184,7 +197,10 @@ def _w4a16_gemv_kernel(
     a, b = _two_rows(wp, stride_qk, lane_row, w_end, n_ok, EVEN)
     s, z = _group_scales(s_ptr, z_ptr, lane_row, w_end, group_words, offs_n, n_ok, stride_sg,
                          EVEN)
+    norm_w = norm_weight(norm_w_ptr, offs_n, N, ADD_NORM)
     pdl.enter(PDL)  # after the first rows' weight loads: they never depend on the step
+    parts = square_parts(sq_in_ptr, row, stride_sq_in, n_parts, NORMED, PARTS)
+    residual = residual_row(res_ptr, row, stride_res, offs_n, N, ADD_NORM)
     acc = tl.zeros((LANES, BLOCK_N), dtype=tl.float32)
     part = tl.zeros((LANES, BLOCK_N), dtype=tl.float32)
     x_sum = tl.zeros((LANES,), dtype=tl.float32)
@@ -221,34 +237,41 @@ def _w4a16_gemv_kernel(
             done = 0
             s, z = _group_scales(s_ptr, z_ptr, lane_row, w_end, group_words, offs_n, n_ok,
                                  stride_sg, EVEN)
-    store_row(out_ptr, part_ptr, count_ptr, tl.sum(acc, axis=0), row, offs_n, N, stride_os,
-              stride_om, SPLIT)
+    y = tl.sum(acc, axis=0) * rstd(parts, K, eps, NORMED)
+    if ADD_NORM:
+        store_row_add_norm(out_ptr, y, row, offs_n, N, stride_om, residual, norm_w,
+                           scaled_ptr, sq_out_ptr)
+    else:
+        store_row(out_ptr, part_ptr, count_ptr, y, row, offs_n, N, stride_os, stride_om, SPLIT)
 
 
 def w4a16_gemv(
     x, qweight, scales, zeros, group_size: int, min_form: bool, *,
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int = 1,
-    unit_k: int | None = None, gated: bool = False,
-) -> torch.Tensor:
+    unit_k: int | None = None, gated: bool = False, add_norm: AddNorm | None = None,
+) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
     """quant_w4a16.w4a16_matmul's matrix-vector form with an explicit launch configuration
     (the benchmark's --sweep times several): `block_k` inputs per program per sweep, in lanes
     of `unit_k` (default `default_unit_k`; a multiple of 32 dividing the group size, and
-    block_k / unit_k a power of two)."""
+    block_k / unit_k a power of two). x may be NormedRows; with `add_norm` it returns
+    (NormedRows for the next matmul, the new residual) (kernels/quant_split_k.py)."""
     m, n, k = x.shape[0], qweight.shape[1], qweight.shape[0] * 8
+    dtype = x.dtype
     unit_k = unit_k or default_unit_k(group_size)
     lanes = block_k // unit_k
     assert gemv_supports(group_size) and unit_k % 32 == 0 and group_size % unit_k == 0, (
         f"unit of {unit_k} inputs for group size {group_size}")
     assert lanes * unit_k == block_k and lanes & (lanes - 1) == 0, (
         f"block_k {block_k} is not a power-of-two count of {unit_k}-input units")
-    out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device,
+    out = split_k.split_output(m, n, k, block_k, split, dtype, qweight.device,
                                (m, triton.cdiv(n, block_n)))
+    x, norm_args, handed = norm_launch(x, add_norm, out, n)
     _w4a16_gemv_kernel[out.grid](
         x, qweight, scales, zeros, out.out, out.parts, out.counts,
         n, k, group_size // 8, unit_k // 8, out.k_per_split,
         x.stride(0), qweight.stride(0), scales.stride(0), out.part_stride, n,
         BLOCK_N=block_n, LANES=lanes, MIN_FORM=min_form,
         EVEN=whole_tiles(n, k, block_n, block_k), GATED=gated, SPLIT=out.split,
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch(x.device),
+        num_warps=num_warps, num_stages=num_stages, **norm_args, **pdl.launch(x.device),
     )
-    return out.out
+    return out.out if handed is None else (handed, out.out)

@@ -28,10 +28,18 @@ from kernels.quant_split_k import (
     X_SCALE0,
     X_SCALE8,
     X_SCALE16,
+    AddNorm,
+    NormedRows,
     gemv_program,
     load_x,
     load_x_tile,
+    norm_launch,
+    norm_weight,
+    residual_row,
+    rstd,
+    square_parts,
     store_row,
+    store_row_add_norm,
     store_tile,
 )
 
@@ -147,9 +155,12 @@ def _channel_gemv_kernel(
     x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, count_ptr,
     N, K, k_per_split,
     stride_xm, stride_wn, stride_os, stride_om,
+    sq_in_ptr, stride_sq_in, n_parts, eps,
+    res_ptr, stride_res, scaled_ptr, norm_w_ptr, sq_out_ptr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
     EVEN_N: tl.constexpr, FP8_WEIGHTS: tl.constexpr, GATED: tl.constexpr,
-    SPLIT: tl.constexpr, PDL: tl.constexpr,
+    SPLIT: tl.constexpr, NORMED: tl.constexpr, PARTS: tl.constexpr, ADD_NORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One row of x (program axis 0) times BLOCK_N rows of the [N, K] weight over split
     pid_k's columns of K; the weight is read as int32 words along K, its contiguous axis
@@ -158,7 +169,8 @@ def _channel_gemv_kernel(
     The float32 sums of each word's four products accumulate in a [BLOCK_N, BLOCK_K / 4]
     tile (a multiply-add per weight), summed over K once after the loop. PREFETCH: the next
     tile's loads are issued before this tile's arithmetic (Triton pipelines only loads that
-    feed tl.dot)."""
+    feed tl.dot). NORMED / ADD_NORM: a NormedRows input, AddNorm's epilogue
+    (kernels/quant_split_k.py)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 4)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
@@ -166,7 +178,10 @@ def _channel_gemv_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
     x_sum = tl.zeros((BLOCK_K // 4,), dtype=tl.float32)
     w = _load_channel_words(w_rows, k_start, k_end, offs_w, n_ok, EVEN_N)
+    norm_w = norm_weight(norm_w_ptr, offs_n, N, ADD_NORM)
     pdl.enter(PDL)  # after the first weight tile's loads: they never depend on the step
+    parts = square_parts(sq_in_ptr, row, stride_sq_in, n_parts, NORMED, PARTS)
+    residual = residual_row(res_ptr, row, stride_res, offs_n, N, ADD_NORM)
     x0, x1, x2, x3 = _load_channel_x(x_row, k_start, k_end, offs_w, K, GATED)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
@@ -184,34 +199,41 @@ def _channel_gemv_kernel(
     y = tl.sum(acc, axis=1) * _product_scale(FP8_WEIGHTS)
     if not FP8_WEIGHTS:  # sum x q = sum x (q + 128) - 128 sum x
         y -= 128.0 * tl.sum(x_sum, axis=0)
-    y *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
-    store_row(out_ptr, part_ptr, count_ptr, y, row, offs_n, N, stride_os, stride_om, SPLIT)
+    y *= tl.load(s_ptr + offs_n, mask=n_ok, other=0.0) * rstd(parts, K, eps, NORMED)
+    if ADD_NORM:
+        store_row_add_norm(out_ptr, y, row, offs_n, N, stride_om, residual, norm_w,
+                           scaled_ptr, sq_out_ptr)
+    else:
+        store_row(out_ptr, part_ptr, count_ptr, y, row, offs_n, N, stride_os, stride_om, SPLIT)
 
 
 def channel_gemv(
     x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, *,
     block_n: int, block_k: int, split: int, num_warps: int, num_stages: int,
-    prefetch: bool = True, gated: bool = False,
-) -> torch.Tensor:
+    prefetch: bool = True, gated: bool = False, add_norm: AddNorm | None = None,
+) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
     """(x @ weight.T) * scales for a few rows of x (weight [N, K] int8 or FP8, K a multiple of
     4, scales float32 [N]), with an explicit launch configuration (the benchmark's --sweep
     times several); `gated`: x is [M, 2K] and the input silu(gate) * up
-    (quant_split_k.load_x)."""
+    (quant_split_k.load_x). x may be NormedRows; with `add_norm` it returns (NormedRows for
+    the next matmul, the new residual) (kernels/quant_split_k.py)."""
     m, (n, k) = x.shape[0], weight.shape
+    dtype = x.dtype
     assert k % 4 == 0 and weight.stride(0) % 4 == 0, (
         f"the matrix-vector form reads weight {tuple(weight.shape)} stride {weight.stride()} "
         "as int32 words: K and the row stride must be multiples of 4")
-    out = split_k.split_output(m, n, k, block_k, split, x.dtype, x.device,
+    out = split_k.split_output(m, n, k, block_k, split, dtype, weight.device,
                                (m, triton.cdiv(n, block_n)))
+    x, norm_args, handed = norm_launch(x, add_norm, out, n)
     _channel_gemv_kernel[out.grid](
         x, weight.view(torch.int32), scales, out.out, out.parts, out.counts,
         n, k, out.k_per_split,
         x.stride(0), weight.stride(0) // 4, out.part_stride, n,
         BLOCK_N=block_n, BLOCK_K=block_k, PREFETCH=prefetch, EVEN_N=n % block_n == 0,
         FP8_WEIGHTS=weight.dtype != torch.int8, GATED=gated, SPLIT=out.split,
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch(x.device),
+        num_warps=num_warps, num_stages=num_stages, **norm_args, **pdl.launch(x.device),
     )
-    return out.out
+    return out.out if handed is None else (handed, out.out)
 
 
 CHANNEL_GEMV_TILE = {"block_n": 16, "block_k": 512, "split": 1}
@@ -255,21 +277,31 @@ def w8a16_matmul(
     scales: torch.Tensor,  # float32 [N]
     launch: dict | None = None,
     gated: bool = False,
-) -> torch.Tensor:
+    add_norm: split_k.AddNorm | None = None,
+) -> torch.Tensor | tuple[split_k.NormedRows, torch.Tensor]:
     """(x @ qweight.T) * scales, [M, N] in x's dtype (float32 accumulation); `gated`: x is
-    [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up."""
-    _check(x, qweight, scales, gated)
-    return channel_matmul(x, qweight, scales, launch, gated)
+    [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up; NormedRows and
+    `add_norm` as in `channel_matmul`."""
+    _check(x.scaled if isinstance(x, split_k.NormedRows) else x, qweight, scales, gated)
+    return channel_matmul(x, qweight, scales, launch, gated, add_norm)
 
 
 def channel_matmul(
-    x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, launch: dict | None = None,
-    gated: bool = False,
-) -> torch.Tensor:
+    x: torch.Tensor | split_k.NormedRows, weight: torch.Tensor, scales: torch.Tensor,
+    launch: dict | None = None, gated: bool = False, add_norm: split_k.AddNorm | None = None,
+) -> torch.Tensor | tuple[split_k.NormedRows, torch.Tensor]:
     """(x @ weight.T) * scales for any [N, K] weight whose values widen exactly to float32 and
     to x's dtype (int8; FP8 e4m3 from kernels/quant_fp8.py). `launch` overrides the launch
     configuration (split_k.gemv_launch up to GEMV_MAX_ROWS rows, split_k.dot_launch above);
-    `gated` as in `w8a16_matmul` (applied in the matrix-vector kernel's prologue)."""
+    `gated` as in `w8a16_matmul` (applied in the matrix-vector kernel's prologue). A
+    NormedRows x and `add_norm` (kernels/quant_split_k.py) only up to GEMV_MAX_ROWS rows."""
+    if isinstance(x, split_k.NormedRows) or add_norm is not None:
+        m, (n, k) = x.shape[0], weight.shape
+        assert 0 < m <= split_k.GEMV_MAX_ROWS and not gated, (
+            f"{m} rows{' gated' if gated else ''}: no norm fusion")
+        return channel_gemv(x, weight, scales,
+                            **split_k.gemv_launch(m, n, k, channel_gemv_defaults(m, n, k), launch),
+                            add_norm=add_norm)
     x, gated = split_k.gated_rows(x, gated)
     m, (n, k) = x.shape[0], weight.shape
     if 0 < m <= split_k.GEMV_MAX_ROWS:

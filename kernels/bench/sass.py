@@ -122,9 +122,25 @@ def _signature(fn, constexprs: dict, pointers: dict[str, str]) -> dict[str, str]
     return {name: pointers.get(name, "i32") for name in fn.arg_names if name not in constexprs}
 
 
+NORM_POINTERS = {"sq_in_ptr": "*fp32", "eps": "fp32", "res_ptr": "*bf16",
+                 "scaled_ptr": "*fp32", "norm_w_ptr": "*bf16", "sq_out_ptr": "*fp32"}
+"""The arguments of the RMSNorm finished across two matrix-vector kernels
+(kernels/quant_split_k.py AddNorm, NormedRows)."""
+
+
+def _norm_variants(fp8_or_w4: bool) -> list[tuple[str, dict]]:
+    """(name suffix, constexprs): the plain launch, and for FP8 and W4A16 the one that takes
+    NormedRows (float32 x) and adds AddNorm's epilogue."""
+    plain = ("", dict(NORMED=False, PARTS=1, ADD_NORM=False))
+    if not fp8_or_w4:
+        return [plain]
+    return [plain, (" + norm", dict(NORMED=True, PARTS=128, ADD_NORM=True))]
+
+
 def decode_kernels(arch: int) -> list[SassReport]:
     """The channel kernel (FP8 and int8 weights) and the W4A16 matrix-vector kernel at their
-    default launches for one row of x and Llama-3-8B's q/k/v weight."""
+    default launches for one row of x and Llama-3-8B's q/k/v weight; FP8 and W4A16 also with
+    the norm handed between projections."""
     from kernels import quant_split_k as split_k
     from kernels.quant_w4a16_gemv import (
         UNIT_ROWS,
@@ -137,27 +153,33 @@ def decode_kernels(arch: int) -> list[SassReport]:
     reports = []
     launch = split_k.gemv_launch(1, N, K, channel_gemv_defaults(1, N, K))
     for fmt, fp8 in (("fp8", True), ("int8", False)):
-        constexprs = dict(BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"],
-                          PREFETCH=launch.get("prefetch", True), EVEN_N=True, FP8_WEIGHTS=fp8,
-                          GATED=False, SPLIT=_splits(launch) > 1, PDL=True)
-        signature = _signature(_channel_gemv_kernel, constexprs, {
-            "x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "out_ptr": "*bf16",
-            "part_ptr": "*fp32", "count_ptr": "*i32"})
-        reports.append(report(f"channel {fmt}", _channel_gemv_kernel, signature, constexprs,
-                              launch["num_warps"], _weights_per_thread(launch),
-                              _launch_text(launch), arch))
+        for suffix, norm in _norm_variants(fp8):
+            constexprs = dict(BLOCK_N=launch["block_n"], BLOCK_K=launch["block_k"],
+                              PREFETCH=launch.get("prefetch", True), EVEN_N=True,
+                              FP8_WEIGHTS=fp8, GATED=False, SPLIT=_splits(launch) > 1, PDL=True,
+                              **norm)
+            signature = _signature(_channel_gemv_kernel, constexprs, {
+                "x_ptr": "*fp32" if norm["NORMED"] else "*bf16", "w_ptr": "*i32",
+                "s_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+                **NORM_POINTERS})
+            reports.append(report(f"channel {fmt}{suffix}", _channel_gemv_kernel, signature,
+                                  constexprs, launch["num_warps"], _weights_per_thread(launch),
+                                  _launch_text(launch), arch))
     launch = split_k.gemv_launch(1, N, K, gemv_defaults(1, N, K, GROUP_SIZE))
     lanes = launch["block_k"] // launch["unit_k"]
-    constexprs = dict(BLOCK_N=launch["block_n"], LANES=lanes, MIN_FORM=False,
-                      EVEN=whole_tiles(N, K, launch["block_n"], launch["block_k"]),
-                      GATED=False, SPLIT=_splits(launch) > 1, PDL=True)
-    signature = _signature(_w4a16_gemv_kernel, constexprs, {
-        "x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-        "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32"})
-    # One iteration: UNIT_ROWS packed rows (8 weights each) per lane and column.
-    weights = lanes * UNIT_ROWS * 8 * launch["block_n"] // (32 * launch["num_warps"])
-    reports.append(report("w4a16 gptq", _w4a16_gemv_kernel, signature, constexprs,
-                          launch["num_warps"], weights, _launch_text(launch), arch))
+    for suffix, norm in _norm_variants(True):
+        constexprs = dict(BLOCK_N=launch["block_n"], LANES=lanes, MIN_FORM=False,
+                          EVEN=whole_tiles(N, K, launch["block_n"], launch["block_k"]),
+                          GATED=False, SPLIT=_splits(launch) > 1, PDL=True, **norm)
+        signature = _signature(_w4a16_gemv_kernel, constexprs, {
+            "x_ptr": "*fp32" if norm["NORMED"] else "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16",
+            "z_ptr": "*fp16", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
+            **NORM_POINTERS})
+        # One iteration: UNIT_ROWS packed rows (8 weights each) per lane and column.
+        weights = lanes * UNIT_ROWS * 8 * launch["block_n"] // (32 * launch["num_warps"])
+        reports.append(report(f"w4a16 gptq{suffix}", _w4a16_gemv_kernel, signature,
+                              constexprs, launch["num_warps"], weights, _launch_text(launch),
+                              arch))
     return reports
 
 
@@ -221,11 +243,11 @@ def _launch_text(launch: dict) -> str:
 
 def format_table(reports: list[SassReport], arch: int) -> str:
     lines = [f"sm_{arch}, one row x [{K}, {N}] (Llama-3-8B q/k/v), default launches",
-             f"{'kernel':<14}{'launch':<20}{'regs':>6}{'spills':>8}{'loop':>7}"
+             f"{'kernel':<20}{'launch':<20}{'regs':>6}{'spills':>8}{'loop':>7}"
              f"{'per weight':>12}{'FFMA/weight':>13}  top opcodes"]
     for r in reports:
         top = ", ".join(f"{op} {n}" for op, n in list(r.loop_opcodes.items())[:6])
-        lines.append(f"{r.kernel:<14}{r.launch:<20}{r.registers:>6}{r.spill_instructions:>8}"
+        lines.append(f"{r.kernel:<20}{r.launch:<20}{r.registers:>6}{r.spill_instructions:>8}"
                      f"{r.loop_instructions:>7}{r.per_weight:>12.2f}{r.fma_per_weight:>13.2f}"
                      f"  {top}")
     return "\n".join(lines)

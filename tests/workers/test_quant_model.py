@@ -124,6 +124,34 @@ def test_greedy_generation_with_the_gpu_kernels_equals_the_dequantized_model(
     assert [o.token_ids for o in quantized] == [o.token_ids for o in reference]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["gptq", "awq", "int8", "fp8"])
+def test_norms_handed_between_quantized_projections_keep_greedy_output(
+    case, quantized_dirs, make_engine, monkeypatch
+):
+    """With the fused kernels (triton backend, float32, GPU), each layer at decode leaves its
+    post-attention norm to o_proj -> gate_up_proj and every layer but the last its successor's
+    input norm to down_proj -> qkv_proj (kernels/quant_split_k.py AddNorm); greedy tokens are
+    those of the same engine running every norm as a kernel (KVRELAY_FUSED_NORMS=0)."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    engine = make_engine(model_dir=quantized_dirs[case], device="cuda",
+                         attention_backend="triton")
+    layers = list(engine.runner.model.layers.values())
+    residual = torch.zeros(1, device="cuda")
+    for rows in (1, 4):
+        assert [layer.norm_handoffs(rows, residual) for layer in layers] == (
+            [(True, True)] * (len(layers) - 1) + [(True, False)])
+    assert layers[0].norm_handoffs(5, residual) == (False, False)  # the tl.dot form's rows
+    handed = engine.generate(PROMPTS, params)
+    monkeypatch.setenv("KVRELAY_FUSED_NORMS", "0")
+    plain_engine = make_engine(model_dir=quantized_dirs[case], device="cuda",
+                               attention_backend="triton")
+    assert plain_engine.runner.model.layers["0"].norm_handoffs(1, residual) == (False, False)
+    plain = plain_engine.generate(PROMPTS, params)
+    assert [o.token_ids for o in handed] == [o.token_ids for o in plain]
+
+
 @pytest.mark.parametrize("case", ["gptq", "awq", "int8", "fp8"])
 def test_dummy_weights_of_a_quantized_config_are_the_dense_dummy_weights_quantized(
     case, quantized_dirs

@@ -12,6 +12,11 @@ The two projection layers may instead hold their weight quantized (GPTQ/AWQ 4-bi
 FP8; workers/model/quant/): `load_quantized(shard, weight)` takes a full (unsharded) quantized
 weight, keeps this rank's shard, and once every merged shard has arrived replaces the dense
 `weight` parameter (set to None) by `quantized`, a module computing x @ W.T.
+
+At decode sizes a quantized projection can also finish the RMSNorm between it and the next
+one (kernels/quant_split_k.py `AddNorm`, `NormedRows`): RowParallelLinear.forward(x,
+add_norm=...) adds the residual and hands the next ColumnParallelLinear a NormedRows, which
+its forward takes in place of x. `hands_norm(rows)` / `takes_normed(rows)` say where.
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.quant_split_k import AddNorm, NormedRows
 from workers.model.parallel import ParallelContext
 
 QuantizedWeight = nn.Module
-"""Int4Weight, Int8Weight or Fp8Weight (workers/model/quant/): forward(x, gated=False) =
-x @ W.T, `fuses_activation`, and out_slice / in_slice / cat_out to cut and merge shards."""
+"""Int4Weight, Int8Weight or Fp8Weight (workers/model/quant/): forward(x, gated=False,
+add_norm=None) = x @ W.T, `fuses_activation`, `takes_norm(rows)`, and out_slice / in_slice /
+cat_out to cut and merge shards."""
 
 
 def _copy_shard(dst: torch.Tensor, full: torch.Tensor, dim: int, start: int) -> None:
@@ -73,7 +80,12 @@ class ColumnParallelLinear(nn.Module):
             parts = [self._quantized_shards.pop(i) for i in range(len(self.output_sizes))]
             _install_quantized(self, type(parts[0]).cat_out(parts))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def takes_normed(self, rows: int) -> bool:
+        """Whether forward takes a NormedRows of `rows` rows (a quantized weight's
+        matrix-vector kernel)."""
+        return self.quantized is not None and self.quantized.takes_norm(rows)
+
+    def forward(self, x: torch.Tensor | NormedRows) -> torch.Tensor:
         if self.quantized is None:
             return F.linear(x, self.weight, self.bias)
         y = self.quantized(x)
@@ -113,9 +125,20 @@ class RowParallelLinear(nn.Module):
         go through cuBLAS, which has no prologue."""
         return self.quantized is not None and self.quantized.fuses_activation
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    def hands_norm(self, rows: int) -> bool:
+        """Whether forward takes `add_norm` for `rows` rows: a quantized weight's
+        matrix-vector kernel owning whole output rows (no TP sum, no bias after it)."""
+        return (self.parallel.tp_size == 1 and self.bias is None
+                and self.quantized is not None and self.quantized.takes_norm(rows))
+
+    def forward(
+        self, x: torch.Tensor, gated: bool = False, add_norm: AddNorm | None = None,
+    ) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
         """x @ W.T on this rank's input shard, summed over TP ranks; `gated` only where
-        `fuses_activation`."""
+        `fuses_activation`. With `add_norm` (only where `hands_norm`): (the next projection's
+        NormedRows, the new residual stream) (kernels/quant_split_k.py)."""
+        if add_norm is not None:
+            return self.quantized(x, gated=gated, add_norm=add_norm)
         if self.quantized is None:
             assert not gated, "a dense weight takes no gated input"
             matmul = F.linear(x, self.weight)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kernels.quant_split_k import AddNorm, NormedRows
 from workers.attention.backend import AttentionBackend, AttentionMetadata
 from workers.model.config import ModelConfig
 from workers.model.linear import (
@@ -92,8 +93,10 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, kv_cache: KVCache, meta: AttentionMetadata
-    ) -> torch.Tensor:
+        self, x: torch.Tensor | NormedRows, rope: Rope, kv_cache: KVCache,
+        meta: AttentionMetadata, add_norm: AddNorm | None = None,
+    ) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
+        """The attention block's output; with `add_norm`, o_proj's (NormedRows, residual)."""
         n = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -104,7 +107,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.ops.attend(self.backend, q, k, v, rope, kv_cache, meta, self.scale,
                               self.k_scale, self.v_scale)
-        return self.o_proj(out.reshape(n, q_size))
+        return self.o_proj(out.reshape(n, q_size), add_norm=add_norm)
 
 
 class MLP(nn.Module):
@@ -115,19 +118,28 @@ class MLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [inter, inter], False, parallel)
         self.down_proj = RowParallelLinear(inter, cfg.hidden_size, False, parallel)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | NormedRows, add_norm: AddNorm | None = None,
+    ) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
+        """The MLP's output; with `add_norm`, down_proj's (NormedRows, residual)."""
         gate_up = self.gate_up_proj(x)
         if self.ops.fused and self.down_proj.fuses_activation:
             # The quantized down projection applies silu(gate) * up as it reads its input
             # (same roundings as the activation kernel): one launch fewer per layer.
-            return self.down_proj(gate_up, gated=True)
-        return self.down_proj(self.ops.silu_and_mul(gate_up))
+            return self.down_proj(gate_up, gated=True, add_norm=add_norm)
+        return self.down_proj(self.ops.silu_and_mul(gate_up), add_norm=add_norm)
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm block. The residual stream travels beside the hidden states, so each
     residual add is fused into the RMSNorm after it (layer i's last add is done by layer
-    i + 1's input norm, or the final norm)."""
+    i + 1's input norm, or the final norm).
+
+    Between two quantized projections at decode sizes (o_proj -> post-attention norm ->
+    gate_up_proj, and down_proj -> the next layer's input norm -> its qkv_proj) the norm is
+    no kernel of its own: the first projection adds the residual and hands the second a
+    NormedRows (kernels/quant_split_k.py AddNorm), two launches fewer per layer. Then this
+    layer returns (NormedRows, residual) and the next one starts from them."""
 
     def __init__(
         self,
@@ -142,22 +154,48 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, backend, parallel, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, parallel, ops)
+        self.next_layer: tuple[DecoderLayer, ...] = ()
+        """The next layer of this model, if any (a tuple: not a registered submodule)."""
+
+    def norm_handoffs(self, rows: int, residual: torch.Tensor | None) -> tuple[bool, bool]:
+        """Whether, for a step of `rows` rows, the post-attention norm and the next layer's
+        input norm are finished by the projections around them."""
+        if not self.ops.fuses_norms or residual is None:
+            return False, False
+        post = (self.self_attn.o_proj.hands_norm(rows)
+                and self.mlp.gate_up_proj.takes_normed(rows))
+        following = bool(self.next_layer) and (
+            self.mlp.down_proj.hands_norm(rows)
+            and self.next_layer[0].self_attn.qkv_proj.takes_normed(rows))
+        return post, following
 
     def forward(
         self,
-        x: torch.Tensor,
+        x: torch.Tensor | NormedRows,
         residual: torch.Tensor | None,
         rope: Rope,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mlp output, residual before it): their sum is this layer's output."""
-        if residual is None:
+    ) -> tuple[torch.Tensor | NormedRows, torch.Tensor]:
+        """(mlp output, residual before it): their sum is this layer's output. Or (the next
+        layer's input, normed and handed on, this layer's output)."""
+        if isinstance(x, NormedRows):  # the previous layer's down_proj did the input norm
+            h = x
+        elif residual is None:
             residual, h = x, self.ops.rms_norm(self.input_layernorm, x)
         else:
             h, residual = self.ops.rms_norm(self.input_layernorm, x, residual)
-        h = self.self_attn(h, rope, kv_cache, meta)
-        h, residual = self.ops.rms_norm(self.post_attention_layernorm, h, residual)
+        post, following = self.norm_handoffs(h.shape[0], residual)
+        if post:
+            norm = self.post_attention_layernorm
+            h, residual = self.self_attn(h, rope, kv_cache, meta,
+                                         AddNorm(residual, norm.weight, norm.eps))
+        else:
+            h = self.self_attn(h, rope, kv_cache, meta)
+            h, residual = self.ops.rms_norm(self.post_attention_layernorm, h, residual)
+        if following:
+            norm = self.next_layer[0].input_layernorm
+            return self.mlp(h, AddNorm(residual, norm.weight, norm.eps))
         return self.mlp(h), residual
 
 
@@ -193,6 +231,8 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleDict(
             {str(i): DecoderLayer(cfg, backend, parallel, self.ops) for i in range(start, end)}
         )
+        for i in range(start, end - 1):
+            self.layers[str(i)].next_layer = (self.layers[str(i + 1)],)
         if self.has_head:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, parallel)

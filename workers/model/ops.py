@@ -11,11 +11,14 @@ and never branch on the choice.
   backend that `fuses_rope` (triton), RoPE is handed to the backend's cache write instead:
   one kernel rotates q and writes the rotated k and v (kernels/rotary_cache_write.py).
 Both keep the residual stream as a separate tensor: `rms_norm(norm, x, residual)` returns
-(norm(x + residual), x + residual), so the fused kernel reads each row once.
+(norm(x + residual), x + residual), so the fused kernel reads each row once. With FusedOps
+a decoder layer may also leave a norm to the quantized projections around it (`fuses_norms`;
+workers/model/llama.py DecoderLayer).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -30,10 +33,16 @@ Rope = Any
 for TorchOps, the positions themselves for FusedOps."""
 
 
+FUSED_NORMS_ENV = "KVRELAY_FUSED_NORMS"
+
+
 class TorchOps:
     """Plain torch; the same roundings as transformers (exact in float32 on any device)."""
 
     fused = False
+    fuses_norms = False
+    """Whether a norm between two quantized projections may be finished by them
+    (kernels/quant_split_k.py AddNorm) instead of run by `rms_norm`."""
 
     def __init__(self, rotary: RotaryEmbedding):
         self.rotary = rotary
@@ -77,6 +86,8 @@ class FusedOps(TorchOps):
 
     def __init__(self, rotary: RotaryEmbedding, max_positions: int):
         super().__init__(rotary)
+        # KVRELAY_FUSED_NORMS=0 runs every norm as its own kernel (for A/B timing).
+        self.fuses_norms = os.environ.get(FUSED_NORMS_ENV, "1") != "0"
         from kernels.activation import silu_and_mul
         from kernels.rmsnorm import rms_norm
         from kernels.rotary import apply_rotary as rotary_in_place

@@ -16,6 +16,7 @@ from torch import nn
 
 from kernels.activation import silu_and_mul_ref
 from kernels.quant_fp8 import FP8, fp8_linear
+from kernels.quant_split_k import GEMV_MAX_ROWS, AddNorm, NormedRows
 from kernels.quant_w8a16 import w8a16_matmul
 
 
@@ -43,9 +44,20 @@ class ChannelWeight(nn.Module):
     launch (Llama-3-8B on an H200, 2026-11-28 13:33 UTC: FP8 decode graph 2.74 ms fused vs 2.60
     ms not; the down projection alone 24.0 vs 18.1 us)."""
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    def takes_norm(self, rows: int) -> bool:
+        """Whether forward takes a NormedRows x or `add_norm` for `rows` rows
+        (kernels/quant_split_k.py): the matrix-vector kernel on CUDA."""
+        return (self.weight.is_cuda and self.device_matmul_ok()
+                and 0 < rows <= GEMV_MAX_ROWS)
+
+    def forward(
+        self, x: torch.Tensor | NormedRows, gated: bool = False, add_norm: AddNorm | None = None,
+    ) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
         """x @ W.T; `gated`: x is [..., 2K], an MLP's gate then up, and the input is
-        silu(gate) * up."""
+        silu(gate) * up. A NormedRows x or `add_norm` only where `takes_norm` (x [rows, K])."""
+        if isinstance(x, NormedRows) or add_norm is not None:
+            assert self.takes_norm(x.shape[0]), f"{x.shape[0]} rows: no norm fusion"
+            return self.device_matmul(x, gated, add_norm)
         rows = x.reshape(-1, x.shape[-1])
         if x.is_cuda and self.device_matmul_ok():
             out = self.device_matmul(rows.contiguous(), gated)
@@ -57,7 +69,7 @@ class ChannelWeight(nn.Module):
     def device_matmul_ok(self) -> bool:
         return True
 
-    def device_matmul(self, rows: torch.Tensor, gated: bool) -> torch.Tensor:
+    def device_matmul(self, rows, gated: bool, add_norm: AddNorm | None = None):
         raise NotImplementedError
 
     def dequantize(self) -> torch.Tensor:
@@ -85,8 +97,8 @@ class Int8Weight(ChannelWeight):
         # The matrix-vector kernel reads the weight as int32 words (kernels/quant_w8a16.py).
         return self.in_features % 4 == 0
 
-    def device_matmul(self, rows: torch.Tensor, gated: bool) -> torch.Tensor:
-        return w8a16_matmul(rows, self.weight, self.scales, gated=gated)
+    def device_matmul(self, rows, gated: bool, add_norm: AddNorm | None = None):
+        return w8a16_matmul(rows, self.weight, self.scales, gated=gated, add_norm=add_norm)
 
 
 class Fp8Weight(ChannelWeight):
@@ -101,5 +113,5 @@ class Fp8Weight(ChannelWeight):
             self._tensor_cores = capable and shapes_ok
         return self._tensor_cores
 
-    def device_matmul(self, rows: torch.Tensor, gated: bool) -> torch.Tensor:
-        return fp8_linear(rows, self.weight, self.scales, gated=gated)
+    def device_matmul(self, rows, gated: bool, add_norm: AddNorm | None = None):
+        return fp8_linear(rows, self.weight, self.scales, gated=gated, add_norm=add_norm)
