@@ -311,8 +311,8 @@ def norm_launch(x: torch.Tensor | NormedRows, add_norm: AddNorm | None, out: Spl
                 n: int) -> tuple[torch.Tensor, dict, NormedRows | None]:
     """(the tensor the kernel loads as x, the kernel arguments of `square_parts`, `rstd`,
     `norm_weight`, `residual_row` and `store_row_add_norm`, the NormedRows the launch hands
-    on) for a matrix-vector launch
-    writing `out` ([M, n]). Both need whole rows of the output per program: no split."""
+    on) for a matrix-vector launch writing `out` ([M, n]). Both need whole rows of the output
+    per program: no split."""
     normed = isinstance(x, NormedRows)
     assert not (out.split and (normed or add_norm)), "a split launch cannot finish a norm"
     m = out.out.shape[0]
