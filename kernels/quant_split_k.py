@@ -289,12 +289,14 @@ class AddNorm:
 @dataclass(frozen=True)
 class NormedRows:
     """A matrix-vector matmul's input rms_norm(h) * weight, handed over unfinished by the
-    previous matmul's `AddNorm`: `scaled` float32 [M, K] is h * weight (exact: a product of
-    two 16-bit floats), `square_parts` float32 [M, P] the sums of h^2 over the producer's P
-    column tiles. The consumer sums the parts in one fixed order (every program gets the
-    same rstd = 1 / sqrt(sum / K + eps)) and scales its float32 sums by rstd before rounding:
-    rstd (h w) @ W instead of kernels/rmsnorm.py's round(round(h rstd) w) @ W, the same
-    product without the norm's two roundings of its output to `dtype`."""
+    previous matmul's `AddNorm`: `scaled` [M, K] is h * weight rounded to the activations'
+    dtype, `square_parts` float32 [M, P] the sums of h^2 over the producer's P column tiles.
+    The consumer sums the parts in one fixed order (every program gets the same rstd = 1 /
+    sqrt(sum / K + eps)) and scales its float32 sums by rstd before rounding: rstd round(h w)
+    @ W, one rounding of the normed input where kernels/rmsnorm.py's round(round(h rstd) w)
+    has two (none in float32). `scaled` in the activations' dtype keeps the consumer's loads
+    those of a plain input: a float32 one made W4A16's gate/up programs, which each read all
+    of x, measurably slower."""
 
     scaled: torch.Tensor
     square_parts: torch.Tensor
@@ -330,7 +332,7 @@ def norm_launch(x: torch.Tensor | NormedRows, add_norm: AddNorm | None, out: Spl
         assert res.shape == (m, n) and res.stride(1) == 1 and res.dtype == out.out.dtype, (
             f"residual {res.dtype} {tuple(res.shape)} vs output {out.out.dtype} {(m, n)}")
         assert add_norm.weight.shape == (n,), f"norm weight {tuple(add_norm.weight.shape)}"
-        scaled = torch.empty((m, n), dtype=torch.float32, device=res.device)
+        scaled = torch.empty((m, n), dtype=out.out.dtype, device=res.device)
         squares = torch.empty((m, out.tiles[1]), dtype=torch.float32, device=res.device)
         handed = NormedRows(scaled, squares, add_norm.eps, out.out.dtype)
         args.update(res_ptr=res, stride_res=res.stride(0), scaled_ptr=scaled,
@@ -388,7 +390,7 @@ def store_row_add_norm(out_ptr, y, row, offs_n, N, stride_om, residual, weight, 
                        sq_out_ptr):
     """`AddNorm`'s epilogue for columns offs_n (column tile program_id(1)) of output row
     `row`, with `residual_row` and `norm_weight` loaded earlier: h = round(round(y) +
-    residual) into out, h * weight into the NormedRows' float32 `scaled`, and sum h^2 over
+    residual) into out, round(h * weight) into the NormedRows' `scaled`, and sum h^2 over
     these columns into its square part. The rounding is kernels/rmsnorm.py's fused residual
     add, bit for bit."""
     n_ok = offs_n < N
@@ -397,5 +399,5 @@ def store_row_add_norm(out_ptr, y, row, offs_n, N, stride_om, residual, weight, 
     h = (y.to(dtype).to(tl.float32) + residual).to(dtype)
     tl.store(out_ptr + row * stride_om + offs_n, h, mask=n_ok)
     hf = h.to(tl.float32)
-    tl.store(scaled_ptr + row * N + offs_n, hf * weight, mask=n_ok)
+    tl.store(scaled_ptr + row * N + offs_n, (hf * weight).to(dtype), mask=n_ok)
     tl.store(sq_out_ptr + row * tl.num_programs(1) + tl.program_id(1), tl.sum(hf * hf, axis=0))

@@ -123,7 +123,7 @@ def _signature(fn, constexprs: dict, pointers: dict[str, str]) -> dict[str, str]
 
 
 NORM_POINTERS = {"sq_in_ptr": "*fp32", "eps": "fp32", "res_ptr": "*bf16",
-                 "scaled_ptr": "*fp32", "norm_w_ptr": "*bf16", "sq_out_ptr": "*fp32"}
+                 "scaled_ptr": "*bf16", "norm_w_ptr": "*bf16", "sq_out_ptr": "*fp32"}
 """The arguments of the RMSNorm finished across two matrix-vector kernels
 (kernels/quant_split_k.py AddNorm, NormedRows)."""
 
@@ -159,7 +159,7 @@ def decode_kernels(arch: int) -> list[SassReport]:
                               FP8_WEIGHTS=fp8, GATED=False, SPLIT=_splits(launch) > 1, PDL=True,
                               **norm)
             signature = _signature(_channel_gemv_kernel, constexprs, {
-                "x_ptr": "*fp32" if norm["NORMED"] else "*bf16", "w_ptr": "*i32",
+                "x_ptr": "*bf16", "w_ptr": "*i32",
                 "s_ptr": "*fp32", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
                 **NORM_POINTERS})
             reports.append(report(f"channel {fmt}{suffix}", _channel_gemv_kernel, signature,
@@ -172,7 +172,7 @@ def decode_kernels(arch: int) -> list[SassReport]:
                           EVEN=whole_tiles(N, K, launch["block_n"], launch["block_k"]),
                           GATED=False, SPLIT=_splits(launch) > 1, PDL=True, **norm)
         signature = _signature(_w4a16_gemv_kernel, constexprs, {
-            "x_ptr": "*fp32" if norm["NORMED"] else "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16",
+            "x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16",
             "z_ptr": "*fp16", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32",
             **NORM_POINTERS})
         # One iteration: UNIT_ROWS packed rows (8 weights each) per lane and column.
