@@ -28,7 +28,8 @@ from kernels import pdl
 from kernels.cache_write import quantize_fp8
 from kernels.kv_quant import FP8_DTYPE as FP8
 from kernels.kv_quant import FP8_MAX, divide
-from kernels.quant_split_k import AddNorm, NormedRows, gated_rows
+from kernels.norm_handoff import AddNorm, NormedRows, fuses_norm, input_rows
+from kernels.quant_split_k import gated_rows
 from kernels.quant_w8a16 import channel_matmul
 
 MIN_SCALE = 1e-12
@@ -99,9 +100,9 @@ def fp8_linear(
     """x [M, K] @ (weight * scales).T, [M, N] in x's dtype: on the FP8 tensor cores above
     `weight_only_rows` rows, weight-only (activations unquantized) up to it. `gated`: x is
     [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up. A NormedRows x and
-    `add_norm` (kernels/quant_split_k.py): weight-only, up to GEMV_MAX_ROWS rows."""
-    if isinstance(x, NormedRows) or add_norm is not None:
-        _check(x.scaled if isinstance(x, NormedRows) else x, weight, scales, gated)
+    `add_norm` (kernels/norm_handoff.py): weight-only, up to GEMV_MAX_ROWS rows."""
+    if fuses_norm(x, add_norm):
+        _check(input_rows(x), weight, scales, gated)
         return channel_matmul(x, weight, scales, gated=gated, add_norm=add_norm)
     x, gated = gated_rows(x, gated)
     _check(x, weight, scales, gated)

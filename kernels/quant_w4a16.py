@@ -33,6 +33,7 @@ import triton.language as tl
 from kernels import pdl
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
+from kernels.norm_handoff import AddNorm, NormedRows, fuses_norm, input_rows
 from kernels.quant_split_k import load_x_tile, store_tile
 from kernels.quant_w4a16_gemv import gemv_defaults, gemv_supports, w4a16_gemv
 
@@ -163,15 +164,15 @@ def w4a16_matmul(
     min_form: bool = False,
     launch: dict | None = None,
     gated: bool = False,
-    add_norm: split_k.AddNorm | None = None,
-) -> torch.Tensor | tuple[split_k.NormedRows, torch.Tensor]:
+    add_norm: AddNorm | None = None,
+) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
     """x @ dequantized weight, [M, N] in x's dtype (float32 accumulation). `launch` overrides
     the launch configuration (split_k.gemv_launch up to GEMV_MAX_ROWS rows, else
     split_k.dot_launch plus row_unpack), for the benchmark's --sweep. `gated`: x is
     [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up. A NormedRows x and
-    `add_norm` (kernels/quant_split_k.py) only where `takes_norm(m, group_size)`."""
-    if isinstance(x, split_k.NormedRows) or add_norm is not None:
-        rows = x.scaled if isinstance(x, split_k.NormedRows) else x
+    `add_norm` (kernels/norm_handoff.py) only where `takes_norm(m, group_size)`."""
+    if fuses_norm(x, add_norm):
+        rows = input_rows(x)
         _check(rows, qweight, scales, zeros, group_size, gated)
         m, n, k = rows.shape[0], qweight.shape[1], qweight.shape[0] * 8
         assert takes_norm(m, group_size), f"{m} rows, group size {group_size}: no norm fusion"
@@ -205,7 +206,7 @@ def w4a16_matmul(
 
 def takes_norm(m: int, group_size: int) -> bool:
     """Whether an m-row matmul runs the matrix-vector form, which takes NormedRows and
-    AddNorm (kernels/quant_split_k.py)."""
+    AddNorm (kernels/norm_handoff.py)."""
     return 0 < m <= split_k.GEMV_MAX_ROWS and gemv_supports(group_size)
 
 

@@ -23,6 +23,16 @@ import triton.language as tl
 
 from kernels import pdl
 from kernels import quant_split_k as split_k
+from kernels.norm_handoff import (
+    AddNorm,
+    NormedRows,
+    norm_launch,
+    norm_weight,
+    residual_row,
+    rstd,
+    square_parts,
+    store_row_add_norm,
+)
 from kernels.quant_split_k import (
     PRODUCT_SCALE,
     X_SCALE0,
@@ -30,17 +40,9 @@ from kernels.quant_split_k import (
     X_SCALE8,
     X_SCALE12,
     X_SCALE16,
-    AddNorm,
-    NormedRows,
     gemv_program,
     load_x,
-    norm_launch,
-    norm_weight,
-    residual_row,
-    rstd,
-    square_parts,
     store_row,
-    store_row_add_norm,
 )
 
 UNIT_ROWS = 4
@@ -185,9 +187,9 @@ def _w4a16_gemv_kernel(
     unit rather than once per word. Each thread holds 8 columns of one lane, so the scales and
     zeros convert once per unit and the inputs once per 8 words. Two rows are in flight while
     two are multiplied. The sum over lanes is taken once after the loop. EVEN: the columns and
-    the split's K fill whole tiles (no masks). NORMED: x is a NormedRows' `scaled` (float32)
-    and the sums are scaled by its row's rstd; ADD_NORM: the epilogue of AddNorm
-    (kernels/quant_split_k.py)."""
+    the split's K fill whole tiles (no masks). NORMED: x is a NormedRows' `scaled` and the
+    sums are scaled by its row's rstd; ADD_NORM: the epilogue of AddNorm
+    (kernels/norm_handoff.py)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
     w_end = k_end // 8
     span = LANES * unit_words
@@ -254,7 +256,7 @@ def w4a16_gemv(
     (the benchmark's --sweep times several): `block_k` inputs per program per sweep, in lanes
     of `unit_k` (default `default_unit_k`; a multiple of 32 dividing the group size, and
     block_k / unit_k a power of two). x may be NormedRows; with `add_norm` it returns
-    (NormedRows for the next matmul, the new residual) (kernels/quant_split_k.py)."""
+    (NormedRows for the next matmul, the new residual) (kernels/norm_handoff.py)."""
     m, n, k = x.shape[0], qweight.shape[1], qweight.shape[0] * 8
     dtype = x.dtype
     unit_k = unit_k or default_unit_k(group_size)

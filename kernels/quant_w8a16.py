@@ -23,23 +23,27 @@ import triton.language as tl
 from kernels import pdl
 from kernels import quant_split_k as split_k
 from kernels.attention_tile import dot_precision
-from kernels.quant_split_k import (
-    PRODUCT_SCALE,
-    X_SCALE0,
-    X_SCALE8,
-    X_SCALE16,
+from kernels.norm_handoff import (
     AddNorm,
     NormedRows,
-    gemv_program,
-    load_x,
-    load_x_tile,
+    fuses_norm,
+    input_rows,
     norm_launch,
     norm_weight,
     residual_row,
     rstd,
     square_parts,
-    store_row,
     store_row_add_norm,
+)
+from kernels.quant_split_k import (
+    PRODUCT_SCALE,
+    X_SCALE0,
+    X_SCALE8,
+    X_SCALE16,
+    gemv_program,
+    load_x,
+    load_x_tile,
+    store_row,
     store_tile,
 )
 
@@ -170,7 +174,7 @@ def _channel_gemv_kernel(
     tile (a multiply-add per weight), summed over K once after the loop. PREFETCH: the next
     tile's loads are issued before this tile's arithmetic (Triton pipelines only loads that
     feed tl.dot). NORMED / ADD_NORM: a NormedRows input, AddNorm's epilogue
-    (kernels/quant_split_k.py)."""
+    (kernels/norm_handoff.py)."""
     row, pid_k, offs_n, n_ok, k_start, k_end = gemv_program(N, K, k_per_split, BLOCK_N)
     offs_w = tl.arange(0, BLOCK_K // 4)
     x_row = x_ptr + row.to(tl.int64) * stride_xm
@@ -216,7 +220,7 @@ def channel_gemv(
     4, scales float32 [N]), with an explicit launch configuration (the benchmark's --sweep
     times several); `gated`: x is [M, 2K] and the input silu(gate) * up
     (quant_split_k.load_x). x may be NormedRows; with `add_norm` it returns (NormedRows for
-    the next matmul, the new residual) (kernels/quant_split_k.py)."""
+    the next matmul, the new residual) (kernels/norm_handoff.py)."""
     m, (n, k) = x.shape[0], weight.shape
     dtype = x.dtype
     assert k % 4 == 0 and weight.stride(0) % 4 == 0, (
@@ -277,25 +281,25 @@ def w8a16_matmul(
     scales: torch.Tensor,  # float32 [N]
     launch: dict | None = None,
     gated: bool = False,
-    add_norm: split_k.AddNorm | None = None,
-) -> torch.Tensor | tuple[split_k.NormedRows, torch.Tensor]:
+    add_norm: AddNorm | None = None,
+) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
     """(x @ qweight.T) * scales, [M, N] in x's dtype (float32 accumulation); `gated`: x is
     [M, 2K] (an MLP's gate, then up) and the input is silu(gate) * up; NormedRows and
     `add_norm` as in `channel_matmul`."""
-    _check(x.scaled if isinstance(x, split_k.NormedRows) else x, qweight, scales, gated)
+    _check(input_rows(x), qweight, scales, gated)
     return channel_matmul(x, qweight, scales, launch, gated, add_norm)
 
 
 def channel_matmul(
-    x: torch.Tensor | split_k.NormedRows, weight: torch.Tensor, scales: torch.Tensor,
-    launch: dict | None = None, gated: bool = False, add_norm: split_k.AddNorm | None = None,
-) -> torch.Tensor | tuple[split_k.NormedRows, torch.Tensor]:
+    x: torch.Tensor | NormedRows, weight: torch.Tensor, scales: torch.Tensor,
+    launch: dict | None = None, gated: bool = False, add_norm: AddNorm | None = None,
+) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
     """(x @ weight.T) * scales for any [N, K] weight whose values widen exactly to float32 and
     to x's dtype (int8; FP8 e4m3 from kernels/quant_fp8.py). `launch` overrides the launch
     configuration (split_k.gemv_launch up to GEMV_MAX_ROWS rows, split_k.dot_launch above);
     `gated` as in `w8a16_matmul` (applied in the matrix-vector kernel's prologue). A
-    NormedRows x and `add_norm` (kernels/quant_split_k.py) only up to GEMV_MAX_ROWS rows."""
-    if isinstance(x, split_k.NormedRows) or add_norm is not None:
+    NormedRows x and `add_norm` (kernels/norm_handoff.py) only up to GEMV_MAX_ROWS rows."""
+    if fuses_norm(x, add_norm):
         m, (n, k) = x.shape[0], weight.shape
         assert 0 < m <= split_k.GEMV_MAX_ROWS and not gated, (
             f"{m} rows{' gated' if gated else ''}: no norm fusion")

@@ -125,12 +125,12 @@ def _signature(fn, constexprs: dict, pointers: dict[str, str]) -> dict[str, str]
 NORM_POINTERS = {"sq_in_ptr": "*fp32", "eps": "fp32", "res_ptr": "*bf16",
                  "scaled_ptr": "*bf16", "norm_w_ptr": "*bf16", "sq_out_ptr": "*fp32"}
 """The arguments of the RMSNorm finished across two matrix-vector kernels
-(kernels/quant_split_k.py AddNorm, NormedRows)."""
+(kernels/norm_handoff.py AddNorm, NormedRows)."""
 
 
 def _norm_variants(fp8_or_w4: bool) -> list[tuple[str, dict]]:
     """(name suffix, constexprs): the plain launch, and for FP8 and W4A16 the one that takes
-    NormedRows (float32 x) and adds AddNorm's epilogue."""
+    NormedRows and adds AddNorm's epilogue."""
     plain = ("", dict(NORMED=False, PARTS=1, ADD_NORM=False))
     if not fp8_or_w4:
         return [plain]

@@ -1,4 +1,4 @@
-"""The RMSNorm finished across two matrix-vector matmuls (kernels/quant_split_k.py `AddNorm`,
+"""The RMSNorm finished across two matrix-vector matmuls (kernels/norm_handoff.py `AddNorm`,
 `NormedRows`): the producer's epilogue adds the residual with kernels/rmsnorm.py's rounding and
 hands on h * weight and its squares; the consumer scales its sums by rstd. Against the norm
 kernel's references, for W4A16, int8 and FP8 weights; small shapes on CPU under
@@ -10,8 +10,9 @@ import pytest
 import torch
 import triton
 
+from kernels.norm_handoff import AddNorm, NormedRows
 from kernels.quant_fp8 import FP8, fp8_linear, fp8_linear_ref
-from kernels.quant_split_k import GEMV_MAX_ROWS, AddNorm, NormedRows
+from kernels.quant_split_k import GEMV_MAX_ROWS
 from kernels.quant_w4a16 import w4a16_matmul, w4a16_matmul_ref
 from kernels.quant_w8a16 import channel_matmul, w8a16_matmul, w8a16_matmul_ref
 from kernels.rmsnorm import rms_norm, rms_norm_ref

@@ -132,7 +132,7 @@ def test_norms_handed_between_quantized_projections_keep_greedy_output(
 ):
     """With the fused kernels (triton backend, float32, GPU), each layer at decode leaves its
     post-attention norm to o_proj -> gate_up_proj and every layer but the last its successor's
-    input norm to down_proj -> qkv_proj (kernels/quant_split_k.py AddNorm); greedy tokens are
+    input norm to down_proj -> qkv_proj (kernels/norm_handoff.py AddNorm); greedy tokens are
     those of the same engine running every norm as a kernel (KVRELAY_FUSED_NORMS=0)."""
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     engine = make_engine(model_dir=quantized_dirs[case], device="cuda",

@@ -14,7 +14,7 @@ weight, keeps this rank's shard, and once every merged shard has arrived replace
 `weight` parameter (set to None) by `quantized`, a module computing x @ W.T.
 
 At decode sizes a quantized projection can also finish the RMSNorm between it and the next
-one (kernels/quant_split_k.py `AddNorm`, `NormedRows`): RowParallelLinear.forward(x,
+one (kernels/norm_handoff.py `AddNorm`, `NormedRows`): RowParallelLinear.forward(x,
 add_norm=...) adds the residual and hands the next ColumnParallelLinear a NormedRows, which
 its forward takes in place of x. `hands_norm(rows)` / `takes_normed(rows)` say where.
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.quant_split_k import AddNorm, NormedRows
+from kernels.norm_handoff import AddNorm, NormedRows
 from workers.model.parallel import ParallelContext
 
 QuantizedWeight = nn.Module
@@ -136,7 +136,7 @@ class RowParallelLinear(nn.Module):
     ) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
         """x @ W.T on this rank's input shard, summed over TP ranks; `gated` only where
         `fuses_activation`. With `add_norm` (only where `hands_norm`): (the next projection's
-        NormedRows, the new residual stream) (kernels/quant_split_k.py)."""
+        NormedRows, the new residual stream) (kernels/norm_handoff.py)."""
         if add_norm is not None:
             return self.quantized(x, gated=gated, add_norm=add_norm)
         if self.quantized is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.quant_split_k import AddNorm, NormedRows
+from kernels.norm_handoff import AddNorm, NormedRows
 from workers.attention.backend import AttentionBackend, AttentionMetadata
 from workers.model.config import ModelConfig
 from workers.model.linear import (
@@ -138,7 +138,7 @@ class DecoderLayer(nn.Module):
     Between two quantized projections at decode sizes (o_proj -> post-attention norm ->
     gate_up_proj, and down_proj -> the next layer's input norm -> its qkv_proj) the norm is
     no kernel of its own: the first projection adds the residual and hands the second a
-    NormedRows (kernels/quant_split_k.py AddNorm), two launches fewer per layer. Then this
+    NormedRows (kernels/norm_handoff.py AddNorm), two launches fewer per layer. Then this
     layer returns (NormedRows, residual) and the next one starts from them."""
 
     def __init__(

@@ -42,7 +42,7 @@ class TorchOps:
     fused = False
     fuses_norms = False
     """Whether a norm between two quantized projections may be finished by them
-    (kernels/quant_split_k.py AddNorm) instead of run by `rms_norm`."""
+    (kernels/norm_handoff.py AddNorm) instead of run by `rms_norm`."""
 
     def __init__(self, rotary: RotaryEmbedding):
         self.rotary = rotary

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.activation import silu_and_mul_ref
+from kernels.norm_handoff import AddNorm, NormedRows, fuses_norm
 from kernels.quant_fp8 import FP8, fp8_linear
-from kernels.quant_split_k import GEMV_MAX_ROWS, AddNorm, NormedRows
+from kernels.quant_split_k import GEMV_MAX_ROWS
 from kernels.quant_w8a16 import w8a16_matmul
 
 
@@ -46,7 +47,7 @@ class ChannelWeight(nn.Module):
 
     def takes_norm(self, rows: int) -> bool:
         """Whether forward takes a NormedRows x or `add_norm` for `rows` rows
-        (kernels/quant_split_k.py): the matrix-vector kernel on CUDA."""
+        (kernels/norm_handoff.py): the matrix-vector kernel on CUDA."""
         return (self.weight.is_cuda and self.device_matmul_ok()
                 and 0 < rows <= GEMV_MAX_ROWS)
 
@@ -55,7 +56,7 @@ class ChannelWeight(nn.Module):
     ) -> torch.Tensor | tuple[NormedRows, torch.Tensor]:
         """x @ W.T; `gated`: x is [..., 2K], an MLP's gate then up, and the input is
         silu(gate) * up. A NormedRows x or `add_norm` only where `takes_norm` (x [rows, K])."""
-        if isinstance(x, NormedRows) or add_norm is not None:
+        if fuses_norm(x, add_norm):
             assert self.takes_norm(x.shape[0]), f"{x.shape[0]} rows: no norm fusion"
             return self.device_matmul(x, gated, add_norm)
         rows = x.reshape(-1, x.shape[-1])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.activation import silu_and_mul_ref
-from kernels.quant_split_k import AddNorm, NormedRows
+from kernels.norm_handoff import AddNorm, NormedRows, fuses_norm
 from kernels.quant_w4a16 import dequantize_w4_ref, takes_norm, w4a16_matmul
 from workers.errors import InvalidParameter
 from workers.model.quant.packing import pack_int4
@@ -70,7 +70,7 @@ class Int4Weight(nn.Module):
 
     def takes_norm(self, rows: int) -> bool:
         """Whether forward takes a NormedRows x or `add_norm` for `rows` rows
-        (kernels/quant_split_k.py): the matrix-vector kernel on CUDA, no act-order."""
+        (kernels/norm_handoff.py): the matrix-vector kernel on CUDA, no act-order."""
         return self.qweight.is_cuda and self.perm is None and takes_norm(rows, self.group_size)
 
     def forward(
@@ -80,7 +80,7 @@ class Int4Weight(nn.Module):
         up, and the input is silu(gate) * up. A NormedRows x or `add_norm` only where
         `takes_norm` (x [rows, K])."""
         assert not gated or self.fuses_activation, "act-order weights take no gated input"
-        if isinstance(x, NormedRows) or add_norm is not None:
+        if fuses_norm(x, add_norm):
             assert self.takes_norm(x.shape[0]), f"{x.shape[0]} rows: no norm fusion"
             return w4a16_matmul(x, self.qweight, self.scales, self.zeros, self.group_size,
                                 self.min_form, gated=gated, add_norm=add_norm)
