@@ -53,7 +53,6 @@ class NormedRows:
         return self.scaled.shape
 
 
-
 def fuses_norm(x, add_norm: AddNorm | None) -> bool:
     """Whether a matmul call takes part in a handoff: a NormedRows input or an `add_norm`."""
     return isinstance(x, NormedRows) or add_norm is not None

@@ -269,4 +269,3 @@ def store_row(out_ptr, part_ptr, count_ptr, acc, row, offs_n, N, stride_os, stri
     """Columns offs_n of output row `row` (the matrix-vector kernels; see `finish`)."""
     finish(out_ptr, part_ptr, count_ptr, acc, row.to(tl.int64) * stride_om + offs_n,
            offs_n < N, stride_os, SPLIT)
-

@@ -258,14 +258,13 @@ def w4a16_gemv(
     block_k / unit_k a power of two). x may be NormedRows; with `add_norm` it returns
     (NormedRows for the next matmul, the new residual) (kernels/norm_handoff.py)."""
     m, n, k = x.shape[0], qweight.shape[1], qweight.shape[0] * 8
-    dtype = x.dtype
     unit_k = unit_k or default_unit_k(group_size)
     lanes = block_k // unit_k
     assert gemv_supports(group_size) and unit_k % 32 == 0 and group_size % unit_k == 0, (
         f"unit of {unit_k} inputs for group size {group_size}")
     assert lanes * unit_k == block_k and lanes & (lanes - 1) == 0, (
         f"block_k {block_k} is not a power-of-two count of {unit_k}-input units")
-    out = split_k.split_output(m, n, k, block_k, split, dtype, qweight.device,
+    out = split_k.split_output(m, n, k, block_k, split, x.dtype, qweight.device,
                                (m, triton.cdiv(n, block_n)))
     x, norm_args, handed = norm_launch(x, add_norm, out, n)
     _w4a16_gemv_kernel[out.grid](

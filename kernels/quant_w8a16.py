@@ -222,11 +222,10 @@ def channel_gemv(
     (quant_split_k.load_x). x may be NormedRows; with `add_norm` it returns (NormedRows for
     the next matmul, the new residual) (kernels/norm_handoff.py)."""
     m, (n, k) = x.shape[0], weight.shape
-    dtype = x.dtype
     assert k % 4 == 0 and weight.stride(0) % 4 == 0, (
         f"the matrix-vector form reads weight {tuple(weight.shape)} stride {weight.stride()} "
         "as int32 words: K and the row stride must be multiples of 4")
-    out = split_k.split_output(m, n, k, block_k, split, dtype, weight.device,
+    out = split_k.split_output(m, n, k, block_k, split, x.dtype, weight.device,
                                (m, triton.cdiv(n, block_n)))
     x, norm_args, handed = norm_launch(x, add_norm, out, n)
     _channel_gemv_kernel[out.grid](
