@@ -32,7 +32,7 @@ BLOCK = 8
 
 @pytest.fixture(scope="module")
 def cluster(tiny_model_dir):
-    yield from tiny_ray_cluster(tiny_model_dir, "failover", num_decode=1, num_blocks=96,
+    yield from tiny_ray_cluster(tiny_model_dir, "failover", num_decode=1, num_blocks=512,
                                 block=BLOCK, max_worker_restarts=2, max_migrations=0)
 
 
@@ -58,7 +58,9 @@ def test_aborts_at_every_phase_free_all_blocks(cluster, collector):
     ids = []
     for i, prompt in enumerate(batch):
         rid = f"abort-{i}"
-        ray.get(cluster.router.submit.remote(request(rid, prompt, collector.address, 300)))
+        # Long enough that none can finish before its abort, even on a fast idle machine (300
+        # tokens once did, in under 0.4 s): ~2.5 s of decode at ~1.3 ms per token.
+        ray.get(cluster.router.submit.remote(request(rid, prompt, collector.address, 1900)))
         ids.append(rid)
         # Staggered aborts catch requests reserving, prefilling/transferring and decoding.
         time.sleep((0.0, 0.01, 0.03, 0.1, 0.25, 0.4)[i % 6])
