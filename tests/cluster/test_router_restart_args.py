@@ -31,6 +31,17 @@ def _worker_ids(router) -> list[str]:
                   if m["worker_id"] != "router")
 
 
+def _wait_unregistered(actor_name: str, deadline_s: float = 30.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            ray.get_actor(actor_name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        assert time.monotonic() < deadline, f"{actor_name} still registered"
+        time.sleep(0.05)
+
+
 def _restarted(router, deadline_s: float = 60.0) -> list[str]:
     deadline = time.monotonic() + deadline_s
     while True:
@@ -60,6 +71,9 @@ def test_router_args_hold_no_actor_handle_and_a_restart_finds_its_workers(local_
 
     # A worker whose actor is gone for good is left out at the next start, not fatal to it.
     ray.kill(stand_ins[0], no_restart=True)
+    # ray.kill returns before Ray unregisters the actor's name; a restart racing it may still
+    # find the actor (so "gone for good" is when the name no longer resolves).
+    _wait_unregistered(f"{config.name}-{next(iter(WORKERS))}")
     ray.kill(router, no_restart=False)
     assert _restarted(router) == ["decode-0"]
     ray.kill(router, no_restart=True)
