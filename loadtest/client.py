@@ -124,9 +124,10 @@ async def _read_stream(client: httpx.AsyncClient, config: EndpointConfig,
 
 
 async def send_request(client: httpx.AsyncClient, config: EndpointConfig, spec: RequestSpec,
-                       run_start: float) -> RequestRecord:
-    """Send `spec`, read its SSE stream to the end; never raises for server misbehaviour."""
-    line = _Timeline(sent_at=time.perf_counter())
+                       run_start: float, sent_at: float | None = None) -> RequestRecord:
+    """Send `spec`, read its SSE stream to the end; never raises for server misbehaviour.
+    `sent_at` (perf_counter): the instant the run decided to send it, else now."""
+    line = _Timeline(sent_at=time.perf_counter() if sent_at is None else sent_at)
     try:
         await asyncio.wait_for(_read_stream(client, config, build_body(config, spec), line),
                                config.timeout_s)

@@ -72,14 +72,19 @@ class _Run:
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    def may_send(self, index: int) -> bool:
+    def send_time(self, index: int) -> float | None:
+        """Now (perf_counter) if request `index` may be sent now, else None. The caller stamps
+        the request with this same reading, so a request decided inside --duration is never
+        recorded as sent after it (a thread switch between the check and the send once made
+        one start at 0.4 s of a 0.4 s run)."""
+        now = time.perf_counter()
         duration = self.config.duration_s
-        in_time = duration is None or self.elapsed() < duration
-        return not self.stopped and index < self.max_requests and in_time
+        in_time = duration is None or now - self.start < duration
+        return now if not self.stopped and index < self.max_requests and in_time else None
 
-    async def one(self, index: int) -> None:
+    async def one(self, index: int, sent_at: float) -> None:
         record = await send_request(self.client, self.config.endpoint,
-                                    self.workload.spec(index), self.start)
+                                    self.workload.spec(index), self.start, sent_at)
         self.records.append(record)
         if self.on_done:
             self.on_done(record)
@@ -95,15 +100,18 @@ class _Run:
             await asyncio.sleep(max(0.0, offset - self.elapsed()))
             if slots:
                 await slots.acquire()
-                if duration is not None and self.elapsed() >= duration:
-                    slots.release()  # waited for a slot past the end: send nothing late
-                    break
-            self.tasks.append(asyncio.create_task(self._release_after(index, slots)))
+            sent_at = self.send_time(index)
+            if sent_at is None:  # slept or waited for a slot past the end: send nothing late
+                if slots:
+                    slots.release()
+                break
+            self.tasks.append(asyncio.create_task(self._release_after(index, sent_at, slots)))
         await asyncio.gather(*self.tasks)
 
-    async def _release_after(self, index: int, slots: asyncio.Semaphore | None) -> None:
+    async def _release_after(self, index: int, sent_at: float,
+                             slots: asyncio.Semaphore | None) -> None:
         try:
-            await self.one(index)
+            await self.one(index, sent_at)
         finally:
             if slots:
                 slots.release()
@@ -112,8 +120,8 @@ class _Run:
         counter = itertools.count()
 
         async def user() -> None:
-            while self.may_send(index := next(counter)):
-                await self.one(index)
+            while (sent_at := self.send_time(index := next(counter))) is not None:
+                await self.one(index, sent_at)
 
         users = range(self.config.arrival.concurrency or 1)
         self.tasks = [asyncio.create_task(user()) for _ in users]
