@@ -6,6 +6,7 @@ handles are looked up by name instead (discovery.named_workers), at each (re)sta
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -42,15 +43,22 @@ def _wait_unregistered(actor_name: str, deadline_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _restarted(router, deadline_s: float = 60.0) -> list[str]:
+def _pid(router) -> int:
+    return ray.get(router.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+
+
+def _restarted(router, killed_pid: int, deadline_s: float = 60.0) -> list[str]:
+    """The worker ids the router found at its restart. ray.kill returns before the old process
+    is gone, and a call sent meanwhile may still be answered by it: wait for a new pid."""
     deadline = time.monotonic() + deadline_s
     while True:
         try:
-            return _worker_ids(router)
+            if _pid(router) != killed_pid:
+                return _worker_ids(router)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            pass
+        assert time.monotonic() < deadline, "the router did not restart"
+        time.sleep(0.2)
 
 
 def test_router_args_hold_no_actor_handle_and_a_restart_finds_its_workers(local_ray, capfd):
@@ -66,14 +74,16 @@ def test_router_args_hold_no_actor_handle_and_a_restart_finds_its_workers(local_
     assert _worker_ids(router) == sorted(WORKERS)
     assert "constructor arguments in the object store" not in capfd.readouterr().err
 
+    pid = _pid(router)
     ray.kill(router, no_restart=False)  # Ray restarts it with the same arguments
-    assert _restarted(router) == sorted(WORKERS)
+    assert _restarted(router, pid) == sorted(WORKERS)
 
     # A worker whose actor is gone for good is left out at the next start, not fatal to it.
     ray.kill(stand_ins[0], no_restart=True)
     # ray.kill returns before Ray unregisters the actor's name; a restart racing it may still
     # find the actor (so "gone for good" is when the name no longer resolves).
     _wait_unregistered(f"{config.name}-{next(iter(WORKERS))}")
+    pid = _pid(router)
     ray.kill(router, no_restart=False)
-    assert _restarted(router) == ["decode-0"]
+    assert _restarted(router, pid) == ["decode-0"]
     ray.kill(router, no_restart=True)

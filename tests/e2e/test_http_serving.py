@@ -153,25 +153,32 @@ def test_client_disconnect_at_every_phase_frees_blocks_within_5s(one_p_one_d):
 
 
 def test_request_timeout_while_queued_for_kv_capacity_is_504_and_frees(one_p_one_d):
-    """A decode worker full of one long request: the next one waits in the router's queue,
-    times out there (504), and is aborted in phase 'queued'."""
+    """A decode worker too full for the next request: it waits in the router's queue, times
+    out there (504), and is aborted in phase 'queued'.
+
+    The hog holds 11 of the 96 blocks once its first token is out; the waiter needs 88, so it
+    fits only once the hog has finished all of its 680 tokens. The hog must outlast the
+    waiter's 0.3 s: a hog of 160 tokens once finished in less on an idle CI-class machine."""
     url, cluster = one_p_one_d
 
-    async def main() -> int:
-        hog = {"model": "tiny", "prompt": [5] * 600, "max_tokens": 160, "temperature": 0,
+    async def main() -> tuple[int, float]:
+        hog = {"model": "tiny", "prompt": [5] * 80, "max_tokens": 680, "temperature": 0,
                "ignore_eos": True, "stream": True}
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             async with client.stream("POST", "/v1/completions", json=hog) as stream:
                 lines = stream.aiter_lines()
                 while not (await anext(lines)).startswith("data: "):
-                    pass  # the hog holds its blocks once its first token is out
+                    pass
+                sent = time.monotonic()
                 waiter = await client.post("/v1/completions", json={
-                    "model": "tiny", "prompt": [6] * 250, "max_tokens": 5, "timeout": 0.3})
+                    "model": "tiny", "prompt": [6] * 700, "max_tokens": 5, "timeout": 0.3})
                 async for _ in lines:
                     pass
-            return waiter.status_code
+                return waiter.status_code, time.monotonic() - sent
 
-    assert asyncio.run(main()) == 504
+    status, hog_rest_s = asyncio.run(main())
+    print(f"the hog streamed on {hog_rest_s:.2f} s after the waiter was sent")
+    assert status == 504
     wait_blocks_free(cluster)
     assert ray.get(cluster.router.stats.remote())["aborted_in_phase"].get("queued", 0) >= 1
 
