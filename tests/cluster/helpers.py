@@ -221,6 +221,26 @@ def wait_until(predicate, timeout_s: float, what: str) -> float:
     return time.monotonic() - start
 
 
+def actor_pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+
+
+def kill_and_wait_restarted(actor, timeout_s: float = 60) -> float:
+    """Kills `actor` (Ray restarts it) and waits until a new process answers. ray.kill
+    returns before the old process is gone, and a call sent meanwhile may still be answered
+    by it, which a test of the restarted actor must not take for the restart."""
+    killed = actor_pid(actor)
+    ray.kill(actor, no_restart=False)
+
+    def restarted() -> bool:
+        try:
+            return actor_pid(actor) != killed
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
+    return wait_until(restarted, timeout_s, "the actor restarted")
+
+
 def wait_all_ready(cluster, timeout_s: float = 120) -> None:
     def ready() -> bool:
         health = ray.get(cluster.router.health.remote())["workers"]

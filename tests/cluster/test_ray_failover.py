@@ -17,6 +17,7 @@ from tests.cluster.helpers import (
     ChunkCollector,
     all_blocks_free,
     hf_greedy,
+    kill_and_wait_restarted,
     prompts,
     request,
     tiny_ray_cluster,
@@ -136,7 +137,7 @@ def test_killed_prefill_worker_requests_complete_or_fail_within_5s(
 
 
 def test_restarted_router_serves_again(cluster, collector, tiny_model_dir, hf_reference):
-    ray.kill(cluster.router, no_restart=False)
+    kill_and_wait_restarted(cluster.router)
     prompt = [4, 5, 6, 7]
     attempts = iter(range(1000))
     served: list[str] = []

@@ -37,7 +37,7 @@ from cluster.launcher import control_plane_factory
 from cluster.serve import build_config, describe, parse_args
 from cluster.serve import main as serve_main
 from router.router_state import RouterConfig
-from tests.cluster.helpers import hf_greedy, prompts
+from tests.cluster.helpers import hf_greedy, kill_and_wait_restarted, prompts
 from tests.cluster.redis_server import RedisServer
 from tests.e2e.served_process import ServeProcess
 from workers.config import EngineConfig
@@ -245,9 +245,9 @@ def test_a_killed_router_rebuilds_from_redis_and_routing_still_hits(cluster, sys
     first_token = threading.Event()
     thread, streamed = stream_in_background(a.url, running, 200, first_token)
     assert first_token.wait(60), "the stream never started"
-    ray.kill(ray.get_actor("kvrelay-router", namespace="kvrelay"), no_restart=False)
+    kill_and_wait_restarted(ray.get_actor("kvrelay-router", namespace="kvrelay"), 120)
     deadline = time.monotonic() + 120
-    while True:  # calls fail (503) until Ray has restarted the Router
+    while True:  # calls may fail (503) until the gateway reaches the restarted Router
         body = {"model": "tiny", "prompt": [*systems[0], 450], "max_tokens": 2,
                 "temperature": 0}
         response = httpx.post(f"{a.url}/v1/completions", json=body, timeout=120)

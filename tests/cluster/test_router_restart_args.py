@@ -6,7 +6,6 @@ handles are looked up by name instead (discovery.named_workers), at each (re)sta
 
 from __future__ import annotations
 
-import os
 import time
 
 import ray
@@ -14,6 +13,7 @@ import ray
 from cluster.config import ClusterConfig
 from cluster.launcher import router_args
 from router.router import NAMESPACE, Router
+from tests.cluster.helpers import kill_and_wait_restarted
 from workers.config import EngineConfig
 
 WORKERS = {"prefill-0": "prefill", "decode-0": "decode"}
@@ -43,24 +43,6 @@ def _wait_unregistered(actor_name: str, deadline_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _pid(router) -> int:
-    return ray.get(router.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
-
-
-def _restarted(router, killed_pid: int, deadline_s: float = 60.0) -> list[str]:
-    """The worker ids the router found at its restart. ray.kill returns before the old process
-    is gone, and a call sent meanwhile may still be answered by it: wait for a new pid."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            if _pid(router) != killed_pid:
-                return _worker_ids(router)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass
-        assert time.monotonic() < deadline, "the router did not restart"
-        time.sleep(0.2)
-
-
 def test_router_args_hold_no_actor_handle_and_a_restart_finds_its_workers(local_ray, capfd):
     config = ClusterConfig(engine=EngineConfig(model="unused"), model_name="m",
                            name="restart-args")
@@ -74,16 +56,14 @@ def test_router_args_hold_no_actor_handle_and_a_restart_finds_its_workers(local_
     assert _worker_ids(router) == sorted(WORKERS)
     assert "constructor arguments in the object store" not in capfd.readouterr().err
 
-    pid = _pid(router)
-    ray.kill(router, no_restart=False)  # Ray restarts it with the same arguments
-    assert _restarted(router, pid) == sorted(WORKERS)
+    kill_and_wait_restarted(router)  # Ray restarts it with the same arguments
+    assert _worker_ids(router) == sorted(WORKERS)
 
     # A worker whose actor is gone for good is left out at the next start, not fatal to it.
     ray.kill(stand_ins[0], no_restart=True)
     # ray.kill returns before Ray unregisters the actor's name; a restart racing it may still
     # find the actor (so "gone for good" is when the name no longer resolves).
     _wait_unregistered(f"{config.name}-{next(iter(WORKERS))}")
-    pid = _pid(router)
-    ray.kill(router, no_restart=False)
-    assert _restarted(router, pid) == ["decode-0"]
+    kill_and_wait_restarted(router)
+    assert _worker_ids(router) == ["decode-0"]
     ray.kill(router, no_restart=True)
