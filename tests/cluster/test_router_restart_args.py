@@ -6,14 +6,12 @@ handles are looked up by name instead (discovery.named_workers), at each (re)sta
 
 from __future__ import annotations
 
-import time
-
 import ray
 
 from cluster.config import ClusterConfig
 from cluster.launcher import router_args
 from router.router import NAMESPACE, Router
-from tests.cluster.helpers import kill_and_wait_restarted
+from tests.cluster.helpers import kill_and_wait_restarted, wait_until
 from workers.config import EngineConfig
 
 WORKERS = {"prefill-0": "prefill", "decode-0": "decode"}
@@ -32,15 +30,12 @@ def _worker_ids(router) -> list[str]:
                   if m["worker_id"] != "router")
 
 
-def _wait_unregistered(actor_name: str, deadline_s: float = 30.0) -> None:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            ray.get_actor(actor_name, namespace=NAMESPACE)
-        except ValueError:
-            return
-        assert time.monotonic() < deadline, f"{actor_name} still registered"
-        time.sleep(0.05)
+def _registered(actor_name: str) -> bool:
+    try:
+        ray.get_actor(actor_name, namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def test_router_args_hold_no_actor_handle_and_a_restart_finds_its_workers(local_ray, capfd):
@@ -63,7 +58,8 @@ def test_router_args_hold_no_actor_handle_and_a_restart_finds_its_workers(local_
     ray.kill(stand_ins[0], no_restart=True)
     # ray.kill returns before Ray unregisters the actor's name; a restart racing it may still
     # find the actor (so "gone for good" is when the name no longer resolves).
-    _wait_unregistered(f"{config.name}-{next(iter(WORKERS))}")
+    killed_name = f"{config.name}-{next(iter(WORKERS))}"
+    wait_until(lambda: not _registered(killed_name), 30, f"{killed_name} unregistered")
     kill_and_wait_restarted(router)
     assert _worker_ids(router) == ["decode-0"]
     ray.kill(router, no_restart=True)

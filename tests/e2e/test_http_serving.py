@@ -208,7 +208,8 @@ def test_admission_limit_is_429_with_retry_after(one_p_one_d, base_config):
     app = build_app(config, cluster.router, cluster.max_model_len)
 
     async def burst(url: str) -> list[httpx.Response]:
-        # Long enough (~0.3 s of decode here) that the first still runs when the rest arrive.
+        # Long enough (~0.4-0.6 s of decode here, at the ~2-3 ms per token the queued-timeout
+        # test measures) that the first still runs when the rest arrive.
         body = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True}
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             return await asyncio.gather(*(client.post("/v1/completions", json=body)
